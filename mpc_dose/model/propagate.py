@@ -1,0 +1,169 @@
+"""Advance a model's state over an interval of constant input: the one integrator of mpc_dose.
+
+The open-loop simulator, the virtual patient between events and the estimators all move
+states forward with :class:`Propagator`:
+
+* affine and time-invariant models (every linear PK model, effect sites and transit chains;
+  circadian models whose amplitudes are all 0) use the exact zero-order hold: the matrix
+  exponential of the augmented system ``[[A, B u + c], [0, 0]] dt``, cached per
+  ``(dt, u)``. Runs of equal steps are evaluated in blocks of matrix powers, so a 24 h run at
+  1 s resolution costs a few milliseconds instead of 86,400 Python iterations.
+* every other model (saturable elimination, target binding, Hill-driven turnover, circadian
+  parameters) uses CVODES through CasADi, on a time axis normalised to [0, 1] so that one
+  compiled integrator serves every interval length and start time.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import casadi as ca
+import numpy as np
+from scipy.linalg import expm
+
+from ..errors import ModelError
+from .spec import Model
+
+__all__ = ["Propagator", "DEFAULT_RTOL", "DEFAULT_ATOL"]
+
+DEFAULT_RTOL = 1e-10
+DEFAULT_ATOL = 1e-12
+_BLOCK = 64  # steps evaluated at once from precomputed matrix powers
+
+_integrators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _normalised_integrator(model: Model, rtol: float, atol: float) -> ca.Function:
+    """A CVODES integrator of ``dx/dtau = dt f(t0 + tau dt, x, u, p)`` over tau in [0, 1].
+
+    Its parameter vector is ``[u; p; t0; dt]``; compiled once per model and tolerance.
+    """
+    per_model = _integrators.setdefault(model, {})
+    key = (rtol, atol)
+    if key not in per_model:
+        x = ca.SX.sym("x", model.n_states)
+        u = ca.SX.sym("u", model.n_inputs)
+        p = ca.SX.sym("p", len(model.params))
+        t0, dt, tau = ca.SX.sym("t0"), ca.SX.sym("dt"), ca.SX.sym("tau")
+        ode = dt * model.f(t0 + tau * dt, x, u, p)
+        dae = {"x": x, "p": ca.vertcat(u, p, t0, dt), "t": tau, "ode": ode}
+        per_model[key] = ca.integrator(f"{model.name}_cvodes", "cvodes", dae, 0.0, 1.0,
+                                       {"reltol": rtol, "abstol": atol, "max_num_steps": 100000})
+    return per_model[key]
+
+
+class Propagator:
+    """Moves the state of *model* with parameter vector *p* through time.
+
+    Parameters
+    ----------
+    model : Model
+    p : array
+        Parameter vector in declared units (from :meth:`Model.parameter_vector`).
+    rtol, atol : float
+        CVODES tolerances for models that are not affine and time-invariant.
+    """
+
+    def __init__(self, model: Model, p: np.ndarray, *, rtol: float = DEFAULT_RTOL,
+                 atol: float = DEFAULT_ATOL) -> None:
+        self.model = model
+        self.p = np.asarray(p, dtype=float).ravel()
+        if self.p.shape != (len(model.params),):
+            raise ModelError(f"model {model.name!r}: expected {len(model.params)} parameter "
+                             f"values, got {self.p.shape[0]}")
+        self.rtol, self.atol = rtol, atol
+        #: True when the exact zero-order hold is used.
+        self.is_exact = model.is_affine and not self._varies_in_time()
+        self._cache: dict[tuple[float, bytes], tuple[np.ndarray, np.ndarray]] = {}
+        if self.is_exact:
+            a, b, c = model.affine_terms(0.0, self.p)
+            self._a = np.asarray(a, dtype=float).reshape(model.n_states, model.n_states)
+            self._b = np.asarray(b, dtype=float).reshape(model.n_states, model.n_inputs)
+            self._c = np.asarray(c, dtype=float).ravel()
+        else:
+            self._integrator = _normalised_integrator(model, rtol, atol)
+
+    def _varies_in_time(self) -> bool:
+        if not self.model.is_time_varying:
+            return False
+        # With every circadian amplitude at 0 the modulated parameter is exactly its mesor.
+        amplitudes = [k for k, q in enumerate(self.model.params) if "_amplitude_" in q.name
+                      and q.name in self.model.zero_default_params]
+        return bool(np.any(self.p[amplitudes] != 0.0)) if amplitudes else True
+
+    # ------------------------------------------------------------------ exact ZOH
+    def transition(self, dt: float, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(Phi, gamma)`` with ``x(t + dt) = Phi x(t) + gamma`` under constant input *u*."""
+        key = (float(dt), np.asarray(u, dtype=float).tobytes())
+        hit = self._cache.get(key)
+        if hit is None:
+            n = self.model.n_states
+            m = np.zeros((n + 1, n + 1))
+            m[:n, :n] = self._a * dt
+            m[:n, n] = (self._b @ np.asarray(u, dtype=float) + self._c) * dt
+            e = expm(m)
+            hit = (e[:n, :n], e[:n, n].copy())
+            if len(self._cache) > 4096:  # a closed loop sees new rates every cycle
+                self._cache.clear()
+            self._cache[key] = hit
+        return hit
+
+    @staticmethod
+    def _run(x: np.ndarray, phi: np.ndarray, gamma: np.ndarray, n: int) -> np.ndarray:
+        """States after 1..n equal steps of ``x <- Phi x + gamma``, shape (n, n_states)."""
+        m = min(n, _BLOCK)
+        powers = np.empty((m, *phi.shape))
+        offsets = np.empty((m, phi.shape[0]))
+        powers[0], offsets[0] = phi, gamma
+        for k in range(1, m):
+            powers[k] = phi @ powers[k - 1]
+            offsets[k] = phi @ offsets[k - 1] + gamma
+        out = np.empty((n, phi.shape[0]))
+        for start in range(0, n, m):
+            k = min(m, n - start)
+            out[start:start + k] = powers[:k] @ x + offsets[:k]
+            x = out[start + k - 1]
+        return out
+
+    # ------------------------------------------------------------------ public
+    def advance(self, x: np.ndarray, t0: float, t1: float, u: np.ndarray) -> np.ndarray:
+        """State at *t1* [s] from state *x* at *t0* [s] under constant input *u*."""
+        x = np.asarray(x, dtype=float)
+        dt = t1 - t0
+        if dt < 0:
+            raise ModelError(f"cannot propagate backwards in time (t0={t0} s, t1={t1} s)")
+        if dt == 0:
+            return x.copy()
+        if self.is_exact:
+            phi, gamma = self.transition(dt, u)
+            return phi @ x + gamma
+        out = self._integrator(x0=x, p=np.concatenate([np.asarray(u, float), self.p, [t0, dt]]))
+        return np.asarray(out["xf"], dtype=float).ravel()
+
+    def trajectory(self, x: np.ndarray, t0: float, times: np.ndarray, u: np.ndarray
+                   ) -> np.ndarray:
+        """States at each of the sorted *times* (all >= *t0*), shape (len(times), n_states)."""
+        times = np.asarray(times, dtype=float)
+        out = np.empty((times.size, self.model.n_states))
+        if times.size == 0:
+            return out
+        steps = np.diff(np.concatenate([[t0], times]))
+        x = np.asarray(x, dtype=float)
+        if not self.is_exact:
+            t = t0
+            for k, t_next in enumerate(times):
+                x = self.advance(x, t, t_next, u)
+                out[k] = x
+                t = t_next
+            return out
+        k = 0
+        while k < times.size:
+            # a run of steps equal to the first one (to rounding): one cached transition
+            dt = steps[k]
+            differs = np.abs(steps[k + 1:] - dt) > 1e-12 * max(1.0, abs(dt))
+            end = k + 1 + (int(np.argmax(differs)) if differs.any() else differs.size)
+            phi, gamma = self.transition(dt, u)
+            out[k:end] = self._run(x, phi, gamma, end - k)
+            x = out[end - 1]
+            k = end
+        return out

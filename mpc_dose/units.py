@@ -1,0 +1,201 @@
+"""Units: a small, strict whitelist with conversion to canonical units.
+
+Every quantity that crosses a boundary of mpc_dose (a model parameter declaration, a dosing
+table column, a result column, later a protocol message) carries a unit string such as
+``"L/min"``, ``"ug/mL"`` or ``"mg/kg/h"``. This module parses those strings into a dimension
+and a factor to the canonical unit of that dimension, and refuses anything it does not know:
+an unknown or mismatched unit is an error, never a guess.
+
+Canonical base units (what model equations are written in): time ``s``, mass ``mg``, volume
+``L``, length ``cm``, amount of substance ``mmol``, pressure ``mmHg``. Derived canonical units
+follow (concentration ``mg/L``, clearance ``L/s``, rate ``mg/s``).
+
+Column names spell units with ``_per_`` for ``/`` (``rate_mg_per_h``, ``conc_ug_per_mL``);
+:func:`unit_to_token` and :func:`token_to_unit` translate.
+
+This module uses the standard library only, so the sans-I/O protocol layer can share it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .errors import UnitError, closest
+
+__all__ = ["Unit", "parse_unit", "conversion_factor", "convert", "unit_to_token", "token_to_unit",
+           "BASE_UNITS"]
+
+# name -> (base dimension, factor to the canonical unit of that dimension).
+# A base dimension of None means dimensionless (a pure number or a count).
+BASE_UNITS: dict[str, tuple[str | None, float]] = {
+    # time (canonical: s)
+    "s": ("time", 1.0),
+    "min": ("time", 60.0),
+    "h": ("time", 3600.0),
+    "d": ("time", 86400.0),
+    "day": ("time", 86400.0),
+    "wk": ("time", 7 * 86400.0),
+    "yr": ("time", 365.25 * 86400.0),
+    # mass (canonical: mg)
+    "kg": ("mass", 1e6),
+    "g": ("mass", 1e3),
+    "mg": ("mass", 1.0),
+    "ug": ("mass", 1e-3),
+    "ng": ("mass", 1e-6),
+    "pg": ("mass", 1e-9),
+    "lb": ("mass", 453592.37),
+    # volume (canonical: L)
+    "L": ("volume", 1.0),
+    "dL": ("volume", 0.1),
+    "mL": ("volume", 1e-3),
+    "uL": ("volume", 1e-6),
+    # length (canonical: cm)
+    "m": ("length", 100.0),
+    "cm": ("length", 1.0),
+    "mm": ("length", 0.1),
+    "in": ("length", 2.54),
+    # amount of substance (canonical: mmol)
+    "mol": ("substance", 1e3),
+    "mmol": ("substance", 1.0),
+    "umol": ("substance", 1e-3),
+    "nmol": ("substance", 1e-6),
+    # pressure (canonical: mmHg)
+    "mmHg": ("pressure", 1.0),
+    "kPa": ("pressure", 7.500616827),
+    # dimensionless
+    "1": (None, 1.0),
+    "%": (None, 0.01),
+    "cells": (None, 1.0),
+}
+
+# Spellings that are unambiguous in clinical data; mapped, not guessed.
+_ALIASES = {"l": "L", "ml": "mL", "dl": "dL", "ul": "uL", "µg": "ug", "mcg": "ug", "µL": "uL",
+            "sec": "s", "hr": "h", "days": "d", "year": "yr", "years": "yr", "weeks": "wk",
+            "-": "1", "": "1"}
+
+_TOKEN_RE = re.compile(r"^(?P<base>[A-Za-zµ%]+|1)(?:\^(?P<exp>-?\d+))?$")
+_NUMBER_RE = re.compile(r"^(?:10\^(?P<pow>-?\d+)|(?P<num>\d+(?:\.\d*)?(?:e-?\d+)?))$")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A parsed unit: its dimension (base -> power) and the factor to the canonical unit.
+
+    ``value_in_canonical = value * unit.factor``.
+    """
+
+    text: str
+    dimension: tuple[tuple[str, int], ...]
+    factor: float
+
+    @property
+    def is_dimensionless(self) -> bool:
+        return not self.dimension
+
+    def describe_dimension(self) -> str:
+        if not self.dimension:
+            return "dimensionless"
+        return "*".join(f"{b}^{p}" if p != 1 else b for b, p in self.dimension)
+
+
+def _parse_factor(token: str, text: str) -> tuple[dict[str, int], float]:
+    number = _NUMBER_RE.match(token)
+    if number:
+        value = 10.0 ** int(number["pow"]) if number["pow"] is not None else float(number["num"])
+        return {}, value
+    match = _TOKEN_RE.match(token)
+    if not match:
+        raise UnitError(f"unit {text!r}: cannot read {token!r}; expected a unit such as mg, L, h")
+    base = _ALIASES.get(match["base"], match["base"])
+    if base not in BASE_UNITS:
+        raise UnitError(f"unit {text!r}: unknown unit {match['base']!r}"
+                        f"{closest(match['base'], BASE_UNITS)}; known: {', '.join(BASE_UNITS)}")
+    exp = int(match["exp"]) if match["exp"] else 1
+    dim, factor = BASE_UNITS[base]
+    return ({dim: exp} if dim else {}), factor**exp
+
+
+@lru_cache(maxsize=512)
+def parse_unit(text: str) -> Unit:
+    """Parse a unit string such as ``"mg/kg/h"``, ``"L/min"``, ``"1/min"`` or ``"10^9/L"``.
+
+    Grammar: factors separated by ``*`` (or ``.``) with optional integer ``^`` exponents;
+    every ``/`` divides by the factor group that follows it.
+
+    Raises
+    ------
+    UnitError
+        For an unknown base unit or unreadable text; the message names the text.
+    """
+    if not isinstance(text, str):
+        raise UnitError(f"unit must be a string, got {text!r}")
+    stripped = text.strip()
+    if stripped in _ALIASES:
+        stripped = _ALIASES[stripped]
+    parts = stripped.split("/")
+    dims: dict[str, int] = {}
+    factor = 1.0
+    for i, part in enumerate(parts):
+        if part == "" and i > 0:
+            raise UnitError(f"unit {text!r}: empty denominator")
+        sign = 1 if i == 0 else -1
+        for token in re.split(r"[*.·]", part) if part not in ("", "1") else ["1"]:
+            if token == "":
+                raise UnitError(f"unit {text!r}: empty factor")
+            d, f = _parse_factor(token, text)
+            for base, p in d.items():
+                dims[base] = dims.get(base, 0) + sign * p
+            factor *= f if sign > 0 else 1.0 / f
+    dimension = tuple(sorted((b, p) for b, p in dims.items() if p != 0))
+    return Unit(text=text, dimension=dimension, factor=factor)
+
+
+def conversion_factor(from_unit: str, to_unit: str, *, what: str = "value") -> float:
+    """Factor that converts a value in *from_unit* into *to_unit*.
+
+    Raises
+    ------
+    UnitError
+        When the two units have different dimensions; the message names *what*.
+    """
+    a, b = parse_unit(from_unit), parse_unit(to_unit)
+    if a.dimension != b.dimension:
+        raise UnitError(f"{what}: unit {from_unit!r} ({a.describe_dimension()}) cannot be "
+                        f"converted to {to_unit!r} ({b.describe_dimension()})")
+    return a.factor / b.factor
+
+
+def convert(value: float, from_unit: str, to_unit: str, *, what: str = "value") -> float:
+    """Convert *value* from *from_unit* to *to_unit* (see :func:`conversion_factor`)."""
+    return value * conversion_factor(from_unit, to_unit, what=what)
+
+
+def unit_to_token(unit: str) -> str:
+    """Spell a unit for a column or flag name: ``"ug/mL"`` -> ``"ug_per_mL"``, ``"1"`` -> ``"1"``.
+
+    ``"1/min"`` -> ``"per_min"``; ``"mg/kg/h"`` -> ``"mg_per_kg_per_h"``; ``"%"`` -> ``"pct"``.
+    """
+    parse_unit(unit)  # refuse to spell what we cannot read
+    text = re.sub(r"10\^(-?\d+)", r"1e\1", unit.strip()).replace("%", "pct").replace("^", "")
+    if text.startswith("1/"):
+        text = "per_" + text[2:]
+    return text.replace("/", "_per_").replace("*", "_").replace(".", "_")
+
+
+def token_to_unit(token: str) -> str:
+    """Read a unit spelled by :func:`unit_to_token` back (``"mg_per_h"`` -> ``"mg/h"``).
+
+    Raises
+    ------
+    UnitError
+        When the result is not a known unit.
+    """
+    text = token
+    if text.startswith("per_"):
+        text = "1/" + text[4:]
+    text = text.replace("_per_", "/").replace("pct", "%").replace("_", "*")
+    text = re.sub(r"(?<=[A-Za-z])(?<!\de)(\d+)(?=$|[*/])", r"^\1", text)
+    parse_unit(text)
+    return text
