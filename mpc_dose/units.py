@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from collections.abc import Iterable
 from functools import lru_cache
 
 from .errors import UnitError, closest
 
 __all__ = ["Unit", "parse_unit", "conversion_factor", "convert", "unit_to_token", "token_to_unit",
+           "split_unit_suffix", "parse_quantity",
            "BASE_UNITS"]
 
 # name -> (base dimension, factor to the canonical unit of that dimension).
@@ -199,3 +201,44 @@ def token_to_unit(token: str) -> str:
     text = re.sub(r"(?<=[A-Za-z])(?<!\de)(\d+)(?=$|[*/])", r"^\1", text)
     parse_unit(text)
     return text
+
+
+def split_unit_suffix(key: str, names: Iterable[str]) -> tuple[str, str | None]:
+    """Split ``"height_cm"`` into ``("height", "cm")`` given the declared *names*.
+
+    A key equal to a declared name has no unit (``(key, None)``: the declared unit applies).
+    Otherwise the longest declared name followed by ``_`` is taken and the rest read as a
+    unit token (:func:`token_to_unit`). Returns ``(key, None)`` when no name matches.
+
+    Raises
+    ------
+    UnitError
+        When a declared name matches but the rest is not a unit.
+    """
+    names = list(names)
+    if key in names:
+        return key, None
+    for name in sorted(names, key=len, reverse=True):
+        if key.startswith(name + "_"):
+            return name, token_to_unit(key[len(name) + 1:])
+    return key, None
+
+
+_QUANTITY_RE = re.compile(r"^\s*(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*"
+                          r"(?P<unit>[A-Za-zµ%/^*.0-9]*)\s*$")
+
+
+def parse_quantity(text: str, unit: str, *, what: str) -> float:
+    """Read ``"1800"`` (already in *unit*) or ``"30min"``/``"24 h"`` and return it in *unit*.
+
+    Raises
+    ------
+    UnitError
+        For unreadable text or a unit of another dimension, naming *what*.
+    """
+    match = _QUANTITY_RE.match(str(text))
+    if not match:
+        raise UnitError(f"{what}: cannot read {text!r}; expected a number, optionally with a "
+                        f"unit such as {unit!r}")
+    value = float(match["num"])
+    return value if not match["unit"] else convert(value, match["unit"], unit, what=what)

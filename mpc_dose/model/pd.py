@@ -7,7 +7,7 @@ non-integer exponent), and an optimiser fed NaN or infinite sensitivities at ind
 almost no drug. Every Hill term here is written as ``(r**2 + eps**2)**(gamma/2)`` of the
 normalised concentration ``r = C/C50``, with ``eps = HILL_EPS``; its derivative is finite
 everywhere, negative ``r`` included, and it differs from ``r**gamma`` by a relative
-``gamma/2 * (eps/r)**2`` (below 1e-8 for ``r > 1e-2``).
+``gamma/2 * (eps/r)**2`` (below 1e-6 for ``r > 1e-2``; at ``r = 0`` the term is ``eps**gamma``, e.g. 7e-8 for gamma 1.43).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ __all__ = ["HILL_EPS", "smooth_power", "linear_effect", "emax_effect", "bouillon
            "indirect_response", "friberg_myelosuppression"]
 
 #: Smoothing of Hill terms at zero concentration (normalised units, see module docstring).
-HILL_EPS = 1e-4
+HILL_EPS = 1e-5
 
 
 def smooth_power(ratio: ca.SX, gamma: ca.SX) -> ca.SX:

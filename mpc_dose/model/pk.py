@@ -14,10 +14,12 @@ constants ``k10, k12, k21, k13, k31``; ``vmax, km`` for Michaelis-Menten elimina
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import casadi as ca
 
 from ..errors import ModelError
-from .spec import Block, drug_input, output, param, state
+from .spec import Block, canonical_factor, drug_input, output, param, state
 
 __all__ = ["mammillary", "target_mediated"]
 
@@ -28,7 +30,8 @@ def mammillary(drug: str, n_compartments: int = 1, *, amount_unit: str = "mg",
                concentration_unit: str = "mg/L", volume_unit: str = "L",
                clearance_unit: str = "L/min", rate_constant_unit: str = "1/min",
                parameterisation: str = "clearance", elimination: str = "linear",
-               absorption: str | None = None, time_unit: str = "min") -> Block:
+               absorption: str | None = None, time_unit: str = "min",
+               endogenous: bool = False) -> Block:
     """A 1-, 2- or 3-compartment mammillary model with linear and/or saturable elimination.
 
     .. math::
@@ -56,6 +59,11 @@ def mammillary(drug: str, n_compartments: int = 1, *, amount_unit: str = "mg",
         With ``"first_order"`` the drug input feeds a depot ``{drug}_depot`` that empties into
         the central compartment at rate ``ka``; doses into the depot are scaled by the
         bioavailability ``f`` and delayed by ``tlag`` (in ``time_unit``).
+    endogenous : bool
+        Adds a constant endogenous production ``{drug}_kprod`` (``amount_unit``/``time_unit``)
+        into the central compartment; the model then starts at its endogenous steady state
+        ``C0 = kprod / cl1`` in every compartment (clearance parameterisation, linear
+        elimination only).
     """
     if n_compartments not in (1, 2, 3):
         raise ModelError(f"mammillary {drug!r}: n_compartments must be 1, 2 or 3, "
@@ -112,6 +120,18 @@ def mammillary(drug: str, n_compartments: int = 1, *, amount_unit: str = "mg",
         params += [vmax, km]
         rates[0] = rates[0] - vmax.value * conc / (km.value + conc)
 
+    if endogenous:
+        if parameterisation != "clearance" or elimination != "linear":
+            raise ModelError(f"mammillary {drug!r}: endogenous production needs the clearance "
+                             f"parameterisation and linear elimination")
+        kprod = param(f"{drug}_kprod", f"{amount_unit}/{time_unit}",
+                      "endogenous production rate")
+        params.append(kprod)
+        rates[0] = rates[0] + kprod.value
+        c0 = kprod.value / params[1].value  # canonical concentration at endogenous steady state
+        volumes = [v1] + [params[2 * i] for i in range(1, n_compartments)]
+        amounts = [replace(s, initial=c0 * vol.value / canonical_factor(s.unit))
+                   for s, vol in zip(amounts, volumes)]
     states = list(amounts)
     outputs = [output(f"{drug}_cp", concentration_unit, f"{drug} central (plasma) concentration",
                       conc)]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ConfigError, ModelError, closest
-from ..units import UnitError, convert, token_to_unit
+from ..units import UnitError, convert, split_unit_suffix
 
 __all__ = ["FixedEffect", "Covariate", "RandomEffect", "ResidualError", "PopulationModel",
            "Individual", "parse_covariates"]
@@ -40,7 +40,7 @@ class Covariate:
     """A patient characteristic used by covariate relations.
 
     Continuous covariates have a *unit* and a plausible range [*lower*, *upper*] (outside it
-    is an error: the formulas were not fitted there). Categorical ones list their *choices*.
+    is an error). Categorical ones list their *choices*.
     A *default* makes the covariate optional; it is stated by ``mpc-dose models``.
     """
 
@@ -115,18 +115,13 @@ def parse_covariates(given: Mapping[str, object], declared: Sequence[Covariate],
     by_name = {c.name: c for c in declared}
     out: dict[str, float | str] = {}
     for key, raw in given.items():
-        cov, unit = by_name.get(key), None
-        if cov is None:
-            for name in sorted(by_name, key=len, reverse=True):
-                if key.startswith(name + "_"):
-                    cov = by_name[name]
-                    try:
-                        unit = token_to_unit(key[len(name) + 1:])
-                    except UnitError:
-                        raise ConfigError(f"{where}: {key!r}: unknown unit "
-                                          f"{key[len(name) + 1:]!r} for covariate {name!r} "
-                                          f"(declared in {cov.unit})") from None
-                    break
+        try:
+            name, unit = split_unit_suffix(key, by_name)
+        except UnitError:
+            raise ConfigError(f"{where}: {key!r}: unknown unit in the name of a covariate; "
+                              f"declared: {', '.join(f'{c.name} [{c.unit}]' for c in declared)}"
+                              ) from None
+        cov = by_name.get(name)
         if cov is None:
             raise ConfigError(f"{where}: unknown covariate {key!r}{closest(key, by_name)}; "
                               f"expected: {', '.join(by_name) or 'none'}")
@@ -150,8 +145,8 @@ def parse_covariates(given: Mapping[str, object], declared: Sequence[Covariate],
                 raise ConfigError(str(err)) from None
         if not math.isfinite(value) or (cov.lower is not None and value < cov.lower) or \
                 (cov.upper is not None and value > cov.upper):
-            raise ConfigError(f"{where}: {key} = {raw!r} is outside the range the model was "
-                              f"built for: [{cov.lower}, {cov.upper}] {cov.unit}")
+            raise ConfigError(f"{where}: {key} = {raw!r} is outside the plausible range "
+                              f"[{cov.lower}, {cov.upper}] {cov.unit}")
         out[cov.name] = value
     for cov in declared:
         if cov.name not in out:

@@ -1,0 +1,196 @@
+"""The ``mpc-dose`` command line.
+
+``mpc-dose models [NAME]``      list the model library, or one model in detail
+``mpc-dose simulate ...``       open-loop simulation of a library model under a dosing table
+
+Errors on input end the program with exit status 2 and one line naming the field, the value
+and what was expected; nothing is written half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MpcDoseError
+from .units import parse_quantity
+
+__all__ = ["main"]
+
+
+def _key_values(text: str | None, flag: str) -> dict[str, str]:
+    """Parse ``"a=1,b=x"`` into a dict, refusing malformed or repeated items."""
+    if not text:
+        return {}
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise MpcDoseError(f"{flag}: cannot read {item!r}; expected name=value")
+        if key in out:
+            raise MpcDoseError(f"{flag}: {key!r} given twice")
+        out[key] = value
+    return out
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .model import library
+
+    if args.name:
+        lm = library.load(args.name)
+        print(lm.model.describe())
+        pop = lm.population
+        print("  covariates:")
+        for c in pop.covariates:
+            kind = f"one of {', '.join(c.choices)}" if c.choices else f"[{c.unit}]"
+            default = f" (default {c.default})" if c.default is not None else ""
+            print(f"    {c.name} {kind}: {c.doc}{default}")
+        print("  fixed effects:")
+        for t in pop.thetas:
+            print(f"    {t.name} = {t.value:g} {t.unit}: {t.doc}")
+        if pop.random_effects:
+            print("  between-subject variability (log-normal, omega^2 / CV):")
+            for r in pop.random_effects:
+                print(f"    {r.param}: {r.omega2:.4g} / {r.cv:.1%}")
+        for r in pop.residual_errors:
+            print(f"  residual error on {r.output}: additive {r.additive:g}, proportional "
+                  f"{r.proportional:g} ({r.kind})")
+        print("  references:")
+        for ref in dict.fromkeys(lm.references):
+            print(f"    - {ref}")
+        for e in lm.entries:
+            if e.notes:
+                print(f"  notes ({e.name}): {e.notes}")
+        return 0
+    for e in library.ENTRIES.values():
+        lm = library.load(e.name) if not e.requires else None
+        print(f"{e.name}\n    {e.title}")
+        if lm is not None:
+            m = lm.model
+            print("    inputs: " + ", ".join(f"{i.name} [{i.rate_unit}]" for i in m.inputs))
+            print("    outputs: " + ", ".join(f"{o.name} [{o.unit}]" for o in m.outputs))
+        else:
+            print(f"    needs: {', '.join(e.requires)} (compose after a PK model with '+')")
+        covs = ", ".join(c.name for c in e.population.covariates) or "none"
+        print(f"    covariates: {covs}")
+        print(f"    reference: {e.references[0]}")
+    print("\nCompose with '+', e.g. propofol-eleveld+remifentanil-eleveld+bis-bouillon; "
+          "details: mpc-dose models NAME")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .model import library
+    from .model.simulation import simulate
+    from .scenario import read_dosing_table
+
+    lm = library.load(args.model)
+    model = lm.model
+    covariates = _key_values(args.covariates, "--covariates")
+    overrides = _key_values(args.params, "--params")
+    values: dict[str, float] = {}
+    weight_kg = None
+    if covariates or not lm.population.covariates:
+        individual = lm.population.individual(covariates)
+        values = individual.params
+        weight_kg = individual.covariates.get("weight")
+    elif not overrides:
+        raise MpcDoseError(f"model {args.model!r} needs --covariates "
+                           f"({', '.join(c.name for c in lm.population.covariates)}) or --params")
+    values.update(_parameter_overrides(model, overrides))
+    doses = read_dosing_table(args.doses, model, weight_kg=weight_kg) if args.doses else []
+    duration_s = parse_quantity(args.duration, "s", what="--duration")
+    step_s = parse_quantity(args.step, "s", what="--step")
+    if not duration_s > 0 or not step_s > 0:
+        raise MpcDoseError(f"--duration and --step must be > 0 s, got {duration_s} and {step_s}")
+    n = int(np.floor(duration_s / step_s + 1e-9))
+    times = np.arange(n + 1) * step_s
+    if times[-1] < duration_s - 1e-9:
+        times = np.append(times, duration_s)
+    result = simulate(model, values, doses, times)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.to_pandas().to_csv(out, index=False, float_format="%.10g")
+    print(f"wrote {out} ({times.size} rows, {len(result.columns())} columns)")
+    if args.plot is not None:
+        from .plotting import plot_simulation
+
+        png = Path(args.plot) if args.plot else out.with_suffix(".png")
+        plot_simulation(result, png, title=f"{args.model}")
+        print(f"wrote {png}")
+    return 0
+
+
+def _parameter_overrides(model, given: dict[str, str]) -> dict[str, float]:
+    """Individual parameter values by name, optionally with a unit suffix (``_L_per_h``)."""
+    from .errors import ConfigError, closest
+    from .units import UnitError, convert, split_unit_suffix
+
+    out: dict[str, float] = {}
+    names = model.param_names
+    for key, raw in given.items():
+        try:
+            name, unit = split_unit_suffix(key, names)
+        except UnitError as err:
+            raise ConfigError(f"--params: {key!r}: {err}") from None
+        if name not in names:
+            raise ConfigError(f"--params: model {model.name!r} has no parameter {key!r}"
+                              f"{closest(key, names)}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"--params: {key} = {raw!r} is not a number") from None
+        declared = model.parameter(name).unit
+        out[name] = convert(value, unit, declared, what=f"--params {key}") if unit else value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpc-dose", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the model library, or show one model")
+    p.add_argument("name", nargs="?", help="a library model, e.g. propofol-schnider")
+    p.set_defaults(run=_cmd_models)
+
+    p = sub.add_parser("simulate", help="open-loop simulation under a dosing table",
+                       description="Simulate a library model for one patient under a dosing "
+                                   "table; writes a CSV with units in the column names.")
+    p.add_argument("--model", required=True, help="library model, entries joined by '+'")
+    p.add_argument("--covariates", help="e.g. age=35,height_cm=170,weight_kg=70,sex=male "
+                                        "(a name without unit suffix is in its declared unit)")
+    p.add_argument("--params", help="individual parameter values overriding the typical ones, "
+                                    "e.g. propofol_cl1=1.6 or propofol_cl1_L_per_h=96")
+    p.add_argument("--doses", help="dosing CSV (time_<unit>, input, amount_<unit>, "
+                                   "rate_<unit>, duration_<unit>, evid, addl, ii_<unit>)")
+    p.add_argument("--duration", required=True, help="simulated time [s], or with a unit: 30min")
+    p.add_argument("--step", default="10", help="output step [s], or with a unit (default 10 s)")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--plot", nargs="?", const="", default=None,
+                   help="also write a PNG (default: the CSV name with .png)")
+    p.set_defaults(run=_cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except MpcDoseError as err:
+        print(f"mpc-dose {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head`: not an error of ours
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""Scenario files and tables: the layer that reads files (with trial/ and the CLI).
+
+Unknown keys and columns, wrong types and wrong units are errors naming the place.
+"""
+
+from .dosing_table import doses_from_rows, read_dosing_table
+
+__all__ = ["read_dosing_table", "doses_from_rows"]
