@@ -47,7 +47,7 @@ def _normalised_integrator(model: Model, rtol: float, atol: float) -> ca.Functio
         t0, dt, tau = ca.SX.sym("t0"), ca.SX.sym("dt"), ca.SX.sym("tau")
         ode = dt * model.f(t0 + tau * dt, x, u, p)
         dae = {"x": x, "p": ca.vertcat(u, p, t0, dt), "t": tau, "ode": ode}
-        per_model[key] = ca.integrator(f"{model.name}_cvodes", "cvodes", dae, 0.0, 1.0,
+        per_model[key] = ca.integrator("propagate_cvodes", "cvodes", dae, 0.0, 1.0,
                                        {"reltol": rtol, "abstol": atol, "max_num_steps": 100000})
     return per_model[key]
 

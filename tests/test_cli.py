@@ -1,0 +1,87 @@
+"""The command line: simulate writes CSV and PNG with units; bad input exits 2 with a reason."""
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mpc_dose.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+COVS = "age=35,height_cm=170,weight_kg=70,sex=male"
+
+
+def test_simulate_schnider_example(tmp_path, capsys):
+    """The README example runs and writes the CSV with units in the column names."""
+    doses = tmp_path / "doses.csv"
+    doses.write_text("time_s,amount_mg,duration_s\n0,140,30\n")
+    out = tmp_path / "out.csv"
+    code = main(["simulate", "--model", "propofol-schnider", "--covariates", COVS,
+                 "--doses", str(doses), "--duration", "1800", "--step", "10", "--out", str(out)])
+    assert code == 0
+    frame = pd.read_csv(out)
+    assert frame.columns[:3].tolist() == ["time_s", "propofol_cp_ug_per_mL",
+                                          "propofol_ce_ug_per_mL"]
+    assert len(frame) == 181 and frame["time_s"].iloc[-1] == 1800
+    assert frame["propofol_rate_mg_per_s"].iloc[0] == pytest.approx(140 / 30)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_simulate_demo_regimen_with_plot(tmp_path):
+    """Both drugs and BIS from the shipped per-kg regimen, with a PNG."""
+    out = tmp_path / "ts.csv"
+    code = main(["simulate", "--model", "propofol-schnider+remifentanil-minto+bis-bouillon",
+                 "--covariates", COVS, "--doses", str(REPO / "scenarios/doses/tiva_induction.csv"),
+                 "--duration", "40min", "--step", "5", "--out", str(out), "--plot"])
+    assert code == 0
+    bis = pd.read_csv(out)["bis_unitless"]
+    assert bis.iloc[0] == pytest.approx(97.4, abs=1e-3) and 20 < bis.min() < 50
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_params_override_with_units(tmp_path):
+    """Individual values may be given with a unit suffix and are converted."""
+    out = tmp_path / "o.csv"
+    assert main(["simulate", "--model", "vancomycin-goti",
+                 "--covariates", "crcl=80,weight=70,dialysis=no",
+                 "--params", "vancomycin_cl1_L_per_min=0.05", "--duration", "1h",
+                 "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--model", "propofol-schnyder", "--covariates", COVS], "did you mean 'propofol-schnider'"),
+    (["--model", "propofol-schnider", "--covariates", "age=35,height_cm=170,weight_kg=70"],
+     "missing covariate 'sex'"),
+    (["--model", "propofol-schnider", "--covariates", "age=35,height=170,weight=-70,sex=male"],
+     "weight = '-70' is outside"),
+    (["--model", "propofol-schnider", "--covariates", COVS, "--params", "propofol_v1=-4"],
+     "'propofol_v1' = -4.0 L: expected > 0"),
+    (["--model", "propofol-schnider", "--covariates", COVS, "--params", "propofol_vv1=4"],
+     "did you mean 'propofol_v1'"),
+    (["--model", "propofol-schnider", "--covariates", "age"], "expected name=value"),
+    (["--model", "propofol-schnider", "--covariates", COVS, "--step", "1mg"],
+     "--step: unit 'mg'"),
+    (["--model", "propofol-schnider"], "needs --covariates"),
+])
+def test_bad_input_exits_2_with_reason(tmp_path, capsys, args, match):
+    """Bad input: exit status 2, one line naming the field and value, no output file."""
+    out = tmp_path / "o.csv"
+    code = main(["simulate", *args, "--duration", "60", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(match, err), err
+    assert not out.exists()
+
+
+def test_models_lists_library_and_details(capsys):
+    """``models`` lists every entry; ``models NAME`` shows units, statistics and references."""
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("propofol-schnider", "propofol-eleveld", "remifentanil-minto", "bis-bouillon",
+                 "vancomycin-goti", "norepinephrine-map", "fluorouracil-circadian"):
+        assert name in listing
+    assert main(["models", "vancomycin-goti"]) == 0
+    detail = capsys.readouterr().out
+    assert "vancomycin_cl1 [L/h]" in detail and "Goti V" in detail and "39.8%" in detail

@@ -1,0 +1,79 @@
+"""Units: parsing, conversion and the column-name spelling."""
+
+import pytest
+
+from mpc_dose.errors import UnitError
+from mpc_dose.units import (convert, parse_quantity, parse_unit, split_unit_suffix,
+                            token_to_unit, unit_to_token)
+
+
+@pytest.mark.parametrize("value, src, dst, expected", [
+    (1.0, "ug/mL", "mg/L", 1.0),
+    (1.0, "ng/mL", "ug/L", 1.0),
+    (2.0, "L/min", "L/h", 120.0),
+    (1.0, "h", "s", 3600.0),
+    (150.0, "ug/min", "mg/h", 9.0),
+    (1.0, "1/min", "1/s", 1 / 60),
+    (154.32358352941, "lb", "kg", 70.0),
+    (1.7, "m", "cm", 170.0),
+    (50.0, "%", "1", 0.5),
+    (4.0, "10^9/L", "1/mL", 4e6),
+    (1.0, "kPa", "mmHg", 7.500616827),
+])
+def test_conversions(value, src, dst, expected):
+    """Conversions between units of one dimension are exact up to rounding."""
+    assert convert(value, src, dst) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("src, dst", [("mg", "L"), ("mg/L", "mg"), ("L/min", "1/min"),
+                                      ("mmHg", "1")])
+def test_dimension_mismatch_is_an_error(src, dst):
+    """Units of different dimensions never convert silently."""
+    with pytest.raises(UnitError, match="cannot be converted"):
+        convert(1.0, src, dst, what="field x")
+
+
+@pytest.mark.parametrize("text, match", [("mgg", "unknown unit 'mgg'"),
+                                         ("mcgg/L", "unknown unit 'mcgg'"),
+                                         ("mg//L", "empty denominator"),
+                                         ("furlong", "unknown unit 'furlong'")])
+def test_unknown_units_are_errors(text, match):
+    """An unknown unit is an error naming it, never a guess."""
+    with pytest.raises(UnitError, match=match):
+        parse_unit(text)
+
+
+def test_aliases_are_mapped_not_guessed():
+    """Common clinical spellings (ml, mcg, hr) are accepted as exact aliases."""
+    assert parse_unit("mcg/ml").factor == parse_unit("ug/mL").factor
+    assert parse_unit("hr").factor == 3600.0
+
+
+@pytest.mark.parametrize("unit, token", [("ug/mL", "ug_per_mL"), ("mg/kg/h", "mg_per_kg_per_h"),
+                                         ("1/min", "per_min"), ("L/min", "L_per_min"),
+                                         ("10^9/L", "1e9_per_L"), ("m^2", "m2"), ("%", "pct"),
+                                         ("mmHg", "mmHg")])
+def test_column_tokens_round_trip(unit, token):
+    """A unit spelled into a column name reads back to the same unit."""
+    assert unit_to_token(unit) == token
+    assert parse_unit(token_to_unit(token)).factor == pytest.approx(parse_unit(unit).factor)
+
+
+def test_split_unit_suffix_prefers_the_longest_declared_name():
+    """``crcl_mL_per_min`` splits into the covariate and its unit."""
+    assert split_unit_suffix("crcl_mL_per_min", ["crcl", "cr"]) == ("crcl", "mL/min")
+    assert split_unit_suffix("weight", ["weight"]) == ("weight", None)
+    assert split_unit_suffix("other", ["weight"]) == ("other", None)
+
+
+@pytest.mark.parametrize("text, expected", [("1800", 1800.0), ("30min", 1800.0),
+                                            ("0.5 h", 1800.0), ("1e3", 1000.0)])
+def test_parse_quantity(text, expected):
+    """Flags take seconds, or a number with an explicit unit."""
+    assert parse_quantity(text, "s", what="--duration") == pytest.approx(expected)
+
+
+def test_parse_quantity_rejects_wrong_dimension():
+    """A duration given in milligrams is refused with the flag named."""
+    with pytest.raises(UnitError, match="--duration"):
+        parse_quantity("30mg", "s", what="--duration")
