@@ -18,11 +18,16 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
+# The main job, for now: an open-loop TIVA simulation (both drugs, BIS) with a plot.
 demo: $(STAMP)
-	$(VENV)/bin/mpc-dose demo --out out/demo
+	$(VENV)/bin/mpc-dose simulate --model propofol-schnider+remifentanil-minto+bis-bouillon \
+		--covariates age=35,height_cm=170,weight_kg=70,sex=male \
+		--doses scenarios/doses/tiva_induction.csv --duration 40min --step 1 \
+		--out out/demo/timeseries.csv --plot
 
 bench: $(STAMP)
 	$(PY) benchmarks/simulate_speed.py
+	$(PY) benchmarks/validate_anaesthesia.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

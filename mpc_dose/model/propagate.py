@@ -33,13 +33,17 @@ _BLOCK = 64  # steps evaluated at once from precomputed matrix powers
 _integrators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _normalised_integrator(model: Model, rtol: float, atol: float) -> ca.Function:
-    """A CVODES integrator of ``dx/dtau = dt f(t0 + tau dt, x, u, p)`` over tau in [0, 1].
+def _normalised_integrator(model: Model, rtol: float, atol: float, points: int = 1
+                           ) -> ca.Function:
+    """A CVODES integrator of ``dx/dtau = dt f(t0 + tau dt, x, u, p)`` over tau in [0, 1],
+    reporting the state at *points* equally spaced tau in (0, 1].
 
-    Its parameter vector is ``[u; p; t0; dt]``; compiled once per model and tolerance.
+    Its parameter vector is ``[u; p; t0; dt]``; compiled once per model, tolerance and
+    number of points. With ``points > 1`` one call covers a run of equal output steps
+    without restarting the solver at each output time.
     """
     per_model = _integrators.setdefault(model, {})
-    key = (rtol, atol)
+    key = (rtol, atol, points)
     if key not in per_model:
         x = ca.SX.sym("x", model.n_states)
         u = ca.SX.sym("u", model.n_inputs)
@@ -47,7 +51,8 @@ def _normalised_integrator(model: Model, rtol: float, atol: float) -> ca.Functio
         t0, dt, tau = ca.SX.sym("t0"), ca.SX.sym("dt"), ca.SX.sym("tau")
         ode = dt * model.f(t0 + tau * dt, x, u, p)
         dae = {"x": x, "p": ca.vertcat(u, p, t0, dt), "t": tau, "ode": ode}
-        per_model[key] = ca.integrator("propagate_cvodes", "cvodes", dae, 0.0, 1.0,
+        grid = [k / points for k in range(1, points + 1)]
+        per_model[key] = ca.integrator("propagate_cvodes", "cvodes", dae, 0.0, grid,
                                        {"reltol": rtol, "abstol": atol, "max_num_steps": 100000})
     return per_model[key]
 
@@ -140,6 +145,31 @@ class Propagator:
         out = self._integrator(x0=x, p=np.concatenate([np.asarray(u, float), self.p, [t0, dt]]))
         return np.asarray(out["xf"], dtype=float).ravel()
 
+    def _runs(self, steps: np.ndarray):
+        """Yield ``(start, end, dt)`` of runs of equal steps (to rounding)."""
+        k = 0
+        while k < steps.size:
+            dt = steps[k]
+            differs = np.abs(steps[k + 1:] - dt) > 1e-12 * max(1.0, abs(dt))
+            end = k + 1 + (int(np.argmax(differs)) if differs.any() else differs.size)
+            yield k, end, dt
+            k = end
+
+    def _integrate_runs(self, x, t0, times, steps, u, out):
+        block = _normalised_integrator(self.model, self.rtol, self.atol, _BLOCK)
+        u = np.asarray(u, dtype=float)
+        t = t0
+        for start, end, dt in self._runs(steps):
+            k = start
+            while end - k >= _BLOCK:
+                res = block(x0=x, p=np.concatenate([u, self.p, [t, dt * _BLOCK]]))
+                out[k:k + _BLOCK] = np.asarray(res["xf"], dtype=float).T
+                x, t, k = out[k + _BLOCK - 1], times[k + _BLOCK - 1], k + _BLOCK
+            for j in range(k, end):
+                x = self.advance(x, t, times[j], u)
+                out[j], t = x, times[j]
+        return out
+
     def trajectory(self, x: np.ndarray, t0: float, times: np.ndarray, u: np.ndarray
                    ) -> np.ndarray:
         """States at each of the sorted *times* (all >= *t0*), shape (len(times), n_states)."""
@@ -150,20 +180,9 @@ class Propagator:
         steps = np.diff(np.concatenate([[t0], times]))
         x = np.asarray(x, dtype=float)
         if not self.is_exact:
-            t = t0
-            for k, t_next in enumerate(times):
-                x = self.advance(x, t, t_next, u)
-                out[k] = x
-                t = t_next
-            return out
-        k = 0
-        while k < times.size:
-            # a run of steps equal to the first one (to rounding): one cached transition
-            dt = steps[k]
-            differs = np.abs(steps[k + 1:] - dt) > 1e-12 * max(1.0, abs(dt))
-            end = k + 1 + (int(np.argmax(differs)) if differs.any() else differs.size)
+            return self._integrate_runs(x, t0, times, steps, u, out)
+        for start, end, dt in self._runs(steps):
             phi, gamma = self.transition(dt, u)
-            out[k:end] = self._run(x, phi, gamma, end - k)
+            out[start:end] = self._run(x, phi, gamma, end - start)
             x = out[end - 1]
-            k = end
         return out

@@ -146,11 +146,15 @@ def evaluate_outputs(model: Model, times: np.ndarray, states: np.ndarray, inputs
                      p: np.ndarray) -> np.ndarray:
     """``h`` at every row of *states* and *inputs*, shape (len(times), n_outputs).
 
-    A mapped copy of ``h`` of fixed width is compiled once per model and reused in chunks:
+    Affine outputs (concentrations of linear PK) are one matrix product. Otherwise a mapped copy of ``h`` of fixed width is compiled once per model and reused in chunks:
     mapping ``h`` to each new length would cost more than the evaluation itself.
     """
-    mapped = model.h_mapped(_CHUNK)
     n = times.size
+    if model.outputs_affine:
+        c, d, e = (np.asarray(m, dtype=float) for m in model.output_affine_terms(p))
+        return (states @ c.reshape(model.n_outputs, model.n_states).T
+                + inputs @ d.reshape(model.n_outputs, model.n_inputs).T + e.ravel())
+    mapped = model.h_mapped(_CHUNK)
     out = np.empty((n, model.n_outputs))
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)

@@ -297,6 +297,16 @@ class Model:
              ca.substitute(jac_u, xu, ca.vertcat(zeros_x, zeros_u)),
              ca.substitute(dxdt, xu, ca.vertcat(zeros_x, zeros_u))],
             ["t", "p"], ["A", "B", "c"])
+        out_x, out_u = ca.jacobian(y, x), ca.jacobian(y, u)
+        #: True when y = C(p) x + D(p) u + e(p): outputs are then evaluated as one product.
+        self.outputs_affine = not (ca.depends_on(out_x, xu) or ca.depends_on(out_u, xu)
+                                   or ca.depends_on(y, t))
+        self.output_affine_terms = ca.Function(
+            "output_affine_terms", [p],
+            [ca.substitute(out_x, ca.vertcat(t, xu), ca.DM.zeros(1 + xu.numel())),
+             ca.substitute(out_u, ca.vertcat(t, xu), ca.DM.zeros(1 + xu.numel())),
+             ca.substitute(y, ca.vertcat(t, xu), ca.DM.zeros(1 + xu.numel()))],
+            ["p"], ["C", "D", "e"])
 
     def h_mapped(self, width: int) -> ca.Function:
         """``h`` evaluated column-wise over *width* points (compiled once per width)."""
