@@ -20,8 +20,14 @@ import numpy as np
 from ..errors import ConfigError, ModelError, closest
 from ..units import UnitError, convert, split_unit_suffix
 
-__all__ = ["FixedEffect", "Covariate", "RandomEffect", "ResidualError", "PopulationModel",
+__all__ = ["omega2_from_cv", "FixedEffect", "Covariate", "RandomEffect", "ResidualError", "PopulationModel",
            "Individual", "parse_covariates"]
+
+
+def omega2_from_cv(cv: float) -> float:
+    """Variance of eta for a log-normal parameter with coefficient of variation *cv*:
+    ``ln(1 + CV^2)`` (not ``CV^2``, which holds only for small CV)."""
+    return math.log1p(cv * cv)
 
 
 @dataclass(frozen=True)

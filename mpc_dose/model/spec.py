@@ -175,26 +175,21 @@ class Block:
             raise ModelError(f"block {self.name!r}: {len(self.states)} states but "
                              f"{len(self.rates)} rates")
 
+    def _find(self, kind: str, items: Sequence, name: str):
+        for item in items:
+            if item.name == name:
+                return item
+        raise ModelError(f"block {self.name!r} has no {kind} {name!r}"
+                         f"{closest(name, [i.name for i in items])}")
+
     def output(self, name: str) -> Output:
-        for o in self.outputs:
-            if o.name == name:
-                return o
-        raise ModelError(f"block {self.name!r} has no output {name!r}"
-                         f"{closest(name, [o.name for o in self.outputs])}")
+        return self._find("output", self.outputs, name)
 
     def state(self, name: str) -> State:
-        for s in self.states:
-            if s.name == name:
-                return s
-        raise ModelError(f"block {self.name!r} has no state {name!r}"
-                         f"{closest(name, [s.name for s in self.states])}")
+        return self._find("state", self.states, name)
 
     def param(self, name: str) -> Param:
-        for p in self.params:
-            if p.name == name:
-                return p
-        raise ModelError(f"block {self.name!r} has no parameter {name!r}"
-                         f"{closest(name, [p.name for p in self.params])}")
+        return self._find("parameter", self.params, name)
 
 
 @dataclass(frozen=True)

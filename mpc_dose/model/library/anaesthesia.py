@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from ..links import effect_compartment
 from ..pd import bouillon_bis, emax_effect
 from ..pk import mammillary
-from ..population import Covariate, FixedEffect, PopulationModel, RandomEffect
+from ..population import (Covariate, FixedEffect, PopulationModel, RandomEffect,
+                          omega2_from_cv)
 from .base import AGE, HEIGHT, SEX, WEIGHT, LibraryEntry
 
 __all__ = ["ENTRIES", "james_lean_body_mass", "al_sallami_fat_free_mass"]
@@ -82,9 +83,6 @@ def _three_compartment_with_effect_site(drug: str, amount_unit: str, concentrati
 def _omegas(drug: str, values: Mapping[str, float], doc: str) -> tuple[RandomEffect, ...]:
     return tuple(RandomEffect(f"{drug}_{k}", v, doc) for k, v in values.items())
 
-
-def _cv_to_omega2(cv: float) -> float:
-    return math.log1p(cv * cv)
 
 
 # ---------------------------------------------------------------- propofol, Schnider
@@ -315,7 +313,7 @@ REMIFENTANIL_MINTO = LibraryEntry(
     blocks=_three_compartment_with_effect_site("remifentanil", "ug", "ng/mL"),
     population=PopulationModel(
         (AGE, HEIGHT, WEIGHT, SEX), _MINTO, _minto_typical,
-        _omegas("remifentanil", {k: _cv_to_omega2(cv) for k, cv in
+        _omegas("remifentanil", {k: omega2_from_cv(cv) for k, cv in
                                  {"v1": 0.26, "v2": 0.29, "v3": 0.66, "cl1": 0.14, "cl2": 0.36,
                                   "cl3": 0.41, "ke0": 0.68}.items()},
                 "Minto 1997 CV, omega^2 = ln(1 + CV^2)")),
@@ -399,8 +397,8 @@ _BOUILLON = (
     FixedEffect("bouillon_e0", 97.4, "1", "awake BIS", BOUILLON_2004),
     FixedEffect("bouillon_emax", 97.4, "1", "maximal BIS decrease", BOUILLON_2004),
 )
-_BOUILLON_OMEGA = {"c50p": _cv_to_omega2(0.182), "c50r": _cv_to_omega2(0.888),
-                   "gamma": _cv_to_omega2(0.304)}
+_BOUILLON_OMEGA = {"c50p": omega2_from_cv(0.182), "c50r": omega2_from_cv(0.888),
+                   "gamma": omega2_from_cv(0.304)}
 
 
 def _bouillon_blocks(available: Mapping) -> list:

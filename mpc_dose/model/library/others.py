@@ -6,13 +6,12 @@ entries' ``notes``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from ..pd import emax_effect, friberg_myelosuppression
 from ..pk import mammillary
 from ..population import (Covariate, FixedEffect, PopulationModel, RandomEffect,
-                          ResidualError)
+                          ResidualError, omega2_from_cv)
 from ..spec import Cosinor
 from .base import WEIGHT, LibraryEntry
 
@@ -44,9 +43,6 @@ FLEMING_2015 = ("Fleming GF, Schumm P, Friberg G, Ratain MJ, Njiaju UO, Schilsky
                 "variation in plasma 5-fluorouracil concentrations during a 24 hour "
                 "constant-rate infusion. BMC Cancer 2015;15:69. doi:10.1186/s12885-015-1075-6")
 
-
-def _cv_to_omega2(cv: float) -> float:
-    return math.log1p(cv * cv)
 
 
 # ---------------------------------------------------------------- vancomycin, Goti 2018
@@ -86,9 +82,9 @@ VANCOMYCIN_GOTI = LibraryEntry(
                                  time_unit="h")],
     population=PopulationModel(
         (CRCL, WEIGHT, DIALYSIS), _GOTI, _goti_typical,
-        (RandomEffect("vancomycin_cl1", _cv_to_omega2(0.398), "CV 39.8 %"),
-         RandomEffect("vancomycin_v1", _cv_to_omega2(0.816), "CV 81.6 %"),
-         RandomEffect("vancomycin_v2", _cv_to_omega2(0.571), "CV 57.1 %")),
+        (RandomEffect("vancomycin_cl1", omega2_from_cv(0.398), "CV 39.8 %"),
+         RandomEffect("vancomycin_v1", omega2_from_cv(0.816), "CV 81.6 %"),
+         RandomEffect("vancomycin_v2", omega2_from_cv(0.571), "CV 57.1 %")),
         residual_errors=(ResidualError("vancomycin_cp", additive=3.4, proportional=0.227,
                                        kind="sum"),)),
     notes="V2 38.4 L is not weight-scaled (posologyr and two mrgsolve implementations; "
@@ -189,7 +185,7 @@ NEUTROPENIA_FRIBERG = LibraryEntry(
     population=PopulationModel(
         (), _FRIBERG, lambda c, th: {f"anc_{k}": th[f"friberg_{k}"]
                                      for k in ("circ0", "mtt", "gamma", "emax", "ec50")},
-        tuple(RandomEffect(f"anc_{k}", _cv_to_omega2(cv), f"CV {cv:.0%}") for k, cv in
+        tuple(RandomEffect(f"anc_{k}", omega2_from_cv(cv), f"CV {cv:.0%}") for k, cv in
               {"circ0": 0.42, "mtt": 0.16, "emax": 0.33, "ec50": 0.50}.items())),
     notes="Friberg 2002 Table 4 docetaxel row as transcribed by DTAT (single source); the "
           "variabilities are read as CVs.",
@@ -216,8 +212,8 @@ FLUOROURACIL_CIRCADIAN = LibraryEntry(
             "fluorouracil_cl1": th["yamada_cl"], "fluorouracil_v1": th["yamada_v"],
             "fluorouracil_cl1_amplitude_1": th["fleming_cl_amplitude"],
             "fluorouracil_cl1_acrophase_1": th["fleming_cl_acrophase"]},
-        (RandomEffect("fluorouracil_cl1", _cv_to_omega2(0.344), "CV 34.4 %"),
-         RandomEffect("fluorouracil_v1", _cv_to_omega2(0.419), "CV 41.9 %")),
+        (RandomEffect("fluorouracil_cl1", omega2_from_cv(0.344), "CV 34.4 %"),
+         RandomEffect("fluorouracil_v1", omega2_from_cv(0.419), "CV 41.9 %")),
         residual_errors=(ResidualError("fluorouracil_cp", proportional=0.583),)),
     notes="Amplitude 0.091 from Fleming 2015's 20 % peak-to-trough concentration ratio "
           "(C ~ R/CL at quasi-steady state, t1/2 15 min); acrophase 16:30 is the midpoint of "
