@@ -271,7 +271,7 @@ def test_michaelis_menten_infusion_steady_state():
 
 # ----------------------------------------------------------------------- 14-15: effect site
 def test_effect_site_peak_after_bolus():
-    """After a bolus Ce peaks at tpeak = ln(ke0/k)/(ke0 - k) with C0 ke0/(ke0-k)(e^-kt - e^-ke0 t)."""
+    """After a bolus Ce peaks at ln(ke0/k)/(ke0-k) at C0 ke0/(ke0-k) (e^-kt - e^-ke0 t)."""
     rec = check(14, "effect-site peak after bolus")
     inputs = rec["inputs"]
     k, ke0 = inputs["k_per_min"], inputs["ke0_per_min"]
@@ -384,7 +384,7 @@ def cosinor_params(rec: dict) -> dict[str, float]:
 @pytest.mark.parametrize("number, name, t_h", [(21, "cosinor CL bolus C(6 h)", 6.0),
                                                (22, "cosinor CL bolus C(24 h)", 24.0)])
 def test_cosinor_clearance_bolus(number, name, t_h):
-    """With CL(t) = CL0 (1 + A cos(w (t - phi))) a bolus decays as the closed-form cosinor exponent."""
+    """With CL(t) = CL0 (1 + A cos(w (t - phi))) a bolus decays as the cosinor closed form."""
     rec = check(number, name)
     c = cp_at(one_cpt_hours(circadian=True), cosinor_params(rec),
               [Dose.bolus(0.0, "d", rec["inputs"]["D_mg"])], [t_h])
@@ -441,10 +441,11 @@ def test_schnider_infusion_steady_state():
     lm = library.load("propofol-schnider")
     params = lm.population.typical_parameters({"age": 35, "height_cm": 170, "weight_kg": 70,
                                                "sex": "male"})
-    # The expected Css (4.2731522) is R / CL1 with CL1 from the James lean body mass
-    # unrounded, 1.6381349 L/min: the package's typical CL1 must equal the JSON's CL1 input
-    # (unrounded there too). The tables' rounded "CL1 = 1.63813" would give R/CL1 = 4.2731651,
-    # 3e-6 away, outside the 1e-6 tolerance; so the unrounded James value is used.
+    # Which CL1: the package's own typical CL1 from the James lean body mass, 1.6381349481
+    # L/min (asserted equal to the JSON input CL1_L_per_min, which is unrounded). The check is
+    # Css = R/CL1 for the model's CL1, and the expected 4.2731522 is 7 / 1.6381349481. The
+    # rounded CL1 = 1.63813 of analytical_checks.md would give 4.2731651 (3.0e-6 away, outside
+    # the 1e-6 tolerance; the md's "4.2733" is a further rounding slip), so it is not used.
     assert params["propofol_cl1"] == pytest.approx(rec["inputs"]["CL1_L_per_min"], rel=1e-12)
     rate = rec["inputs"]["R_mg_per_min"] / MIN
     t_end = 1e7  # s (2778 h): hundreds of the slowest time constant (~ 5 h), exact ZOH

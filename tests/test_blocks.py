@@ -317,7 +317,10 @@ def test_tmdd_occupancy_is_a_fraction(approximation):
         occ = simulate(*tmdd(approximation), [Dose.bolus(0.0, "mab", dose)],
                        t_h * H).output("mab_occupancy")
         assert np.all(np.isfinite(occ))
-        assert occ.min() >= 0.0 and occ.max() <= 1.0, (dose, occ.min(), occ.max())
+        # 1e-12: once the drug has gone (amounts below the integrator's atol, 1e-12 nmol)
+        # the occupancy is rounding noise of order -1e-15 around 0
+        assert occ.min() >= -1e-12 and occ.max() <= 1.0 + 1e-12, (dose, occ.min(), occ.max())
+        assert occ.max() > 1e-4 and np.isclose(occ[-1], 0.0, atol=1e-9)
 
 
 # ======================================================================= indirect response
@@ -356,7 +359,7 @@ def test_indirect_response_steady_state(kind):
 
 # ======================================================================= Friberg
 FRIBERG = {"d_v1": 20.0, "d_cl1": 2.0, "anc_circ0": 5.0, "anc_mtt": 125.0, "anc_gamma": 0.17,
-           "anc_slope": 0.08}
+           "anc_slope": 0.15}
 DAYS = np.arange(31) * 24 * H
 
 
@@ -376,14 +379,17 @@ def test_friberg_without_drug_stays_at_baseline():
 
 def test_friberg_nadir_and_recovery():
     """A dose drives circulating cells to a nadir below Circ0, then they return toward Circ0."""
-    res = simulate(friberg_model(), FRIBERG, [Dose.infusion(0.0, "d", 150.0 / H, H)],
+    res = simulate(friberg_model(), FRIBERG, [Dose.infusion(0.0, "d", 300.0 / H, H)],
                    np.arange(0, 30 * 24 + 1, 6) * H)
     anc, circ0 = res.output("anc"), FRIBERG["anc_circ0"]
     nadir = int(np.argmin(anc))
     assert anc[nadir] < 0.7 * circ0
     assert 3 * 24 <= res.time_s[nadir] / H <= 20 * 24  # typical nadir: 1-2 weeks
-    assert abs(anc[-1] - circ0) < 0.2 * abs(anc[nadir] - circ0)
     assert np.all(np.diff(anc[nadir:nadir + 20]) > 0)  # recovering after the nadir
+    # back near Circ0 at day 30 (after the physiological rebound overshoot, < 10 %)
+    assert abs(anc[-1] - circ0) < 0.1 * circ0
+    assert abs(anc[-1] - circ0) < 0.25 * abs(anc[nadir] - circ0)
+    assert anc.max() < 1.2 * circ0
 
 
 def test_friberg_transit_rate_is_four_over_mtt():
@@ -485,19 +491,21 @@ def test_pd_derivatives_are_finite_at_zero_and_negative_concentrations(form, gam
         assert np.all(np.isfinite(jac)), (form, gamma, level)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bouillon_bis (mpc_dose/model/pd.py:102) takes phi = Up / (U + HILL_EPS), which divides "
-    "by zero at U = -HILL_EPS: Ce_p = -1e-5 C50p (e.g. -4.47e-5 ug/mL, a plausible estimator "
-    "value) with Ce_r = 0 gives a NaN Jacobian of BIS, and nearby values give huge ones"))
 @pytest.mark.parametrize("gamma", GAMMAS)
-def test_bouillon_derivative_finite_where_total_potency_is_minus_hill_eps(gamma):
-    """The Bouillon surface has finite derivatives at Ce_p = -1e-5 C50p, Ce_r = 0."""
+@pytest.mark.parametrize("which", ["propofol", "remifentanil"])
+def test_bouillon_derivative_finite_where_total_potency_is_minus_hill_eps(gamma, which):
+    """The Bouillon surface has finite, moderate derivatives at U = Up + Ur = -HILL_EPS."""
+    # Regression: with phi = Up / (U + HILL_EPS) (pd.py up to commit a480d1a) this point gave
+    # a NaN Jacobian (Ce_p = -1e-5 C50p) or one of -1e15 (Ce_r = -1e-5 C50r).
     from mpc_dose.model.pd import HILL_EPS
 
     model, params = _pd_model("bouillon", gamma)
     x = np.zeros(model.n_states)
-    x[model.state_index("propofol_ce")] = -HILL_EPS * params["bis_c50p"]
-    assert np.all(np.isfinite(_jacobian(model, params, x)))
+    c50 = params["bis_c50p"] if which == "propofol" else params["bis_c50r"]
+    x[model.state_index(f"{which}_ce")] = -HILL_EPS * c50
+    jac = _jacobian(model, params, x)
+    assert np.all(np.isfinite(jac))
+    assert np.max(np.abs(jac[-1])) < 1e6  # BIS per ug/mL or ng/mL: no near-singularity
 
 
 # ======================================================================= bad input

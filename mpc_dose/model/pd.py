@@ -85,8 +85,9 @@ def bouillon_bis(propofol_ce: Output, remifentanil_ce: Output, name: str = "bis"
     ``U50 = 1 - beta phi + beta phi^2``,
     ``BIS = E0 - Emax (U/U50)^gamma / (1 + (U/U50)^gamma)``.
 
-    ``phi`` is undefined at ``U = 0``; it is taken as ``Up / (U + HILL_EPS)``, which changes
-    nothing once any drug is present (the Hill term is below 1e-9 there anyway).
+    ``phi = Up/U`` is undefined at ``U = 0``; it is taken as ``Up U / (U^2 + HILL_EPS^2)``,
+    which differs from ``Up/U`` by a relative ``(HILL_EPS/U)^2`` (1e-9 at U = 0.3) and is 0
+    with finite derivatives at ``U = 0``.
     """
     c50p = param(f"{name}_c50p", propofol_ce.unit, "propofol effect-site concentration at "
                  "half-maximal effect alone")
@@ -99,7 +100,7 @@ def bouillon_bis(propofol_ce: Output, remifentanil_ce: Output, name: str = "bis"
     up = propofol_ce.value / c50p.value
     ur = remifentanil_ce.value / c50r.value
     u = up + ur
-    phi = up / (u + HILL_EPS)
+    phi = up * u / (u * u + HILL_EPS**2)
     u50 = 1 - beta.value * phi + beta.value * phi * phi
     powered = smooth_power(u / u50, gamma.sym)
     bis = e0.value - emax.value * powered / (1 + powered)
