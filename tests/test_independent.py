@@ -55,7 +55,7 @@ REQ_BIS = 0.05
 # the CLI's 10-digit CSV); Eleveld propofol uses the unrounded NONMEM thetas on both sides.
 TIGHT_REL = 1e-6
 TIGHT_REL_ELEVELD_PROPOFOL = TIGHT_REL
-# BIS: measured 6.9e-6, the smoothing E0 - Emax eps^gamma at U = 0 (pd.HILL_EPS).
+# BIS: the Hill smoothing changes BIS by at most Emax * pd.HILL_FLOOR (1e-6).
 TIGHT_BIS = 1e-4
 PARAM_REL = 1e-9
 # Eleveld propofol parameters: the same unrounded thetas on both sides.

@@ -4,10 +4,12 @@
 Why the Hill term is smoothed: ``C**gamma`` has an infinite or undefined derivative at
 ``C = 0`` for ``gamma < 1`` (and CasADi's ``pow`` gives NaN derivatives at 0 for any
 non-integer exponent), and an optimiser fed NaN or infinite sensitivities at induction plans
-almost no drug. Every Hill term here is written as ``(r**2 + eps**2)**(gamma/2)`` of the
-normalised concentration ``r = C/C50``, with ``eps = HILL_EPS``; its derivative is finite
-everywhere, negative ``r`` included, and it differs from ``r**gamma`` by a relative
-``gamma/2 * (eps/r)**2`` (below 1e-6 for ``r > 1e-2``; at ``r = 0`` the term is ``eps**gamma``, e.g. 7e-8 for gamma 1.43).
+almost no drug. Every Hill term here is ``(r**2 + e**2)**(gamma/2) - HILL_FLOOR`` of the
+normalised concentration ``r = C/C50``, with ``e = HILL_FLOOR**(1/gamma)``: it is exactly 0
+at ``r = 0``, its derivative is finite everywhere (at most about ``gamma e**(gamma-1)``,
+5e7 for gamma 0.5, 0 for gamma >= 1), and it differs from ``r**gamma`` by at most
+``HILL_FLOOR = 1e-8`` plus a relative ``gamma/2 (e/r)**2``. It is even in ``r``: at
+(unphysical) negative concentrations its slope has the opposite sign.
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ import casadi as ca
 from ..errors import ModelError
 from .spec import Block, Output, output, param, state
 
-__all__ = ["HILL_EPS", "smooth_power", "linear_effect", "emax_effect", "bouillon_bis",
+__all__ = ["HILL_EPS", "HILL_FLOOR", "smooth_power", "linear_effect", "emax_effect", "bouillon_bis",
            "indirect_response", "friberg_myelosuppression"]
 
-#: Smoothing of Hill terms at zero concentration (normalised units, see module docstring).
+#: Largest deviation of a smoothed Hill term from ``r**gamma`` (see module docstring).
+HILL_FLOOR = 1e-8
+#: Regularisation of the propofol fraction of the Bouillon surface at zero drug.
 HILL_EPS = 1e-5
 
 
 def smooth_power(ratio: ca.SX, gamma: ca.SX) -> ca.SX:
     """``ratio**gamma`` with finite derivatives at and below zero (see module docstring)."""
-    return (ratio * ratio + HILL_EPS**2) ** (gamma / 2)
+    e = HILL_FLOOR ** (1 / gamma)
+    return (ratio * ratio + e * e) ** (gamma / 2) - HILL_FLOOR
 
 
 def linear_effect(name: str, driver: Output, *, effect_unit: str = "1") -> Block:

@@ -213,7 +213,9 @@ def target_mediated(drug: str, approximation: str = "full", *, amount_unit: str 
                          bolus_state=total.name)
         ct, rt = total.value / v.value, target.value / v.value
         b = ct - rt - kss.value
-        free_c = 0.5 * (b + ca.sqrt(b * b + 4 * kss.value * ct))
+        root = ca.sqrt(b * b + 4 * kss.value * ct)
+        # the larger root of C^2 - b C - Kss Ct = 0, in the form without cancellation
+        free_c = ca.if_else(b >= 0, 0.5 * (b + root), 2 * kss.value * ct / (root - b))
         bound_fraction = free_c / (kss.value + free_c)
         rates = (inp.value - (kel.value * free_c + kint.value * rt * bound_fraction) * v.value,
                  (ksyn.value - kdeg.value * rt - (kint.value - kdeg.value) * rt * bound_fraction)
