@@ -5,8 +5,8 @@ states forward with :class:`Propagator`:
 
 * affine and time-invariant models (every linear PK model, effect sites and transit chains;
   circadian models whose amplitudes are all 0) use the exact zero-order hold: the matrix
-  exponential of the augmented system ``[[A, B u + c], [0, 0]] dt``, cached per
-  ``(dt, u)``. Runs of equal steps are evaluated in blocks of matrix powers, so a 24 h run at
+  exponential of the augmented system ``[[A, B, c], [0, 0, 0]] dt``, cached per step
+  length, so a new input costs a matrix-vector product, not an exponential. Runs of equal steps are evaluated in blocks of matrix powers, so a 24 h run at
   1 s resolution costs a few milliseconds instead of 86,400 Python iterations.
 * every other model (saturable elimination, target binding, Hill-driven turnover, circadian
   parameters) uses CVODES through CasADi, on a time axis normalised to [0, 1] so that one
@@ -79,7 +79,7 @@ class Propagator:
         self.rtol, self.atol = rtol, atol
         #: True when the exact zero-order hold is used.
         self.is_exact = model.is_affine and not self._varies_in_time()
-        self._cache: dict[tuple[float, bytes], tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         if self.is_exact:
             a, b, c = model.affine_terms(0.0, self.p)
             self._a = np.asarray(a, dtype=float).reshape(model.n_states, model.n_states)
@@ -97,21 +97,28 @@ class Propagator:
         return bool(np.any(self.p[amplitudes] != 0.0)) if amplitudes else True
 
     # ------------------------------------------------------------------ exact ZOH
-    def transition(self, dt: float, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(Phi, gamma)`` with ``x(t + dt) = Phi x(t) + gamma`` under constant input *u*."""
-        key = (float(dt), np.asarray(u, dtype=float).tobytes())
+    def _discrete(self, dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(Phi, Gamma, gamma_c)``: ``x(t+dt) = Phi x + Gamma u + gamma_c`` for any constant
+        *u*, from one matrix exponential of ``[[A, B, c], [0, 0, 0]] dt`` per step length."""
+        key = float(dt)
         hit = self._cache.get(key)
         if hit is None:
-            n = self.model.n_states
-            m = np.zeros((n + 1, n + 1))
-            m[:n, :n] = self._a * dt
-            m[:n, n] = (self._b @ np.asarray(u, dtype=float) + self._c) * dt
-            e = expm(m)
-            hit = (e[:n, :n], e[:n, n].copy())
-            if len(self._cache) > 4096:  # a closed loop sees new rates every cycle
+            n, m = self.model.n_states, self.model.n_inputs
+            aug = np.zeros((n + m + 1, n + m + 1))
+            aug[:n, :n] = self._a * dt
+            aug[:n, n:n + m] = self._b * dt
+            aug[:n, n + m] = self._c * dt
+            e = expm(aug)
+            hit = (e[:n, :n], e[:n, n:n + m].copy(), e[:n, n + m].copy())
+            if len(self._cache) > 4096:  # irregular event times: keep memory bounded
                 self._cache.clear()
             self._cache[key] = hit
         return hit
+
+    def transition(self, dt: float, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(Phi, gamma)`` with ``x(t + dt) = Phi x(t) + gamma`` under constant input *u*."""
+        phi, gamma_u, gamma_c = self._discrete(dt)
+        return phi, gamma_u @ np.asarray(u, dtype=float) + gamma_c
 
     @staticmethod
     def _run(x: np.ndarray, phi: np.ndarray, gamma: np.ndarray, n: int) -> np.ndarray:

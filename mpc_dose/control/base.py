@@ -1,0 +1,86 @@
+"""The controller interface every dosing controller implements (baselines, NMPC, a user's).
+
+A controller is called once per control period with the latest reading of each measured
+variable and returns a :class:`Decision`: infusion rates per model input, in the input's
+amount unit per second (propofol mg/s, remifentanil ug/s), with a human-readable reason.
+It does not own the clock (time is an argument) and knows nothing of pumps, messages or
+simpy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from ..errors import ConfigError
+
+__all__ = ["Reading", "Decision", "Controller", "check_rates"]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """The latest reading of one measured variable: value in *unit*, taken at *t_meas_s*."""
+
+    var: str
+    value: float
+    unit: str
+    t_meas_s: float
+    quality: str = "valid"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Rates to apply from *t_s*, per model input [amount/s], and why.
+
+    *status* is ``"ok"`` or a failure kind the supervisor acts on; *details* carries
+    controller-specific figures (e.g. PID terms, solver statistics) for the record.
+    """
+
+    t_s: float
+    rates: dict[str, float]
+    reason: str
+    status: str = "ok"
+    details: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Controller(Protocol):
+    """What the controller node needs of a controller."""
+
+    #: a short name for records
+    name: str
+    #: time between two decisions [s]
+    period_s: float
+    #: the model inputs it sets
+    inputs: tuple[str, ...]
+
+    def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
+        """Rates from *t_s* on, given the latest reading of each variable."""
+        ...
+
+
+def check_rates(rates: Mapping[str, float], inputs: tuple[str, ...], who: str
+                ) -> dict[str, float]:
+    """Check a controller's rates: one finite, non-negative rate per input it declares.
+
+    Raises
+    ------
+    ConfigError
+        Naming the controller, the input and the value.
+    """
+    out = {}
+    for name in inputs:
+        if name not in rates:
+            raise ConfigError(f"controller {who!r} returned no rate for input {name!r}")
+        value = rates[name]
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"controller {who!r}: rate of {name!r} = {value!r}; expected a "
+                              f"finite number >= 0 (amount per second)")
+        out[name] = float(value)
+    extra = set(rates) - set(inputs)
+    if extra:
+        raise ConfigError(f"controller {who!r} returned rates for undeclared inputs "
+                          f"{sorted(extra)}")
+    return out

@@ -1,0 +1,307 @@
+"""Protocol messages: frozen, keyword-only dataclasses that validate in their constructor.
+
+An invalid message is never built (after h11's events): a non-finite number, an unknown unit,
+a negative lease or an unknown quality raises :class:`LocalProtocolError` naming the field.
+Don't subclass these.
+
+Units follow :mod:`mpc_dose.units` (a whitelist); infusion rates travel in ``mL/h`` with the
+dose rate alongside for an independent check, as real pumps are commanded in volume.
+
+This module uses the standard library only: no sockets, no clocks, no sleeps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from ..errors import MpcDoseError
+from ..units import UnitError, parse_unit
+
+__all__ = ["ProtocolError", "LocalProtocolError", "RemoteProtocolError", "QUALITIES",
+           "PUMP_STATES", "Measurement", "SetRate", "Stop", "GetStatus", "Ack", "PumpStatus",
+           "Alarm", "Heartbeat", "Hello", "Fallback", "MESSAGE_TYPES", "ACK_CODES"]
+
+
+class ProtocolError(MpcDoseError, ValueError):
+    """A message or byte stream that breaks the protocol; *code* is the reason code."""
+
+    def __init__(self, message: str, code: str = "schema") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to build or send something illegal."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something illegal."""
+
+
+#: Measurement validity, as IEEE 11073 BICEPS MeasurementValidity.
+QUALITIES = ("valid", "questionable", "calibrating", "invalid", "overflow", "underflow",
+             "unavailable")
+PUMP_STATES = ("infusing", "stopped", "paused", "alarm", "disconnected", "unknown")
+ACK_CODES = ("applied", "duplicate", "out_of_range", "expired", "stale", "unit", "schema",
+             "version", "not_authorized", "pump_error", "busy")
+
+
+def _finite(name: str, value: object, *, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LocalProtocolError(f"{name}: expected a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise LocalProtocolError(f"{name}: expected a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise LocalProtocolError(f"{name}: expected >= {minimum}, got {value!r}")
+    return value
+
+
+def _text(name: str, value: object, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str) or not value:
+        raise LocalProtocolError(f"{name}: expected a non-empty string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise LocalProtocolError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _unit(name: str, value: object, dimension_of: str | None = None) -> str:
+    _text(name, value)
+    try:
+        unit = parse_unit(value)  # type: ignore[arg-type]
+    except UnitError as err:
+        raise LocalProtocolError(f"{name}: {err}", code="unit") from None
+    if dimension_of is not None and unit.dimension != parse_unit(dimension_of).dimension:
+        raise LocalProtocolError(f"{name}: {value!r} is not a unit of the same kind as "
+                                 f"{dimension_of!r}", code="unit")
+    return value  # type: ignore[return-value]
+
+
+class _Message:
+    """Shared behaviour: a type name and a plain-dict body for the codec."""
+
+    type: str = ""
+    #: commands are strict: a receiver rejects unknown fields in them
+    is_command: bool = False
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        names = cls.__dict__.get("_field_names")
+        if names is None:  # computed once per class: dataclasses.fields() is slow
+            names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+            cls._field_names = names
+        return names
+
+    def body(self) -> dict:
+        out = {}
+        for name in self.field_names():
+            value = getattr(self, name)
+            out[name] = value.body() if isinstance(value, _Message) else value
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measurement(_Message):
+    """One sensor reading of variable *var* taken at *t_meas* [s]."""
+
+    type = "measurement"
+    var: str
+    value: float
+    unit: str
+    t_meas: float
+    quality: str = "valid"
+    sensor: str = ""
+
+    def __post_init__(self) -> None:
+        _text("var", self.var)
+        object.__setattr__(self, "value", _finite("value", self.value))
+        _unit("unit", self.unit)
+        object.__setattr__(self, "t_meas", _finite("t_meas", self.t_meas))
+        _text("quality", self.quality, QUALITIES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fallback(_Message):
+    """What a pump does by itself when a lease runs out: ``stop`` or ``preset_rate``."""
+
+    type = "fallback"
+    action: str = "stop"
+    rate: float = 0.0
+    unit: str = "mL/h"
+
+    def __post_init__(self) -> None:
+        _text("fallback.action", self.action, ("stop", "preset_rate"))
+        object.__setattr__(self, "rate", _finite("fallback.rate", self.rate, minimum=0.0))
+        _unit("fallback.unit", self.unit, "mL/h")
+        if self.action == "stop" and self.rate != 0:
+            raise LocalProtocolError("fallback.rate: a 'stop' fallback has rate 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SetRate(_Message):
+    """Command: infuse *rate* [*unit*, volume per time] on *pump* for at most *lease_s*.
+
+    ``dose_rate``/``dose_unit`` and ``conc``/``conc_unit`` (drug per mL) repeat the command in
+    drug units so the pump side can check the volume rate independently.
+    """
+
+    type = "set_rate"
+    is_command = True
+    cmd_id: str
+    pump: str
+    rate: float
+    unit: str
+    lease_s: float
+    fallback: Fallback = field(default_factory=Fallback)
+    dose_rate: float | None = None
+    dose_unit: str | None = None
+    basis_seq: int | None = None
+
+    def __post_init__(self) -> None:
+        _text("cmd_id", self.cmd_id)
+        _text("pump", self.pump)
+        object.__setattr__(self, "rate", _finite("rate", self.rate, minimum=0.0))
+        _unit("unit", self.unit, "mL/h")
+        lease = _finite("lease_s", self.lease_s)
+        if lease <= 0:
+            raise LocalProtocolError(f"lease_s: expected > 0, got {self.lease_s!r}")
+        object.__setattr__(self, "lease_s", lease)
+        if isinstance(self.fallback, dict):
+            object.__setattr__(self, "fallback", Fallback(**self.fallback))
+        if not isinstance(self.fallback, Fallback):
+            raise LocalProtocolError(f"fallback: expected a fallback, got {self.fallback!r}")
+        if (self.dose_rate is None) != (self.dose_unit is None):
+            raise LocalProtocolError("dose_rate and dose_unit go together")
+        if self.dose_rate is not None:
+            object.__setattr__(self, "dose_rate", _finite("dose_rate", self.dose_rate,
+                                                          minimum=0.0))
+            _unit("dose_unit", self.dose_unit)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stop(_Message):
+    """Command: stop *pump* now (always accepted)."""
+
+    type = "stop"
+    is_command = True
+    cmd_id: str
+    pump: str
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _text("cmd_id", self.cmd_id)
+        _text("pump", self.pump)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GetStatus(_Message):
+    """Command: ask for a status snapshot of *pump*."""
+
+    type = "get_status"
+    is_command = True
+    cmd_id: str
+    pump: str
+
+    def __post_init__(self) -> None:
+        _text("cmd_id", self.cmd_id)
+        _text("pump", self.pump)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ack(_Message):
+    """Answer to a command: *ok* with a reason *code*; what was applied."""
+
+    type = "ack"
+    cmd_id: str
+    ok: bool
+    code: str
+    applied_rate: float | None = None
+    unit: str | None = None
+    lease_remaining_s: float | None = None
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        _text("cmd_id", self.cmd_id)
+        if not isinstance(self.ok, bool):
+            raise LocalProtocolError(f"ok: expected true or false, got {self.ok!r}")
+        _text("code", self.code, ACK_CODES)
+        if self.applied_rate is not None:
+            object.__setattr__(self, "applied_rate", _finite("applied_rate", self.applied_rate))
+            _unit("unit", self.unit, "mL/h")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PumpStatus(_Message):
+    """Telemetry: a pump's state, rate and delivered volume."""
+
+    type = "pump_status"
+    pump: str
+    state: str
+    rate: float
+    unit: str = "mL/h"
+    delivered: float = 0.0
+    vol_unit: str = "mL"
+    lease_remaining_s: float | None = None
+    mode: str = ""
+
+    def __post_init__(self) -> None:
+        _text("pump", self.pump)
+        _text("state", self.state, PUMP_STATES)
+        object.__setattr__(self, "rate", _finite("rate", self.rate, minimum=0.0))
+        _unit("unit", self.unit, "mL/h")
+        object.__setattr__(self, "delivered", _finite("delivered", self.delivered, minimum=0.0))
+        _unit("vol_unit", self.vol_unit, "mL")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Alarm(_Message):
+    """An alarm with priority and kind (IEC 60601-1-8 / BICEPS terms)."""
+
+    type = "alarm"
+    code: str
+    priority: str
+    kind: str
+    active: bool = True
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        _text("code", self.code)
+        _text("priority", self.priority, ("high", "medium", "low"))
+        _text("kind", self.kind, ("technical", "physiological"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Heartbeat(_Message):
+    """Liveness: the sender's role and state."""
+
+    type = "heartbeat"
+    role: str
+    state: str = ""
+    period_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        _text("role", self.role)
+        object.__setattr__(self, "period_s", _finite("period_s", self.period_s, minimum=0.0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hello(_Message):
+    """First exchange: role and supported protocol versions."""
+
+    type = "hello"
+    role: str
+    versions: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        _text("role", self.role)
+        versions = tuple(self.versions)
+        if not versions or not all(isinstance(v, int) and not isinstance(v, bool)
+                                   for v in versions):
+            raise LocalProtocolError(f"versions: expected whole numbers, got {self.versions!r}")
+        object.__setattr__(self, "versions", versions)
+
+
+MESSAGE_TYPES: dict[str, type[_Message]] = {
+    cls.type: cls for cls in (Measurement, SetRate, Stop, GetStatus, Ack, PumpStatus, Alarm,
+                              Heartbeat, Hello)}

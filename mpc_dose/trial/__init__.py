@@ -1,0 +1,1 @@
+"""Trials: one closed loop, cohorts of them, metrics and reports."""
