@@ -2,6 +2,7 @@
 
 ``mpc-dose models [NAME]``      list the model library, or one model in detail
 ``mpc-dose simulate ...``       open-loop simulation of a library model under a dosing table
+``mpc-dose run SCENARIO ...``   one closed-loop run of a scenario for one patient
 
 Errors on input end the program with exit status 2 and one line naming the field, the value
 and what was expected; nothing is written half.
@@ -128,6 +129,52 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import json
+
+    from .scenario import load_scenario
+    from .trial.build import build_setup
+    from .trial.closed_loop import run_closed_loop
+
+    scenario = load_scenario(args.scenario)
+    seed = scenario.scenario.seed if args.seed is None else args.seed
+    if args.patient < 1:
+        raise MpcDoseError(f"--patient: patients are numbered from 1, got {args.patient}")
+    setup, patient = build_setup(scenario, args.patient - 1, seed)
+    if args.realtime is not None:
+        from dataclasses import replace
+
+        setup = replace(setup, realtime_factor=args.realtime)
+    result = run_closed_loop(setup)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = result.to_pandas()
+    frame.to_csv(out / "timeseries.csv", index=False, float_format="%.10g")
+    with open(out / "events.csv", "w", encoding="utf-8") as f:
+        f.write("time_s,kind,text\n")
+        for t, kind, text in result.events:
+            f.write(f"{t:.10g},{kind},\"{text.replace(chr(34), chr(39))}\"\n")
+    (out / "patient.json").write_text(json.dumps({
+        "scenario": scenario.scenario.name, "patient": args.patient, "seed": seed,
+        "source": patient.source, "covariates": patient.covariates, "params": patient.params,
+        "eta": patient.eta}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"wrote {out / 'timeseries.csv'} ({len(frame)} rows), events.csv, patient.json")
+    if not args.no_plot:
+        from .plotting import plot_closed_loop
+
+        plot_closed_loop(frame, out / "timeseries.png",
+                         title=f"{scenario.scenario.name}, patient {args.patient}, seed {seed}")
+        print(f"wrote {out / 'timeseries.png'}")
+    for column in frame.columns:
+        if column.startswith("measured_"):
+            values = frame[column]
+            print(f"{column}: min {values.min():.4g}, max {values.max():.4g}, "
+                  f"last {values.iloc[-1]:.4g}")
+    if result.deadline_misses:
+        print(f"deadline misses: {result.deadline_misses}")
+    return 0
+
+
 def _parameter_overrides(model, given: dict[str, str]) -> dict[str, float]:
     """Individual parameter values by name, optionally with a unit suffix (``_L_per_h``)."""
     from .errors import ConfigError, closest
@@ -176,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", nargs="?", const="", default=None,
                    help="also write a PNG (default: the CSV name with .png)")
     p.set_defaults(run=_cmd_simulate)
+
+    p = sub.add_parser("run", help="one closed-loop run of a scenario for one patient",
+                       description="Run one patient of a scenario in closed loop; writes "
+                                   "DIR/timeseries.csv, events.csv, patient.json and a PNG.")
+    p.add_argument("scenario", help="scenario TOML file")
+    p.add_argument("--patient", type=int, default=1, help="patient number, from 1 (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the scenario's)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--realtime", type=float, default=None, metavar="FACTOR",
+                   help="run against the wall clock: FACTOR wall seconds per simulated second")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.set_defaults(run=_cmd_run)
     return parser
 
 

@@ -31,6 +31,7 @@ Biopharm 1992;20(2):147-69. doi:10.1007/BF01070999
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import casadi as ca
@@ -58,7 +59,8 @@ _NEGLIGIBLE = 1e-12
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+    # numbers.Real admits numpy scalars too (a schedule built with numpy is common).
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) \
         and math.isfinite(value)
 
 
@@ -92,7 +94,7 @@ class TargetControlledInfusion:
     mode : {"plasma", "effect"}
         Jacobs plasma targeting or Shafer & Gregg effect-site targeting (see module doc).
     period_s : float
-        Time between two decisions [s]; 10 s is what clinical TCI pumps use.
+        Time between two decisions [s]; 10 s is the usual TCI update interval (STANPUMP).
     max_rate : float
         Highest rate the pump can deliver [amount/s] (e.g. 1200 mL/h of propofol 10 mg/mL
         = 3.33 mg/s).
@@ -131,12 +133,15 @@ class TargetControlledInfusion:
     plasma rule applied to Ce) rings: the effect site responds to the rate only through the
     plasma (relative degree 2), and a one-period deadbeat on such an output alternates high
     and low rates (a sampling zero near -1). Once at target the controller therefore holds
-    the *driver* of the effect site at the target, as Shafer & Gregg and the R package
-    ``tci`` do: it chooses ``r`` so that ``Ce(T) + Ce'(T) / ke0 = c`` at the end of the
+    the *driver* of the effect site at the target (as the R package ``tci`` does, switching
+    to plasma targeting once the effect site is at target): it chooses ``r`` so that ``Ce(T) + Ce'(T) / ke0 = c`` at the end of the
     period, where ``ke0 = -(C A C') / (C C')`` is the relaxation rate of the target output.
     For an effect compartment ``dCe/dt = ke0 (Cp - Ce)`` this is exactly ``Cp(T) = c``:
     Jacobs' plasma rule. The rate is also capped by the peak-limited rate, which keeps the
-    no-overshoot property.
+    no-overshoot property. A target reached by loading stays "held" until the target
+    changes, even if Ce dips below the tolerance band (as it does briefly after the loading
+    peak); a target reached by pausing is not, so that an undershoot after a lowered target
+    is recovered by loading.
     """
 
     def __init__(self, model: Model, params: Mapping[str, float], input: str,
@@ -336,6 +341,10 @@ class TargetControlledInfusion:
     # ------------------------------------------------------------------ decisions
     def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
         """The rate from *t_s* [s] on; *readings* are ignored (open loop).
+
+        The rate is planned for ``period_s``; when the next decision comes later, the rate
+        has run longer than planned (the prediction accounts for it, but the effect site
+        may then exceed the target).
 
         Raises
         ------

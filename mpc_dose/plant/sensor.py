@@ -135,9 +135,10 @@ class SensorNoise:
         self._filter = None
         if config.filtered is not None:
             f = config.filtered
-            numd, dend, _ = signal.cont2discrete((f.numerator, f.denominator), config.period_s,
-                                                 method="zoh")
-            a, b, c, d = signal.tf2ss(np.ravel(numd), np.ravel(dend))
+            # continuous state space first, then ZOH: discretising the transfer function
+            # directly leaves a numerator with a vanishing leading term (badly conditioned)
+            a, b, c, d, _ = signal.cont2discrete(signal.tf2ss(f.numerator, f.denominator),
+                                                 config.period_s, method="zoh")
             self._filter = (a, b.ravel(), c.ravel(), float(np.ravel(d)[0]))
             self._filter_state = np.zeros(a.shape[0])
 

@@ -126,7 +126,7 @@ def decode(data: bytes) -> Envelope:
     if not isinstance(body, dict):
         raise RemoteProtocolError("body must be an object")
     known = cls.field_names()
-    extra = set(body) - known
+    extra = set(body).difference(known)
     if extra and cls.is_command:
         raise RemoteProtocolError(f"{cls.type}: unknown fields {sorted(extra)}")
     kwargs = {k: v for k, v in body.items() if k in known}

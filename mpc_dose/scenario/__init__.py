@@ -4,5 +4,7 @@ Unknown keys and columns, wrong types and wrong units are errors naming the plac
 """
 
 from .dosing_table import doses_from_rows, read_dosing_table
+from .schema import Scenario, load_scenario, parse_scenario
 
-__all__ = ["read_dosing_table", "doses_from_rows"]
+__all__ = ["read_dosing_table", "doses_from_rows", "Scenario", "load_scenario",
+           "parse_scenario"]

@@ -1,0 +1,262 @@
+"""The scenario file (TOML) schema, validated on load.
+
+Unknown keys, wrong types and wrong units are errors naming the dotted path and, for a
+misspelt key, the nearest valid one. Quantities carry their unit in the key
+(``duration_s``, ``max_rate_ml_per_h``) or, where the unit depends on the drug, in the value
+(``concentration = "10 mg/mL"``).
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+import typing
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConfigError, closest
+
+__all__ = ["Scenario", "load_scenario", "parse_scenario"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScenarioInfo(_Strict):
+    name: str
+    description: str = ""
+    duration_s: float = Field(gt=0)
+    record_step_s: float = Field(1.0, gt=0)
+    seed: int = Field(0, ge=0)
+    latency_s: float = Field(0.0, ge=0)
+
+
+class CovariateDistributionSpec(_Strict):
+    kind: Literal["uniform", "normal", "choice"]
+    low: float = -math.inf
+    high: float = math.inf
+    mean: float = 0.0
+    sd: float = 0.0
+    values: list[str] = []
+    probabilities: list[float] = []
+
+
+class PopulationSpec(_Strict):
+    size: int = Field(gt=0)
+    covariates: dict[str, CovariateDistributionSpec]
+
+
+class TableSpec(_Strict):
+    path: str
+    columns: dict[str, str]
+    codes: dict[str, dict[str, str]] = {}
+
+
+class PatientSpec(_Strict):
+    model: str
+    random_effects: bool = False
+    table: TableSpec | None = None
+    population: PopulationSpec | None = None
+    #: individual parameter values for every patient (declared units), applied last
+    params: dict[str, float] = {}
+
+
+class DisturbanceSpec(_Strict):
+    output: str
+    times_s: list[float]
+    values: list[float]
+    kind: Literal["steps", "linear"] = "steps"
+
+
+class PumpSpec(_Strict):
+    pump: str
+    input: str
+    concentration: str
+    max_rate_ml_per_h: float = Field(1200.0, gt=0)
+    resolution_ml_per_h: float = Field(0.0, ge=0)
+    startup_lag_s: float = Field(0.0, ge=0)
+    syringe_volume_ml: float = Field(math.inf, gt=0)
+    fallback_ml_per_h: float = Field(0.0, ge=0)
+    occlusion_at_s: float | None = None
+    occlusion_detection_s: float = Field(30.0, ge=0)
+
+
+class FilteredNoiseSpec(_Strict):
+    sd: float = Field(ge=0)
+    numerator: list[float]
+    denominator: list[float]
+
+
+class SensorSpec(_Strict):
+    output: str
+    var: str | None = None
+    period_s: float = Field(gt=0)
+    delay_s: float = Field(0.0, ge=0)
+    first_sample_s: float = Field(0.0, ge=0)
+    noise: Literal["none", "bis"] = "none"
+    proportional_cv: float = Field(0.0, ge=0)
+    additive_sd: float = Field(0.0, ge=0)
+    ar1_sd: float = Field(0.0, ge=0)
+    ar1_tau_s: float = Field(60.0, gt=0)
+    filtered: FilteredNoiseSpec | None = None
+    drift_per_h: float = 0.0
+    outlier_probability: float = Field(0.0, ge=0, le=1)
+    outlier_sd: float = Field(0.0, ge=0)
+    low: float = -math.inf
+    high: float = math.inf
+    quantum: float = Field(0.0, ge=0)
+    dropout_probability: float = Field(0.0, ge=0, le=1)
+    error_probability: float = Field(0.0, ge=0, le=1)
+    error_value: float = 0.0
+
+
+class PIDSpec(_Strict):
+    measured: str = "bis"
+    setpoint: float = 50.0
+    kp: float = Field(0.013208318978132468, gt=0)
+    ti_s: float = Field(300.0, gt=0)
+    td_s: float = Field(10.0, ge=0)
+    derivative_filter_n: float = Field(5.0, gt=0)
+    u_min: float = 0.0
+    u_max: float = 8.335
+    ratios: dict[str, float] = {"propofol": 1.0, "remifentanil": 2.0}
+    max_rates: dict[str, float] = {"propofol": 6.67, "remifentanil": 16.67}
+    initial_measurement: float = 100.0
+
+
+class FixedSpec(_Strict):
+    doses: str
+
+
+class TCISpec(_Strict):
+    input: str
+    target_output: str
+    targets: list[tuple[float, float]]
+    mode: Literal["plasma", "effect"] = "effect"
+    max_rate: float = Field(gt=0)
+    #: the controller's model; the patient's model when not given
+    model: str | None = None
+
+
+class PythonSpec(_Strict):
+    target: str
+    inputs: list[str]
+    options: dict[str, typing.Any] = {}
+
+
+class ControllerSpec(_Strict):
+    kind: Literal["pid", "fixed", "tci", "python"]
+    period_s: float = Field(gt=0)
+    lease_periods: float = Field(3.0, gt=0)
+    pid: PIDSpec | None = None
+    fixed: FixedSpec | None = None
+    tci: TCISpec | None = None
+    python: PythonSpec | None = None
+
+
+class Scenario(_Strict):
+    scenario: ScenarioInfo
+    patient: PatientSpec
+    pump: list[PumpSpec]
+    sensor: list[SensorSpec]
+    controller: ControllerSpec
+    disturbance: list[DisturbanceSpec] = []
+    #: the folder the file was read from; relative paths in it are resolved against it
+    base_dir: str = "."
+
+    @field_validator("pump", "sensor")
+    @classmethod
+    def _not_empty(cls, value):
+        if not value:
+            raise ValueError("needs at least one entry")
+        return value
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The schema class reached by following *loc* from *model* (None if not a model)."""
+    current: typing.Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            info = current.model_fields.get(part)
+            if info is None:
+                return None
+            current = info.annotation
+        else:
+            return None
+        current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation):
+    """The model class inside ``list[X]``, ``X | None`` or ``dict[str, X]``."""
+    for _ in range(3):
+        args = typing.get_args(annotation)
+        if not args:
+            break
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if models:
+            return models[0]
+        nested = [a for a in args if typing.get_args(a)]
+        if not nested:
+            break
+        annotation = nested[-1]
+    return annotation
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_scenario(data: dict, *, source: str = "scenario", base_dir: str = ".") -> Scenario:
+    """Validate a scenario given as a dict (e.g. parsed TOML).
+
+    Raises
+    ------
+    ConfigError
+        One line per problem: the dotted path, what is wrong and, for an unknown key, the
+        nearest valid key at that place.
+    """
+    try:
+        return Scenario(**data, base_dir=base_dir)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = tuple(e["loc"])
+            where = _path(loc)
+            if e["type"] == "extra_forbidden":
+                parent = _model_at(Scenario, loc[:-1])
+                valid = [k for k in parent.model_fields if k != "base_dir"] if parent else []
+                lines.append(f"{where}: unknown key{closest(str(loc[-1]), valid)}; valid keys "
+                             f"here: {', '.join(valid)}")
+            elif e["type"] == "missing":
+                lines.append(f"{where}: missing")
+            else:
+                got = e.get("input")
+                lines.append(f"{where}: {e['msg']} (got {got!r})")
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate the TOML scenario at *path*.
+
+    Raises
+    ------
+    ConfigError
+        For a missing file, invalid TOML (with its line) or an invalid scenario.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"scenario {str(path)!r}: cannot read it ({err.strerror})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"scenario {str(path)!r}: not valid TOML: {err}") from None
+    return parse_scenario(data, source=path.name, base_dir=str(path.resolve().parent))

@@ -1,0 +1,191 @@
+"""From a validated scenario to the objects of one run: the virtual patient, its pumps and
+sensors, the controller, and the closed-loop set-up.
+
+Every patient is built from (scenario, seed, patient index) alone; see
+:func:`mpc_dose.plant.cohort.streams`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..control.base import Controller
+from ..control.baselines import (CallableController, FixedRegimen, PIDController, PIDSettings,
+                                 load_user_controller)
+from ..errors import ConfigError
+from ..model.library import LibraryModel, load
+from ..plant.cohort import (CovariateDistribution, VirtualPatientSpec, patient_from_population,
+                            patient_from_row, streams)
+from ..plant.patient import OutputDisturbance
+from ..plant.pump import PumpConfig
+from ..plant.sensor import FilteredNoise, SensorConfig, bis_noise_filter
+from ..scenario.dosing_table import read_dosing_table
+from ..scenario.schema import PIDSpec, Scenario
+from ..units import UnitError, parse_quantity
+from .closed_loop import LoopSetup
+
+__all__ = ["cohort_size", "build_patient", "build_setup", "read_cohort_table"]
+
+
+def _resolve(scenario: Scenario, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else Path(scenario.base_dir) / p
+
+
+def read_cohort_table(scenario: Scenario) -> list[dict]:
+    """The rows of the scenario's cohort table (comment lines starting with '#')."""
+    import pandas as pd
+
+    table = scenario.patient.table
+    path = _resolve(scenario, table.path)
+    try:
+        frame = pd.read_csv(path, comment="#")
+    except OSError as err:
+        raise ConfigError(f"patient.table.path: cannot read {str(path)!r} ({err})") from None
+    return frame.to_dict("records")
+
+
+def cohort_size(scenario: Scenario) -> int:
+    """How many patients the scenario's cohort has."""
+    if scenario.patient.table is not None:
+        return len(read_cohort_table(scenario))
+    if scenario.patient.population is not None:
+        return scenario.patient.population.size
+    return 1
+
+
+def build_patient(scenario: Scenario, index: int, seed: int) -> VirtualPatientSpec:
+    """Patient *index* (0-based) of the scenario's cohort, reproducible from the seed."""
+    lm = load(scenario.patient.model)
+    n = cohort_size(scenario)
+    if not 0 <= index < n:
+        raise ConfigError(f"patient {index + 1} does not exist: the cohort has {n} "
+                          f"patient{'s' if n != 1 else ''} (1-{n})")
+    rng = streams(scenario.scenario.name, seed, index)["parameters"]
+    spec = scenario.patient
+    if spec.table is not None:
+        row = read_cohort_table(scenario)[index]
+        patient = patient_from_row(lm, row, spec.table.columns, spec.table.codes, index, rng,
+                                   random_effects=spec.random_effects,
+                                   where=f"patient.table row {index + 1}")
+    elif spec.population is not None:
+        dists = {name: CovariateDistribution(name, d.kind, d.low, d.high, d.mean, d.sd,
+                                             tuple(d.values), tuple(d.probabilities))
+                 for name, d in spec.population.covariates.items()}
+        patient = patient_from_population(lm, dists, index, rng,
+                                          random_effects=spec.random_effects)
+    else:
+        raise ConfigError("patient: give a table or a population to draw patients from")
+    if spec.params:
+        params = dict(patient.params)
+        for name, value in spec.params.items():
+            lm.model.parameter(name)  # unknown names are errors naming the parameter
+            params[name] = value
+        patient = VirtualPatientSpec(patient.index, patient.covariates, params, patient.eta,
+                                     patient.source)
+    return patient
+
+
+def _pump(spec, lm: LibraryModel, where: str) -> PumpConfig:
+    model = lm.model
+    if spec.input not in model.input_names:
+        raise ConfigError(f"{where}.input: model {model.name!r} has no input {spec.input!r}; "
+                          f"inputs: {', '.join(model.input_names)}")
+    amount_unit = model.inputs[model.input_index(spec.input)].amount_unit
+    try:
+        concentration = parse_quantity(spec.concentration, f"{amount_unit}/mL",
+                                       what=f"{where}.concentration")
+    except UnitError as err:
+        raise ConfigError(str(err)) from None
+    return PumpConfig(spec.pump, spec.input, concentration, spec.max_rate_ml_per_h,
+                      spec.resolution_ml_per_h, spec.startup_lag_s, spec.syringe_volume_ml,
+                      spec.fallback_ml_per_h, spec.occlusion_at_s, spec.occlusion_detection_s)
+
+
+def _sensor(spec, lm: LibraryModel, where: str) -> SensorConfig:
+    model = lm.model
+    if spec.output not in model.output_names:
+        raise ConfigError(f"{where}.output: model {model.name!r} has no output {spec.output!r}; "
+                          f"outputs: {', '.join(model.output_names)}")
+    unit = model.outputs[model.output_index(spec.output)].unit
+    filtered = None
+    if spec.noise == "bis":
+        filtered = bis_noise_filter()
+        low, high = max(spec.low, 0.0), min(spec.high, 100.0)
+    else:
+        low, high = spec.low, spec.high
+    if spec.filtered is not None:
+        if filtered is not None:
+            raise ConfigError(f"{where}: give either noise = 'bis' or a filtered noise")
+        filtered = FilteredNoise(spec.filtered.sd, tuple(spec.filtered.numerator),
+                                 tuple(spec.filtered.denominator))
+    return SensorConfig(spec.output, spec.var or spec.output, unit, spec.period_s, spec.delay_s,
+                        spec.first_sample_s, spec.proportional_cv, spec.additive_sd, spec.ar1_sd,
+                        spec.ar1_tau_s, filtered, spec.drift_per_h, spec.outlier_probability,
+                        spec.outlier_sd, low, high, spec.quantum, spec.dropout_probability,
+                        spec.error_probability, spec.error_value, spec.var or spec.output)
+
+
+def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpec
+                ) -> Controller:
+    c = scenario.controller
+    chosen = getattr(c, c.kind)
+    if chosen is None and c.kind != "pid":
+        raise ConfigError(f"controller.kind = {c.kind!r} needs a [controller.{c.kind}] table")
+    if c.kind == "pid":
+        s = chosen or PIDSpec()
+        for name in s.ratios:
+            if name not in lm.model.input_names:
+                raise ConfigError(f"controller.pid.ratios: model has no input {name!r}")
+        settings = PIDSettings(s.measured, s.setpoint, s.kp, s.ti_s, s.td_s,
+                               s.derivative_filter_n, c.period_s, s.u_min, s.u_max,
+                               tuple(s.ratios.items()), tuple(s.max_rates.items()),
+                               s.initial_measurement)
+        return PIDController(settings)
+    if c.kind == "fixed":
+        weight = patient.covariates.get("weight")
+        doses = read_dosing_table(_resolve(scenario, chosen.doses), lm.model,
+                                  weight_kg=weight if isinstance(weight, float) else None)
+        return FixedRegimen(doses, sorted({d.input for d in doses}) or lm.model.input_names,
+                            period_s=c.period_s)
+    if c.kind == "tci":
+        from ..control.tci import TargetControlledInfusion
+
+        own = load(chosen.model) if chosen.model else lm
+        params = own.population.typical_parameters(
+            {k: v for k, v in patient.covariates.items()
+             if k in {cov.name for cov in own.population.covariates}})
+        return TargetControlledInfusion(own.model, params, chosen.input, chosen.target_output,
+                                        [tuple(t) for t in chosen.targets], mode=chosen.mode,
+                                        period_s=c.period_s, max_rate=chosen.max_rate)
+    factory = load_user_controller(chosen.target)
+    made = factory(inputs=tuple(chosen.inputs), period_s=c.period_s, **chosen.options)
+    if hasattr(made, "decide"):
+        return made
+    return CallableController(made, chosen.inputs, period_s=c.period_s, name=chosen.target)
+
+
+def build_setup(scenario: Scenario, index: int, seed: int) -> tuple[LoopSetup,
+                                                                    VirtualPatientSpec]:
+    """The closed-loop set-up of patient *index* (0-based) with *seed*."""
+    lm = load(scenario.patient.model)
+    patient = build_patient(scenario, index, seed)
+    rngs = streams(scenario.scenario.name, seed, index)
+    pumps = [_pump(p, lm, f"pump[{k}]") for k, p in enumerate(scenario.pump)]
+    sensors = [_sensor(s, lm, f"sensor[{k}]") for k, s in enumerate(scenario.sensor)]
+    disturbances = []
+    for k, d in enumerate(scenario.disturbance):
+        if d.output not in lm.model.output_names:
+            raise ConfigError(f"disturbance[{k}].output: model has no output {d.output!r}; "
+                              f"outputs: {', '.join(lm.model.output_names)}")
+        disturbances.append(OutputDisturbance(d.output, tuple(d.times_s), tuple(d.values),
+                                              d.kind))
+    controller = _controller(scenario, lm, patient)
+    info = scenario.scenario
+    if not math.isfinite(info.duration_s):
+        raise ConfigError("scenario.duration_s must be finite")
+    setup = LoopSetup(lm.model, patient.params, controller, pumps, sensors, info.duration_s,
+                      info.record_step_s, disturbances, scenario.controller.lease_periods,
+                      info.latency_s, rngs["noise"])
+    return setup, patient
