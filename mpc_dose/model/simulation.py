@@ -146,7 +146,8 @@ def evaluate_outputs(model: Model, times: np.ndarray, states: np.ndarray, inputs
                      p: np.ndarray) -> np.ndarray:
     """``h`` at every row of *states* and *inputs*, shape (len(times), n_outputs).
 
-    Affine outputs (concentrations of linear PK) are one matrix product. Otherwise a mapped copy of ``h`` of fixed width is compiled once per model and reused in chunks:
+    Affine outputs (concentrations of linear PK) are one matrix product; others are replayed
+    with numpy (:class:`~mpc_dose.model.vectorize.NumpyFunction`). Otherwise a mapped copy of ``h`` of fixed width is compiled once per model and reused in chunks:
     mapping ``h`` to each new length would cost more than the evaluation itself.
     """
     n = times.size
@@ -158,6 +159,9 @@ def evaluate_outputs(model: Model, times: np.ndarray, states: np.ndarray, inputs
         return np.vstack([np.asarray(model.h(times[k], states[k], inputs[k], p),
                                      dtype=float).ravel() for k in range(n)]
                          ) if n else np.empty((0, model.n_outputs))
+    vectorised = model.h_numpy()
+    if vectorised is not None:
+        return vectorised(times[None, :], states.T, inputs.T, p)[0].T
     mapped = model.h_mapped(_CHUNK)
     out = np.empty((n, model.n_outputs))
     for start in range(0, n, _CHUNK):

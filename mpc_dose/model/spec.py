@@ -329,6 +329,18 @@ class Model:
         t, x, u = z[0], z[1:1 + self.n_states], z[1 + self.n_states:]
         return BufferedFunction(ca.Function("h_patient", [z], [self.h(t, x, u, ca.DM(p))]))
 
+    def h_numpy(self):
+        """``h`` replayed with numpy over many points, or None if it uses an operation the
+        replayer does not know (see :mod:`mpc_dose.model.vectorize`)."""
+        if "_h_numpy" not in self.__dict__:
+            from .vectorize import NumpyFunction
+
+            try:
+                self._h_numpy = NumpyFunction(self.h)
+            except NotImplementedError:
+                self._h_numpy = None
+        return self._h_numpy
+
     def h_mapped(self, width: int) -> ca.Function:
         """``h`` evaluated column-wise over *width* points (compiled once per width)."""
         cache = self.__dict__.setdefault("_h_mapped", {})

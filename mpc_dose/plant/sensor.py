@@ -13,13 +13,14 @@ A reading of output ``y`` at sample time ``t`` goes through, in this order::
 
 and is delivered ``delay_s`` after it was taken (its ``t_meas`` is the sample time).
 
-All draws come from the sensor's own ``numpy.random.Generator``, in blocks, with the same
-number of draws every sample whatever is switched on: two runs that differ only in the
+All draws come from the sensor's own ``numpy.random.Generator``, in blocks, one row per
+sample with a column for each imperfection switched on: two runs that differ only in the
 controller see the same noise (common random numbers).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,6 @@ from .patient import VirtualPatient
 __all__ = ["FilteredNoise", "SensorConfig", "SensorNoise", "SensorReading", "bis_noise_filter",
            "sensor_process"]
 
-_DRAWS_PER_SAMPLE = 8
 _BLOCK = 1024
 
 
@@ -120,64 +120,131 @@ class SensorReading:
     sensor: str
 
 
+@functools.lru_cache(maxsize=64)
+def _discrete_filter(numerator: tuple[float, ...], denominator: tuple[float, ...],
+                     period_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """ZOH discretisation of a continuous transfer function, as discrete (b, a).
+
+    Continuous state space first, then ZOH, then the transfer function: discretising the
+    transfer function directly is badly conditioned. Cached: cohorts share sensor models.
+    """
+    a, b, c, d, _ = signal.cont2discrete(signal.tf2ss(numerator, denominator), period_s,
+                                         method="zoh")
+    num, den = signal.ss2tf(a, b, c, d)
+    return np.ravel(num), np.ravel(den)
+
+
 class SensorNoise:
-    """The imperfection chain of one sensor, stepped once per sample (see module docstring)."""
+    """The imperfection chain of one sensor (see module docstring).
+
+    :meth:`sample` steps it once; :meth:`sample_many` steps it over many samples at once with
+    numpy and gives exactly what as many :meth:`sample` calls would (same draws, same
+    filter states), so the simpy plant and the batched plant agree.
+    """
+
+    _NORMALS = ("proportional", "additive", "ar1", "filtered", "outlier")
+    _UNIFORMS = ("outlier", "dropout", "error")
 
     def __init__(self, config: SensorConfig, rng: np.random.Generator) -> None:
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-        self.config = config
+        self.config = c = config
         self._rng = rng
-        self._draws = np.empty((0, _DRAWS_PER_SAMPLE))
+        # draw only what is switched on: the draws of one sample are one row of a block
+        used = {"proportional": c.proportional_cv > 0, "additive": c.additive_sd > 0,
+                "ar1": c.ar1_sd > 0, "filtered": c.filtered is not None,
+                "outlier": c.outlier_probability > 0, "dropout": c.dropout_probability > 0,
+                "error": c.error_probability > 0}
+        self._normals = [n for n in self._NORMALS if used[n]]
+        self._uniforms = [n for n in self._UNIFORMS if used[n]]
+        self._block = np.empty((0, len(self._normals) + len(self._uniforms)))
         self._next = 0
-        self._ar1 = None
-        self._ar1_a = math.exp(-config.period_s / config.ar1_tau_s)
+        self._ar1_last: float | None = None
+        self._ar1_a = math.exp(-c.period_s / c.ar1_tau_s)
         self._filter = None
-        if config.filtered is not None:
-            f = config.filtered
-            # continuous state space first, then ZOH: discretising the transfer function
-            # directly leaves a numerator with a vanishing leading term (badly conditioned)
-            a, b, c, d, _ = signal.cont2discrete(signal.tf2ss(f.numerator, f.denominator),
-                                                 config.period_s, method="zoh")
-            self._filter = (a, b.ravel(), c.ravel(), float(np.ravel(d)[0]))
-            self._filter_state = np.zeros(a.shape[0])
+        if c.filtered is not None:
+            self._filter = _discrete_filter(c.filtered.numerator, c.filtered.denominator,
+                                            c.period_s)
+            self._filter_state = np.zeros(max(len(self._filter[0]), len(self._filter[1])) - 1)
 
-    def _row(self) -> np.ndarray:
-        if self._next >= len(self._draws):
-            # uniforms in [0, 1) for the events, normals for the noises: one block at a time
-            normals = self._rng.standard_normal((_BLOCK, 5))
-            uniforms = self._rng.random((_BLOCK, 3))
-            self._draws = np.hstack([normals, uniforms])
+    def _draw_blocks(self, count: int) -> np.ndarray:
+        """*count* blocks of rows, drawn as one block at a time would draw them."""
+        n_norm, n_unif = len(self._normals), len(self._uniforms)
+        if n_norm and n_unif:  # interleaved per block: one block at a time
+            return np.vstack([np.hstack([self._rng.standard_normal((_BLOCK, n_norm)),
+                                         self._rng.random((_BLOCK, n_unif))])
+                              for _ in range(count)])
+        # a single kind of draw: the stream does not depend on how it is cut into blocks
+        if n_norm:
+            return self._rng.standard_normal((count * _BLOCK, n_norm))
+        return self._rng.random((count * _BLOCK, n_unif))
+
+    def _rows(self, n: int) -> dict[str, np.ndarray]:
+        available = len(self._block) - self._next
+        if n > available:
+            extra = self._draw_blocks(-(-(n - available) // _BLOCK))
+            self._block = np.vstack([self._block[self._next:], extra])
             self._next = 0
-        row = self._draws[self._next]
-        self._next += 1
-        return row
+        rows = self._block[self._next:self._next + n]
+        self._next += n
+        names = [f"e_{k}" for k in self._normals] + [f"u_{k}" for k in self._uniforms]
+        return {name: rows[:, j] for j, name in enumerate(names)}
+
+    def sample_many(self, true_values: np.ndarray, times_s: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Readings for consecutive samples: ``(values, valid, emitted)`` arrays.
+
+        ``valid`` is False where an error code replaced the value (quality 'invalid');
+        ``emitted`` is False for dropouts (no reading at all).
+        """
+        c = self.config
+        y = np.asarray(true_values, dtype=float)
+        t = np.asarray(times_s, dtype=float)
+        n = y.size
+        d = self._rows(n)
+        value = y * (1 + c.proportional_cv * d["e_proportional"]) if "e_proportional" in d \
+            else y.copy()
+        if c.drift_per_h:
+            value += c.drift_per_h * t / 3600.0
+        if "e_additive" in d:
+            value += c.additive_sd * d["e_additive"]
+        if "e_ar1" in d and n:
+            scale = math.sqrt(1 - self._ar1_a**2) * c.ar1_sd
+            e = d["e_ar1"]
+            ar = np.empty(n)
+            start = 0
+            if self._ar1_last is None:  # start the process in its stationary distribution
+                ar[0], start = c.ar1_sd * e[0], 1
+            previous = ar[0] if start else self._ar1_last
+            if n > start:
+                ar[start:], _ = signal.lfilter([scale], [1.0, -self._ar1_a], e[start:],
+                                               zi=[self._ar1_a * previous])
+            self._ar1_last = float(ar[-1])
+            value += ar
+        if self._filter is not None and n:
+            num, den = self._filter
+            filtered, self._filter_state = signal.lfilter(
+                num, den, c.filtered.sd * d["e_filtered"], zi=self._filter_state)
+            value += filtered
+        if "u_outlier" in d:
+            value += np.where(d["u_outlier"] < c.outlier_probability,
+                              c.outlier_sd * d["e_outlier"], 0.0)
+        if c.low > -math.inf or c.high < math.inf:
+            value = np.clip(value, c.low, c.high)
+        if c.quantum > 0:
+            value = np.round(value / c.quantum) * c.quantum
+        emitted = d["u_dropout"] >= c.dropout_probability if "u_dropout" in d else \
+            np.ones(n, dtype=bool)
+        valid = d["u_error"] >= c.error_probability if "u_error" in d else np.ones(n, dtype=bool)
+        value = np.where(valid, value, c.error_value)
+        return value, valid, emitted
 
     def sample(self, true_value: float, t_s: float) -> tuple[float, str] | None:
         """The reported ``(value, quality)`` for a true value at *t_s*, or None (dropout)."""
-        c = self.config
-        e_prop, e_add, e_ar1, e_filter, e_outlier, u_outlier, u_dropout, u_error = self._row()
-        if self._ar1 is None:  # start the AR(1) process in its stationary distribution
-            self._ar1 = c.ar1_sd * e_ar1
-        else:
-            self._ar1 = self._ar1_a * self._ar1 + math.sqrt(1 - self._ar1_a**2) * c.ar1_sd * e_ar1
-        value = true_value * (1 + c.proportional_cv * e_prop) + c.drift_per_h * t_s / 3600
-        value += c.additive_sd * e_add + self._ar1
-        if self._filter is not None:
-            a, b, cc, d = self._filter
-            white = c.filtered.sd * e_filter
-            value += float(cc @ self._filter_state + d * white)
-            self._filter_state = a @ self._filter_state + b * white
-        if u_outlier < c.outlier_probability:
-            value += c.outlier_sd * e_outlier
-        value = min(max(value, c.low), c.high)
-        if c.quantum > 0:
-            value = round(value / c.quantum) * c.quantum
-        if u_dropout < c.dropout_probability:
+        value, valid, emitted = self.sample_many(np.array([true_value]), np.array([t_s]))
+        if not emitted[0]:
             return None
-        if u_error < c.error_probability:
-            return c.error_value, "invalid"
-        return value, "valid"
+        return float(value[0]), "valid" if valid[0] else "invalid"
 
 
 def sensor_process(env: simpy.Environment, patient: VirtualPatient, config: SensorConfig,

@@ -1,0 +1,494 @@
+"""The protocol: messages validate on construction, the codec round-trips every message and
+rejects every malformed frame with a RemoteProtocolError and a reason code."""
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpc_dose.protocol.codec import MAX_MESSAGE_BYTES, Envelope, decode, encode
+from mpc_dose.protocol.messages import (MESSAGE_TYPES, QUALITIES, Ack, Alarm, Fallback,
+                                        GetStatus, Heartbeat, Hello, LocalProtocolError,
+                                        Measurement, PumpStatus, RemoteProtocolError, SetRate,
+                                        Stop)
+
+EXAMPLES = [
+    Measurement(var="bis", value=47.25, unit="1", t_meas=12.0, quality="questionable",
+                sensor="bis-1"),
+    Measurement(var="propofol_cp", value=3, unit="ug/mL", t_meas=0),
+    SetRate(cmd_id="c-1", pump="propofol", rate=20.5, unit="mL/h", lease_s=15.0),
+    SetRate(cmd_id="c-2", pump="remi", rate=0.0, unit="L/h", lease_s=0.5,
+            fallback=Fallback(action="preset_rate", rate=4.0, unit="mL/h"),
+            dose_rate=205.0, dose_unit="mg/h", basis_seq=17),
+    SetRate(cmd_id="c-3", pump="p", rate=1.0, unit="mL/min", lease_s=10.0,
+            fallback=Fallback(action="stop")),
+    Stop(cmd_id="s-1", pump="propofol", reason="operator pressed stop"),
+    Stop(cmd_id="s-2", pump="remi"),
+    GetStatus(cmd_id="g-1", pump="propofol"),
+    Ack(cmd_id="c-1", ok=True, code="applied", applied_rate=20.5, unit="mL/h",
+        lease_remaining_s=15.0, text="ok"),
+    Ack(cmd_id="c-9", ok=False, code="out_of_range", text="rate 5000 mL/h outside [0, 1200]"),
+    PumpStatus(pump="propofol", state="infusing", rate=20.5, delivered=1.25,
+               lease_remaining_s=3.5, mode="commanded"),
+    PumpStatus(pump="remi", state="alarm", rate=0.0),
+    Alarm(code="pump.occlusion", priority="high", kind="technical", active=False,
+          text="propofol: occlusion — 5 µg, ünïcödé"),
+    Heartbeat(role="controller", state="CLOSED_LOOP", period_s=0.5),
+    Hello(role="plant", versions=(1, 2)),
+]
+
+BASE_SET_RATE = {"cmd_id": "c1", "pump": "p1", "rate": 20.0, "unit": "mL/h", "lease_s": 15.0,
+                 "fallback": {"action": "stop", "rate": 0.0, "unit": "mL/h"}}
+BASE_MEASUREMENT = {"var": "bis", "value": 50.0, "unit": "1", "t_meas": 3.0}
+BASE_STATUS = {"pump": "p1", "state": "infusing", "rate": 20.0}
+
+
+def envelope(message, seq=0, t_sim=None):
+    return Envelope(message, "plant", "epoch-1", seq, 12.5, t_sim)
+
+
+def frame(type_="set_rate", body=None, **fields) -> bytes:
+    """A frame built from a dict (so valid JSON), with envelope fields overridden or removed."""
+    doc = {"v": 1, "type": type_, "src": "plant", "epoch": "e1", "seq": 3, "t_sent": 1.5,
+           "t_sim": 1.5, "body": dict(BASE_SET_RATE) if body is None else body}
+    for key, value in fields.items():
+        if value is _DROP:
+            del doc[key]
+        else:
+            doc[key] = value
+    return json.dumps(doc).encode()
+
+
+_DROP = object()
+
+
+def raw(body: str, type_: str = "set_rate", head: str = '"seq":3,"t_sent":1.5') -> bytes:
+    """A frame from raw JSON text (for what json.dumps would not write)."""
+    return ('{"v":1,"type":"%s","src":"plant","epoch":"e1",%s,"body":%s}'
+            % (type_, head, body)).encode()
+
+
+def rejects(data: bytes, code: str = "schema", match: str = "") -> RemoteProtocolError:
+    with pytest.raises(RemoteProtocolError, match=match) as info:
+        decode(data)
+    assert info.value.code == code
+    return info.value
+
+
+# ------------------------------------------------------------------ round trips
+
+def test_examples_cover_every_message_type():
+    """The round-trip table holds every message type of the protocol."""
+    assert {m.type for m in EXAMPLES} == set(MESSAGE_TYPES)
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: m.type)
+@pytest.mark.parametrize("t_sim", [None, 30.25])
+def test_every_message_round_trips(message, t_sim):
+    """decode(encode(envelope)) gives back the same envelope and message."""
+    env = envelope(message, seq=41, t_sim=t_sim)
+    data = encode(env)
+    assert isinstance(data, bytes) and len(data) <= MAX_MESSAGE_BYTES
+    back = decode(data)
+    assert back == env
+    assert type(back.message) is type(message)
+    assert encode(back) == data
+
+
+def test_nested_fallback_round_trips_as_a_fallback():
+    """A SetRate's nested Fallback decodes to a Fallback, not a dict."""
+    back = decode(encode(envelope(EXAMPLES[3]))).message
+    assert isinstance(back.fallback, Fallback)
+    assert back.fallback == Fallback(action="preset_rate", rate=4.0, unit="mL/h")
+
+
+def test_frames_are_compact_utf8_json():
+    """A frame is one compact UTF-8 JSON object with the version-1 envelope."""
+    data = encode(envelope(EXAMPLES[-3]))
+    doc = json.loads(data.decode("utf-8"))
+    assert set(doc) == {"v", "type", "src", "epoch", "seq", "t_sent", "t_sim", "body"}
+    assert doc["v"] == 1 and doc["type"] == "alarm"
+    assert b", " not in data and b": " not in data
+
+
+def test_decode_accepts_bytearray_and_memoryview():
+    """decode takes any bytes-like frame."""
+    data = encode(envelope(EXAMPLES[0]))
+    assert decode(bytearray(data)) == decode(memoryview(data)) == decode(data)
+
+
+def test_t_sim_may_be_missing():
+    """t_sim is optional in the envelope."""
+    assert decode(frame(t_sim=_DROP)).t_sim is None
+
+
+# ------------------------------------------------------------------ numbers
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
+def test_non_finite_numbers_are_rejected(text):
+    """NaN, Infinity, -Infinity and overflowing literals are rejected, in body and envelope."""
+    body = json.dumps(BASE_SET_RATE).replace('"rate": 20.0', f'"rate": {text}')
+    assert text in body
+    rejects(raw(body), match="not")
+    rejects(raw(json.dumps(BASE_SET_RATE), head=f'"seq":3,"t_sent":{text}'))
+    fallback = json.dumps(BASE_SET_RATE).replace('"rate": 0.0', f'"rate": {text}')
+    rejects(raw(fallback))
+
+
+# ------------------------------------------------------------------ duplicate keys
+
+@pytest.mark.parametrize("data", [
+    raw(json.dumps(BASE_SET_RATE), head='"seq":3,"seq":4,"t_sent":1.5'),
+    raw('{"cmd_id":"c1","pump":"p1","rate":20.0,"rate":2000.0,"unit":"mL/h","lease_s":15}'),
+    raw('{"cmd_id":"c1","pump":"p1","rate":20.0,"unit":"mL/h","lease_s":15,'
+        '"fallback":{"action":"stop","action":"preset_rate","rate":0}}'),
+    raw('{"var":"bis","value":50,"value":50,"unit":"1","t_meas":0}', type_="measurement"),
+], ids=["envelope", "body", "nested", "telemetry"])
+def test_duplicate_keys_are_rejected(data):
+    """A key given twice, at any depth, is rejected (Python's json would keep the last)."""
+    rejects(data, match="duplicate key")
+
+
+# ------------------------------------------------------------------ unknown fields
+
+@pytest.mark.parametrize("type_, body", [
+    ("set_rate", {**BASE_SET_RATE, "bolus": 5.0}),
+    ("stop", {"cmd_id": "c1", "pump": "p1", "force": True}),
+    ("get_status", {"cmd_id": "c1", "pump": "p1", "verbose": 1}),
+])
+def test_commands_reject_unknown_fields(type_, body):
+    """Commands are strict: an unknown body field is an error naming it."""
+    err = rejects(frame(type_, body), match="unknown fields")
+    assert list(set(body) - {"cmd_id", "pump", "rate", "unit", "lease_s", "fallback"})[0] \
+        in str(err)
+
+
+def test_commands_reject_unknown_fields_in_the_fallback():
+    """The nested fallback of a command is strict too."""
+    body = {**BASE_SET_RATE, "fallback": {"action": "stop", "rate": 0, "when": "now"}}
+    rejects(frame("set_rate", body))
+
+
+@pytest.mark.parametrize("type_, body", [
+    ("measurement", {**BASE_MEASUREMENT, "spo2_extra": [1, 2], "firmware": "2.1"}),
+    ("pump_status", {**BASE_STATUS, "battery_pct": 80}),
+])
+def test_telemetry_ignores_unknown_fields(type_, body):
+    """Telemetry readers ignore unknown body fields (forward compatibility)."""
+    message = decode(frame(type_, body)).message
+    assert message.type == type_
+    assert not hasattr(message, "firmware") and not hasattr(message, "battery_pct")
+
+
+@pytest.mark.parametrize("extra", [{"flags": 1}, {"V": 1}])
+def test_unknown_envelope_fields_are_rejected(extra):
+    """The envelope is closed: unknown top-level keys are errors."""
+    rejects(frame(**extra), match="unknown")
+
+
+# ------------------------------------------------------------------ units
+
+@pytest.mark.parametrize("type_, body", [
+    ("set_rate", {**BASE_SET_RATE, "unit": "furlong/h"}),
+    ("set_rate", {**BASE_SET_RATE, "unit": "mg/h"}),                 # not a volume rate
+    ("set_rate", {**BASE_SET_RATE, "fallback": {"action": "stop", "unit": "mg"}}),
+    ("set_rate", {**BASE_SET_RATE, "dose_rate": 2.0, "dose_unit": "mgg/h"}),
+    ("measurement", {**BASE_MEASUREMENT, "unit": "bogus"}),
+    ("pump_status", {**BASE_STATUS, "vol_unit": "mg"}),
+])
+def test_unknown_or_wrong_units_are_rejected(type_, body):
+    """An unknown unit, or one of the wrong kind, is rejected with code 'unit'."""
+    rejects(frame(type_, body), code="unit", match="unit")
+
+
+# ------------------------------------------------------------------ types and envelope
+
+@pytest.mark.parametrize("data", [
+    frame(body={**BASE_SET_RATE, "rate": "20"}),
+    frame(body={**BASE_SET_RATE, "rate": True}),
+    frame(body={**BASE_SET_RATE, "lease_s": None}),
+    frame(body={**BASE_SET_RATE, "fallback": "stop"}),
+    frame(body={**BASE_SET_RATE, "cmd_id": 7}),
+    frame(body={**BASE_SET_RATE, "rate": -1.0}),
+    frame("ack", {"cmd_id": "c1", "ok": "yes", "code": "applied"}),
+    frame("ack", {"cmd_id": "c1", "ok": True, "code": "maybe"}),
+    frame("hello", {"role": "plant", "versions": [1, "2"]}),
+    frame("hello", {"role": "plant", "versions": 1}),
+    frame(seq=True),
+    frame(seq=-1),
+    frame(seq=1.5),
+    frame(seq="3"),
+    frame(t_sent="now"),
+    frame(t_sent=False),
+    frame(t_sim="later"),
+    frame(src=""),
+    frame(src=5),
+    frame(epoch=None),
+    frame(body=[1, 2]),
+    frame(type="reboot"),
+    frame(type="fallback", body={"action": "stop"}),
+    frame(type=None),
+    frame("stop", {"cmd_id": "c1"}),                                  # missing field
+], ids=lambda d: d.decode()[:60])
+def test_wrong_types_and_values_are_rejected(data):
+    """Wrong field types and values, unknown types and bad envelopes are 'schema' errors."""
+    rejects(data, code="schema")
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", True, None, 1.5])
+def test_unknown_versions_are_rejected(version):
+    """Any protocol version but 1 is rejected with code 'version'."""
+    rejects(frame(v=version), code="version", match="version")
+
+
+@pytest.mark.parametrize("key", ["v", "type", "src", "epoch", "seq", "t_sent", "body"])
+def test_missing_envelope_fields_are_rejected(key):
+    """Every envelope field but t_sim is required."""
+    rejects(frame(**{key: _DROP}), match=f"missing \\[.*'{key}'")
+
+
+@pytest.mark.parametrize("data", [b"[]", b"1", b'"set_rate"', b"null", b"true", b"",
+                                  b"{", b"{}{}", b"\xef\xbb\xbf{}", b"[" * 100_00])
+def test_non_objects_and_broken_json_are_rejected(data):
+    """Anything but one JSON object is a 'schema' error."""
+    rejects(data)
+
+
+@pytest.mark.parametrize("data", [
+    frame().replace(b'"p1"', b'"p\xff1"'),
+    frame().replace(b'"p1"', b'"p\xc3"'),
+    b"\xed\xa0\x80",                                   # an encoded surrogate
+    b'{"v":1,\x80}',
+])
+def test_invalid_utf8_is_rejected(data):
+    """A frame that is not valid UTF-8 is a 'schema' error."""
+    rejects(data, match="not a JSON message")
+
+
+def test_oversize_frames_are_rejected_before_parsing():
+    """A frame longer than MAX_MESSAGE_BYTES is rejected with code 'too_large'."""
+    valid = frame()
+    padded = valid[:-1] + b" " * (MAX_MESSAGE_BYTES - len(valid)) + b"}"
+    assert len(padded) == MAX_MESSAGE_BYTES
+    assert decode(padded).message.rate == 20.0          # exactly the limit is fine
+    rejects(padded + b" ", code="too_large", match="exceeds")
+    rejects(b"x" * (10 * MAX_MESSAGE_BYTES), code="too_large")
+
+
+def test_oversize_messages_are_not_encoded():
+    """encode refuses a message whose frame would exceed MAX_MESSAGE_BYTES."""
+    big = Alarm(code="x", priority="low", kind="technical", text="a" * MAX_MESSAGE_BYTES)
+    with pytest.raises(LocalProtocolError, match="exceeds") as info:
+        encode(envelope(big))
+    assert info.value.code == "too_large"
+
+
+def test_decode_rejects_non_bytes():
+    """decode takes bytes, not text."""
+    with pytest.raises(RemoteProtocolError, match="expected bytes"):
+        decode(frame().decode())
+
+
+# ------------------------------------------------------------------ construction
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: Measurement(var="bis", value=math.nan, unit="1", t_meas=0.0),
+     "value: expected a finite number"),
+    (lambda: Measurement(var="bis", value=50.0, unit="1", t_meas=math.inf),
+     "t_meas: expected a finite number"),
+    (lambda: Measurement(var="bis", value=50.0, unit="1", t_meas=0.0, quality="good"),
+     "quality: 'good' is not one of"),
+    (lambda: Measurement(var="", value=50.0, unit="1", t_meas=0.0),
+     "var: expected a non-empty string"),
+    (lambda: Measurement(var="bis", value="50", unit="1", t_meas=0.0),
+     "value: expected a number"),
+    (lambda: SetRate(cmd_id="c", pump="p", rate=-0.1, unit="mL/h", lease_s=1.0),
+     "rate: expected >= 0.0"),
+    (lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mL/h", lease_s=0.0),
+     "lease_s: expected > 0"),
+    (lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mL/h", lease_s=-5.0),
+     "lease_s: expected > 0"),
+    (lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mL/h", lease_s=math.nan),
+     "lease_s: expected a finite number"),
+    (lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mg/h", lease_s=1.0),
+     "unit: 'mg/h' is not a unit of the same kind as 'mL/h'"),
+    (lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mL/h", lease_s=1.0, dose_rate=2.0),
+     "dose_rate and dose_unit go together"),
+    (lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mL/h", lease_s=1.0,
+                     fallback=Fallback(action="preset_rate", rate=-1.0)),
+     "fallback.rate: expected >= 0.0"),
+    (lambda: Fallback(action="stop", rate=2.0), "fallback.rate: a 'stop' fallback has rate 0"),
+    (lambda: Fallback(action="pause"), "fallback.action: 'pause' is not one of stop"),
+    (lambda: Fallback(action="preset_rate", rate=math.inf), "fallback.rate: expected a finite"),
+    (lambda: Ack(cmd_id="c", ok=1, code="applied"), "ok: expected true or false"),
+    (lambda: Ack(cmd_id="c", ok=True, code="applied", applied_rate=math.nan, unit="mL/h"),
+     "applied_rate: expected a finite number"),
+    (lambda: PumpStatus(pump="p", state="running", rate=1.0), "state: 'running' is not one of"),
+    (lambda: PumpStatus(pump="p", state="stopped", rate=0.0, delivered=-1.0),
+     "delivered: expected >= 0.0"),
+    (lambda: Alarm(code="x", priority="urgent", kind="technical"),
+     "priority: 'urgent' is not one of"),
+    (lambda: Heartbeat(role="c", period_s=math.nan), "period_s: expected a finite number"),
+    (lambda: Hello(role="c", versions=()), "versions: expected whole numbers"),
+    (lambda: Hello(role="c", versions=(1, True)), "versions: expected whole numbers"),
+])
+def test_invalid_messages_cannot_be_built(build, match):
+    """Constructing an invalid message raises LocalProtocolError naming the field."""
+    with pytest.raises(LocalProtocolError, match=match):
+        build()
+
+
+@pytest.mark.parametrize("unit", ["furlong", "mg//L"])
+def test_unknown_units_cannot_be_built(unit):
+    """An unknown unit is a LocalProtocolError with code 'unit'."""
+    with pytest.raises(LocalProtocolError, match="unit: ") as info:
+        Measurement(var="bis", value=1.0, unit=unit, t_meas=0.0)
+    assert info.value.code == "unit"
+
+
+@pytest.mark.parametrize("quality", QUALITIES)
+def test_every_quality_is_accepted(quality):
+    """Every quality of QUALITIES builds a measurement."""
+    assert Measurement(var="bis", value=1.0, unit="1", t_meas=0.0, quality=quality).quality \
+        == quality
+
+
+def test_messages_are_frozen():
+    """Messages cannot be changed after validation."""
+    message = EXAMPLES[2]
+    with pytest.raises(AttributeError):
+        message.rate = 5000.0
+
+
+# ------------------------------------------------------------------ known gaps (package bugs)
+
+@pytest.mark.xfail(strict=True, reason="codec.py:97-102 catches only UnicodeDecodeError, "
+                                       "JSONDecodeError and RecursionError; an integer literal "
+                                       "of more than 4300 digits makes json.loads raise a plain "
+                                       "ValueError (int max_str_digits), which escapes decode")
+def test_huge_integer_literal_is_a_remote_protocol_error():
+    """A 5000-digit integer is rejected with RemoteProtocolError, not ValueError."""
+    rejects(b"1" * 5000)
+
+
+@pytest.mark.xfail(strict=True, reason="messages.py:53 float(value) raises OverflowError for an "
+                                       "integer beyond float range (a 400-digit JSON integer "
+                                       "literal); decode (codec.py:133-137) catches only "
+                                       "TypeError and ProtocolError, so OverflowError escapes")
+def test_integer_beyond_float_range_in_a_body_is_rejected():
+    """A 400-digit integer in a numeric body field is a RemoteProtocolError."""
+    rejects(frame(body={**BASE_SET_RATE, "rate": 10**400}))
+
+
+@pytest.mark.xfail(strict=True, reason="codec.py:141-142 float(doc['t_sent']) / "
+                                       "float(doc['t_sim']) raise OverflowError for a 400-digit "
+                                       "integer; the type check above only asks for int/float")
+@pytest.mark.parametrize("key", ["t_sent", "t_sim"])
+def test_integer_beyond_float_range_in_the_envelope_is_rejected(key):
+    """A 400-digit integer timestamp is a RemoteProtocolError."""
+    rejects(frame(**{key: 10**400}))
+
+
+@pytest.mark.xfail(strict=True, reason="messages.py: these fields are never validated "
+                                       "(Ack/PumpStatus.lease_remaining_s, Ack.unit without "
+                                       "applied_rate, SetRate.basis_seq, Measurement.sensor, "
+                                       "Alarm.active/text, Stop.reason, Heartbeat.state, "
+                                       "PumpStatus.mode): invalid values are built, and a NaN "
+                                       "lease_remaining_s later fails in encode with a bare "
+                                       "ValueError from json")
+@pytest.mark.parametrize("build", [
+    lambda: Ack(cmd_id="c", ok=True, code="applied", lease_remaining_s=math.nan),
+    lambda: Ack(cmd_id="c", ok=True, code="applied", lease_remaining_s="soon"),
+    lambda: PumpStatus(pump="p", state="stopped", rate=0.0, lease_remaining_s=math.inf),
+    lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mL/h", lease_s=1.0, basis_seq="x"),
+    lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mL/h", lease_s=1.0, basis_seq=-3),
+    lambda: Measurement(var="bis", value=1.0, unit="1", t_meas=0.0, sensor=["a"]),
+    lambda: Alarm(code="x", priority="low", kind="technical", active="no"),
+    lambda: Stop(cmd_id="c", pump="p", reason=42),
+    lambda: PumpStatus(pump="p", state="stopped", rate=0.0, mode={"a": 1}),
+], ids=["ack-lease-nan", "ack-lease-str", "status-lease-inf", "basis-seq-str",
+        "basis-seq-negative", "sensor-list", "alarm-active-str", "stop-reason-int",
+        "status-mode-dict"])
+def test_unvalidated_fields_are_rejected(build):
+    """Every message field is type-checked on construction."""
+    with pytest.raises(LocalProtocolError):
+        build()
+
+
+# ------------------------------------------------------------------ fuzzing
+
+VALID_FRAMES = [encode(envelope(m, seq=i, t_sim=float(i))) for i, m in enumerate(EXAMPLES)]
+
+
+def decode_or_reject(data: bytes) -> None:
+    try:
+        result = decode(data)
+    except RemoteProtocolError as err:
+        assert err.code in ("schema", "version", "unit", "too_large")
+    else:
+        assert isinstance(result, Envelope)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_never_crash_decode(data):
+    """decode of arbitrary bytes returns an Envelope or raises RemoteProtocolError."""
+    decode_or_reject(data)
+
+
+@st.composite
+def mutated_frames(draw):
+    data = bytearray(draw(st.sampled_from(VALID_FRAMES)))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "set", "delete", "insert", "truncate"]))
+        i = draw(st.integers(0, max(len(data) - 1, 0)))
+        if op == "flip" and data:
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set" and data:
+            data[i] = draw(st.sampled_from(b'{}[]",:0-9.eE+ntfa\\\x00\xff'))
+        elif op == "delete" and data:
+            del data[i]
+        elif op == "insert":
+            data[i:i] = draw(st.sampled_from([b",", b'"x":1,', b"[", b"}", b"0" * 30, b"\\u",
+                                              b"1e999", b"-", b" ", b'"', b"\xc3"]))
+        elif op == "truncate":
+            del data[i:]
+    return bytes(data)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(mutated_frames())
+def test_mutated_frames_never_crash_decode(data):
+    """decode of corrupted valid frames returns an Envelope or raises RemoteProtocolError."""
+    decode_or_reject(data)
+
+
+json_scalars = (st.none() | st.booleans() | st.integers(-2**63, 2**63)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+json_values = st.recursive(json_scalars,
+                           lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=8)
+FIELDS = sorted({name for cls in MESSAGE_TYPES.values() for name in cls.field_names()}
+                | {"action", "extra"})
+
+
+@st.composite
+def structured_frames(draw):
+    type_ = draw(st.sampled_from(sorted(MESSAGE_TYPES)))
+    body = draw(st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8))
+    doc = {"v": 1, "type": type_, "src": "plant", "epoch": "e", "seq": 1, "t_sent": 0.0,
+           "body": body}
+    if draw(st.booleans()):  # sometimes corrupt an envelope field too
+        doc[draw(st.sampled_from(sorted(doc)))] = draw(json_values)
+    return json.dumps(doc).encode()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(structured_frames())
+def test_well_formed_json_with_arbitrary_fields_never_crashes_decode(data):
+    """decode of JSON frames with arbitrary body values returns an Envelope or raises
+    RemoteProtocolError (integers beyond float range are a separate, known failure)."""
+    decode_or_reject(data)
