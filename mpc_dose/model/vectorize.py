@@ -74,20 +74,22 @@ class NumpyFunction:
         self._n_out = [function.nnz_out(j) for j in range(function.n_out())]
 
     def __call__(self, *args: np.ndarray) -> list[np.ndarray]:
+        """Evaluate on points laid out along the trailing axes of the arguments: each
+        argument has shape ``(n_i, *shape_i)`` with the trailing shapes broadcastable (a
+        1-D argument is one value for all points); outputs have shape ``(m_j, *shape)``."""
         if len(args) != len(self._n_in):
             raise TypeError(f"expected {len(self._n_in)} arguments, got {len(args)}")
         arrays = []
-        n_points = 1
         for i, a in enumerate(args):
             a = np.asarray(a, dtype=float)
             if a.ndim == 1:
                 a = a[:, None]
             if a.shape[0] != self._n_in[i]:
                 raise ValueError(f"argument {i}: expected {self._n_in[i]} rows, got {a.shape}")
-            n_points = max(n_points, a.shape[1])
             arrays.append(a)
+        shape = np.broadcast_shapes(*(a.shape[1:] for a in arrays))
         work: dict[int, np.ndarray | float] = {}
-        outputs = [np.zeros((m, n_points)) for m in self._n_out]
+        outputs = [np.zeros((m, *shape)) for m in self._n_out]
         with np.errstate(all="ignore"):  # as CasADi: inf/nan propagate, they do not raise
             for kind, target, data in self._program:
                 if kind == "binary":

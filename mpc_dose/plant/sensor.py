@@ -157,8 +157,10 @@ class SensorNoise:
                 "error": c.error_probability > 0}
         self._normals = [n for n in self._NORMALS if used[n]]
         self._uniforms = [n for n in self._UNIFORMS if used[n]]
-        self._block = np.empty((0, len(self._normals) + len(self._uniforms)))
-        self._next = 0
+        self._buffer: dict[str, np.ndarray] = {"factor": np.empty(0), "added": np.empty(0),
+                                               "emitted": np.empty(0, dtype=bool),
+                                               "valid": np.empty(0, dtype=bool)}
+        self._used = 0
         self._ar1_last: float | None = None
         self._ar1_a = math.exp(-c.period_s / c.ar1_tau_s)
         self._filter = None
@@ -167,28 +169,67 @@ class SensorNoise:
                                             c.period_s)
             self._filter_state = np.zeros(max(len(self._filter[0]), len(self._filter[1])) - 1)
 
-    def _draw_blocks(self, count: int) -> np.ndarray:
-        """*count* blocks of rows, drawn as one block at a time would draw them."""
+    def _draw_block(self) -> dict[str, np.ndarray]:
+        """The draws of the next _BLOCK samples: normals then uniforms, by name."""
         n_norm, n_unif = len(self._normals), len(self._uniforms)
-        if n_norm and n_unif:  # interleaved per block: one block at a time
-            return np.vstack([np.hstack([self._rng.standard_normal((_BLOCK, n_norm)),
-                                         self._rng.random((_BLOCK, n_unif))])
-                              for _ in range(count)])
-        # a single kind of draw: the stream does not depend on how it is cut into blocks
-        if n_norm:
-            return self._rng.standard_normal((count * _BLOCK, n_norm))
-        return self._rng.random((count * _BLOCK, n_unif))
+        normals = self._rng.standard_normal((_BLOCK, n_norm)) if n_norm else None
+        uniforms = self._rng.random((_BLOCK, n_unif)) if n_unif else None
+        out = {f"e_{k}": normals[:, j] for j, k in enumerate(self._normals)}
+        out.update({f"u_{k}": uniforms[:, j] for j, k in enumerate(self._uniforms)})
+        return out
 
-    def _rows(self, n: int) -> dict[str, np.ndarray]:
-        available = len(self._block) - self._next
-        if n > available:
-            extra = self._draw_blocks(-(-(n - available) // _BLOCK))
-            self._block = np.vstack([self._block[self._next:], extra])
-            self._next = 0
-        rows = self._block[self._next:self._next + n]
-        self._next += n
-        names = [f"e_{k}" for k in self._normals] + [f"u_{k}" for k in self._uniforms]
-        return {name: rows[:, j] for j, name in enumerate(names)}
+    def _noise_block(self) -> dict[str, np.ndarray]:
+        """The value-independent part of the next _BLOCK samples: the proportional factor,
+        the sum of additive noises (white, AR(1), filtered, outliers), validity and dropout.
+        Computed a block at a time, whoever consumes it: one sample or many."""
+        c = self.config
+        d = self._draw_block()
+        n = _BLOCK
+        factor = 1 + c.proportional_cv * d["e_proportional"] if "e_proportional" in d \
+            else np.ones(n)
+        added = c.additive_sd * d["e_additive"] if "e_additive" in d else np.zeros(n)
+        if "e_ar1" in d:
+            scale = math.sqrt(1 - self._ar1_a**2) * c.ar1_sd
+            e = d["e_ar1"]
+            ar = np.empty(n)
+            start = 0
+            if self._ar1_last is None:  # start the process in its stationary distribution
+                ar[0], start = c.ar1_sd * e[0], 1
+            previous = ar[0] if start else self._ar1_last
+            ar[start:], _ = signal.lfilter([scale], [1.0, -self._ar1_a], e[start:],
+                                           zi=[self._ar1_a * previous])
+            self._ar1_last = float(ar[-1])
+            added += ar
+        if self._filter is not None:
+            num, den = self._filter
+            filtered, self._filter_state = signal.lfilter(
+                num, den, c.filtered.sd * d["e_filtered"], zi=self._filter_state)
+            added += filtered
+        if "u_outlier" in d:
+            added += np.where(d["u_outlier"] < c.outlier_probability,
+                              c.outlier_sd * d["e_outlier"], 0.0)
+        emitted = d["u_dropout"] >= c.dropout_probability if "u_dropout" in d else \
+            np.ones(n, dtype=bool)
+        valid = d["u_error"] >= c.error_probability if "u_error" in d else np.ones(n, dtype=bool)
+        return {"factor": factor, "added": added, "emitted": emitted, "valid": valid}
+
+    def _take(self, n: int) -> dict[str, np.ndarray]:
+        while len(self._buffer["factor"]) - self._used < n:
+            block = self._noise_block()
+            self._buffer = {k: np.concatenate([v[self._used:], block[k]])
+                            for k, v in self._buffer.items()}
+            self._used = 0
+        out = {k: v[self._used:self._used + n] for k, v in self._buffer.items()}
+        self._used += n
+        return out
+
+    def _finish(self, value: np.ndarray) -> np.ndarray:
+        c = self.config
+        if c.low > -math.inf or c.high < math.inf:
+            value = np.clip(value, c.low, c.high)
+        if c.quantum > 0:
+            value = np.round(value / c.quantum) * c.quantum
+        return value
 
     def sample_many(self, true_values: np.ndarray, times_s: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -199,52 +240,31 @@ class SensorNoise:
         """
         c = self.config
         y = np.asarray(true_values, dtype=float)
-        t = np.asarray(times_s, dtype=float)
-        n = y.size
-        d = self._rows(n)
-        value = y * (1 + c.proportional_cv * d["e_proportional"]) if "e_proportional" in d \
-            else y.copy()
+        d = self._take(y.size)
+        value = y * d["factor"] + d["added"]
         if c.drift_per_h:
-            value += c.drift_per_h * t / 3600.0
-        if "e_additive" in d:
-            value += c.additive_sd * d["e_additive"]
-        if "e_ar1" in d and n:
-            scale = math.sqrt(1 - self._ar1_a**2) * c.ar1_sd
-            e = d["e_ar1"]
-            ar = np.empty(n)
-            start = 0
-            if self._ar1_last is None:  # start the process in its stationary distribution
-                ar[0], start = c.ar1_sd * e[0], 1
-            previous = ar[0] if start else self._ar1_last
-            if n > start:
-                ar[start:], _ = signal.lfilter([scale], [1.0, -self._ar1_a], e[start:],
-                                               zi=[self._ar1_a * previous])
-            self._ar1_last = float(ar[-1])
-            value += ar
-        if self._filter is not None and n:
-            num, den = self._filter
-            filtered, self._filter_state = signal.lfilter(
-                num, den, c.filtered.sd * d["e_filtered"], zi=self._filter_state)
-            value += filtered
-        if "u_outlier" in d:
-            value += np.where(d["u_outlier"] < c.outlier_probability,
-                              c.outlier_sd * d["e_outlier"], 0.0)
-        if c.low > -math.inf or c.high < math.inf:
-            value = np.clip(value, c.low, c.high)
-        if c.quantum > 0:
-            value = np.round(value / c.quantum) * c.quantum
-        emitted = d["u_dropout"] >= c.dropout_probability if "u_dropout" in d else \
-            np.ones(n, dtype=bool)
-        valid = d["u_error"] >= c.error_probability if "u_error" in d else np.ones(n, dtype=bool)
-        value = np.where(valid, value, c.error_value)
-        return value, valid, emitted
+            value += c.drift_per_h * np.asarray(times_s, dtype=float) / 3600.0
+        value = np.where(d["valid"], self._finish(value), c.error_value)
+        return value, d["valid"].copy(), d["emitted"].copy()
 
     def sample(self, true_value: float, t_s: float) -> tuple[float, str] | None:
         """The reported ``(value, quality)`` for a true value at *t_s*, or None (dropout)."""
-        value, valid, emitted = self.sample_many(np.array([true_value]), np.array([t_s]))
-        if not emitted[0]:
+        c = self.config
+        if self._used >= len(self._buffer["factor"]):
+            self._buffer, self._used = self._noise_block(), 0
+        k = self._used
+        self._used += 1
+        buffer = self._buffer
+        if not buffer["emitted"][k]:
             return None
-        return float(value[0]), "valid" if valid[0] else "invalid"
+        if not buffer["valid"][k]:
+            return c.error_value, "invalid"
+        value = true_value * buffer["factor"][k] + buffer["added"][k] \
+            + c.drift_per_h * t_s / 3600.0
+        value = min(max(value, c.low), c.high)
+        if c.quantum > 0:
+            value = round(value / c.quantum) * c.quantum
+        return float(value), "valid"
 
 
 def sensor_process(env: simpy.Environment, patient: VirtualPatient, config: SensorConfig,

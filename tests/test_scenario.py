@@ -1,0 +1,136 @@
+"""Scenario files: strict validation with dotted paths and suggestions; cohorts."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpc_dose.errors import ConfigError
+from mpc_dose.model.library import load
+from mpc_dose.plant.cohort import (CovariateDistribution, patient_from_population,
+                                   patient_from_row, streams)
+from mpc_dose.scenario import load_scenario, parse_scenario
+from mpc_dose.trial.build import build_patient, build_setup
+
+REPO = Path(__file__).resolve().parents[1]
+PID = (REPO / "scenarios" / "pid_induction_13.toml").read_text()
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "s.toml"
+    path.write_text(text.replace('path = "data/', f'path = "{REPO}/scenarios/data/'))
+    return path
+
+
+@pytest.mark.parametrize("old, new, match", [
+    ("record_step_s = 1", "record_stp_s = 1",
+     r"scenario.record_stp_s: unknown key \(did you mean 'record_step_s'\?\)"),
+    ("max_rate_ml_per_h = 2500", "max_rate_ml_per_hr = 2500",
+     r"pump\[0\].max_rate_ml_per_hr: unknown key \(did you mean 'max_rate_ml_per_h'\?\)"),
+    ('setpoint = 50', 'set_point = 50',
+     r"controller.pid.set_point: unknown key \(did you mean 'setpoint'\?\)"),
+    ("period_s = 1\n\n[controller]", "periode_s = 1\n\n[controller]",
+     r"sensor\[0\].periode_s: unknown key.*did you mean 'period_s'"),
+    ("duration_s = 600", 'duration_s = "long"', r"scenario.duration_s: .*got 'long'"),
+    ("duration_s = 600", "duration_s = -5", r"scenario.duration_s: .*greater than 0"),
+    ('kind = "pid"', 'kind = "mpc"', r"controller.kind: .*'pid', 'fixed', 'tci' or 'python'"),
+])
+def test_scenario_errors_name_the_dotted_path(tmp_path, old, new, match):
+    """A misspelt key, a wrong type or value fails on load, naming the place and the fix."""
+    assert old in PID
+    with pytest.raises(ConfigError, match=match):
+        load_scenario(_write(tmp_path, PID.replace(old, new, 1)))
+
+
+@pytest.mark.parametrize("old, new, match", [
+    ('concentration = "10 mg/mL"', 'concentration = "10 mg/furlong"', "unknown unit 'furlong'"),
+    ('concentration = "10 mg/mL"', 'concentration = "10 mg"', "cannot be converted"),
+    ('input = "propofol"\nconcentration', 'input = "propofl"\nconcentration',
+     "has no input 'propofl'"),
+    ('output = "bis"', 'output = "bispectral"', "has no output 'bispectral'"),
+    ('bis_c50p = "C50p_ug_per_mL"', 'bis_c50p = "C50_ug_per_mL"', "no column 'C50_ug_per_mL'"),
+])
+def test_build_errors_name_the_field(tmp_path, old, new, match):
+    """Errors found when building a run name the field and the value."""
+    scenario = load_scenario(_write(tmp_path, PID.replace(old, new, 1)))
+    with pytest.raises(ConfigError, match=match):
+        build_setup(scenario, 0, 0)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    """A missing file or broken TOML is an error naming the file."""
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_scenario(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[scenario\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_scenario(bad)
+
+
+def test_streams_are_reproducible_and_independent():
+    """Streams depend on (scenario, seed, index) only, and differ between purposes."""
+    a, b = streams("s", 1, 3), streams("s", 1, 3)
+    assert a["noise"].random() == b["noise"].random()
+    c = streams("s", 1, 3)
+    assert c["noise"].random() != c["parameters"].random()
+    assert streams("s", 1, 4)["noise"].random() != streams("s", 1, 3)["noise"].random()
+    assert streams("t", 1, 3)["noise"].random() != streams("s", 1, 3)["noise"].random()
+    with pytest.raises(ConfigError, match="whole numbers >= 0"):
+        streams("s", -1, 0)
+
+
+def test_population_patient_does_not_depend_on_cohort_size():
+    """Patient 7 is the same whether drawn alone or among others."""
+    lm = load("propofol-eleveld")
+    dists = {"age": CovariateDistribution("age", "uniform", 18, 80),
+             "height": CovariateDistribution("height", "normal", 140, 200, 170, 10),
+             "weight": CovariateDistribution("weight", "uniform", 50, 110),
+             "sex": CovariateDistribution("sex", "choice", values=("male", "female"))}
+    first = patient_from_population(lm, dists, 7, streams("x", 5, 7)["parameters"],
+                                    random_effects=True)
+    for k in range(7):
+        patient_from_population(lm, dists, k, streams("x", 5, k)["parameters"])
+    again = patient_from_population(lm, dists, 7, streams("x", 5, 7)["parameters"],
+                                    random_effects=True)
+    assert first == again and first.eta
+
+
+def test_table_rows_map_columns_codes_and_units():
+    """A table row gives covariates (with codes and units) and parameter overrides."""
+    lm = load("propofol-schnider+remifentanil-minto+bis-bouillon")
+    row = {"a": 40, "h": 1.63, "w": 54, "g": "0", "c": 4.73}
+    p = patient_from_row(lm, row, {"age": "a", "height_m": "h", "weight_kg": "w", "sex": "g",
+                                   "bis_c50p": "c"}, {"sex": {"0": "female", "1": "male"}}, 0,
+                         np.random.default_rng(0))
+    assert p.covariates == {"age": 40.0, "height": pytest.approx(163.0), "weight": 54.0,
+                            "sex": "female"}
+    assert p.params["bis_c50p"] == 4.73
+    with pytest.raises(ConfigError, match="neither a covariate nor a model parameter"):
+        patient_from_row(lm, row, {"hieght": "h"}, {}, 0, np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="has no code"):
+        patient_from_row(lm, {**row, "g": "2"}, {"sex": "g"}, {"sex": {"0": "female"}}, 0,
+                         np.random.default_rng(0))
+
+
+def test_population_cohort_from_scenario():
+    """A population cohort in a scenario draws reproducible patients with random effects."""
+    data = {
+        "scenario": {"name": "pop", "duration_s": 60},
+        "patient": {"model": "propofol-schnider+bis-propofol", "random_effects": True,
+                    "population": {"size": 5, "covariates": {
+                        "age": {"kind": "uniform", "low": 20, "high": 60},
+                        "height": {"kind": "normal", "mean": 170, "sd": 8, "low": 150,
+                                   "high": 195},
+                        "weight": {"kind": "uniform", "low": 55, "high": 95},
+                        "sex": {"kind": "choice", "values": ["male", "female"]}}}},
+        "pump": [{"pump": "p", "input": "propofol", "concentration": "10 mg/mL"}],
+        "sensor": [{"output": "bis", "period_s": 5, "noise": "bis"}],
+        "controller": {"kind": "pid", "period_s": 5,
+                       "pid": {"ratios": {"propofol": 1.0}, "max_rates": {"propofol": 3}}},
+    }
+    scenario = parse_scenario(data)
+    a, b = build_patient(scenario, 3, 11), build_patient(scenario, 3, 11)
+    assert a == b and a.eta
+    assert build_patient(scenario, 3, 12) != a
+    with pytest.raises(ConfigError, match="the cohort has 5 patients"):
+        build_patient(scenario, 5, 11)
