@@ -85,8 +85,7 @@ def per_s(ml_per_h: float) -> float:
 
 @pytest.mark.parametrize("resolution, asked", [(0.1, 12.34), (0.5, 7.3), (1.0, 99.6), (0.0, 3.21)])
 def test_applied_rate_is_the_nearest_multiple_of_the_resolution(resolution, asked):
-    """The applied rate is the nearest multiple of resolution and reaches the patient as
-    applied * concentration / 3600 amount/s."""
+    """Applied = nearest multiple of resolution; the patient gets applied*conc/3600 per s."""
     rig = Rig(resolution_ml_per_h=resolution)
     result = rig.pump.set_rate(asked, LONG, cmd_id="c1")
     assert result.ok and result.code == "applied"
@@ -101,9 +100,6 @@ def test_applied_rate_is_the_nearest_multiple_of_the_resolution(resolution, aske
     assert rig.patient.rates[rig.index] == pytest.approx(applied * CONC / 3600, rel=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="pump.py:211/223 checks the limit on the requested rate "
-                                       "and quantises afterwards: rate 10 with resolution 6 and "
-                                       "max 10 applies 12 mL/h, above the hard limit")
 def test_quantisation_never_exceeds_the_maximum_rate():
     """A rate accepted at the limit is never quantised to a rate above max_rate_ml_per_h."""
     rig = Rig(max_rate_ml_per_h=10.0, resolution_ml_per_h=6.0)
@@ -116,8 +112,7 @@ def test_quantisation_never_exceeds_the_maximum_rate():
 
 @pytest.mark.parametrize("fallback", [0.0, 4.0])
 def test_lease_expiry_applies_the_fallback_exactly_at_expiry(fallback):
-    """Without a new command the pump applies its fallback at command time + lease_s and
-    raises a 'lease_expired' alarm."""
+    """Without a new command the fallback applies at command time + lease_s, with an alarm."""
     rig = Rig(fallback_ml_per_h=fallback)
     rig.at(3.0, lambda: rig.pump.set_rate(20.0, 15.0, cmd_id="c1"))
     rig.run(until=100.0)
@@ -195,8 +190,7 @@ def test_out_of_range_fallback_is_rejected():
 # ------------------------------------------------------------------ start-up lag
 
 def test_startup_lag_delays_delivery_from_stopped_only():
-    """From stopped, delivery starts startup_lag_s after the command; a change while running
-    takes effect at once."""
+    """From stopped, delivery starts startup_lag_s late; a change while running is immediate."""
     rig = Rig(startup_lag_s=12.0)
     rig.at(5.0, lambda: rig.pump.set_rate(20.0, LONG, cmd_id="c1"))
     rig.at(30.0, lambda: rig.pump.set_rate(35.0, LONG, cmd_id="c2"))
@@ -217,11 +211,6 @@ def test_startup_lag_applies_again_after_a_stop():
     assert rig.changes() == [(4.0, per_s(20.0)), (10.0, 0.0), (24.0, per_s(30.0))]
 
 
-@pytest.mark.xfail(strict=True, reason="pump.py:152: a command during the start-up lag sees "
-                                       "rate_ml_per_h > 0, is not 'starting', bumps the "
-                                       "generation (cancelling _start_after_lag) and delivers at "
-                                       "once: renewing the lease 5 s into a 20 s lag starts "
-                                       "delivery at 5 s instead of 20 s")
 def test_renewing_during_the_startup_lag_does_not_skip_it():
     """A lease renewal while the pump is still taking up its lag does not shorten the lag."""
     rig = Rig(startup_lag_s=20.0)
@@ -236,8 +225,7 @@ def test_renewing_during_the_startup_lag_does_not_skip_it():
 
 @pytest.mark.parametrize("volume, rate", [(10.0, 60.0), (50.0, 7.0), (2.5, 300.0)])
 def test_empty_syringe_stops_the_pump_at_volume_over_rate(volume, rate):
-    """With syringe volume V and rate r the pump stops V/r*3600 s after start with a high
-    'syringe_empty' alarm and state 'alarm'; later commands get 'pump_error'."""
+    """Volume V at rate r empties at V/r*3600 s: high 'syringe_empty' alarm, then 'pump_error'."""
     rig = Rig(syringe_volume_ml=volume)
     rig.at(7.0, lambda: rig.pump.set_rate(rate, LONG, cmd_id="c1"))
     t_empty = 7.0 + volume / rate * 3600.0
@@ -266,10 +254,6 @@ def test_syringe_empties_at_the_right_time_after_rate_changes():
     assert alarm.code == "syringe_empty" and t == pytest.approx(900.0, rel=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="pump.py:230-233: stop() from state 'alarm' calls "
-                                       "_set(0.0), which sets state 'stopped'; the next set_rate "
-                                       "is then accepted, so a plain stop command clears a "
-                                       "fault without an operator reset")
 def test_stop_does_not_clear_a_fault():
     """After a fault, a stop command leaves the pump in 'alarm' and rates stay refused."""
     rig = Rig(syringe_volume_ml=1.0)
@@ -284,8 +268,7 @@ def test_stop_does_not_clear_a_fault():
 # ------------------------------------------------------------------ occlusion
 
 def test_occlusion_stops_delivery_silently_then_alarms():
-    """From occlusion_at_s nothing reaches the patient while the pump reports 'infusing';
-    after occlusion_detection_s it raises 'occlusion' and goes to 'alarm'."""
+    """Occluded: no delivery while 'infusing'; 'occlusion' alarm after occlusion_detection_s."""
     rig = Rig(occlusion_at_s=100.0, occlusion_detection_s=45.0)
     rig.pump.set_rate(60.0, LONG, cmd_id="c1")
     rig.at(120.0, lambda: rig.pump.set_rate(90.0, LONG, cmd_id="c2"))
@@ -303,11 +286,6 @@ def test_occlusion_stops_delivery_silently_then_alarms():
     assert rig.pump.set_rate(10.0, LONG, cmd_id="c3").code == "pump_error"
 
 
-@pytest.mark.xfail(strict=True, reason="pump.py:174-177: the occlusion's _deliver(0.0) does not "
-                                       "bump _generation, so the _empty_after event scheduled "
-                                       "before the occlusion still fires (state is 'infusing') "
-                                       "and raises 'syringe_empty' at 600 s with only 8.3 of "
-                                       "10 mL delivered, before the occlusion alarm at 700 s")
 def test_occlusion_does_not_raise_a_false_syringe_empty_alarm():
     """While occluded the syringe does not empty: the first alarm is the occlusion."""
     rig = Rig(syringe_volume_ml=10.0, occlusion_at_s=500.0, occlusion_detection_s=200.0)
@@ -451,3 +429,14 @@ def test_plant_node_event_messages():
         ("pump.syringe_empty", "high", "technical")]
     assert messages[-1].type == "pump_status" and messages[-1].state == "alarm"
     assert np.isclose(messages[-1].delivered, 1.0)
+
+
+def test_operator_reset_clears_a_fault():
+    """Only an operator reset (here after a fresh syringe) returns a faulted pump to service."""
+    rig = Rig(syringe_volume_ml=1.0)
+    rig.pump.set_rate(60.0, LONG, cmd_id="c1")
+    rig.run(until=120.0)
+    assert rig.pump.state == "alarm"
+    rig.pump.reset()
+    assert rig.pump.state == "stopped" and rig.pump.status().delivered_ml == 0.0
+    assert rig.pump.set_rate(30.0, LONG, cmd_id="c2").ok

@@ -95,9 +95,14 @@ class PumpConfig:
                               f"{self.max_rate_ml_per_h}], got {self.fallback_ml_per_h!r}")
 
     def quantise(self, rate_ml_per_h: float) -> float:
-        """The rate the mechanism can deliver: the nearest multiple of the resolution."""
+        """The rate the mechanism can deliver: the nearest multiple of the resolution that
+        does not exceed the maximum rate."""
         q = self.resolution_ml_per_h
-        return rate_ml_per_h if q == 0 else round(rate_ml_per_h / q) * q
+        if q == 0:
+            return rate_ml_per_h
+        nearest = round(rate_ml_per_h / q) * q
+        return nearest if nearest <= self.max_rate_ml_per_h else \
+            math.floor(self.max_rate_ml_per_h / q) * q
 
     def amount_per_s(self, rate_ml_per_h: float) -> float:
         return rate_ml_per_h * self.concentration / 3600.0
@@ -125,6 +130,7 @@ class InfusionPump:
         self.mode = "init"
         self._generation = 0              # invalidates scheduled lease/empty/lag events
         self._occluded = False
+        self._lag_until: float | None = None
         if config.occlusion_at_s is not None:
             env.process(self._occlusion(config.occlusion_at_s))
 
@@ -149,26 +155,35 @@ class InfusionPump:
 
     def _set(self, rate_ml_per_h: float) -> None:
         self._generation += 1
-        starting = self.rate_ml_per_h == 0 and rate_ml_per_h > 0
         previous_state = self.state
         self.rate_ml_per_h = rate_ml_per_h
         self.state = "infusing" if rate_ml_per_h > 0 else "stopped"
-        if starting and self.config.startup_lag_s > 0:
+        if rate_ml_per_h == 0:
+            self._lag_until = None
             self._deliver(0.0)
-            self.env.process(self._start_after_lag(self._generation))
+        elif self._lag_until is not None:
+            pass  # still starting up: delivery begins when the start-up lag ends
+        elif self.delivered_ml_per_h == 0 and self.config.startup_lag_s > 0:
+            self._lag_until = self.env.now + self.config.startup_lag_s
+            self.env.process(self._start_after_lag(self._lag_until))
         else:
             self._deliver(rate_ml_per_h)
         if self.state != previous_state:  # rates are reported in every ack; states here
             self._publish()
 
-    def _start_after_lag(self, generation: int):
-        yield at(self.env, self.env.now + self.config.startup_lag_s, ACT)
-        if generation == self._generation:
-            self._deliver(self.rate_ml_per_h)
+    def _start_after_lag(self, until: float):
+        yield at(self.env, until, ACT)
+        if self._lag_until == until:
+            self._lag_until = None
+            if self.state == "infusing":
+                self._deliver(self.rate_ml_per_h)
 
     def _empty_after(self, delay_s: float, generation: int):
         yield at(self.env, self.env.now + delay_s, ACT)
-        if generation == self._generation and self.state == "infusing":
+        self._account()
+        # the volume decides, not the schedule: an occlusion may have stopped delivery since
+        empty = self.delivered_ml >= self.config.syringe_volume_ml * (1 - 1e-12)
+        if generation == self._generation and self.state == "infusing" and empty:
             self._fault("syringe_empty", "syringe empty: infusion stopped")
 
     def _occlusion(self, t_s: float):
@@ -228,10 +243,24 @@ class InfusionPump:
         return CommandResult(True, "applied", applied)
 
     def stop(self, *, cmd_id: str) -> CommandResult:
-        """Stop now (always accepted)."""
+        """Stop now (always accepted). A pump in alarm stays in alarm: only an operator
+        :meth:`reset` clears a fault."""
+        if self.state == "alarm":
+            self.active_cmd = cmd_id
+            return CommandResult(True, "applied", 0.0, text="pump in alarm: already stopped")
         self._set(0.0)
         self.lease_until, self.active_cmd, self.mode = None, cmd_id, "stopped"
         return CommandResult(True, "applied", 0.0)
+
+    def reset(self) -> None:
+        """An operator acknowledges a fault (e.g. after clearing an occlusion or changing the
+        syringe, with *syringe_volume_ml* fresh): the pump is stopped and takes commands."""
+        self._account()
+        if self._occluded:
+            self._occluded = False
+        self.delivered_ml = 0.0
+        self.state, self.mode = "stopped", "init"
+        self._set(0.0)
 
     def status(self) -> PumpSnapshot:
         self._account()

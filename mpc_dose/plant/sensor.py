@@ -98,6 +98,9 @@ class SensorConfig:
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{where}: {field} must be a finite number >= 0, "
                                   f"got {value!r}")
+        if not math.isfinite(self.drift_per_h):
+            raise ConfigError(f"{where}: drift_per_h must be a finite number, "
+                              f"got {self.drift_per_h!r}")
         if not self.ar1_tau_s > 0:
             raise ConfigError(f"{where}: ar1_tau_s must be > 0, got {self.ar1_tau_s!r}")
         for field in ("outlier_probability", "dropout_probability", "error_probability"):

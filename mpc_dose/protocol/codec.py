@@ -53,6 +53,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _fits_float(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _no_duplicates(pairs):
     out = {}
     for key, value in pairs:
@@ -98,8 +105,9 @@ def decode(data: bytes) -> Envelope:
                          parse_float=_finite_float, object_pairs_hook=_no_duplicates)
     except RemoteProtocolError:
         raise
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise RemoteProtocolError(f"not a JSON message: {err}") from None
+    except (UnicodeDecodeError, ValueError, OverflowError, RecursionError) as err:
+        # ValueError covers JSONDecodeError and Python's limit on integer literal digits
+        raise RemoteProtocolError(f"not a JSON message: {str(err)[:200]}") from None
     if not isinstance(doc, dict):
         raise RemoteProtocolError("a message is a JSON object")
     unknown = set(doc) - _ENVELOPE_KEYS
@@ -120,8 +128,9 @@ def decode(data: bytes) -> Envelope:
         value = doc.get(key)
         if key == "t_sim" and value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RemoteProtocolError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not _fits_float(value):
+            raise RemoteProtocolError(f"{key} must be a finite number, got {str(value)[:40]}")
     body = doc["body"]
     if not isinstance(body, dict):
         raise RemoteProtocolError("body must be an object")
@@ -134,8 +143,8 @@ def decode(data: bytes) -> Envelope:
         kwargs["versions"] = tuple(kwargs["versions"])
     try:
         message = cls(**kwargs)
-    except TypeError as err:
-        raise RemoteProtocolError(f"{cls.type}: {err}") from None
+    except (TypeError, OverflowError) as err:
+        raise RemoteProtocolError(f"{cls.type}: {str(err)[:200]}") from None
     except ProtocolError as err:
         raise RemoteProtocolError(f"{cls.type}: {err}", code=err.code) from None
     return Envelope(message, doc["src"], doc["epoch"], doc["seq"], float(doc["t_sent"]),

@@ -50,7 +50,11 @@ ACK_CODES = ("applied", "duplicate", "out_of_range", "expired", "stale", "unit",
 def _finite(name: str, value: object, *, minimum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise LocalProtocolError(f"{name}: expected a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise LocalProtocolError(f"{name}: expected a finite number, got a "
+                                 f"{len(str(value))}-digit integer") from None
     if not math.isfinite(value):
         raise LocalProtocolError(f"{name}: expected a finite number, got {value!r}")
     if minimum is not None and value < minimum:
@@ -63,6 +67,24 @@ def _text(name: str, value: object, choices: tuple[str, ...] | None = None) -> s
         raise LocalProtocolError(f"{name}: expected a non-empty string, got {value!r}")
     if choices is not None and value not in choices:
         raise LocalProtocolError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _optional_finite(name: str, value: object, *, minimum: float | None = None
+                     ) -> float | None:
+    return None if value is None else _finite(name, value, minimum=minimum)
+
+
+def _string(name: str, value: object) -> str:
+    """Any string, empty included (free text)."""
+    if not isinstance(value, str):
+        raise LocalProtocolError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise LocalProtocolError(f"{name}: expected true or false, got {value!r}")
     return value
 
 
@@ -119,6 +141,7 @@ class Measurement(_Message):
         _unit("unit", self.unit)
         object.__setattr__(self, "t_meas", _finite("t_meas", self.t_meas))
         _text("quality", self.quality, QUALITIES)
+        _string("sensor", self.sensor)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +200,10 @@ class SetRate(_Message):
             object.__setattr__(self, "dose_rate", _finite("dose_rate", self.dose_rate,
                                                           minimum=0.0))
             _unit("dose_unit", self.dose_unit)
+        if self.basis_seq is not None and (isinstance(self.basis_seq, bool) or not isinstance(
+                self.basis_seq, int) or self.basis_seq < 0):
+            raise LocalProtocolError(f"basis_seq: expected a whole number >= 0, "
+                                     f"got {self.basis_seq!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,6 +219,7 @@ class Stop(_Message):
     def __post_init__(self) -> None:
         _text("cmd_id", self.cmd_id)
         _text("pump", self.pump)
+        _string("reason", self.reason)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,9 +254,14 @@ class Ack(_Message):
         if not isinstance(self.ok, bool):
             raise LocalProtocolError(f"ok: expected true or false, got {self.ok!r}")
         _text("code", self.code, ACK_CODES)
+        if (self.applied_rate is None) != (self.unit is None):
+            raise LocalProtocolError("applied_rate and unit go together")
         if self.applied_rate is not None:
             object.__setattr__(self, "applied_rate", _finite("applied_rate", self.applied_rate))
             _unit("unit", self.unit, "mL/h")
+        object.__setattr__(self, "lease_remaining_s", _optional_finite(
+            "lease_remaining_s", self.lease_remaining_s, minimum=0.0))
+        _string("text", self.text)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,6 +285,9 @@ class PumpStatus(_Message):
         _unit("unit", self.unit, "mL/h")
         object.__setattr__(self, "delivered", _finite("delivered", self.delivered, minimum=0.0))
         _unit("vol_unit", self.vol_unit, "mL")
+        object.__setattr__(self, "lease_remaining_s", _optional_finite(
+            "lease_remaining_s", self.lease_remaining_s, minimum=0.0))
+        _string("mode", self.mode)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +305,8 @@ class Alarm(_Message):
         _text("code", self.code)
         _text("priority", self.priority, ("high", "medium", "low"))
         _text("kind", self.kind, ("technical", "physiological"))
+        _flag("active", self.active)
+        _string("text", self.text)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,6 +320,7 @@ class Heartbeat(_Message):
 
     def __post_init__(self) -> None:
         _text("role", self.role)
+        _string("state", self.state)
         object.__setattr__(self, "period_s", _finite("period_s", self.period_s, minimum=0.0))
 
 
