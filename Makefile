@@ -18,12 +18,15 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job, for now: an open-loop TIVA simulation (both drugs, BIS) with a plot.
+# The main job, for now: one closed-loop TIVA run (PID, BIS noise, surgical stimulation) and
+# an open-loop simulation of a standard regimen, each with a plot.
 demo: $(STAMP)
+	$(VENV)/bin/mpc-dose run scenarios/pid_tiva_noise.toml --patient 13 --seed 1 \
+		--out out/demo/closed_loop
 	$(VENV)/bin/mpc-dose simulate --model propofol-schnider+remifentanil-minto+bis-bouillon \
 		--covariates age=35,height_cm=170,weight_kg=70,sex=male \
 		--doses scenarios/doses/tiva_induction.csv --duration 40min --step 1 \
-		--out out/demo/timeseries.csv --plot
+		--out out/demo/open_loop/timeseries.csv --plot
 
 bench: $(STAMP)
 	$(PY) benchmarks/simulate_speed.py

@@ -134,3 +134,44 @@ def test_population_cohort_from_scenario():
     assert build_patient(scenario, 3, 12) != a
     with pytest.raises(ConfigError, match="the cohort has 5 patients"):
         build_patient(scenario, 5, 11)
+
+
+def test_user_controller_from_a_file(tmp_path):
+    """A `python` controller given as file.py:factory runs in the loop with its options."""
+    from mpc_dose.trial.closed_loop import run_closed_loop
+
+    text = PID.replace('kind = "pid"', 'kind = "python"').replace(
+        '[controller.pid]\nmeasured = "bis"\nsetpoint = 50',
+        f'[controller.python]\ntarget = "{REPO}/scenarios/controllers/bang_bang.py:bang_bang"\n'
+        'inputs = ["propofol"]\noptions = { high_rate = 2.0, threshold = 60.0 }')
+    setup, _ = build_setup(load_scenario(_write(tmp_path, text)), 0, 0)
+    frame = run_closed_loop(setup).to_pandas()
+    assert set(frame["commanded_propofol_rate_mg_per_s"].dropna()) <= {0.0, 2.0}
+    assert (frame["commanded_propofol_rate_mg_per_s"] == 0).any()
+    with pytest.raises(ConfigError, match="cannot import"):
+        build_setup(load_scenario(_write(tmp_path, text.replace("bang_bang.py", "nope.py"))),
+                    0, 0)
+
+
+def test_falling_renal_function_raises_vancomycin_troughs():
+    """A creatinine clearance fall at 48 h lowers clearance from then on (same eta)."""
+    from mpc_dose.trial.build import parameter_changes
+
+    scenario = load_scenario(REPO / "scenarios" / "vancomycin_renal_decline.toml")
+    patient = build_patient(scenario, 3, 0)
+    [(t, params)] = parameter_changes(scenario, patient, 0)
+    assert t == 48 * 3600
+    ratio = params["vancomycin_cl1"] / patient.params["vancomycin_cl1"]
+    assert ratio == pytest.approx((30 / patient.covariates["crcl"]) ** 0.8)
+    assert params["vancomycin_v1"] == patient.params["vancomycin_v1"]
+
+
+def test_occasions_need_inter_occasion_variability(tmp_path):
+    """Occasions on a model without inter-occasion variability are refused."""
+    text = (REPO / "scenarios" / "vancomycin_renal_decline.toml").read_text().replace(
+        "random_effects = true", "random_effects = true\noccasions_s = [86400]").replace(
+        'doses = "doses/', f'doses = "{REPO}/scenarios/doses/')
+    path = tmp_path / "v.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="declares no inter-occasion variability"):
+        build_setup(load_scenario(path), 0, 0)

@@ -10,6 +10,7 @@ simpy.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -75,7 +76,8 @@ def check_rates(rates: Mapping[str, float], inputs: tuple[str, ...], who: str
         if name not in rates:
             raise ConfigError(f"controller {who!r} returned no rate for input {name!r}")
         value = rates[name]
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+                not math.isfinite(value) or value < 0:
             raise ConfigError(f"controller {who!r}: rate of {name!r} = {value!r}; expected a "
                               f"finite number >= 0 (amount per second)")
         out[name] = float(value)

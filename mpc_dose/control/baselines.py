@@ -159,19 +159,33 @@ class CallableController:
         return Decision(t_s, rates, f"user controller {self.name}")
 
 
-def load_user_controller(target: str):
-    """Import ``"package.module:attribute"`` (a controller factory or function).
+def load_user_controller(target: str, base_dir: str = "."):
+    """Import ``"package.module:attribute"`` or ``"path/to/file.py:attribute"`` (a path
+    relative to *base_dir*): a controller factory or function.
 
     Raises
     ------
     ConfigError
-        For a malformed target, a module that does not import or a missing attribute.
+        For a malformed target, a module or file that does not import or a missing attribute.
     """
-    module_name, sep, attr = target.partition(":")
+    module_name, sep, attr = target.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"controller.target = {target!r}: expected 'package.module:name'")
+        raise ConfigError(f"controller.target = {target!r}: expected 'package.module:name' or "
+                          f"'file.py:name'")
     try:
-        module = importlib.import_module(module_name)
+        if module_name.endswith(".py"):
+            import importlib.util
+            from pathlib import Path
+
+            path = Path(module_name)
+            path = path if path.is_absolute() else Path(base_dir) / path
+            spec = importlib.util.spec_from_file_location(f"user_controller_{path.stem}", path)
+            if spec is None or not path.is_file():
+                raise ImportError(f"no file {str(path)!r}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
     except ImportError as err:
         raise ConfigError(f"controller.target = {target!r}: cannot import {module_name!r} "
                           f"({err})") from None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,6 +49,8 @@ class VirtualPatientSpec:
     params: dict[str, float]
     eta: dict[str, float]
     source: str
+    #: parameter values given directly (table columns, scenario), kept when covariates change
+    overrides: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def patient_from_row(library_model: LibraryModel, row: Mapping[str, object],
     params = dict(individual.params)
     params.update(overrides)
     eta = {k: v for k, v in individual.eta.items() if k not in overrides}
-    return VirtualPatientSpec(index, individual.covariates, params, eta, where)
+    return VirtualPatientSpec(index, individual.covariates, params, eta, where, overrides)
 
 
 def _split(target: str, names: list[str], where: str) -> tuple[str, str | None]:

@@ -19,7 +19,7 @@ from ..errors import ConfigError, ModelError
 from ..model.propagate import Propagator
 from ..model.spec import Model
 
-__all__ = ["OutputDisturbance", "VirtualPatient"]
+__all__ = ["OutputDisturbance", "VirtualPatient", "parameter_schedule"]
 
 
 @dataclass(frozen=True)
@@ -130,3 +130,14 @@ class VirtualPatient:
             y[self.model.output_index(d.output)] += float(d.value(t_s))
         self._last_outputs = (key, y)
         return y.copy()
+
+
+def parameter_schedule(env, patient: VirtualPatient,
+                       changes: Sequence[tuple[float, Mapping[str, float]]]):
+    """simpy process: from each time [s] on, the patient has the given parameter values
+    (covariates that change, e.g. renal function falling; a new occasion's variability)."""
+    from .clock import ACT, at
+
+    for t_s, params in sorted(changes, key=lambda c: c[0]):
+        yield at(env, t_s, ACT)
+        patient.set_parameters(t_s, params)

@@ -62,6 +62,15 @@ class PatientSpec(_Strict):
     population: PopulationSpec | None = None
     #: individual parameter values for every patient (declared units), applied last
     params: dict[str, float] = {}
+    #: start times of later occasions: inter-occasion variability is drawn anew at each
+    occasions_s: list[float] = []
+
+
+class CovariateChangeSpec(_Strict):
+    """From *time_s* on, the patient's covariates take these values (others unchanged)."""
+
+    time_s: float = Field(ge=0)
+    covariates: dict[str, float | str]
 
 
 class DisturbanceSpec(_Strict):
@@ -164,6 +173,7 @@ class Scenario(_Strict):
     sensor: list[SensorSpec]
     controller: ControllerSpec
     disturbance: list[DisturbanceSpec] = []
+    covariate_change: list[CovariateChangeSpec] = []
     #: the folder the file was read from; relative paths in it are resolved against it
     base_dir: str = "."
 

@@ -25,7 +25,8 @@ from ..scenario.schema import PIDSpec, Scenario
 from ..units import UnitError, parse_quantity
 from .closed_loop import LoopSetup
 
-__all__ = ["cohort_size", "build_patient", "build_setup", "read_cohort_table"]
+__all__ = ["cohort_size", "build_patient", "build_setup", "read_cohort_table",
+           "parameter_changes"]
 
 
 def _resolve(scenario: Scenario, path: str) -> Path:
@@ -83,8 +84,42 @@ def build_patient(scenario: Scenario, index: int, seed: int) -> VirtualPatientSp
             lm.model.parameter(name)  # unknown names are errors naming the parameter
             params[name] = value
         patient = VirtualPatientSpec(patient.index, patient.covariates, params, patient.eta,
-                                     patient.source)
+                                     patient.source, {**patient.overrides, **spec.params})
     return patient
+
+
+def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
+                      ) -> list[tuple[float, dict[str, float]]]:
+    """Parameter values from each covariate change and each new occasion on.
+
+    The patient keeps its random effects (eta) and directly given values; covariates change
+    as the scenario says; each occasion draws new inter-occasion effects (kappa) from the
+    patient's ``occasions`` stream.
+    """
+    pop = load(scenario.patient.model).population
+    # with occasions, the first occasion's variability applies from t = 0
+    times = sorted({c.time_s for c in scenario.covariate_change}
+                   | set(scenario.patient.occasions_s)
+                   | ({0.0} if scenario.patient.occasions_s else set()))
+    if not times:
+        return []
+    if scenario.patient.occasions_s and not pop.occasion_effects:
+        raise ConfigError(f"patient.occasions_s: model {scenario.patient.model!r} declares no "
+                          f"inter-occasion variability")
+    rng = streams(scenario.scenario.name, seed, patient.index)["occasions"]
+    occasion_starts = sorted(scenario.patient.occasions_s)
+    kappas = [pop.sample_occasion(rng) for _ in range(len(occasion_starts) + 1)]
+    covariates = dict(patient.covariates)
+    changes = []
+    for t in times:
+        for change in scenario.covariate_change:
+            if change.time_s == t:
+                covariates.update(change.covariates)
+        occasion = sum(1 for start in occasion_starts if start <= t)
+        values = pop.individual(covariates, patient.eta, kappas[occasion]).params
+        values.update(patient.overrides)
+        changes.append((t, values))
+    return changes
 
 
 def _pump(spec, lm: LibraryModel, where: str) -> PumpConfig:
@@ -159,7 +194,7 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
         return TargetControlledInfusion(own.model, params, chosen.input, chosen.target_output,
                                         [tuple(t) for t in chosen.targets], mode=chosen.mode,
                                         period_s=c.period_s, max_rate=chosen.max_rate)
-    factory = load_user_controller(chosen.target)
+    factory = load_user_controller(chosen.target, scenario.base_dir)
     made = factory(inputs=tuple(chosen.inputs), period_s=c.period_s, **chosen.options)
     if hasattr(made, "decide"):
         return made
@@ -187,5 +222,6 @@ def build_setup(scenario: Scenario, index: int, seed: int) -> tuple[LoopSetup,
         raise ConfigError("scenario.duration_s must be finite")
     setup = LoopSetup(lm.model, patient.params, controller, pumps, sensors, info.duration_s,
                       info.record_step_s, disturbances, scenario.controller.lease_periods,
-                      info.latency_s, rngs["noise"])
+                      info.latency_s, rngs["noise"],
+                      parameter_changes=parameter_changes(scenario, patient, seed))
     return setup, patient

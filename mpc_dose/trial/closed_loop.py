@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..model.spec import Model
 from ..node import ControllerNode, PlantNode, PumpRoute
 from ..plant.clock import ACT, RECORD, at
-from ..plant.patient import OutputDisturbance, VirtualPatient
+from ..plant.patient import OutputDisturbance, VirtualPatient, parameter_schedule
 from ..plant.pump import InfusionPump, PumpAlarm, PumpConfig
 from ..plant.realtime import DeadlineEnvironment
 from ..plant.sensor import SensorConfig, SensorNoise, sensor_process
@@ -48,6 +48,8 @@ class LoopSetup:
     realtime_factor: float | None = None
     deadline_tolerance_s: float = 0.05
     encode_frames: bool = True
+    #: (time [s], full parameter values) from which the patient changes
+    parameter_changes: Sequence[tuple[float, Mapping[str, float]]] = ()
 
 
 @dataclass
@@ -85,6 +87,9 @@ def run_closed_loop(setup: LoopSetup) -> LoopResult:
                                   tolerance_s=setup.deadline_tolerance_s)
     patient = VirtualPatient(model, setup.params, setup.disturbances)
     events: list[tuple[float, str, str]] = []
+    if setup.parameter_changes:
+        env.process(parameter_schedule(env, patient, setup.parameter_changes))
+        events += [(t, "patient", "parameters change") for t, _ in setup.parameter_changes]
 
     # --- plant side -------------------------------------------------------------------
     controller_node: ControllerNode | None = None
