@@ -177,26 +177,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _parameter_overrides(model, given: dict[str, str]) -> dict[str, float]:
     """Individual parameter values by name, optionally with a unit suffix (``_L_per_h``)."""
-    from .errors import ConfigError, closest
-    from .units import UnitError, convert, split_unit_suffix
-
-    out: dict[str, float] = {}
-    names = model.param_names
-    for key, raw in given.items():
-        try:
-            name, unit = split_unit_suffix(key, names)
-        except UnitError as err:
-            raise ConfigError(f"--params: {key!r}: {err}") from None
-        if name not in names:
-            raise ConfigError(f"--params: model {model.name!r} has no parameter {key!r}"
-                              f"{closest(key, names)}")
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"--params: {key} = {raw!r} is not a number") from None
-        declared = model.parameter(name).unit
-        out[name] = convert(value, unit, declared, what=f"--params {key}") if unit else value
-    return out
+    return dict(model.parameter_value(key, raw, where="--params") for key, raw in given.items())
 
 
 def build_parser() -> argparse.ArgumentParser:

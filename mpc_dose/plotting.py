@@ -25,6 +25,17 @@ def _time_axis(time_s: np.ndarray) -> tuple[np.ndarray, str]:
     return time_s, "time [s]"
 
 
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_simulation(result: SimulationResult, path: str | Path, *, title: str | None = None
                     ) -> Path:
     """Write a PNG with one panel per output unit (concentrations, effects) and one for the
@@ -57,12 +68,7 @@ def plot_simulation(result: SimulationResult, path: str | Path, *, title: str | 
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel(t_label)
     fig.suptitle(title or model.name, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_closed_loop(frame, path: str | Path, *, title: str = "") -> Path:
@@ -111,9 +117,4 @@ def plot_closed_loop(frame, path: str | Path, *, title: str = "") -> Path:
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel(t_label)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -478,6 +478,37 @@ class Model:
             vector[k] = value
         return vector
 
+    def parameter_value(self, key: str, raw: object, *, where: str = "parameters"
+                        ) -> tuple[str, float]:
+        """Read one value given as ``name`` (declared unit) or ``name_<unit>`` (converted):
+        returns the parameter's name and the value in its declared unit.
+
+        Raises
+        ------
+        ModelError
+            Naming *where*, the key and the value: unknown parameter (with the nearest one),
+            unknown or mismatched unit, or not a number.
+        """
+        from ..units import UnitError, convert, split_unit_suffix
+
+        try:
+            name, unit = split_unit_suffix(key, self.param_names)
+        except UnitError as err:
+            raise ModelError(f"{where}: {key!r}: {err}") from None
+        if name not in self.param_names:
+            raise ModelError(f"{where}: model {self.name!r} has no parameter {key!r}"
+                             f"{closest(key, self.param_names)}")
+        try:
+            value = float(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ModelError(f"{where}: {key} = {raw!r} is not a number") from None
+        if unit is not None:
+            try:
+                value = convert(value, unit, self.parameter(name).unit, what=f"{where} {key}")
+            except UnitError as err:
+                raise ModelError(str(err)) from None
+        return name, value
+
     def initial_state(self, p: np.ndarray) -> np.ndarray:
         return np.asarray(self.x0(p), dtype=float).ravel()
 

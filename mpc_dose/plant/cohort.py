@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError, closest
+from ..errors import ConfigError, ModelError, closest
 from ..model.library import LibraryModel
-from ..units import UnitError, convert, split_unit_suffix
+from ..units import UnitError, split_unit_suffix
 
 __all__ = ["VirtualPatientSpec", "streams", "patient_from_row", "patient_from_population",
            "CovariateDistribution"]
@@ -131,7 +131,10 @@ def patient_from_row(library_model: LibraryModel, row: Mapping[str, object],
             raise ConfigError(f"{where}: no column {column!r} (for {target!r})"
                               f"{closest(column, [str(k) for k in row])}")
         raw = row[column]
-        name, unit = _split(target, cov_names + model.param_names, where)
+        try:
+            name = split_unit_suffix(target, cov_names)[0]
+        except UnitError as err:
+            raise ConfigError(f"{where}: {target!r}: {err}") from None
         if name in cov_names:
             if name in codes:
                 text = str(raw).strip()
@@ -144,25 +147,13 @@ def patient_from_row(library_model: LibraryModel, row: Mapping[str, object],
             covariates[target] = raw
             continue
         try:
-            value = float(raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: column {column!r} = {raw!r} is not a number") from None
-        declared = model.parameter(name).unit
-        overrides[name] = convert(value, unit, declared, what=f"{where} {column}") if unit \
-            else value
+            name, value = model.parameter_value(target, raw, where=f"{where} {column}")
+        except ModelError as err:
+            raise ConfigError(f"{where}: {target!r} is neither a covariate "
+                              f"({', '.join(cov_names)}) nor a model parameter: {err}") from None
+        overrides[name] = value
     individual = pop.sample(covariates, rng) if random_effects else pop.individual(covariates)
     params = dict(individual.params)
     params.update(overrides)
     eta = {k: v for k, v in individual.eta.items() if k not in overrides}
     return VirtualPatientSpec(index, individual.covariates, params, eta, where, overrides)
-
-
-def _split(target: str, names: list[str], where: str) -> tuple[str, str | None]:
-    try:
-        name, unit = split_unit_suffix(target, names)
-    except UnitError as err:
-        raise ConfigError(f"{where}: {target!r}: {err}") from None
-    if name not in names:
-        raise ConfigError(f"{where}: {target!r} is neither a covariate nor a model parameter"
-                          f"{closest(target, names)}")
-    return name, unit
