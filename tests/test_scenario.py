@@ -105,7 +105,8 @@ def test_table_rows_map_columns_codes_and_units():
     assert p.covariates == {"age": 40.0, "height": pytest.approx(163.0), "weight": 54.0,
                             "sex": "female"}
     assert p.params["bis_c50p"] == 4.73
-    with pytest.raises(ConfigError, match="neither a covariate nor a model parameter"):
+    with pytest.raises(ConfigError, match=r"neither a covariate .* nor a model parameter "
+                                          r"\(did you mean 'height'\?\)"):
         patient_from_row(lm, row, {"hieght": "h"}, {}, 0, np.random.default_rng(0))
     with pytest.raises(ConfigError, match="has no code"):
         patient_from_row(lm, {**row, "g": "2"}, {"sex": "g"}, {"sex": {"0": "female"}}, 0,

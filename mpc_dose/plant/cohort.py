@@ -150,7 +150,9 @@ def patient_from_row(library_model: LibraryModel, row: Mapping[str, object],
             name, value = model.parameter_value(target, raw, where=f"{where} {column}")
         except ModelError as err:
             raise ConfigError(f"{where}: {target!r} is neither a covariate "
-                              f"({', '.join(cov_names)}) nor a model parameter: {err}") from None
+                              f"({', '.join(cov_names)}) nor a model parameter"
+                              f"{closest(target, cov_names + model.param_names)}: {err}"
+                              ) from None
         overrides[name] = value
     individual = pop.sample(covariates, rng) if random_effects else pop.individual(covariates)
     params = dict(individual.params)
