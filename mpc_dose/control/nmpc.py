@@ -24,7 +24,10 @@ This module knows model/, not plant/ nor transports.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -332,7 +335,8 @@ class NonlinearMPC:
                         "print_header": False, "print_iteration": False, "print_time": False,
                         "print_status": False, "error_on_fail": False,
                         "qpsol_options": {**qp_opts, "error_on_fail": False}}
-                self._solvers[name] = ca.nlpsol("nmpc_sqp", "sqpmethod", self._nlp, opts)
+                with _quiet_native_stdout():
+                    self._solvers[name] = ca.nlpsol("nmpc_sqp", "sqpmethod", self._nlp, opts)
             else:
                 opts = {"ipopt.print_level": 0, "print_time": False, "ipopt.sb": "yes",
                         "ipopt.max_iter": 300, "error_on_fail": False}
@@ -455,8 +459,10 @@ class NonlinearMPC:
         reasons = []
         start = time.perf_counter()
         for name in order:
+            first = name not in self._solvers
             solver = self._solver(name)
-            out = solver(x0=w0, p=p, lbx=lbx, ubx=ubx, lbg=lbg, ubg=ubg)
+            with _quiet_native_stdout() if first else contextlib.nullcontext():
+                out = solver(x0=w0, p=p, lbx=lbx, ubx=ubx, lbg=lbg, ubg=ubg)
             stats = solver.stats()
             w = np.asarray(out["x"], dtype=float).ravel()
             status = str(stats.get("return_status", "unknown"))
@@ -500,6 +506,26 @@ class NonlinearMPC:
         rates = {name: float(plan[0, m.input_index(name)]) for name in c.inputs}
         return DosePlan(t_s, success, status, iterations, seconds, solver, rates, plan, y,
                         objective, reason)
+
+
+@contextlib.contextmanager
+def _quiet_native_stdout():
+    """Silence what native code writes to the process's standard output (qpOASES prints a
+    copyright banner when its solver memory is created; library code must not print)."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no real file descriptor (e.g. captured by a test runner)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _finite_or(value: float, fallback: float) -> float:
