@@ -425,7 +425,7 @@ class NonlinearMPC:
                 used = (delivered_in_window or {}).get(name, 0.0)
                 lbg[idx], ubg[idx] = -np.inf, max(0.0, max_amount - used)
                 k_dose += 1
-        self._cold_rates = np.where(np.isfinite(hi), 0.5 * (lo + hi), np.maximum(lo, 1.0))
+        self._cold_rates = np.where(np.isfinite(hi), lo + 0.05 * (hi - lo), lo + 1e-3)
         x_init = self._initial_guess(x0, prev, N)
         return self._solve(t_s, p, x_init, lbx, ubx, lbg, ubg)
 
@@ -444,7 +444,9 @@ class NonlinearMPC:
             return w
         # Cold start away from zero drug: with no drug on board every Hill-type output has a
         # zero gradient in the rates (it is flat at C = 0), so "no drug" is a stationary
-        # point of the problem; start from mid-range rates instead.
+        # point of the problem; start from small positive rates instead (5 % of the range:
+        # large rates drive a stiff output deep past its window, and the first step then
+        # jumps back to no drug).
         w = np.zeros(self._nw)
         if "X" in self._slices:
             w[self._slices["X"]] = np.tile(np.asarray(x0, float), N + 1)

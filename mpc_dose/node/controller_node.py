@@ -68,9 +68,13 @@ class ControllerNode:
         if isinstance(message, Measurement):
             previous = self.readings.get(message.var)
             # readings can arrive out of order (delays): keep the newest sample
+            reading = Reading(message.var, message.value, message.unit, message.t_meas,
+                              message.quality)
             if previous is None or message.t_meas >= previous.t_meas_s:
-                self.readings[message.var] = Reading(message.var, message.value, message.unit,
-                                                     message.t_meas, message.quality)
+                self.readings[message.var] = reading
+            observe = getattr(self.controller, "observe", None)
+            if observe is not None:  # controllers that use every sample (estimators)
+                observe(reading)
         elif isinstance(message, Ack):
             self.acks[message.cmd_id] = message
         elif isinstance(message, PumpStatus):

@@ -1,0 +1,218 @@
+"""Moving-horizon estimation of output-map parameters and an output disturbance.
+
+With only an effect measured (BIS), estimating PK states and PD parameters jointly is poorly
+conditioned (DESIGN). So the states are propagated exactly from the infusions actually given,
+with the controller's PK model, and the moving-horizon estimator (MHE) estimates what the
+measurement informs well: the parameters of the output map (e.g. c50p, c50r, gamma of the
+BIS surface) and an additive output disturbance, over a window of recent samples.
+
+The parameters are log-normal (``theta = theta_pop * exp(eta)``) and the population prior
+``eta ~ N(0, Omega)`` is the arrival cost, so each estimate is the Bayesian MAP of
+model-informed precision dosing over the window::
+
+    min  sum_i ((y_i - h(x_i, theta(eta)) - d) / sd)^2 + eta' Omega^-1 eta
+         + ((d - d_prev) / sd_d)^2
+
+The problem is built once (window values are parameters) and solved by Gauss-Newton SQP
+(qpOASES), with IPOPT as the fallback; every call reports success and status.
+
+This module knows model/, not plant/ nor transports.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import casadi as ca
+import numpy as np
+
+from ..errors import ConfigError
+from ..model.spec import Model
+from .nmpc import _quiet_native_stdout
+
+__all__ = ["MHEConfig", "MHEResult", "OutputMapMHE"]
+
+
+@dataclass(frozen=True)
+class MHEConfig:
+    """What to estimate from which output.
+
+    Attributes
+    ----------
+    output : str
+        The measured output.
+    parameters : tuple of str
+        Model parameters estimated (log-normal around the values given at construction).
+    omega : array
+        Prior covariance of their etas (log scale), ordered as *parameters*.
+    noise_sd : float
+        Measurement noise standard deviation (output unit).
+    window : int
+        Samples in the moving horizon.
+    disturbance : bool
+        Estimate an additive output disturbance.
+    disturbance_sd : float
+        Prior standard deviation of the disturbance's change between estimates.
+    """
+
+    output: str
+    parameters: tuple[str, ...]
+    omega: tuple[tuple[float, ...], ...]
+    noise_sd: float
+    window: int = 60
+    disturbance: bool = True
+    disturbance_sd: float = 5.0
+    min_samples: int = 5
+
+    def __post_init__(self) -> None:
+        omega = np.asarray(self.omega, dtype=float)
+        if omega.shape != (len(self.parameters),) * 2 or \
+                np.any(np.linalg.eigvalsh(omega) <= 0):
+            raise ConfigError(f"mhe.omega: expected a positive definite "
+                              f"{len(self.parameters)}x{len(self.parameters)} matrix")
+        if not self.noise_sd > 0 or not self.window >= 1:
+            raise ConfigError("mhe.noise_sd must be > 0 and mhe.window >= 1")
+
+
+@dataclass(frozen=True)
+class MHEResult:
+    """One estimate: parameter values, disturbance, and how the solve went."""
+
+    success: bool
+    status: str
+    values: dict[str, float]
+    eta: np.ndarray
+    disturbance: float
+    solve_time_s: float
+    samples: int
+
+
+class OutputMapMHE:
+    """MHE of output-map parameters and a disturbance given known state trajectories.
+
+    Parameters
+    ----------
+    model : Model
+        The controller's model.
+    theta : array
+        Its parameter vector; the estimated parameters' values are the prior medians.
+    config : MHEConfig
+    """
+
+    def __init__(self, model: Model, theta: np.ndarray, config: MHEConfig) -> None:
+        self.model, self.config = model, config
+        self._k = model.output_index(config.output)
+        self._idx = [model.param_index(name) for name in config.parameters]
+        self.theta_prior = np.asarray(theta, dtype=float).copy()
+        if np.any(self.theta_prior[self._idx] <= 0):
+            raise ConfigError("mhe: estimated parameters must be positive (log-normal)")
+        self._omega_inv_chol = np.linalg.cholesky(np.linalg.inv(np.asarray(config.omega)))
+        self._samples: deque[tuple[float, np.ndarray, np.ndarray, float]] = deque(
+            maxlen=config.window)
+        self._eta = np.zeros(len(self._idx))
+        self._d = 0.0
+        self._build()
+
+    def _build(self) -> None:
+        c, m = self.config, self.model
+        M, n, nu, ne = c.window, m.n_states, m.n_inputs, len(self._idx)
+        eta = ca.SX.sym("eta", ne)
+        d = ca.SX.sym("d")
+        xs = ca.SX.sym("xs", n, M)
+        us = ca.SX.sym("us", nu, M)
+        ts = ca.SX.sym("ts", M)
+        ys = ca.SX.sym("ys", M)
+        mask = ca.SX.sym("mask", M)   # 1 for a sample in the window, 0 for an empty slot
+        theta = ca.SX.sym("theta", len(m.params))
+        d_prev = ca.SX.sym("d_prev")
+        sqrt_info = ca.SX.sym("L", ne, ne)  # chol(Omega^-1)' applied to eta
+        th = ca.SX(theta)
+        for j, k in enumerate(self._idx):
+            th[k] = theta[k] * ca.exp(eta[j])
+        residuals = []
+        for i in range(M):
+            y = m.h(ts[i], xs[:, i], us[:, i], th)[self._k] + (d if c.disturbance else 0)
+            residuals.append(mask[i] * (ys[i] - y) / c.noise_sd)
+        residuals.append(ca.mtimes(sqrt_info.T, eta))
+        if c.disturbance:
+            residuals.append((d - d_prev) / c.disturbance_sd)
+        r = ca.vertcat(*residuals)
+        w = ca.vertcat(eta, d) if c.disturbance else eta
+        p = ca.vertcat(ca.vec(xs), ca.vec(us), ts, ys, mask, theta, d_prev, ca.vec(sqrt_info))
+        f = 0.5 * ca.sumsqr(r)
+        jac = ca.Function("mhe_jac_r", [w, p], [ca.jacobian(r, w)])
+        wm, pm = ca.MX.sym("w", w.numel()), ca.MX.sym("p", p.numel())
+        lam_f, lam_g = ca.MX.sym("lam_f"), ca.MX.sym("lam_g", 0)
+        J = jac(wm, pm)
+        hess = ca.Function("nlp_hess_l", [wm, pm, lam_f, lam_g],
+                           [lam_f * (ca.mtimes(J.T, J) + 1e-10 * ca.MX.eye(w.numel()))],
+                           ["x", "p", "lam_f", "lam_g"], ["hess_gamma_x_x"])
+        nlp = {"x": w, "p": p, "f": f}
+        with _quiet_native_stdout():
+            self._sqp = ca.nlpsol("mhe_sqp", "sqpmethod", nlp, {
+                "qpsol": "qpoases", "hess_lag": hess, "max_iter": 50, "print_header": False,
+                "print_iteration": False, "print_time": False, "print_status": False,
+                "error_on_fail": False,
+                "qpsol_options": {"printLevel": "none", "sparse": False,
+                                  "error_on_fail": False}})
+        self._ipopt = ca.nlpsol("mhe_ipopt", "ipopt", nlp, {
+            "ipopt.print_level": 0, "print_time": False, "ipopt.sb": "yes",
+            "error_on_fail": False})
+        self._first = True
+
+    def add(self, t_s: float, x: np.ndarray, u: np.ndarray, y: float) -> None:
+        """Record one valid measurement *y* with the state *x* and rates *u* at *t_s*."""
+        self._samples.append((t_s, np.asarray(x, float).copy(), np.asarray(u, float).copy(),
+                              float(y)))
+
+    @property
+    def theta(self) -> np.ndarray:
+        """The current parameter vector (prior values with the estimated ones replaced)."""
+        th = self.theta_prior.copy()
+        th[self._idx] = self.theta_prior[self._idx] * np.exp(self._eta)
+        return th
+
+    @property
+    def disturbance(self) -> float:
+        return self._d
+
+    def update(self) -> MHEResult:
+        """Re-estimate over the current window (keeps the previous estimate on failure)."""
+        c, m = self.config, self.model
+        start = time.perf_counter()
+        count = len(self._samples)
+        if count < c.min_samples:
+            return MHEResult(False, "too few samples", self._values(), self._eta.copy(),
+                             self._d, 0.0, count)
+        M = c.window
+        xs = np.zeros((m.n_states, M))
+        us = np.zeros((m.n_inputs, M))
+        ts, ys, mask = np.zeros(M), np.zeros(M), np.zeros(M)
+        for i, (t, x, u, y) in enumerate(self._samples):
+            xs[:, i], us[:, i], ts[i], ys[i], mask[i] = x, u, t, y, 1.0
+        p = np.concatenate([xs.ravel(order="F"), us.ravel(order="F"), ts, ys, mask,
+                            self.theta_prior, [self._d], self._omega_inv_chol.ravel(order="F")])
+        w0 = np.concatenate([self._eta, [self._d]]) if c.disturbance else self._eta.copy()
+        status = "unknown"
+        for solver in (self._sqp, self._ipopt):
+            out = solver(x0=w0, p=p)
+            stats = solver.stats()
+            w = np.asarray(out["x"], dtype=float).ravel()
+            status = str(stats.get("return_status", "unknown"))
+            if stats.get("success", False) and np.all(np.isfinite(w)) and \
+                    np.all(np.abs(w[:len(self._idx)]) < 5):  # |eta| < 5: within e^5 of prior
+                self._eta = w[:len(self._idx)]
+                if c.disturbance:
+                    self._d = float(w[-1])
+                return MHEResult(True, status, self._values(), self._eta.copy(), self._d,
+                                 time.perf_counter() - start, count)
+        return MHEResult(False, status, self._values(), self._eta.copy(), self._d,
+                         time.perf_counter() - start, count)
+
+    def _values(self) -> dict[str, float]:
+        th = self.theta
+        return {name: float(th[k]) for name, k in zip(self.config.parameters, self._idx)}

@@ -1,0 +1,139 @@
+"""The model-predictive dosing controller: state propagation, MHE, NMPC and the supervisor
+behind the one controller interface.
+
+Each cycle: the PK states are propagated exactly from the rates actually applied (the
+controller knows what it infused); every valid reading since the last cycle enters the MHE
+window with the state at its sample time; the MHE updates the output-map parameters and the
+output disturbance; the NMPC plans from the estimate; the supervisor checks the first move.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import casadi as ca
+import numpy as np
+
+from ..errors import ConfigError
+from ..model.propagate import Propagator
+from ..model.spec import Model
+from .base import Decision, Reading
+from .mhe import MHEConfig, OutputMapMHE
+from .nmpc import DosePlan, NMPCConfig, NonlinearMPC
+from .supervisor import SafetyConfig, SafetySupervisor
+
+__all__ = ["MPCController"]
+
+
+class MPCController:
+    """NMPC + MHE + safety supervisor as a :class:`~mpc_dose.control.base.Controller`.
+
+    Parameters
+    ----------
+    model : Model
+        The controller's model.
+    params : mapping or array
+        Its parameter values for this patient (e.g. population typical values from the
+        covariates); estimated parameters start from (and are pulled towards) these.
+    nmpc : NMPCConfig
+    safety : SafetyConfig
+    mhe : MHEConfig, optional
+        Without it the parameters stay fixed and no disturbance is estimated.
+    """
+
+    def __init__(self, model: Model, params: Mapping[str, float] | np.ndarray,
+                 nmpc: NMPCConfig, safety: SafetyConfig, mhe: MHEConfig | None = None, *,
+                 name: str = "nmpc") -> None:
+        self.model, self.name = model, name
+        self.theta = (np.asarray(params, float).copy() if isinstance(params, np.ndarray)
+                      else model.parameter_vector(params))
+        self.period_s = nmpc.period_s
+        self.inputs = tuple(nmpc.inputs)
+        self.mpc = NonlinearMPC(model, nmpc)
+        self.supervisor = SafetySupervisor(safety)
+        self.mhe = None
+        if mhe is not None:
+            # The states are propagated with the prior PK: the estimated parameters must only
+            # act on the outputs, or the propagation would use stale values.
+            x, u, t = (ca.SX.sym(n, k) for n, k in (("x", model.n_states),
+                                                    ("u", model.n_inputs), ("t", 1)))
+            p = ca.SX.sym("p", len(model.params))
+            f = model.f(t, x, u, p)
+            for name_ in mhe.parameters:
+                if ca.depends_on(f, p[model.param_index(name_)]):
+                    raise ConfigError(f"mhe.parameters: {name_!r} acts on the dynamics; the "
+                                      f"MHE estimates output-map parameters only")
+            self.mhe = OutputMapMHE(model, self.theta, mhe)
+        self._propagator = Propagator(model, self.theta)
+        self._x = model.initial_state(self.theta)
+        self._t = 0.0
+        self._rates = dict.fromkeys(self.inputs, 0.0)
+        self._pending: list[Reading] = []
+        self._last_plan: DosePlan | None = None
+        self.last_estimate = None
+
+    def _u(self, rates: Mapping[str, float]) -> np.ndarray:
+        u = np.zeros(self.model.n_inputs)
+        for name, value in rates.items():
+            u[self.model.input_index(name)] = value
+        return u
+
+    def observe(self, reading: Reading) -> None:
+        """Every reading as it arrives (the node calls this); used at the next decision."""
+        self._pending.append(reading)
+        if reading.var == self.supervisor.config.measured and reading.quality == "valid":
+            self.supervisor.observe(reading)
+
+    def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
+        if t_s < self._t:
+            raise ConfigError(f"{self.name}: decision time went back from {self._t} to {t_s}")
+        measured = self.supervisor.config.measured
+        u = self._u(self._rates)
+        # readings since the last decision enter the MHE with the state at their sample time
+        if self.mhe is not None:
+            for reading in sorted(self._pending, key=lambda r: r.t_meas_s):
+                if reading.var != measured or reading.quality != "valid" or \
+                        not math.isfinite(reading.value) or not \
+                        (self._t - self.period_s <= reading.t_meas_s <= t_s):
+                    continue
+                x_meas = self._state_at(reading.t_meas_s, u)
+                self.mhe.add(reading.t_meas_s, x_meas, u, reading.value)
+        self._pending.clear()
+        self._x = self._propagator.advance(self._x, self._t, t_s, u)
+        self._t = t_s
+        usable, data_reason = self.supervisor.gate(t_s, readings.get(measured))
+        theta, disturbance, est_note = self.theta, 0.0, ""
+        if self.mhe is not None:
+            estimate = self.mhe.update()
+            self.last_estimate = estimate
+            theta, disturbance = self.mhe.theta, self.mhe.disturbance
+            est_note = (f"; MHE {'ok' if estimate.success else estimate.status}: "
+                        + ", ".join(f"{k}={v:.3g}" for k, v in estimate.values.items())
+                        + f", d={disturbance:.2f}")
+        plan = self.mpc.plan(t_s, self._x, theta, self._rates, disturbance=disturbance)
+        backup = None
+        if not plan.success and self._last_plan is not None:
+            k = int(round((t_s - self._last_plan.t_s) / self.period_s))
+            if 0 < k < len(self._last_plan.plan):
+                backup = {name: float(self._last_plan.plan[k, self.model.input_index(name)])
+                          for name in self.inputs}
+        if plan.success:
+            self._last_plan = plan
+        verdict = self.supervisor.check(
+            t_s, plan.rates, self._rates, usable=usable, data_reason=data_reason,
+            plan_ok=plan.success, plan_reason=f"nmpc {plan.solver}: {plan.status}",
+            backup=backup)
+        self._rates = dict(verdict.rates)
+        self.supervisor.record(t_s, self._rates)
+        details = {"solve_time_s": plan.solve_time_s, "iterations": float(plan.iterations),
+                   "disturbance": disturbance}
+        return Decision(t_s, dict(self._rates), f"{verdict.mode}: {verdict.reason}{est_note}",
+                        status="ok" if plan.success else "solver_failed", details=details)
+
+    def _state_at(self, t_s: float, u: np.ndarray) -> np.ndarray:
+        """The predicted state at *t_s* within the current period (rates *u* since _t)."""
+        if t_s >= self._t:
+            return self._propagator.advance(self._x, self._t, t_s, u)
+        return self._x  # an old reading (delay beyond a period): the nearest known state
