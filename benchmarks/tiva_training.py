@@ -37,20 +37,32 @@ def controller_for(row, lm) -> MPCController:
     cov = {"age": row.age, "height": row.height_cm, "weight": row.weight_kg,
            "sex": "male" if row.gender_1male == 1 else "female", "opiates": "yes"}
     params = lm.population.typical_parameters(cov)
+    scale = float(os.environ.get("TIVA_PRIOR_SCALE", "0.7"))
+    params["bis_c50p"] *= scale
+    params["bis_c50r"] *= scale
     omega = lm.population.omega
     names = lm.population.eta_names
-    chosen = ("bis_c50p", "bis_c50r", "bis_gamma")
+    chosen = tuple(os.environ.get("TIVA_ESTIMATE", "bis_c50p,bis_c50r,bis_gamma").split(","))
     sub = np.array([[omega[names.index(a), names.index(b)] for b in chosen] for a in chosen])
+    env = os.environ.get
+    ratio = float(env("TIVA_RATIO", "2.0"))
     nmpc = NMPCConfig(output="bis", inputs=("propofol", "remifentanil"), period_s=5.0,
-                      horizon=40, move_block=2, reference=50.0, output_weight=1.0,
-                      change_weights={"propofol": 1.0, "remifentanil": 0.1},
-                      use_weights={"propofol": 0.0, "remifentanil": 0.0},
+                      horizon=int(env("TIVA_HORIZON", "40")),
+                      move_block=int(env("TIVA_BLOCK", "2")), reference=50.0,
+                      output_weight=1.0,
+                      change_weights={"propofol": float(env("TIVA_DU", "1")),
+                                      "remifentanil": float(env("TIVA_DU_R", "1"))},
                       rate_bounds={"propofol": (0.0, 6.67), "remifentanil": (0.0, 16.67)},
-                      soft_window=(45.0, np.inf), soft_weights=(50.0, 50.0))
+                      ratio=("propofol", "remifentanil", ratio) if ratio > 0 else None,
+                      soft_window=(float(env("TIVA_FLOOR", "45")), np.inf),
+                      soft_weights=(float(env("TIVA_SOFT", "200")),
+                                    float(env("TIVA_SOFT", "200"))))
     safety = SafetyConfig("bis", {"propofol": 6.67, "remifentanil": 16.67},
                           valid_range=(0.0, 100.0), stale_after_s=15.0)
-    mhe = MHEConfig("bis", chosen, tuple(map(tuple, sub)), noise_sd=3.0, window=60,
-                    disturbance=True, disturbance_sd=3.0)
+    mhe = MHEConfig("bis", chosen, tuple(map(tuple, sub)),
+                    noise_sd=float(env("TIVA_NOISE", "1.5")),
+                    window=int(env("TIVA_WINDOW", "120")), disturbance=True,
+                    disturbance_sd=float(env("TIVA_DSD", "3.0")))
     return MPCController(lm.model, params, nmpc, safety, mhe)
 
 
