@@ -29,8 +29,12 @@ demo: $(STAMP)
 		--out out/demo/open_loop/timeseries.csv --plot
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/simulate_speed.py
 	$(PY) benchmarks/validate_anaesthesia.py
+	$(PY) benchmarks/plant_throughput.py
+	$(PY) benchmarks/nmpc_speed.py
+	$(PY) benchmarks/tiva_training.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
