@@ -62,7 +62,8 @@ def controller_for(row, lm) -> MPCController:
     mhe = MHEConfig("bis", chosen, tuple(map(tuple, sub)),
                     noise_sd=float(env("TIVA_NOISE", "1.5")),
                     window=int(env("TIVA_WINDOW", "120")), disturbance=True,
-                    disturbance_sd=float(env("TIVA_DSD", "3.0")))
+                    disturbance_sd=float(env("TIVA_DSD", "3.0")),
+                    disturbance_window=int(env("TIVA_DWIN", "0")))
     return MPCController(lm.model, params, nmpc, safety, mhe)
 
 

@@ -66,6 +66,10 @@ class MHEConfig:
     window: int = 60
     disturbance: bool = True
     disturbance_sd: float = 5.0
+    #: samples over which the disturbance reported to the controller is re-estimated once
+    #: the parameters are (the mean residual): a step (surgical stimulation) shows in
+    #: seconds instead of half a window. 0: use the window's own estimate.
+    disturbance_window: int = 0
     min_samples: int = 5
 
     def __post_init__(self) -> None:
@@ -208,10 +212,19 @@ class OutputMapMHE:
                 self._eta = w[:len(self._idx)]
                 if c.disturbance:
                     self._d = float(w[-1])
+                    if c.disturbance_window > 0:
+                        self._d = self._recent_residual(c.disturbance_window)
                 return MHEResult(True, status, self._values(), self._eta.copy(), self._d,
                                  time.perf_counter() - start, count)
         return MHEResult(False, status, self._values(), self._eta.copy(), self._d,
                          time.perf_counter() - start, count)
+
+    def _recent_residual(self, count: int) -> float:
+        """Mean of measured minus predicted output over the last *count* samples."""
+        th = self.theta
+        recent = list(self._samples)[-count:]
+        residuals = [y - float(self.model.h(t, x, u, th)[self._k]) for t, x, u, y in recent]
+        return float(np.mean(residuals))
 
     def _values(self) -> dict[str, float]:
         th = self.theta
