@@ -64,7 +64,10 @@ def controller_for(row, lm) -> MPCController:
                     window=int(env("TIVA_WINDOW", "120")), disturbance=True,
                     disturbance_sd=float(env("TIVA_DSD", "3.0")),
                     disturbance_window=int(env("TIVA_DWIN", "0")))
-    return MPCController(lm.model, params, nmpc, safety, mhe)
+    return MPCController(lm.model, params, nmpc, safety, mhe,
+                         estimator=env("TIVA_ESTIMATOR", "mhe"),
+                         ekf_options={"q_d": float(env("TIVA_QD", "0.05")),
+                                      "q_eta": float(env("TIVA_QETA", "1e-6"))})
 
 
 def run_patient(k: int) -> dict:

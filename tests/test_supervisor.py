@@ -1,5 +1,7 @@
 """The safety supervisor: data gating, fallback, hysteresis, backup plans, hard clamps, dose
-windows and operator stop/acknowledge (DESIGN: Safety behaviours)."""
+windows and operator stop/acknowledge (DESIGN: Safety behaviours); then the MPCController
+(propagation + MHE + NMPC + supervisor) end to end against a simulated patient with injected
+faults (stale data, solver failures)."""
 
 import math
 
@@ -7,7 +9,12 @@ import numpy as np
 import pytest
 
 from mpc_dose.control.base import Reading
+from mpc_dose.control.mhe import MHEConfig
+from mpc_dose.control.mpc_controller import MPCController
+from mpc_dose.control.nmpc import DosePlan, NMPCConfig
 from mpc_dose.control.supervisor import SafetyConfig, SafetySupervisor
+from mpc_dose.model.library import load
+from mpc_dose.model.propagate import Propagator
 
 LIMITS = dict(measured="bis", max_rates={"propofol": 0.5}, valid_range=(0.0, 100.0),
               stale_after_s=15.0, future_tolerance_s=2.0, resume_after=3,
@@ -321,8 +328,8 @@ def test_alarm_names_the_data_fault(kind, word):
 
 
 @pytest.mark.xfail(strict=True, reason="gate() tests quality and finiteness together, so a "
-                   "NaN value with quality 'valid' is rejected with the reason 'bis flagged "
-                   "valid'")
+                   "NaN or infinite value with quality 'valid' is rejected with the reason "
+                   "'bis flagged valid'")
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_non_finite_reason_names_the_value(value):
     """A non-finite reading is rejected with a reason that says so, not 'flagged valid'."""
@@ -335,12 +342,6 @@ def test_non_finite_reason_names_the_value(value):
 # The controller's model is the typical reference patient; the simulated patient's c50 is 30 %
 # higher. The patient is propagated exactly (Propagator) and sampled every 5 s with BIS noise
 # of sd 1.5, clipped to [0, 100]; the controller decides every 10 s.
-
-from mpc_dose.control.mhe import MHEConfig  # noqa: E402
-from mpc_dose.control.mpc_controller import MPCController  # noqa: E402
-from mpc_dose.control.nmpc import DosePlan, NMPCConfig  # noqa: E402
-from mpc_dose.model.library import load  # noqa: E402
-from mpc_dose.model.propagate import Propagator  # noqa: E402
 
 PERIOD = 10.0
 SAMPLE = 5.0
@@ -512,8 +513,7 @@ def test_solver_failure_uses_shifted_plan_then_recovers(reference_model, monkeyp
 
 
 def test_solver_failure_beyond_plan_falls_back(reference_model, monkeypatch):
-    """Failures outlasting the previous plan's horizon end in FALLBACK, never above the
-    last rate, with the reason recorded."""
+    """Failures outlasting the previous plan end in FALLBACK, never above the last rate."""
     ctl, patient, state, _ = settled(reference_model, 14, fallback=0.2)
     plans, spy = spy_plans(ctl, monkeypatch)
     run(ctl, patient, 610.0, state=state)

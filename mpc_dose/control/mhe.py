@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..model.spec import Model
 from .nmpc import _quiet_native_stdout
 
-__all__ = ["MHEConfig", "MHEResult", "OutputMapMHE"]
+__all__ = ["MHEConfig", "MHEResult", "OutputMapMHE", "OutputMapEKF"]
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,80 @@ class OutputMapMHE:
         recent = list(self._samples)[-count:]
         residuals = [y - float(self.model.h(t, x, u, th)[self._k]) for t, x, u, y in recent]
         return float(np.mean(residuals))
+
+    def _values(self) -> dict[str, float]:
+        th = self.theta
+        return {name: float(th[k]) for name, k in zip(self.config.parameters, self._idx)}
+
+
+class OutputMapEKF:
+    """Extended Kalman filter of the same quantities as :class:`OutputMapMHE` (log-normal
+    output-map parameters and an additive disturbance), one measurement at a time.
+
+    The filter state ``z = [eta, d]`` is a random walk (``q_eta`` and ``q_d`` per sample,
+    variances); it starts at the population prior ``N(0, Omega)`` and ``N(0, sd_d0^2)``.
+    Same interface as the MHE: :meth:`add` each reading, :meth:`update`, then
+    :attr:`theta` and :attr:`disturbance`.
+    """
+
+    def __init__(self, model: Model, theta: np.ndarray, config: MHEConfig, *,
+                 q_eta: float = 1e-6, q_d: float = 0.05, sd_d0: float = 5.0) -> None:
+        self.model, self.config = model, config
+        self._k = model.output_index(config.output)
+        self._idx = [model.param_index(name) for name in config.parameters]
+        self.theta_prior = np.asarray(theta, dtype=float).copy()
+        ne = len(self._idx)
+        self._z = np.zeros(ne + 1)
+        self._P = np.zeros((ne + 1, ne + 1))
+        self._P[:ne, :ne] = np.asarray(config.omega, dtype=float)
+        self._P[ne, ne] = sd_d0**2
+        self._Q = np.diag([q_eta] * ne + [q_d if config.disturbance else 0.0])
+        if not config.disturbance:
+            self._P[ne, ne] = 0.0
+        eta = ca.SX.sym("eta", ne)
+        d, t = ca.SX.sym("d"), ca.SX.sym("t")
+        x, u = ca.SX.sym("x", model.n_states), ca.SX.sym("u", model.n_inputs)
+        th = ca.SX(ca.DM(self.theta_prior))
+        for j, k in enumerate(self._idx):
+            th[k] = self.theta_prior[k] * ca.exp(eta[j])
+        y = model.h(t, x, u, th)[self._k] + d
+        z = ca.vertcat(eta, d)
+        self._measure = ca.Function("ekf_measure", [z, t, x, u], [y, ca.jacobian(y, z)])
+        self._pending: list[tuple[float, np.ndarray, np.ndarray, float]] = []
+
+    def add(self, t_s: float, x: np.ndarray, u: np.ndarray, y: float) -> None:
+        self._pending.append((t_s, np.asarray(x, float), np.asarray(u, float), float(y)))
+
+    def update(self) -> MHEResult:
+        """Process the readings added since the last update, in order."""
+        start = time.perf_counter()
+        r = self.config.noise_sd**2
+        count = len(self._pending)
+        for t, x, u, y in self._pending:
+            self._P = self._P + self._Q
+            prediction, jac = self._measure(self._z, t, x, u)
+            h = np.asarray(jac, float).reshape(1, -1)
+            s = float((h @ self._P @ h.T).item()) + r
+            gain = (self._P @ h.T / s).ravel()
+            self._z = self._z + gain * (y - float(prediction))
+            self._P = (np.eye(len(self._z)) - np.outer(gain, h)) @ self._P
+        self._pending.clear()
+        ok = bool(np.all(np.isfinite(self._z)))
+        if not ok:  # keep the filter usable: back to the prior
+            self._z[:] = 0.0
+        return MHEResult(ok, "updated" if ok else "diverged: reset to the prior",
+                         self._values(), self._z[:-1].copy(), self.disturbance,
+                         time.perf_counter() - start, count)
+
+    @property
+    def theta(self) -> np.ndarray:
+        th = self.theta_prior.copy()
+        th[self._idx] = self.theta_prior[self._idx] * np.exp(self._z[:len(self._idx)])
+        return th
+
+    @property
+    def disturbance(self) -> float:
+        return float(self._z[-1]) if self.config.disturbance else 0.0
 
     def _values(self) -> dict[str, float]:
         th = self.theta

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..model.propagate import Propagator
 from ..model.spec import Model
 from .base import Decision, Reading
-from .mhe import MHEConfig, OutputMapMHE
+from .mhe import MHEConfig, OutputMapEKF, OutputMapMHE
 from .nmpc import DosePlan, NMPCConfig, NonlinearMPC
 from .supervisor import SafetyConfig, SafetySupervisor
 
@@ -40,11 +40,16 @@ class MPCController:
     nmpc : NMPCConfig
     safety : SafetyConfig
     mhe : MHEConfig, optional
-        Without it the parameters stay fixed and no disturbance is estimated.
+        What to estimate. Without it the parameters stay fixed and no disturbance is
+        estimated.
+    estimator : {"mhe", "ekf"}
+        Moving-horizon estimation (default) or an extended Kalman filter of the same
+        quantities.
     """
 
     def __init__(self, model: Model, params: Mapping[str, float] | np.ndarray,
                  nmpc: NMPCConfig, safety: SafetyConfig, mhe: MHEConfig | None = None, *,
+                 estimator: str = "mhe", ekf_options: Mapping[str, float] | None = None,
                  name: str = "nmpc") -> None:
         self.model, self.name = model, name
         self.theta = (np.asarray(params, float).copy() if isinstance(params, np.ndarray)
@@ -65,7 +70,10 @@ class MPCController:
                 if ca.depends_on(f, p[model.param_index(name_)]):
                     raise ConfigError(f"mhe.parameters: {name_!r} acts on the dynamics; the "
                                       f"MHE estimates output-map parameters only")
-            self.mhe = OutputMapMHE(model, self.theta, mhe)
+            if estimator not in ("mhe", "ekf"):
+                raise ConfigError(f"estimator must be 'mhe' or 'ekf', got {estimator!r}")
+            self.mhe = (OutputMapMHE(model, self.theta, mhe) if estimator == "mhe"
+                        else OutputMapEKF(model, self.theta, mhe, **(ekf_options or {})))
         self._propagator = Propagator(model, self.theta)
         self._x = model.initial_state(self.theta)
         self._t = 0.0
