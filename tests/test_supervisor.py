@@ -209,10 +209,6 @@ def test_clamps(proposed, last, expected):
         assert "clamped" in v.reason
 
 
-@pytest.mark.xfail(strict=True, reason="_clamp applies max(new, prev - max_step) after the "
-                   "max-rate cap, so when the rate in force exceeds max_rates (e.g. the cap "
-                   "was lowered) the result is prev - step, above the hard maximum and even "
-                   "above the proposal")
 def test_max_rate_wins_over_max_step():
     """The hard maximum rate holds even when the rate in force is above it."""
     sup = supervisor(max_step={"propofol": 0.1})
@@ -314,9 +310,6 @@ def test_alarm_only_on_entering_fallback():
     assert again.mode == "FALLBACK"
 
 
-@pytest.mark.xfail(strict=True, reason="the alarm kind is the last word of the reason text: "
-                   "'data.old)' for stale, 'data.ahead)' for future-dated, 'data.100]' for "
-                   "out-of-range and 'data.yet' for a missing reading")
 @pytest.mark.parametrize("kind, word", [("stale", "stale"), ("future", "future"),
                                         ("above range", "range"), ("missing", "missing")])
 def test_alarm_names_the_data_fault(kind, word):
@@ -327,9 +320,6 @@ def test_alarm_names_the_data_fault(kind, word):
     assert v.alarm is not None and word in v.alarm
 
 
-@pytest.mark.xfail(strict=True, reason="gate() tests quality and finiteness together, so a "
-                   "NaN or infinite value with quality 'valid' is rejected with the reason "
-                   "'bis flagged valid'")
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_non_finite_reason_names_the_value(value):
     """A non-finite reading is rejected with a reason that says so, not 'flagged valid'."""

@@ -74,12 +74,21 @@ class MHEConfig:
 
     def __post_init__(self) -> None:
         omega = np.asarray(self.omega, dtype=float)
-        if omega.shape != (len(self.parameters),) * 2 or \
-                np.any(np.linalg.eigvalsh(omega) <= 0):
-            raise ConfigError(f"mhe.omega: expected a positive definite "
+        if omega.shape != (len(self.parameters),) * 2 or not np.all(np.isfinite(omega)) or \
+                not np.allclose(omega, omega.T) or np.any(np.linalg.eigvalsh(omega) <= 0):
+            raise ConfigError(f"mhe.omega: expected a symmetric positive definite "
                               f"{len(self.parameters)}x{len(self.parameters)} matrix")
-        if not self.noise_sd > 0 or not self.window >= 1:
-            raise ConfigError("mhe.noise_sd must be > 0 and mhe.window >= 1")
+        if not self.noise_sd > 0:
+            raise ConfigError(f"mhe.noise_sd must be > 0, got {self.noise_sd!r}")
+        for name in ("window", "min_samples", "disturbance_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"mhe.{name} must be a whole number >= 0, got {value!r}")
+        if not 1 <= self.min_samples <= self.window:
+            raise ConfigError(f"mhe.min_samples: need 1 <= min_samples "
+                              f"({self.min_samples}) <= window ({self.window})")
+        if self.disturbance and not self.disturbance_sd > 0:
+            raise ConfigError(f"mhe.disturbance_sd must be > 0, got {self.disturbance_sd!r}")
 
 
 @dataclass(frozen=True)

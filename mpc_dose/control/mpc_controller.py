@@ -10,6 +10,7 @@ output disturbance; the NMPC plans from the estimate; the supervisor checks the 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -79,6 +80,8 @@ class MPCController:
         self._t = 0.0
         self._rates = dict.fromkeys(self.inputs, 0.0)
         self._pending: list[Reading] = []
+        # (time, state, rates) at recent decisions: late readings get their own state
+        self._history: deque[tuple[float, np.ndarray, np.ndarray]] = deque(maxlen=256)
         self._last_plan: DosePlan | None = None
         self.last_estimate = None
 
@@ -103,12 +106,13 @@ class MPCController:
         if self.mhe is not None:
             for reading in sorted(self._pending, key=lambda r: r.t_meas_s):
                 if reading.var != measured or reading.quality != "valid" or \
-                        not math.isfinite(reading.value) or not \
-                        (self._t - self.period_s <= reading.t_meas_s <= t_s):
+                        not math.isfinite(reading.value) or reading.t_meas_s > t_s:
                     continue
-                x_meas = self._state_at(reading.t_meas_s, u)
-                self.mhe.add(reading.t_meas_s, x_meas, u, reading.value)
+                found = self._state_at(reading.t_meas_s, u)
+                if found is not None:
+                    self.mhe.add(reading.t_meas_s, found[0], found[1], reading.value)
         self._pending.clear()
+        self._history.append((self._t, self._x.copy(), u.copy()))
         self._x = self._propagator.advance(self._x, self._t, t_s, u)
         self._t = t_s
         usable, data_reason = self.supervisor.gate(t_s, readings.get(measured))
@@ -140,8 +144,13 @@ class MPCController:
         return Decision(t_s, dict(self._rates), f"{verdict.mode}: {verdict.reason}{est_note}",
                         status="ok" if plan.success else "solver_failed", details=details)
 
-    def _state_at(self, t_s: float, u: np.ndarray) -> np.ndarray:
-        """The predicted state at *t_s* within the current period (rates *u* since _t)."""
+    def _state_at(self, t_s: float, u: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The state and rates at *t_s*: from the last decision when it is after it, else
+        from the recorded decision that precedes it (a delayed reading). None when older
+        than the record."""
         if t_s >= self._t:
-            return self._propagator.advance(self._x, self._t, t_s, u)
-        return self._x  # an old reading (delay beyond a period): the nearest known state
+            return self._propagator.advance(self._x, self._t, t_s, u), u
+        for t_k, x_k, u_k in reversed(self._history):
+            if t_k <= t_s:
+                return self._propagator.advance(x_k, t_k, t_s, u_k), u_k
+        return None

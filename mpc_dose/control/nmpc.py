@@ -25,6 +25,7 @@ This module knows model/, not plant/ nor transports.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import sys
@@ -125,6 +126,11 @@ class NMPCConfig:
         if self.solver not in ("sqpmethod", "ipopt"):
             raise ConfigError(f"nmpc.solver must be 'sqpmethod' or 'ipopt', "
                               f"got {self.solver!r}")
+        for field_name in ("rate_bounds", "max_change", "change_weights", "use_weights"):
+            unknown = set(getattr(self, field_name)) - set(self.inputs)
+            if unknown:
+                raise ConfigError(f"nmpc.{field_name}: {sorted(unknown)} are not among the "
+                                  f"controlled inputs {list(self.inputs)}")
         for name in self.rate_bounds:
             low, high = self.rate_bounds[name]
             if not (0 <= low <= high):
@@ -398,6 +404,12 @@ class NonlinearMPC:
         su, sl, sh = self._slices["U"], self._slices["SL"], self._slices["SH"]
         lbx[su], ubx[su] = np.tile(lo, self._n_blocks), np.tile(hi, self._n_blocks)
         lbx[sl], lbx[sh] = 0.0, 0.0
+        built_change = any(math.isfinite(v) for v in c.max_change.values())
+        if not built_change and any(math.isfinite(v) for v in
+                                    limits.get("max_change", {}).values()):
+            raise ConfigError("limits.max_change: no rate-change limit was finite when the "
+                              "problem was built; give a finite default in the config to "
+                              "make it a parameter")
         for label, value in (("soft_window", window), ("hard_window", hard)):
             structural = c.soft_window if label == "soft_window" else c.hard_window
             for side in (0, 1):
@@ -514,20 +526,23 @@ class NonlinearMPC:
 def _quiet_native_stdout():
     """Silence what native code writes to the process's standard output (qpOASES prints a
     copyright banner when its solver memory is created; library code must not print)."""
-    try:
-        sys.stdout.flush()
-        saved = os.dup(1)
-    except (OSError, ValueError):  # no real file descriptor (e.g. captured by a test runner)
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
+    # CasADi routes native output through Python's sys.stdout where it is redirected (test
+    # runners, notebooks) and to file descriptor 1 otherwise: silence both.
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            sys.stdout.flush()
+            saved = os.dup(1)
+        except (OSError, ValueError):  # no real file descriptor
+            yield
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 1)
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(devnull)
 
 
 def _finite_or(value: float, fallback: float) -> float:

@@ -64,6 +64,7 @@ class SafetySupervisor:
         self._good_in_row = 0
         self._delivered: deque[tuple[float, dict[str, float]]] = deque()
         self.transitions: list[tuple[float, str, str, str]] = []
+        self.data_code = ""
 
     def _to(self, t_s: float, mode: str, cause: str) -> None:
         if mode != self.mode:
@@ -71,20 +72,32 @@ class SafetySupervisor:
             self.mode = mode
 
     def gate(self, t_s: float, reading: Reading | None) -> tuple[bool, str]:
-        """Whether the latest reading may drive the dose at *t_s*, and why not."""
+        """Whether the latest reading may drive the dose at *t_s*, and why not (the alarm
+        code of the last refusal is kept in :attr:`data_code`)."""
+        ok, reason, code = self._gate(t_s, reading)
+        self.data_code = code
+        return ok, reason
+
+    def _gate(self, t_s: float, reading: Reading | None) -> tuple[bool, str, str]:
         c = self.config
         if reading is None:
-            return False, f"no {c.measured} reading yet"
-        if reading.quality != "valid" or not math.isfinite(reading.value):
-            return False, f"{c.measured} flagged {reading.quality}"
+            return False, f"no {c.measured} reading yet", "data.missing"
+        if not math.isfinite(reading.value):
+            return False, f"{c.measured} is not a finite number ({reading.value!r})", \
+                "data.invalid"
+        if reading.quality != "valid":
+            return False, f"{c.measured} flagged {reading.quality}", "data.invalid"
         if reading.t_meas_s > t_s + c.future_tolerance_s:
-            return False, f"{c.measured} from the future ({reading.t_meas_s - t_s:.1f} s ahead)"
+            return False, (f"{c.measured} from the future ({reading.t_meas_s - t_s:.1f} s "
+                           f"ahead)"), "data.future"
         if t_s - reading.t_meas_s > c.stale_after_s:
-            return False, f"{c.measured} stale ({t_s - reading.t_meas_s:.1f} s old)"
+            return False, f"{c.measured} stale ({t_s - reading.t_meas_s:.1f} s old)", \
+                "data.stale"
         low, high = c.valid_range
         if not low <= reading.value <= high:
-            return False, f"{c.measured} = {reading.value:g} outside [{low:g}, {high:g}]"
-        return True, "ok"
+            return False, f"{c.measured} = {reading.value:g} outside [{low:g}, {high:g}]", \
+                "data.out_of_range"
+        return True, "ok", ""
 
     def observe(self, reading: Reading) -> bool:
         """Track every reading for flat-line detection; False when the signal is flat."""
@@ -121,7 +134,7 @@ class SafetySupervisor:
             reason = data_reason if not usable else f"{c.measured} flat-lined"
             self._good_in_row = 0
             if self.mode != "FALLBACK":
-                alarm = f"data.{reason.split(' ')[-1] if not usable else 'flatline'}"
+                alarm = (self.data_code or "data.invalid") if not usable else "data.flatline"
             self._to(t_s, "FALLBACK", reason)
             rates = {k: min(c.fallback_rates.get(k, 0.0), last.get(k, 0.0)) for k in proposed}
             return self._clamp(t_s, rates, last, "FALLBACK",
@@ -155,8 +168,9 @@ class SafetySupervisor:
             cap = c.max_rates.get(name, math.inf)
             step = c.max_step.get(name, math.inf)
             prev = last.get(name, 0.0)
-            new = min(max(value, 0.0), cap, prev + step)
-            new = max(new, prev - step, 0.0)
+            # the change limit first, then the hard cap: the cap always wins
+            new = min(max(value, prev - step), prev + step)
+            new = min(max(new, 0.0), cap)
             if abs(new - value) > 1e-12 * max(1.0, abs(value)):
                 notes.append(f"{name} clamped {value:.4g} -> {new:.4g}")
             rates[name] = new
