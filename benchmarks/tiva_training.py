@@ -50,8 +50,8 @@ def controller_for(row, lm) -> MPCController:
                       horizon=int(env("TIVA_HORIZON", "40")),
                       move_block=int(env("TIVA_BLOCK", "2")), reference=50.0,
                       output_weight=1.0,
-                      change_weights={"propofol": float(env("TIVA_DU", "1")),
-                                      "remifentanil": float(env("TIVA_DU_R", "1"))},
+                      change_weights={"propofol": float(env("TIVA_DU", "5")),
+                                      "remifentanil": float(env("TIVA_DU_R", "5"))},
                       rate_bounds={"propofol": (0.0, 6.67), "remifentanil": (0.0, 16.67)},
                       ratio=("propofol", "remifentanil", ratio) if ratio > 0 else None,
                       soft_window=(float(env("TIVA_FLOOR", "45")), np.inf),
@@ -65,8 +65,8 @@ def controller_for(row, lm) -> MPCController:
                     disturbance_sd=float(env("TIVA_DSD", "3.0")),
                     disturbance_window=int(env("TIVA_DWIN", "0")))
     return MPCController(lm.model, params, nmpc, safety, mhe,
-                         estimator=env("TIVA_ESTIMATOR", "mhe"),
-                         ekf_options={"q_d": float(env("TIVA_QD", "0.05")),
+                         estimator=env("TIVA_ESTIMATOR", "ekf"),
+                         ekf_options={"q_d": float(env("TIVA_QD", "0.01")),
                                       "q_eta": float(env("TIVA_QETA", "1e-6"))})
 
 
