@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -64,7 +65,10 @@ def controller_for(row, lm) -> MPCController:
                     window=int(env("TIVA_WINDOW", "120")), disturbance=True,
                     disturbance_sd=float(env("TIVA_DSD", "3.0")),
                     disturbance_window=int(env("TIVA_DWIN", "0")))
-    return MPCController(lm.model, params, nmpc, safety, mhe,
+    tau = float(env("TIVA_REF_TAU", "0"))
+    e0 = params["bis_e0"]
+    profile = (lambda t: 50.0 + (e0 - 50.0) * math.exp(-t / tau)) if tau > 0 else None
+    return MPCController(lm.model, params, nmpc, safety, mhe, reference=profile,
                          estimator=env("TIVA_ESTIMATOR", "ekf"),
                          ekf_options={"q_d": float(env("TIVA_QD", "0.01")),
                                       "q_eta": float(env("TIVA_QETA", "1e-6"))})

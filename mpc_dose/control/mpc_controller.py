@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import casadi as ca
@@ -46,17 +46,23 @@ class MPCController:
     estimator : {"mhe", "ekf"}
         Moving-horizon estimation (default) or an extended Kalman filter of the same
         quantities.
+    reference : callable, optional
+        A time-varying reference ``r(t_s)`` (output unit), evaluated at the end of each
+        period of the horizon; the config's constant reference otherwise.
     """
 
     def __init__(self, model: Model, params: Mapping[str, float] | np.ndarray,
                  nmpc: NMPCConfig, safety: SafetyConfig, mhe: MHEConfig | None = None, *,
                  estimator: str = "mhe", ekf_options: Mapping[str, float] | None = None,
+                 reference: Callable[[float], float] | None = None,
                  name: str = "nmpc") -> None:
         self.model, self.name = model, name
         self.theta = (np.asarray(params, float).copy() if isinstance(params, np.ndarray)
                       else model.parameter_vector(params))
         self.period_s = nmpc.period_s
         self.inputs = tuple(nmpc.inputs)
+        self._reference = reference
+        self._horizon = nmpc.horizon
         self.mpc = NonlinearMPC(model, nmpc)
         self.supervisor = SafetySupervisor(safety)
         self.mhe = None
@@ -124,7 +130,12 @@ class MPCController:
             est_note = (f"; MHE {'ok' if estimate.success else estimate.status}: "
                         + ", ".join(f"{k}={v:.3g}" for k, v in estimate.values.items())
                         + f", d={disturbance:.2f}")
-        plan = self.mpc.plan(t_s, self._x, theta, self._rates, disturbance=disturbance)
+        reference = None
+        if self._reference is not None:
+            reference = [float(self._reference(t_s + (k + 1) * self.period_s))
+                         for k in range(self._horizon)]
+        plan = self.mpc.plan(t_s, self._x, theta, self._rates, disturbance=disturbance,
+                             reference=reference)
         backup = None
         if not plan.success and self._last_plan is not None:
             k = int(round((t_s - self._last_plan.t_s) / self.period_s))

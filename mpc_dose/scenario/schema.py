@@ -156,14 +156,52 @@ class PythonSpec(_Strict):
     options: dict[str, typing.Any] = {}
 
 
+class EstimatorSpec(_Strict):
+    kind: Literal["mhe", "ekf", "none"] = "ekf"
+    parameters: list[str] = []
+    noise_sd: float = Field(1.5, gt=0)
+    window: int = Field(120, ge=1)
+    disturbance: bool = True
+    disturbance_sd: float = Field(3.0, gt=0)
+    q_d: float = Field(0.01, ge=0)
+    q_eta: float = Field(1e-6, ge=0)
+
+
+class NMPCSpec(_Strict):
+    #: the controller's model (the patient's model when not given); typical values for the
+    #: patient's covariates, with *prior_scale* applied to the parameters in *scaled*
+    model: str | None = None
+    output: str
+    inputs: list[str]
+    reference: float
+    horizon: int = Field(40, ge=1)
+    move_block: int = Field(1, ge=1)
+    output_weight: float = Field(1.0, ge=0)
+    change_weights: dict[str, float] = {}
+    use_weights: dict[str, float] = {}
+    max_rates: dict[str, float]
+    max_change: dict[str, float] = {}
+    soft_low: float | None = None
+    soft_high: float | None = None
+    soft_weights: tuple[float, float] = (200.0, 200.0)
+    ratio: tuple[str, str, float] | None = None
+    prior_scale: float = Field(1.0, gt=0)
+    scaled: list[str] = []
+    estimator: EstimatorSpec = EstimatorSpec()
+    valid_range: tuple[float, float] = (-math.inf, math.inf)
+    stale_after_s: float = Field(15.0, gt=0)
+    fallback_rates: dict[str, float] = {}
+
+
 class ControllerSpec(_Strict):
-    kind: Literal["pid", "fixed", "tci", "python"]
+    kind: Literal["pid", "fixed", "tci", "python", "nmpc"]
     period_s: float = Field(gt=0)
     lease_periods: float = Field(3.0, gt=0)
     pid: PIDSpec | None = None
     fixed: FixedSpec | None = None
     tci: TCISpec | None = None
     python: PythonSpec | None = None
+    nmpc: NMPCSpec | None = None
 
 
 class Scenario(_Strict):

@@ -194,11 +194,62 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
         return TargetControlledInfusion(own.model, params, chosen.input, chosen.target_output,
                                         [tuple(t) for t in chosen.targets], mode=chosen.mode,
                                         period_s=c.period_s, max_rate=chosen.max_rate)
+    if c.kind == "nmpc":
+        return _nmpc_controller(chosen, c, lm, patient)
     factory = load_user_controller(chosen.target, scenario.base_dir)
     made = factory(inputs=tuple(chosen.inputs), period_s=c.period_s, **chosen.options)
     if hasattr(made, "decide"):
         return made
     return CallableController(made, chosen.inputs, period_s=c.period_s, name=chosen.target)
+
+
+def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec) -> Controller:
+    """NMPC + estimator + supervisor on the controller's own model of the patient."""
+    import numpy as np
+
+    from ..control.mhe import MHEConfig
+    from ..control.mpc_controller import MPCController
+    from ..control.nmpc import NMPCConfig
+    from ..control.supervisor import SafetyConfig
+
+    own = load(spec.model) if spec.model else lm
+    params = own.population.typical_parameters(
+        {k: v for k, v in patient.covariates.items()
+         if k in {cov.name for cov in own.population.covariates}})
+    for name in spec.scaled:
+        own.model.parameter(name)
+        params[name] *= spec.prior_scale
+    soft = (-math.inf if spec.soft_low is None else spec.soft_low,
+            math.inf if spec.soft_high is None else spec.soft_high)
+    nmpc = NMPCConfig(output=spec.output, inputs=tuple(spec.inputs), period_s=c.period_s,
+                      horizon=spec.horizon, move_block=spec.move_block,
+                      reference=spec.reference, output_weight=spec.output_weight,
+                      change_weights=spec.change_weights, use_weights=spec.use_weights,
+                      rate_bounds={k: (0.0, v) for k, v in spec.max_rates.items()},
+                      max_change=spec.max_change, soft_window=soft,
+                      soft_weights=tuple(spec.soft_weights),
+                      ratio=tuple(spec.ratio) if spec.ratio else None)
+    safety = SafetyConfig(spec.output, dict(spec.max_rates), valid_range=spec.valid_range,
+                          stale_after_s=spec.stale_after_s,
+                          fallback_rates=dict(spec.fallback_rates))
+    est = spec.estimator
+    mhe = None
+    if est.kind != "none":
+        names = own.population.eta_names
+        missing = [p for p in est.parameters if p not in names]
+        if missing:
+            raise ConfigError(f"controller.nmpc.estimator.parameters: {missing} have no "
+                              f"population variability in {own.model.name!r}; estimable: "
+                              f"{', '.join(names)}")
+        omega = own.population.omega
+        sub = np.array([[omega[names.index(a), names.index(b)] for b in est.parameters]
+                        for a in est.parameters])
+        mhe = MHEConfig(spec.output, tuple(est.parameters), tuple(map(tuple, sub)),
+                        noise_sd=est.noise_sd, window=est.window, disturbance=est.disturbance,
+                        disturbance_sd=est.disturbance_sd)
+    return MPCController(own.model, params, nmpc, safety, mhe,
+                         estimator="mhe" if est.kind == "none" else est.kind,
+                         ekf_options={"q_d": est.q_d, "q_eta": est.q_eta})
 
 
 def build_setup(scenario: Scenario, index: int, seed: int) -> tuple[LoopSetup,
