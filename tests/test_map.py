@@ -1,6 +1,5 @@
 """Bayesian MAP estimation from sparse levels (the vancomycin case of issue 5) and MIPD."""
 
-import numpy as np
 import pytest
 
 from mpc_dose.control.base import Reading

@@ -176,3 +176,14 @@ def test_occasions_need_inter_occasion_variability(tmp_path):
     path.write_text(text)
     with pytest.raises(ConfigError, match="declares no inter-occasion variability"):
         build_setup(load_scenario(path), 0, 0)
+
+
+def test_user_controller_from_a_module():
+    """A `package.module:name` target imports like any module."""
+    from mpc_dose.control.baselines import FixedRegimen, load_user_controller
+
+    assert load_user_controller("mpc_dose.control.baselines:FixedRegimen") is FixedRegimen
+    with pytest.raises(ConfigError, match="has no 'Nope'"):
+        load_user_controller("mpc_dose.control.baselines:Nope")
+    with pytest.raises(ConfigError, match="expected 'package.module:name'"):
+        load_user_controller("no_colon")

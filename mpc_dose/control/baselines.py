@@ -7,7 +7,9 @@ care), the PID of the anaesthesia literature, and a user's own Python function.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
+from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -174,8 +176,6 @@ def load_user_controller(target: str, base_dir: str = "."):
                           f"'file.py:name'")
     try:
         if module_name.endswith(".py"):
-            import importlib.util
-            from pathlib import Path
 
             path = Path(module_name)
             path = path if path.is_absolute() else Path(base_dir) / path

@@ -29,6 +29,7 @@ from ..model.library import LibraryModel
 from ..model.propagate import _normalised_integrator
 from ..model.simulation import simulate
 from .base import Decision, Reading
+from .solvers import ipopt_solver
 
 __all__ = ["MapResult", "MapEstimator", "dose_for_auc", "MIPDController"]
 
@@ -125,10 +126,8 @@ class MapEstimator:
              else ca.sqrt(r.additive**2 + (r.proportional * f) ** 2))
         objective = ca.sum1(((ca.DM(y) - f) / g) ** 2 + ca.log(g**2)) + \
             ca.mtimes([eta.T, ca.DM(self._omega_inv), eta])
-        solver = ca.nlpsol("map", "ipopt", {"x": eta, "f": objective},
-                           {"ipopt.print_level": 0, "print_time": False, "ipopt.sb": "yes",
-                            "ipopt.hessian_approximation": "limited-memory",
-                            "ipopt.tol": 1e-10, "error_on_fail": False})
+        solver = ipopt_solver("map", {"x": eta, "f": objective},
+                              hessian_approximation="limited-memory", tol=1e-10)
         out = solver(x0=np.zeros(len(self.eta_names)))
         stats = solver.stats()
         eta_hat = np.asarray(out["x"], float).ravel()

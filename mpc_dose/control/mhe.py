@@ -21,10 +21,8 @@ This module knows model/, not plant/ nor transports.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import casadi as ca
@@ -32,7 +30,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model.spec import Model
-from .nmpc import _quiet_native_stdout
+from .solvers import gauss_newton_hessian, ipopt_solver, sqp_solver
 
 __all__ = ["MHEConfig", "MHEResult", "OutputMapMHE", "OutputMapEKF"]
 
@@ -157,25 +155,10 @@ class OutputMapMHE:
         w = ca.vertcat(eta, d) if c.disturbance else eta
         p = ca.vertcat(ca.vec(xs), ca.vec(us), ts, ys, mask, theta, d_prev, ca.vec(sqrt_info))
         f = 0.5 * ca.sumsqr(r)
-        jac = ca.Function("mhe_jac_r", [w, p], [ca.jacobian(r, w)])
-        wm, pm = ca.MX.sym("w", w.numel()), ca.MX.sym("p", p.numel())
-        lam_f, lam_g = ca.MX.sym("lam_f"), ca.MX.sym("lam_g", 0)
-        J = jac(wm, pm)
-        hess = ca.Function("nlp_hess_l", [wm, pm, lam_f, lam_g],
-                           [lam_f * (ca.mtimes(J.T, J) + 1e-10 * ca.MX.eye(w.numel()))],
-                           ["x", "p", "lam_f", "lam_g"], ["hess_gamma_x_x"])
         nlp = {"x": w, "p": p, "f": f}
-        with _quiet_native_stdout():
-            self._sqp = ca.nlpsol("mhe_sqp", "sqpmethod", nlp, {
-                "qpsol": "qpoases", "hess_lag": hess, "max_iter": 50, "print_header": False,
-                "print_iteration": False, "print_time": False, "print_status": False,
-                "error_on_fail": False,
-                "qpsol_options": {"printLevel": "none", "sparse": False,
-                                  "error_on_fail": False}})
-        self._ipopt = ca.nlpsol("mhe_ipopt", "ipopt", nlp, {
-            "ipopt.print_level": 0, "print_time": False, "ipopt.sb": "yes",
-            "error_on_fail": False})
-        self._first = True
+        hessian = gauss_newton_hessian(r, w, p, 0, regularisation=1e-10)
+        self._sqp = sqp_solver("mhe_sqp", nlp, hessian, "qpoases", 50)
+        self._ipopt = ipopt_solver("mhe_ipopt", nlp)
 
     def add(self, t_s: float, x: np.ndarray, u: np.ndarray, y: float) -> None:
         """Record one valid measurement *y* with the state *x* and rates *u* at *t_s*."""

@@ -25,10 +25,7 @@ This module knows model/, not plant/ nor transports.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
-import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +36,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..model.propagate import Propagator
 from ..model.spec import Model
+from .solvers import gauss_newton_hessian, ipopt_solver, quiet_native_stdout, sqp_solver
 
 __all__ = ["NMPCConfig", "DosePlan", "NonlinearMPC"]
 
@@ -311,17 +309,7 @@ class NonlinearMPC:
         f = 0.5 * ca.sumsqr(r) + linear
         G = ca.vertcat(*g) if g else ca.SX(0, 1)
         self._nlp = {"x": w, "p": p, "f": f, "g": G}
-        # Gauss-Newton: the Hessian of the sum of squares without second derivatives of the
-        # residuals or constraints; a tiny diagonal keeps the QP strictly convex. J'J is
-        # formed numerically (an MX product of the evaluated Jacobian): forming it
-        # symbolically blows up the expression when the states are condensed.
-        jac_r = ca.Function("jac_r", [w, p], [ca.jacobian(r, w)])
-        wm, pm = ca.MX.sym("w", w.numel()), ca.MX.sym("p", p.numel())
-        lam_f, lam_g = ca.MX.sym("lam_f"), ca.MX.sym("lam_g", G.numel())
-        J = jac_r(wm, pm)
-        H = lam_f * (ca.mtimes(J.T, J) + 1e-9 * ca.MX.eye(w.numel()))
-        self._hess = ca.Function("nlp_hess_l", [wm, pm, lam_f, lam_g], [H],
-                                 ["x", "p", "lam_f", "lam_g"], ["hess_gamma_x_x"])
+        self._hess = gauss_newton_hessian(r, w, p, G.numel())
         self._solvers: dict[str, ca.Function] = {}
         self._y_pred = ca.Function("y_pred", [w, p], [ca.vertcat(*y_pred)])
         self._n = n
@@ -333,20 +321,10 @@ class NonlinearMPC:
         """``"sqpmethod:<qp>"`` or ``"ipopt"``, built on first use."""
         if name not in self._solvers:
             if name.startswith("sqpmethod"):
-                qp = name.split(":", 1)[1]
-                qp_opts = {"qrqp": {"print_iter": False, "print_header": False,
-                                    "print_info": False},
-                           "qpoases": {"printLevel": "none", "sparse": False}}.get(qp, {})
-                opts = {"qpsol": qp, "hess_lag": self._hess, "max_iter": self.config.max_iter,
-                        "print_header": False, "print_iteration": False, "print_time": False,
-                        "print_status": False, "error_on_fail": False,
-                        "qpsol_options": {**qp_opts, "error_on_fail": False}}
-                with _quiet_native_stdout():
-                    self._solvers[name] = ca.nlpsol("nmpc_sqp", "sqpmethod", self._nlp, opts)
+                self._solvers[name] = sqp_solver("nmpc_sqp", self._nlp, self._hess,
+                                                 name.split(":", 1)[1], self.config.max_iter)
             else:
-                opts = {"ipopt.print_level": 0, "print_time": False, "ipopt.sb": "yes",
-                        "ipopt.max_iter": 300, "error_on_fail": False}
-                self._solvers[name] = ca.nlpsol("nmpc_ipopt", "ipopt", self._nlp, opts)
+                self._solvers[name] = ipopt_solver("nmpc_ipopt", self._nlp)
         return self._solvers[name]
 
     # ------------------------------------------------------------------ per cycle
@@ -368,7 +346,7 @@ class NonlinearMPC:
         optionally a reference (number or one value per period), the output disturbance, the
         amounts already delivered inside each dose window (by input), and new *weights* or
         *limits* (same keys as the config) without rebuilding."""
-        c, m = self.config, self.model
+        c, _m = self.config, self.model
         N = c.horizon
         ref = np.full(N, c.reference if reference is None else 0.0)
         if reference is not None:
@@ -475,7 +453,7 @@ class NonlinearMPC:
         for name in order:
             first = name not in self._solvers
             solver = self._solver(name)
-            with _quiet_native_stdout() if first else contextlib.nullcontext():
+            with quiet_native_stdout() if first else contextlib.nullcontext():
                 out = solver(x0=w0, p=p, lbx=lbx, ubx=ubx, lbg=lbg, ubg=ubg)
             stats = solver.stats()
             w = np.asarray(out["x"], dtype=float).ravel()
@@ -520,29 +498,6 @@ class NonlinearMPC:
         rates = {name: float(plan[0, m.input_index(name)]) for name in c.inputs}
         return DosePlan(t_s, success, status, iterations, seconds, solver, rates, plan, y,
                         objective, reason)
-
-
-@contextlib.contextmanager
-def _quiet_native_stdout():
-    """Silence what native code writes to the process's standard output (qpOASES prints a
-    copyright banner when its solver memory is created; library code must not print)."""
-    # CasADi routes native output through Python's sys.stdout where it is redirected (test
-    # runners, notebooks) and to file descriptor 1 otherwise: silence both.
-    with contextlib.redirect_stdout(io.StringIO()):
-        try:
-            sys.stdout.flush()
-            saved = os.dup(1)
-        except (OSError, ValueError):  # no real file descriptor
-            yield
-            return
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, 1)
-            yield
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-            os.close(devnull)
 
 
 def _finite_or(value: float, fallback: float) -> float:
