@@ -38,7 +38,7 @@ def controller_for(row, lm) -> MPCController:
     cov = {"age": row.age, "height": row.height_cm, "weight": row.weight_kg,
            "sex": "male" if row.gender_1male == 1 else "female", "opiates": "yes"}
     params = lm.population.typical_parameters(cov)
-    scale = float(os.environ.get("TIVA_PRIOR_SCALE", "0.7"))
+    scale = float(os.environ.get("TIVA_PRIOR_SCALE", "0.5"))
     params["bis_c50p"] *= scale
     params["bis_c50r"] *= scale
     omega = lm.population.omega
@@ -51,13 +51,13 @@ def controller_for(row, lm) -> MPCController:
                       horizon=int(env("TIVA_HORIZON", "40")),
                       move_block=int(env("TIVA_BLOCK", "2")), reference=50.0,
                       output_weight=1.0,
-                      change_weights={"propofol": float(env("TIVA_DU", "5")),
-                                      "remifentanil": float(env("TIVA_DU_R", "5"))},
+                      change_weights={"propofol": float(env("TIVA_DU", "20")),
+                                      "remifentanil": float(env("TIVA_DU_R", "20"))},
                       rate_bounds={"propofol": (0.0, 6.67), "remifentanil": (0.0, 16.67)},
                       ratio=("propofol", "remifentanil", ratio) if ratio > 0 else None,
-                      soft_window=(float(env("TIVA_FLOOR", "45")), np.inf),
-                      soft_weights=(float(env("TIVA_SOFT", "200")),
-                                    float(env("TIVA_SOFT", "200"))))
+                      soft_window=(float(env("TIVA_FLOOR", "48")), np.inf),
+                      soft_weights=(float(env("TIVA_SOFT", "500")),
+                                    float(env("TIVA_SOFT", "500"))))
     safety = SafetyConfig("bis", {"propofol": 6.67, "remifentanil": 16.67},
                           valid_range=(0.0, 100.0), stale_after_s=15.0)
     mhe = MHEConfig("bis", chosen, tuple(map(tuple, sub)),
@@ -71,7 +71,7 @@ def controller_for(row, lm) -> MPCController:
     return MPCController(lm.model, params, nmpc, safety, mhe, reference=profile,
                          estimator=env("TIVA_ESTIMATOR", "ekf"),
                          ekf_options={"q_d": float(env("TIVA_QD", "0.01")),
-                                      "q_eta": float(env("TIVA_QETA", "1e-6"))})
+                                      "q_eta": float(env("TIVA_QETA", "1e-3"))})
 
 
 def run_patient(k: int) -> dict:
