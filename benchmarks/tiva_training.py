@@ -54,6 +54,7 @@ def controller_for(row, lm) -> MPCController:
                       change_weights={"propofol": float(env("TIVA_DU", "20")),
                                       "remifentanil": float(env("TIVA_DU_R", "20"))},
                       rate_bounds={"propofol": (0.0, 6.67), "remifentanil": (0.0, 16.67)},
+                      max_change={"propofol": float(env("TIVA_MAXCHANGE", "inf"))},
                       ratio=("propofol", "remifentanil", ratio) if ratio > 0 else None,
                       soft_window=(float(env("TIVA_FLOOR", "48")), np.inf),
                       soft_weights=(float(env("TIVA_SOFT", "500")),
@@ -71,7 +72,8 @@ def controller_for(row, lm) -> MPCController:
     return MPCController(lm.model, params, nmpc, safety, mhe, reference=profile,
                          estimator=env("TIVA_ESTIMATOR", "ekf"),
                          ekf_options={"q_d": float(env("TIVA_QD", "0.01")),
-                                      "q_eta": float(env("TIVA_QETA", "1e-3"))})
+                                      "q_eta": float(env("TIVA_QETA", "1e-3")),
+                                      "prior_inflation": float(env("TIVA_INFL", "1"))})
 
 
 def run_patient(k: int) -> dict:

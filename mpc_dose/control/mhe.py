@@ -228,13 +228,15 @@ class OutputMapEKF:
     output-map parameters and an additive disturbance), one measurement at a time.
 
     The filter state ``z = [eta, d]`` is a random walk (``q_eta`` and ``q_d`` per sample,
-    variances); it starts at the population prior ``N(0, Omega)`` and ``N(0, sd_d0^2)``.
+    variances); it starts at the population prior ``N(0, prior_inflation * Omega)`` and
+    ``N(0, sd_d0^2)``.
     Same interface as the MHE: :meth:`add` each reading, :meth:`update`, then
     :attr:`theta` and :attr:`disturbance`.
     """
 
     def __init__(self, model: Model, theta: np.ndarray, config: MHEConfig, *,
-                 q_eta: float = 1e-6, q_d: float = 0.05, sd_d0: float = 5.0) -> None:
+                 q_eta: float = 1e-6, q_d: float = 0.05, sd_d0: float = 5.0,
+                 prior_inflation: float = 1.0) -> None:
         self.model, self.config = model, config
         self._k = model.output_index(config.output)
         self._idx = [model.param_index(name) for name in config.parameters]
@@ -242,7 +244,8 @@ class OutputMapEKF:
         ne = len(self._idx)
         self._z = np.zeros(ne + 1)
         self._P = np.zeros((ne + 1, ne + 1))
-        self._P[:ne, :ne] = np.asarray(config.omega, dtype=float)
+        # an inflated start lets the filter move faster than the population spread at first
+        self._P[:ne, :ne] = prior_inflation * np.asarray(config.omega, dtype=float)
         self._P[ne, ne] = sd_d0**2
         self._Q = np.diag([q_eta] * ne + [q_d if config.disturbance else 0.0])
         if not config.disturbance:
