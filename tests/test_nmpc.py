@@ -368,3 +368,82 @@ def test_dose_window_limits_planned_amount(ref):
     full = mpc.plan(0.0, x, p, {"propofol": 0.0}, delivered_in_window={"propofol": 5.0})
     assert full.success
     assert full.plan[:10, 0].sum() * T <= 1e-6
+
+
+def test_intermittent_dosing_decides_only_at_scheduled_doses():
+    """Vancomycin every 12 h (1-h infusions): rates only in dose periods, troughs in window."""
+    from mpc_dose.model.library import load as load_model
+    from mpc_dose.model.propagate import Propagator as Prop
+
+    lm = load_model("vancomycin-goti")
+    model = lm.model
+    p = model.parameter_vector(lm.population.typical_parameters(
+        {"crcl": 80, "weight": 75, "dialysis": "no"}))
+    cfg = NMPCConfig(output="vancomycin_cp", inputs=("vancomycin",), period_s=3600.0,
+                     horizon=48, reference=15.0, rate_bounds={"vancomycin": (0.0, 2000 / 3600)},
+                     soft_window=(10.0, 20.0), disturbance=False, dose_interval_s=12 * 3600.0)
+    mpc = NonlinearMPC(model, cfg)
+    plant = Prop(model, p)
+    x, u, given, conc = model.initial_state(p), 0.0, [], []
+    for k in range(96):
+        t = k * 3600.0
+        plan = mpc.plan(t, x, p, {"vancomycin": u})
+        assert plan.success, plan.reason
+        u = plan.rates["vancomycin"]
+        given.append(u)
+        if k % 12:
+            assert u == pytest.approx(0.0, abs=1e-9)
+        x = plant.advance(x, t, t + 3600.0, [u])
+        conc.append(float(model.h(0, x, [u], p)[0]))
+    troughs = [conc[k] for k in range(11, 96, 12)][2:]
+    assert all(9.0 < c < 21.0 for c in troughs), troughs
+    assert sum(1 for g in given if g > 0) >= 6
+
+
+def test_dose_interval_must_be_whole_periods():
+    """A dose interval that is not a whole number of periods is refused."""
+    with pytest.raises(ConfigError, match="whole number of periods"):
+        NMPCConfig(output="bis", inputs=("propofol",), period_s=3600.0, horizon=4,
+                   dose_interval_s=5000.0)
+
+
+def test_window_on_another_output_caps_the_concentration():
+    """A therapeutic window on the plasma concentration caps it while BIS is tracked."""
+    lm = load("propofol-schnider+bis-propofol")
+    model = lm.model
+    p = model.parameter_vector(lm.population.typical_parameters(
+        {"age": 35, "height": 170, "weight": 70, "sex": "male"}))
+    base = dict(output="bis", inputs=("propofol",), period_s=10.0, horizon=30, reference=50.0,
+                rate_bounds={"propofol": (0.0, 0.5)}, change_weights={"propofol": 1.0})
+    free = NonlinearMPC(model, NMPCConfig(**base)).plan(0.0, model.initial_state(p), p,
+                                                       {"propofol": 0.0})
+    capped = NonlinearMPC(model, NMPCConfig(**base, window_output="propofol_cp",
+                                            hard_window=(-math.inf, 4.0))).plan(
+        0.0, model.initial_state(p), p, {"propofol": 0.0})
+    assert capped.success and free.success
+    cp_free = _peak_cp(model, p, free.plan)
+    cp_capped = _peak_cp(model, p, capped.plan)
+    assert cp_free > 4.5 and cp_capped <= 4.0 + 1e-6
+
+
+def _peak_cp(model, p, plan):
+    plant = Propagator(model, p)
+    x, peak = model.initial_state(p), 0.0
+    for k, rates in enumerate(plan):
+        x = plant.advance(x, 10.0 * k, 10.0 * (k + 1), rates)
+        peak = max(peak, float(model.h(0, x, rates, p)[model.output_index("propofol_cp")]))
+    return peak
+
+
+def test_terminal_constraint_holds_at_the_end_of_the_horizon():
+    """A terminal window pins the predicted output at the horizon's end."""
+    lm = load("propofol-schnider+bis-propofol")
+    model = lm.model
+    p = model.parameter_vector(lm.population.typical_parameters(
+        {"age": 35, "height": 170, "weight": 70, "sex": "male"}))
+    cfg = NMPCConfig(output="bis", inputs=("propofol",), period_s=10.0, horizon=30,
+                     reference=50.0, rate_bounds={"propofol": (0.0, 0.5)},
+                     change_weights={"propofol": 1.0}, terminal_window=(59.0, 61.0))
+    plan = NonlinearMPC(model, cfg).plan(0.0, model.initial_state(p), p, {"propofol": 0.0})
+    assert plan.success
+    assert 59.0 - 1e-6 <= plan.predicted_output[-1] <= 61.0 + 1e-6

@@ -95,11 +95,20 @@ class NMPCConfig:
     rate_bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     max_change: Mapping[str, float] = field(default_factory=dict)
     soft_window: tuple[float, float] = (-math.inf, math.inf)
+    #: the output the soft and hard windows apply to (the tracked output by default), e.g. a
+    #: therapeutic window on a concentration while tracking an effect
+    window_output: str | None = None
     soft_weights: tuple[float, float] = (100.0, 100.0)
     hard_window: tuple[float, float] = (-math.inf, math.inf)
+    #: hard bounds on the window output at the end of the horizon (terminal constraint)
+    terminal_window: tuple[float, float] = (-math.inf, math.inf)
     ratio: tuple[str, str, float] | None = None
     dose_windows: tuple[tuple[str, float, float], ...] = ()
     disturbance: bool = True
+    #: intermittent dosing: decisions only in periods starting at multiples of this interval
+    #: [s] of clock time since t = 0 (each dose is then an infusion lasting one period, e.g.
+    #: period 1 h, interval 12 h for vancomycin); None: continuous infusion
+    dose_interval_s: float | None = None
     solver: str = "sqpmethod"
     #: QP solver inside sqpmethod, tried in this order before IPOPT. Measured on the DESIGN
     #: reference problem here: qpOASES (dense) 0.87 ms median per step, qrqp 5.8 ms.
@@ -121,6 +130,13 @@ class NMPCConfig:
         if self.transcription not in ("condensed", "multiple_shooting"):
             raise ConfigError(f"nmpc.transcription must be 'condensed' or "
                               f"'multiple_shooting', got {self.transcription!r}")
+        if self.dose_interval_s is not None:
+            ratio = self.dose_interval_s / self.period_s
+            if not (self.dose_interval_s > 0 and abs(ratio - round(ratio)) < 1e-9
+                    and self.move_block == 1):
+                raise ConfigError(f"nmpc.dose_interval_s = {self.dose_interval_s!r}: must be a "
+                                  f"whole number of periods ({self.period_s} s), with "
+                                  f"move_block 1")
         if self.solver not in ("sqpmethod", "ipopt"):
             raise ConfigError(f"nmpc.solver must be 'sqpmethod' or 'ipopt', "
                               f"got {self.solver!r}")
@@ -169,6 +185,7 @@ class NonlinearMPC:
         for name in c.inputs:
             model.input_index(name)
         self._k_out = model.output_index(c.output)
+        self._k_win = model.output_index(c.window_output or c.output)
         if c.ratio is not None:
             a, b, r = c.ratio
             if a not in c.inputs or b not in c.inputs or a == b or not r >= 0:
@@ -270,23 +287,29 @@ class NonlinearMPC:
                 g.append(step(t_k, X[:, k], rates) - X[:, k + 1])
                 self._g_labels += ["dynamics"] * n
                 x_next = X[:, k + 1]
-            y = m.h(t_k + T, x_next, rates, theta)[self._k_out] + dist
+            outputs = m.h(t_k + T, x_next, rates, theta)
+            y = outputs[self._k_out] + dist
             y_pred.append(y)
             residuals.append(ca.sqrt(w_y) * (y - ref[k]))
+            # the disturbance belongs to the tracked (measured) output only
+            y_win = y if self._k_win == self._k_out else outputs[self._k_win]
             # soft window: y + SL >= low, y - SH <= high (slacks >= 0 by bounds)
             if soft_low:
-                g.append(y + SL[k] - window[0])
+                g.append(y_win + SL[k] - window[0])
                 self._g_labels.append("soft_low")
                 residuals.append(ca.sqrt(w_soft[1]) * SL[k])
                 linear += w_soft[0] * SL[k]
             if soft_high:
-                g.append(window[1] - y + SH[k])
+                g.append(window[1] - y_win + SH[k])
                 self._g_labels.append("soft_high")
                 residuals.append(ca.sqrt(w_soft[1]) * SH[k])
                 linear += w_soft[0] * SH[k]
             if hard:
-                g.append(y)  # the hard window, by its bounds
+                g.append(y_win)  # the hard window, by its bounds
                 self._g_labels.append("hard")
+        if any(math.isfinite(v) for v in c.terminal_window):
+            g.append(y_win)  # the last stage's window output, by the terminal bounds
+            self._g_labels.append("terminal")
         for b in range(n_blocks):
             previous = u_prev if b == 0 else U[:, b - 1]
             residuals.append(ca.sqrt(w_du) * (U[:, b] - previous))
@@ -381,6 +404,12 @@ class NonlinearMPC:
                 lo[j] = max(lo[j], bounds[b][0] / r)
         su, sl, sh = self._slices["U"], self._slices["SL"], self._slices["SH"]
         lbx[su], ubx[su] = np.tile(lo, self._n_blocks), np.tile(hi, self._n_blocks)
+        if c.dose_interval_s is not None:  # no decision between scheduled doses
+            for k in range(N):
+                phase = (t_s + k * c.period_s) % c.dose_interval_s
+                if min(phase, c.dose_interval_s - phase) > 1e-6 * c.period_s:
+                    block = slice(su.start + k * self._nf, su.start + (k + 1) * self._nf)
+                    lbx[block], ubx[block] = 0.0, 0.0
         lbx[sl], lbx[sh] = 0.0, 0.0
         built_change = any(math.isfinite(v) for v in c.max_change.values())
         if not built_change and any(math.isfinite(v) for v in
@@ -406,6 +435,8 @@ class NonlinearMPC:
                 lbg[idx], ubg[idx] = 0.0, np.inf
             elif label == "hard":
                 lbg[idx], ubg[idx] = hard
+            elif label == "terminal":
+                lbg[idx], ubg[idx] = limits.get("terminal_window", c.terminal_window)
             elif label == "change":
                 j = k_change % self._nf
                 lbg[idx], ubg[idx] = -dmax[j], dmax[j]
