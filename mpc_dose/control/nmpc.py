@@ -335,6 +335,12 @@ class NonlinearMPC:
         self._hess = gauss_newton_hessian(r, w, p, G.numel())
         self._solvers: dict[str, ca.Function] = {}
         self._y_pred = ca.Function("y_pred", [w, p], [ca.vertcat(*y_pred)])
+        # constraint rows by kind, for filling their bounds per call without a Python loop
+        labels = np.array(self._g_labels)
+        self._rows = {kind: np.flatnonzero(np.isin(labels, names)) for kind, names in (
+            ("soft", ["soft_low", "soft_high"]), ("hard", ["hard"]),
+            ("terminal", ["terminal"]), ("change", ["change"]),
+            ("dose_window", ["dose_window"]))}
         self._n = n
         self._nf = nf
         self._nw = w.numel()
@@ -426,26 +432,19 @@ class NonlinearMPC:
                                       f"config to make it a parameter")
         lbg = np.zeros(self._ng)
         ubg = np.zeros(self._ng)
-        labels = self._g_labels
-        dmax = np.array([max_change.get(i, np.inf) for i in self._free])
-        k_change = 0
-        k_dose = 0
-        for idx, label in enumerate(labels):
-            if label in ("soft_low", "soft_high"):
-                lbg[idx], ubg[idx] = 0.0, np.inf
-            elif label == "hard":
-                lbg[idx], ubg[idx] = hard
-            elif label == "terminal":
-                lbg[idx], ubg[idx] = limits.get("terminal_window", c.terminal_window)
-            elif label == "change":
-                j = k_change % self._nf
-                lbg[idx], ubg[idx] = -dmax[j], dmax[j]
-                k_change += 1
-            elif label == "dose_window":
-                name, _, max_amount = c.dose_windows[k_dose]
-                used = (delivered_in_window or {}).get(name, 0.0)
-                lbg[idx], ubg[idx] = -np.inf, max(0.0, max_amount - used)
-                k_dose += 1
+        rows = self._rows
+        lbg[rows["soft"]], ubg[rows["soft"]] = 0.0, np.inf
+        lbg[rows["hard"]], ubg[rows["hard"]] = hard
+        lbg[rows["terminal"]], ubg[rows["terminal"]] = limits.get("terminal_window",
+                                                                  c.terminal_window)
+        if rows["change"].size:
+            dmax = np.array([max_change.get(i, np.inf) for i in self._free])
+            limit = np.tile(dmax, rows["change"].size // self._nf)
+            lbg[rows["change"]], ubg[rows["change"]] = -limit, limit
+        for k_dose, idx in enumerate(rows["dose_window"]):
+            name, _, max_amount = c.dose_windows[k_dose]
+            used = (delivered_in_window or {}).get(name, 0.0)
+            lbg[idx], ubg[idx] = -np.inf, max(0.0, max_amount - used)
         self._cold_rates = np.where(np.isfinite(hi), lo + 0.05 * (hi - lo), lo + 1e-3)
         x_init = self._initial_guess(x0, prev, N)
         return self._solve(t_s, p, x_init, lbx, ubx, lbg, ubg)

@@ -59,9 +59,11 @@ def gauss_newton_hessian(residuals: ca.SX, w: ca.SX, p: ca.SX, n_g: int, *,
 def sqp_solver(name: str, nlp: dict, hessian: ca.Function, qp: str, max_iter: int
                ) -> ca.Function:
     """Gauss-Newton ``sqpmethod`` with QP solver *qp*; silent, failures as results."""
+    # calc_lam_p off: the sensitivities to the parameters are never used, cost a gradient
+    # evaluation per solve, and are undefined where a weight enters as sqrt(w) with w = 0
     opts = {"qpsol": qp, "hess_lag": hessian, "max_iter": max_iter, "print_header": False,
             "print_iteration": False, "print_time": False, "print_status": False,
-            "error_on_fail": False,
+            "error_on_fail": False, "calc_lam_p": False,
             "qpsol_options": {**_QP_OPTIONS.get(qp, {}), "error_on_fail": False}}
     with quiet_native_stdout():
         return ca.nlpsol(name, "sqpmethod", nlp, opts)
@@ -70,6 +72,6 @@ def sqp_solver(name: str, nlp: dict, hessian: ca.Function, qp: str, max_iter: in
 def ipopt_solver(name: str, nlp: dict, max_iter: int = 300, **extra) -> ca.Function:
     """IPOPT, silent, failures as results."""
     opts = {"ipopt.print_level": 0, "print_time": False, "ipopt.sb": "yes",
-            "ipopt.max_iter": max_iter, "error_on_fail": False}
+            "ipopt.max_iter": max_iter, "error_on_fail": False, "calc_lam_p": False}
     opts.update({f"ipopt.{k}": v for k, v in extra.items()})
     return ca.nlpsol(name, "ipopt", nlp, opts)
