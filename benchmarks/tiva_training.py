@@ -38,7 +38,7 @@ def controller_for(row, lm) -> MPCController:
     cov = {"age": row.age, "height": row.height_cm, "weight": row.weight_kg,
            "sex": "male" if row.gender_1male == 1 else "female", "opiates": "yes"}
     params = lm.population.typical_parameters(cov)
-    scale = float(os.environ.get("TIVA_PRIOR_SCALE", "0.5"))
+    scale = float(os.environ.get("TIVA_PRIOR_SCALE", "0.6"))
     params["bis_c50p"] *= scale
     params["bis_c50r"] *= scale
     omega = lm.population.omega
@@ -56,9 +56,9 @@ def controller_for(row, lm) -> MPCController:
                       rate_bounds={"propofol": (0.0, 6.67), "remifentanil": (0.0, 16.67)},
                       max_change={"propofol": float(env("TIVA_MAXCHANGE", "inf"))},
                       ratio=("propofol", "remifentanil", ratio) if ratio > 0 else None,
-                      soft_window=(float(env("TIVA_FLOOR", "48")), np.inf),
-                      soft_weights=(float(env("TIVA_SOFT", "500")),
-                                    float(env("TIVA_SOFT", "500"))))
+                      soft_window=(float(env("TIVA_FLOOR", "51")), np.inf),
+                      soft_weights=(float(env("TIVA_SOFT", "1000")),
+                                    float(env("TIVA_SOFT", "1000"))))
     safety = SafetyConfig("bis", {"propofol": 6.67, "remifentanil": 16.67},
                           valid_range=(0.0, 100.0), stale_after_s=15.0)
     mhe = MHEConfig("bis", chosen, tuple(map(tuple, sub)),

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model.spec import Model
-from .solvers import gauss_newton_hessian, ipopt_solver, sqp_solver
+from .solvers import gauss_newton_hessian, ipopt_solver, quiet_native_stdout, sqp_solver
 
 __all__ = ["MHEConfig", "MHEResult", "OutputMapMHE", "OutputMapEKF"]
 
@@ -195,7 +195,8 @@ class OutputMapMHE:
         w0 = np.concatenate([self._eta, [self._d]]) if c.disturbance else self._eta.copy()
         status = "unknown"
         for solver in (self._sqp, self._ipopt):
-            out = solver(x0=w0, p=p)
+            with quiet_native_stdout():  # qpOASES prints some failures regardless
+                out = solver(x0=w0, p=p)
             stats = solver.stats()
             w = np.asarray(out["x"], dtype=float).ravel()
             status = str(stats.get("return_status", "unknown"))

@@ -24,7 +24,6 @@ This module knows model/, not plant/ nor transports.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -481,9 +480,9 @@ class NonlinearMPC:
         reasons = []
         start = time.perf_counter()
         for name in order:
-            first = name not in self._solvers
             solver = self._solver(name)
-            with quiet_native_stdout() if first else contextlib.nullcontext():
+            # qpOASES prints some failures even when told to print nothing
+            with quiet_native_stdout():
                 out = solver(x0=w0, p=p, lbx=lbx, ubx=ubx, lbg=lbg, ubg=ubg)
             stats = solver.stats()
             w = np.asarray(out["x"], dtype=float).ravel()
