@@ -174,3 +174,19 @@ def test_layering_of_new_layers():
              "assert not [m for m in sys.modules if m.startswith('mpc_dose.control')]")
     for code in (control, plant):
         subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_nmpc_scenario_runs_through_the_message_layer():
+    """`kind = "nmpc"`: the TIVA training scenario induces patient 1 within 3 minutes."""
+    scenario = load_scenario(REPO / "scenarios" / "tiva_nmpc_training.toml")
+    setup, patient = build_setup(scenario, 0, 0)
+    assert patient.params["propofol_v1"] != setup.controller.theta[
+        setup.controller.model.param_index("propofol_v1")]  # the controller's own model
+    frame = run_closed_loop(replace(setup, duration_s=180.0)).to_pandas()
+    assert frame["true_bis_unitless"].iloc[-1] < 60
+    assert frame["commanded_propofol_rate_mg_per_s"].max() <= 6.67 + 1e-9
+    assert frame["controller_reason"].str.startswith("CLOSED_LOOP").any()
+    ratio = frame["commanded_remifentanil_rate_ug_per_s"] / \
+        frame["commanded_propofol_rate_mg_per_s"].where(
+            frame["commanded_propofol_rate_mg_per_s"] > 1e-6)
+    assert ratio.dropna().between(1.999, 2.001).all()
