@@ -71,7 +71,7 @@ def run_dompc(model, p):
         import do_mpc
     import casadi as ca
 
-    phi, gam, gc = Propagator(model, p)._discrete(T)
+    phi, gam, gc = Propagator(model, p).discrete(T)
     m = do_mpc.model.Model("discrete")
     x = m.set_variable("_x", "x", shape=(model.n_states, 1))
     u = m.set_variable("_u", "u", shape=(1, 1))

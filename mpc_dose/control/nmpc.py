@@ -359,7 +359,7 @@ class NonlinearMPC:
     def _discretisation(self, theta: np.ndarray) -> np.ndarray:
         key = theta.tobytes()
         if self._pk_cache is None or self._pk_cache[0] != key:
-            phi, gam, gc = Propagator(self.model, theta)._discrete(self.config.period_s)
+            phi, gam, gc = Propagator(self.model, theta).discrete(self.config.period_s)
             self._pk_cache = (key, np.concatenate([phi.ravel(order="F"), gam.ravel(order="F"),
                                                    gc]))
         return self._pk_cache[1]

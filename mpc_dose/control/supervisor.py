@@ -102,11 +102,7 @@ class SafetySupervisor:
     def observe(self, reading: Reading) -> bool:
         """Track every reading for flat-line detection; False when the signal is flat."""
         self._recent.append(reading.value)
-        if len(self._recent) >= self.config.flatline_samples:
-            values = np.asarray(self._recent)
-            if np.ptp(values[-self.config.flatline_samples:]) <= self.config.flatline_tolerance:
-                return False
-        return True
+        return not self.flat
 
     @property
     def flat(self) -> bool:

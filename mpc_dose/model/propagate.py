@@ -97,7 +97,7 @@ class Propagator:
         return bool(np.any(self.p[amplitudes] != 0.0)) if amplitudes else True
 
     # ------------------------------------------------------------------ exact ZOH
-    def _discrete(self, dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def discrete(self, dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(Phi, Gamma, gamma_c)``: ``x(t+dt) = Phi x + Gamma u + gamma_c`` for any constant
         *u*, from one matrix exponential of ``[[A, B, c], [0, 0, 0]] dt`` per step length."""
         key = float(dt)
@@ -117,7 +117,7 @@ class Propagator:
 
     def transition(self, dt: float, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(Phi, gamma)`` with ``x(t + dt) = Phi x(t) + gamma`` under constant input *u*."""
-        phi, gamma_u, gamma_c = self._discrete(dt)
+        phi, gamma_u, gamma_c = self.discrete(dt)
         return phi, gamma_u @ np.asarray(u, dtype=float) + gamma_c
 
     @staticmethod
