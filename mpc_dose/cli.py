@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .errors import MpcDoseError
+from .errors import ConfigError, MpcDoseError
 from .units import parse_quantity
 
 __all__ = ["main"]
@@ -175,6 +176,119 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args):
+    """CURVE keys from --keys (own secret file) and --server-key (server's public file)."""
+    if not getattr(args, "keys", None):
+        return None
+    from .transport.zmq_link import Keys
+
+    return Keys.load(args.keys, getattr(args, "server_key", None))
+
+
+def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{flag} {item!r}: expected NAME=ADDRESS")
+        out[name] = value
+    return out
+
+
+def _cmd_serve(args) -> int:
+    from .scenario import load_scenario
+
+    if args.role == "pump-bridge":
+        from .serve.pump_bridge import PumpBridgeProcess, load_bridge_config
+
+        bridge = PumpBridgeProcess(load_bridge_config(args.target), audit=args.audit,
+                                   keys=_keys(args))
+        print(f"pump bridge: commands {bridge.config.bridge.commands}, telemetry "
+              f"{bridge.config.bridge.telemetry}, {len(bridge.config.pump)} pump(s)",
+              flush=True)
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
+        try:
+            bridge.run(args.duration)
+        finally:
+            bridge.close()
+        return 0
+    scenario = load_scenario(args.target)
+    seed = scenario.scenario.seed if args.seed is None else args.seed
+    if args.role == "plant":
+        from .serve.plant import serve_plant
+
+        result = serve_plant(scenario, args.patient - 1, seed, telemetry=args.telemetry,
+                             commands=args.commands, external=_pairs(args.external,
+                                                                     "--external"),
+                             realtime_factor=args.realtime, audit=args.audit,
+                             keys=_keys(args))
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            result.to_pandas().to_csv(out, index=False, float_format="%.10g")
+            print(f"wrote {out}")
+        return 0
+    from .serve.controller import serve_controller
+
+    routes = {p.pump: args.commands for p in scenario.pump}
+    routes.update(_pairs(args.pump, "--pump"))
+    process = serve_controller(scenario, [(args.patient - 1, seed)], [args.telemetry],
+                               [routes], plant_commands=[args.commands],
+                               realtime=args.realtime is not None,
+                               audit=args.audit, keys=_keys(args))
+    link = process.links[0]
+    print(f"controller: {len(link.cycle_s)} cycles, missed acks {link.missed_acks}")
+    return 0
+
+
+def _cmd_keys(args) -> int:
+    from .transport.zmq_link import generate_keys
+
+    public, secret = generate_keys(args.directory, args.name)
+    print(f"wrote {public} (public: give it to the peers) and {secret} (secret: keep it "
+          f"here, never in a repository)")
+    return 0
+
+
+def _cmd_log(args) -> int:
+    from .audit import export_csv
+
+    count = export_csv(args.database, args.out, process=args.process)
+    print(f"wrote {args.out} ({count} rows)")
+    return 0
+
+
+def _cmd_monitor(args) -> int:
+    import zmq
+
+    from .transport.zmq_link import TelemetryReader
+
+    context = zmq.Context()
+    reader = TelemetryReader(context, args.telemetry, keys=_keys(args))
+    end = None if args.duration is None else time.monotonic() + args.duration
+    try:
+        while end is None or time.monotonic() < end:
+            for env in reader.drain(0.5):
+                m = env.message
+                t = "" if env.t_sim is None else f"t={env.t_sim:8.1f} s "
+                if m.type == "measurement":
+                    print(f"{t}{env.src}: {m.var} = {m.value:.4g} {m.unit} [{m.quality}]")
+                elif m.type == "pump_status":
+                    print(f"{t}{env.src}: pump {m.pump} {m.state} {m.rate:.4g} {m.unit} "
+                          f"mode {m.mode}")
+                elif m.type == "alarm":
+                    print(f"{t}{env.src}: ALARM {m.priority} {m.code}: {m.text}")
+                elif m.type == "heartbeat" and m.state not in ("tick", "running"):
+                    print(f"{t}{env.src}: {m.role} {m.state}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        context.destroy(linger=0)
+    return 0
+
+
 def _parameter_overrides(model, given: dict[str, str]) -> dict[str, float]:
     """Individual parameter values by name, optionally with a unit suffix (``_L_per_h``)."""
     return dict(model.parameter_value(key, raw, where="--params") for key, raw in given.items())
@@ -216,6 +330,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run against the wall clock: FACTOR wall seconds per simulated second")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.set_defaults(run=_cmd_run)
+
+    p = sub.add_parser("serve", help="run one part of the loop as a process over ZeroMQ",
+                       description="plant SCENARIO | controller SCENARIO | pump-bridge CONFIG")
+    p.add_argument("role", choices=["plant", "controller", "pump-bridge"])
+    p.add_argument("target", help="scenario TOML (plant, controller) or bridge config TOML")
+    p.add_argument("--patient", type=int, default=1, help="patient number, from 1")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--telemetry", default="tcp://127.0.0.1:5560",
+                   help="the plant's telemetry (PUB) address")
+    p.add_argument("--commands", default="tcp://127.0.0.1:5561",
+                   help="the plant's command (ROUTER) address")
+    p.add_argument("--pump", action="append", metavar="NAME=ADDRESS",
+                   help="controller: send this pump's commands to a bridge")
+    p.add_argument("--external", action="append", metavar="NAME=ADDRESS",
+                   help="plant: this pump is a bridge's; follow its telemetry at ADDRESS")
+    p.add_argument("--realtime", type=float, default=None, metavar="FACTOR",
+                   help="against the wall clock (default: simulated, lock-step)")
+    p.add_argument("--duration", type=float, default=None, help="pump-bridge: stop after [s]")
+    p.add_argument("--audit", default=None, help="SQLite audit log to append to")
+    p.add_argument("--out", default=None, help="plant: CSV of the recorded series")
+    p.add_argument("--keys", default=None, help="own CURVE secret key file (NAME.key_secret)")
+    p.add_argument("--server-key", default=None, help="client: the server's public key file")
+    p.set_defaults(run=_cmd_serve)
+
+    p = sub.add_parser("keys", help="generate a CURVE key pair")
+    p.add_argument("directory")
+    p.add_argument("name")
+    p.set_defaults(run=_cmd_keys)
+
+    p = sub.add_parser("log", help="audit log tools")
+    p.add_argument("action", choices=["export"])
+    p.add_argument("database")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--process", default=None, help="only this process's rows")
+    p.set_defaults(run=_cmd_log)
+
+    p = sub.add_parser("monitor", help="live values, modes and alarms from telemetry")
+    p.add_argument("telemetry", nargs="+", help="telemetry (PUB) addresses")
+    p.add_argument("--duration", type=float, default=None, help="stop after [s]")
+    p.add_argument("--keys", default=None)
+    p.add_argument("--server-key", default=None)
+    p.set_defaults(run=_cmd_monitor)
     return parser
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import simpy.core
 import simpy.rt
 
 __all__ = ["DeadlineEnvironment", "DeadlineMiss", "DeadlineMissed"]
@@ -40,15 +41,19 @@ class DeadlineEnvironment(simpy.rt.RealtimeEnvironment):
         Lateness [wall s] that counts as a missed deadline.
     strict : bool
         Raise :class:`DeadlineMissed` on the first miss (after recording it).
+    idle : callable, optional
+        ``idle(timeout_s)`` is called instead of sleeping until the next event (e.g. a
+        ZeroMQ poll that schedules the messages it receives); it may add earlier events.
     """
 
     def __init__(self, initial_time: float = 0.0, factor: float = 1.0, *,
-                 tolerance_s: float = 0.05, strict: bool = False) -> None:
+                 tolerance_s: float = 0.05, strict: bool = False, idle=None) -> None:
         # simpy's own strict check is replaced by ours (it only fires past one factor)
         super().__init__(initial_time, factor, strict=False)
         self.tolerance_s = tolerance_s
         self.deadline_strict = strict
         self.misses: list[DeadlineMiss] = []
+        self.idle = idle
 
     def step(self) -> None:
         due = self.peek()
@@ -60,4 +65,15 @@ class DeadlineEnvironment(simpy.rt.RealtimeEnvironment):
                 if self.deadline_strict:
                     raise DeadlineMissed(f"event due at {due:g} s processed {lag:.3f} s late "
                                          f"(tolerance {self.tolerance_s:g} s)")
-        super().step()
+        if self.idle is None:
+            super().step()
+            return
+        while True:  # wait by polling; a message may schedule an earlier event
+            due = self.peek()
+            if due == float("inf"):
+                raise simpy.core.EmptySchedule
+            delta = self.real_start + (due - self.env_start) * self.factor - time.monotonic()
+            if delta <= 0:
+                break
+            self.idle(delta)
+        simpy.core.Environment.step(self)

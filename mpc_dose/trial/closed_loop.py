@@ -8,7 +8,7 @@ the same controller node runs unchanged across processes over ZeroMQ.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,11 +23,12 @@ from ..plant.patient import OutputDisturbance, VirtualPatient, parameter_schedul
 from ..plant.pump import InfusionPump, PumpAlarm, PumpConfig
 from ..plant.realtime import DeadlineEnvironment
 from ..plant.sensor import SensorConfig, SensorNoise, sensor_process
-from ..protocol.messages import Alarm
+from ..protocol.messages import Alarm, Measurement, PumpStatus, SetRate, _Message
 from ..transport.inproc import InprocLink
-from ..units import unit_to_token
+from ..units import conversion_factor, unit_to_token
 
-__all__ = ["LoopSetup", "LoopResult", "run_closed_loop"]
+__all__ = ["LoopSetup", "LoopResult", "PlantSide", "run_closed_loop", "make_environment",
+           "control_instants"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,177 @@ def _column(prefix: str, name: str, unit: str) -> str:
     return f"{prefix}{name}_{unit_to_token(unit)}" if unit != "1" else f"{prefix}{name}_unitless"
 
 
+class PlantSide:
+    """The plant half of a loop inside simpy environment *env*: virtual patient, pumps,
+    sensors, disturbances and the recorder. Messages to the controller go out through
+    *send*; commands come in through :meth:`command`, which returns the answers (already
+    sent as well).
+
+    The same object runs in one process (:func:`run_closed_loop`) and as the plant process
+    of a loop across processes (:mod:`mpc_dose.serve.plant`), so both give the same series.
+    Pumps named in *external* are driven by another process (a pump bridge): their delivered
+    rate is set with :meth:`apply_external` from that pump's status.
+    """
+
+    def __init__(self, setup: LoopSetup, env: simpy.Environment,
+                 send: Callable[[_Message], None], *, external: Sequence[str] = ()) -> None:
+        model = setup.model
+        self.setup, self.env, self._send = setup, env, send
+        self.patient = VirtualPatient(model, setup.params, setup.disturbances)
+        self.events: list[tuple[float, str, str]] = []
+        if setup.parameter_changes:
+            env.process(parameter_schedule(env, self.patient, setup.parameter_changes))
+            self.events += [(t, "patient", "parameters change")
+                            for t, _ in setup.parameter_changes]
+        self.pumps: dict[str, InfusionPump] = {}
+        self.configs: dict[str, PumpConfig] = {}
+        self.external = tuple(external)
+        for config in setup.pumps:
+            if config.input not in model.input_names:
+                raise ConfigError(f"pump {config.pump!r}: model has no input {config.input!r}")
+            if config.pump in self.configs:
+                raise ConfigError(f"pump {config.pump!r} configured twice")
+            self.configs[config.pump] = config
+            if config.pump not in self.external:
+                self.pumps[config.pump] = InfusionPump(env, config, self.patient,
+                                                       self._pump_event)
+        self.routes = self.routes_for(setup)
+        unknown = set(self.external) - set(self.configs)
+        if unknown:
+            raise ConfigError(f"external pumps {sorted(unknown)} are not in the scenario's "
+                              f"pumps {sorted(self.configs)}")
+        self.node = PlantNode(self.pumps)
+        #: what the plant last sent or was told, for the recorder
+        self.last_measurement: dict[str, Measurement] = {}
+        self.commanded: dict[str, float] = {}
+        self.alarms_sent: list[str] = []
+        # each sensor draws from its own child stream, spawned in order, so adding a sensor
+        # does not change the noise of the others
+        for config, rng in zip(setup.sensors, setup.noise_rng.spawn(len(setup.sensors))):
+            model.output_index(config.output)
+            env.process(sensor_process(env, self.patient, config, SensorNoise(config, rng),
+                                       self._reading))
+
+    @staticmethod
+    def routes_for(setup: LoopSetup) -> dict[str, PumpRoute]:
+        """Input -> pump route of *setup* (what a controller node needs of the plant)."""
+        model = setup.model
+        routes = {}
+        for config in setup.pumps:
+            amount_unit = model.inputs[model.input_index(config.input)].amount_unit
+            routes[config.input] = PumpRoute(config.input, config.pump, config.concentration,
+                                              amount_unit, config.fallback_ml_per_h)
+        return routes
+
+    def _reading(self, reading) -> None:
+        message = self.node.measurement_message(reading)
+        self.last_measurement[message.var] = message
+        self._send(message)
+
+    def _pump_event(self, event) -> None:
+        if isinstance(event, PumpAlarm):
+            self.events.append((self.env.now, "alarm", f"pump.{event.code}: {event.text}"))
+        message = self.node.event_message(event)
+        if isinstance(message, Alarm):
+            self.alarms_sent.append(message.code)
+        self._send(message)
+
+    def command(self, message: _Message, *, send: bool = True) -> list[_Message]:
+        """Apply one command to a simulated pump; the answers are returned (and sent through
+        the telemetry link unless *send* is False: across processes they go back to the
+        commanding client instead)."""
+        if isinstance(message, SetRate) and message.dose_rate is not None:
+            for route in self.routes.values():
+                if route.pump == message.pump:
+                    self.commanded[route.input] = message.dose_rate
+        answers = self.node.receive(message, self.env.now)
+        for answer in answers if send else ():
+            self._send(answer)
+        return answers
+
+    def apply_external(self, status: PumpStatus) -> None:
+        """Deliver what an external pump reports it infuses (its status), from now."""
+        config = self.configs[status.pump]
+        rate = status.rate * conversion_factor(status.unit, "mL/h")
+        if status.state != "infusing":
+            rate = 0.0
+        self.patient.set_rate(self.env.now, self.setup.model.input_index(config.input),
+                              config.amount_per_s(rate))
+
+    def note_command(self, message: SetRate) -> None:
+        """Record a command that went to an external pump (for the commanded columns)."""
+        for route in self.routes.values():
+            if route.pump == message.pump and message.dose_rate is not None:
+                self.commanded[route.input] = message.dose_rate
+
+    def recorder(self, columns: dict[str, list],
+                 measured: Callable[[str], float] | None = None,
+                 commanded: Callable[[], Mapping[str, float]] | None = None,
+                 reason: Callable[[], str] = lambda: ""):
+        """A simpy process recording one row per record step into *columns*; *measured*,
+        *commanded* and *reason* default to what the plant sent and was told."""
+        setup, env, model = self.setup, self.env, self.setup.model
+        out_cols = [_column("true_", o.name, o.unit) for o in model.outputs]
+        meas_cols = [(c.var, _column("measured_", c.var, c.unit)) for c in setup.sensors]
+        rate_cols = [(i.name, _column("commanded_", f"{i.name}_rate", i.rate_unit),
+                      _column("delivered_", f"{i.name}_rate", i.rate_unit))
+                     for i in model.inputs]
+        columns["time_s"] = []
+        for name in out_cols + [c for _, c in meas_cols]:
+            columns[name] = []
+        for _, c_name, d_name in rate_cols:
+            columns[c_name], columns[d_name] = [], []
+        for pump in self.pumps:
+            columns[f"pump_{pump}_state"] = []
+        columns["controller_reason"] = []
+        columns["alarms"] = []
+        measured = measured or self._measured
+        commanded = commanded or (lambda: self.commanded)
+        seen = 0
+        k = 0
+        while True:
+            t = k * setup.record_step_s
+            if t > setup.duration_s + 1e-9:
+                return
+            yield at(env, t, RECORD)
+            columns["time_s"].append(t)
+            for name, value in zip(out_cols, self.patient.true_outputs(t)):
+                columns[name].append(float(value))
+            for var, name in meas_cols:
+                columns[name].append(measured(var))
+            rates = commanded()
+            for j, (inp, c_name, d_name) in enumerate(rate_cols):
+                columns[c_name].append(rates.get(inp, math.nan))
+                columns[d_name].append(float(self.patient.rates[j]))
+            for pump_id, pump in self.pumps.items():
+                columns[f"pump_{pump_id}_state"].append(pump.state)
+            columns["controller_reason"].append(reason())
+            columns["alarms"].append(";".join(self.alarms_sent[seen:]))
+            seen = len(self.alarms_sent)
+            k += 1
+
+    def _measured(self, var: str) -> float:
+        message = self.last_measurement.get(var)
+        return message.value if message is not None and message.quality == "valid" \
+            else math.nan
+
+
+def make_environment(setup: LoopSetup) -> simpy.Environment:
+    """simpy's environment: as fast as possible, or against the wall clock."""
+    if setup.realtime_factor is None:
+        return simpy.Environment()
+    return DeadlineEnvironment(factor=setup.realtime_factor,
+                               tolerance_s=setup.deadline_tolerance_s)
+
+
+def control_instants(setup: LoopSetup, period_s: float):
+    """Control times 0, T, 2T, ... up to the scenario's duration."""
+    k = 0
+    while k * period_s <= setup.duration_s:
+        yield k * period_s
+        k += 1
+
+
 def run_closed_loop(setup: LoopSetup) -> LoopResult:
     """Run one patient under *setup*; returns the recorded series and events.
 
@@ -79,120 +251,40 @@ def run_closed_loop(setup: LoopSetup) -> LoopResult:
     ConfigError
         For pumps, sensors or disturbances that name unknown model signals.
     """
-    model = setup.model
-    if setup.realtime_factor is None:
-        env = simpy.Environment()
-    else:
-        env = DeadlineEnvironment(factor=setup.realtime_factor,
-                                  tolerance_s=setup.deadline_tolerance_s)
-    patient = VirtualPatient(model, setup.params, setup.disturbances)
-    events: list[tuple[float, str, str]] = []
-    if setup.parameter_changes:
-        env.process(parameter_schedule(env, patient, setup.parameter_changes))
-        events += [(t, "patient", "parameters change") for t, _ in setup.parameter_changes]
-
-    # --- plant side -------------------------------------------------------------------
+    env = make_environment(setup)
     controller_node: ControllerNode | None = None
     to_controller = InprocLink(env, lambda m, now: controller_node.receive(m, now),
                                src="plant", latency_s=setup.latency_s,
                                encode=setup.encode_frames)
-    pumps: dict[str, InfusionPump] = {}
-
-    def pump_event(event) -> None:
-        if isinstance(event, PumpAlarm):
-            events.append((env.now, "alarm", f"pump.{event.code}: {event.text}"))
-        to_controller.send(plant_node.event_message(event))
-
-    routes: dict[str, PumpRoute] = {}
-    for config in setup.pumps:
-        if config.input not in model.input_names:
-            raise ConfigError(f"pump {config.pump!r}: model has no input {config.input!r}")
-        if config.pump in pumps:
-            raise ConfigError(f"pump {config.pump!r} configured twice")
-        pumps[config.pump] = InfusionPump(env, config, patient, pump_event)
-        amount_unit = model.inputs[model.input_index(config.input)].amount_unit
-        routes[config.input] = PumpRoute(config.input, config.pump, config.concentration,
-                                         amount_unit, config.fallback_ml_per_h)
-    plant_node = PlantNode(pumps)
-    # each sensor draws from its own child stream, spawned in order, so adding a sensor does
-    # not change the noise of the others
-    for config, rng in zip(setup.sensors, setup.noise_rng.spawn(len(setup.sensors))):
-        model.output_index(config.output)
-        env.process(sensor_process(env, patient, config, SensorNoise(config, rng),
-                                   lambda r: to_controller.send(
-                                       plant_node.measurement_message(r))))
-
-    # --- controller side --------------------------------------------------------------
-    def reply(message, now) -> None:
-        for answer in plant_node.receive(message, now):
-            to_controller.send(answer)
-
-    to_plant = InprocLink(env, reply, src="controller", latency_s=setup.latency_s,
-                          encode=setup.encode_frames)
-    controller_node = ControllerNode(setup.controller, routes, lease_periods=setup.lease_periods)
+    plant = PlantSide(setup, env, to_controller.send)
+    to_plant = InprocLink(env, lambda m, now: plant.command(m), src="controller",
+                          latency_s=setup.latency_s, encode=setup.encode_frames)
+    controller_node = ControllerNode(setup.controller, plant.routes,
+                                     lease_periods=setup.lease_periods)
 
     def control_cycle():
-        k = 0
-        period = setup.controller.period_s
-        while True:
-            t = k * period
-            if t > setup.duration_s:
-                return
+        for t in control_instants(setup, setup.controller.period_s):
             yield at(env, t, ACT)
             for message in controller_node.tick(t):
                 to_plant.send(message)
-            k += 1
 
     env.process(control_cycle())
 
-    # --- recorder ---------------------------------------------------------------------
-    columns: dict[str, list] = {"time_s": []}
-    out_cols = [_column("true_", o.name, o.unit) for o in model.outputs]
-    meas_cols = [(c.var, _column("measured_", c.var, c.unit)) for c in setup.sensors]
-    rate_cols = [(i.name, _column("commanded_", f"{i.name}_rate", i.rate_unit),
-                  _column("delivered_", f"{i.name}_rate", i.rate_unit)) for i in model.inputs]
-    for name in out_cols + [c for _, c in meas_cols]:
-        columns[name] = []
-    for _, commanded, delivered in rate_cols:
-        columns[commanded], columns[delivered] = [], []
-    for pump in pumps:
-        columns[f"pump_{pump}_state"] = []
-    columns["controller_reason"] = []
-    columns["alarms"] = []
-    n_alarms_seen = [0]
+    def measured(var: str) -> float:
+        reading = controller_node.readings.get(var)
+        return reading.value if reading is not None and reading.quality == "valid" \
+            else math.nan
 
-    def recorder():
-        k = 0
-        while True:
-            t = k * setup.record_step_s
-            if t > setup.duration_s + 1e-9:
-                return
-            yield at(env, t, RECORD)
-            columns["time_s"].append(t)
-            y = patient.true_outputs(t)
-            for name, value in zip(out_cols, y):
-                columns[name].append(float(value))
-            for var, name in meas_cols:
-                reading = controller_node.readings.get(var)
-                columns[name].append(reading.value if reading is not None
-                                     and reading.quality == "valid" else math.nan)
-            commanded = controller_node.commanded
-            for j, (inp, c_name, d_name) in enumerate(rate_cols):
-                columns[c_name].append(commanded.get(inp, math.nan))
-                columns[d_name].append(float(patient.rates[j]))
-            for pump_id, pump in pumps.items():
-                columns[f"pump_{pump_id}_state"].append(pump.state)
-            decision = controller_node.last_decision
-            columns["controller_reason"].append(decision.reason if decision else "")
-            new = controller_node.alarms[n_alarms_seen[0]:]
-            n_alarms_seen[0] = len(controller_node.alarms)
-            columns["alarms"].append(";".join(a.code for _, a in new))
-            k += 1
+    def reason() -> str:
+        decision = controller_node.last_decision
+        return decision.reason if decision else ""
 
-    env.process(recorder())
+    columns: dict[str, list] = {}
+    env.process(plant.recorder(columns, measured, lambda: controller_node.commanded, reason))
     if isinstance(env, DeadlineEnvironment):
         env.sync()
     env.run(until=setup.duration_s + min(setup.record_step_s, 1.0) / 2)
+    events = list(plant.events)
     for t, alarm in controller_node.alarms:
         if isinstance(alarm, Alarm) and not alarm.code.startswith("pump."):
             events.append((t, "alarm", f"{alarm.code}: {alarm.text}"))

@@ -1,0 +1,347 @@
+"""The pump-bridge node: commands for real (or emulated) pumps in, acks and pump status out.
+
+It does not trust the controller (IEC 62304 segregation): every ``set_rate`` is checked again
+here - sender epoch and sequence (stale and replayed commands are refused), age
+(``max_cmd_age_s``, on the sender's wall clock: a clock skew beyond it is refused, not
+accepted), idempotency (a repeated ``cmd_id`` gets its cached ack), limits (rate, step, volume
+per hour, lease length), the dose-rate cross-check - then applied through the *driver*, read
+back, and held for its lease on the bridge's own monotonic clock. When a lease ends without a
+new command the bridge applies the command's fallback itself (B1, B3). A pump whose state is
+unknown (power reset, unreachable, read-back mismatch, alarm) goes to ``STOPPED`` and takes no
+rate until an operator acknowledges it (B7, B8).
+
+No sockets and no clock: times are arguments. The *driver* does the device I/O:
+``set_rate(address, mL/h) -> read-back mL/h``, ``stop(address)``, ``read(address)`` with
+``state``, ``rate_ml_per_h``, ``dispensed_ml`` and ``alarm``; its exceptions may carry a
+``code`` (``out_of_range``, ``alarm``, ``pump_error``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from ..protocol.codec import Envelope
+from ..protocol.messages import (Ack, Alarm, GetStatus, Hello, PumpStatus, SetRate, Stop,
+                                 _Message)
+from ..protocol.session import Lease, SequenceTracker
+from ..units import UnitError, conversion_factor
+
+__all__ = ["BridgePump", "PumpBridgeNode"]
+
+
+@dataclass(frozen=True)
+class BridgePump:
+    """One pump behind the bridge, with the bridge's own hard limits.
+
+    *concentration* is drug amount per mL in *amount_unit* (for the dose cross-check).
+    """
+
+    pump: str
+    address: int
+    concentration: float
+    amount_unit: str
+    max_rate_ml_per_h: float
+    max_step_ml_per_h: float = math.inf
+    max_volume_per_h_ml: float = math.inf
+    max_lease_s: float = 60.0
+    syringe_diameter_mm: float = 26.59
+
+    def __post_init__(self) -> None:
+        where = f"pump-bridge pump {self.pump!r}"
+        for name in ("concentration", "max_rate_ml_per_h", "max_step_ml_per_h",
+                     "max_volume_per_h_ml", "max_lease_s"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"{where}: {name} must be > 0, got {value!r}")
+        if not 0 <= self.address <= 99:
+            raise ConfigError(f"{where}: address must be in 0-99, got {self.address!r}")
+
+
+@dataclass
+class _PumpState:
+    config: BridgePump
+    mode: str = "INIT"           # INIT, COMMANDED, FALLBACK, STOPPED
+    state: str = "unknown"       # the device's state as last read
+    rate_ml_per_h: float = 0.0
+    delivered_ml: float = 0.0
+    lease: Lease | None = None
+    fallback_ml_per_h: float = 0.0
+    cause: str = "not initialised"
+    volume_log: list[tuple[float, float]] = field(default_factory=list)  # (t, mL/h) set
+
+
+class PumpBridgeNode:
+    """Checks and applies commands for *pumps* through *driver*.
+
+    Parameters
+    ----------
+    pumps : sequence of BridgePump
+    driver : object
+        Device I/O (see the module docstring).
+    max_cmd_age_s : float
+        Commands older than this by their ``t_sent`` (sender's wall clock) are ``expired``.
+    allowed_sources : set of str, optional
+        Controller ids allowed to command (with CURVE, the authenticated key's name).
+    """
+
+    def __init__(self, pumps, driver, *, max_cmd_age_s: float = 2.0,
+                 allowed_sources: set[str] | None = None, cache_size: int = 64) -> None:
+        self.driver = driver
+        self.pumps = {p.pump: _PumpState(p) for p in pumps}
+        self.max_cmd_age_s = max_cmd_age_s
+        self.allowed_sources = allowed_sources
+        self.sequences = SequenceTracker()
+        self._acks: OrderedDict[str, Ack] = OrderedDict()
+        self._cache_size = cache_size
+        self.controller_epoch: dict[str, str] = {}
+        self.transitions: list[tuple[float, str, str, str, str]] = []
+        self.rejected: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def initialise(self, now: float, initialise_device) -> list[_Message]:
+        """Run *initialise_device(address, diameter)* for each pump; they start STOPPED
+        (never infusing on start-up) and need no operator ack for this first start."""
+        out: list[_Message] = []
+        for state in self.pumps.values():
+            try:
+                initialise_device(state.config.address, state.config.syringe_diameter_mm)
+                state.state = "stopped"
+                self._mode(state, now, "READY", "initialised: stopped, waiting for a command")
+            except Exception as err:  # noqa: BLE001 - any device failure: stay STOPPED
+                out.append(self._fault(state, now, "pump.unreachable", f"init failed: {err}"))
+        return out
+
+    def acknowledge(self, pump: str, now: float) -> list[_Message]:
+        """An operator acknowledges a stopped pump after checking it: the bridge stops it,
+        re-reads its state and accepts commands again (B8)."""
+        state = self.pumps[pump]
+        try:
+            self.driver.stop(state.config.address)
+            reading = self.driver.read(state.config.address)
+        except Exception as err:  # noqa: BLE001
+            return [self._fault(state, now, "pump.unreachable", f"acknowledge failed: {err}")]
+        if reading.alarm is not None:
+            return [self._fault(state, now, f"pump.alarm_{reading.alarm}",
+                                "alarm persists after acknowledge")]
+        state.state, state.rate_ml_per_h, state.lease = "stopped", 0.0, None
+        self._mode(state, now, "READY", "operator acknowledged")
+        return [self.status(pump, now)]
+
+    # ------------------------------------------------------------------ commands
+    def receive(self, envelope: Envelope, now: float, wall_now: float) -> list[_Message]:
+        """One command from a controller (*now*: bridge monotonic s; *wall_now*: UTC s)."""
+        message = envelope.message
+        if isinstance(message, Hello):
+            self.controller_epoch[envelope.src] = envelope.epoch
+            self.sequences.classify(envelope.src, envelope.epoch, envelope.seq)
+            return [Hello(role="pump-bridge")]
+        if not isinstance(message, (SetRate, Stop, GetStatus)):
+            return []
+        cmd_id = message.cmd_id
+        cached = self._acks.get(cmd_id)
+        if cached is not None:  # idempotent: the same answer, nothing applied twice (B9)
+            return [Ack(cmd_id=cmd_id, ok=cached.ok, code="duplicate" if cached.ok
+                        else cached.code, applied_rate=cached.applied_rate, unit=cached.unit,
+                        lease_remaining_s=cached.lease_remaining_s, text=cached.text)]
+        if self.allowed_sources is not None and envelope.src not in self.allowed_sources:
+            return [self._nack(cmd_id, "not_authorized", f"source {envelope.src!r} may not "
+                                                         f"command pumps")]
+        order = self.sequences.classify(envelope.src, envelope.epoch, envelope.seq)
+        if order != "new" and not isinstance(message, Stop):
+            return [self._nack(cmd_id, "stale", f"{order} command (epoch {envelope.epoch}, "
+                                                f"seq {envelope.seq})")]
+        state = self.pumps.get(message.pump)
+        if state is None:
+            return [self._nack(cmd_id, "schema", f"no pump {message.pump!r}")]
+        if isinstance(message, GetStatus):
+            return [self._remember(Ack(cmd_id=cmd_id, ok=True, code="applied")),
+                    self.status(message.pump, now)]
+        if isinstance(message, Stop):  # always accepted
+            return self._stop(state, cmd_id, now, message.reason or "stop command")
+        age = wall_now - envelope.t_sent
+        if abs(age) > self.max_cmd_age_s:
+            return [self._nack(cmd_id, "expired", f"command age {age:.2f} s outside "
+                                                  f"+-{self.max_cmd_age_s} s (late, replayed "
+                                                  f"or clocks skewed)"),
+                    Alarm(code="bridge.command_expired", priority="medium", kind="technical",
+                          text=f"{message.pump}: command {cmd_id} {age:.2f} s old")]
+        return self._set_rate(state, message, now)
+
+    def _set_rate(self, state: _PumpState, message: SetRate, now: float) -> list[_Message]:
+        c = state.config
+        if state.mode in ("STOPPED", "INIT"):
+            return [self._nack(message.cmd_id, "pump_error",
+                               f"{c.pump} is {state.mode}: {state.cause}; needs an operator "
+                               f"acknowledge")]
+        try:
+            rate = message.rate * conversion_factor(message.unit, "mL/h")
+            fallback = message.fallback.rate * conversion_factor(message.fallback.unit, "mL/h")
+            if message.dose_rate is not None:
+                per_s = message.dose_rate * conversion_factor(message.dose_unit,
+                                                              f"{c.amount_unit}/s")
+                expected = per_s * 3600.0 / c.concentration
+                if not math.isclose(expected, rate, rel_tol=0.01, abs_tol=1e-9):
+                    return [self._nack(message.cmd_id, "unit",
+                                       f"dose rate gives {expected:g} mL/h, rate says "
+                                       f"{rate:g} mL/h"),
+                            Alarm(code="bridge.dose_mismatch", priority="high",
+                                  kind="technical", text=f"{c.pump}: {message.cmd_id}")]
+        except UnitError as err:
+            return [self._nack(message.cmd_id, "unit", str(err))]
+        problem = None
+        if rate > c.max_rate_ml_per_h or fallback > c.max_rate_ml_per_h:
+            problem = f"rate {rate:g} (fallback {fallback:g}) mL/h above {c.max_rate_ml_per_h:g}"
+        elif abs(rate - state.rate_ml_per_h) > c.max_step_ml_per_h:
+            problem = (f"step {rate - state.rate_ml_per_h:+g} mL/h beyond "
+                       f"{c.max_step_ml_per_h:g}")
+        elif message.lease_s > c.max_lease_s:
+            problem = f"lease {message.lease_s:g} s above {c.max_lease_s:g} s"
+        elif self._volume_next_hour(state, now, rate, message.lease_s) > c.max_volume_per_h_ml:
+            problem = f"volume in the last hour would exceed {c.max_volume_per_h_ml:g} mL"
+        if problem:
+            # the previous lease keeps running to its end (T14)
+            return [self._nack(message.cmd_id, "out_of_range", problem),
+                    Alarm(code="bridge.out_of_range", priority="medium", kind="technical",
+                          text=f"{c.pump}: {problem}")]
+        applied = None
+        for _ in range(2):  # read back; one retry on a mismatch (B7)
+            try:
+                applied = self.driver.set_rate(c.address, rate)
+            except Exception as err:  # noqa: BLE001
+                code = getattr(err, "code", "pump_error")
+                if code == "out_of_range":
+                    return [self._nack(message.cmd_id, "out_of_range", str(err))]
+                return [self._nack(message.cmd_id, "pump_error", str(err)),
+                        self._fault(state, now, f"pump.{code}", str(err))]
+            if math.isclose(applied, rate, rel_tol=0.01, abs_tol=1e-3):
+                break
+        else:
+            self._safe_stop(state)
+            return [self._nack(message.cmd_id, "pump_error",
+                               f"read back {applied:g} mL/h for {rate:g}"),
+                    self._fault(state, now, "pump.readback_mismatch",
+                                f"read back {applied:g} mL/h for {rate:g} mL/h")]
+        state.rate_ml_per_h, state.state = applied, "infusing" if applied > 0 else "stopped"
+        state.lease = Lease(message.cmd_id, now, message.lease_s)
+        state.fallback_ml_per_h = fallback
+        state.volume_log.append((now, applied))
+        self._mode(state, now, "COMMANDED", f"command {message.cmd_id}")
+        ack = Ack(cmd_id=message.cmd_id, ok=True, code="applied", applied_rate=applied,
+                  unit="mL/h", lease_remaining_s=message.lease_s)
+        return [self._remember(ack), self.status(c.pump, now)]
+
+    def _volume_next_hour(self, state: _PumpState, now: float, rate: float,
+                          lease_s: float) -> float:
+        """Volume set over the last hour plus this command's lease [mL], from set rates."""
+        log = [(t, r) for t, r in state.volume_log if t > now - 3600.0]
+        state.volume_log[:] = log
+        total, times = 0.0, [t for t, _ in log] + [now]
+        for (t, r), t_next in zip(log, times[1:]):
+            total += r * (t_next - t) / 3600.0
+        return total + rate * lease_s / 3600.0
+
+    def _stop(self, state: _PumpState, cmd_id: str, now: float, cause: str) -> list[_Message]:
+        try:
+            self.driver.stop(state.config.address)
+        except Exception as err:  # noqa: BLE001
+            return [self._nack(cmd_id, "pump_error", str(err)),
+                    self._fault(state, now, "pump.unreachable", str(err))]
+        state.rate_ml_per_h, state.state, state.lease = 0.0, "stopped", None
+        if state.mode not in ("STOPPED", "INIT"):
+            self._mode(state, now, "READY", cause)
+        return [self._remember(Ack(cmd_id=cmd_id, ok=True, code="applied", applied_rate=0.0,
+                                   unit="mL/h")), self.status(state.config.pump, now)]
+
+    # ------------------------------------------------------------------ time passes
+    def poll(self, now: float) -> list[_Message]:
+        """Lease ends -> fallback; read every pump that is not STOPPED (which feeds its
+        safe-mode watchdog, B2); status and alarms out."""
+        out: list[_Message] = []
+        for state in self.pumps.values():
+            c = state.config
+            if state.mode == "COMMANDED" and state.lease is not None and \
+                    state.lease.expired(now):
+                rate = state.fallback_ml_per_h
+                action = f"preset rate {rate:g} mL/h" if rate > 0 else "stop"
+                try:
+                    applied = self.driver.set_rate(c.address, rate)
+                except Exception as err:  # noqa: BLE001
+                    out.append(self._fault(state, now, "pump.unreachable", str(err)))
+                    continue
+                state.rate_ml_per_h, state.lease = applied, None
+                state.state = "infusing" if applied > 0 else "stopped"
+                self._mode(state, now, "FALLBACK",
+                           f"lease of {state.config.pump} ended without a new command: "
+                           f"{action}")
+                out.append(Alarm(code="pump.lease_expired", priority="medium",
+                                 kind="technical",
+                                 text=f"{c.pump}: no command within the lease: {action}"))
+            # Reading the pump feeds its safe-mode watchdog: done while this bridge is
+            # healthy, so only a dead or hung bridge (or a pulled cable) lets it fire; the
+            # controller's leases are enforced above, on the bridge's clock.
+            if state.mode in ("READY", "COMMANDED", "FALLBACK"):
+                try:
+                    reading = self.driver.read(c.address)
+                except Exception as err:  # noqa: BLE001
+                    out.append(self._fault(state, now, "pump.unreachable", str(err)))
+                    continue
+                state.delivered_ml = reading.dispensed_ml
+                if reading.alarm is not None:
+                    out.append(self._fault(state, now, f"pump.alarm_{reading.alarm}",
+                                           f"pump alarm A?{reading.alarm}"))
+                    continue
+                if reading.state != state.state:
+                    self._safe_stop(state)
+                    out.append(self._fault(state, now, "pump.state_mismatch",
+                                           f"pump says {reading.state}, bridge expected "
+                                           f"{state.state}"))
+                    continue
+            out.append(self.status(c.pump, now))
+        return out
+
+    def status(self, pump: str, now: float) -> PumpStatus:
+        state = self.pumps[pump]
+        remaining = state.lease.remaining(now) if state.lease is not None else None
+        return PumpStatus(pump=pump, state=state.state if state.state in (
+            "infusing", "stopped", "alarm", "disconnected") else "unknown",
+            rate=state.rate_ml_per_h, delivered=max(0.0, state.delivered_ml),
+            lease_remaining_s=remaining, mode=state.mode)
+
+    # ------------------------------------------------------------------ helpers
+    def _mode(self, state: _PumpState, now: float, mode: str, cause: str) -> None:
+        if mode != state.mode:
+            self.transitions.append((now, state.config.pump, state.mode, mode, cause))
+            state.mode, state.cause = mode, cause
+
+    def _safe_stop(self, state: _PumpState) -> None:
+        try:
+            self.driver.stop(state.config.address)
+        except Exception:  # noqa: BLE001 - the watchdog stops it if we cannot
+            pass
+
+    def _fault(self, state: _PumpState, now: float, code: str, text: str) -> Alarm:
+        state.lease, state.rate_ml_per_h = None, 0.0
+        state.state = "alarm" if "alarm" in code else "unknown"
+        self._mode(state, now, "STOPPED", text)
+        return Alarm(code=code, priority="high", kind="technical",
+                     text=f"{state.config.pump}: {text}; stopped until an operator "
+                          f"acknowledges")
+
+    def _nack(self, cmd_id: str, code: str, text: str) -> Ack:
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+        return self._remember(Ack(cmd_id=cmd_id, ok=False, code=code, text=text))
+
+    def _remember(self, ack: Ack) -> Ack:
+        self._acks[ack.cmd_id] = ack
+        while len(self._acks) > self._cache_size:
+            self._acks.popitem(last=False)
+        return ack
+
+
+def bridge_pumps_from(config: Mapping) -> list[BridgePump]:
+    """Pumps from a pump-bridge config table (see :mod:`mpc_dose.serve.pump_bridge`)."""
+    return [BridgePump(**row) for row in config]

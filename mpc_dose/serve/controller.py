@@ -1,0 +1,207 @@
+"""``mpc-dose serve controller``: the controller node of one or more patients as a process.
+
+It subscribes to each plant's telemetry, keeps the latest readings, and at each control
+instant sends one leased ``set_rate`` per pump over a DEALER socket, waiting for each ack
+(bounded retries; a missing ack is "unknown", never "applied"). In simulated time the plant's
+``tick`` heartbeat is the instant; in real time the controller's own clock is, and the plant
+heartbeats only prove liveness.
+
+Several patients share one process (the load case: one controller for 100 virtual patients):
+each has its own node, sockets and epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from ..audit import AuditLog
+from ..node import ControllerNode
+from ..protocol.codec import Envelope
+from ..protocol.messages import Heartbeat, Hello
+from ..protocol.session import LinkSession
+from ..scenario.schema import Scenario
+from ..trial.build import build_setup
+from ..trial.closed_loop import PlantSide
+from ..transport.zmq_link import CommandClient, Keys, TelemetryReader, new_epoch
+
+__all__ = ["ControllerProcess", "PatientLink", "serve_controller"]
+
+
+@dataclass
+class PatientLink:
+    """One patient's controller node with its sockets."""
+
+    node: ControllerNode
+    telemetry: TelemetryReader
+    clients: dict[str, CommandClient]           # pump -> client
+    plant: CommandClient | None = None          # the plant's command endpoint (hello)
+    session: LinkSession = field(default_factory=LinkSession)
+    finished: bool = False
+    cycle_s: list[float] = field(default_factory=list)
+    missed_acks: int = 0
+
+
+class ControllerProcess:
+    """Controller nodes for patients of *scenario*, each talking to its plant at
+    ``telemetry[k]`` and to its pumps at ``pumps[k][pump]``."""
+
+    def __init__(self, scenario: Scenario, patients: list[tuple[int, int]],
+                 telemetry: list[str], pumps: list[dict[str, str]], *,
+                 plant_commands: list[str] | None = None,
+                 audit: str | Path | None = None, keys: Keys | None = None,
+                 ack_timeout_s: float = 1.0, retries: int = 2) -> None:
+        self.context = zmq.Context()
+        self.log = AuditLog(audit, "controller") if audit else None
+        self.ack_timeout_s, self.retries = ack_timeout_s, retries
+        self.epoch = new_epoch()
+        self.links: list[PatientLink] = []
+        plant_commands = plant_commands or [None] * len(patients)
+        for (index, seed), tel, routes, plant_cmd in zip(patients, telemetry, pumps,
+                                                          plant_commands):
+            setup, _ = build_setup(scenario, index, seed)
+            plant_routes = PlantSide.routes_for(setup)
+            node = ControllerNode(setup.controller, plant_routes,
+                                  lease_periods=setup.lease_periods,
+                                  src=f"controller-{index + 1}")
+            clients = {}
+            by_address: dict[str, CommandClient] = {}
+            for pump, address in routes.items():
+                if address not in by_address:
+                    by_address[address] = CommandClient(self.context, address, src=node.src,
+                                                        epoch=self.epoch, keys=keys)
+                clients[pump] = by_address[address]
+            reader = TelemetryReader(self.context, [tel], keys=keys)
+            plant = by_address.get(plant_cmd) if plant_cmd else None
+            if plant_cmd and plant is None:
+                plant = CommandClient(self.context, plant_cmd, src=node.src,
+                                      epoch=self.epoch, keys=keys)
+            self.links.append(PatientLink(node, reader, clients, plant))
+        self.period_s = self.links[0].node.controller.period_s if self.links else 1.0
+
+    def _record(self, direction: str, envelope: Envelope) -> None:
+        if self.log is not None:
+            self.log.message(direction, envelope)
+
+    def connect(self, wait_s: float = 30.0) -> None:
+        """Hello to every pump endpoint once the plant's telemetry is heard (the
+        subscription is then live), then a status snapshot before any command (B11)."""
+        deadline = time.monotonic() + wait_s
+        for link in self.links:
+            link.session.fire("connect", time.monotonic(), "start")
+            heard = False
+            while not heard:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("serve controller: plant telemetry not heard within "
+                                       f"{wait_s} s")
+                for _ in link.telemetry.drain(0.05):
+                    heard = True
+            endpoints = list(link.clients.values()) + ([link.plant] if link.plant else [])
+            for client in {id(c): c for c in endpoints}.values():
+                ack = None
+                while ack is None and time.monotonic() < deadline:
+                    client.send(Hello(role="controller"))
+                    if client.sock.poll(200):
+                        ack = next(iter(client.receive()), None)
+                if ack is None:
+                    raise TimeoutError("serve controller: no hello answer from a pump "
+                                       "endpoint")
+            link.session.fire("hello_ack", time.monotonic(), "hello answered")
+            link.session.fire("snapshot", time.monotonic(), "plant heard")
+
+    def handle_telemetry(self, link: PatientLink, timeout_s: float = 0.0) -> list[float]:
+        """Take in the waiting telemetry; returns the tick instants it contained."""
+        ticks = []
+        for envelope in link.telemetry.drain(timeout_s):
+            link.session.heard(time.monotonic(), envelope.epoch)
+            message = envelope.message
+            if isinstance(message, Heartbeat):
+                if message.state == "tick" and envelope.t_sim is not None:
+                    ticks.append(envelope.t_sim)
+                elif message.state == "finished":
+                    link.finished = True
+                continue
+            self._record("in", envelope)
+            link.node.receive(message, envelope.t_sim if envelope.t_sim is not None
+                              else time.monotonic())
+        return ticks
+
+    def cycle(self, link: PatientLink, t: float) -> None:
+        """One control instant: decide, send each command and wait for its ack."""
+        start = time.perf_counter()
+        for command in link.node.tick(t):
+            client = link.clients[command.pump]
+            self._record("out", Envelope(command, client.src, client.epoch, client.seq,
+                                         time.time(), t))
+            ack = client.request(command, t_sim=t, timeout_s=self.ack_timeout_s,
+                                 retries=self.retries)
+            if ack is None:
+                link.missed_acks += 1
+                if self.log is not None:
+                    self.log.note("ack_missing", t, cmd_id=command.cmd_id, pump=command.pump)
+                continue
+            link.node.receive(ack, t)
+            if self.log is not None:
+                self.log.note("ack", t, **ack.body())
+        link.cycle_s.append(time.perf_counter() - start)
+
+    def run_simulated(self, idle_timeout_s: float = 30.0) -> None:
+        """Lock-step: act on each plant tick until every plant has finished."""
+        last = time.monotonic()
+        poller = zmq.Poller()
+        for link in self.links:
+            poller.register(link.telemetry.sock, zmq.POLLIN)
+        while not all(link.finished for link in self.links):
+            if not poller.poll(100):
+                if time.monotonic() - last > idle_timeout_s:
+                    raise TimeoutError(f"serve controller: plants silent for "
+                                       f"{idle_timeout_s} s")
+                continue
+            last = time.monotonic()
+            for link in self.links:
+                for t in self.handle_telemetry(link):
+                    self.cycle(link, t)
+
+    def run_realtime(self, duration_s: float) -> None:
+        """Own clock: a cycle every period for *duration_s* (wall seconds)."""
+        start = time.monotonic()
+        k = 0
+        while not all(link.finished for link in self.links):
+            due = start + k * self.period_s
+            if due - start > duration_s:
+                break
+            while (left := due - time.monotonic()) > 0:
+                for link in self.links:
+                    self.handle_telemetry(link, min(left, 0.01) / len(self.links))
+            for link in self.links:
+                self.handle_telemetry(link)
+                self.cycle(link, time.monotonic() - start)
+            k += 1
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        self.context.destroy(linger=0)
+
+
+def serve_controller(scenario: Scenario, patients: list[tuple[int, int]],
+                     telemetry: list[str], pumps: list[dict[str, str]], *,
+                     plant_commands: list[str] | None = None, realtime: bool = False,
+                     duration_s: float | None = None,
+                     audit: str | Path | None = None, keys: Keys | None = None
+                     ) -> ControllerProcess:
+    process = ControllerProcess(scenario, patients, telemetry, pumps,
+                                plant_commands=plant_commands, audit=audit, keys=keys)
+    try:
+        process.connect()
+        if realtime:
+            process.run_realtime(duration_s if duration_s is not None
+                                 else scenario.scenario.duration_s)
+        else:
+            process.run_simulated()
+    finally:
+        process.close()
+    return process

@@ -1,0 +1,168 @@
+"""``mpc-dose serve plant``: the virtual patient with its pumps and sensors as a process.
+
+Telemetry (measurements, pump status, alarms, heartbeats) goes out on a PUB socket; commands
+for the simulated pumps come in on a ROUTER socket and are answered there. Pumps driven by a
+pump bridge (``external``) are followed through the bridge's own telemetry: the patient gets
+what the bridge reports its pump infuses.
+
+Simulated time (default) runs in lock-step, so a run across processes gives the same series
+as :func:`~mpc_dose.trial.closed_loop.run_closed_loop`: at each control instant the plant
+publishes the readings, then a ``heartbeat`` with state ``tick`` and the instant as
+``t_sim``, and waits (up to *tick_timeout_s* of wall time) until every pump has its command
+for that instant. In real time (*realtime_factor*) nothing waits: messages are applied when
+they arrive, and the controller's own clock (the tick) keeps the period.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import zmq
+
+from ..audit import AuditLog
+from ..plant.clock import ACT, at
+from ..protocol.codec import Envelope
+from ..protocol.messages import GetStatus, Heartbeat, Hello, PumpStatus, SetRate, Stop
+from ..scenario.schema import Scenario
+from ..trial.build import build_setup
+from ..trial.closed_loop import LoopResult, PlantSide, control_instants, make_environment
+from ..transport.zmq_link import CommandServer, Keys, Telemetry, TelemetryReader
+
+__all__ = ["serve_plant"]
+
+
+def serve_plant(scenario: Scenario, index: int, seed: int, *, telemetry: str, commands: str,
+                external: dict[str, str] | None = None, realtime_factor: float | None = None,
+                audit: str | Path | None = None, keys: Keys | None = None,
+                wait_s: float = 30.0, tick_timeout_s: float = 10.0) -> LoopResult:
+    """Run the plant of patient *index* (0-based) with *seed* until the scenario ends."""
+    from dataclasses import replace
+
+    setup, _ = build_setup(scenario, index, seed)
+    if realtime_factor is not None:
+        setup = replace(setup, realtime_factor=realtime_factor)
+    external = dict(external or {})
+    context = zmq.Context()
+    log = AuditLog(audit, "plant") if audit else None
+    pub = Telemetry(context, telemetry, src="plant", keys=keys)
+    server = CommandServer(context, commands, src="plant", keys=keys)
+    bridges = TelemetryReader(context, sorted(set(external.values()))) if external else None
+    env = make_environment(setup)
+    period = setup.controller.period_s
+
+    def send(message) -> None:
+        t_sim = float(env.now)
+        if log is not None:
+            log.message("out", Envelope(message, pub.src, pub.epoch, pub.seq, time.time(),
+                                        t_sim))
+        pub.send(message, t_sim)
+
+    plant = PlantSide(setup, env, send, external=list(external))
+    own = set(plant.pumps)
+    answered: dict[str, float] = {}     # pump -> t_sim of its last command
+    reported: dict[str, float] = {}     # external pump -> t_sim of its last status
+
+    def serve_commands(timeout_s: float) -> bool:
+        """Apply waiting commands; True if anything arrived."""
+        got = False
+        for identity, envelope in server.receive(timeout_s):
+            got = True
+            if log is not None:
+                log.message("in", envelope)
+            message = envelope.message
+            if isinstance(message, Hello):
+                server.reply(identity, Hello(role="plant"), float(env.now))
+                continue
+            if isinstance(message, SetRate) and message.pump in external:
+                plant.note_command(message)
+                continue
+            if isinstance(message, (SetRate, Stop, GetStatus)):
+                for answer in plant.command(message, send=False):
+                    server.reply(identity, answer, float(env.now))
+                if isinstance(message, (SetRate, Stop)):
+                    answered[message.pump] = envelope.t_sim if envelope.t_sim is not None \
+                        else float(env.now)
+        return got
+
+    def follow_bridges(timeout_s: float) -> bool:
+        got = False
+        if bridges is None:
+            return got
+        for envelope in bridges.drain(timeout_s):
+            got = True
+            message = envelope.message
+            if isinstance(message, PumpStatus) and message.pump in external:
+                if log is not None:
+                    log.message("in", envelope)
+                plant.apply_external(message)
+                if envelope.t_sim is not None:
+                    reported[message.pump] = envelope.t_sim
+        return got
+
+    # --- start: wait for the controller's hello (its SUB is then live) and the bridges
+    deadline = time.monotonic() + wait_s
+    hello, seen_bridge = False, bridges is None
+    poller = zmq.Poller()
+    poller.register(server.sock, zmq.POLLIN)
+    if bridges is not None:
+        poller.register(bridges.sock, zmq.POLLIN)
+    while not (hello and seen_bridge):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"serve plant: no controller hello"
+                               f"{'' if seen_bridge else ' / bridge status'} within {wait_s} s")
+        pub.send(Heartbeat(role="plant", state="waiting", period_s=0.05), 0.0)
+        for identity, envelope in server.receive(0.05):
+            if isinstance(envelope.message, Hello):
+                hello = True
+                server.reply(identity, Hello(role="plant"), 0.0)
+        if bridges is not None:
+            for envelope in bridges.drain(0.0):
+                seen_bridge = True
+    if log is not None:
+        log.note("start", 0.0, patient=index + 1, seed=seed, scenario=scenario.scenario.name)
+
+    if realtime_factor is None:
+        def cycle():
+            for t in control_instants(setup, period):
+                yield at(env, t, ACT)
+                send(Heartbeat(role="plant", state="tick", period_s=period))
+                wait_until = time.monotonic() + tick_timeout_s
+                while time.monotonic() < wait_until:
+                    done = all(answered.get(p, -1.0) >= t for p in own) and \
+                        all(reported.get(p, -1.0) >= t for p in external)
+                    if done:
+                        break
+                    serve_commands(0.001)
+                    follow_bridges(0.0)
+                # a silent controller: go on; the pumps' leases run out in simulated time
+        env.process(cycle())
+    else:
+        def heartbeat():
+            while True:
+                yield env.timeout(min(1.0, period))
+                send(Heartbeat(role="plant", state="running", period_s=min(1.0, period)))
+        env.process(heartbeat())
+
+        def idle(timeout_s: float) -> None:
+            events = dict(poller.poll(int(max(timeout_s, 0.0) * 1000)))
+            if server.sock in events:
+                serve_commands(0.0)
+            if bridges is not None and bridges.sock in events:
+                follow_bridges(0.0)
+        env.idle = idle
+
+    columns: dict[str, list] = {}
+    env.process(plant.recorder(columns))
+    if realtime_factor is not None:
+        env.sync()
+    env.run(until=setup.duration_s + min(setup.record_step_s, 1.0) / 2)
+    send(Heartbeat(role="plant", state="finished", period_s=0.0))
+    time.sleep(0.05)  # let the last frames leave (LINGER is 0)
+    if log is not None:
+        log.note("finish", float(env.now), dropped=pub.dropped,
+                 rejected=dict(server.rejected))
+        log.close()
+    context.destroy(linger=0)
+    return LoopResult(columns, sorted(plant.events, key=lambda e: e[0]),
+                      dropped_frames=sum(server.rejected.values()))

@@ -1,0 +1,143 @@
+"""The New Era NE-1000/NE-500 driver over a serial line (pyserial): one command, one reply,
+bounded retries, then the pump counts as unreachable.
+
+The driver sends absolute, idempotent commands only, so a retry after a lost reply is
+harmless. It never runs a heartbeat of its own: the caller feeds safe mode (:meth:`status`
+polls) only while it holds a valid lease, so a dead caller stops the pump (B2).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..protocol.newera import (ALARMS, ERRORS, Reply, ReplyParser, encode_command,
+                               format_number, parse_rate)
+
+__all__ = ["NewEraDriver", "PumpUnreachable", "PumpRefused", "PumpReading"]
+
+
+class PumpUnreachable(RuntimeError):
+    """No valid reply after the retries (cable, address, dead pump)."""
+
+
+class PumpRefused(RuntimeError):
+    """The pump answered with an error (``?OOR``, ``?NA``...) or an alarm; *code* says which."""
+
+    def __init__(self, text: str, code: str, reply: Reply | None = None) -> None:
+        super().__init__(text)
+        self.code, self.reply = code, reply
+
+
+@dataclass(frozen=True)
+class PumpReading:
+    """What the pump says about itself."""
+
+    state: str              # infusing, stopped, alarm, ...
+    rate_ml_per_h: float
+    dispensed_ml: float
+    alarm: str | None
+
+
+class NewEraDriver:
+    """Pumps at their addresses on one serial port.
+
+    Parameters
+    ----------
+    port : str
+        The serial device, or a pyserial URL (``loop://``, ``socket://host:port``).
+    baudrate : int
+        19200 (the pumps' default, 8N1).
+    timeout_s : float
+        Reply timeout per try; *retries* further tries before :class:`PumpUnreachable`.
+    safe_s : int
+        Safe-mode timeout (1-255 s) set on :meth:`initialise`; 0 keeps basic mode.
+    """
+
+    def __init__(self, port: str, *, baudrate: int = 19200, timeout_s: float = 0.2,
+                 retries: int = 2, safe_s: int = 0) -> None:
+        import serial
+
+        if not 0 <= safe_s <= 255:
+            raise ValueError(f"safe_s must be in 0-255 s, got {safe_s!r}")
+        self.serial = serial.serial_for_url(port, baudrate=baudrate, timeout=0.002)
+        self.timeout_s, self.retries, self.safe_s = timeout_s, retries, safe_s
+        self._parser = ReplyParser()
+        self._safe: dict[int, bool] = {}
+        self.exchanges = 0
+        self.failures = 0
+
+    def close(self) -> None:
+        self.serial.close()
+
+    def command(self, address: int, text: str) -> Reply:
+        """Send *text* to the pump at *address*; its reply (errors raise PumpRefused)."""
+        reply = self._exchange(address, text)
+        if reply.alarm is not None:
+            raise PumpRefused(f"pump {address:02d} alarm A?{reply.alarm}: "
+                              f"{ALARMS.get(reply.alarm, 'unknown')}", "alarm", reply)
+        if reply.error is not None:
+            raise PumpRefused(f"pump {address:02d} {reply.error}: "
+                              f"{ERRORS.get(reply.error, 'error')} ({text!r})",
+                              "out_of_range" if reply.error == "?OOR" else "pump_error", reply)
+        return reply
+
+    def _exchange(self, address: int, text: str) -> Reply:
+        packet = encode_command(text, address, safe=self._safe.get(address, False))
+        for _ in range(self.retries + 1):
+            self.exchanges += 1
+            self.serial.reset_input_buffer()
+            self.serial.write(packet)
+            deadline = time.monotonic() + self.timeout_s
+            while time.monotonic() < deadline:
+                data = self.serial.read(1)  # waits at most 2 ms
+                if not data:
+                    continue
+                data += self.serial.read(self.serial.in_waiting)
+                for reply in self._parser.feed(data):
+                    if reply.address == address:
+                        return reply
+            self.failures += 1
+        raise PumpUnreachable(f"pump {address:02d}: no valid reply to {text!r} after "
+                              f"{self.retries + 1} tries")
+
+    def initialise(self, address: int, diameter_mm: float) -> None:
+        """Power-up sequence: a harmless query (the first command is ignored), stop,
+        acknowledge a power-reset alarm, diameter, units, then safe mode."""
+        for _ in range(2):  # the first command after power-up is ignored (?IGN)
+            reply = self._exchange(address, "VER")
+            if reply.error != "?IGN":
+                break
+        self._exchange(address, "STP")  # also clears a power-reset alarm (operator's init)
+        self.command(address, f"DIA{format_number(diameter_mm)}")
+        self.command(address, "FUNRAT")
+        self.command(address, "DIRINF")
+        self.command(address, "RAT0MH")  # units set once, while stopped
+        if self.safe_s:
+            self.command(address, f"SAF{self.safe_s}")
+            self._safe[address] = True
+
+    def set_rate(self, address: int, rate_ml_per_h: float) -> float:
+        """Infuse at *rate_ml_per_h* (0 stops); returns the rate read back [mL/h]."""
+        if rate_ml_per_h <= 0:
+            self.command(address, "STP")
+            return 0.0
+        self.command(address, f"RAT{format_number(rate_ml_per_h)}")
+        reply = self.command(address, "RUN")
+        if reply.prompt != "I":
+            raise PumpRefused(f"pump {address:02d} did not start (prompt {reply.prompt})",
+                              "pump_error", reply)
+        return parse_rate(self.command(address, "RAT").data)  # the read-back
+
+    def stop(self, address: int) -> None:
+        self._exchange(address, "STP")
+
+    def read(self, address: int) -> PumpReading:
+        """Rate and dispensed volume (also feeds the safe-mode watchdog)."""
+        rate_reply = self._exchange(address, "RAT")
+        if rate_reply.alarm is not None:
+            return PumpReading("alarm", 0.0, 0.0, rate_reply.alarm)
+        rate = parse_rate(rate_reply.data)
+        dis = self.command(address, "DIS").data  # I<infused>W<withdrawn>ML
+        infused = float(dis[1:dis.index("W")]) if dis.startswith("I") and "W" in dis else 0.0
+        return PumpReading(rate_reply.state, rate, infused, None)

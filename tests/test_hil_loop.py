@@ -1,0 +1,186 @@
+"""The loop across OS processes over ZeroMQ: controller, plant and a pump bridge driving the
+emulated NE-1000 reproduce the in-process result; a killed controller leaves the pumps in
+their fallback within one lease, recorded in the audit log."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hil.newera_emulator import NewEraEmulator
+from mpc_dose.scenario import load_scenario
+from mpc_dose.trial.build import build_setup
+from mpc_dose.trial.closed_loop import run_closed_loop
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIO = REPO / "scenarios" / "hil_pid_newera.toml"
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mpc_dose.cli", *args]
+
+
+def bridge_config(path: Path, device: str, commands: str, telemetry: str, *,
+                  safe_mode_s: int = 3, poll_s: float = 0.25) -> Path:
+    path.write_text(f"""
+[bridge]
+serial = "{device}"
+commands = "{commands}"
+telemetry = "{telemetry}"
+safe_mode_s = {safe_mode_s}
+poll_s = {poll_s}
+
+[[pump]]
+pump = "propofol"
+address = 0
+concentration = 10.0
+amount_unit = "mg"
+max_rate_ml_per_h = 1200
+
+[[pump]]
+pump = "remifentanil"
+address = 1
+concentration = 50.0
+amount_unit = "ug"
+max_rate_ml_per_h = 1200
+""", encoding="utf-8")
+    return path
+
+
+def run_all(procs: list[subprocess.Popen], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.wait(max(1.0, deadline - time.monotonic()))
+
+
+def test_two_processes_reproduce_the_in_process_loop(tmp_path):
+    """Plant and controller as two OS processes (simulated, lock-step) give the in-process
+    series (to the CSV's 10 digits): same noise, same commands, same delivery."""
+    tel, cmd = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
+    out = tmp_path / "plant.csv"
+    plant = subprocess.Popen(cli("serve", "plant", str(SCENARIO), "--patient", "3", "--seed",
+                                 "2", "--telemetry", tel, "--commands", cmd, "--out",
+                                 str(out)))
+    controller = subprocess.Popen(cli("serve", "controller", str(SCENARIO), "--patient", "3",
+                                      "--seed", "2", "--telemetry", tel, "--commands", cmd))
+    run_all([plant, controller])
+    assert plant.returncode == 0 and controller.returncode == 0
+    across = pd.read_csv(out)
+    setup, _ = build_setup(load_scenario(SCENARIO), 2, 2)
+    inproc = run_closed_loop(setup).to_pandas()
+    for column in ("true_bis_unitless", "measured_bis_unitless",
+                   "delivered_propofol_rate_mg_per_s", "delivered_remifentanil_rate_ug_per_s"):
+        np.testing.assert_allclose(across[column], inproc[column], rtol=1e-9, atol=1e-12,
+                                   err_msg=column)
+
+
+def test_three_processes_with_the_emulated_ne1000(tmp_path):
+    """Controller, plant and pump bridge (driving two emulated NE-1000 pumps on one line)
+    reproduce the in-process loop; the only difference is the pump's 4-digit rate format
+    (relative rounding <= 5e-4), which keeps BIS within 0.05."""
+    emulator = NewEraEmulator([0, 1], max_rate_ml_per_h=1500, power_reset=True).start()
+    try:
+        tel, cmd, b_cmd, b_tel = (f"tcp://127.0.0.1:{p}" for p in free_ports(4))
+        config = bridge_config(tmp_path / "bridge.toml", emulator.device, b_cmd, b_tel)
+        audit = tmp_path / "audit.sqlite"
+        bridge = subprocess.Popen(cli("serve", "pump-bridge", str(config), "--audit",
+                                      str(audit), "--duration", "60"))
+        out = tmp_path / "plant.csv"
+        plant = subprocess.Popen(cli(
+            "serve", "plant", str(SCENARIO), "--patient", "3", "--seed", "2", "--telemetry",
+            tel, "--commands", cmd, "--external", f"propofol={b_tel}", "--external",
+            f"remifentanil={b_tel}", "--out", str(out), "--audit", str(audit)))
+        controller = subprocess.Popen(cli(
+            "serve", "controller", str(SCENARIO), "--patient", "3", "--seed", "2",
+            "--telemetry", tel, "--pump", f"propofol={b_cmd}", "--pump",
+            f"remifentanil={b_cmd}", "--audit", str(audit)))
+        run_all([plant, controller])
+        bridge.terminate()
+        bridge.wait(10)
+        assert plant.returncode == 0 and controller.returncode == 0
+    finally:
+        emulator.close()
+    across = pd.read_csv(out)
+    setup, _ = build_setup(load_scenario(SCENARIO), 2, 2)
+    inproc = run_closed_loop(setup).to_pandas()
+    assert np.abs(across.true_bis_unitless - inproc.true_bis_unitless).max() < 0.05
+    rate = inproc.delivered_propofol_rate_mg_per_s.to_numpy()
+    moving = rate > 1e-3
+    rel = np.abs(across.delivered_propofol_rate_mg_per_s.to_numpy()[moving] / rate[moving] - 1)
+    assert rel.max() < 5e-4 and (across.delivered_propofol_rate_mg_per_s > 0).sum() > 10
+    db = sqlite3.connect(audit)
+    kinds = dict(db.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind").fetchall())
+    assert kinds["set_rate"] > 100 and kinds["ack"] > 100 and kinds["measurement"] > 100
+
+
+def test_killed_controller_leaves_pumps_in_fallback_within_one_lease(tmp_path):
+    """SIGKILL the controller mid-run (real time): the bridge applies the stop fallback when
+    the lease runs out, the emulated pump stops, and the audit log records it."""
+    emulator = NewEraEmulator([0, 1], max_rate_ml_per_h=1500).start()
+    scenario = tomllib.loads(SCENARIO.read_text(encoding="utf-8"))
+    text = SCENARIO.read_text(encoding="utf-8")
+    fast = tmp_path / "fast.toml"
+    fast.write_text(text.replace("period_s = 2\n\n[controller.pid]",
+                                 "period_s = 1\n\n[controller.pid]")
+                    .replace("lease_periods = 3", "lease_periods = 2")
+                    .replace("data/", str(REPO / "scenarios" / "data") + "/"),
+                    encoding="utf-8")
+    assert scenario["controller"]["lease_periods"] == 3
+    try:
+        tel, cmd, b_cmd, b_tel = (f"tcp://127.0.0.1:{p}" for p in free_ports(4))
+        config = bridge_config(tmp_path / "bridge.toml", emulator.device, b_cmd, b_tel)
+        audit = tmp_path / "audit.sqlite"
+        bridge = subprocess.Popen(cli("serve", "pump-bridge", str(config), "--audit",
+                                      str(audit), "--duration", "40"))
+        plant = subprocess.Popen(cli(
+            "serve", "plant", str(fast), "--patient", "3", "--telemetry", tel, "--commands",
+            cmd, "--external", f"propofol={b_tel}", "--external", f"remifentanil={b_tel}",
+            "--realtime", "1"))
+        controller = subprocess.Popen(cli(
+            "serve", "controller", str(fast), "--patient", "3", "--telemetry", tel,
+            "--pump", f"propofol={b_cmd}", "--pump", f"remifentanil={b_cmd}", "--realtime",
+            "1", "--audit", str(audit)))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until the pump infuses under command
+            if emulator.state(0).prompt == "I" and emulator.state(0).rate_ml_per_h > 0:
+                break
+            time.sleep(0.1)
+        time.sleep(3)
+        assert emulator.state(0).prompt == "I", "propofol should be infusing before the kill"
+        controller.kill()
+        killed_at = time.time()
+        time.sleep(2 + 0.25 + 1.5)  # lease 2 s + bridge poll + margin
+        assert emulator.state(0).prompt == "S", "the pump must be stopped by the fallback"
+        plant.kill()
+        bridge.terminate()
+        bridge.wait(10)
+    finally:
+        emulator.close()
+    db = sqlite3.connect(audit)
+    rows = db.execute("SELECT t_wall, body FROM events WHERE process = 'pump-bridge' AND "
+                      "kind = 'mode' AND body LIKE '%FALLBACK%' ORDER BY id").fetchall()
+    assert rows, "the fallback must be recorded in the audit log"
+    last_cmd = db.execute("SELECT MAX(t_wall) FROM events WHERE process = 'pump-bridge' AND "
+                          "kind = 'set_rate' AND direction = 'in'").fetchone()[0]
+    assert last_cmd <= killed_at + 0.1
+    fallback_after = rows[0][0] - last_cmd
+    assert 2.0 - 0.05 <= fallback_after <= 2.0 + 0.25 + 0.3, fallback_after
