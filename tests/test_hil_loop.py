@@ -111,7 +111,7 @@ def test_three_processes_with_the_emulated_ne1000(tmp_path):
             f"remifentanil={b_tel}", "--out", str(out), "--audit", str(audit)))
         controller = subprocess.Popen(cli(
             "serve", "controller", str(SCENARIO), "--patient", "3", "--seed", "2",
-            "--telemetry", tel, "--pump", f"propofol={b_cmd}", "--pump",
+            "--telemetry", tel, "--commands", cmd, "--pump", f"propofol={b_cmd}", "--pump",
             f"remifentanil={b_cmd}", "--audit", str(audit)))
         run_all([plant, controller])
         bridge.terminate()
@@ -136,15 +136,13 @@ def test_killed_controller_leaves_pumps_in_fallback_within_one_lease(tmp_path):
     """SIGKILL the controller mid-run (real time): the bridge applies the stop fallback when
     the lease runs out, the emulated pump stops, and the audit log records it."""
     emulator = NewEraEmulator([0, 1], max_rate_ml_per_h=1500).start()
-    scenario = tomllib.loads(SCENARIO.read_text(encoding="utf-8"))
     text = SCENARIO.read_text(encoding="utf-8")
-    fast = tmp_path / "fast.toml"
-    fast.write_text(text.replace("period_s = 2\n\n[controller.pid]",
-                                 "period_s = 1\n\n[controller.pid]")
-                    .replace("lease_periods = 3", "lease_periods = 2")
+    fast = tmp_path / "fast.toml"  # period 1 s, lease 2 s
+    fast.write_text(text.replace("period_s = 2\nlease_periods = 3",
+                                 "period_s = 1\nlease_periods = 2")
                     .replace("data/", str(REPO / "scenarios" / "data") + "/"),
                     encoding="utf-8")
-    assert scenario["controller"]["lease_periods"] == 3
+    assert tomllib.loads(fast.read_text(encoding="utf-8"))["controller"]["lease_periods"] == 2
     try:
         tel, cmd, b_cmd, b_tel = (f"tcp://127.0.0.1:{p}" for p in free_ports(4))
         config = bridge_config(tmp_path / "bridge.toml", emulator.device, b_cmd, b_tel)
@@ -157,7 +155,7 @@ def test_killed_controller_leaves_pumps_in_fallback_within_one_lease(tmp_path):
             "--realtime", "1"))
         controller = subprocess.Popen(cli(
             "serve", "controller", str(fast), "--patient", "3", "--telemetry", tel,
-            "--pump", f"propofol={b_cmd}", "--pump", f"remifentanil={b_cmd}", "--realtime",
+            "--commands", cmd, "--pump", f"propofol={b_cmd}", "--pump", f"remifentanil={b_cmd}", "--realtime",
             "1", "--audit", str(audit)))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # wait until the pump infuses under command
