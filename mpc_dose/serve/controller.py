@@ -43,6 +43,8 @@ class PatientLink:
     finished: bool = False
     cycle_s: list[float] = field(default_factory=list)
     missed_acks: int = 0
+    #: per cycle: seconds from the due instant until this patient's acks were in
+    latency_s: list[float] = field(default_factory=list)
 
 
 class ControllerProcess:
@@ -81,6 +83,8 @@ class ControllerProcess:
                                       epoch=self.epoch, keys=keys)
             self.links.append(PatientLink(node, reader, clients, plant))
         self.period_s = self.links[0].node.controller.period_s if self.links else 1.0
+        self.sweeps_s: list[float] = []
+        self.missed_deadlines = 0
 
     def _record(self, direction: str, envelope: Envelope) -> None:
         if self.log is not None:
@@ -166,7 +170,9 @@ class ControllerProcess:
                     self.cycle(link, t)
 
     def run_realtime(self, duration_s: float) -> None:
-        """Own clock: a cycle every period for *duration_s* (wall seconds)."""
+        """Own clock: a cycle every period for *duration_s* (wall seconds). Each sweep over
+        the patients is timed from its due instant (:attr:`sweeps_s`); a sweep that ends
+        after the next due instant is a missed deadline (:attr:`missed_deadlines`)."""
         start = time.monotonic()
         k = 0
         while not all(link.finished for link in self.links):
@@ -179,6 +185,10 @@ class ControllerProcess:
             for link in self.links:
                 self.handle_telemetry(link)
                 self.cycle(link, time.monotonic() - start)
+                link.latency_s.append(time.monotonic() - due)
+            self.sweeps_s.append(time.monotonic() - due)
+            if self.sweeps_s[-1] > self.period_s:
+                self.missed_deadlines += 1
             k += 1
 
     def close(self) -> None:
