@@ -132,9 +132,12 @@ def test_three_processes_with_the_emulated_ne1000(tmp_path):
     assert kinds["set_rate"] > 100 and kinds["ack"] > 100 and kinds["measurement"] > 100
 
 
-def test_killed_controller_leaves_pumps_in_fallback_within_one_lease(tmp_path):
-    """SIGKILL the controller mid-run (real time): the bridge applies the stop fallback when
-    the lease runs out, the emulated pump stops, and the audit log records it."""
+@pytest.mark.parametrize("victim", ["controller", "plant"])
+def test_a_killed_process_leaves_the_pumps_in_fallback(tmp_path, victim):
+    """SIGKILL mid-run, in real time. Controller killed (T16): no command renews the lease,
+    the bridge applies the stop fallback within one lease (2 s) of the last command. Plant
+    killed: the controller hears no heartbeat for 3 s, marks the link LOST and stops
+    commanding, so the same fallback follows. Both recorded in the audit log."""
     emulator = NewEraEmulator([0, 1], max_rate_ml_per_h=1500).start()
     text = SCENARIO.read_text(encoding="utf-8")
     fast = tmp_path / "fast.toml"  # period 1 s, lease 2 s
@@ -155,8 +158,8 @@ def test_killed_controller_leaves_pumps_in_fallback_within_one_lease(tmp_path):
             "--realtime", "1"))
         controller = subprocess.Popen(cli(
             "serve", "controller", str(fast), "--patient", "3", "--telemetry", tel,
-            "--commands", cmd, "--pump", f"propofol={b_cmd}", "--pump", f"remifentanil={b_cmd}", "--realtime",
-            "1", "--audit", str(audit)))
+            "--commands", cmd, "--pump", f"propofol={b_cmd}", "--pump",
+            f"remifentanil={b_cmd}", "--realtime", "1", "--audit", str(audit)))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # wait until the pump infuses under command
             if emulator.state(0).prompt == "I" and emulator.state(0).rate_ml_per_h > 0:
@@ -164,11 +167,12 @@ def test_killed_controller_leaves_pumps_in_fallback_within_one_lease(tmp_path):
             time.sleep(0.1)
         time.sleep(3)
         assert emulator.state(0).prompt == "I", "propofol should be infusing before the kill"
-        controller.kill()
+        (controller if victim == "controller" else plant).kill()
         killed_at = time.time()
-        time.sleep(2 + 0.25 + 1.5)  # lease 2 s + bridge poll + margin
+        time.sleep(2 + 0.25 + 1.5 + (3.0 if victim == "plant" else 0.0))
         assert emulator.state(0).prompt == "S", "the pump must be stopped by the fallback"
-        plant.kill()
+        for p in (plant, controller):
+            p.kill()
         bridge.terminate()
         bridge.wait(10)
     finally:
@@ -178,7 +182,14 @@ def test_killed_controller_leaves_pumps_in_fallback_within_one_lease(tmp_path):
                       "kind = 'mode' AND body LIKE '%FALLBACK%' ORDER BY id").fetchall()
     assert rows, "the fallback must be recorded in the audit log"
     last_cmd = db.execute("SELECT MAX(t_wall) FROM events WHERE process = 'pump-bridge' AND "
-                          "kind = 'set_rate' AND direction = 'in'").fetchone()[0]
-    assert last_cmd <= killed_at + 0.1
+                          "kind = 'set_rate' AND direction = 'in' AND t_wall < ?",
+                          (rows[0][0],)).fetchone()[0]
     fallback_after = rows[0][0] - last_cmd
     assert 2.0 - 0.05 <= fallback_after <= 2.0 + 0.25 + 0.3, fallback_after
+    if victim == "controller":
+        assert last_cmd <= killed_at + 0.1
+    else:
+        lost = db.execute("SELECT body FROM events WHERE process = 'controller' AND "
+                          "kind = 'link'").fetchall()
+        assert any('"LOST"' in body for (body,) in lost)
+        assert killed_at + 2.5 <= last_cmd + 1.0 <= killed_at + 5.0

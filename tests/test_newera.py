@@ -164,7 +164,7 @@ def test_basic_and_safe_reply_examples():
 
 @pytest.mark.xfail(strict=True, reason="BUG: a safe-mode frame whose LEN byte is an ASCII "
                    "digit (LEN 48-57, replies with 41-50 data characters, still under "
-                   "MAX_FRAME) is taken for a basic frame and misparsed")
+                   "MAX_FRAME) is taken for a basic frame and dropped or misparsed")
 def test_long_safe_reply_round_trips():
     data = "x" * 44  # body 47 bytes: LEN = 51 = ord("3")
     frame = encode_reply(0, "I", data, safe=True)

@@ -85,6 +85,8 @@ class ControllerProcess:
         self.period_s = self.links[0].node.controller.period_s if self.links else 1.0
         self.sweeps_s: list[float] = []
         self.missed_deadlines = 0
+        #: True once the process has stopped commanding (deadline misses)
+        self.fallback = False
 
     def _record(self, direction: str, envelope: Envelope) -> None:
         if self.log is not None:
@@ -169,12 +171,18 @@ class ControllerProcess:
                 for t in self.handle_telemetry(link):
                     self.cycle(link, t)
 
-    def run_realtime(self, duration_s: float) -> None:
-        """Own clock: a cycle every period for *duration_s* (wall seconds). Each sweep over
-        the patients is timed from its due instant (:attr:`sweeps_s`); a sweep that ends
-        after the next due instant is a missed deadline (:attr:`missed_deadlines`)."""
+    def run_realtime(self, duration_s: float, *, max_missed: int = 2) -> None:
+        """Own clock: a cycle every period for *duration_s* (wall seconds).
+
+        Each sweep over the patients is timed from its due instant (:attr:`sweeps_s`); a
+        sweep that ends after the next due instant is a missed deadline. After *max_missed*
+        misses in a row the process stops commanding (B12): the pumps' leases run out and
+        their fallbacks take over - a lease is never stretched to cover an overrun. A
+        patient whose plant falls silent (3 missed heartbeats) gets no more commands until
+        it is heard again (B10).
+        """
         start = time.monotonic()
-        k = 0
+        k, in_a_row = 0, 0
         while not all(link.finished for link in self.links):
             due = start + k * self.period_s
             if due - start > duration_s:
@@ -184,11 +192,24 @@ class ControllerProcess:
                     self.handle_telemetry(link, min(left, 0.01) / len(self.links))
             for link in self.links:
                 self.handle_telemetry(link)
+                before = link.session.state
+                state = link.session.check(time.monotonic())
+                if state != before and self.log is not None:
+                    self.log.note("link", None, patient=link.node.src, source=before,
+                                  target=state, cause=link.session.transitions[-1].cause)
+                if state == "LOST" or self.fallback:
+                    continue  # no command: the pump side's lease and fallback act
                 self.cycle(link, time.monotonic() - start)
                 link.latency_s.append(time.monotonic() - due)
             self.sweeps_s.append(time.monotonic() - due)
-            if self.sweeps_s[-1] > self.period_s:
-                self.missed_deadlines += 1
+            late = self.sweeps_s[-1] > self.period_s
+            self.missed_deadlines += late
+            in_a_row = in_a_row + 1 if late else 0
+            if in_a_row >= max_missed and not self.fallback:
+                self.fallback = True
+                if self.log is not None:
+                    self.log.note("mode", None, source="CLOSED_LOOP", target="FALLBACK",
+                                  cause=f"{in_a_row} control deadlines missed in a row")
             k += 1
 
     def close(self) -> None:
