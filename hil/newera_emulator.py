@@ -157,6 +157,7 @@ class NewEraEmulator:
                 yield line.decode("ascii", "replace"), False
 
     def _reply(self, address: int, prompt: str, data: str, safe: bool) -> None:
+        """Write a reply (called outside the lock: a slow reply must not block state())."""
         if self.silent:
             return
         if self.reply_delay_s:
@@ -185,19 +186,21 @@ class NewEraEmulator:
             pump.account(now)
             if pump.safe_s and not safe:
                 self.log.append(f"{address:02d} basic packet in safe mode: {command!r}")
-                return self._reply(address, pump.prompt, "?COM", True)
-            pump.last_packet = now
-            if pump.fresh:  # the real pump ignores its first command after power-up
+                prompt, data, safe_reply = pump.prompt, "?COM", True
+            elif pump.fresh:  # the real pump ignores its first command after power-up
+                pump.last_packet = now
                 pump.fresh = False
                 self.log.append(f"{address:02d} ignored first command {command!r}")
-                return self._reply(address, pump.prompt, "?IGN", safe)
-            self.log.append(f"{address:02d} {command}")
-            data = self._execute(pump, command.strip(), now)
-            if pump.alarm is not None:  # an alarm replaces the prompt until STP clears it
-                prompt, data = "A", f"?{pump.alarm}"
+                prompt, data, safe_reply = pump.prompt, "?IGN", safe
             else:
-                prompt = pump.prompt
-            safe_reply = safe or (command.startswith("SAF") and pump.safe_s > 0)
+                pump.last_packet = now
+                self.log.append(f"{address:02d} {command}")
+                data = self._execute(pump, command.strip(), now)
+                if pump.alarm is not None:  # an alarm replaces the prompt until STP
+                    prompt, data = "A", f"?{pump.alarm}"
+                else:
+                    prompt = pump.prompt
+                safe_reply = safe or (command.startswith("SAF") and pump.safe_s > 0)
         self._reply(address, prompt, data, safe_reply)
 
     def _execute(self, pump: EmulatedPump, command: str, now: float) -> str:

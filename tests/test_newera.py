@@ -162,9 +162,6 @@ def test_basic_and_safe_reply_examples():
     assert basic.state == "infusing" and safe.state == "stopped"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a safe-mode frame whose LEN byte is an ASCII "
-                   "digit (LEN 48-57, replies with 41-50 data characters, still under "
-                   "MAX_FRAME) is taken for a basic frame and dropped or misparsed")
 def test_long_safe_reply_round_trips():
     data = "x" * 44  # body 47 bytes: LEN = 51 = ord("3")
     frame = encode_reply(0, "I", data, safe=True)
@@ -214,9 +211,6 @@ def test_bad_crc_and_good_frame_in_one_read():
     assert parser.discarded == len(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a stray STX in line noise whose next byte "
-                   "claims a frame longer than MAX_FRAME (b'\\x02junk': LEN 106) makes the "
-                   "parser wait for 64 bytes, holding back the good reply behind it")
 @pytest.mark.parametrize("safe", [False, True])
 def test_stray_stx_in_noise_does_not_hold_back_the_next_reply(safe):
     parser = ReplyParser()
@@ -481,18 +475,12 @@ def test_garbage_in_safe_mode_is_skipped(emulators, drivers):
     assert driver.failures == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: noise containing STX before each reply "
-                   "(b'\\x02junk') stalls the ReplyParser (see the parser test above): the "
-                   "pump counts as unreachable")
 def test_noise_with_stx_before_each_reply_is_skipped(rig):
     emulator, driver = rig
     emulator.garbage = b"\x02junk"
     assert driver.set_rate(0, 12.5) == 12.5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a reply arriving after its command timed out is "
-                   "taken as the answer to the next command (no drain after a timeout, the "
-                   "parser keeps its buffer, replies are not checked against the command)")
 def test_a_late_reply_never_answers_a_later_command(emulators, drivers):
     emulator = emulators([0])
     driver = drivers(emulator.device, timeout_s=0.2, retries=0)
@@ -547,9 +535,6 @@ def test_dropped_link_raises_promptly(rig):
     assert not isinstance(info.value, AssertionError)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a dropped link raises termios.error (EIO from "
-                   "reset_input_buffer's tcflush), which is neither PumpUnreachable nor an "
-                   "OSError/serial.SerialException")
 def test_dropped_link_raises_a_link_error(rig):
     """T19: the caller can tell a dropped link from a programming error."""
     emulator, driver = rig

@@ -95,7 +95,8 @@ class PumpBridgeNode:
         self.max_cmd_age_s = max_cmd_age_s
         self.allowed_sources = allowed_sources
         self.sequences = SequenceTracker()
-        self._acks: OrderedDict[str, Ack] = OrderedDict()
+        self._acks: OrderedDict[tuple[str, str, str], Ack] = OrderedDict()
+        self._key: tuple[str, str, str] = ("", "", "")
         self._cache_size = cache_size
         self.controller_epoch: dict[str, str] = {}
         self.transitions: list[tuple[float, str, str, str, str]] = []
@@ -142,14 +143,27 @@ class PumpBridgeNode:
         if not isinstance(message, (SetRate, Stop, GetStatus)):
             return []
         cmd_id = message.cmd_id
-        cached = self._acks.get(cmd_id)
+        if self.allowed_sources is not None and envelope.src not in self.allowed_sources:
+            self.rejected["not_authorized"] = self.rejected.get("not_authorized", 0) + 1
+            return [Ack(cmd_id=cmd_id, ok=False, code="not_authorized",
+                        text=f"source {envelope.src!r} may not command pumps")]
+        # the cache is per sender and epoch: a restarted controller numbering its cmd_ids
+        # from 1 again is not answered with the old epoch's acks
+        key = (envelope.src, envelope.epoch, cmd_id)
+        cached = self._acks.get(key)
         if cached is not None:  # idempotent: the same answer, nothing applied twice (B9)
             return [Ack(cmd_id=cmd_id, ok=cached.ok, code="duplicate" if cached.ok
                         else cached.code, applied_rate=cached.applied_rate, unit=cached.unit,
                         lease_remaining_s=cached.lease_remaining_s, text=cached.text)]
-        if self.allowed_sources is not None and envelope.src not in self.allowed_sources:
-            return [self._nack(cmd_id, "not_authorized", f"source {envelope.src!r} may not "
-                                                         f"command pumps")]
+        self._key = key
+        age = wall_now - envelope.t_sent
+        if isinstance(message, SetRate) and abs(age) > self.max_cmd_age_s:
+            # checked before the sequence: an expired replay must not retire a live epoch
+            return [self._nack(cmd_id, "expired", f"command age {age:.2f} s outside "
+                                                  f"+-{self.max_cmd_age_s} s (late, replayed "
+                                                  f"or clocks skewed)"),
+                    Alarm(code="bridge.command_expired", priority="medium", kind="technical",
+                          text=f"{message.pump}: command {cmd_id} {age:.2f} s old")]
         order = self.sequences.classify(envelope.src, envelope.epoch, envelope.seq)
         if order != "new" and not isinstance(message, Stop):
             return [self._nack(cmd_id, "stale", f"{order} command (epoch {envelope.epoch}, "
@@ -162,13 +176,6 @@ class PumpBridgeNode:
                     self.status(message.pump, now)]
         if isinstance(message, Stop):  # always accepted
             return self._stop(state, cmd_id, now, message.reason or "stop command")
-        age = wall_now - envelope.t_sent
-        if abs(age) > self.max_cmd_age_s:
-            return [self._nack(cmd_id, "expired", f"command age {age:.2f} s outside "
-                                                  f"+-{self.max_cmd_age_s} s (late, replayed "
-                                                  f"or clocks skewed)"),
-                    Alarm(code="bridge.command_expired", priority="medium", kind="technical",
-                          text=f"{message.pump}: command {cmd_id} {age:.2f} s old")]
         return self._set_rate(state, message, now)
 
     def _set_rate(self, state: _PumpState, message: SetRate, now: float) -> list[_Message]:
@@ -251,6 +258,7 @@ class PumpBridgeNode:
             return [self._nack(cmd_id, "pump_error", str(err)),
                     self._fault(state, now, "pump.unreachable", str(err))]
         state.rate_ml_per_h, state.state, state.lease = 0.0, "stopped", None
+        state.volume_log.append((now, 0.0))
         if state.mode not in ("STOPPED", "INIT"):
             self._mode(state, now, "READY", cause)
         return [self._remember(Ack(cmd_id=cmd_id, ok=True, code="applied", applied_rate=0.0,
@@ -272,8 +280,15 @@ class PumpBridgeNode:
                 except Exception as err:  # noqa: BLE001
                     out.append(self._fault(state, now, "pump.unreachable", str(err)))
                     continue
+                if not math.isclose(applied, rate, rel_tol=0.01, abs_tol=1e-3):
+                    self._safe_stop(state)
+                    out.append(self._fault(state, now, "pump.readback_mismatch",
+                                           f"fallback read back {applied:g} mL/h for "
+                                           f"{rate:g} mL/h"))
+                    continue
                 state.rate_ml_per_h, state.lease = applied, None
                 state.state = "infusing" if applied > 0 else "stopped"
+                state.volume_log.append((now, applied))
                 self._mode(state, now, "FALLBACK",
                            f"lease of {state.config.pump} ended without a new command: "
                            f"{action}")
@@ -289,11 +304,11 @@ class PumpBridgeNode:
                 except Exception as err:  # noqa: BLE001
                     out.append(self._fault(state, now, "pump.unreachable", str(err)))
                     continue
-                state.delivered_ml = reading.dispensed_ml
-                if reading.alarm is not None:
+                if reading.alarm is not None:  # an alarm reply carries no volume
                     out.append(self._fault(state, now, f"pump.alarm_{reading.alarm}",
                                            f"pump alarm A?{reading.alarm}"))
                     continue
+                state.delivered_ml = reading.dispensed_ml
                 if reading.state != state.state:
                     self._safe_stop(state)
                     out.append(self._fault(state, now, "pump.state_mismatch",
@@ -325,6 +340,7 @@ class PumpBridgeNode:
 
     def _fault(self, state: _PumpState, now: float, code: str, text: str) -> Alarm:
         state.lease, state.rate_ml_per_h = None, 0.0
+        state.volume_log.append((now, 0.0))
         state.state = "alarm" if "alarm" in code else "unknown"
         self._mode(state, now, "STOPPED", text)
         return Alarm(code=code, priority="high", kind="technical",
@@ -336,7 +352,8 @@ class PumpBridgeNode:
         return self._remember(Ack(cmd_id=cmd_id, ok=False, code=code, text=text))
 
     def _remember(self, ack: Ack) -> Ack:
-        self._acks[ack.cmd_id] = ack
+        """Cache *ack* under the command being handled (sender, epoch, cmd_id)."""
+        self._acks[self._key] = ack
         while len(self._acks) > self._cache_size:
             self._acks.popitem(last=False)
         return ack

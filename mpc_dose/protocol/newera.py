@@ -118,6 +118,11 @@ class ReplyParser:
         self._buffer = b""
         self.discarded = 0
 
+    def reset(self) -> None:
+        """Forget a half-received frame (before a retry); the counts stay."""
+        self.discarded += len(self._buffer)
+        self._buffer = b""
+
     def feed(self, data: bytes) -> list[Reply]:
         self._buffer += data
         out: list[Reply] = []
@@ -146,17 +151,21 @@ class ReplyParser:
     @staticmethod
     def _one(buf: bytes) -> tuple[Reply | None, int]:
         """(reply or None if bad, bytes used); (None, 0) when more bytes are needed."""
-        if len(buf) < 2:
+        if len(buf) < 4:
             return None, 0
-        if buf[1:3].isdigit():  # basic: STX aa P ... ETX
+        # basic: STX a a P ...; a safe frame's LEN byte may also be an ASCII digit, but
+        # then its 4th byte is an address digit, never a prompt letter
+        if buf[1:3].isdigit() and not buf[3:4].isdigit():
             end = buf.find(ETX)
             if end < 0:
                 return None, 0
             return _reply(buf[1:end]), end + 1
         length = buf[1]
+        if length < 7 or length + 1 > MAX_FRAME:  # never a frame: resync at once
+            return None, 1
         if len(buf) < length + 1:
             return None, 0
-        if buf[length:length + 1] != ETX or length < 7:
+        if buf[length:length + 1] != ETX:
             return None, 1
         body, crc = buf[2:length - 2], buf[length - 2:length]
         if _crc(body) != crc:

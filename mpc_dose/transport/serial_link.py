@@ -16,6 +16,36 @@ from ..protocol.newera import (ALARMS, ERRORS, Reply, ReplyParser, encode_comman
 
 __all__ = ["NewEraDriver", "PumpUnreachable", "PumpRefused", "PumpReading"]
 
+try:
+    from serial import SerialException
+except ImportError:  # pragma: no cover - pyserial is a dependency
+    SerialException = OSError
+try:
+    from termios import error as _LinkError  # a vanished pty/tty raises this on flush
+except ImportError:  # pragma: no cover - not POSIX
+    _LinkError = OSError
+
+
+def _fits(command: str, reply: Reply) -> bool:
+    """Whether *reply* has the shape of an answer to *command* (alarms and errors fit
+    any command)."""
+    if reply.alarm is not None or reply.error is not None:
+        return True
+    name, arg, data = command[:3].upper(), command[3:].strip(), reply.data
+    if name == "RAT" and not arg:
+        try:
+            parse_rate(data)
+            return True
+        except ValueError:
+            return False
+    if name == "DIS":
+        return data.startswith("I") and "W" in data
+    if name == "VER":
+        return bool(data) and not data[0].isdigit()
+    if name in ("DIA", "SAF"):
+        return data == "" or data.replace(".", "", 1).isdigit()
+    return data == ""
+
 
 class PumpUnreachable(RuntimeError):
     """No valid reply after the retries (cable, address, dead pump)."""
@@ -86,18 +116,24 @@ class NewEraDriver:
         packet = encode_command(text, address, safe=self._safe.get(address, False))
         for _ in range(self.retries + 1):
             self.exchanges += 1
-            self.serial.reset_input_buffer()
-            self.serial.write(packet)
-            deadline = time.monotonic() + self.timeout_s
-            while time.monotonic() < deadline:
-                data = self.serial.read(1)  # waits at most 2 ms
-                if not data:
-                    continue
-                data += self.serial.read(self.serial.in_waiting)
-                for reply in self._parser.feed(data):
-                    if reply.address == address:
-                        return reply
+            try:
+                self.serial.reset_input_buffer()
+                self.serial.write(packet)
+                deadline = time.monotonic() + self.timeout_s
+                while time.monotonic() < deadline:
+                    data = self.serial.read(1)  # waits at most 2 ms
+                    if not data:
+                        continue
+                    data += self.serial.read(self.serial.in_waiting)
+                    for reply in self._parser.feed(data):
+                        # a late reply to an earlier command never answers this one
+                        if reply.address == address and _fits(text, reply):
+                            return reply
+            except (OSError, SerialException, _LinkError) as err:
+                raise PumpUnreachable(f"pump {address:02d}: serial link failed on "
+                                      f"{text!r}: {err}") from err
             self.failures += 1
+            self._parser.reset()  # drop half-received frames before the retry
         raise PumpUnreachable(f"pump {address:02d}: no valid reply to {text!r} after "
                               f"{self.retries + 1} tries")
 
@@ -139,5 +175,9 @@ class NewEraDriver:
             return PumpReading("alarm", 0.0, 0.0, rate_reply.alarm)
         rate = parse_rate(rate_reply.data)
         dis = self.command(address, "DIS").data  # I<infused>W<withdrawn>ML
-        infused = float(dis[1:dis.index("W")]) if dis.startswith("I") and "W" in dis else 0.0
+        try:
+            infused = float(dis[1:dis.index("W")])
+        except ValueError:
+            raise PumpRefused(f"pump {address:02d}: malformed DIS reply {dis!r}",
+                              "pump_error") from None
         return PumpReading(rate_reply.state, rate, infused, None)
