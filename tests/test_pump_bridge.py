@@ -16,8 +16,16 @@ import pytest
 from mpc_dose.errors import ConfigError
 from mpc_dose.node.pump_bridge import BridgePump, PumpBridgeNode
 from mpc_dose.protocol.codec import Envelope
-from mpc_dose.protocol.messages import (Ack, Alarm, Fallback, GetStatus, Hello, PumpStatus,
-                                        SetRate, Stop)
+from mpc_dose.protocol.messages import (
+    Ack,
+    Alarm,
+    Fallback,
+    GetStatus,
+    Hello,
+    PumpStatus,
+    SetRate,
+    Stop,
+)
 
 T0 = 1000.0           # bridge monotonic clock at the start of each test [s]
 WALL0 = 1.7e9         # UTC wall clock at T0 [s]
@@ -254,13 +262,13 @@ def test_mode_changes_are_logged_with_their_cause():
 # ---------------------------------------------------------------------------- limits (T13, T14)
 # (bridge limits, the second command, what the nack text says)
 LIMIT_CASES = {
-    "rate above max_rate (T13)": ({}, dict(rate=150.0), r"rate 150 .*above 100"),
-    "fallback above max_rate": ({}, dict(fallback=Fallback(action="preset_rate", rate=150.0)),
+    "rate above max_rate (T13)": ({}, {"rate": 150.0}, r"rate 150 .*above 100"),
+    "fallback above max_rate": ({}, {"fallback": Fallback(action="preset_rate", rate=150.0)},
                                 r"fallback 150\) mL/h above 100"),
-    "step beyond max_step (T14)": ({"max_step_ml_per_h": 20.0}, dict(rate=45.0),
+    "step beyond max_step (T14)": ({"max_step_ml_per_h": 20.0}, {"rate": 45.0},
                                    r"step \+25 mL/h beyond 20"),
-    "lease above max_lease": ({}, dict(lease_s=61.0), r"lease 61 s above 60 s"),
-    "hourly volume (T14)": ({"max_volume_per_h_ml": 0.3}, dict(lease_s=60.0),
+    "lease above max_lease": ({}, {"lease_s": 61.0}, r"lease 61 s above 60 s"),
+    "hourly volume (T14)": ({"max_volume_per_h_ml": 0.3}, {"lease_s": 60.0},
                             r"volume in the last hour would exceed 0.3 mL"),
 }
 
@@ -485,7 +493,9 @@ def test_read_back_mismatch_twice_stops_the_pump_until_an_operator_acknowledges(
     rig.node.poll(T0 + 6.0)
     assert rig.driver.count("read") == reads and rig.state.mode == "STOPPED"
     # the operator acknowledges: stopped, re-read, commands accepted again
+    stops, reads = rig.driver.count("stop"), rig.driver.count("read")
     status = only(rig.node.acknowledge(PUMP, T0 + 10.0), PumpStatus)
+    assert (rig.driver.count("stop"), rig.driver.count("read")) == (stops + 1, reads + 1)
     assert (status.mode, status.state, status.rate) == ("READY", "stopped", 0.0)
     assert ack(rig.send(set_rate("c3", 20.0), T0 + 11.0)).code == "applied"
     assert rig.state.mode == "COMMANDED"
@@ -535,10 +545,10 @@ def test_pump_reporting_another_state_than_expected_is_stopped():
     assert rig.driver.count("stop") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: poll() stores reading.dispensed_ml before "
-                   "checking reading.alarm; an alarm reading carries no volume (the NE-1000 "
-                   "driver returns 0.0), so the reported delivered volume drops to 0")
 def test_an_alarm_reading_does_not_erase_the_delivered_volume():
+    """Regression (was a bug): poll() stores reading.dispensed_ml before checking
+    reading.alarm; an alarm reading carries no volume (the NE-1000 driver returns 0.0), so the
+    reported delivered volume drops to 0."""
     rig = Rig()
     rig.send(set_rate("c1", 20.0), T0)
     rig.driver.dispensed[ADDRESS] = 0.5
@@ -661,12 +671,12 @@ def test_unknown_pump_is_a_schema_error(message):
     assert [c[0] for c in rig.driver.calls] == ["initialise"]
 
 
-# ---------------------------------------------------------------------------- known bugs
-@pytest.mark.xfail(strict=True, reason="BUG: the ack cache is keyed by cmd_id alone; a "
-                   "restarted controller (new epoch) numbers its cmd_ids from 1 again "
-                   "(ControllerNode: f'{src}-{n}') and gets the old epoch's acks as "
-                   "'duplicate', nothing applied")
+# ---------------------------------------------------------------------------- regressions
+# Bugs these tests found in the bridge (xfail at b8d3e4a, fixed in 1c7aab5).
 def test_restarted_controller_reusing_cmd_ids_is_not_answered_from_the_old_cache():
+    """Regression (was a bug): the ack cache is keyed by cmd_id alone; a restarted controller
+    (new epoch) numbers its cmd_ids from 1 again (ControllerNode: f'{src}-{n}') and gets the
+    old epoch's acks as 'duplicate', nothing applied."""
     rig = Rig()
     rig.send(set_rate("controller-1-1", 20.0), T0, epoch="e1", seq=1)
     out = rig.send(set_rate("controller-1-1", 10.0), T0 + 40.0, epoch="e2", seq=1)
@@ -674,21 +684,20 @@ def test_restarted_controller_reusing_cmd_ids_is_not_answered_from_the_old_cache
     assert rig.driver.rates[ADDRESS] == 10.0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the ack cache is keyed by cmd_id alone and "
-                   "checked before the source: an unauthorised sender's nack is cached and "
-                   "answers the authorised controller's command with the same cmd_id")
 def test_unauthorised_nack_does_not_block_the_authorised_command_with_the_same_id():
+    """Regression (was a bug): the ack cache is keyed by cmd_id alone and checked before the
+    source: an unauthorised sender's nack is cached and answers the authorised controller's
+    command with the same cmd_id."""
     rig = Rig(allowed_sources={"controller-1"})
     rig.send(set_rate("controller-1-1", 20.0), T0, src="intruder")
     out = rig.send(set_rate("controller-1-1", 20.0), T0 + 0.1)
     assert ack(out).code == "applied"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: receive() classifies (src, epoch, seq) before "
-                   "the age check, so an expired replay from an epoch the bridge has not "
-                   "seen retires the live controller's epoch and all its later commands are "
-                   "'stale'")
 def test_expired_replay_from_an_unseen_epoch_does_not_lock_out_the_live_controller():
+    """Regression (was a bug): receive() classifies (src, epoch, seq) before the age check, so
+    an expired replay from an epoch the bridge has not seen retires the live controller's
+    epoch and all its later commands are 'stale'."""
     rig = Rig()
     assert ack(rig.send(set_rate("live-1", 20.0), T0, epoch="e2", seq=1)).code == "applied"
     replay = rig.send(set_rate("old-7", 90.0), T0 + 1.0, epoch="e0", seq=7,
@@ -698,11 +707,10 @@ def test_expired_replay_from_an_unseen_epoch_does_not_lock_out_the_live_controll
     assert ack(out).code == "applied"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the lease-end fallback takes the driver's "
-                   "read-back as the applied rate without comparing it with the fallback "
-                   "rate (no retry, no STOPPED), so a pump that keeps infusing is reported "
-                   "as FALLBACK")
 def test_fallback_read_back_mismatch_stops_the_pump_with_a_high_alarm():
+    """Regression (was a bug): the lease-end fallback takes the driver's read-back as the
+    applied rate without comparing it with the fallback rate (no retry, no STOPPED), so a pump
+    that keeps infusing is reported as FALLBACK."""
     rig = Rig()
     rig.send(set_rate("c1", 20.0, lease_s=30.0), T0)
     rig.driver.readbacks = [20.0, 20.0]  # the stop does not take: still 20 mL/h
@@ -712,10 +720,10 @@ def test_fallback_read_back_mismatch_stops_the_pump_with_a_high_alarm():
     assert rig.driver.count("stop") >= 1 and rig.driver.rates[ADDRESS] == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: volume_log records only commanded rates; the "
-                   "lease-end fallback (and stops and faults) are not logged, so an hour at "
-                   "a preset fallback rate does not count against max_volume_per_h_ml")
 def test_fallback_volume_counts_against_the_hourly_limit():
+    """Regression (was a bug): volume_log records only commanded rates; the lease-end fallback
+    (and stops and faults) are not logged, so an hour at a preset fallback rate does not count
+    against max_volume_per_h_ml."""
     rig = Rig(max_volume_per_h_ml=5.0, max_rate_ml_per_h=20.0)
     fallback = Fallback(action="preset_rate", rate=10.0)
     assert ack(rig.send(set_rate("c1", 0.0, lease_s=10.0, fallback=fallback), T0)).code == \

@@ -11,8 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpc_dose.protocol.session import (LINK_TRANSITIONS, Lease, LinkSession, SequenceTracker,
-                                       Transition)
+from mpc_dose.protocol.session import (
+    LINK_TRANSITIONS,
+    Lease,
+    LinkSession,
+    SequenceTracker,
+    Transition,
+)
 
 STATES = sorted({s for s, _ in LINK_TRANSITIONS} | set(LINK_TRANSITIONS.values()))
 EVENTS = sorted({e for _, e in LINK_TRANSITIONS})
