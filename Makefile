@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/plant_throughput.py
 	$(PY) benchmarks/nmpc_speed.py
 	$(PY) benchmarks/tiva_training.py
+	$(PY) benchmarks/zmq_load.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

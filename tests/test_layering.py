@@ -11,3 +11,31 @@ def test_model_layer_imports_without_simpy_or_zmq():
             "bad = [m for m in ('simpy', 'zmq') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _imports_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "; import sys; print(' '.join("
+                          "sorted(sys.modules)))"], check=True, capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def test_protocol_is_sans_io():
+    """protocol/ (messages, codec, session, New Era codec) needs no sockets, serial ports,
+    simulation or numerics: a device bridge in another language can mirror it."""
+    loaded = _imports_after("import mpc_dose.protocol.codec, mpc_dose.protocol.session, "
+                            "mpc_dose.protocol.newera")
+    assert not loaded & {"zmq", "serial", "simpy", "numpy", "casadi", "socket"}
+
+
+def test_nodes_touch_no_transport():
+    """node/ turns messages into messages: it never imports zmq or pyserial."""
+    loaded = _imports_after("import mpc_dose.node, mpc_dose.node.pump_bridge")
+    assert not loaded & {"zmq", "serial"}
+    assert not any(m.startswith(("mpc_dose.transport", "mpc_dose.serve")) for m in loaded)
+
+
+def test_transport_knows_only_the_protocol():
+    loaded = _imports_after("import mpc_dose.transport.zmq_link, "
+                            "mpc_dose.transport.serial_link, mpc_dose.transport.chaos")
+    assert not any(m.startswith(("mpc_dose.node", "mpc_dose.control", "mpc_dose.plant",
+                                 "mpc_dose.model", "mpc_dose.trial")) for m in loaded)

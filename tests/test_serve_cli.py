@@ -97,3 +97,45 @@ def test_sensor_relay_lines(line, value, quality):
         assert message is None
     else:
         assert message.value == value and message.quality == quality and message.t_meas == 3.0
+
+
+def test_monitor_prints_values_modes_and_alarms(capsys):
+    """`mpc-dose monitor` shows live measurements, pump modes and alarms from telemetry."""
+    import socket
+    import threading
+    import time
+
+    import zmq
+
+    from mpc_dose.protocol.messages import Alarm, Measurement, PumpStatus
+    from mpc_dose.transport.zmq_link import Telemetry
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+    context = zmq.Context()
+    pub = Telemetry(context, address, src="plant")
+    stop = threading.Event()
+
+    def publish():
+        while not stop.is_set():
+            pub.send(Measurement(var="bis", value=48.5, unit="1", t_meas=3.0), t_sim=3.0)
+            pub.send(PumpStatus(pump="propofol", state="infusing", rate=120.0,
+                                mode="COMMANDED"))
+            pub.send(Alarm(code="pump.lease_expired", priority="medium", kind="technical",
+                           text="no command"))
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    try:
+        assert main(["monitor", address, "--duration", "1.0"]) == 0
+    finally:
+        stop.set()
+        thread.join()
+        context.destroy(linger=0)
+    out = capsys.readouterr().out
+    assert "plant: bis = 48.5 1 [valid]" in out
+    assert "pump propofol infusing 120 mL/h mode COMMANDED" in out
+    assert "ALARM medium pump.lease_expired" in out
