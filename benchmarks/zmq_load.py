@@ -111,7 +111,7 @@ def main() -> None:
 
     text = re.sub(r"(\[controller\]\nkind = \"\w+\"\nperiod_s = )[\d.]+",
                   lambda m: m.group(1) + repr(args.period), text)
-    text = text.replace('path = "data/', f'path = "{Path(args.scenario).parent}/data/')
+    text = text.replace('path = "data/', f'path = "{Path(args.scenario).resolve().parent}/data/')
     tmp = Path(tempfile.mkdtemp()) / "load.toml"
     tmp.write_text(text, encoding="utf-8")
 

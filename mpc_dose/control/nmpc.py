@@ -193,6 +193,8 @@ class NonlinearMPC:
         self._free = [i for i in c.inputs if c.ratio is None or i != c.ratio[1]]
         self._exact = model.is_affine and not model.is_time_varying
         self._build()
+        # the first solver is built now, not inside the first control period's deadline
+        self._solver(f"sqpmethod:{c.qp_solvers[0]}" if c.solver == "sqpmethod" else "ipopt")
         self._warm: dict[str, np.ndarray] | None = None
         self._pk_cache: tuple[bytes, np.ndarray] | None = None
 

@@ -45,6 +45,15 @@ class PatientLink:
     missed_acks: int = 0
     #: per cycle: seconds from the due instant until this patient's acks were in
     latency_s: list[float] = field(default_factory=list)
+    #: the plant's clock minus ours (monotonic), from its latest t_sim; readings carry the
+    #: plant's time, so decisions must too. None: no simulated clock (real sensors: UTC)
+    clock_offset_s: float | None = None
+
+    def now(self) -> float:
+        """This patient's time: the plant's clock, or UTC for real devices."""
+        if self.clock_offset_s is None:
+            return time.time()
+        return time.monotonic() + self.clock_offset_s
 
 
 class ControllerProcess:
@@ -124,6 +133,11 @@ class ControllerProcess:
         for envelope in link.telemetry.drain(timeout_s):
             link.session.heard(time.monotonic(), envelope.epoch)
             message = envelope.message
+            if envelope.t_sim is not None and isinstance(message, Heartbeat):
+                # heartbeats leave at once (readings may be delayed): they set the clock
+                offset = envelope.t_sim - time.monotonic()
+                link.clock_offset_s = offset if link.clock_offset_s is None else \
+                    max(link.clock_offset_s, offset)
             if isinstance(message, Heartbeat):
                 if message.state == "tick" and envelope.t_sim is not None:
                     ticks.append(envelope.t_sim)
@@ -199,18 +213,21 @@ class ControllerProcess:
                                   target=state, cause=link.session.transitions[-1].cause)
                 if state == "LOST" or self.fallback:
                     continue  # no command: the pump side's lease and fallback act
-                self.cycle(link, time.monotonic() - start)
+                self.cycle(link, link.now())
                 link.latency_s.append(time.monotonic() - due)
             self.sweeps_s.append(time.monotonic() - due)
             late = self.sweeps_s[-1] > self.period_s
-            self.missed_deadlines += late
+            # instants that passed during an overrun are skipped (never run late in a
+            # burst) and each counts as missed
+            skipped = max(0, int((time.monotonic() - start) // self.period_s) - k)
+            self.missed_deadlines += late + max(0, skipped - 1)
             in_a_row = in_a_row + 1 if late else 0
             if in_a_row >= max_missed and not self.fallback:
                 self.fallback = True
                 if self.log is not None:
                     self.log.note("mode", None, source="CLOSED_LOOP", target="FALLBACK",
                                   cause=f"{in_a_row} control deadlines missed in a row")
-            k += 1
+            k = max(k + 1, int((time.monotonic() - start) // self.period_s) + 1)
 
     def close(self) -> None:
         if self.log is not None:
