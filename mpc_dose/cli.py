@@ -11,6 +11,7 @@ and what was expected; nothing is written half.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -243,6 +244,45 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_trial(args) -> int:
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .scenario import load_scenario
+    from .trial.runner import run_trial
+
+    scenario = load_scenario(args.scenario)
+    seed = scenario.scenario.seed if args.seed is None else args.seed
+    if args.patients < 1:
+        raise ConfigError(f"--patients: expected >= 1, got {args.patients}")
+    patients = range(args.first - 1, args.first - 1 + args.patients)
+    client = executor = None
+    if args.scheduler:
+        from distributed import Client
+
+        client = Client(args.scheduler)
+        executor = client.get_executor()
+    elif args.workers > 1:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # inherited by the workers
+        executor = ProcessPoolExecutor(args.workers)
+    try:
+        result = run_trial(args.scenario, args.out, patients=patients, seed=seed,
+                           executor=executor, progress=not args.quiet)
+    finally:
+        if executor is not None and client is None:
+            executor.shutdown()
+        if client is not None:
+            client.close()
+    print(f"{len(result.metrics)} patients ({result.ran} run now) -> {args.out}/metrics.csv, "
+          f"summary.csv, series/")
+    summary = result.summary
+    for name in summary.index[:12]:
+        row = summary.loc[name]
+        print(f"  {name:45s} {row['mean']:10.4g} +- {row['sd']:.3g}  "
+              f"[{row['min']:.4g}, {row['max']:.4g}]")
+    return 0
+
+
 def _cmd_keys(args) -> int:
     from .transport.zmq_link import generate_keys
 
@@ -353,6 +393,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", default=None, help="own CURVE secret key file (NAME.key_secret)")
     p.add_argument("--server-key", default=None, help="client: the server's public key file")
     p.set_defaults(run=_cmd_serve)
+
+    p = sub.add_parser("trial", help="closed-loop trial over a cohort",
+                       description="Run a scenario for many patients; per-patient series "
+                                   "(Parquet) and metrics as each finishes; rerun the same "
+                                   "command to resume a killed trial.")
+    p.add_argument("scenario")
+    p.add_argument("--patients", type=int, default=10, help="how many (default 10)")
+    p.add_argument("--first", type=int, default=1, help="first patient number (default 1)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (default: the CPUs)")
+    p.add_argument("--scheduler", default=None, help="Dask scheduler address (instead of "
+                                                     "local processes)")
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_trial)
 
     p = sub.add_parser("keys", help="generate a CURVE key pair")
     p.add_argument("directory")

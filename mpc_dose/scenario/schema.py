@@ -204,6 +204,16 @@ class ControllerSpec(_Strict):
     nmpc: NMPCSpec | None = None
 
 
+class MetricsSpec(_Strict):
+    """What a trial measures: the controlled output against its target and window, and an
+    optional clinical set of the scenario's own (``tiva``: DESIGN's TIVA metrics)."""
+
+    output: str
+    target: float
+    window: tuple[float, float] | None = None
+    clinical: Literal["tiva"] | None = None
+
+
 class Scenario(_Strict):
     scenario: ScenarioInfo
     patient: PatientSpec
@@ -212,6 +222,7 @@ class Scenario(_Strict):
     controller: ControllerSpec
     disturbance: list[DisturbanceSpec] = []
     covariate_change: list[CovariateChangeSpec] = []
+    metrics: MetricsSpec | None = None
     #: the folder the file was read from; relative paths in it are resolved against it
     base_dir: str = "."
 

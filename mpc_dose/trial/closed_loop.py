@@ -178,7 +178,8 @@ class PlantSide:
     def recorder(self, columns: dict[str, list],
                  measured: Callable[[str], float] | None = None,
                  commanded: Callable[[], Mapping[str, float]] | None = None,
-                 reason: Callable[[], str] = lambda: ""):
+                 reason: Callable[[], str] = lambda: "",
+                 status: Callable[[], str] = lambda: ""):
         """A simpy process recording one row per record step into *columns*; *measured*,
         *commanded* and *reason* default to what the plant sent and was told."""
         setup, env, model = self.setup, self.env, self.setup.model
@@ -195,6 +196,7 @@ class PlantSide:
         for pump in self.pumps:
             columns[f"pump_{pump}_state"] = []
         columns["controller_reason"] = []
+        columns["controller_status"] = []
         columns["alarms"] = []
         measured = measured or self._measured
         commanded = commanded or (lambda: self.commanded)
@@ -217,6 +219,7 @@ class PlantSide:
             for pump_id, pump in self.pumps.items():
                 columns[f"pump_{pump_id}_state"].append(pump.state)
             columns["controller_reason"].append(reason())
+            columns["controller_status"].append(status())
             columns["alarms"].append(";".join(self.alarms_sent[seen:]))
             seen = len(self.alarms_sent)
             k += 1
@@ -279,8 +282,13 @@ def run_closed_loop(setup: LoopSetup) -> LoopResult:
         decision = controller_node.last_decision
         return decision.reason if decision else ""
 
+    def status() -> str:
+        decision = controller_node.last_decision
+        return decision.status if decision else ""
+
     columns: dict[str, list] = {}
-    env.process(plant.recorder(columns, measured, lambda: controller_node.commanded, reason))
+    env.process(plant.recorder(columns, measured, lambda: controller_node.commanded, reason,
+                               status))
     if isinstance(env, DeadlineEnvironment):
         env.sync()
     env.run(until=setup.duration_s + min(setup.record_step_s, 1.0) / 2)

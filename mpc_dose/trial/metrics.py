@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["tiva_metrics"]
+__all__ = ["tiva_metrics", "performance_metrics", "drug_totals", "summarise"]
 
 
 def _after_last(t: np.ndarray, bad: np.ndarray) -> float:
@@ -58,3 +58,79 @@ def tiva_metrics(time_s: np.ndarray, bis: np.ndarray, propofol_mg_per_s: np.ndar
         out["maintenance_remifentanil_ug_per_kg"] = float(remi[main].sum() * step_s
                                                           / weight_kg)
     return out
+
+
+def performance_metrics(time_s, measured, target: float,
+                        window: tuple[float, float] | None = None) -> dict[str, float]:
+    """The IEC 60601-1-10 performance terms of one run, on the measured output (NaN samples,
+    i.e. no valid reading, are left out), with the definitions used here:
+
+    * response time [s]: first time the output has covered 90 % of the way from its first
+      value to *target*;
+    * settling time [s]: time after the last sample outside *window* (or +-5 % of the
+      target without a window); NaN if it ends outside;
+    * overshoot [%]: largest excursion beyond the target, in % of the initial step;
+    * steady-state deviation: mean |target - y| over the last 20 % of the run;
+    * tracking error: RMS of target - y over the whole run;
+    * time in / below / above the window [s], IAE (trapezoid of |y - target|), lowest and
+      highest value.
+    """
+    t = np.asarray(time_s, dtype=float)
+    y = np.asarray(measured, dtype=float)
+    keep = np.isfinite(y)
+    t, y = t[keep], y[keep]
+    out: dict[str, float] = {}
+    if y.size == 0:
+        return out
+    low, high = window if window is not None else (target - 0.05 * abs(target),
+                                                   target + 0.05 * abs(target))
+    step = target - y[0]
+    crossed = np.flatnonzero((target - y) * np.sign(step) <= 0.1 * abs(step)) \
+        if step else np.array([0])
+    out["response_time_s"] = float(t[crossed[0]] - t[0]) if crossed.size else float("nan")
+    outside = (y < low) | (y > high)
+    out["settling_time_s"] = _after_last(t, outside) * 60.0 - float(t[0])
+    beyond = (y - target) * np.sign(step) if step else np.abs(y - target)
+    out["overshoot_pct"] = float(max(0.0, beyond.max()) / abs(step) * 100.0) if step else 0.0
+    tail = t >= t[0] + 0.8 * (t[-1] - t[0])
+    out["steady_state_deviation"] = float(np.mean(np.abs(target - y[tail])))
+    out["tracking_error_rms"] = float(np.sqrt(np.mean((target - y) ** 2)))
+    dt = np.diff(t, append=t[-1] + (t[-1] - t[-2] if t.size > 1 else 1.0))
+    out["time_in_window_s"] = float(dt[~outside].sum())
+    out["time_below_window_s"] = float(dt[y < low].sum())
+    out["time_above_window_s"] = float(dt[y > high].sum())
+    out["iae"] = float(np.trapezoid(np.abs(y - target), t)) if t.size > 1 else 0.0
+    out["lowest"] = float(y.min())
+    out["highest"] = float(y.max())
+    return out
+
+
+def drug_totals(frame, input_units: dict[str, str], weight_kg: float | None
+                ) -> dict[str, float]:
+    """Each input's delivered amount over the run (rate columns integrated with the
+    record step), per kg when the weight is known; keys carry the unit."""
+    from ..units import unit_to_token
+
+    t = frame["time_s"].to_numpy()
+    step = float(t[1] - t[0]) if t.size > 1 else 1.0
+    out = {}
+    for name, amount_unit in input_units.items():
+        column = f"delivered_{name}_rate_{unit_to_token(amount_unit + '/s')}"
+        if column not in frame:
+            continue
+        total = float(frame[column].to_numpy().sum() * step)
+        out[f"{name}_total_{unit_to_token(amount_unit)}"] = total
+        if weight_kg:
+            out[f"{name}_per_kg_{unit_to_token(amount_unit + '/kg')}"] = total / weight_kg
+    return out
+
+
+def summarise(metrics) -> "pd.DataFrame":
+    """mean, sd, median, IQR and extremes of every numeric metric column."""
+    import pandas as pd
+
+    numeric = metrics.select_dtypes("number").drop(columns=["patient"], errors="ignore")
+    return pd.DataFrame({"mean": numeric.mean(), "sd": numeric.std(),
+                         "median": numeric.median(), "q25": numeric.quantile(0.25),
+                         "q75": numeric.quantile(0.75), "min": numeric.min(),
+                         "max": numeric.max(), "n": numeric.count()})

@@ -1,0 +1,187 @@
+"""Closed-loop trials over a cohort: one task per patient on any executor, results written
+as each patient finishes, resumable after a kill.
+
+    result = run_trial("scenarios/tiva_benchmark.toml", "out/tiva", patients=range(100),
+                       seed=0, executor=ProcessPoolExecutor(2))
+
+Layout of *out*:
+
+* ``trial.json``: scenario file, its SHA-256, seed, patients (a restart must match it);
+* ``series/patient_0001.parquet``: the patient's time series (units in the column names);
+* ``metrics/patient_0001.json``: its metrics, written last (atomically): the patient's
+  completion mark - a trial restarted after SIGKILL skips patients that have it and redoes
+  the others, so it ends with the same files as an uninterrupted run;
+* ``metrics.csv``: one row per patient, a column per metric (units in the names), in patient
+  order; ``summary.csv``: mean, sd, median, IQR and extremes.
+
+Any :class:`concurrent.futures.Executor` works (a process pool, a Dask cluster's
+``Client.get_executor()``, or none: in this process). Each patient's randomness comes from
+(scenario, seed, index) only, so the executor never changes a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, as_completed
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import ConfigError
+
+__all__ = ["PatientTask", "run_patient", "run_trial", "TrialResult"]
+
+
+@dataclass(frozen=True)
+class PatientTask:
+    """One patient of a trial (picklable: it crosses to worker processes)."""
+
+    scenario_path: str
+    index: int          # 0-based
+    seed: int
+    out: str
+
+
+@dataclass
+class TrialResult:
+    out: Path
+    metrics: object       # pandas DataFrame, one row per patient
+    summary: object       # pandas DataFrame, one row per metric
+    ran: int              # patients run now (the others were already done)
+
+
+@lru_cache(maxsize=8)
+def _scenario(path: str):
+    from ..scenario import load_scenario
+
+    return load_scenario(path)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def run_patient(task: PatientTask) -> dict:
+    """Run one patient and write its series and metrics; returns the metrics."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from .build import build_setup
+    from .closed_loop import run_closed_loop
+    from .metrics import drug_totals, performance_metrics, tiva_metrics
+
+    scenario = _scenario(task.scenario_path)
+    setup, patient = build_setup(scenario, task.index, task.seed)
+    setup = replace(setup, encode_frames=False)  # same messages, without the codec
+    result = run_closed_loop(setup)
+    frame = result.to_pandas()
+    model = setup.model
+    weight = patient.covariates.get("weight")
+    metrics: dict = {"patient": task.index + 1}
+    spec = scenario.metrics
+    if spec is not None:
+        sensor = next((s for s in setup.sensors if s.var == spec.output), None)
+        if sensor is None:
+            raise ConfigError(f"metrics.output: no sensor measures {spec.output!r}")
+        from ..units import unit_to_token
+
+        column = (f"measured_{spec.output}_unitless" if sensor.unit == "1" else
+                  f"measured_{spec.output}_{unit_to_token(sensor.unit)}")
+        metrics.update(performance_metrics(frame.time_s, frame[column], spec.target,
+                                           spec.window))
+        if spec.clinical == "tiva":
+            metrics.update(tiva_metrics(frame.time_s, frame[column],
+                                        frame.delivered_propofol_rate_mg_per_s,
+                                        frame.delivered_remifentanil_rate_ug_per_s,
+                                        float(weight), target=spec.target))
+    metrics.update(drug_totals(frame, {i.name: i.amount_unit for i in model.inputs},
+                               float(weight) if weight else None))
+    metrics["alarms"] = sum(1 for _, kind, _ in result.events if kind == "alarm")
+    reasons = frame["controller_reason"].astype(str)
+    step = float(frame.time_s.iloc[1] - frame.time_s.iloc[0]) if len(frame) > 1 else 1.0
+    metrics["fallback_time_s"] = float(reasons.str.startswith("FALLBACK").sum() * step)
+    metrics["solver_failure_time_s"] = float(
+        (frame["controller_status"] == "solver_failed").sum() * step)
+    metrics["deadline_misses"] = result.deadline_misses
+    out = Path(task.out)
+    name = f"patient_{task.index + 1:04d}"
+    frame.insert(0, "patient", task.index + 1)
+    _atomic_write(out / "series" / f"{name}.parquet",
+                  lambda p: frame.to_parquet(p, index=False))
+    _atomic_write(out / "metrics" / f"{name}.json",  # last: the completion mark
+                  lambda p: p.write_text(json.dumps(metrics, allow_nan=True), "utf-8"))
+    return metrics
+
+
+def _manifest(scenario_path: str, seed: int, patients: list[int]) -> dict:
+    digest = hashlib.sha256(Path(scenario_path).read_bytes()).hexdigest()
+    return {"scenario": str(Path(scenario_path).resolve()), "sha256": digest, "seed": seed,
+            "patients": [k + 1 for k in patients]}
+
+
+def run_trial(scenario_path: str | Path, out: str | Path, *, patients: Iterable[int],
+              seed: int, executor: Executor | None = None, progress: bool = False
+              ) -> TrialResult:
+    """Run (or resume) a trial of *patients* (0-based indices) with *seed* into *out*.
+
+    Raises
+    ------
+    ConfigError
+        When *out* holds a different trial (another scenario file content, seed or
+        patient list): results are never mixed.
+    """
+    import pandas as pd
+
+    from .metrics import summarise
+
+    scenario_path = str(Path(scenario_path).resolve())
+    _scenario(scenario_path)  # fail fast on a bad scenario, before any worker starts
+    patients = sorted(set(int(k) for k in patients))
+    out = Path(out)
+    (out / "series").mkdir(parents=True, exist_ok=True)
+    (out / "metrics").mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(scenario_path, seed, patients)
+    manifest_path = out / "trial.json"
+    if manifest_path.exists():
+        existing = json.loads(manifest_path.read_text("utf-8"))
+        for key in ("sha256", "seed", "patients"):
+            if existing.get(key) != manifest[key]:
+                raise ConfigError(f"--out {str(out)!r} holds another trial ({key} "
+                                  f"{existing.get(key)!r}, now {manifest[key]!r}); use a "
+                                  f"new folder")
+    else:
+        _atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1),
+                                                            "utf-8"))
+    done = {k for k in patients if (out / "metrics" / f"patient_{k + 1:04d}.json").exists()}
+    todo = [PatientTask(scenario_path, k, seed, str(out)) for k in patients if k not in done]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(patients), initial=len(done), unit="patient", desc="trial")
+    try:
+        if executor is None:
+            for task in todo:
+                run_patient(task)
+                if bar is not None:
+                    bar.update()
+        else:
+            futures = [executor.submit(run_patient, task) for task in todo]
+            for future in as_completed(futures):
+                future.result()  # a failed patient stops the trial with its error
+                if bar is not None:
+                    bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    rows = [json.loads((out / "metrics" / f"patient_{k + 1:04d}.json").read_text("utf-8"))
+            for k in patients]
+    metrics = pd.DataFrame(rows)
+    summary = summarise(metrics)
+    _atomic_write(out / "metrics.csv", lambda p: metrics.to_csv(p, index=False,
+                                                                float_format="%.10g"))
+    _atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, float_format="%.6g"))
+    return TrialResult(out, metrics, summary, len(todo))

@@ -1,0 +1,121 @@
+"""Trials over a cohort: the executor never changes a result, a SIGKILLed trial resumes to
+the same files, results are never mixed across trials, and the metrics' definitions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mpc_dose.errors import ConfigError
+from mpc_dose.trial.metrics import performance_metrics, summarise
+from mpc_dose.trial.runner import run_trial
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIO = REPO / "scenarios" / "hil_pid_newera.toml"
+PATIENTS = range(4)
+
+
+def series(out: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(p) for p in sorted((out / "series").glob("*.parquet"))],
+                     ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The trial run in this process, one patient after the other."""
+    out = tmp_path_factory.mktemp("serial")
+    return run_trial(SCENARIO, out, patients=PATIENTS, seed=3)
+
+
+def test_a_process_pool_gives_the_same_results(reference, tmp_path):
+    with ProcessPoolExecutor(2) as pool:
+        pooled = run_trial(SCENARIO, tmp_path, patients=PATIENTS, seed=3, executor=pool)
+    pd.testing.assert_frame_equal(pooled.metrics, reference.metrics)
+    pd.testing.assert_frame_equal(series(tmp_path), series(reference.out))
+    assert (tmp_path / "metrics.csv").read_text() == (reference.out / "metrics.csv").read_text()
+
+
+def test_a_local_dask_cluster_gives_the_same_results(reference, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        result = run_trial(SCENARIO, tmp_path, patients=PATIENTS, seed=3,
+                           executor=client.get_executor())
+    pd.testing.assert_frame_equal(result.metrics, reference.metrics)
+    pd.testing.assert_frame_equal(series(tmp_path), series(reference.out))
+
+
+def test_a_killed_trial_resumes_to_the_same_results(tmp_path):
+    """SIGKILL after two patients: rerunning the same command skips the finished ones and
+    ends with files identical to an uninterrupted run."""
+    command = [sys.executable, "-m", "mpc_dose.cli", "trial", str(SCENARIO), "--patients",
+               "6", "--seed", "3", "--workers", "1", "--quiet", "--out"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command + [str(killed)])
+    deadline = time.monotonic() + 120
+    while len(list((killed / "metrics").glob("*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    finished_before = len(list((killed / "metrics").glob("*.json")))
+    assert 2 <= finished_before < 6, "the kill must land mid-trial"
+    assert not (killed / "metrics.csv").exists()
+    resumed = subprocess.run(command + [str(killed)], capture_output=True, text=True,
+                             check=True)
+    assert f"({6 - finished_before} run now)" in resumed.stdout
+    whole = tmp_path / "whole"
+    subprocess.run(command + [str(whole)], check=True, capture_output=True)
+    assert (killed / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()
+    pd.testing.assert_frame_equal(series(killed), series(whole))
+    assert not list(killed.rglob(".*.tmp")), "no half-written file is left behind"
+
+
+def test_results_of_another_trial_are_never_mixed(reference):
+    with pytest.raises(ConfigError, match="holds another trial \\(seed"):
+        run_trial(SCENARIO, reference.out, patients=PATIENTS, seed=4)
+    with pytest.raises(ConfigError, match="holds another trial \\(patients"):
+        run_trial(SCENARIO, reference.out, patients=range(5), seed=3)
+
+
+def test_metrics_table_has_units_and_one_row_per_patient(reference):
+    m = reference.metrics
+    assert list(m.patient) == [1, 2, 3, 4]
+    assert {"settling_time_s", "overshoot_pct", "iae", "propofol_per_kg_mg_per_kg",
+            "remifentanil_total_ug", "alarms", "fallback_time_s"} <= set(m.columns)
+    s = summarise(m)
+    assert {"mean", "sd", "median", "q25", "q75", "min", "max"} <= set(s.columns)
+    assert s.loc["lowest", "min"] == m.lowest.min()
+
+
+def test_performance_terms_of_a_first_order_approach():
+    """y = 97 - 47 (1 - exp(-t/10)) sampled each second towards 50: 90 % of the step at
+    t = 10 ln 10 = 23.03 s (first sample 24 s), no overshoot, settled (|y - 50| <= 10) after
+    10 ln(4.7) = 15.5 s (first sample 16 s), IAE = 47 * 10 (1 - exp(-10)) over 100 s."""
+    t = np.arange(0.0, 101.0)
+    y = 97 - 47 * (1 - np.exp(-t / 10))
+    m = performance_metrics(t, y, 50.0, (40.0, 60.0))
+    assert m["response_time_s"] == 24.0
+    assert m["settling_time_s"] == 16.0
+    assert m["overshoot_pct"] == 0.0
+    assert m["time_above_window_s"] == 16.0 and m["time_below_window_s"] == 0.0
+    assert m["iae"] == pytest.approx(470 * (1 - np.exp(-10)), rel=2e-3)  # trapezoid error
+
+
+def test_performance_terms_see_overshoot_and_ignore_missing_readings():
+    t = np.arange(0.0, 60.0)
+    y = np.full(t.size, 50.0)
+    y[:5] = 90.0
+    y[10] = 38.0       # 12 below the target: 30 % of the 40-unit step
+    y[20] = np.nan     # no valid reading: left out
+    m = performance_metrics(t, y, 50.0, (40.0, 60.0))
+    assert m["overshoot_pct"] == pytest.approx(30.0)
+    assert m["time_below_window_s"] == 1.0 and m["lowest"] == 38.0
+    assert m["settling_time_s"] == 11.0
