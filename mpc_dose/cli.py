@@ -267,7 +267,7 @@ def _cmd_trial(args) -> int:
         executor = ProcessPoolExecutor(args.workers)
     try:
         result = run_trial(args.scenario, args.out, patients=patients, seed=seed,
-                           executor=executor, progress=not args.quiet)
+                           executor=executor, progress=not args.quiet, cohort=args.cohort)
     finally:
         if executor is not None and client is None:
             executor.shutdown()
@@ -407,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None, help="Dask scheduler address (instead of "
                                                      "local processes)")
     p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--cohort", default=None, help="CSV of individual patients (the columns "
+                                                   "of the scenario's [patient.table])")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_trial)
 

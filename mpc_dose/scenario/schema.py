@@ -32,6 +32,14 @@ class ScenarioInfo(_Strict):
     record_step_s: float = Field(1.0, gt=0)
     seed: int = Field(0, ge=0)
     latency_s: float = Field(0.0, ge=0)
+    #: the name of the random streams (default: *name*): scenarios with the same cohort,
+    #: seed and patient number get the same patients, noise and disturbances (common random
+    #: numbers when comparing controllers)
+    cohort: str | None = None
+
+    @property
+    def streams_name(self) -> str:
+        return self.cohort or self.name
 
 
 class CovariateDistributionSpec(_Strict):
@@ -50,6 +58,8 @@ class PopulationSpec(_Strict):
 
 
 class TableSpec(_Strict):
+    #: the cohort file; "" declares the columns only: the population is used unless a
+    #: cohort file is given (``mpc-dose trial --cohort FILE``)
     path: str
     columns: dict[str, str]
     codes: dict[str, dict[str, str]] = {}

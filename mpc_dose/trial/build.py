@@ -47,9 +47,25 @@ def read_cohort_table(scenario: Scenario) -> list[dict]:
     return frame.to_dict("records")
 
 
+def with_cohort(scenario: Scenario, path: str | None) -> Scenario:
+    """*scenario* with its patients read from the cohort file *path* (the scenario's
+    ``[patient.table]`` columns and codes); unchanged when *path* is None."""
+    if path is None:
+        return scenario
+    table = scenario.patient.table
+    if table is None:
+        raise ConfigError("--cohort: the scenario declares no [patient.table] columns to read "
+                          "the file with")
+    from pathlib import Path
+
+    patient = scenario.patient.model_copy(update={
+        "table": table.model_copy(update={"path": str(Path(path).resolve())})})
+    return scenario.model_copy(update={"patient": patient})
+
+
 def cohort_size(scenario: Scenario) -> int:
     """How many patients the scenario's cohort has."""
-    if scenario.patient.table is not None:
+    if scenario.patient.table is not None and scenario.patient.table.path:
         return len(read_cohort_table(scenario))
     if scenario.patient.population is not None:
         return scenario.patient.population.size
@@ -63,9 +79,9 @@ def build_patient(scenario: Scenario, index: int, seed: int) -> VirtualPatientSp
     if not 0 <= index < n:
         raise ConfigError(f"patient {index + 1} does not exist: the cohort has {n} "
                           f"patient{'s' if n != 1 else ''} (1-{n})")
-    rng = streams(scenario.scenario.name, seed, index)["parameters"]
+    rng = streams(scenario.scenario.streams_name, seed, index)["parameters"]
     spec = scenario.patient
-    if spec.table is not None:
+    if spec.table is not None and spec.table.path:
         row = read_cohort_table(scenario)[index]
         patient = patient_from_row(lm, row, spec.table.columns, spec.table.codes, index, rng,
                                    random_effects=spec.random_effects,
@@ -106,7 +122,7 @@ def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
     if scenario.patient.occasions_s and not pop.occasion_effects:
         raise ConfigError(f"patient.occasions_s: model {scenario.patient.model!r} declares no "
                           f"inter-occasion variability")
-    rng = streams(scenario.scenario.name, seed, patient.index)["occasions"]
+    rng = streams(scenario.scenario.streams_name, seed, patient.index)["occasions"]
     occasion_starts = sorted(scenario.patient.occasions_s)
     kappas = [pop.sample_occasion(rng) for _ in range(len(occasion_starts) + 1)]
     covariates = dict(patient.covariates)
@@ -257,7 +273,7 @@ def build_setup(scenario: Scenario, index: int, seed: int) -> tuple[LoopSetup,
     """The closed-loop set-up of patient *index* (0-based) with *seed*."""
     lm = load(scenario.patient.model)
     patient = build_patient(scenario, index, seed)
-    rngs = streams(scenario.scenario.name, seed, index)
+    rngs = streams(scenario.scenario.streams_name, seed, index)
     pumps = [_pump(p, lm, f"pump[{k}]") for k, p in enumerate(scenario.pump)]
     sensors = [_sensor(s, lm, f"sensor[{k}]") for k, s in enumerate(scenario.sensor)]
     disturbances = []

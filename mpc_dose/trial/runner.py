@@ -43,6 +43,7 @@ class PatientTask:
     index: int          # 0-based
     seed: int
     out: str
+    cohort: str | None = None   # a cohort file replacing the scenario's patients
 
 
 @dataclass
@@ -69,11 +70,11 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def run_patient(task: PatientTask) -> dict:
     """Run one patient and write its series and metrics; returns the metrics."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from .build import build_setup
+    from .build import build_setup, with_cohort
     from .closed_loop import run_closed_loop
     from .metrics import drug_totals, performance_metrics, tiva_metrics
 
-    scenario = _scenario(task.scenario_path)
+    scenario = with_cohort(_scenario(task.scenario_path), task.cohort)
     setup, patient = build_setup(scenario, task.index, task.seed)
     setup = replace(setup, encode_frames=False)  # same messages, without the codec
     result = run_closed_loop(setup)
@@ -109,6 +110,12 @@ def run_patient(task: PatientTask) -> dict:
     out = Path(task.out)
     name = f"patient_{task.index + 1:04d}"
     frame.insert(0, "patient", task.index + 1)
+    info = {"patient": task.index + 1, "covariates": patient.covariates,
+            "params": patient.params, "eta": patient.eta, "source": patient.source,
+            "inputs": {i.name: {"amount_unit": i.amount_unit, "rate_unit": i.rate_unit}
+                       for i in model.inputs}}
+    _atomic_write(out / "patients" / f"{name}.json",
+                  lambda p: p.write_text(json.dumps(info, default=str), "utf-8"))
     _atomic_write(out / "series" / f"{name}.parquet",
                   lambda p: frame.to_parquet(p, index=False))
     _atomic_write(out / "metrics" / f"{name}.json",  # last: the completion mark
@@ -116,15 +123,18 @@ def run_patient(task: PatientTask) -> dict:
     return metrics
 
 
-def _manifest(scenario_path: str, seed: int, patients: list[int]) -> dict:
-    digest = hashlib.sha256(Path(scenario_path).read_bytes()).hexdigest()
-    return {"scenario": str(Path(scenario_path).resolve()), "sha256": digest, "seed": seed,
-            "patients": [k + 1 for k in patients]}
+def _manifest(scenario_path: str, seed: int, patients: list[int], cohort: str | None
+              ) -> dict:
+    digest = hashlib.sha256(Path(scenario_path).read_bytes())
+    if cohort is not None:
+        digest.update(Path(cohort).read_bytes())
+    return {"scenario": str(Path(scenario_path).resolve()), "cohort": cohort,
+            "sha256": digest.hexdigest(), "seed": seed, "patients": [k + 1 for k in patients]}
 
 
 def run_trial(scenario_path: str | Path, out: str | Path, *, patients: Iterable[int],
-              seed: int, executor: Executor | None = None, progress: bool = False
-              ) -> TrialResult:
+              seed: int, executor: Executor | None = None, progress: bool = False,
+              cohort: str | Path | None = None) -> TrialResult:
     """Run (or resume) a trial of *patients* (0-based indices) with *seed* into *out*.
 
     Raises
@@ -137,13 +147,21 @@ def run_trial(scenario_path: str | Path, out: str | Path, *, patients: Iterable[
 
     from .metrics import summarise
 
+    from .build import cohort_size, with_cohort
+
     scenario_path = str(Path(scenario_path).resolve())
-    _scenario(scenario_path)  # fail fast on a bad scenario, before any worker starts
+    cohort = None if cohort is None else str(Path(cohort).resolve())
+    # fail fast on a bad scenario or cohort, before any worker starts
+    size = cohort_size(with_cohort(_scenario(scenario_path), cohort))
     patients = sorted(set(int(k) for k in patients))
+    if patients and not 0 <= patients[0] <= patients[-1] < size:
+        raise ConfigError(f"patients {patients[0] + 1}-{patients[-1] + 1}: the cohort has "
+                          f"{size} patient{'s' if size != 1 else ''} (1-{size})")
     out = Path(out)
     (out / "series").mkdir(parents=True, exist_ok=True)
     (out / "metrics").mkdir(parents=True, exist_ok=True)
-    manifest = _manifest(scenario_path, seed, patients)
+    (out / "patients").mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(scenario_path, seed, patients, cohort)
     manifest_path = out / "trial.json"
     if manifest_path.exists():
         existing = json.loads(manifest_path.read_text("utf-8"))
@@ -156,7 +174,8 @@ def run_trial(scenario_path: str | Path, out: str | Path, *, patients: Iterable[
         _atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1),
                                                             "utf-8"))
     done = {k for k in patients if (out / "metrics" / f"patient_{k + 1:04d}.json").exists()}
-    todo = [PatientTask(scenario_path, k, seed, str(out)) for k in patients if k not in done]
+    todo = [PatientTask(scenario_path, k, seed, str(out), cohort) for k in patients
+            if k not in done]
     bar = None
     if progress:
         from tqdm import tqdm
