@@ -245,9 +245,6 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_trial(args) -> int:
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-
     from .scenario import load_scenario
     from .trial.runner import run_trial
 
@@ -256,15 +253,7 @@ def _cmd_trial(args) -> int:
     if args.patients < 1:
         raise ConfigError(f"--patients: expected >= 1, got {args.patients}")
     patients = range(args.first - 1, args.first - 1 + args.patients)
-    client = executor = None
-    if args.scheduler:
-        from distributed import Client
-
-        client = Client(args.scheduler)
-        executor = client.get_executor()
-    elif args.workers > 1:
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # inherited by the workers
-        executor = ProcessPoolExecutor(args.workers)
+    executor, client = _executor(args)
     try:
         result = run_trial(args.scenario, args.out, patients=patients, seed=seed,
                            executor=executor, progress=not args.quiet, cohort=args.cohort)
@@ -280,6 +269,71 @@ def _cmd_trial(args) -> int:
         row = summary.loc[name]
         print(f"  {name:45s} {row['mean']:10.4g} +- {row['sd']:.3g}  "
               f"[{row['min']:.4g}, {row['max']:.4g}]")
+    return 0
+
+
+def _executor(args):
+    """(executor, client): a Dask cluster's, a process pool, or none (in this process)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    if args.scheduler:
+        from distributed import Client
+
+        client = Client(args.scheduler)
+        return client.get_executor(), client
+    if args.workers > 1:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # inherited by the workers
+        return ProcessPoolExecutor(args.workers), None
+    return None, None
+
+
+def _cmd_compare(args) -> int:
+    from .scenario import load_scenario
+    from .trial.report import compare_table
+    from .trial.runner import run_trial
+
+    scenarios = [load_scenario(path) for path in args.scenarios]
+    cohorts = {sc.scenario.streams_name for sc in scenarios}
+    if len(cohorts) != 1:
+        raise ConfigError(f"compare: the scenarios draw different patients (cohorts "
+                          f"{sorted(cohorts)}); give them the same scenario.cohort")
+    names = [sc.scenario.name for sc in scenarios]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"compare: scenario names must differ, got {names}")
+    seed = scenarios[0].scenario.seed if args.seed is None else args.seed
+    patients = range(args.first - 1, args.first - 1 + args.patients)
+    out = Path(args.out)
+    executor, client = _executor(args)
+    try:
+        for path, name in zip(args.scenarios, names):
+            run_trial(path, out / name, patients=patients, seed=seed, executor=executor,
+                      progress=not args.quiet, cohort=args.cohort)
+    finally:
+        if executor is not None and client is None:
+            executor.shutdown()
+        if client is not None:
+            client.close()
+    table = compare_table({name: out / name for name in names})
+    table.to_csv(out / "comparison.csv", float_format="%.6g")
+    print(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    print(f"wrote {out / 'comparison.csv'}; `mpc-dose report {out}` for the plots")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .trial.report import write_report
+
+    path = write_report(args.results, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .trial.report import nonmem_dataset
+
+    data = nonmem_dataset(args.trial, observe=args.observe, every_s=args.every)
+    data.to_csv(args.nonmem, index=False, float_format="%.8g")
+    print(f"wrote {args.nonmem} ({len(data)} records, {data.ID.nunique()} patients)")
     return 0
 
 
@@ -411,6 +465,33 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "of the scenario's [patient.table])")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_trial)
+
+    p = sub.add_parser("compare", help="several controllers on the same patients",
+                       description="Run each scenario (same scenario.cohort: same patients, "
+                                   "noise, disturbances) into OUT/<name>; writes "
+                                   "OUT/comparison.csv.")
+    p.add_argument("scenarios", nargs="+")
+    p.add_argument("--patients", type=int, default=10)
+    p.add_argument("--first", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--scheduler", default=None)
+    p.add_argument("--cohort", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_compare)
+
+    p = sub.add_parser("report", help="self-contained HTML report of a trial or comparison")
+    p.add_argument("results", help="a trial folder, or a comparison folder")
+    p.add_argument("--out", default=None, help="HTML file (default RESULTS/report.html)")
+    p.set_defaults(run=_cmd_report)
+
+    p = sub.add_parser("export", help="a trial as a NONMEM-style dataset")
+    p.add_argument("trial", help="a trial folder")
+    p.add_argument("--nonmem", required=True, help="CSV to write")
+    p.add_argument("--observe", default=None, help="measured column (default: the first)")
+    p.add_argument("--every", type=float, default=None, help="one observation every [s]")
+    p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("keys", help="generate a CURVE key pair")
     p.add_argument("directory")

@@ -1,0 +1,210 @@
+"""What a researcher takes away from trials: a controller comparison, a self-contained HTML
+report with PNG plots, and a NONMEM-style dataset.
+
+All read the folders :func:`~mpc_dose.trial.runner.run_trial` writes (``metrics.csv``,
+``series/*.parquet``, ``patients/*.json``); a comparison folder holds one trial folder per
+controller and ``comparison.csv``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError
+
+__all__ = ["load_series", "compare_table", "write_report", "nonmem_dataset"]
+
+
+def _trial_folders(results: Path) -> dict[str, Path]:
+    """{label: trial folder}: *results* itself, or its sub-folders (a comparison)."""
+    if (results / "metrics.csv").exists():
+        return {results.name: results}
+    folders = {p.name: p for p in sorted(results.iterdir()) if (p / "metrics.csv").exists()}
+    if not folders:
+        raise ConfigError(f"{str(results)!r} holds no trial results (no metrics.csv)")
+    return folders
+
+
+def load_series(trial: Path) -> pd.DataFrame:
+    files = sorted((trial / "series").glob("patient_*.parquet"))
+    if not files:
+        raise ConfigError(f"{str(trial)!r}: no series/patient_*.parquet")
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def compare_table(folders: dict[str, Path]) -> pd.DataFrame:
+    """Metric x controller: mean (sd) over the same patients."""
+    columns = {}
+    patients = None
+    for label, folder in folders.items():
+        metrics = pd.read_csv(folder / "metrics.csv")
+        if patients is not None and list(metrics.patient) != patients:
+            raise ConfigError(f"compare: {label} ran other patients than the first trial")
+        patients = list(metrics.patient)
+        numeric = metrics.select_dtypes("number").drop(columns=["patient"])
+        columns[f"{label} mean"] = numeric.mean()
+        columns[f"{label} sd"] = numeric.std()
+    return pd.DataFrame(columns)
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _ensemble(series: dict[str, pd.DataFrame], column: str, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    for label, frame in series.items():
+        wide = frame.pivot(index="time_s", columns="patient", values=column)
+        t = wide.index.to_numpy() / 60.0
+        q = np.nanpercentile(wide.to_numpy(), [5, 25, 50, 75, 95], axis=1)
+        line, = ax.plot(t, q[2], label=f"{label} median")
+        ax.fill_between(t, q[1], q[3], color=line.get_color(), alpha=0.3, lw=0)
+        ax.fill_between(t, q[0], q[4], color=line.get_color(), alpha=0.12, lw=0)
+    ax.set_xlabel("time [min]")
+    ax.set_ylabel(column)
+    ax.set_title(f"{title}: median, 25-75 % and 5-95 % of patients")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _small_multiples(frame: pd.DataFrame, column: str, n: int = 12) -> str:
+    import matplotlib.pyplot as plt
+
+    patients = sorted(frame.patient.unique())[:n]
+    cols = 4
+    rows = -(-len(patients) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(10, 1.9 * rows), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, k in zip(axes.ravel(), patients):
+        one = frame[frame.patient == k]
+        ax.plot(one.time_s / 60.0, one[column], lw=0.7)
+        ax.set_title(f"patient {k}", fontsize=8)
+    for ax in axes.ravel()[len(patients):]:
+        ax.axis("off")
+    fig.suptitle(column, fontsize=9)
+    return _png(fig)
+
+
+def _distributions(metrics: dict[str, pd.DataFrame], names: list[str]) -> str:
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(10, 2.2 * rows), squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        data = [m[name].dropna().to_numpy() for m in metrics.values()]
+        ax.boxplot(data, tick_labels=list(metrics), showfliers=True)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    return _png(fig)
+
+
+def write_report(results: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` (plots embedded as PNG, readable offline) for a trial or a
+    comparison folder; returns its path."""
+    results = Path(results)
+    folders = _trial_folders(results)
+    metrics = {label: pd.read_csv(f / "metrics.csv") for label, f in folders.items()}
+    series = {label: load_series(f) for label, f in folders.items()}
+    first = next(iter(series.values()))
+    measured = [c for c in first.columns if c.startswith("measured_")]
+    delivered = [c for c in first.columns if c.startswith("delivered_")]
+    parts = [f"<h1>mpc_dose trial report: {html.escape(results.name)}</h1>",
+             "<p>" + ", ".join(f"{html.escape(k)}: {len(v)} patients" for k, v in
+                               metrics.items()) + "</p>"]
+    if len(folders) > 1:
+        table = compare_table(folders)
+        parts += ["<h2>Controller comparison (mean, sd over the same patients)</h2>",
+                  table.to_html(float_format=lambda v: f"{v:.4g}")]
+    for column in measured:
+        parts += [f"<h2>{html.escape(column)}</h2>",
+                  f'<img src="data:image/png;base64,{_ensemble(series, column, column)}">']
+    for column in delivered:
+        parts += [f"<h2>{html.escape(column)}</h2>",
+                  f'<img src="data:image/png;base64,{_ensemble(series, column, column)}">']
+    for label, frame in series.items():
+        for column in measured[:1]:
+            parts += [f"<h2>{html.escape(label)}: patients one by one</h2>",
+                      f'<img src="data:image/png;base64,{_small_multiples(frame, column)}">']
+    numeric = [c for c in next(iter(metrics.values())).select_dtypes("number").columns
+               if c != "patient"]
+    parts += ["<h2>Metric distributions</h2>",
+              f'<img src="data:image/png;base64,{_distributions(metrics, numeric[:24])}">']
+    for label, m in metrics.items():
+        from .metrics import summarise
+
+        parts += [f"<h2>{html.escape(label)}: summary</h2>",
+                  summarise(m).to_html(float_format=lambda v: f"{v:.4g}")]
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>mpc_dose report"
+            "</title><style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
+            "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
+            "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>"
+            + "\n".join(parts) + "</body></html>")
+    path = Path(out) if out else results / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def nonmem_dataset(trial: str | Path, *, observe: str | None = None,
+                   every_s: float | None = None) -> pd.DataFrame:
+    """The trial as a NONMEM-style dataset: one dosing record (EVID 1, AMT, RATE) per rate
+    change of each input (CMT = the input's number, 1-based), one observation record
+    (EVID 0, MDV 0, DV) per valid measurement of *observe* (the first measured output by
+    default; CMT after the inputs), every *every_s* seconds (all samples by default), and
+    the patient's covariates as columns. TIME in hours; AMT in the input's amount unit,
+    RATE in amount per hour."""
+    trial = Path(trial)
+    series = load_series(trial)
+    rows = []
+    for k, frame in series.groupby("patient", sort=True):
+        info = json.loads((trial / "patients" / f"patient_{int(k):04d}.json").read_text())
+        covariates = {str(n).upper(): v for n, v in info["covariates"].items()}
+        inputs = list(info["inputs"])
+        t = frame.time_s.to_numpy()
+        step = float(t[1] - t[0]) if t.size > 1 else 1.0
+        for cmt, name in enumerate(inputs, start=1):
+            column = next(c for c in frame.columns if c.startswith(f"delivered_{name}_rate_"))
+            rate = frame[column].to_numpy()
+            change = np.flatnonzero(np.diff(rate, prepend=np.nan) != 0)
+            ends = np.append(change[1:], rate.size)
+            for start, end in zip(change, ends):
+                if rate[start] <= 0:
+                    continue
+                duration_s = (end - start) * step
+                rows.append({"ID": int(k), "TIME": t[start] / 3600.0,
+                             "AMT": rate[start] * duration_s, "RATE": rate[start] * 3600.0,
+                             "EVID": 1, "MDV": 1, "DV": ".", "CMT": cmt, **covariates})
+        measured = [c for c in frame.columns if c.startswith("measured_")]
+        name = observe or (measured[0] if measured else None)
+        if name is not None:
+            if name not in frame:
+                raise ConfigError(f"export: no column {name!r}; measured: {measured}")
+            keep = np.isfinite(frame[name].to_numpy())
+            if every_s:
+                keep &= np.isclose(np.mod(t, every_s), 0.0)
+            for time_s, value in zip(t[keep], frame[name].to_numpy()[keep]):
+                rows.append({"ID": int(k), "TIME": time_s / 3600.0, "AMT": ".",
+                             "RATE": ".", "EVID": 0, "MDV": 0, "DV": value,
+                             "CMT": len(inputs) + 1, **covariates})
+    data = pd.DataFrame(rows)
+    return data.sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False],
+                            kind="stable").reset_index(drop=True)
