@@ -18,9 +18,13 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
-# The main job, for now: one closed-loop TIVA run (PID, BIS noise, surgical stimulation) and
-# an open-loop simulation of a standard regimen, each with a plot.
+# The main job: a small TIVA trial (NMPC + EKF against the PID on the same 4 patients) with
+# its HTML report; one closed-loop run with a plot; an open-loop simulation of a regimen.
 demo: $(STAMP)
+	rm -rf out/demo/tiva
+	$(VENV)/bin/mpc-dose compare scenarios/tiva_benchmark.toml scenarios/tiva_benchmark_pid.toml \
+		--patients 4 --quiet --out out/demo/tiva
+	$(VENV)/bin/mpc-dose report out/demo/tiva
 	$(VENV)/bin/mpc-dose run scenarios/pid_tiva_noise.toml --patient 13 --seed 1 \
 		--out out/demo/closed_loop
 	$(VENV)/bin/mpc-dose simulate --model propofol-schnider+remifentanil-minto+bis-bouillon \
