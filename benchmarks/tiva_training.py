@@ -5,7 +5,7 @@ metrics beside the published rows of Aubouin-Pairault, Fiacchini & Dang (2024).
     python benchmarks/tiva_training.py [--patients 32] [--workers 2] [--seed 0]
 
 Tuning without editing the scenario: environment variables override its controller
-settings (TIVA_FLOOR, TIVA_SOFT, TIVA_PRIOR_SCALE, TIVA_DU, TIVA_RATIO, TIVA_HORIZON,
+settings (TIVA_FLOOR, TIVA_SOFT, TIVA_PRIOR_SCALE, TIVA_DU, TIVA_RATIO, TIVA_HORIZON, TIVA_MOVE_BLOCK, TIVA_SOFT_EVERY,
 TIVA_ESTIMATOR, TIVA_QD, TIVA_QETA, TIVA_NOISE, TIVA_WINDOW).
 """
 
@@ -54,6 +54,10 @@ def scenario():
             nmpc["ratio"] = [nmpc["inputs"][0], nmpc["inputs"][1], ratio]
         else:
             nmpc.pop("ratio", None)
+    if env("TIVA_MOVE_BLOCK"):
+        nmpc["move_block"] = int(env("TIVA_MOVE_BLOCK"))
+    if env("TIVA_SOFT_EVERY"):
+        nmpc["soft_every"] = int(env("TIVA_SOFT_EVERY"))
     if env("TIVA_HORIZON"):
         nmpc["horizon"] = int(env("TIVA_HORIZON"))
     for key, name, cast in (("kind", "TIVA_ESTIMATOR", str), ("q_d", "TIVA_QD", float),
@@ -67,7 +71,7 @@ def scenario():
 def run_patient(args: tuple[int, int]) -> dict:
     k, seed = args
     sc = scenario()
-    setup, patient = build_setup(sc, k, seed)
+    setup, patient = build_setup(sc, k, seed, share_solvers=True)
     setup = replace(setup, encode_frames=False)  # the same messages, without the codec
     start = time.perf_counter()
     frame = run_closed_loop(setup).to_pandas()

@@ -48,13 +48,15 @@ class MPCController:
     reference : callable, optional
         A time-varying reference ``r(t_s)`` (output unit), evaluated at the end of each
         period of the horizon; the config's constant reference otherwise.
+    mpc : NonlinearMPC, optional
+        The problem built for *model* and *nmpc* (reused across patients; reset first).
     """
 
     def __init__(self, model: Model, params: Mapping[str, float] | np.ndarray,
                  nmpc: NMPCConfig, safety: SafetyConfig, mhe: MHEConfig | None = None, *,
                  estimator: str = "mhe", ekf_options: Mapping[str, float] | None = None,
                  reference: Callable[[float], float] | None = None,
-                 name: str = "nmpc") -> None:
+                 name: str = "nmpc", mpc: NonlinearMPC | None = None) -> None:
         self.model, self.name = model, name
         self.theta = (np.asarray(params, float).copy() if isinstance(params, np.ndarray)
                       else model.parameter_vector(params))
@@ -62,7 +64,9 @@ class MPCController:
         self.inputs = tuple(nmpc.inputs)
         self._reference = reference
         self._horizon = nmpc.horizon
-        self.mpc = NonlinearMPC(model, nmpc)
+        # a problem already built for this model and config may be handed in (trials reuse
+        # it patient after patient); it must not serve two patients at once
+        self.mpc = mpc if mpc is not None else NonlinearMPC(model, nmpc)
         self.supervisor = SafetySupervisor(safety)
         self.mhe = None
         if mhe is not None:

@@ -98,6 +98,9 @@ class NMPCConfig:
     #: therapeutic window on a concentration while tracking an effect
     window_output: str | None = None
     soft_weights: tuple[float, float] = (100.0, 100.0)
+    #: the soft window is checked at every *soft_every*-th stage (and the last): fewer slack
+    #: variables, a smaller QP (the output moves slowly against the period)
+    soft_every: int = 1
     hard_window: tuple[float, float] = (-math.inf, math.inf)
     #: hard bounds on the window output at the end of the horizon (terminal constraint)
     terminal_window: tuple[float, float] = (-math.inf, math.inf)
@@ -123,6 +126,9 @@ class NMPCConfig:
             raise ConfigError(f"nmpc.period_s must be > 0, got {self.period_s!r}")
         if not (isinstance(self.horizon, int) and self.horizon >= 1):
             raise ConfigError(f"nmpc.horizon must be a whole number >= 1, got {self.horizon!r}")
+        if not (isinstance(self.soft_every, int) and self.soft_every >= 1):
+            raise ConfigError(f"nmpc.soft_every must be a whole number >= 1, "
+                              f"got {self.soft_every!r}")
         if not (isinstance(self.move_block, int) and 1 <= self.move_block <= self.horizon):
             raise ConfigError(f"nmpc.move_block must be in [1, horizon], "
                               f"got {self.move_block!r}")
@@ -198,6 +204,12 @@ class NonlinearMPC:
         self._warm: dict[str, np.ndarray] | None = None
         self._pk_cache: tuple[bytes, np.ndarray] | None = None
 
+    def reset(self) -> None:
+        """Forget the previous patient's warm start and discretisation (reuse the built
+        problem for another patient of the same model)."""
+        self._warm = None
+        self._pk_cache = None
+
     # ------------------------------------------------------------------ build
     def _rates_expr(self, free: ca.SX) -> ca.SX:
         """All model inputs' rates from the free decision variables of one block."""
@@ -222,8 +234,10 @@ class NonlinearMPC:
         change = any(math.isfinite(v) for v in c.max_change.values())
         X = None if condensed else ca.SX.sym("X", n, N + 1)
         U = ca.SX.sym("U", nf, n_blocks)
-        SL = ca.SX.sym("SL", N if soft_low else 0)
-        SH = ca.SX.sym("SH", N if soft_high else 0)
+        soft_stages = [k for k in range(N) if (k + 1) % c.soft_every == 0 or k == N - 1]
+        SL = ca.SX.sym("SL", len(soft_stages) if soft_low else 0)
+        SH = ca.SX.sym("SH", len(soft_stages) if soft_high else 0)
+        slack_of = {k: j for j, k in enumerate(soft_stages)}
         blocks = ([ca.vec(X)] if X is not None else []) + [ca.vec(U), SL, SH]
         w = ca.vertcat(*blocks)
         sizes = [int(b.numel()) for b in blocks]
@@ -295,16 +309,17 @@ class NonlinearMPC:
             # the disturbance belongs to the tracked (measured) output only
             y_win = y if self._k_win == self._k_out else outputs[self._k_win]
             # soft window: y + SL >= low, y - SH <= high (slacks >= 0 by bounds)
-            if soft_low:
-                g.append(y_win + SL[k] - window[0])
+            j = slack_of.get(k)
+            if soft_low and j is not None:
+                g.append(y_win + SL[j] - window[0])
                 self._g_labels.append("soft_low")
-                residuals.append(ca.sqrt(w_soft[1]) * SL[k])
-                linear += w_soft[0] * SL[k]
-            if soft_high:
-                g.append(window[1] - y_win + SH[k])
+                residuals.append(ca.sqrt(w_soft[1]) * SL[j])
+                linear += w_soft[0] * SL[j]
+            if soft_high and j is not None:
+                g.append(window[1] - y_win + SH[j])
                 self._g_labels.append("soft_high")
-                residuals.append(ca.sqrt(w_soft[1]) * SH[k])
-                linear += w_soft[0] * SH[k]
+                residuals.append(ca.sqrt(w_soft[1]) * SH[j])
+                linear += w_soft[0] * SH[j]
             if hard:
                 g.append(y_win)  # the hard window, by its bounds
                 self._g_labels.append("hard")

@@ -194,6 +194,7 @@ class NMPCSpec(_Strict):
     soft_low: float | None = None
     soft_high: float | None = None
     soft_weights: tuple[float, float] = (200.0, 200.0)
+    soft_every: int = Field(1, ge=1)
     ratio: tuple[str, str, float] | None = None
     prior_scale: float = Field(1.0, gt=0)
     scaled: list[str] = []

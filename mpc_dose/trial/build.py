@@ -178,8 +178,13 @@ def _sensor(spec, lm: LibraryModel, where: str) -> SensorConfig:
                         spec.error_probability, spec.error_value, spec.var or spec.output)
 
 
-def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpec
-                ) -> Controller:
+#: built NMPC problems kept for the next patient of a trial (same model and structure):
+#: building one costs more than a tenth of a second, and only numbers change per patient
+_SHARED_NMPC: dict[tuple, object] = {}
+
+
+def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpec,
+                share: bool = False) -> Controller:
     c = scenario.controller
     chosen = getattr(c, c.kind)
     if chosen is None and c.kind != "pid":
@@ -211,7 +216,7 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
                                         [tuple(t) for t in chosen.targets], mode=chosen.mode,
                                         period_s=c.period_s, max_rate=chosen.max_rate)
     if c.kind == "nmpc":
-        return _nmpc_controller(chosen, c, lm, patient)
+        return _nmpc_controller(chosen, c, lm, patient, share)
     factory = load_user_controller(chosen.target, scenario.base_dir)
     made = factory(inputs=tuple(chosen.inputs), period_s=c.period_s, **chosen.options)
     if hasattr(made, "decide"):
@@ -219,7 +224,8 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
     return CallableController(made, chosen.inputs, period_s=c.period_s, name=chosen.target)
 
 
-def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec) -> Controller:
+def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec,
+                     share: bool = False) -> Controller:
     """NMPC + estimator + supervisor on the controller's own model of the patient."""
     import numpy as np
 
@@ -243,7 +249,7 @@ def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec) -> 
                       change_weights=spec.change_weights, use_weights=spec.use_weights,
                       rate_bounds={k: (0.0, v) for k, v in spec.max_rates.items()},
                       max_change=spec.max_change, soft_window=soft,
-                      soft_weights=tuple(spec.soft_weights),
+                      soft_weights=tuple(spec.soft_weights), soft_every=spec.soft_every,
                       ratio=tuple(spec.ratio) if spec.ratio else None)
     safety = SafetyConfig(spec.output, dict(spec.max_rates), valid_range=spec.valid_range,
                           stale_after_s=spec.stale_after_s,
@@ -263,12 +269,22 @@ def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec) -> 
         mhe = MHEConfig(spec.output, tuple(est.parameters), tuple(map(tuple, sub)),
                         noise_sd=est.noise_sd, window=est.window, disturbance=est.disturbance,
                         disturbance_sd=est.disturbance_sd)
-    return MPCController(own.model, params, nmpc, safety, mhe,
+    shared = None
+    if share:  # one patient at a time per process: the built problem serves them all
+        from ..control.nmpc import NonlinearMPC
+
+        key = (own.model.name, tuple(own.model.param_names), repr(nmpc))
+        shared = _SHARED_NMPC.get(key)
+        if shared is None:
+            shared = _SHARED_NMPC[key] = NonlinearMPC(own.model, nmpc)
+        shared.reset()
+    return MPCController(own.model, params, nmpc, safety, mhe, mpc=shared,
                          estimator="mhe" if est.kind == "none" else est.kind,
                          ekf_options={"q_d": est.q_d, "q_eta": est.q_eta})
 
 
-def build_setup(scenario: Scenario, index: int, seed: int) -> tuple[LoopSetup,
+def build_setup(scenario: Scenario, index: int, seed: int, *,
+                share_solvers: bool = False) -> tuple[LoopSetup,
                                                                     VirtualPatientSpec]:
     """The closed-loop set-up of patient *index* (0-based) with *seed*."""
     lm = load(scenario.patient.model)
@@ -283,7 +299,7 @@ def build_setup(scenario: Scenario, index: int, seed: int) -> tuple[LoopSetup,
                               f"outputs: {', '.join(lm.model.output_names)}")
         disturbances.append(OutputDisturbance(d.output, tuple(d.times_s), tuple(d.values),
                                               d.kind))
-    controller = _controller(scenario, lm, patient)
+    controller = _controller(scenario, lm, patient, share_solvers)
     info = scenario.scenario
     if not math.isfinite(info.duration_s):
         raise ConfigError("scenario.duration_s must be finite")

@@ -62,6 +62,7 @@ def _scenario(path: str):
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -75,7 +76,7 @@ def run_patient(task: PatientTask) -> dict:
     from .metrics import drug_totals, performance_metrics, tiva_metrics
 
     scenario = with_cohort(_scenario(task.scenario_path), task.cohort)
-    setup, patient = build_setup(scenario, task.index, task.seed)
+    setup, patient = build_setup(scenario, task.index, task.seed, share_solvers=True)
     setup = replace(setup, encode_frames=False)  # same messages, without the codec
     result = run_closed_loop(setup)
     frame = result.to_pandas()
