@@ -119,3 +119,17 @@ def test_performance_terms_see_overshoot_and_ignore_missing_readings():
     assert m["overshoot_pct"] == pytest.approx(30.0)
     assert m["time_below_window_s"] == 1.0 and m["lowest"] == 38.0
     assert m["settling_time_s"] == 11.0
+
+
+def test_the_body_clock_changes_5fu_exposure_for_the_same_dose(tmp_path):
+    """Chronomodulated (night, peak 04:00) against flat 5-FU, same patients and daily dose:
+    clearance is lowest near 04:30 (acrophase 16:30), so the night infusion gives the higher
+    AUC; with the same total drug to within the dosing table's rounding."""
+    chrono = run_trial(REPO / "scenarios" / "fluorouracil_chrono.toml", tmp_path / "c",
+                       patients=range(3), seed=0).metrics
+    flat = run_trial(REPO / "scenarios" / "fluorouracil_flat.toml", tmp_path / "f",
+                     patients=range(3), seed=0).metrics
+    np.testing.assert_allclose(chrono.fluorouracil_total_mg, 4400.0, rtol=1e-6)
+    np.testing.assert_allclose(flat.fluorouracil_total_mg, 4400.0, rtol=1e-6)
+    ratio = chrono.auc_fluorouracil_cp_mg_per_L_h / flat.auc_fluorouracil_cp_mg_per_L_h
+    assert (ratio > 1.03).all() and (ratio < 1.2).all(), ratio

@@ -216,11 +216,12 @@ class ControllerSpec(_Strict):
 
 
 class MetricsSpec(_Strict):
-    """What a trial measures: the controlled output against its target and window, and an
+    """What a trial measures: the output's exposure (AUC of its true value), its measured
+    value against a target and window (the performance terms; needs a sensor of it), and an
     optional clinical set of the scenario's own (``tiva``: DESIGN's TIVA metrics)."""
 
     output: str
-    target: float
+    target: float | None = None
     window: tuple[float, float] | None = None
     clinical: Literal["tiva"] | None = None
 

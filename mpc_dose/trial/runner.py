@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ConfigError
 
 __all__ = ["PatientTask", "run_patient", "run_trial", "TrialResult"]
@@ -72,6 +74,7 @@ def run_patient(task: PatientTask) -> dict:
     """Run one patient and write its series and metrics; returns the metrics."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from .build import build_setup, with_cohort
+    from .closed_loop import _column as _column_name
     from .closed_loop import run_closed_loop
     from .metrics import drug_totals, performance_metrics, tiva_metrics
 
@@ -85,13 +88,19 @@ def run_patient(task: PatientTask) -> dict:
     metrics: dict = {"patient": task.index + 1}
     spec = scenario.metrics
     if spec is not None:
-        sensor = next((s for s in setup.sensors if s.var == spec.output), None)
-        if sensor is None:
-            raise ConfigError(f"metrics.output: no sensor measures {spec.output!r}")
         from ..units import unit_to_token
 
-        column = (f"measured_{spec.output}_unitless" if sensor.unit == "1" else
-                  f"measured_{spec.output}_{unit_to_token(sensor.unit)}")
+        out_spec = model.outputs[model.output_index(spec.output)]
+        true = _column_name("true_", spec.output, out_spec.unit)
+        hours = frame.time_s.to_numpy() / 3600.0
+        metrics[f"auc_{spec.output}_{unit_to_token(out_spec.unit)}_h"] = float(
+            np.trapezoid(frame[true].to_numpy(), hours))
+        metrics[f"max_{spec.output}_{unit_to_token(out_spec.unit)}"] = float(frame[true].max())
+    if spec is not None and spec.target is not None:
+        sensor = next((s for s in setup.sensors if s.output == spec.output), None)
+        if sensor is None:
+            raise ConfigError(f"metrics.target: no sensor measures {spec.output!r}")
+        column = _column_name("measured_", sensor.var, sensor.unit)
         metrics.update(performance_metrics(frame.time_s, frame[column], spec.target,
                                            spec.window))
         if spec.clinical == "tiva":
