@@ -133,3 +133,31 @@ def test_the_body_clock_changes_5fu_exposure_for_the_same_dose(tmp_path):
     np.testing.assert_allclose(flat.fluorouracil_total_mg, 4400.0, rtol=1e-6)
     ratio = chrono.auc_fluorouracil_cp_mg_per_L_h / flat.auc_fluorouracil_cp_mg_per_L_h
     assert (ratio > 1.03).all() and (ratio < 1.2).all(), ratio
+
+
+def test_auc24_attainment_of_constant_levels():
+    """20 mg/L for 3 days: AUC24 = 480 mg.h/L each day, all in 400-600; 30 mg/L: 720,
+    none in target, 3 days above."""
+    from mpc_dose.trial.metrics import auc_attainment
+
+    t = np.arange(0.0, 3 * 86400.0 + 1, 600.0)
+    inside = auc_attainment(t, np.full(t.size, 20.0))
+    assert inside["auc24_first_mg_h_per_L"] == pytest.approx(480.0)
+    assert inside["auc24_in_target_pct"] == 100.0 and inside["auc24_above_target_days"] == 0
+    above = auc_attainment(t, np.full(t.size, 30.0))
+    assert above["auc24_last_mg_h_per_L"] == pytest.approx(720.0)
+    assert above["auc24_in_target_pct"] == 0.0 and above["auc24_above_target_days"] == 3
+
+
+def test_neutropenia_grades_and_nadir():
+    """ANC 5 until day 7, 0.3 for 2 days, 0.8 for 1 day, then 3: nadir 0.3 on day 7,
+    2 days of grade 4, 3 days of grade 3 or worse (CTCAE: < 0.5, < 1.0 x 10^9/L)."""
+    from mpc_dose.trial.metrics import neutropenia_metrics
+
+    t = np.arange(0.0, 21 * 86400.0, 3600.0)
+    day = t / 86400.0
+    anc = np.where(day < 7, 5.0, np.where(day < 9, 0.3, np.where(day < 10, 0.8, 3.0)))
+    m = neutropenia_metrics(t, anc)
+    assert m["anc_nadir_1e9_per_L"] == 0.3 and m["anc_nadir_day"] == 7.0
+    assert m["grade4_neutropenia_days"] == pytest.approx(2.0)
+    assert m["grade3plus_neutropenia_days"] == pytest.approx(3.0)

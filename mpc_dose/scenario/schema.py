@@ -223,7 +223,9 @@ class MetricsSpec(_Strict):
     output: str
     target: float | None = None
     window: tuple[float, float] | None = None
-    clinical: Literal["tiva"] | None = None
+    #: tiva: DESIGN's TIVA set (needs target 50 on BIS); auc: daily AUC24 target attainment
+    #: (vancomycin, 400-600 mg.h/L); neutropenia: nadir and grade 3-4 days of output "anc"
+    clinical: Literal["tiva", "auc", "neutropenia"] | None = None
 
 
 class Scenario(_Strict):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["tiva_metrics", "performance_metrics", "drug_totals", "summarise"]
+__all__ = ["tiva_metrics", "performance_metrics", "drug_totals", "summarise",
+           "auc_attainment", "neutropenia_metrics"]
 
 
 def _after_last(t: np.ndarray, bad: np.ndarray) -> float:
@@ -134,3 +135,39 @@ def summarise(metrics) -> "pd.DataFrame":
                          "median": numeric.median(), "q25": numeric.quantile(0.25),
                          "q75": numeric.quantile(0.75), "min": numeric.min(),
                          "max": numeric.max(), "n": numeric.count()})
+
+
+def auc_attainment(time_s, concentration, low: float = 400.0, high: float = 600.0
+                   ) -> dict[str, float]:
+    """Vancomycin-style exposure targets on the true concentration [mg/L]: the AUC of each
+    whole 24-h day [mg.h/L] (trapezoid), the share of days with AUC24 in [low, high] (the
+    2020 ASHP/IDSA consensus 400-600 mg.h/L), the first and last day's AUC24, and the
+    highest trough-like minimum of any day."""
+    t = np.asarray(time_s, dtype=float)
+    c = np.asarray(concentration, dtype=float)
+    days = int((t[-1] - t[0]) // 86400.0)
+    aucs, minima = [], []
+    for d in range(days):
+        inside = (t >= t[0] + d * 86400.0) & (t <= t[0] + (d + 1) * 86400.0)
+        aucs.append(float(np.trapezoid(c[inside], t[inside] / 3600.0)))
+        minima.append(float(c[inside].min()))
+    if not aucs:
+        return {}
+    aucs_arr = np.asarray(aucs)
+    return {"auc24_first_mg_h_per_L": aucs[0], "auc24_last_mg_h_per_L": aucs[-1],
+            "auc24_in_target_pct": float(np.mean((aucs_arr >= low) & (aucs_arr <= high))
+                                         * 100.0),
+            "auc24_above_target_days": float(np.sum(aucs_arr > high)),
+            "highest_daily_minimum_mg_per_L": max(minima)}
+
+
+def neutropenia_metrics(time_s, anc) -> dict[str, float]:
+    """Cytotoxic toxicity on the true neutrophil count [10^9/L]: nadir, its day, and days of
+    grade 4 (ANC < 0.5) and grade 3 or worse (ANC < 1.0), CTCAE v5."""
+    t = np.asarray(time_s, dtype=float)
+    a = np.asarray(anc, dtype=float)
+    dt = np.diff(t, append=t[-1] + (t[-1] - t[-2] if t.size > 1 else 0.0))
+    k = int(np.argmin(a))
+    return {"anc_nadir_1e9_per_L": float(a[k]), "anc_nadir_day": float(t[k] / 86400.0),
+            "grade4_neutropenia_days": float(dt[a < 0.5].sum() / 86400.0),
+            "grade3plus_neutropenia_days": float(dt[a < 1.0].sum() / 86400.0)}

@@ -76,7 +76,8 @@ def run_patient(task: PatientTask) -> dict:
     from .build import build_setup, with_cohort
     from .closed_loop import _column as _column_name
     from .closed_loop import run_closed_loop
-    from .metrics import drug_totals, performance_metrics, tiva_metrics
+    from .metrics import (auc_attainment, drug_totals, neutropenia_metrics,
+                          performance_metrics, tiva_metrics)
 
     scenario = with_cohort(_scenario(task.scenario_path), task.cohort)
     setup, patient = build_setup(scenario, task.index, task.seed, share_solvers=True)
@@ -96,6 +97,10 @@ def run_patient(task: PatientTask) -> dict:
         metrics[f"auc_{spec.output}_{unit_to_token(out_spec.unit)}_h"] = float(
             np.trapezoid(frame[true].to_numpy(), hours))
         metrics[f"max_{spec.output}_{unit_to_token(out_spec.unit)}"] = float(frame[true].max())
+        if spec.clinical == "auc":
+            metrics.update(auc_attainment(frame.time_s, frame[true]))
+        elif spec.clinical == "neutropenia":
+            metrics.update(neutropenia_metrics(frame.time_s, frame[true]))
     if spec is not None and spec.target is not None:
         sensor = next((s for s in setup.sensors if s.output == spec.output), None)
         if sensor is None:
