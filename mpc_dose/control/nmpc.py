@@ -197,6 +197,7 @@ class NonlinearMPC:
                 raise ConfigError(f"nmpc.ratio = {c.ratio!r}: expected two different inputs "
                                   f"of {c.inputs} and a ratio >= 0")
         self._free = [i for i in c.inputs if c.ratio is None or i != c.ratio[1]]
+        self._free_columns = [model.input_index(name) for name in self._free]
         self._exact = model.is_affine and not model.is_time_varying
         self._build()
         # the first solver is built now, not inside the first control period's deadline
@@ -532,14 +533,12 @@ class NonlinearMPC:
         c, m = self.config, self.model
         U = w[self._slices["U"]].reshape(self._n_blocks, self._nf)
         U = np.clip(U, 0.0, None)
+        per_stage = U[np.arange(c.horizon) // c.move_block]     # (horizon, free inputs)
         plan = np.zeros((c.horizon, m.n_inputs))
-        for k in range(c.horizon):
-            free = U[k // c.move_block]
-            for j, name in enumerate(self._free):
-                plan[k, m.input_index(name)] = free[j]
-            if c.ratio is not None:
-                a, b, r = c.ratio
-                plan[k, m.input_index(b)] = r * free[self._free.index(a)]
+        plan[:, self._free_columns] = per_stage
+        if c.ratio is not None:
+            a, b, r = c.ratio
+            plan[:, m.input_index(b)] = r * per_stage[:, self._free.index(a)]
         y = np.asarray(self._y_pred(w, p), dtype=float).ravel()
         rates = {name: float(plan[0, m.input_index(name)]) for name in c.inputs}
         return DosePlan(t_s, success, status, iterations, seconds, solver, rates, plan, y,
