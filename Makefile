@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/nmpc_speed.py
 	$(PY) benchmarks/tiva_training.py
 	$(PY) benchmarks/zmq_load.py
+	$(PY) benchmarks/trial_speed.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
