@@ -193,3 +193,62 @@ def test_a_killed_process_leaves_the_pumps_in_fallback(tmp_path, victim):
                           "kind = 'link'").fetchall()
         assert any('"LOST"' in body for (body,) in lost)
         assert killed_at + 2.5 <= last_cmd + 1.0 <= killed_at + 5.0
+
+
+SLOW_CONTROLLER = '''
+import time
+
+
+def slow(inputs, period_s, after_s=3.0, sleep_s=1.6):
+    """Doses 1 mg/s, then from after_s on takes longer than its period to decide."""
+    def decide(t_s, readings):
+        if t_s >= after_s:
+            time.sleep(sleep_s)
+        return {name: 1.0 for name in inputs}
+    return decide
+'''
+
+
+def test_missed_deadlines_stop_commanding_and_the_leases_run_out(tmp_path):
+    """B12/T36 across processes, real time: a controller that starts overrunning its 1-s
+    period is stopped after 2 missed deadlines in a row (FALLBACK in the audit log, no more
+    commands); the plant's pumps reach their fallback when the last lease ends."""
+    (tmp_path / "slow.py").write_text(SLOW_CONTROLLER, encoding="utf-8")
+    text = SCENARIO.read_text(encoding="utf-8")
+    start = text.index("[controller]")
+    end = text.index("[metrics]")
+    scenario = tmp_path / "slow.toml"
+    scenario.write_text(
+        text[:start].replace("duration_s = 600", "duration_s = 14")
+        .replace("data/", str(REPO / "scenarios" / "data") + "/")
+        + '[controller]\nkind = "python"\nperiod_s = 1\nlease_periods = 2\n\n'
+          '[controller.python]\ntarget = "slow.py:slow"\n'
+          'inputs = ["propofol", "remifentanil"]\n\n' + text[end:], encoding="utf-8")
+    tel, cmd = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
+    audit = tmp_path / "audit.sqlite"
+    out = tmp_path / "plant.csv"
+    plant = subprocess.Popen(cli("serve", "plant", str(scenario), "--telemetry", tel,
+                                 "--commands", cmd, "--realtime", "1", "--out", str(out)))
+    controller = subprocess.Popen(cli("serve", "controller", str(scenario), "--telemetry",
+                                      tel, "--commands", cmd, "--realtime", "1", "--audit",
+                                      str(audit)))
+    try:
+        plant.wait(60)
+    finally:
+        controller.kill()
+        plant.kill()
+    assert plant.returncode == 0
+    db = sqlite3.connect(audit)
+    fallback = db.execute("SELECT t_wall, body FROM events WHERE process = 'controller' AND "
+                          "kind = 'mode'").fetchall()
+    assert fallback and "deadlines missed" in fallback[0][1]
+    after = db.execute("SELECT COUNT(*) FROM events WHERE process = 'controller' AND "
+                       "kind = 'set_rate' AND t_wall > ?", (fallback[0][0],)).fetchone()[0]
+    assert after == 0, "no command after the switch to FALLBACK"
+    frame = pd.read_csv(out, keep_default_na=False)
+    expired = frame[frame.alarms.str.contains("pump.lease_expired")]
+    assert not expired.empty, "the pumps' leases must run out into their fallback"
+    # the last command sent before the switch still runs its lease out; then nothing
+    t_expired = expired.time_s.iloc[-1]
+    assert t_expired <= frame.time_s.iloc[-1] - 3
+    assert (frame[frame.time_s > t_expired].delivered_propofol_rate_mg_per_s == 0).all()
