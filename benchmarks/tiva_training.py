@@ -5,7 +5,7 @@ metrics beside the published rows of Aubouin-Pairault, Fiacchini & Dang (2024).
     python benchmarks/tiva_training.py [--patients 32] [--workers 2] [--seed 0]
 
 Tuning without editing the scenario: environment variables override its controller
-settings (TIVA_FLOOR, TIVA_SOFT, TIVA_PRIOR_SCALE, TIVA_DU, TIVA_RATIO, TIVA_HORIZON, TIVA_MOVE_BLOCK, TIVA_SOFT_EVERY,
+settings (TIVA_FLOOR, TIVA_SOFT, TIVA_PRIOR_SCALE, TIVA_DU, TIVA_RATIO, TIVA_HORIZON, TIVA_MOVE_BLOCK, TIVA_SOFT_EVERY, TIVA_MAX_CHANGE,
 TIVA_ESTIMATOR, TIVA_QD, TIVA_QETA, TIVA_NOISE, TIVA_WINDOW).
 """
 
@@ -54,6 +54,8 @@ def scenario():
             nmpc["ratio"] = [nmpc["inputs"][0], nmpc["inputs"][1], ratio]
         else:
             nmpc.pop("ratio", None)
+    if env("TIVA_MAX_CHANGE"):  # propofol mg/s per period (remifentanil follows the ratio)
+        nmpc["max_change"] = {nmpc["inputs"][0]: float(env("TIVA_MAX_CHANGE"))}
     if env("TIVA_MOVE_BLOCK"):
         nmpc["move_block"] = int(env("TIVA_MOVE_BLOCK"))
     if env("TIVA_SOFT_EVERY"):
