@@ -185,9 +185,10 @@ def test_a_killed_process_leaves_the_pumps_in_fallback(tmp_path, victim):
                           "kind = 'set_rate' AND direction = 'in' AND t_wall < ?",
                           (rows[0][0],)).fetchone()[0]
     fallback_after = rows[0][0] - last_cmd
-    assert 2.0 - 0.05 <= fallback_after <= 2.0 + 0.25 + 0.3, fallback_after
+    # lease end (2 s after the last command) + at most one bridge poll (0.25 s) + scheduling
+    assert 2.0 - 0.05 <= fallback_after <= 2.0 + 0.25 + 0.5, fallback_after
     if victim == "controller":
-        assert last_cmd <= killed_at + 0.1
+        assert last_cmd <= killed_at + 0.5  # a command in flight at the kill may land late
     else:
         lost = db.execute("SELECT body FROM events WHERE process = 'controller' AND "
                           "kind = 'link'").fetchall()
