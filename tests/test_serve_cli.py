@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from hil.sensor_relay import parse_line
-from mpc_dose.audit import AuditLog, export_csv
+from mpc_dose.audit import AuditLog
 from mpc_dose.cli import main
 from mpc_dose.errors import ConfigError
 from mpc_dose.protocol.codec import Envelope

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
@@ -358,7 +357,3 @@ class PumpBridgeNode:
             self._acks.popitem(last=False)
         return ack
 
-
-def bridge_pumps_from(config: Mapping) -> list[BridgePump]:
-    """Pumps from a pump-bridge config table (see :mod:`mpc_dose.serve.pump_bridge`)."""
-    return [BridgePump(**row) for row in config]

@@ -117,7 +117,7 @@ def serve_plant(scenario: Scenario, index: int, seed: int, *, telemetry: str, co
                 hello = True
                 server.reply(identity, Hello(role="plant"), 0.0)
         if bridges is not None:
-            for envelope in bridges.drain(0.0):
+            if next(bridges.drain(0.0), None) is not None:
                 seen_bridge = True
     if log is not None:
         log.note("start", 0.0, patient=index + 1, seed=seed, scenario=scenario.scenario.name)

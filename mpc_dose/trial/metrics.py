@@ -126,8 +126,9 @@ def drug_totals(frame, input_units: dict[str, str], weight_kg: float | None
     return out
 
 
-def summarise(metrics) -> "pd.DataFrame":
-    """mean, sd, median, IQR and extremes of every numeric metric column."""
+def summarise(metrics):
+    """mean, sd, median, IQR and extremes of every numeric metric column of the *metrics*
+    DataFrame (one row per metric)."""
     import pandas as pd
 
     numeric = metrics.select_dtypes("number").drop(columns=["patient"], errors="ignore")
