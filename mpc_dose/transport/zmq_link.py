@@ -120,6 +120,24 @@ def _client_keys(sock: zmq.Socket, keys: Keys | None) -> None:
         sock.curve_serverkey = keys.server_public
 
 
+def _open(context: zmq.Context, kind: int, address: str, keys: Keys | None, *,
+          server: bool, options: dict[int, int]) -> zmq.Socket:
+    """A socket with the common options, *options*, CURVE keys as server or client, bound
+    (server) or connected (client) to *address* (loopback only without keys)."""
+    _check_local(address, keys is not None)
+    sock = context.socket(kind)
+    _common(sock)
+    for option, value in options.items():
+        sock.setsockopt(option, value)
+    if server:
+        _server_keys(sock, keys)
+        sock.bind(address)
+    else:
+        _client_keys(sock, keys)
+        sock.connect(address)
+    return sock
+
+
 class _Sender:
     """Envelopes out with this sender's src, epoch and rising seq; never blocks."""
 
@@ -153,12 +171,8 @@ class Telemetry(_Sender):
 
     def __init__(self, context: zmq.Context, address: str, *, src: str,
                  epoch: str | None = None, keys: Keys | None = None, hwm: int = 10000) -> None:
-        _check_local(address, keys is not None)
-        sock = context.socket(zmq.PUB)
-        _common(sock)
-        sock.setsockopt(zmq.SNDHWM, hwm)
-        _server_keys(sock, keys)
-        sock.bind(address)
+        sock = _open(context, zmq.PUB, address, keys, server=True,
+                     options={zmq.SNDHWM: hwm})
         super().__init__(sock, src, epoch)
 
     def send(self, message: _Message, t_sim: float | None = None) -> None:
@@ -199,19 +213,12 @@ class TelemetryReader(_Decoder):
 
 class CommandServer(_Sender, _Decoder):
     """ROUTER: commands in from clients (each with its routing id), answers back to it.
-
-    With CURVE on, ``user_id`` of each request is the client's authenticated public key.
-    """
+    With CURVE on, only clients on the ZAP allow-list get through the handshake."""
 
     def __init__(self, context: zmq.Context, address: str, *, src: str,
                  epoch: str | None = None, keys: Keys | None = None) -> None:
-        _check_local(address, keys is not None)
-        sock = context.socket(zmq.ROUTER)
-        _common(sock)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.SNDHWM, 1000)
-        _server_keys(sock, keys)
-        sock.bind(address)
+        sock = _open(context, zmq.ROUTER, address, keys, server=True,
+                     options={zmq.ROUTER_MANDATORY: 1, zmq.SNDHWM: 1000})
         _Sender.__init__(self, sock, src, epoch)
         _Decoder.__init__(self)
 
@@ -248,13 +255,8 @@ class CommandClient(_Sender, _Decoder):
 
     def __init__(self, context: zmq.Context, address: str, *, src: str,
                  epoch: str | None = None, keys: Keys | None = None) -> None:
-        _check_local(address, keys is not None)
-        sock = context.socket(zmq.DEALER)
-        _common(sock)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.SNDHWM, 100)
-        _client_keys(sock, keys)
-        sock.connect(address)
+        sock = _open(context, zmq.DEALER, address, keys, server=False,
+                     options={zmq.IMMEDIATE: 1, zmq.SNDHWM: 100})
         _Sender.__init__(self, sock, src, epoch)
         _Decoder.__init__(self)
         self.inbox: list[Envelope] = []
