@@ -165,6 +165,20 @@ class _Decoder:
             self.rejected[err.code] += 1
             return None
 
+    def _single_frames(self, timeout_s: float = 0.0) -> Iterator[Envelope]:
+        """Every valid one-frame message waiting on ``self.sock`` (after up to *timeout_s*
+        for the first), without blocking."""
+        if timeout_s > 0 and not self.sock.poll(int(timeout_s * 1000)):
+            return
+        while True:
+            try:
+                data = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            envelope = self.decode(data)
+            if envelope is not None:
+                yield envelope
+
 
 class Telemetry(_Sender):
     """PUB: measurements, pump status, alarms and heartbeats to every subscriber."""
@@ -199,16 +213,7 @@ class TelemetryReader(_Decoder):
 
     def drain(self, timeout_s: float = 0.0) -> Iterator[Envelope]:
         """Every valid message waiting (after up to *timeout_s* for the first)."""
-        if timeout_s > 0 and not self.sock.poll(int(timeout_s * 1000)):
-            return
-        while True:
-            try:
-                data = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            envelope = self.decode(data)
-            if envelope is not None:
-                yield envelope
+        return self._single_frames(timeout_s)
 
 
 class CommandServer(_Sender, _Decoder):
@@ -289,11 +294,5 @@ class CommandClient(_Sender, _Decoder):
         return None
 
     def receive(self) -> Iterator[Envelope]:
-        while True:
-            try:
-                data = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            envelope = self.decode(data)
-            if envelope is not None:
-                yield envelope
+        """Every valid answer waiting."""
+        return self._single_frames()
