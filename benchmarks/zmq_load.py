@@ -47,8 +47,9 @@ def host_plants(scenario_path: str, n: int, telemetry: list[str], commands: list
     import zmq
 
     from mpc_dose.plant.realtime import DeadlineEnvironment
-    from mpc_dose.protocol.messages import Heartbeat, Hello, SetRate, Stop
+    from mpc_dose.protocol.messages import Heartbeat
     from mpc_dose.scenario import load_scenario
+    from mpc_dose.serve.plant import answer_commands
     from mpc_dose.trial.build import build_setup
     from mpc_dose.trial.closed_loop import PlantSide
     from mpc_dose.transport.zmq_link import CommandServer, Telemetry
@@ -69,20 +70,12 @@ def host_plants(scenario_path: str, n: int, telemetry: list[str], commands: list
         pubs.append(pub)
         poller.register(server.sock, zmq.POLLIN)
 
-    def serve(k: int) -> None:
-        for identity, envelope in servers[k].receive():
-            message = envelope.message
-            if isinstance(message, Hello):
-                servers[k].reply(identity, Hello(role="plant"))
-            elif isinstance(message, (SetRate, Stop)):
-                for answer in plants[k].command(message, send=False):
-                    servers[k].reply(identity, answer)
-
     index = {id(s.sock): k for k, s in enumerate(servers)}
 
     def idle(timeout_s: float) -> None:
         for sock, _ in poller.poll(int(timeout_s * 1000)):
-            serve(index[id(sock)])
+            k = index[id(sock)]
+            answer_commands(plants[k], servers[k])
 
     def heartbeats():
         while True:

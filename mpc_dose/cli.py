@@ -11,6 +11,7 @@ and what was expected; nothing is written half.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -253,15 +254,9 @@ def _cmd_trial(args) -> int:
     if args.patients < 1:
         raise ConfigError(f"--patients: expected >= 1, got {args.patients}")
     patients = range(args.first - 1, args.first - 1 + args.patients)
-    executor, client = _executor(args)
-    try:
+    with _executor(args) as executor:
         result = run_trial(args.scenario, args.out, patients=patients, seed=seed,
                            executor=executor, progress=not args.quiet, cohort=args.cohort)
-    finally:
-        if executor is not None and client is None:
-            executor.shutdown()
-        if client is not None:
-            client.close()
     print(f"{len(result.metrics)} patients ({result.ran} run now) -> {args.out}/metrics.csv, "
           f"summary.csv, series/")
     summary = result.summary
@@ -272,19 +267,23 @@ def _cmd_trial(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
 def _executor(args):
-    """(executor, client): a Dask cluster's, a process pool, or none (in this process)."""
+    """A Dask cluster's executor (--scheduler), a process pool (--workers > 1), or None
+    (in this process); closed on the way out."""
     from concurrent.futures import ProcessPoolExecutor
 
     if args.scheduler:
         from distributed import Client
 
-        client = Client(args.scheduler)
-        return client.get_executor(), client
-    if args.workers > 1:
+        with Client(args.scheduler) as client:
+            yield client.get_executor()
+    elif args.workers > 1:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # inherited by the workers
-        return ProcessPoolExecutor(args.workers), None
-    return None, None
+        with ProcessPoolExecutor(args.workers) as pool:
+            yield pool
+    else:
+        yield None
 
 
 def _cmd_compare(args) -> int:
@@ -303,16 +302,10 @@ def _cmd_compare(args) -> int:
     seed = scenarios[0].scenario.seed if args.seed is None else args.seed
     patients = range(args.first - 1, args.first - 1 + args.patients)
     out = Path(args.out)
-    executor, client = _executor(args)
-    try:
+    with _executor(args) as executor:
         for path, name in zip(args.scenarios, names):
             run_trial(path, out / name, patients=patients, seed=seed, executor=executor,
                       progress=not args.quiet, cohort=args.cohort)
-    finally:
-        if executor is not None and client is None:
-            executor.shutdown()
-        if client is not None:
-            client.close()
     table = compare_table({name: out / name for name in names})
     table.to_csv(out / "comparison.csv", float_format="%.6g")
     print(table.to_string(float_format=lambda v: f"{v:.4g}"))

@@ -4,7 +4,6 @@ their fallback within one lease, recorded in the audit log."""
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,19 +19,10 @@ from hil.newera_emulator import NewEraEmulator
 from mpc_dose.scenario import load_scenario
 from mpc_dose.trial.build import build_setup
 from mpc_dose.trial.closed_loop import run_closed_loop
+from tests.ports import free_addresses
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIO = REPO / "scenarios" / "hil_pid_newera.toml"
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def cli(*args: str) -> list[str]:
@@ -75,7 +65,7 @@ def run_all(procs: list[subprocess.Popen], timeout: float = 120) -> None:
 def test_two_processes_reproduce_the_in_process_loop(tmp_path):
     """Plant and controller as two OS processes (simulated, lock-step) give the in-process
     series (to the CSV's 10 digits): same noise, same commands, same delivery."""
-    tel, cmd = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
+    tel, cmd = free_addresses(2)
     out = tmp_path / "plant.csv"
     plant = subprocess.Popen(cli("serve", "plant", str(SCENARIO), "--patient", "3", "--seed",
                                  "2", "--telemetry", tel, "--commands", cmd, "--out",
@@ -99,7 +89,7 @@ def test_three_processes_with_the_emulated_ne1000(tmp_path):
     (relative rounding <= 5e-4), which keeps BIS within 0.05."""
     emulator = NewEraEmulator([0, 1], max_rate_ml_per_h=1500, power_reset=True).start()
     try:
-        tel, cmd, b_cmd, b_tel = (f"tcp://127.0.0.1:{p}" for p in free_ports(4))
+        tel, cmd, b_cmd, b_tel = free_addresses(4)
         config = bridge_config(tmp_path / "bridge.toml", emulator.device, b_cmd, b_tel)
         audit = tmp_path / "audit.sqlite"
         bridge = subprocess.Popen(cli("serve", "pump-bridge", str(config), "--audit",
@@ -147,7 +137,7 @@ def test_a_killed_process_leaves_the_pumps_in_fallback(tmp_path, victim):
                     encoding="utf-8")
     assert tomllib.loads(fast.read_text(encoding="utf-8"))["controller"]["lease_periods"] == 2
     try:
-        tel, cmd, b_cmd, b_tel = (f"tcp://127.0.0.1:{p}" for p in free_ports(4))
+        tel, cmd, b_cmd, b_tel = free_addresses(4)
         config = bridge_config(tmp_path / "bridge.toml", emulator.device, b_cmd, b_tel)
         audit = tmp_path / "audit.sqlite"
         bridge = subprocess.Popen(cli("serve", "pump-bridge", str(config), "--audit",
@@ -225,7 +215,7 @@ def test_missed_deadlines_stop_commanding_and_the_leases_run_out(tmp_path):
         + '[controller]\nkind = "python"\nperiod_s = 1\nlease_periods = 2\n\n'
           '[controller.python]\ntarget = "slow.py:slow"\n'
           'inputs = ["propofol", "remifentanil"]\n\n' + text[end:], encoding="utf-8")
-    tel, cmd = (f"tcp://127.0.0.1:{p}" for p in free_ports(2))
+    tel, cmd = free_addresses(2)
     audit = tmp_path / "audit.sqlite"
     out = tmp_path / "plant.csv"
     plant = subprocess.Popen(cli("serve", "plant", str(scenario), "--telemetry", tel,

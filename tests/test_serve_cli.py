@@ -101,7 +101,6 @@ def test_sensor_relay_lines(line, value, quality):
 
 def test_monitor_prints_values_modes_and_alarms(capsys):
     """`mpc-dose monitor` shows live measurements, pump modes and alarms from telemetry."""
-    import socket
     import threading
     import time
 
@@ -110,10 +109,9 @@ def test_monitor_prints_values_modes_and_alarms(capsys):
     from mpc_dose.protocol.messages import Alarm, Measurement, PumpStatus
     from mpc_dose.transport.zmq_link import Telemetry
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    s.close()
+    from tests.ports import free_addresses
+
+    (address,) = free_addresses(1)
     context = zmq.Context()
     pub = Telemetry(context, address, src="plant")
     stop = threading.Event()

@@ -4,7 +4,6 @@ telemetry. Loopback only."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -16,18 +15,16 @@ from mpc_dose.errors import ConfigError
 from mpc_dose.node.pump_bridge import BridgePump, PumpBridgeNode
 from mpc_dose.protocol.messages import Heartbeat, SetRate
 from mpc_dose.transport.chaos import ChaosPolicy, ChaosProxy
-from mpc_dose.transport.zmq_link import (Authenticator, CommandClient, CommandServer, Keys,
-                                         Telemetry, TelemetryReader, generate_keys)
-
-
-def addresses(n: int) -> list[str]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    out = [f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in sockets]
-    for s in sockets:
-        s.close()
-    return out
+from mpc_dose.transport.zmq_link import (
+    Authenticator,
+    CommandClient,
+    CommandServer,
+    Keys,
+    Telemetry,
+    TelemetryReader,
+    generate_keys,
+)
+from tests.ports import free_addresses
 
 
 @dataclass
@@ -99,7 +96,7 @@ def command(k: int, rate: float = 10.0) -> SetRate:
 def test_commands_survive_30_percent_loss_each_way_and_apply_once(context):
     """T29/T30: Lazy-Pirate retries through 30 % loss of commands and of acks; the bridge
     answers a retried cmd_id from its cache, so each decision is applied exactly once."""
-    front, back = addresses(2)
+    front, back = free_addresses(2)
     bridge = BridgeThread(context, back)
     proxy = ChaosProxy(context, front=front, back=back, policy=ChaosPolicy(drop_p=0.3),
                        reply_policy=ChaosPolicy(drop_p=0.3), seed=3).start()
@@ -119,7 +116,7 @@ def test_commands_survive_30_percent_loss_each_way_and_apply_once(context):
 def test_duplicated_commands_are_applied_once(context):
     """T27: every command duplicated by the network: applied once, the copy gets the cached
     ack ('duplicate')."""
-    front, back = addresses(2)
+    front, back = free_addresses(2)
     bridge = BridgeThread(context, back)
     proxy = ChaosProxy(context, front=front, back=back, policy=ChaosPolicy(dup_p=1.0)).start()
     client = CommandClient(context, front, src="ctl")
@@ -139,7 +136,7 @@ def test_duplicated_commands_are_applied_once(context):
 def test_reordered_commands_keep_the_newer_rate(context):
     """T28: an older command arriving after a newer one is rejected as stale; the pump
     holds the newer rate."""
-    front, back = addresses(2)
+    front, back = free_addresses(2)
     bridge = BridgeThread(context, back)
     proxy = ChaosProxy(context, front=front, back=back,
                        policy=ChaosPolicy(reorder_window=2), seed=3).start()
@@ -165,7 +162,7 @@ def test_reordered_commands_keep_the_newer_rate(context):
 
 def test_delayed_commands_expire(context):
     """T26: a command held in the network beyond max_cmd_age is refused as expired."""
-    front, back = addresses(2)
+    front, back = free_addresses(2)
     bridge = BridgeThread(context, back, max_cmd_age_s=0.2)
     proxy = ChaosProxy(context, front=front, back=back,
                        policy=ChaosPolicy(delay_s=0.4)).start()
@@ -181,7 +178,7 @@ def test_delayed_commands_expire(context):
 
 def test_corrupted_frames_never_reach_the_pump(context):
     """Bit flips on every frame: the codec rejects them (counted); nothing is applied."""
-    front, back = addresses(2)
+    front, back = free_addresses(2)
     bridge = BridgeThread(context, back)
     proxy = ChaosProxy(context, front=front, back=back,
                        policy=ChaosPolicy(corrupt_p=1.0), seed=5).start()
@@ -208,8 +205,8 @@ def test_curve_allow_list_keeps_unknown_clients_out(context, tmp_path):
     good_pub, good_secret = generate_keys(tmp_path / "allowed", "controller")
     _, bad_secret = generate_keys(tmp_path / "other", "intruder")
     auth = Authenticator(context, tmp_path / "allowed")
-    (address,) = addresses(1)
-    bridge = BridgeThread(context, address.replace("127.0.0.1", "127.0.0.1"),
+    (address,) = free_addresses(1)
+    bridge = BridgeThread(context, address,
                           keys=Keys.load(server_secret))
     try:
         good = CommandClient(context, address, src="ctl",
@@ -242,7 +239,7 @@ def test_without_keys_only_loopback_is_allowed(context):
 def test_a_slow_subscriber_never_blocks_the_publisher(context):
     """T31: a burst far above the high-water mark: every send returns at once (drops are
     the subscriber's loss), and the reader keeps what arrived."""
-    (address,) = addresses(1)
+    (address,) = free_addresses(1)
     pub = Telemetry(context, address, src="plant", hwm=10)
     reader = TelemetryReader(context, [address], hwm=10)
     time.sleep(0.2)
@@ -258,7 +255,7 @@ def test_a_slow_subscriber_never_blocks_the_publisher(context):
 
 def test_oversize_frames_are_refused_by_the_transport(context):
     """T12: a frame above MAXMSGSIZE never reaches the server's decoder."""
-    (address,) = addresses(1)
+    (address,) = free_addresses(1)
     bridge = BridgeThread(context, address)
     raw = context.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)

@@ -82,20 +82,24 @@ class ControllerProcess:
             by_address: dict[str, CommandClient] = {}
             for pump, address in routes.items():
                 if address not in by_address:
-                    by_address[address] = CommandClient(self.context, address, src=node.src,
-                                                        epoch=self.epoch, keys=keys)
+                    by_address[address] = self._client(address, node.src, keys)
                 clients[pump] = by_address[address]
             reader = TelemetryReader(self.context, [tel], keys=keys)
             plant = by_address.get(plant_cmd) if plant_cmd else None
             if plant_cmd and plant is None:
-                plant = CommandClient(self.context, plant_cmd, src=node.src,
-                                      epoch=self.epoch, keys=keys)
+                plant = self._client(plant_cmd, node.src, keys)
             self.links.append(PatientLink(node, reader, clients, plant))
         self.period_s = self.links[0].node.controller.period_s if self.links else 1.0
         self.sweeps_s: list[float] = []
         self.missed_deadlines = 0
         #: True once the process has stopped commanding (deadline misses)
         self.fallback = False
+
+    def _client(self, address: str, src: str, keys: Keys | None) -> CommandClient:
+        client = CommandClient(self.context, address, src=src, epoch=self.epoch, keys=keys)
+        if self.log is not None:  # every frame out (retries too) recorded before it leaves
+            client.on_send = lambda envelope: self.log.message("out", envelope)
+        return client
 
     def _record(self, direction: str, envelope: Envelope) -> None:
         if self.log is not None:
@@ -154,8 +158,6 @@ class ControllerProcess:
         start = time.perf_counter()
         for command in link.node.tick(t):
             client = link.clients[command.pump]
-            self._record("out", Envelope(command, client.src, client.epoch, client.seq,
-                                         time.time(), t))
             ack = client.request(command, t_sim=t, timeout_s=self.ack_timeout_s,
                                  retries=self.retries)
             if ack is None:

@@ -29,7 +29,29 @@ from ..trial.build import build_setup
 from ..trial.closed_loop import LoopResult, PlantSide, control_instants, make_environment
 from ..transport.zmq_link import CommandServer, Keys, Telemetry, TelemetryReader
 
-__all__ = ["serve_plant"]
+__all__ = ["serve_plant", "answer_commands"]
+
+
+def answer_commands(plant: PlantSide, server: CommandServer, timeout_s: float = 0.0,
+                    log: AuditLog | None = None) -> list[Envelope]:
+    """Take the commands waiting on *server* (after up to *timeout_s*) and answer each on
+    it: ``hello`` with the plant's hello, commands for simulated pumps through the plant;
+    commands for bridged pumps are only noted (the bridge answers them). Returns the
+    envelopes of the commands handled."""
+    handled = []
+    for identity, envelope in server.receive(timeout_s):
+        if log is not None:
+            log.message("in", envelope)
+        message = envelope.message
+        if isinstance(message, Hello):
+            server.reply(identity, Hello(role="plant"), float(plant.env.now))
+        elif isinstance(message, SetRate) and message.pump in plant.external:
+            plant.note_command(message)
+        elif isinstance(message, (SetRate, Stop, GetStatus)):
+            for answer in plant.command(message, send=False):
+                server.reply(identity, answer, float(plant.env.now))
+            handled.append(envelope)
+    return handled
 
 
 def serve_plant(scenario: Scenario, index: int, seed: int, *, telemetry: str, commands: str,
@@ -51,39 +73,22 @@ def serve_plant(scenario: Scenario, index: int, seed: int, *, telemetry: str, co
     env = make_environment(setup)
     period = setup.controller.period_s
 
+    if log is not None:
+        pub.on_send = server.on_send = lambda envelope: log.message("out", envelope)
+
     def send(message) -> None:
-        t_sim = float(env.now)
-        if log is not None:
-            log.message("out", Envelope(message, pub.src, pub.epoch, pub.seq, time.time(),
-                                        t_sim))
-        pub.send(message, t_sim)
+        pub.send(message, float(env.now))
 
     plant = PlantSide(setup, env, send, external=list(external))
     own = set(plant.pumps)
     answered: dict[str, float] = {}     # pump -> t_sim of its last command
     reported: dict[str, float] = {}     # external pump -> t_sim of its last status
 
-    def serve_commands(timeout_s: float) -> bool:
-        """Apply waiting commands; True if anything arrived."""
-        got = False
-        for identity, envelope in server.receive(timeout_s):
-            got = True
-            if log is not None:
-                log.message("in", envelope)
-            message = envelope.message
-            if isinstance(message, Hello):
-                server.reply(identity, Hello(role="plant"), float(env.now))
-                continue
-            if isinstance(message, SetRate) and message.pump in external:
-                plant.note_command(message)
-                continue
-            if isinstance(message, (SetRate, Stop, GetStatus)):
-                for answer in plant.command(message, send=False):
-                    server.reply(identity, answer, float(env.now))
-                if isinstance(message, (SetRate, Stop)):
-                    answered[message.pump] = envelope.t_sim if envelope.t_sim is not None \
-                        else float(env.now)
-        return got
+    def serve_commands(timeout_s: float) -> None:
+        for envelope in answer_commands(plant, server, timeout_s, log):
+            if isinstance(envelope.message, (SetRate, Stop)):
+                answered[envelope.message.pump] = envelope.t_sim if envelope.t_sim \
+                    is not None else float(env.now)
 
     def follow_bridges(timeout_s: float) -> bool:
         got = False

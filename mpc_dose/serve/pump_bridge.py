@@ -40,7 +40,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..audit import AuditLog
 from ..errors import ConfigError
 from ..node.pump_bridge import BridgePump, PumpBridgeNode
-from ..protocol.codec import Envelope
 from ..protocol.messages import Ack, Heartbeat, Hello
 from ..transport.zmq_link import CommandServer, Keys, Telemetry
 
@@ -123,13 +122,13 @@ class PumpBridgeProcess:
         self.server = CommandServer(self.context, b.commands, src="pump-bridge", keys=keys)
         self.pub = Telemetry(self.context, b.telemetry, src="pump-bridge", keys=keys)
         self.log = AuditLog(audit, "pump-bridge") if audit else None
+        if self.log is not None:  # every frame out is recorded before it leaves
+            self.pub.on_send = self.server.on_send = \
+                lambda envelope: self.log.message("out", envelope)
         self._seen_transitions = 0
         self._running = True
 
     def _out(self, message, t_sim=None) -> None:
-        if self.log is not None:
-            self.log.message("out", Envelope(message, self.pub.src, self.pub.epoch,
-                                             self.pub.seq, time.time(), t_sim))
         self.pub.send(message, t_sim)
 
     def _transitions(self) -> None:
@@ -153,11 +152,6 @@ class PumpBridgeProcess:
                     self.log.message("in", envelope)
                 for answer in self.node.receive(envelope, time.monotonic(), time.time()):
                     if isinstance(answer, (Ack, Hello)):
-                        if self.log is not None:  # recorded before it is sent
-                            self.log.message("out", Envelope(answer, self.server.src,
-                                                             self.server.epoch,
-                                                             self.server.seq, time.time(),
-                                                             envelope.t_sim))
                         self.server.reply(identity, answer, envelope.t_sim)
                     else:
                         self._out(answer, envelope.t_sim)

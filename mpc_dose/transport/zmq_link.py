@@ -14,7 +14,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,16 +139,24 @@ def _open(context: zmq.Context, kind: int, address: str, keys: Keys | None, *,
 
 
 class _Sender:
-    """Envelopes out with this sender's src, epoch and rising seq; never blocks."""
+    """Envelopes out with this sender's src, epoch and rising seq; never blocks.
+
+    *on_send*, when set, sees every envelope before its bytes leave (the audit log: what
+    was sent is recorded first, with the seq and time it carries).
+    """
 
     def __init__(self, sock: zmq.Socket, src: str, epoch: str | None) -> None:
         self.sock, self.src, self.epoch = sock, src, epoch or new_epoch()
         self.seq = 0
         self.dropped = 0
+        self.on_send: Callable[[Envelope], None] | None = None
 
     def frame(self, message: _Message, t_sim: float | None) -> bytes:
-        data = encode(Envelope(message, self.src, self.epoch, self.seq, time.time(), t_sim))
+        envelope = Envelope(message, self.src, self.epoch, self.seq, time.time(), t_sim)
+        data = encode(envelope)
         self.seq += 1
+        if self.on_send is not None:
+            self.on_send(envelope)
         return data
 
 

@@ -72,6 +72,11 @@ def _column(prefix: str, name: str, unit: str) -> str:
     return f"{prefix}{name}_{unit_to_token(unit)}" if unit != "1" else f"{prefix}{name}_unitless"
 
 
+def _valid_value(reading) -> float:
+    """A reading's or measurement's value when valid, NaN otherwise (or when none)."""
+    return reading.value if reading is not None and reading.quality == "valid" else math.nan
+
+
 class PlantSide:
     """The plant half of a loop inside simpy environment *env*: virtual patient, pumps,
     sensors, disturbances and the recorder. Messages to the controller go out through
@@ -151,10 +156,8 @@ class PlantSide:
         """Apply one command to a simulated pump; the answers are returned (and sent through
         the telemetry link unless *send* is False: across processes they go back to the
         commanding client instead)."""
-        if isinstance(message, SetRate) and message.dose_rate is not None:
-            for route in self.routes.values():
-                if route.pump == message.pump:
-                    self.commanded[route.input] = message.dose_rate
+        if isinstance(message, SetRate):
+            self.note_command(message)
         answers = self.node.receive(message, self.env.now)
         for answer in answers if send else ():
             self._send(answer)
@@ -170,7 +173,8 @@ class PlantSide:
                               config.amount_per_s(rate))
 
     def note_command(self, message: SetRate) -> None:
-        """Record a command that went to an external pump (for the commanded columns)."""
+        """Record a command's dose rate for the commanded columns (also for a command that
+        went to an external pump)."""
         for route in self.routes.values():
             if route.pump == message.pump and message.dose_rate is not None:
                 self.commanded[route.input] = message.dose_rate
@@ -225,9 +229,7 @@ class PlantSide:
             k += 1
 
     def _measured(self, var: str) -> float:
-        message = self.last_measurement.get(var)
-        return message.value if message is not None and message.quality == "valid" \
-            else math.nan
+        return _valid_value(self.last_measurement.get(var))
 
 
 def make_environment(setup: LoopSetup) -> simpy.Environment:
@@ -274,9 +276,7 @@ def run_closed_loop(setup: LoopSetup) -> LoopResult:
     env.process(control_cycle())
 
     def measured(var: str) -> float:
-        reading = controller_node.readings.get(var)
-        return reading.value if reading is not None and reading.quality == "valid" \
-            else math.nan
+        return _valid_value(controller_node.readings.get(var))
 
     def reason() -> str:
         decision = controller_node.last_decision
