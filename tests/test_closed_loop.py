@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mpc_dose.cli import main
 from mpc_dose.control.baselines import FixedRegimen
 from mpc_dose.model.dosing import Dose
 from mpc_dose.model.library import load
 from mpc_dose.model.simulation import simulate
+from mpc_dose.plant.patient import OutputDisturbance
 from mpc_dose.plant.pump import PumpConfig
 from mpc_dose.plant.realtime import DeadlineEnvironment
 from mpc_dose.plant.sensor import SensorConfig
@@ -190,3 +193,17 @@ def test_nmpc_scenario_runs_through_the_message_layer():
         frame["commanded_propofol_rate_mg_per_s"].where(
             frame["commanded_propofol_rate_mg_per_s"] > 1e-6)
     assert ratio.dropna().between(1.999, 2.001).all()
+
+
+@given(st.sampled_from(["steps", "linear"]),
+       st.lists(st.floats(0, 1000), min_size=1, max_size=5, unique=True),
+       st.floats(-50, 1100))
+def test_disturbance_at_one_time_equals_the_array_evaluation(kind, knots, t):
+    """The plant's scalar path gives what the array path gives (0 before the first knot,
+    steps or linear between knots, the last value after the last)."""
+    knots = sorted(knots)
+    values = [float(k % 7) - 3 for k in range(len(knots))]
+    d = OutputDisturbance("bis", tuple(knots), tuple(values), kind)
+    assert d.value(t) == pytest.approx(float(d.value(np.array([t]))[0]), abs=1e-12)
+    assert d.value(knots[0] - 1.0) == 0.0
+    assert d.value(knots[-1] + 1.0) == values[-1]

@@ -294,6 +294,40 @@ def two_drug():
     return m, m.parameter_vector(lm.population.typical_parameters(COVARIATES))
 
 
+@pytest.mark.parametrize("ratio, move_block", [(None, 1), (("propofol", "remifentanil", 2.0), 2),
+                                               (None, 4)])
+def test_condensed_keeps_only_watched_states_and_matches_multiple_shooting(two_drug, ratio,
+                                                                         move_block):
+    """The condensed problem carries only the states BIS reads (the two effect sites), with
+    each drug's gains to its own effect site only; it plans what multiple shooting over all
+    eight states plans, and its predictions match the exact propagation."""
+    m, p = two_drug
+    cfg = dict(output="bis", inputs=("propofol", "remifentanil"), period_s=T, horizon=12,
+               move_block=move_block, reference=50.0,
+               change_weights={"propofol": 1.0, "remifentanil": 1.0},
+               rate_bounds={"propofol": (0.0, 0.5), "remifentanil": (0.0, 1.0)},
+               soft_window=(45.0, math.inf), ratio=ratio)
+    lifted = NonlinearMPC(m, NMPCConfig(**cfg))
+    watched, entries = lifted._lift_layout
+    assert sorted(m.state_names[i] for i in watched) == ["propofol_ce", "remifentanil_ce"]
+    assert {(m.state_names[watched[i]], m.input_names[j]) for _, _, i, j in entries} == {
+        ("propofol_ce", "propofol"), ("remifentanil_ce", "remifentanil")}
+    shooting = NonlinearMPC(m, NMPCConfig(**cfg, transcription="multiple_shooting"))
+    prop = Propagator(m, p)
+    x, u = m.initial_state(p), {"propofol": 0.0, "remifentanil": 0.0}
+    for k in range(8):
+        a = lifted.plan(k * T, x, p, u)
+        b = shooting.plan(k * T, x, p, u)
+        assert a.success and b.success
+        np.testing.assert_allclose(a.plan, b.plan, rtol=1e-3, atol=1e-5)
+        u = a.rates
+        rates = [u["propofol"], u["remifentanil"]]
+        x_next = prop.advance(x, k * T, (k + 1) * T, rates)
+        assert a.predicted_output[0] == pytest.approx(
+            float(m.h((k + 1) * T, x_next, rates, p)[m.output_index("bis")]), abs=1e-6)
+        x = x_next
+
+
 def test_ratio_mode_fixes_second_rate(two_drug):
     """With ratio (propofol, remifentanil, 2) every plan has remifentanil = 2 x propofol."""
     m, p = two_drug

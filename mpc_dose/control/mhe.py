@@ -259,7 +259,19 @@ class OutputMapEKF:
             th[k] = self.theta_prior[k] * ca.exp(eta[j])
         y = model.h(t, x, u, th)[self._k] + d
         z = ca.vertcat(eta, d)
-        self._measure = ca.Function("ekf_measure", [z, t, x, u], [y, ca.jacobian(y, z)])
+        # One filter step (random-walk prediction, then the measurement update) as a CasADi
+        # function; the readings of a cycle run through it in one call (mapaccum), not as
+        # a dozen small numpy operations per reading.
+        P = ca.SX.sym("P", ne + 1, ne + 1)
+        y_meas = ca.SX.sym("y_meas")
+        P_pred = P + ca.DM(self._Q)
+        h = ca.jacobian(y, z)
+        gain = ca.mtimes(P_pred, h.T) / (ca.mtimes([h, P_pred, h.T]) + config.noise_sd**2)
+        self._step = ca.Function(
+            "ekf_step", [z, ca.vec(P), t, x, u, y_meas],
+            [z + gain * (y_meas - y), ca.vec(ca.mtimes(ca.DM.eye(ne + 1) - ca.mtimes(gain, h),
+                                                       P_pred))])
+        self._runs: dict[int, ca.Function] = {}
         self._pending: list[tuple[float, np.ndarray, np.ndarray, float]] = []
 
     def add(self, t_s: float, x: np.ndarray, u: np.ndarray, y: float) -> None:
@@ -268,16 +280,16 @@ class OutputMapEKF:
     def update(self) -> MHEResult:
         """Process the readings added since the last update, in order."""
         start = time.perf_counter()
-        r = self.config.noise_sd**2
         count = len(self._pending)
-        for t, x, u, y in self._pending:
-            self._P = self._P + self._Q
-            prediction, jac = self._measure(self._z, t, x, u)
-            h = np.asarray(jac, float).reshape(1, -1)
-            s = float((h @ self._P @ h.T).item()) + r
-            gain = (self._P @ h.T / s).ravel()
-            self._z = self._z + gain * (y - float(prediction))
-            self._P = (np.eye(len(self._z)) - np.outer(gain, h)) @ self._P
+        if count:
+            run = self._runs.get(count)
+            if run is None:
+                run = self._runs[count] = self._step.mapaccum("ekf_run", count)
+            t, x, u, y = zip(*self._pending)
+            z_all, p_all = run(self._z, self._P.ravel(order="F"), np.array(t)[None, :],
+                               np.array(x).T, np.array(u).T, np.array(y)[None, :])
+            self._z = np.asarray(z_all[:, -1], float).ravel()
+            self._P = np.asarray(p_all[:, -1], float).reshape(self._P.shape, order="F")
         self._pending.clear()
         ok = bool(np.all(np.isfinite(self._z)))
         if not ok:  # keep the filter usable: back to the prior

@@ -199,6 +199,11 @@ class NonlinearMPC:
         self._free = [i for i in c.inputs if c.ratio is None or i != c.ratio[1]]
         self._free_columns = [model.input_index(name) for name in self._free]
         self._exact = model.is_affine and not model.is_time_varying
+        self._lift_layout: tuple[list[int], list[tuple[int, int, int, int]]] | None = None
+        t, x = ca.SX.sym("t"), ca.SX.sym("x", model.n_states)
+        u, th = ca.SX.sym("u", model.n_inputs), ca.SX.sym("th", len(model.params))
+        f = model.f(t, x, u, th)
+        self._dynamics_params = [k for k in range(len(model.params)) if ca.depends_on(f, th[k])]
         self._build()
         # the first solver is built now, not inside the first control period's deadline
         self._solver(f"sqpmethod:{c.qp_solvers[0]}" if c.solver == "sqpmethod" else "ipopt")
@@ -260,7 +265,20 @@ class NonlinearMPC:
         w_soft = ca.SX.sym("w_soft", 2)
         window = ca.SX.sym("window", 2)
         parts = [x0, u_prev, ref, theta, dist, t0, w_y, w_du, w_use, w_soft, window]
-        if self._exact:
+        if condensed:
+            # Only the states the outputs read are kept, as affine functions of the decisions
+            # with numeric coefficients (computed per patient outside): z_k = free_k +
+            # sum_b G_kb rates_b. The NLP then carries a few products per stage instead of
+            # the whole state rollout, and its derivatives are the coefficients themselves.
+            watched = self._watched_states()
+            reach = self._reachability(watched)
+            free_resp = ca.SX.sym("free", len(watched), N)
+            gain_entries = [(k, b, i, j) for k in range(N) for b in range(k // c.move_block + 1)
+                            for i, j in zip(*np.nonzero(reach))]
+            gains = ca.SX.sym("gain", len(gain_entries))
+            parts += [ca.vec(free_resp), gains]
+            self._lift_layout = (watched, gain_entries)
+        elif self._exact:
             phi = ca.SX.sym("phi", n, n)
             gam = ca.SX.sym("gam", n, nu)
             gc = ca.SX.sym("gc", n)
@@ -269,7 +287,22 @@ class NonlinearMPC:
         self._p_sizes = [int(q.numel()) for q in parts]
 
         T = c.period_s
-        if self._exact:
+        if condensed:
+            gain_of: dict[tuple[int, int], list] = {}
+            for q, (k, b, i, j) in enumerate(gain_entries):
+                gain_of.setdefault((k, b), []).append((i, j, gains[q]))
+
+            def watched_state(k):
+                z = [free_resp[i, k] for i in range(len(watched))]
+                for b in range(k // c.move_block + 1):
+                    rates_b = self._rates_expr(U[:, b])
+                    for i, j, g_kb in gain_of.get((k, b), ()):
+                        z[i] = z[i] + g_kb * rates_b[j]
+                x_full = [ca.SX(0)] * n  # states no output reads stay 0
+                for i, state in enumerate(watched):
+                    x_full[state] = z[i]
+                return ca.vertcat(*x_full)
+        elif self._exact:
             def step(t_k, x_k, u_k):
                 return ca.mtimes(phi, x_k) + ca.mtimes(gam, u_k) + gc
         else:
@@ -291,14 +324,12 @@ class NonlinearMPC:
             g.append(x0 - X[:, 0])
             self._g_labels += ["initial"] * n
         y_pred = []
-        x_k = x0
         for k in range(N):
             b = k // c.move_block
             rates = self._rates_expr(U[:, b])
             t_k = t0 + k * T
             if X is None:
-                x_k = step(t_k, x_k, rates)
-                x_next = x_k
+                x_next = watched_state(k)
             else:
                 g.append(step(t_k, X[:, k], rates) - X[:, k + 1])
                 self._g_labels += ["dynamics"] * n
@@ -373,14 +404,64 @@ class NonlinearMPC:
                 self._solvers[name] = ipopt_solver("nmpc_ipopt", self._nlp)
         return self._solvers[name]
 
+    def _watched_states(self) -> list[int]:
+        """Indices of the states the tracked and the window outputs depend on."""
+        m = self.model
+        t, x = ca.SX.sym("t"), ca.SX.sym("x", m.n_states)
+        u, th = ca.SX.sym("u", m.n_inputs), ca.SX.sym("th", len(m.params))
+        h = m.h(t, x, u, th)
+        y = ca.vertcat(h[self._k_out], h[self._k_win])
+        return [i for i in range(m.n_states) if ca.depends_on(y, x[i])]
+
+    def _reachability(self, watched: list[int]) -> np.ndarray:
+        """``reach[i, j]``: input *j* can move watched state *i* (structurally, through the
+        model's A and B); the other gains are zero for every parameter value."""
+        m = self.model
+        t, x = ca.SX.sym("t"), ca.SX.sym("x", m.n_states)
+        u, th = ca.SX.sym("u", m.n_inputs), ca.SX.sym("th", len(m.params))
+        f = m.f(t, x, u, th)
+        a = np.array(ca.DM(ca.jacobian(f, x).sparsity(), 1)) != 0
+        reach = np.array(ca.DM(ca.jacobian(f, u).sparsity(), 1)) != 0
+        while True:  # closure: a state moves when anything feeding it moves
+            grown = reach | ((a.astype(int) @ reach.astype(int)) > 0)
+            if (grown == reach).all():
+                return reach[watched]
+            reach = grown
+
     # ------------------------------------------------------------------ per cycle
-    def _discretisation(self, theta: np.ndarray) -> np.ndarray:
-        key = theta.tobytes()
+    def _discretisation(self, theta: np.ndarray) -> tuple:
+        """Per-patient numbers of the exact discretisation, cached on the parameters the
+        dynamics depend on (the estimators change output-map parameters every cycle)."""
+        key = theta[self._dynamics_params].tobytes()
         if self._pk_cache is None or self._pk_cache[0] != key:
             phi, gam, gc = Propagator(self.model, theta).discrete(self.config.period_s)
-            self._pk_cache = (key, np.concatenate([phi.ravel(order="F"), gam.ravel(order="F"),
-                                                   gc]))
+            if self._lift_layout is None:
+                numbers = (np.concatenate([phi.ravel(order="F"), gam.ravel(order="F"), gc]),)
+            else:
+                numbers = self._lifted(phi, gam, gc)
+            self._pk_cache = (key, numbers)
         return self._pk_cache[1]
+
+    def _lifted(self, phi, gam, gc) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(P, c, gains)``: watched states after period k are ``P[k] x0 + c[k]`` plus
+        the gains (in the built problem's order) times each block's rates."""
+        watched, entries = self._lift_layout
+        N, mb = self.config.horizon, self.config.move_block
+        power = np.eye(phi.shape[0])
+        constant = np.zeros(phi.shape[0])
+        impulse, P, c = [], [], []
+        for _ in range(N):  # impulse[j]: effect of a period's rates j periods later
+            impulse.append((power @ gam)[watched])
+            constant = constant + power @ gc
+            power = phi @ power
+            P.append(power[watched])
+            c.append(constant[watched])
+        impulse = np.array(impulse)
+        gains = np.empty(len(entries))
+        for q, (k, b, i, j) in enumerate(entries):
+            lags = k - np.arange(b * mb, min((b + 1) * mb, k + 1))
+            gains[q] = impulse[lags, i, j].sum()
+        return np.array(P), np.array(c), gains
 
     def plan(self, t_s: float, x0: np.ndarray, theta: np.ndarray, u_prev: Mapping[str, float],
              *, reference: float | Sequence[float] | None = None, disturbance: float = 0.0,
@@ -412,7 +493,12 @@ class NonlinearMPC:
                  [change_w.get(i, 0.0) for i in self._free], [use_w.get(i, 0.0) for i in self._free],
                  list(soft_w), [_finite_or(window[0], -1e6), _finite_or(window[1], 1e6)]]
         if self._exact:
-            parts.append(self._discretisation(np.asarray(theta, float)))
+            numbers = self._discretisation(np.asarray(theta, float))
+            if self._lift_layout is None:
+                parts.append(numbers[0])
+            else:
+                P, const, gains = numbers
+                parts += [(P @ np.asarray(x0, float) + const).ravel(), gains]
         p = np.concatenate([np.ravel(q) for q in parts])
 
         lbx = np.full(self._nw, -np.inf)

@@ -10,6 +10,7 @@ The patient's model may differ from the controller's (structure and parameters).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -48,8 +49,17 @@ class OutputDisturbance:
             raise ConfigError(f"disturbance on {self.output!r}: kind must be 'steps' or "
                               f"'linear', got {self.kind!r}")
 
-    def value(self, t_s: np.ndarray | float) -> np.ndarray:
-        """The disturbance at *t_s* [s]."""
+    def value(self, t_s: np.ndarray | float) -> np.ndarray | float:
+        """The disturbance at *t_s* [s] (a float for a single time)."""
+        if np.ndim(t_s) == 0:  # the plant asks once per sample: no array machinery
+            t, knots = float(t_s), self.times_s
+            if t < knots[0]:
+                return 0.0
+            i = bisect.bisect_right(knots, t) - 1
+            if self.kind == "linear" and i + 1 < len(knots):
+                share = (t - knots[i]) / (knots[i + 1] - knots[i])
+                return self.values[i] + share * (self.values[i + 1] - self.values[i])
+            return float(self.values[i])
         t = np.asarray(t_s, dtype=float)
         knots = np.asarray(self.times_s, dtype=float)
         vals = np.asarray(self.values, dtype=float)
