@@ -24,9 +24,10 @@ This module knows model/, not plant/ nor transports.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import casadi as ca
@@ -173,9 +174,17 @@ class DosePlan:
     solver: str
     rates: dict[str, float]
     plan: np.ndarray
-    predicted_output: np.ndarray
     objective: float
     reason: str
+    #: computes the predicted output on demand (controllers rarely read it; it costs a
+    #: function evaluation per cycle)
+    predict: Callable[[], np.ndarray] = field(repr=False, compare=False,
+                                              default=lambda: np.zeros(0))
+
+    @functools.cached_property
+    def predicted_output(self) -> np.ndarray:
+        """The tracked output predicted at the end of each period of the horizon."""
+        return self.predict()
 
 
 class NonlinearMPC:
@@ -625,10 +634,11 @@ class NonlinearMPC:
         if c.ratio is not None:
             a, b, r = c.ratio
             plan[:, m.input_index(b)] = r * per_stage[:, self._free.index(a)]
-        y = np.asarray(self._y_pred(w, p), dtype=float).ravel()
         rates = {name: float(plan[0, m.input_index(name)]) for name in c.inputs}
-        return DosePlan(t_s, success, status, iterations, seconds, solver, rates, plan, y,
-                        objective, reason)
+        y_pred = self._y_pred
+        return DosePlan(t_s, success, status, iterations, seconds, solver, rates, plan,
+                        objective, reason,
+                        lambda: np.asarray(y_pred(w, p), dtype=float).ravel())
 
 
 def _finite_or(value: float, fallback: float) -> float:

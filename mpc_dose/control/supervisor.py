@@ -15,12 +15,12 @@ Every decision carries a human-readable reason, recorded with it. Modes:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from .base import Reading
 
@@ -109,8 +109,8 @@ class SafetySupervisor:
         c = self.config
         if len(self._recent) < c.flatline_samples:
             return False
-        values = np.asarray(self._recent)[-c.flatline_samples:]
-        return bool(np.ptp(values) <= c.flatline_tolerance)
+        values = list(itertools.islice(reversed(self._recent), c.flatline_samples))
+        return max(values) - min(values) <= c.flatline_tolerance
 
     def check(self, t_s: float, proposed: Mapping[str, float], last: Mapping[str, float], *,
               usable: bool, data_reason: str, plan_ok: bool, plan_reason: str,
