@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from mpc_dose.control.mhe import MHEConfig, MHEResult, OutputMapMHE
+from mpc_dose.control.mhe import MHEConfig, MHEResult, OutputMapEKF, OutputMapMHE
 from mpc_dose.control.mpc_controller import MPCController
 from mpc_dose.control.nmpc import NMPCConfig
 from mpc_dose.control.supervisor import SafetyConfig
@@ -266,3 +266,56 @@ def test_construction_prints_nothing(ref, capfd):
     capfd.readouterr()
     mhe(ref, window=7)
     assert capfd.readouterr().out == ""
+
+
+# ---------------------------------------------------------------- extended Kalman filter
+
+
+def reference_ekf(m, theta, names, omega, samples_, *, q_eta, q_d, sd_d0, noise_sd):
+    """A textbook sequential EKF in numpy (central-difference Jacobian): the independent
+    reference for OutputMapEKF."""
+    idx = [m.param_index(n) for n in names]
+    k = m.output_index("bis")
+    ne = len(idx)
+    z = np.zeros(ne + 1)
+    P = np.zeros((ne + 1, ne + 1))
+    P[:ne, :ne] = np.asarray(omega)
+    P[ne, ne] = sd_d0**2
+    Q = np.diag([q_eta] * ne + [q_d])
+
+    def predict(z_, t, x, u):
+        th = theta.copy()
+        th[idx] = theta[idx] * np.exp(z_[:ne])
+        return float(m.h(t, x, u, th)[k]) + z_[ne]
+
+    for t, x, u, y in samples_:
+        P = P + Q
+        H = np.array([(predict(z + e, t, x, u) - predict(z - e, t, x, u)) / 2e-6
+                      for e in np.eye(ne + 1) * 1e-6])
+        gain = P @ H / (H @ P @ H + noise_sd**2)
+        z = z + gain * (y - predict(z, t, x, u))
+        P = P - np.outer(gain, H @ P)
+    return z, P
+
+
+@pytest.mark.parametrize("batches", [[1] * 12, [5] * 12, [3, 7, 1, 9, 2, 5, 4, 6, 8, 5, 5, 5]])
+def test_ekf_equals_a_textbook_filter(ref, batches):
+    """Readings processed in batches of any size give the sequential textbook EKF's mean
+    and covariance (the covariance is carried from reading to reading, not reset)."""
+    m, _, theta = ref
+    true, data = samples(ref, 3, c50=1.3, gamma=0.8, n=sum(batches))
+    options = dict(q_eta=1e-3, q_d=0.01, sd_d0=5.0)
+    cfg = MHEConfig(output="bis", parameters=("bis_c50", "bis_gamma"), omega=OMEGA,
+                    noise_sd=1.5, window=30)
+    ekf = OutputMapEKF(m, theta, cfg, **options)
+    start = 0
+    for size in batches:
+        for t, x, u, y in data[start:start + size]:
+            ekf.add(t, x, u, y)
+        assert ekf.update().success
+        start += size
+    z, P = reference_ekf(m, theta, ("bis_c50", "bis_gamma"), OMEGA, data, noise_sd=1.5,
+                         **options)
+    np.testing.assert_allclose(ekf._z, z, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(ekf._P, P, rtol=1e-6, atol=1e-10)
+    assert np.trace(P[:2, :2]) < 0.5 * np.trace(np.asarray(OMEGA))  # the data informed it

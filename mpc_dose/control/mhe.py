@@ -266,11 +266,11 @@ class OutputMapEKF:
         y_meas = ca.SX.sym("y_meas")
         P_pred = P + ca.DM(self._Q)
         h = ca.jacobian(y, z)
-        gain = ca.mtimes(P_pred, h.T) / (ca.mtimes([h, P_pred, h.T]) + config.noise_sd**2)
-        self._step = ca.Function(
-            "ekf_step", [z, ca.vec(P), t, x, u, y_meas],
-            [z + gain * (y_meas - y), ca.vec(ca.mtimes(ca.DM.eye(ne + 1) - ca.mtimes(gain, h),
-                                                       P_pred))])
+        hp = ca.mtimes(h, P_pred)  # = (P h')' as P is symmetric
+        gain = hp.T / (ca.mtimes(hp, h.T) + config.noise_sd**2)
+        # P - K h P as an outer product: fewer operations, and P stays symmetric
+        self._step = ca.Function("ekf_step", [z, ca.vec(P), t, x, u, y_meas],
+                                 [z + gain * (y_meas - y), ca.vec(P_pred - ca.mtimes(gain, hp))])
         self._runs: dict[int, ca.Function] = {}
         self._pending: list[tuple[float, np.ndarray, np.ndarray, float]] = []
 
@@ -284,7 +284,7 @@ class OutputMapEKF:
         if count:
             run = self._runs.get(count)
             if run is None:
-                run = self._runs[count] = self._step.mapaccum("ekf_run", count)
+                run = self._runs[count] = self._step.mapaccum("ekf_run", count, 2)  # z and P
             t, x, u, y = zip(*self._pending)
             z_all, p_all = run(self._z, self._P.ravel(order="F"), np.array(t)[None, :],
                                np.array(x).T, np.array(u).T, np.array(y)[None, :])
