@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mpc_dose.control.nmpc import DosePlan, NMPCConfig, NonlinearMPC
+from mpc_dose.control.nmpc import DosePlan, NMPCConfig, NonlinearMPC, problem_structure
 from mpc_dose.errors import ConfigError
 from mpc_dose.model.library import load
 from mpc_dose.model.propagate import Propagator
@@ -306,7 +306,7 @@ def test_condensed_keeps_only_watched_states_and_matches_multiple_shooting(two_d
                move_block=move_block, reference=50.0,
                change_weights={"propofol": 1.0, "remifentanil": 1.0},
                rate_bounds={"propofol": (0.0, 0.5), "remifentanil": (0.0, 1.0)},
-               soft_window=(45.0, math.inf), ratio=ratio)
+               soft_window=(45.0, math.inf), ratio=ratio, dual_tolerance=1e-9)
     lifted = NonlinearMPC(m, NMPCConfig(**cfg))
     watched, entries = lifted._lift_layout
     assert sorted(m.state_names[i] for i in watched) == ["propofol_ce", "remifentanil_ce"]
@@ -481,3 +481,26 @@ def test_terminal_constraint_holds_at_the_end_of_the_horizon():
     plan = NonlinearMPC(model, cfg).plan(0.0, model.initial_state(p), p, {"propofol": 0.0})
     assert plan.success
     assert 59.0 - 1e-6 <= plan.predicted_output[-1] <= 61.0 + 1e-6
+
+
+def test_a_built_problem_takes_new_weights_and_limits_without_rebuilding(ref, settled):
+    """reset(config) with other weights, bounds and window (same structure) plans exactly
+    what a problem built for that config plans; a structural change is refused."""
+    m, p = ref
+    x, u = settled
+    other = config(change_weights={"propofol": 50.0}, soft_window=(48.0, math.inf),
+                   rate_bounds={"propofol": (0.0, 0.3)}, reference=55.0)
+    shared = NonlinearMPC(m, config())
+    shared.plan(300.0, x, p, {"propofol": u})  # leaves a warm start behind
+    shared.reset(other)
+    fresh = NonlinearMPC(m, other)
+    a = shared.plan(300.0, x, p, {"propofol": u})
+    b = fresh.plan(300.0, x, p, {"propofol": u})
+    assert a.success and b.success
+    np.testing.assert_allclose(a.plan, b.plan, rtol=1e-9, atol=1e-12)
+    assert problem_structure(other) == problem_structure(config())
+    for changed in (config(horizon=20), config(hard_window=(40.0, math.inf)),
+                    config(max_change={"propofol": 0.1})):
+        assert problem_structure(changed) != problem_structure(config())
+        with pytest.raises(ConfigError, match="structure"):
+            shared.reset(changed)

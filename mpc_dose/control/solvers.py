@@ -56,14 +56,14 @@ def gauss_newton_hessian(residuals: ca.SX, w: ca.SX, p: ca.SX, n_g: int, *,
                        ["x", "p", "lam_f", "lam_g"], ["hess_gamma_x_x"])
 
 
-def sqp_solver(name: str, nlp: dict, hessian: ca.Function, qp: str, max_iter: int
-               ) -> ca.Function:
+def sqp_solver(name: str, nlp: dict, hessian: ca.Function, qp: str, max_iter: int, *,
+               dual_tolerance: float = 1e-6) -> ca.Function:
     """Gauss-Newton ``sqpmethod`` with QP solver *qp*; silent, failures as results."""
     # calc_lam_p off: the sensitivities to the parameters are never used, cost a gradient
     # evaluation per solve, and are undefined where a weight enters as sqrt(w) with w = 0
     opts = {"qpsol": qp, "hess_lag": hessian, "max_iter": max_iter, "print_header": False,
             "print_iteration": False, "print_time": False, "print_status": False,
-            "error_on_fail": False, "calc_lam_p": False,
+            "error_on_fail": False, "calc_lam_p": False, "tol_du": dual_tolerance,
             "qpsol_options": {**_QP_OPTIONS.get(qp, {}), "error_on_fail": False}}
     with quiet_native_stdout():
         return ca.nlpsol(name, "sqpmethod", nlp, opts)

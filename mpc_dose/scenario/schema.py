@@ -18,7 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import ConfigError, closest
 
-__all__ = ["Scenario", "load_scenario", "parse_scenario"]
+__all__ = ["Scenario", "load_scenario", "parse_scenario", "read_scenario_data",
+           "with_overrides", "PATH_KEYS"]
+
+#: scenario keys whose values are file paths (relative to the scenario's folder)
+PATH_KEYS = ("patient.table.path", "controller.fixed.doses")
 
 
 class _Strict(BaseModel):
@@ -317,8 +321,52 @@ def parse_scenario(data: dict, *, source: str = "scenario", base_dir: str = ".")
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate the TOML scenario at *path*.
+def read_scenario_data(path: str | Path) -> dict:
+    """The TOML scenario at *path* as a dict (not yet validated)."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"scenario {str(path)!r}: cannot read it ({err.strerror})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"scenario {str(path)!r}: not valid TOML: {err}") from None
+
+
+def with_overrides(data: dict, overrides: typing.Mapping[str, object]) -> dict:
+    """A copy of scenario *data* with each dotted key of *overrides* set to its value, e.g.
+    ``{"controller.nmpc.soft_low": 52, "pump.0.max_rate_ml_per_h": 2000}`` (a number picks
+    an entry of an array of tables). Keys the schema does not know are refused when the
+    result is validated; a key that passes through a value that is not a table, or an
+    index past the end of an array, is refused here, naming the key."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node: object = out
+        for depth, part in enumerate(parts[:-1]):
+            where = ".".join(parts[:depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{key}: {where!r} needs an index below {len(node)}")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"{key}: {'.'.join(parts[:depth])!r} is a value, not a table")
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"{key}: {where!r} is a value, not a table")
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {'.'.join(parts[:-1])!r} is an array; name an entry "
+                              f"by its index")
+        node[parts[-1]] = value
+    return out
+
+
+def load_scenario(path: str | Path, overrides: typing.Mapping[str, object] | None = None
+                  ) -> Scenario:
+    """Read and validate the TOML scenario at *path*, with *overrides* (dotted keys, see
+    :func:`with_overrides`) applied first.
 
     Raises
     ------
@@ -326,10 +374,7 @@ def load_scenario(path: str | Path) -> Scenario:
         For a missing file, invalid TOML (with its line) or an invalid scenario.
     """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"scenario {str(path)!r}: cannot read it ({err.strerror})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"scenario {str(path)!r}: not valid TOML: {err}") from None
+    data = read_scenario_data(path)
+    if overrides:
+        data = with_overrides(data, overrides)
     return parse_scenario(data, source=path.name, base_dir=str(path.resolve().parent))

@@ -271,13 +271,15 @@ def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec,
                         disturbance_sd=est.disturbance_sd)
     shared = None
     if share:  # one patient at a time per process: the built problem serves them all
-        from ..control.nmpc import NonlinearMPC
+        from ..control.nmpc import NonlinearMPC, problem_structure
 
-        key = (own.model.name, tuple(own.model.param_names), repr(nmpc))
+        # keyed on the structure: settings that differ only in weights and limits (a
+        # tuning sweep) reuse the built problem with their own numbers
+        key = (own.model.name, tuple(own.model.param_names), problem_structure(nmpc))
         shared = _SHARED_NMPC.get(key)
         if shared is None:
             shared = _SHARED_NMPC[key] = NonlinearMPC(own.model, nmpc)
-        shared.reset()
+        shared.reset(nmpc)
     return MPCController(own.model, params, nmpc, safety, mhe, mpc=shared,
                          estimator="mhe" if est.kind == "none" else est.kind,
                          ekf_options={"q_d": est.q_d, "q_eta": est.q_eta})

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor, as_completed
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["PatientTask", "run_patient", "run_trial", "TrialResult"]
+__all__ = ["PatientTask", "run_patient", "run_trial", "TrialResult", "override_pairs"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class PatientTask:
     seed: int
     out: str
     cohort: str | None = None   # a cohort file replacing the scenario's patients
+    #: (dotted key, value) pairs applied to the scenario file (e.g. a tuning setting)
+    overrides: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass
@@ -56,11 +58,20 @@ class TrialResult:
     ran: int              # patients run now (the others were already done)
 
 
-@lru_cache(maxsize=8)
-def _scenario(path: str):
+@lru_cache(maxsize=64)
+def _scenario(path: str, overrides: tuple[tuple[str, object], ...] = ()):
     from ..scenario import load_scenario
 
-    return load_scenario(path)
+    return load_scenario(path, dict(overrides))
+
+
+def _hashable(value: object) -> object:
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def override_pairs(overrides: Mapping[str, object] | None) -> tuple[tuple[str, object], ...]:
+    """*overrides* as sorted (key, value) pairs (hashable: lists become tuples)."""
+    return tuple(sorted((k, _hashable(v)) for k, v in (overrides or {}).items()))
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -79,7 +90,7 @@ def run_patient(task: PatientTask) -> dict:
     from .metrics import (auc_attainment, drug_totals, neutropenia_metrics,
                           performance_metrics, tiva_metrics)
 
-    scenario = with_cohort(_scenario(task.scenario_path), task.cohort)
+    scenario = with_cohort(_scenario(task.scenario_path, task.overrides), task.cohort)
     setup, patient = build_setup(scenario, task.index, task.seed, share_solvers=True)
     setup = replace(setup, encode_frames=False)  # same messages, without the codec
     result = run_closed_loop(setup)
@@ -138,19 +149,23 @@ def run_patient(task: PatientTask) -> dict:
     return metrics
 
 
-def _manifest(scenario_path: str, seed: int, patients: list[int], cohort: str | None
-              ) -> dict:
+def _manifest(scenario_path: str, seed: int, patients: list[int], cohort: str | None,
+              overrides: tuple[tuple[str, object], ...]) -> dict:
     digest = hashlib.sha256(Path(scenario_path).read_bytes())
     if cohort is not None:
         digest.update(Path(cohort).read_bytes())
+    digest.update(json.dumps(overrides).encode())
     return {"scenario": str(Path(scenario_path).resolve()), "cohort": cohort,
-            "sha256": digest.hexdigest(), "seed": seed, "patients": [k + 1 for k in patients]}
+            "overrides": dict(overrides), "sha256": digest.hexdigest(), "seed": seed,
+            "patients": [k + 1 for k in patients]}
 
 
 def run_trial(scenario_path: str | Path, out: str | Path, *, patients: Iterable[int],
               seed: int, executor: Executor | None = None, progress: bool = False,
-              cohort: str | Path | None = None) -> TrialResult:
-    """Run (or resume) a trial of *patients* (0-based indices) with *seed* into *out*.
+              cohort: str | Path | None = None,
+              overrides: Mapping[str, object] | None = None) -> TrialResult:
+    """Run (or resume) a trial of *patients* (0-based indices) with *seed* into *out*;
+    *overrides* (dotted scenario keys) change the scenario file's values.
 
     Raises
     ------
@@ -167,7 +182,8 @@ def run_trial(scenario_path: str | Path, out: str | Path, *, patients: Iterable[
     scenario_path = str(Path(scenario_path).resolve())
     cohort = None if cohort is None else str(Path(cohort).resolve())
     # fail fast on a bad scenario or cohort, before any worker starts
-    size = cohort_size(with_cohort(_scenario(scenario_path), cohort))
+    pairs = override_pairs(overrides)
+    size = cohort_size(with_cohort(_scenario(scenario_path, pairs), cohort))
     patients = sorted(set(int(k) for k in patients))
     if patients and not 0 <= patients[0] <= patients[-1] < size:
         raise ConfigError(f"patients {patients[0] + 1}-{patients[-1] + 1}: the cohort has "
@@ -176,7 +192,7 @@ def run_trial(scenario_path: str | Path, out: str | Path, *, patients: Iterable[
     (out / "series").mkdir(parents=True, exist_ok=True)
     (out / "metrics").mkdir(parents=True, exist_ok=True)
     (out / "patients").mkdir(parents=True, exist_ok=True)
-    manifest = _manifest(scenario_path, seed, patients, cohort)
+    manifest = _manifest(scenario_path, seed, patients, cohort, pairs)
     manifest_path = out / "trial.json"
     if manifest_path.exists():
         existing = json.loads(manifest_path.read_text("utf-8"))
@@ -189,7 +205,7 @@ def run_trial(scenario_path: str | Path, out: str | Path, *, patients: Iterable[
         _atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1),
                                                             "utf-8"))
     done = {k for k in patients if (out / "metrics" / f"patient_{k + 1:04d}.json").exists()}
-    todo = [PatientTask(scenario_path, k, seed, str(out), cohort) for k in patients
+    todo = [PatientTask(scenario_path, k, seed, str(out), cohort, pairs) for k in patients
             if k not in done]
     bar = None
     if progress:
