@@ -313,8 +313,26 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from .tune import run_sweep
+
+    with _executor(args) as executor:
+        result = run_sweep(args.scenario, args.space, args.out, executor=executor,
+                           progress=not args.quiet, strategy=args.strategy,
+                           settings=args.settings)
+    table = result.table
+    print(f"{len(table)} settings ({int(table.feasible.sum())} hold every limit, "
+          f"{int(table.pareto.sum())} on the Pareto front) -> {args.out}/settings.csv")
+    print((Path(args.out) / "recommendation.txt").read_text("utf-8").rstrip())
+    print(f"wrote {args.out}/recommended.toml; `mpc-dose report {args.out}` for the plots")
+    return 0
+
+
 def _cmd_report(args) -> int:
-    from .trial.report import write_report
+    if (Path(args.results) / "sweep.json").exists():
+        from .tune.report import write_tune_report as write_report
+    else:
+        from .trial.report import write_report
 
     path = write_report(args.results, args.out)
     print(f"wrote {path}")
@@ -474,8 +492,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_compare)
 
-    p = sub.add_parser("report", help="self-contained HTML report of a trial or comparison")
-    p.add_argument("results", help="a trial folder, or a comparison folder")
+    p = sub.add_parser("tune", help="sweep controller settings over a training cohort",
+                       description="Run every setting of SPACE (scenario keys to vary, "
+                                   "objectives, limits, strategy, training and held-out "
+                                   "patients) as a trial; writes OUT/settings.csv, the Pareto "
+                                   "front, OUT/recommended.toml; rerun to resume.")
+    p.add_argument("scenario")
+    p.add_argument("--space", required=True, help="the space file (TOML)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--strategy", choices=["grid", "random", "sobol", "optuna"], default=None,
+                   help="instead of the space file's")
+    p.add_argument("--settings", type=int, default=None, help="instead of the space file's")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--scheduler", default=None, help="Dask scheduler address")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_tune)
+
+    p = sub.add_parser("report", help="self-contained HTML report of a trial, comparison or "
+                                      "tuning sweep")
+    p.add_argument("results", help="a trial, comparison or sweep folder")
     p.add_argument("--out", default=None, help="HTML file (default RESULTS/report.html)")
     p.set_defaults(run=_cmd_report)
 

@@ -39,3 +39,11 @@ def test_transport_knows_only_the_protocol():
                             "mpc_dose.transport.serial_link, mpc_dose.transport.chaos")
     assert not any(m.startswith(("mpc_dose.node", "mpc_dose.control", "mpc_dose.plant",
                                  "mpc_dose.model", "mpc_dose.trial")) for m in loaded)
+
+
+def test_trials_do_not_know_tuning():
+    """tune/ builds on trial/, never the reverse."""
+    loaded = _imports_after("import mpc_dose.trial.runner, mpc_dose.trial.report, "
+                            "mpc_dose.trial.build")
+    assert not any(m.startswith(("mpc_dose.tune", "mpc_dose.serve", "mpc_dose.cli"))
+                   for m in loaded)

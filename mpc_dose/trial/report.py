@@ -19,7 +19,8 @@ import pandas as pd
 
 from ..errors import ConfigError
 
-__all__ = ["load_series", "compare_table", "write_report", "nonmem_dataset"]
+__all__ = ["load_series", "compare_table", "write_report", "nonmem_dataset",
+           "html_page", "image"]
 
 
 def _trial_folders(results: Path) -> dict[str, Path]:
@@ -154,14 +155,23 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
 
         parts += [f"<h2>{html.escape(label)}: summary</h2>",
                   summarise(m).to_html(float_format=lambda v: f"{v:.4g}")]
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>mpc_dose report"
+    path = Path(out) if out else results / "report.html"
+    path.write_text(html_page(parts), encoding="utf-8")
+    return path
+
+
+def html_page(parts: list[str], title: str = "mpc_dose report") -> str:
+    """A self-contained HTML page of *parts* (HTML fragments; images embedded)."""
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             "</title><style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
             "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>"
             + "\n".join(parts) + "</body></html>")
-    path = Path(out) if out else results / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+
+
+def image(fig) -> str:
+    """*fig* as an embedded PNG ``<img>`` (the figure is closed)."""
+    return f'<img src="data:image/png;base64,{_png(fig)}">'
 
 
 def nonmem_dataset(trial: str | Path, *, observe: str | None = None,
