@@ -1,6 +1,7 @@
 """One closed loop: the DESIGN PID check, reproducibility, and the loop against open-loop
 simulation."""
 
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -166,6 +167,19 @@ def test_shipped_scenarios_load():
     """Every scenario in scenarios/ validates."""
     for path in (REPO / "scenarios").glob("*.toml"):
         load_scenario(path)
+
+
+def test_shipped_spaces_name_scenario_keys():
+    """Every tuning space in scenarios/spaces/ loads and names only keys of the scenario it
+    tunes (named in its header) and of its held-out scenario."""
+    from mpc_dose.tune import check_keys, load_space
+
+    for path in (REPO / "scenarios" / "spaces").glob("*.toml"):
+        space = load_space(path)
+        tuned = re.search(r"mpc-dose tune (\S+)", path.read_text()).group(1)
+        check_keys(space, REPO / tuned)
+        if space.holdout is not None and space.holdout.scenario:
+            check_keys(space, space.resolve(space.holdout.scenario))
 
 
 def test_layering_of_new_layers():
