@@ -39,7 +39,10 @@ def _pareto_plots(table: pd.DataFrame, columns: list[str]) -> str:
         ax.scatter(infeasible[a], infeasible[b], marker="x", color="0.6",
                    label="breaks a limit")
         ax.scatter(feasible[a], feasible[b], color="tab:blue", s=18, label="feasible")
-        ax.plot(front[a], front[b], "o-", color="tab:orange", label="Pareto front")
+        # a line only joins the front of two objectives; with more, a pair's view of the
+        # front is a scatter
+        ax.plot(front[a], front[b], "o-" if len(columns) == 2 else "o", color="tab:orange",
+                label="Pareto front")
         for label, mask, marker in (("recommended", table.recommended, "*"),
                                     ("as given", table.setting == 0, "s")):
             chosen = table[mask]
@@ -62,7 +65,8 @@ def _sensitivity(table: pd.DataFrame, parameters: list[str], judged: list[str]) 
         y = table[column]
         ax.scatter(x, y, s=12, c=np.where(table.feasible, "tab:blue", "0.6"))
         ok = np.isfinite(x) & np.isfinite(y)
-        rho = spearmanr(x[ok], y[ok]).statistic if ok.sum() > 2 else np.nan
+        varies = ok.sum() > 2 and np.ptp(x[ok]) > 0 and np.ptp(y[ok]) > 0
+        rho = spearmanr(x[ok], y[ok]).statistic if varies else np.nan
         ax.set_title(f"rank corr. {rho:+.2f}", fontsize=8)
         if i == len(judged) - 1:
             ax.set_xlabel(name, fontsize=8)

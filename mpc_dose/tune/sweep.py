@@ -281,7 +281,7 @@ def run_sweep(scenario_path: str | Path, space_path: str | Path, out: str | Path
     holdout = None
     if space.holdout is not None:
         holdout = _holdout(space, scenario_path, record, out, executor)
-        reasons.append(_verdict(holdout, space))
+        reasons.append(_verdict(holdout, table[table.setting == chosen].iloc[0], space))
         holdout.to_csv(out / "holdout.csv", index=False, float_format="%.8g")
     write_recommended(scenario_path, record["overrides"], out / "recommended.toml", reasons)
     (out / "recommendation.txt").write_text(
@@ -381,18 +381,21 @@ def _holdout(space: Space, scenario_path: str, record: dict, out: Path,
     return table
 
 
-def _verdict(holdout, space: Space) -> str:
-    rec = holdout.iloc[0]
-    base = holdout.iloc[1]
-    better = [o for o in space.objective if (rec[o.column] - base[o.column])
-              * (1 if o.goal == "maximise" else -1) >= 0]
-    held = "holds every limit" if rec.feasible else "BREAKS a limit"
-    generalises = bool(rec.feasible) and len(better) == len(space.objective)
-    return (f"held-out patients: the recommended setting {held}; it is at least as good as "
-            f"the scenario as given on {len(better)} of {len(space.objective)} objectives ("
-            + ", ".join(f"{o.column} {base[o.column]:.4g} -> {rec[o.column]:.4g}"
-                        for o in space.objective)
-            + f"): {'it generalises' if generalises else 'it does NOT fully generalise'}")
+def _verdict(holdout, trained, space: Space) -> str:
+    """Does the recommended setting generalise: do its limits hold on new patients; and how
+    its objectives there compare with training and with the scenario as given."""
+    rec, base = holdout.iloc[0], holdout.iloc[1]
+    changes = "; ".join(
+        f"{o.column} {trained[o.column]:.4g} in training, {rec[o.column]:.4g} held out "
+        f"(scenario as given: {base[o.column]:.4g})" for o in space.objective)
+    broken = [lim.text() + f" (is {rec[lim.column]:.4g})" for lim in space.limit
+              if lim.excess(rec[lim.column]) > 0]
+    if broken:
+        return (f"held-out patients: the recommended setting breaks {', '.join(broken)}: it "
+                f"does NOT generalise; {changes}")
+    base_note = "" if base.feasible else " (the scenario as given breaks a limit there)"
+    return (f"held-out patients: the recommended setting holds every limit{base_note}, so "
+            f"it generalises; {changes}")
 
 
 # ---------------------------------------------------------------- the scenario file
