@@ -6,7 +6,6 @@ metrics beside the published rows of Aubouin-Pairault, Fiacchini & Dang (2024).
 
 Tuning without editing the scenario: environment variables override its controller
 settings (TIVA_FLOOR, TIVA_SOFT, TIVA_PRIOR_SCALE, TIVA_DU, TIVA_RATIO, TIVA_HORIZON, TIVA_MOVE_BLOCK, TIVA_SOFT_EVERY, TIVA_MAX_CHANGE,
-TIVA_START_CAP, TIVA_START_S,
 TIVA_ESTIMATOR, TIVA_QD, TIVA_QETA, TIVA_NOISE, TIVA_WINDOW).
 """
 
@@ -57,9 +56,6 @@ def scenario():
             nmpc.pop("ratio", None)
     if env("TIVA_MAX_CHANGE"):  # propofol mg/s per period (remifentanil follows the ratio)
         nmpc["max_change"] = {nmpc["inputs"][0]: float(env("TIVA_MAX_CHANGE"))}
-    if env("TIVA_START_CAP"):  # propofol mg/s during the first TIVA_START_S (default 5 s)
-        nmpc["start_max_rates"] = {nmpc["inputs"][0]: float(env("TIVA_START_CAP"))}
-        nmpc["start_duration_s"] = float(env("TIVA_START_S") or 5.0)
     if env("TIVA_MOVE_BLOCK"):
         nmpc["move_block"] = int(env("TIVA_MOVE_BLOCK"))
     if env("TIVA_SOFT_EVERY"):

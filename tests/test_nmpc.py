@@ -505,22 +505,3 @@ def test_a_built_problem_takes_new_weights_and_limits_without_rebuilding(ref, se
         with pytest.raises(ConfigError, match="structure"):
             shared.reset(changed)
 
-
-def test_start_caps_hold_only_in_the_start_window(ref):
-    """start_max_rates caps the rates of the blocks that start within start_duration_s of
-    the first plan (here the first period); later blocks and later plans use the full
-    bound, and the same problem reset for the next patient starts capped again."""
-    m, p = ref
-    mpc = NonlinearMPC(m, config(start_max_rates={"propofol": 0.1}, start_duration_s=T))
-    x = m.initial_state(p)
-    first = mpc.plan(0.0, x, p, {"propofol": 0.0})
-    assert first.rates["propofol"] == pytest.approx(0.1, abs=1e-6)  # induction: at the cap
-    assert first.plan[1:, 0].max() > 0.3                             # then the full bound
-    x = Propagator(m, p).advance(x, 0.0, T, [0.1])
-    second = mpc.plan(T, x, p, {"propofol": 0.1})
-    assert second.rates["propofol"] > 0.3
-    mpc.reset()
-    again = mpc.plan(100.0, m.initial_state(p), p, {"propofol": 0.0})  # a new patient
-    assert again.rates["propofol"] == pytest.approx(0.1, abs=1e-6)
-    with pytest.raises(ConfigError, match=r"nmpc\.start_max_rates: \['ketamine'\]"):
-        config(start_max_rates={"ketamine": 1.0})

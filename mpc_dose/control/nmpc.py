@@ -119,10 +119,6 @@ class NMPCConfig:
     #: "condensed" (states eliminated; linear time-invariant models only) or
     #: "multiple_shooting" (states as decision variables, any model)
     transcription: str = "condensed"
-    #: lower rate caps for the first *start_duration_s* after the first plan (a cautious
-    #: first dose: the patient's sensitivity shows only once drug reaches the effect site)
-    start_max_rates: Mapping[str, float] = field(default_factory=dict)
-    start_duration_s: float = 0.0
     max_iter: int = 30
     #: SQP stops when the Lagrangian's gradient is below this (and the constraints hold to
     #: 1e-6): on the 32 TIVA training patients 1e-4 gives the metrics of 1e-6 to four
@@ -154,11 +150,7 @@ class NMPCConfig:
         if self.solver not in ("sqpmethod", "ipopt"):
             raise ConfigError(f"nmpc.solver must be 'sqpmethod' or 'ipopt', "
                               f"got {self.solver!r}")
-        if not (self.start_duration_s >= 0 and math.isfinite(self.start_duration_s)):
-            raise ConfigError(f"nmpc.start_duration_s must be >= 0, "
-                              f"got {self.start_duration_s!r}")
-        for field_name in ("rate_bounds", "max_change", "change_weights", "use_weights",
-                           "start_max_rates"):
+        for field_name in ("rate_bounds", "max_change", "change_weights", "use_weights"):
             unknown = set(getattr(self, field_name)) - set(self.inputs)
             if unknown:
                 raise ConfigError(f"nmpc.{field_name}: {sorted(unknown)} are not among the "
@@ -230,7 +222,6 @@ class NonlinearMPC:
         self._solver(f"sqpmethod:{c.qp_solvers[0]}" if c.solver == "sqpmethod" else "ipopt")
         self._warm: dict[str, np.ndarray] | None = None
         self._pk_cache: tuple[bytes, np.ndarray] | None = None
-        self._t_start: float | None = None  # the first plan's time (start caps)
 
     def reset(self, config: NMPCConfig | None = None) -> None:
         """Forget the previous patient's warm start and discretisation (reuse the built
@@ -250,7 +241,6 @@ class NonlinearMPC:
             self.config = config
         self._warm = None
         self._pk_cache = None
-        self._t_start = None
 
     # ------------------------------------------------------------------ build
     def _rates_expr(self, free: ca.SX) -> ca.SX:
@@ -550,14 +540,6 @@ class NonlinearMPC:
                 lo[j] = max(lo[j], bounds[b][0] / r)
         su, sl, sh = self._slices["U"], self._slices["SL"], self._slices["SH"]
         lbx[su], ubx[su] = np.tile(lo, self._n_blocks), np.tile(hi, self._n_blocks)
-        if self._t_start is None:
-            self._t_start = t_s
-        if c.start_duration_s > 0 and t_s < self._t_start + c.start_duration_s:
-            cap = np.array([c.start_max_rates.get(i, np.inf) for i in self._free])
-            for b in range(self._n_blocks):  # blocks starting inside the start window
-                if t_s + b * c.move_block * c.period_s < self._t_start + c.start_duration_s:
-                    block = slice(su.start + b * self._nf, su.start + (b + 1) * self._nf)
-                    ubx[block] = np.maximum(lbx[block], np.minimum(ubx[block], cap))
         if c.dose_interval_s is not None:  # no decision between scheduled doses
             for k in range(N):
                 phase = (t_s + k * c.period_s) % c.dose_interval_s
@@ -685,8 +667,7 @@ class NonlinearMPC:
 #: config fields that are numbers of the built problem (per call), not its structure
 _PER_CALL_FIELDS = ("reference", "output_weight", "change_weights", "use_weights",
                     "rate_bounds", "max_change", "soft_window", "soft_weights",
-                    "hard_window", "terminal_window", "dose_windows", "start_max_rates",
-                    "start_duration_s")
+                    "hard_window", "terminal_window", "dose_windows")
 
 
 def problem_structure(config: NMPCConfig) -> tuple:

@@ -195,9 +195,6 @@ class NMPCSpec(_Strict):
     use_weights: dict[str, float] = {}
     max_rates: dict[str, float]
     max_change: dict[str, float] = {}
-    #: lower rate caps during the first *start_duration_s* (a cautious first dose)
-    start_max_rates: dict[str, float] = {}
-    start_duration_s: float = Field(0.0, ge=0)
     soft_low: float | None = None
     soft_high: float | None = None
     soft_weights: tuple[float, float] = (200.0, 200.0)

@@ -250,9 +250,7 @@ def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec,
                       rate_bounds={k: (0.0, v) for k, v in spec.max_rates.items()},
                       max_change=spec.max_change, soft_window=soft,
                       soft_weights=tuple(spec.soft_weights), soft_every=spec.soft_every,
-                      ratio=tuple(spec.ratio) if spec.ratio else None,
-                      start_max_rates=spec.start_max_rates,
-                      start_duration_s=spec.start_duration_s)
+                      ratio=tuple(spec.ratio) if spec.ratio else None)
     safety = SafetyConfig(spec.output, dict(spec.max_rates), valid_range=spec.valid_range,
                           stale_after_s=spec.stale_after_s,
                           fallback_rates=dict(spec.fallback_rates))
