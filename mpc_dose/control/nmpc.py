@@ -222,6 +222,8 @@ class NonlinearMPC:
         self._solver(f"sqpmethod:{c.qp_solvers[0]}" if c.solver == "sqpmethod" else "ipopt")
         self._warm: dict[str, np.ndarray] | None = None
         self._pk_cache: tuple[bytes, np.ndarray] | None = None
+        #: the bounds and weights of the config's own numbers, built on the first plan
+        self._static: tuple[np.ndarray, ...] | None = None
 
     def reset(self, config: NMPCConfig | None = None) -> None:
         """Forget the previous patient's warm start and discretisation (reuse the built
@@ -241,6 +243,7 @@ class NonlinearMPC:
             self.config = config
         self._warm = None
         self._pk_cache = None
+        self._static = None
 
     # ------------------------------------------------------------------ build
     def _rates_expr(self, free: ca.SX) -> ca.SX:
@@ -393,6 +396,13 @@ class NonlinearMPC:
             periods = min(c.move_block, N - b * c.move_block)
             linear += periods * T * ca.dot(w_use, U[:, b])
         self._n_blocks = n_blocks
+        # warm start: block b of the next plan averages the old plan's rates over its
+        # periods shifted by one (the last period repeated)
+        owner = np.minimum(np.arange(1, N + 1), N - 1) // c.move_block  # old block per period
+        self._shift = np.zeros((n_blocks, n_blocks))
+        for k in range(N):
+            self._shift[k // c.move_block, owner[k]] += 1.0
+        self._shift /= self._shift.sum(axis=1, keepdims=True)
         # cumulative dose windows: planned amount within the window, bounded per call
         for name, window_s, _ in c.dose_windows:
             periods = max(1, min(N, int(round(window_s / T))))
@@ -500,13 +510,47 @@ class NonlinearMPC:
         optionally a reference (number or one value per period), the output disturbance, the
         amounts already delivered inside each dose window (by input), and new *weights* or
         *limits* (same keys as the config) without rebuilding."""
-        c, _m = self.config, self.model
+        c = self.config
         N = c.horizon
         ref = np.full(N, c.reference if reference is None else 0.0)
         if reference is not None:
             ref[:] = np.asarray(reference, dtype=float) if np.ndim(reference) else reference
-        weights = dict(weights or {})
-        limits = dict(limits or {})
+        numbers = self._static if not weights and not limits else None
+        if numbers is None:
+            numbers = self._numbers(dict(weights or {}), dict(limits or {}))
+            if not weights and not limits:  # the config's own numbers: the same every cycle
+                self._static = numbers
+        weight_part, lbx, ubx, lbg, ubg, self._cold_rates = (a.copy() for a in numbers)
+        prev = np.array([u_prev.get(name, 0.0) for name in self._free], dtype=float)
+        parts = [np.asarray(x0, float), prev, ref, np.asarray(theta, float), [disturbance],
+                 [t_s], weight_part]
+        if self._exact:
+            discrete = self._discretisation(np.asarray(theta, float))
+            if self._lift_layout is None:
+                parts.append(discrete[0])
+            else:
+                P, const, gains = discrete
+                parts += [(P @ np.asarray(x0, float) + const).ravel(), gains]
+        p = np.concatenate([np.ravel(q) for q in parts])
+        su = self._slices["U"]
+        if c.dose_interval_s is not None:  # no decision between scheduled doses
+            for k in range(N):
+                phase = (t_s + k * c.period_s) % c.dose_interval_s
+                if min(phase, c.dose_interval_s - phase) > 1e-6 * c.period_s:
+                    block = slice(su.start + k * self._nf, su.start + (k + 1) * self._nf)
+                    lbx[block], ubx[block] = 0.0, 0.0
+        for k_dose, idx in enumerate(self._rows["dose_window"]):
+            name, _, max_amount = c.dose_windows[k_dose]
+            used = (delivered_in_window or {}).get(name, 0.0)
+            ubg[idx] = max(0.0, max_amount - used)
+        x_init = self._initial_guess(x0, prev, N)
+        return self._solve(t_s, p, x_init, lbx, ubx, lbg, ubg)
+
+    def _numbers(self, weights: dict, limits: dict) -> tuple[np.ndarray, ...]:
+        """The weights' part of the parameter vector, the bounds (lbx, ubx, lbg, ubg) and
+        the cold-start rates of the config's numbers with *weights* and *limits* on top (the
+        dose windows' amounts and the dosing times are set per call)."""
+        c = self.config
         change_w = {**c.change_weights, **weights.get("change_weights", {})}
         use_w = {**c.use_weights, **weights.get("use_weights", {})}
         soft_w = weights.get("soft_weights", c.soft_weights)
@@ -514,39 +558,6 @@ class NonlinearMPC:
         hard = limits.get("hard_window", c.hard_window)
         bounds = {**c.rate_bounds, **limits.get("rate_bounds", {})}
         max_change = {**c.max_change, **limits.get("max_change", {})}
-        prev = np.array([u_prev.get(name, 0.0) for name in self._free], dtype=float)
-        parts = [np.asarray(x0, float), prev, ref, np.asarray(theta, float), [disturbance],
-                 [t_s], [weights.get("output_weight", c.output_weight)],
-                 [change_w.get(i, 0.0) for i in self._free], [use_w.get(i, 0.0) for i in self._free],
-                 list(soft_w), [_finite_or(window[0], -1e6), _finite_or(window[1], 1e6)]]
-        if self._exact:
-            numbers = self._discretisation(np.asarray(theta, float))
-            if self._lift_layout is None:
-                parts.append(numbers[0])
-            else:
-                P, const, gains = numbers
-                parts += [(P @ np.asarray(x0, float) + const).ravel(), gains]
-        p = np.concatenate([np.ravel(q) for q in parts])
-
-        lbx = np.full(self._nw, -np.inf)
-        ubx = np.full(self._nw, np.inf)
-        lo = np.array([bounds.get(i, (0.0, np.inf))[0] for i in self._free])
-        hi = np.array([bounds.get(i, (0.0, np.inf))[1] for i in self._free])
-        if c.ratio is not None:  # the dependent input's bounds limit the decided one
-            a, b, r = c.ratio
-            if r > 0 and b in bounds:
-                j = self._free.index(a)
-                hi[j] = min(hi[j], bounds[b][1] / r)
-                lo[j] = max(lo[j], bounds[b][0] / r)
-        su, sl, sh = self._slices["U"], self._slices["SL"], self._slices["SH"]
-        lbx[su], ubx[su] = np.tile(lo, self._n_blocks), np.tile(hi, self._n_blocks)
-        if c.dose_interval_s is not None:  # no decision between scheduled doses
-            for k in range(N):
-                phase = (t_s + k * c.period_s) % c.dose_interval_s
-                if min(phase, c.dose_interval_s - phase) > 1e-6 * c.period_s:
-                    block = slice(su.start + k * self._nf, su.start + (k + 1) * self._nf)
-                    lbx[block], ubx[block] = 0.0, 0.0
-        lbx[sl], lbx[sh] = 0.0, 0.0
         built_change = any(math.isfinite(v) for v in c.max_change.values())
         if not built_change and any(math.isfinite(v) for v in
                                     limits.get("max_change", {}).values()):
@@ -560,6 +571,23 @@ class NonlinearMPC:
                     raise ConfigError(f"limits.{label}: side {side} was not finite when the "
                                       f"problem was built; give a finite default in the "
                                       f"config to make it a parameter")
+        weight_part = np.concatenate([
+            [weights.get("output_weight", c.output_weight)],
+            [change_w.get(i, 0.0) for i in self._free], [use_w.get(i, 0.0) for i in self._free],
+            list(soft_w), [_finite_or(window[0], -1e6), _finite_or(window[1], 1e6)]])
+        lbx = np.full(self._nw, -np.inf)
+        ubx = np.full(self._nw, np.inf)
+        lo = np.array([bounds.get(i, (0.0, np.inf))[0] for i in self._free])
+        hi = np.array([bounds.get(i, (0.0, np.inf))[1] for i in self._free])
+        if c.ratio is not None:  # the dependent input's bounds limit the decided one
+            a, b, r = c.ratio
+            if r > 0 and b in bounds:
+                j = self._free.index(a)
+                hi[j] = min(hi[j], bounds[b][1] / r)
+                lo[j] = max(lo[j], bounds[b][0] / r)
+        su, sl, sh = self._slices["U"], self._slices["SL"], self._slices["SH"]
+        lbx[su], ubx[su] = np.tile(lo, self._n_blocks), np.tile(hi, self._n_blocks)
+        lbx[sl], lbx[sh] = 0.0, 0.0
         lbg = np.zeros(self._ng)
         ubg = np.zeros(self._ng)
         rows = self._rows
@@ -571,13 +599,10 @@ class NonlinearMPC:
             dmax = np.array([max_change.get(i, np.inf) for i in self._free])
             limit = np.tile(dmax, rows["change"].size // self._nf)
             lbg[rows["change"]], ubg[rows["change"]] = -limit, limit
-        for k_dose, idx in enumerate(rows["dose_window"]):
-            name, _, max_amount = c.dose_windows[k_dose]
-            used = (delivered_in_window or {}).get(name, 0.0)
-            lbg[idx], ubg[idx] = -np.inf, max(0.0, max_amount - used)
-        self._cold_rates = np.where(np.isfinite(hi), lo + 0.05 * (hi - lo), lo + 1e-3)
-        x_init = self._initial_guess(x0, prev, N)
-        return self._solve(t_s, p, x_init, lbx, ubx, lbg, ubg)
+        lbg[rows["dose_window"]] = -np.inf
+        # a cold start begins at small positive rates (see _initial_guess)
+        cold_rates = np.where(np.isfinite(hi), lo + 0.05 * (hi - lo), lo + 1e-3)
+        return weight_part, lbx, ubx, lbg, ubg, cold_rates
 
     def _initial_guess(self, x0: np.ndarray, prev: np.ndarray, N: int) -> np.ndarray:
         su = self._slices["U"]
@@ -588,14 +613,9 @@ class NonlinearMPC:
                 X = np.vstack([X[1:], X[-1:]])  # shift by one period
                 X[0] = x0
                 w[self._slices["X"]] = X.ravel()
-            # shift the rates by one period: per period, then back into blocks (a block
-            # now starts one period later in the old plan)
-            mb, U = self.config.move_block, w[su].reshape(self._n_blocks, self._nf)
-            per_period = np.repeat(U, mb, axis=0)[:N]
-            shifted = np.vstack([per_period[1:], per_period[-1:]])
-            starts = np.arange(self._n_blocks) * mb
-            w[su] = np.add.reduceat(shifted, starts, axis=0).ravel() / np.diff(
-                np.append(starts, N)).repeat(self._nf)
+            # shift the rates by one period (a block now starts one period later in the
+            # old plan): a fixed averaging matrix over the blocks
+            w[su] = (self._shift @ w[su].reshape(self._n_blocks, self._nf)).ravel()
             return w
         # Cold start away from zero drug: with no drug on board every Hill-type output has a
         # zero gradient in the rates (it is flat at C = 0), so "no drug" is a stationary
@@ -641,8 +661,9 @@ class NonlinearMPC:
         if not np.all(np.isfinite(w)):
             return "non-finite solution"
         k = self._slices["U"]
-        tol = 1e-6 * np.maximum(1.0, np.abs(ubx[k]).clip(max=1e6))
-        if np.any(w[k] < lbx[k] - tol) or np.any(w[k] > ubx[k] + tol):
+        tol = 1e-6 * np.maximum(1.0, np.minimum(np.abs(ubx[k]), 1e6))
+        u = w[k]
+        if (u < lbx[k] - tol).any() or (u > ubx[k] + tol).any():
             return "rates outside their bounds"
         return None
 

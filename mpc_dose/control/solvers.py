@@ -9,6 +9,7 @@ expression when states are condensed); a tiny diagonal keeps the QP strictly con
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import sys
@@ -34,14 +35,18 @@ def quiet_native_stdout():
         except (OSError, ValueError):  # no real file descriptor
             yield
             return
-        devnull = os.open(os.devnull, os.O_WRONLY)
         try:
-            os.dup2(devnull, 1)
+            os.dup2(_devnull(), 1)
             yield
         finally:
             os.dup2(saved, 1)
             os.close(saved)
-            os.close(devnull)
+
+
+@functools.cache
+def _devnull() -> int:
+    """One descriptor of the null device, opened once (the solvers run every cycle)."""
+    return os.open(os.devnull, os.O_WRONLY)
 
 
 def gauss_newton_hessian(residuals: ca.SX, w: ca.SX, p: ca.SX, n_g: int, *,
