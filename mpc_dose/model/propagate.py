@@ -80,6 +80,7 @@ class Propagator:
         #: True when the exact zero-order hold is used.
         self.is_exact = model.is_affine and not self._varies_in_time()
         self._cache: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._last_transition: tuple[tuple, np.ndarray] | None = None
         if self.is_exact:
             a, b, c = model.affine_terms(0.0, self.p)
             self._a = np.asarray(a, dtype=float).reshape(model.n_states, model.n_states)
@@ -118,7 +119,12 @@ class Propagator:
     def transition(self, dt: float, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(Phi, gamma)`` with ``x(t + dt) = Phi x(t) + gamma`` under constant input *u*."""
         phi, gamma_u, gamma_c = self.discrete(dt)
-        return phi, gamma_u @ np.asarray(u, dtype=float) + gamma_c
+        u = np.asarray(u, dtype=float)
+        key = (float(dt), u.tobytes())
+        if self._last_transition is None or self._last_transition[0] != key:
+            # a plant steps with the same rates for many samples in a row
+            self._last_transition = (key, gamma_u @ u + gamma_c)
+        return phi, self._last_transition[1]
 
     @staticmethod
     def _run(x: np.ndarray, phi: np.ndarray, gamma: np.ndarray, n: int) -> np.ndarray:

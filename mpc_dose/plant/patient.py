@@ -51,7 +51,7 @@ class OutputDisturbance:
 
     def value(self, t_s: np.ndarray | float) -> np.ndarray | float:
         """The disturbance at *t_s* [s] (a float for a single time)."""
-        if np.ndim(t_s) == 0:  # the plant asks once per sample: no array machinery
+        if isinstance(t_s, (int, float)) or np.ndim(t_s) == 0:  # once per sample: no arrays
             t, knots = float(t_s), self.times_s
             if t < knots[0]:
                 return 0.0
@@ -132,9 +132,13 @@ class VirtualPatient:
     def true_outputs(self, t_s: float) -> np.ndarray:
         """Outputs at *t_s* (after advancing), disturbances included."""
         self.advance(t_s)
-        key = (t_s, self.x.tobytes(), self.rates.tobytes())
-        if self._last_outputs is not None and self._last_outputs[0] == key:
-            return self._last_outputs[1].copy()  # sensor and recorder at one instant
+        # sensor and recorder ask at one instant: the same state and rate objects (they are
+        # replaced, never changed in place, so identity means equality; the cache keeps them)
+        last = self._last_outputs
+        if last is not None and last[0][0] == t_s and last[0][1] is self.x and \
+                last[0][2] is self.rates:
+            return last[1].copy()
+        key = (t_s, self.x, self.rates)
         y = self._outputs(np.concatenate([[t_s], self.x, self.rates]))
         for d in self.disturbances:
             y[self.model.output_index(d.output)] += float(d.value(t_s))
