@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,25 @@ def test_a_rerun_reads_everything_back(grid_sweep, tmp_path):
     assert (grid_sweep.out / "settings.csv").read_text() == before
     assert mark.stat().st_mtime_ns == stamp
     assert again.recommended == grid_sweep.recommended
+
+
+@pytest.mark.parametrize("kind", ["process pool", "dask"])
+def test_parallel_sweeps_give_the_in_process_table(grid_sweep, tmp_path, kind):
+    """Settings run side by side on a process pool or a local Dask cluster: the same table
+    as the sweep run in this process."""
+    manifest = json.loads((grid_sweep.out / "sweep.json").read_text())
+    if kind == "dask":
+        distributed = pytest.importorskip("distributed")
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                      dashboard_address=None) as cluster, \
+                distributed.Client(cluster) as client:
+            run_sweep(SCENARIO, manifest["space"], tmp_path, executor=client.get_executor())
+    else:
+        with ProcessPoolExecutor(2) as pool:
+            run_sweep(SCENARIO, manifest["space"], tmp_path, executor=pool)
+    assert (tmp_path / "settings.csv").read_text() == \
+        (grid_sweep.out / "settings.csv").read_text()
+    assert (tmp_path / "holdout.csv").read_text() == (grid_sweep.out / "holdout.csv").read_text()
 
 
 def test_a_killed_sweep_resumes_to_the_same_table(tmp_path):
