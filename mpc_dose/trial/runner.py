@@ -34,7 +34,8 @@ import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["PatientTask", "run_patient", "run_trial", "TrialResult", "override_pairs"]
+__all__ = ["PatientTask", "run_patient", "run_trial", "TrialResult", "override_pairs",
+           "claim_folder"]
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,23 @@ def _manifest(scenario_path: str, seed: int, patients: list[int], cohort: str | 
             "patients": [k + 1 for k in patients]}
 
 
+def claim_folder(manifest_path: Path, manifest: dict, keys: Iterable[str], what: str
+                 ) -> None:
+    """Write *manifest* into a new results folder, or check that the folder's own manifest
+    agrees on *keys* (a rerun resumes; another run's folder is refused, results never
+    mixed)."""
+    if manifest_path.exists():
+        existing = json.loads(manifest_path.read_text("utf-8"))
+        for key in keys:
+            if existing.get(key) != manifest[key]:
+                raise ConfigError(f"--out {str(manifest_path.parent)!r} holds another {what} "
+                                  f"({key} {existing.get(key)!r}, now {manifest[key]!r}); use "
+                                  f"a new folder")
+    else:
+        _atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1),
+                                                            "utf-8"))
+
+
 def run_trial(scenario_path: str | Path, out: str | Path, *, patients: Iterable[int],
               seed: int, executor: Executor | None = None, progress: bool = False,
               cohort: str | Path | None = None,
@@ -192,18 +210,8 @@ def run_trial(scenario_path: str | Path, out: str | Path, *, patients: Iterable[
     (out / "series").mkdir(parents=True, exist_ok=True)
     (out / "metrics").mkdir(parents=True, exist_ok=True)
     (out / "patients").mkdir(parents=True, exist_ok=True)
-    manifest = _manifest(scenario_path, seed, patients, cohort, pairs)
-    manifest_path = out / "trial.json"
-    if manifest_path.exists():
-        existing = json.loads(manifest_path.read_text("utf-8"))
-        for key in ("sha256", "seed", "patients"):
-            if existing.get(key) != manifest[key]:
-                raise ConfigError(f"--out {str(out)!r} holds another trial ({key} "
-                                  f"{existing.get(key)!r}, now {manifest[key]!r}); use a "
-                                  f"new folder")
-    else:
-        _atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=1),
-                                                            "utf-8"))
+    claim_folder(out / "trial.json", _manifest(scenario_path, seed, patients, cohort, pairs),
+                 ("sha256", "seed", "patients"), "trial")
     done = {k for k in patients if (out / "metrics" / f"patient_{k + 1:04d}.json").exists()}
     todo = [PatientTask(scenario_path, k, seed, str(out), cohort, pairs) for k in patients
             if k not in done]

@@ -106,13 +106,14 @@ class ParameterSpec(_Strict):
         return [float(v) for v in points]
 
 
-class ObjectiveSpec(_Strict):
+class _Judge(_Strict):
+    """A statistic of one metric over the cohort."""
+
     metric: str
-    statistic: str = "mean"
-    goal: Literal["minimise", "maximise"]
+    statistic: str
 
     @model_validator(mode="after")
-    def _known_statistic(self) -> ObjectiveSpec:
+    def _known_statistic(self) -> _Judge:
         if self.statistic not in STATISTICS:
             raise ValueError(f"statistic {self.statistic!r} is not one of "
                              f"{', '.join(STATISTICS)}")
@@ -123,25 +124,22 @@ class ObjectiveSpec(_Strict):
         return f"{self.statistic} {self.metric}"
 
 
-class LimitSpec(_Strict):
-    metric: str
+class ObjectiveSpec(_Judge):
+    statistic: str = "mean"
+    goal: Literal["minimise", "maximise"]
+
+
+class LimitSpec(_Judge):
     statistic: str = "max"
     at_most: float | None = None
     at_least: float | None = None
 
     @model_validator(mode="after")
     def _one_bound(self) -> LimitSpec:
-        if self.statistic not in STATISTICS:
-            raise ValueError(f"statistic {self.statistic!r} is not one of "
-                             f"{', '.join(STATISTICS)}")
         if (self.at_most is None) == (self.at_least is None):
             raise ValueError(f"limit on {self.metric!r}: give exactly one of at_most, "
                              f"at_least")
         return self
-
-    @property
-    def column(self) -> str:
-        return f"{self.statistic} {self.metric}"
 
     def excess(self, value: float) -> float:
         """How far *value* is past the limit (<= 0: the limit holds; NaN counts as past)."""

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..scenario import PATH_KEYS, load_scenario, read_scenario_data, with_overrides
-from ..trial.runner import run_trial
+from ..trial.runner import claim_folder, run_trial
 from .space import Space, Value, check_keys, load_space, statistic
 
 __all__ = ["run_sweep", "SweepResult", "pareto_mask", "recommend"]
@@ -220,15 +220,8 @@ def run_sweep(scenario_path: str | Path, space_path: str | Path, out: str | Path
     manifest = {"scenario": scenario_path, "sha256": _digest(scenario_path),
                 "space": str(Path(space_path).resolve()), "space_sha256": _digest(space_path),
                 "strategy": space.strategy.model_dump()}
-    manifest_path = out / "sweep.json"
-    if manifest_path.exists():
-        existing = json.loads(manifest_path.read_text("utf-8"))
-        for key in ("sha256", "space_sha256", "strategy"):
-            if existing.get(key) != manifest[key]:
-                raise ConfigError(f"--out {str(out)!r} holds another sweep ({key} differs); "
-                                  f"use a new folder")
-    else:
-        manifest_path.write_text(json.dumps(manifest, indent=1), "utf-8")
+    claim_folder(out / "sweep.json", manifest, ("sha256", "space_sha256", "strategy"),
+                 "sweep")
 
     store = _Store(out)
     training = space.training
