@@ -1,6 +1,6 @@
 """Nonlinear model-predictive control built once from a CasADi model.
 
-Multiple shooting over ``horizon`` control periods, decisions blocked over ``move_block``
+Condensed or multiple shooting over ``horizon`` control periods, decisions blocked over ``move_block``
 periods. The objective tracks a (possibly time-varying) reference on one output and
 penalises input changes, drug use (economic) and violations of a soft output window
 (exact-penalty slack, linear plus quadratic). Constraints: per-input rate bounds, a hard
@@ -10,12 +10,17 @@ optionally a fixed ratio between two inputs.
 The problem is built once per model structure. Per cycle only numbers cross from Python:
 the initial state, the previous rates, the reference, the model parameters (estimates), the
 output disturbance, the clock time, the weights, and the limits (as bounds). So a sweep over
-limits and weights never rebuilds it. Linear time-invariant dynamics are discretised exactly
-(zero-order hold) outside and enter as parameter matrices; other models use RK4 with the
-model's circadian parameters evaluated at each stage's clock time.
+limits and weights never rebuilds it (:func:`problem_structure`, :meth:`NonlinearMPC.reset`).
+Linear time-invariant dynamics are discretised exactly (zero-order hold) outside. Condensed,
+the problem then keeps only the states its outputs read (e.g. the two effect sites of a
+BIS model), as affine functions of the decisions whose coefficients (free response and
+impulse response of the exact discretisation) are computed per patient outside; multiple
+shooting keeps every state with the discretisation matrices as parameters. Other models use
+RK4 with the model's circadian parameters evaluated at each stage's clock time.
 
-Default solver: ``sqpmethod`` with ``qrqp`` and a Gauss-Newton Hessian (the objective is a
-sum of squares plus linear terms); IPOPT is the fallback for cold or failed steps. Every call
+Default solver: ``sqpmethod`` with qpOASES (then ``qrqp``) and a Gauss-Newton Hessian (the
+objective is a sum of squares plus linear terms); IPOPT is the fallback for cold or failed
+steps. Every call
 returns a :class:`DosePlan` with success, status, iterations and solve time, and a plan that
 leaves its bounds is marked failed: an unchecked plan never leaves the controller.
 
@@ -147,6 +152,8 @@ class NMPCConfig:
                 raise ConfigError(f"nmpc.dose_interval_s = {self.dose_interval_s!r}: must be a "
                                   f"whole number of periods ({self.period_s} s), with "
                                   f"move_block 1")
+        if not self.dual_tolerance > 0:
+            raise ConfigError(f"nmpc.dual_tolerance must be > 0, got {self.dual_tolerance!r}")
         if self.solver not in ("sqpmethod", "ipopt"):
             raise ConfigError(f"nmpc.solver must be 'sqpmethod' or 'ipopt', "
                               f"got {self.solver!r}")
@@ -213,8 +220,7 @@ class NonlinearMPC:
         self._free_columns = [model.input_index(name) for name in self._free]
         self._exact = model.is_affine and not model.is_time_varying
         self._lift_layout: tuple[list[int], list[tuple[int, int, int, int]]] | None = None
-        t, x = ca.SX.sym("t"), ca.SX.sym("x", model.n_states)
-        u, th = ca.SX.sym("u", model.n_inputs), ca.SX.sym("th", len(model.params))
+        t, x, u, th = self._symbols()
         f = model.f(t, x, u, th)
         self._dynamics_params = [k for k in range(len(model.params)) if ca.depends_on(f, th[k])]
         self._build()
@@ -441,11 +447,16 @@ class NonlinearMPC:
                 self._solvers[name] = ipopt_solver("nmpc_ipopt", self._nlp)
         return self._solvers[name]
 
+    def _symbols(self) -> tuple[ca.SX, ca.SX, ca.SX, ca.SX]:
+        """Symbols ``(t, x, u, theta)`` of the model, to read its structure."""
+        m = self.model
+        return (ca.SX.sym("t"), ca.SX.sym("x", m.n_states), ca.SX.sym("u", m.n_inputs),
+                ca.SX.sym("th", len(m.params)))
+
     def _watched_states(self) -> list[int]:
         """Indices of the states the tracked and the window outputs depend on."""
         m = self.model
-        t, x = ca.SX.sym("t"), ca.SX.sym("x", m.n_states)
-        u, th = ca.SX.sym("u", m.n_inputs), ca.SX.sym("th", len(m.params))
+        t, x, u, th = self._symbols()
         h = m.h(t, x, u, th)
         y = ca.vertcat(h[self._k_out], h[self._k_win])
         return [i for i in range(m.n_states) if ca.depends_on(y, x[i])]
@@ -453,10 +464,8 @@ class NonlinearMPC:
     def _reachability(self, watched: list[int]) -> np.ndarray:
         """``reach[i, j]``: input *j* can move watched state *i* (structurally, through the
         model's A and B); the other gains are zero for every parameter value."""
-        m = self.model
-        t, x = ca.SX.sym("t"), ca.SX.sym("x", m.n_states)
-        u, th = ca.SX.sym("u", m.n_inputs), ca.SX.sym("th", len(m.params))
-        f = m.f(t, x, u, th)
+        t, x, u, th = self._symbols()
+        f = self.model.f(t, x, u, th)
         a = np.array(ca.DM(ca.jacobian(f, x).sparsity(), 1)) != 0
         reach = np.array(ca.DM(ca.jacobian(f, u).sparsity(), 1)) != 0
         while True:  # closure: a state moves when anything feeding it moves
