@@ -259,9 +259,9 @@ class OutputMapEKF:
             th[k] = self.theta_prior[k] * ca.exp(eta[j])
         y = model.h(t, x, u, th)[self._k] + d
         z = ca.vertcat(eta, d)
-        # One filter step (random-walk prediction, then the measurement update) as a CasADi
-        # function; the readings of a cycle run through it in one call (mapaccum), not as
-        # a dozen small numpy operations per reading.
+        # One filter step (random-walk prediction, then the measurement update) of the filter
+        # state [z; vec(P)] as a CasADi function; the readings of a cycle run through it in
+        # one call (fold), not as a dozen small numpy operations per reading.
         P = ca.SX.sym("P", ne + 1, ne + 1)
         y_meas = ca.SX.sym("y_meas")
         P_pred = P + ca.DM(self._Q)
@@ -269,8 +269,9 @@ class OutputMapEKF:
         hp = ca.mtimes(h, P_pred)  # = (P h')' as P is symmetric
         gain = hp.T / (ca.mtimes(hp, h.T) + config.noise_sd**2)
         # P - K h P as an outer product: fewer operations, and P stays symmetric
-        self._step = ca.Function("ekf_step", [z, ca.vec(P), t, x, u, y_meas],
-                                 [z + gain * (y_meas - y), ca.vec(P_pred - ca.mtimes(gain, hp))])
+        self._step = ca.Function("ekf_step", [ca.vertcat(z, ca.vec(P)), t, x, u, y_meas],
+                                 [ca.vertcat(z + gain * (y_meas - y),
+                                             ca.vec(P_pred - ca.mtimes(gain, hp)))])
         self._runs: dict[int, ca.Function] = {}
         self._pending: list[tuple[float, np.ndarray, np.ndarray, float]] = []
 
@@ -283,13 +284,15 @@ class OutputMapEKF:
         count = len(self._pending)
         if count:
             run = self._runs.get(count)
-            if run is None:
-                run = self._runs[count] = self._step.mapaccum("ekf_run", count, 2)  # z and P
+            if run is None:  # the state after the last reading only
+                run = self._runs[count] = self._step.fold(count)
             t, x, u, y = zip(*self._pending)
-            z_all, p_all = run(self._z, self._P.ravel(order="F"), np.array(t)[None, :],
-                               np.array(x).T, np.array(u).T, np.array(y)[None, :])
-            self._z = np.asarray(z_all[:, -1], float).ravel()
-            self._P = np.asarray(p_all[:, -1], float).reshape(self._P.shape, order="F")
+            state = np.asarray(run(np.concatenate([self._z, self._P.ravel(order="F")]),
+                                   np.array(t)[None, :], np.array(x).T, np.array(u).T,
+                                   np.array(y)[None, :]), float).ravel()
+            n = self._z.size
+            self._z = state[:n]
+            self._P = state[n:].reshape(n, n, order="F")
         self._pending.clear()
         ok = bool(np.all(np.isfinite(self._z)))
         if not ok:  # keep the filter usable: back to the prior
