@@ -10,7 +10,7 @@ each seed's own means are printed above the last line.
 
 Tuning without editing the scenario: environment variables override its controller
 settings (TIVA_FLOOR, TIVA_SOFT, TIVA_PRIOR_SCALE, TIVA_DU, TIVA_RATIO, TIVA_HORIZON, TIVA_MOVE_BLOCK, TIVA_SOFT_EVERY, TIVA_MAX_CHANGE,
-TIVA_ESTIMATOR, TIVA_QD, TIVA_QETA, TIVA_NOISE, TIVA_WINDOW).
+TIVA_ESTIMATOR, TIVA_QD, TIVA_QETA, TIVA_NOISE, TIVA_WINDOW, TIVA_DWINDOW).
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def scenario():
         nmpc["horizon"] = int(env("TIVA_HORIZON"))
     for key, name, cast in (("kind", "TIVA_ESTIMATOR", str), ("q_d", "TIVA_QD", float),
                             ("q_eta", "TIVA_QETA", float), ("noise_sd", "TIVA_NOISE", float),
-                            ("window", "TIVA_WINDOW", int)):
+                            ("window", "TIVA_WINDOW", int),
+                            ("disturbance_window", "TIVA_DWINDOW", int)):
         if env(name):
             est[key] = cast(env(name))
     return parse_scenario(data, source=SCENARIO.name, base_dir=str(SCENARIO.parent))

@@ -177,6 +177,9 @@ class EstimatorSpec(_Strict):
     window: int = Field(120, ge=1)
     disturbance: bool = True
     disturbance_sd: float = Field(3.0, gt=0)
+    #: MHE: the disturbance handed to the controller is the mean residual of this many latest
+    #: samples (0: the window's own estimate)
+    disturbance_window: int = Field(0, ge=0)
     q_d: float = Field(0.01, ge=0)
     q_eta: float = Field(1e-6, ge=0)
 

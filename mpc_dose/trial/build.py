@@ -268,7 +268,8 @@ def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec,
                         for a in est.parameters])
         mhe = MHEConfig(spec.output, tuple(est.parameters), tuple(map(tuple, sub)),
                         noise_sd=est.noise_sd, window=est.window, disturbance=est.disturbance,
-                        disturbance_sd=est.disturbance_sd)
+                        disturbance_sd=est.disturbance_sd,
+                        disturbance_window=est.disturbance_window)
     shared = None
     if share:  # one patient at a time per process: the built problem serves them all
         from ..control.nmpc import NonlinearMPC, problem_structure
