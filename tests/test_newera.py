@@ -288,34 +288,31 @@ def test_arbitrary_bytes_then_a_flood_of_good_frames_recover(junk):
 
 
 # ---------------------------------------------------------------------------- end to end
-@pytest.fixture
-def emulators():
-    made: list[NewEraEmulator] = []
+def _closing_factory(build):
+    """A fixture body: yields ``make(*args, **kwargs) -> build(...)`` and closes every
+    object made when the test ends."""
+    made = []
 
-    def make(addresses=(0,), **kwargs) -> NewEraEmulator:
-        emulator = NewEraEmulator(addresses, **kwargs).start()
-        made.append(emulator)
-        return emulator
+    def make(*args, **kwargs):
+        made.append(build(*args, **kwargs))
+        return made[-1]
 
     yield make
-    for emulator in made:
-        emulator.close()
+    for thing in made:
+        thing.close()
+
+
+@pytest.fixture
+def emulators():
+    yield from _closing_factory(
+        lambda addresses=(0,), **kwargs: NewEraEmulator(addresses, **kwargs).start())
 
 
 @pytest.fixture
 def drivers():
-    made: list[NewEraDriver] = []
-
-    def make(device: str, **kwargs) -> NewEraDriver:
-        kwargs.setdefault("timeout_s", 0.1)
-        kwargs.setdefault("retries", 2)
-        driver = NewEraDriver(device, **kwargs)
-        made.append(driver)
-        return driver
-
-    yield make
-    for driver in made:
-        driver.close()
+    yield from _closing_factory(
+        lambda device, **kwargs: NewEraDriver(device, **{"timeout_s": 0.1, "retries": 2,
+                                                         **kwargs}))
 
 
 @pytest.fixture

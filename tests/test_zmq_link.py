@@ -4,6 +4,7 @@ telemetry. Loopback only."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -93,21 +94,31 @@ def command(k: int, rate: float = 10.0) -> SetRate:
     return SetRate(cmd_id=f"c{k}", pump="p", rate=rate, unit="mL/h", lease_s=10.0)
 
 
-def test_commands_survive_30_percent_loss_each_way_and_apply_once(context):
-    """T29/T30: Lazy-Pirate retries through 30 % loss of commands and of acks; the bridge
-    answers a retried cmd_id from its cache, so each decision is applied exactly once."""
+@contextlib.contextmanager
+def through_chaos(context, policy: ChaosPolicy, *, seed: int = 0, reply_policy=None,
+                  **bridge_options):
+    """(bridge, proxy, client): a client commanding an emulated bridge through a chaos
+    proxy; both threads stopped on the way out."""
     front, back = free_addresses(2)
-    bridge = BridgeThread(context, back)
-    proxy = ChaosProxy(context, front=front, back=back, policy=ChaosPolicy(drop_p=0.3),
-                       reply_policy=ChaosPolicy(drop_p=0.3), seed=3).start()
+    bridge = BridgeThread(context, back, **bridge_options)
+    proxy = ChaosProxy(context, front=front, back=back, policy=policy,
+                       reply_policy=reply_policy, seed=seed).start()
     client = CommandClient(context, front, src="ctl")
     time.sleep(0.2)
     try:
-        acks = [client.request(command(k, 10.0 + k), timeout_s=0.15, retries=6)
-                for k in range(30)]
+        yield bridge, proxy, client
     finally:
         proxy.stop()
         bridge.stop()
+
+
+def test_commands_survive_30_percent_loss_each_way_and_apply_once(context):
+    """T29/T30: Lazy-Pirate retries through 30 % loss of commands and of acks; the bridge
+    answers a retried cmd_id from its cache, so each decision is applied exactly once."""
+    with through_chaos(context, ChaosPolicy(drop_p=0.3), reply_policy=ChaosPolicy(drop_p=0.3),
+                       seed=3) as (bridge, proxy, client):
+        acks = [client.request(command(k, 10.0 + k), timeout_s=0.15, retries=6)
+                for k in range(30)]
     assert all(a is not None and a.ok for a in acks)
     assert client.retries_used > 0 and any(e[2] == "drop" for e in proxy.log)
     assert bridge.driver.sets == [10.0 + k for k in range(30)]  # each once, in order
@@ -116,19 +127,11 @@ def test_commands_survive_30_percent_loss_each_way_and_apply_once(context):
 def test_duplicated_commands_are_applied_once(context):
     """T27: every command duplicated by the network: applied once, the copy gets the cached
     ack ('duplicate')."""
-    front, back = free_addresses(2)
-    bridge = BridgeThread(context, back)
-    proxy = ChaosProxy(context, front=front, back=back, policy=ChaosPolicy(dup_p=1.0)).start()
-    client = CommandClient(context, front, src="ctl")
-    time.sleep(0.2)
-    try:
+    with through_chaos(context, ChaosPolicy(dup_p=1.0)) as (bridge, proxy, client):
         for k in range(5):
             assert client.request(command(k, 20.0 + k), timeout_s=0.5).code == "applied"
         time.sleep(0.2)
         client.inbox.extend(client.receive())
-    finally:
-        proxy.stop()
-        bridge.stop()
     assert bridge.driver.sets == [20.0, 21.0, 22.0, 23.0, 24.0]
     assert sum(e.message.code == "duplicate" for e in client.inbox) == 5
 
@@ -136,13 +139,8 @@ def test_duplicated_commands_are_applied_once(context):
 def test_reordered_commands_keep_the_newer_rate(context):
     """T28: an older command arriving after a newer one is rejected as stale; the pump
     holds the newer rate."""
-    front, back = free_addresses(2)
-    bridge = BridgeThread(context, back)
-    proxy = ChaosProxy(context, front=front, back=back,
-                       policy=ChaosPolicy(reorder_window=2), seed=3).start()
-    client = CommandClient(context, front, src="ctl")
-    time.sleep(0.2)
-    try:
+    with through_chaos(context, ChaosPolicy(reorder_window=2), seed=3) as (bridge, proxy,
+                                                                           client):
         # seed 3 swaps the pair: the newer (30 mL/h) arrives first
         client.send(command(1, 25.0))
         client.send(command(2, 30.0))
@@ -152,9 +150,6 @@ def test_reordered_commands_keep_the_newer_rate(context):
             if client.sock.poll(50):
                 for e in client.receive():
                     acks[e.message.cmd_id] = e.message
-    finally:
-        proxy.stop()
-        bridge.stop()
     assert any(e[2] == "reorder" for e in proxy.log)
     assert acks["c2"].code == "applied" and acks["c1"].code == "stale"
     assert bridge.driver.rate == 30.0
@@ -162,33 +157,17 @@ def test_reordered_commands_keep_the_newer_rate(context):
 
 def test_delayed_commands_expire(context):
     """T26: a command held in the network beyond max_cmd_age is refused as expired."""
-    front, back = free_addresses(2)
-    bridge = BridgeThread(context, back, max_cmd_age_s=0.2)
-    proxy = ChaosProxy(context, front=front, back=back,
-                       policy=ChaosPolicy(delay_s=0.4)).start()
-    client = CommandClient(context, front, src="ctl")
-    time.sleep(0.2)
-    try:
+    with through_chaos(context, ChaosPolicy(delay_s=0.4), max_cmd_age_s=0.2) as (
+            bridge, proxy, client):
         ack = client.request(command(1), timeout_s=1.5, retries=0)
-    finally:
-        proxy.stop()
-        bridge.stop()
     assert ack.code == "expired" and bridge.driver.sets == []
 
 
 def test_corrupted_frames_never_reach_the_pump(context):
     """Bit flips on every frame: the codec rejects them (counted); nothing is applied."""
-    front, back = free_addresses(2)
-    bridge = BridgeThread(context, back)
-    proxy = ChaosProxy(context, front=front, back=back,
-                       policy=ChaosPolicy(corrupt_p=1.0), seed=5).start()
-    client = CommandClient(context, front, src="ctl")
-    time.sleep(0.2)
-    try:
+    with through_chaos(context, ChaosPolicy(corrupt_p=1.0), seed=5) as (bridge, proxy,
+                                                                        client):
         acks = [client.request(command(k, 40.0), timeout_s=0.1, retries=0) for k in range(20)]
-    finally:
-        proxy.stop()
-        bridge.stop()
     # a flipped bit may still be valid JSON with the same meaning (e.g. in free text):
     # whatever got through was a valid command, applied once per ack
     applied = [a for a in acks if a is not None and a.code == "applied"]
