@@ -10,7 +10,8 @@ each seed's own means are printed above the last line.
 
 Tuning without editing the scenario: environment variables override its controller
 settings (TIVA_FLOOR, TIVA_SOFT, TIVA_PRIOR_SCALE, TIVA_DU, TIVA_RATIO, TIVA_HORIZON, TIVA_MOVE_BLOCK, TIVA_SOFT_EVERY, TIVA_MAX_CHANGE,
-TIVA_ESTIMATOR, TIVA_QD, TIVA_QETA, TIVA_NOISE, TIVA_WINDOW, TIVA_DWINDOW).
+TIVA_ESTIMATOR, TIVA_QD, TIVA_QETA, TIVA_NOISE, TIVA_WINDOW, TIVA_ETA_BOUND,
+TIVA_PARAMS).
 """
 
 from __future__ import annotations
@@ -66,10 +67,12 @@ def scenario():
         nmpc["soft_every"] = int(env("TIVA_SOFT_EVERY"))
     if env("TIVA_HORIZON"):
         nmpc["horizon"] = int(env("TIVA_HORIZON"))
+    if env("TIVA_PARAMS"):  # estimated parameters, comma-separated
+        est["parameters"] = env("TIVA_PARAMS").split(",")
     for key, name, cast in (("kind", "TIVA_ESTIMATOR", str), ("q_d", "TIVA_QD", float),
                             ("q_eta", "TIVA_QETA", float), ("noise_sd", "TIVA_NOISE", float),
                             ("window", "TIVA_WINDOW", int),
-                            ("disturbance_window", "TIVA_DWINDOW", int)):
+                            ("eta_bound_sd", "TIVA_ETA_BOUND", float)):
         if env(name):
             est[key] = cast(env(name))
     return parse_scenario(data, source=SCENARIO.name, base_dir=str(SCENARIO.parent))

@@ -106,21 +106,74 @@ def test_output_offset_goes_to_disturbance(ref):
         assert r.values[name] == pytest.approx(true[name], rel=0.05)
 
 
-def test_short_disturbance_window_sees_a_late_step(ref):
-    """With disturbance_window 6, a +10 step in the last 6 samples is reported near 10."""
+def test_disturbance_step_shows_at_the_latest_reading(ref):
+    """The disturbance is a random walk inside the window: a +10 step in the last 20
+    readings is reported near 10 at the latest reading; held constant over the window
+    (q_d = 0) it is averaged away."""
     _, data = samples(ref, 4, c50=1.3)
-    data = [(t, x, u, y + (10.0 if i >= len(data) - 6 else 0.0))
+    data = [(t, x, u, y + (10.0 if i >= len(data) - 20 else 0.0))
             for i, (t, x, u, y) in enumerate(data)]
     reports = {}
-    for window in (0, 6):
-        est = mhe(ref, disturbance_window=window)
+    for q_d in (0.1, 0.0):
+        est = mhe(ref, q_d=q_d)
         for s in data:
             est.add(*s)
         r = est.update()
         assert r.success
-        reports[window] = r.disturbance
-    assert reports[6] == pytest.approx(10.0, abs=2.0)
-    assert abs(reports[0]) < 3.0  # the whole-window estimate barely moves
+        reports[q_d] = r.disturbance
+    assert reports[0.1] == pytest.approx(10.0, abs=2.0)
+    assert reports[0.0] < 4.0
+
+
+def test_mhe_is_the_kalman_filter_when_the_model_is_linear(ref):
+    """Without drug the output is linear in the disturbance and blind to the parameters: the
+    MHE's arrival cost (the EKF over the readings that left the window) plus its random-walk
+    window give exactly the Kalman filter's estimate at every update, whatever the window."""
+    m, _, theta = ref
+    _, data = samples(ref, 11, rate=lambda t: 0.0, n=60, offset=6.0)
+    for window in (5, 12):
+        est = mhe(ref, window=window, q_d=0.2)
+        kalman = OutputMapEKF(m, theta, est.config)
+        for start in range(0, 60, 4):
+            for s in data[start:start + 4]:
+                est.add(*s)
+                kalman.add(*s)
+            r, k = est.update(), kalman.update()
+            if r.samples >= est.config.min_samples:
+                assert r.success
+                assert r.disturbance == pytest.approx(k.disturbance, abs=1e-6)
+                np.testing.assert_allclose(r.eta, 0.0, atol=1e-9)
+        assert est.arrival.covariance[-1, -1] < 0.5 * est.config.disturbance_sd**2
+
+
+def test_arrival_cost_keeps_what_left_the_window(ref):
+    """A 10-reading window slid over the whole induction recovers c50 and gamma as well as
+    a window holding all 120 readings: what left the window lives on in the arrival cost."""
+    true, data = samples(ref, 2, c50=1.3, gamma=0.8)
+    est = mhe(ref, window=10)
+    for start in range(0, len(data), 5):
+        for s in data[start:start + 5]:
+            est.add(*s)
+        r = est.update()
+    assert r.success and r.samples == 10
+    for name in ("bis_c50", "bis_gamma"):
+        assert r.values[name] == pytest.approx(true[name], rel=0.10)
+    # the arrival cost is narrower than the population prior on both parameters
+    assert np.all(np.diag(est.arrival.covariance)[:2] < 0.5 * np.diag(np.asarray(OMEGA)))
+
+
+def test_parameters_stay_within_their_bound(ref):
+    """With eta_bound_sd the estimated etas stay within that many prior standard deviations
+    (a constraint of the MHE problem), even when the data say the patient is far off."""
+    _, data = samples(ref, 12, c50=2.5)
+    est = mhe(ref, eta_bound_sd=1.0)
+    for s in data:
+        est.add(*s)
+    r = est.update()
+    assert r.success
+    sd = np.sqrt(np.diag(np.asarray(OMEGA)))
+    assert np.all(np.abs(r.eta) <= sd + 1e-6)  # IPOPT relaxes bounds by 1e-8
+    assert r.eta[0] == pytest.approx(sd[0], rel=1e-6)  # the c50 estimate is at its bound
 
 
 def test_no_drug_leaves_prior(ref):
@@ -218,6 +271,9 @@ def test_noise_and_window_validated(overrides):
     (dict(omega=((0.03, 5.0), (0.0, 0.09))), "omega"),
     (dict(window=2.5), "window"),
     (dict(disturbance_sd=0.0), "disturbance_sd"),
+    (dict(q_eta=-1e-4), "q_eta"),
+    (dict(q_d=math.inf), "q_d"),
+    (dict(eta_bound_sd=0.0), "eta_bound_sd"),
     (dict(window=3, min_samples=5), "min_samples"),
 ])
 def test_more_config_validated(overrides, field):
@@ -304,10 +360,10 @@ def test_ekf_equals_a_textbook_filter(ref, batches):
     and covariance (the covariance is carried from reading to reading, not reset)."""
     m, _, theta = ref
     true, data = samples(ref, 3, c50=1.3, gamma=0.8, n=sum(batches))
-    options = dict(q_eta=1e-3, q_d=0.01, sd_d0=5.0)
+    options = dict(q_eta=1e-3, q_d=0.01)
     cfg = MHEConfig(output="bis", parameters=("bis_c50", "bis_gamma"), omega=OMEGA,
-                    noise_sd=1.5, window=30)
-    ekf = OutputMapEKF(m, theta, cfg, **options)
+                    noise_sd=1.5, window=30, disturbance_sd=5.0, **options)
+    ekf = OutputMapEKF(m, theta, cfg)
     start = 0
     for size in batches:
         for t, x, u, y in data[start:start + size]:
@@ -315,7 +371,7 @@ def test_ekf_equals_a_textbook_filter(ref, batches):
         assert ekf.update().success
         start += size
     z, P = reference_ekf(m, theta, ("bis_c50", "bis_gamma"), OMEGA, data, noise_sd=1.5,
-                         **options)
+                         sd_d0=5.0, **options)
     np.testing.assert_allclose(ekf._z, z, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(ekf._P, P, rtol=1e-6, atol=1e-10)
     assert np.trace(P[:2, :2]) < 0.5 * np.trace(np.asarray(OMEGA))  # the data informed it

@@ -54,7 +54,7 @@ class MPCController:
 
     def __init__(self, model: Model, params: Mapping[str, float] | np.ndarray,
                  nmpc: NMPCConfig, safety: SafetyConfig, mhe: MHEConfig | None = None, *,
-                 estimator: str = "mhe", ekf_options: Mapping[str, float] | None = None,
+                 estimator: str = "mhe",
                  reference: Callable[[float], float] | None = None,
                  name: str = "nmpc", mpc: NonlinearMPC | None = None) -> None:
         self.model, self.name = model, name
@@ -82,8 +82,8 @@ class MPCController:
                                       f"MHE estimates output-map parameters only")
             if estimator not in ("mhe", "ekf"):
                 raise ConfigError(f"estimator must be 'mhe' or 'ekf', got {estimator!r}")
-            self.mhe = (OutputMapMHE(model, self.theta, mhe) if estimator == "mhe"
-                        else OutputMapEKF(model, self.theta, mhe, **(ekf_options or {})))
+            self.mhe = (OutputMapMHE if estimator == "mhe" else OutputMapEKF)(
+                model, self.theta, mhe)
         self._propagator = Propagator(model, self.theta)
         self._x = model.initial_state(self.theta)
         self._t = 0.0

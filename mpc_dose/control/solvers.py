@@ -61,22 +61,34 @@ def gauss_newton_hessian(residuals: ca.SX, w: ca.SX, p: ca.SX, n_g: int, *,
                        ["x", "p", "lam_f", "lam_g"], ["hess_gamma_x_x"])
 
 
-def sqp_solver(name: str, nlp: dict, hessian: ca.Function, qp: str, max_iter: int, *,
-               dual_tolerance: float = 1e-6) -> ca.Function:
-    """Gauss-Newton ``sqpmethod`` with QP solver *qp*; silent, failures as results."""
+def sqp_solver(name: str, nlp: dict, hessian: ca.Function | None, qp: str, max_iter: int, *,
+               dual_tolerance: float = 1e-6, show_eval_warnings: bool = True) -> ca.Function:
+    """``sqpmethod`` with QP solver *qp*; silent, failures as results.
+
+    *hessian*: a Gauss-Newton ``hess_lag`` (:func:`gauss_newton_hessian`), or None for the
+    exact Hessian of the Lagrangian made convex by reflecting its negative eigenvalues
+    (where the residuals' own curvature matters, Gauss-Newton converges only linearly).
+    *show_eval_warnings* False: no warning when a trial point of the line search evaluates
+    to NaN (the step is shortened; harmless where the problem is undefined far out).
+    """
     # calc_lam_p off: the sensitivities to the parameters are never used, cost a gradient
     # evaluation per solve, and are undefined where a weight enters as sqrt(w) with w = 0
-    opts = {"qpsol": qp, "hess_lag": hessian, "max_iter": max_iter, "print_header": False,
+    hessian_opts = ({"hess_lag": hessian} if hessian is not None else
+                    {"convexify_strategy": "eigen-reflect", "convexify_margin": 1e-6})
+    opts = {"qpsol": qp, **hessian_opts, "max_iter": max_iter, "print_header": False,
             "print_iteration": False, "print_time": False, "print_status": False,
             "error_on_fail": False, "calc_lam_p": False, "tol_du": dual_tolerance,
+            "show_eval_warnings": show_eval_warnings,
             "qpsol_options": {**_QP_OPTIONS.get(qp, {}), "error_on_fail": False}}
     with quiet_native_stdout():
         return ca.nlpsol(name, "sqpmethod", nlp, opts)
 
 
-def ipopt_solver(name: str, nlp: dict, max_iter: int = 300, **extra) -> ca.Function:
-    """IPOPT, silent, failures as results."""
+def ipopt_solver(name: str, nlp: dict, max_iter: int = 300, *,
+                 show_eval_warnings: bool = True, **extra) -> ca.Function:
+    """IPOPT, silent, failures as results; *extra*: IPOPT's own options."""
     opts = {"ipopt.print_level": 0, "print_time": False, "ipopt.sb": "yes",
-            "ipopt.max_iter": max_iter, "error_on_fail": False, "calc_lam_p": False}
+            "ipopt.max_iter": max_iter, "error_on_fail": False, "calc_lam_p": False,
+            "show_eval_warnings": show_eval_warnings}
     opts.update({f"ipopt.{k}": v for k, v in extra.items()})
     return ca.nlpsol(name, "ipopt", nlp, opts)

@@ -176,12 +176,15 @@ class EstimatorSpec(_Strict):
     noise_sd: float = Field(1.5, gt=0)
     window: int = Field(120, ge=1)
     disturbance: bool = True
-    disturbance_sd: float = Field(3.0, gt=0)
-    #: MHE: the disturbance handed to the controller is the mean residual of this many latest
-    #: samples (0: the window's own estimate)
-    disturbance_window: int = Field(0, ge=0)
+    #: prior standard deviation of the disturbance at the start (output unit)
+    disturbance_sd: float = Field(5.0, gt=0)
+    #: random walks per reading: variance of the disturbance's and of the parameters' (log
+    #: scale) steps
     q_d: float = Field(0.01, ge=0)
     q_eta: float = Field(1e-6, ge=0)
+    #: MHE: each estimated eta stays within this many prior standard deviations (no bound
+    #: when not given)
+    eta_bound_sd: float | None = Field(None, gt=0)
 
 
 class NMPCSpec(_Strict):

@@ -268,8 +268,9 @@ def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec,
                         for a in est.parameters])
         mhe = MHEConfig(spec.output, tuple(est.parameters), tuple(map(tuple, sub)),
                         noise_sd=est.noise_sd, window=est.window, disturbance=est.disturbance,
-                        disturbance_sd=est.disturbance_sd,
-                        disturbance_window=est.disturbance_window)
+                        disturbance_sd=est.disturbance_sd, q_eta=est.q_eta, q_d=est.q_d,
+                        eta_bound_sd=(math.inf if est.eta_bound_sd is None
+                                      else est.eta_bound_sd))
     shared = None
     if share:  # one patient at a time per process: the built problem serves them all
         from ..control.nmpc import NonlinearMPC, problem_structure
@@ -282,8 +283,7 @@ def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec,
             shared = _SHARED_NMPC[key] = NonlinearMPC(own.model, nmpc)
         shared.reset(nmpc)
     return MPCController(own.model, params, nmpc, safety, mhe, mpc=shared,
-                         estimator="mhe" if est.kind == "none" else est.kind,
-                         ekf_options={"q_d": est.q_d, "q_eta": est.q_eta})
+                         estimator="mhe" if est.kind == "none" else est.kind)
 
 
 def build_setup(scenario: Scenario, index: int, seed: int, *,
