@@ -1,5 +1,5 @@
 """The TIVA benchmark on the 32 training patients: `scenarios/tiva_nmpc_training.toml` (NMPC +
-EKF, both drugs) through the whole 20-minute protocol with noise and disturbance, mean
+MHE, both drugs) through the whole 20-minute protocol with noise and disturbance, mean
 metrics beside the published rows of Aubouin-Pairault, Fiacchini & Dang (2024).
 
     python benchmarks/tiva_training.py [--patients 32] [--workers 2] [--seeds 0 1 2 3]
@@ -9,9 +9,9 @@ last line are means over all patient-runs (one seed: the benchmark's usual singl
 each seed's own means are printed above the last line.
 
 Tuning without editing the scenario: environment variables override its controller
-settings (TIVA_FLOOR, TIVA_SOFT, TIVA_PRIOR_SCALE, TIVA_DU, TIVA_RATIO, TIVA_HORIZON, TIVA_MOVE_BLOCK, TIVA_SOFT_EVERY, TIVA_MAX_CHANGE,
-TIVA_ESTIMATOR, TIVA_QD, TIVA_QETA, TIVA_NOISE, TIVA_WINDOW, TIVA_ETA_BOUND,
-TIVA_PARAMS).
+settings (TIVA_FLOOR, TIVA_SOFT, TIVA_PRIOR_SCALE, TIVA_DU, TIVA_RATIO, TIVA_HORIZON,
+TIVA_MOVE_BLOCK, TIVA_SOFT_EVERY, TIVA_MAX_CHANGE, TIVA_ESTIMATOR, TIVA_QD, TIVA_QETA,
+TIVA_NOISE, TIVA_WINDOW, TIVA_ETA_BOUND, TIVA_PARAMS), e.g. TIVA_ESTIMATOR=ekf for the EKF.
 """
 
 from __future__ import annotations
