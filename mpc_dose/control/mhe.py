@@ -276,6 +276,10 @@ class OutputMapMHE(_OutputMap):
         self._d_path = np.zeros(self._n_d)
         self._d = 0.0
         self._dropped = 0  # readings gone to the arrival cost since the last solve
+        # the etas within eta_bound_sd prior SDs; the disturbance free
+        bound = config.eta_bound_sd * np.sqrt(np.diag(np.asarray(config.omega)))
+        self._bounds = (np.concatenate([-bound, np.full(self._n_d, -np.inf)]),
+                        np.concatenate([bound, np.full(self._n_d, np.inf)]))
         self._build()
 
     def _build(self) -> None:
@@ -364,9 +368,7 @@ class OutputMapMHE(_OutputMap):
         shift = min(self._dropped, self._n_d)
         d0 = np.concatenate([self._d_path[shift:], np.full(shift, self._d)])
         w0 = np.concatenate([self._eta, d0])
-        bound = c.eta_bound_sd * np.sqrt(np.diag(np.asarray(c.omega)))
-        lbx = np.concatenate([-bound, np.full(d0.size, -np.inf)])
-        ubx = np.concatenate([bound, np.full(d0.size, np.inf)])
+        lbx, ubx = self._bounds
         w0 = np.clip(w0, lbx, ubx)
         status = "unknown"
         for solver in (self._sqp, self._ipopt):
