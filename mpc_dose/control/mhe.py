@@ -266,8 +266,7 @@ class OutputMapMHE(_OutputMap):
         super().__init__(model, theta, config)
         # readings that leave the window are filtered into the arrival cost
         self.arrival = OutputMapEKF(model, theta, config)
-        self._samples: list[tuple[float, np.ndarray, np.ndarray, float]] = []
-        self._times: list[float] = []
+        self._samples: list[tuple[float, np.ndarray, np.ndarray, float]] = []  # time order
         ne = len(self._idx)
         self._eta = np.zeros(ne)
         # the disturbance at each slot of the window (one value when it is constant)
@@ -321,12 +320,10 @@ class OutputMapMHE(_OutputMap):
         """Record one valid measurement *y* with the state *x* and rates *u* at *t_s*; the
         oldest reading leaves a full window into the arrival cost. A late reading takes its
         place in time order."""
-        at = bisect.bisect_right(self._times, t_s)
-        self._times.insert(at, t_s)
-        self._samples.insert(at, (t_s, np.asarray(x, float).copy(),
-                                  np.asarray(u, float).copy(), float(y)))
+        bisect.insort_right(self._samples, (t_s, np.asarray(x, float).copy(),
+                                             np.asarray(u, float).copy(), float(y)),
+                            key=lambda sample: sample[0])
         if len(self._samples) > self.config.window:
-            self._times.pop(0)
             self.arrival.add(*self._samples.pop(0))
             self._dropped += 1
 
