@@ -18,6 +18,7 @@ This module uses the standard library only, so the sans-I/O protocol layer can s
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from collections.abc import Iterable
@@ -102,10 +103,24 @@ class Unit:
         return "*".join(f"{b}^{p}" if p != 1 else b for b, p in self.dimension)
 
 
+#: bounds that keep every factor a finite, non-zero float (10^30 cells, m^4 at most)
+_MAX_POWER_OF_TEN, _MAX_EXPONENT = 30, 4
+
+
 def _parse_factor(token: str, text: str) -> tuple[dict[str, int], float]:
     number = _NUMBER_RE.match(token)
     if number:
-        value = 10.0 ** int(number["pow"]) if number["pow"] is not None else float(number["num"])
+        if number["pow"] is not None:
+            power = int(number["pow"][:6])  # a long digit string is out of range anyway
+            if abs(power) > _MAX_POWER_OF_TEN:
+                raise UnitError(f"unit {text!r}: {token!r} is out of range (10^-"
+                                f"{_MAX_POWER_OF_TEN} to 10^{_MAX_POWER_OF_TEN})")
+            return {}, 10.0 ** power
+        value = float(number["num"])
+        if not (math.isfinite(value) and 10.0**-_MAX_POWER_OF_TEN <= value
+                <= 10.0**_MAX_POWER_OF_TEN):
+            raise UnitError(f"unit {text!r}: the factor {token!r} must be a number from 1e-"
+                            f"{_MAX_POWER_OF_TEN} to 1e{_MAX_POWER_OF_TEN}")
         return {}, value
     match = _TOKEN_RE.match(token)
     if not match:
@@ -114,7 +129,10 @@ def _parse_factor(token: str, text: str) -> tuple[dict[str, int], float]:
     if base not in BASE_UNITS:
         raise UnitError(f"unit {text!r}: unknown unit {match['base']!r}"
                         f"{closest(match['base'], BASE_UNITS)}; known: {', '.join(BASE_UNITS)}")
-    exp = int(match["exp"]) if match["exp"] else 1
+    exp = int(match["exp"][:6]) if match["exp"] else 1
+    if not 0 < abs(exp) <= _MAX_EXPONENT:
+        raise UnitError(f"unit {text!r}: exponent of {token!r} must be -{_MAX_EXPONENT} to "
+                        f"{_MAX_EXPONENT}, not 0")
     dim, factor = BASE_UNITS[base]
     return ({dim: exp} if dim else {}), factor**exp
 
@@ -150,6 +168,8 @@ def parse_unit(text: str) -> Unit:
             for base, p in d.items():
                 dims[base] = dims.get(base, 0) + sign * p
             factor *= f if sign > 0 else 1.0 / f
+    if not (math.isfinite(factor) and factor > 0):
+        raise UnitError(f"unit {text!r}: its factor is out of range")
     dimension = tuple(sorted((b, p) for b, p in dims.items() if p != 0))
     return Unit(text=text, dimension=dimension, factor=factor)
 

@@ -8,18 +8,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpc_dose.protocol.codec import MAX_MESSAGE_BYTES, Envelope, decode, encode
-from mpc_dose.protocol.messages import (MESSAGE_TYPES, QUALITIES, Ack, Alarm, Fallback,
+from mpc_dose.protocol.codec import (MAX_MESSAGE_BYTES, Envelope, decode, decode_frame, encode,
+                                     refusal)
+from mpc_dose.protocol.messages import (MAX_NAME_CHARS, MAX_TEXT_CHARS, MESSAGE_TYPES,
+                                        QUALITIES, WIRE_UNITS, Ack, Alarm, Fallback,
                                         GetStatus, Heartbeat, Hello, LocalProtocolError,
                                         Measurement, PumpStatus, RemoteProtocolError, SetRate,
-                                        Stop)
+                                        Stop, wire_factor)
 
 EXAMPLES = [
     Measurement(var="bis", value=47.25, unit="1", t_meas=12.0, quality="questionable",
                 sensor="bis-1"),
     Measurement(var="propofol_cp", value=3, unit="ug/mL", t_meas=0),
     SetRate(cmd_id="c-1", pump="propofol", rate=20.5, unit="mL/h", lease_s=15.0),
-    SetRate(cmd_id="c-2", pump="remi", rate=0.0, unit="L/h", lease_s=0.5,
+    SetRate(cmd_id="c-2", pump="remi", rate=0.0, unit="uL/min", lease_s=0.5,
             fallback=Fallback(action="preset_rate", rate=4.0, unit="mL/h"),
             dose_rate=205.0, dose_unit="mg/h", basis_seq=17),
     SetRate(cmd_id="c-3", pump="p", rate=1.0, unit="mL/min", lease_s=10.0,
@@ -205,6 +207,71 @@ def test_unknown_or_wrong_units_are_rejected(type_, body):
     rejects(frame(type_, body), code="unit", match="unit")
 
 
+@pytest.mark.parametrize("unit", [
+    "mL/h/0", "uL/min/0.001", "1e400*mL/h", "0*mL/h", "mL/hr", "mL/h/1", "ml/h", " mL/h",
+    "mL*h^-1", "10^400*mL/h", "mL/h^999999", "1/mL^-999/h"])
+def test_wire_units_are_a_fixed_list_not_a_grammar(unit):
+    """Issue 14.3: a command's units come from a short fixed list; expressions, aliases and
+    spellings the unit grammar would accept (or divide by zero on) are refused with 'unit'."""
+    err = rejects(frame(body={**BASE_SET_RATE, "unit": unit}), code="unit",
+                  match="is not one of mL/h, mL/min, uL/h, uL/min")
+    assert err.cmd_id == "c1"
+    rejects(frame(body={**BASE_SET_RATE, "fallback": {"action": "preset_rate", "rate": 1.0,
+                                                      "unit": unit}}), code="unit")
+
+
+def test_every_wire_unit_converts_exactly():
+    """The listed alternatives convert exactly to the canonical spelling (uL/min -> mL/h)."""
+    assert wire_factor("uL/min", "mL/h") == pytest.approx(0.06, rel=1e-15)
+    assert wire_factor("mL/min", "mL/h") == pytest.approx(60.0, rel=1e-15)
+    assert wire_factor("mg/h", "mg/s") == pytest.approx(1 / 3600, rel=1e-15)
+    for units in WIRE_UNITS.values():
+        for a in units:
+            for b in units:
+                try:
+                    factor = wire_factor(a, b)
+                except LocalProtocolError:  # dose rates in mass and in substance
+                    continue
+                assert math.isfinite(factor) and factor > 0
+    with pytest.raises(LocalProtocolError, match="cannot be converted"):
+        wire_factor("mL/h", "mg/s")
+
+
+@pytest.mark.parametrize("data, match", [
+    (raw(json.dumps({**BASE_SET_RATE, "pump": "\ud800"})), "lone surrogate"),
+    (raw(json.dumps(BASE_SET_RATE), head='"seq":3,"t_sent":1.5,"x\\udfff":1'), "surrogate"),
+    (b'{"v":1,"type":"set_rate","src":"\\ud800","epoch":"e1","seq":3,"t_sent":1.5,"body":'
+     + json.dumps(BASE_SET_RATE).encode() + b"}", "lone surrogate"),
+    (b'{"v":1,"type":"hello","src":"c","epoch":"\\udbff","seq":3,"t_sent":1.5,"body":'
+     b'{"role":"c","versions":[1]}}', "lone surrogate"),
+    (frame(seq=2**64), "seq must be a whole number in 0-"),
+    (frame(seq=2**53), "seq must be a whole number in 0-"),
+    (frame(src="s" * 129), "src must be a string of 1-128"),
+    (frame(epoch=""), "epoch must be a string of 1-128"),
+    (frame(body={**BASE_SET_RATE, "pump": "p" * 60000}), "pump: 60000 characters"),
+])
+def test_frames_that_once_crashed_the_bridge_are_refused(data, match):
+    """Issue 14.2: lone surrogates (which no audit row can store), sequence numbers SQLite
+    cannot hold, and names long enough to push an answer past the frame limit are refused
+    at decoding with a reason code."""
+    rejects(data, match=match)
+
+
+def test_a_refused_command_is_answered_with_its_id_and_code():
+    """Issue 14.5c: a refused set_rate (a unit of the wrong kind, a negative lease) is
+    answered: ack ok=false with the reason code and the frame's cmd_id."""
+    for body, code in (({**BASE_SET_RATE, "unit": "kg"}, "unit"),
+                       ({**BASE_SET_RATE, "lease_s": -1}, "schema")):
+        result = decode_frame(frame(body=body))
+        assert isinstance(result, RemoteProtocolError)
+        ack = refusal(result)
+        assert ack == Ack(cmd_id="c1", ok=False, code=code, text=ack.text)
+        assert ack.text.startswith("refused: ") and decode(encode(envelope(ack))).message == ack
+    assert refusal(decode_frame(b"{}")) is None                       # no cmd_id to answer
+    assert refusal(decode_frame(frame(body={**BASE_SET_RATE, "cmd_id": "x" * 129}))) is None
+    assert isinstance(decode_frame(frame()), Envelope)
+
+
 # ------------------------------------------------------------------ types and envelope
 
 @pytest.mark.parametrize("data", [
@@ -279,9 +346,49 @@ def test_oversize_frames_are_rejected_before_parsing():
     rejects(b"x" * (10 * MAX_MESSAGE_BYTES), code="too_large")
 
 
-def test_oversize_messages_are_not_encoded():
-    """encode refuses a message whose frame would exceed MAX_MESSAGE_BYTES."""
-    big = Alarm(code="x", priority="low", kind="technical", text="a" * MAX_MESSAGE_BYTES)
+def _largest(message_type):
+    """The largest message of a type: every name at its length limit, every text at its,
+    multi-byte characters where text is free (4 bytes each in UTF-8, 6 escaped)."""
+    name, text = "n" * MAX_NAME_CHARS, "\U0001F600" * MAX_TEXT_CHARS
+    big = {"measurement": lambda: Measurement(var=name, value=-1.7e308, unit="10^9/L",
+                                              t_meas=-1.7e308, quality="questionable",
+                                              sensor=text),
+           "set_rate": lambda: SetRate(cmd_id=name, pump=name, rate=1.7e308, unit="uL/min",
+                                       lease_s=1.7e308, fallback=Fallback(
+                                           action="preset_rate", rate=1.7e308, unit="uL/min"),
+                                       dose_rate=1.7e308, dose_unit="umol/min",
+                                       basis_seq=2**53 - 1),
+           "stop": lambda: Stop(cmd_id=name, pump=name, reason=text),
+           "get_status": lambda: GetStatus(cmd_id=name, pump=name),
+           "ack": lambda: Ack(cmd_id=name, ok=False, code="not_authorized",
+                              applied_rate=-1.7e308, unit="uL/min",
+                              lease_remaining_s=1.7e308, text=text),
+           "pump_status": lambda: PumpStatus(pump=name, state="disconnected", rate=1.7e308,
+                                             unit="uL/min", delivered=1.7e308,
+                                             lease_remaining_s=1.7e308, mode=text),
+           "alarm": lambda: Alarm(code=name, priority="medium", kind="physiological",
+                                  active=False, text=text),
+           "heartbeat": lambda: Heartbeat(role=name, state=text, period_s=1.7e308),
+           "hello": lambda: Hello(role=name, versions=(2**31 - 1,) * 16)}
+    return big[message_type]()
+
+
+@pytest.mark.parametrize("message_type", sorted(MESSAGE_TYPES))
+def test_every_valid_message_fits_a_frame(message_type):
+    """Bounded names and texts: the largest valid message of each type encodes within
+    MAX_MESSAGE_BYTES, so an answer (an ack naming the pump) can always be sent."""
+    message = _largest(message_type)
+    data = encode(Envelope(message, "s" * MAX_NAME_CHARS, "e" * MAX_NAME_CHARS, 2**53 - 1,
+                           -1.7e308, 1.7e308))
+    assert len(data) <= MAX_MESSAGE_BYTES
+    assert decode(data).message == message
+
+
+def test_oversize_frames_are_not_encoded():
+    """encode still refuses a frame over MAX_MESSAGE_BYTES (a message built around the
+    checks, as a defect elsewhere might)."""
+    big = Alarm(code="x", priority="low", kind="technical")
+    object.__setattr__(big, "text", "a" * MAX_MESSAGE_BYTES)
     with pytest.raises(LocalProtocolError, match="exceeds") as info:
         encode(envelope(big))
     assert info.value.code == "too_large"
@@ -315,7 +422,7 @@ def test_decode_rejects_non_bytes():
     (lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mL/h", lease_s=math.nan),
      "lease_s: expected a finite number"),
     (lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mg/h", lease_s=1.0),
-     "unit: 'mg/h' is not a unit of the same kind as 'mL/h'"),
+     "unit: 'mg/h' is not one of mL/h, mL/min, uL/h, uL/min"),
     (lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mL/h", lease_s=1.0, dose_rate=2.0),
      "dose_rate and dose_unit go together"),
     (lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mL/h", lease_s=1.0,
@@ -333,8 +440,13 @@ def test_decode_rejects_non_bytes():
     (lambda: Alarm(code="x", priority="urgent", kind="technical"),
      "priority: 'urgent' is not one of"),
     (lambda: Heartbeat(role="c", period_s=math.nan), "period_s: expected a finite number"),
-    (lambda: Hello(role="c", versions=()), "versions: expected whole numbers"),
-    (lambda: Hello(role="c", versions=(1, True)), "versions: expected whole numbers"),
+    (lambda: Hello(role="c", versions=()), "versions: expected 1-16 whole numbers"),
+    (lambda: Hello(role="c", versions=(1, True)), "versions: expected a whole number"),
+    (lambda: Alarm(code="x", priority="low", kind="technical", text="a" * 2001),
+     "text: 2001 characters, at most 2000"),
+    (lambda: GetStatus(cmd_id="c", pump="p" * 129), "pump: 129 characters, at most 128"),
+    (lambda: SetRate(cmd_id="c", pump="p", rate=1.0, unit="mL/h", lease_s=1.0,
+                     basis_seq=2**53), "basis_seq: expected a whole number in 0-"),
 ])
 def test_invalid_messages_cannot_be_built(build, match):
     """Constructing an invalid message raises LocalProtocolError naming the field."""

@@ -359,9 +359,9 @@ def test_plant_node_checks_the_dose_rate_against_the_volume_rate(dose_rate, ok):
 
 
 def test_plant_node_converts_units():
-    """A rate in L/h and a dose rate in ug/s are converted before the checks."""
+    """A rate in uL/min and a dose rate in ug/s are converted before the checks."""
     rig, node = node_rig()
-    [ack] = node.receive(set_rate(rate=0.02, unit="L/h", dose_rate=200.0 / 3.6,
+    [ack] = node.receive(set_rate(rate=20000.0 / 60.0, unit="uL/min", dose_rate=200.0 / 3.6,
                                   dose_unit="ug/s"), 0.0)
     assert ack.ok and ack.applied_rate == pytest.approx(20.0) and ack.unit == "mL/h"
     assert ack.lease_remaining_s == 15.0
@@ -369,9 +369,9 @@ def test_plant_node_converts_units():
 
 
 def test_plant_node_rejects_a_dose_unit_of_the_wrong_kind():
-    """A dose rate in a unit that is not amount per time gets a 'unit' ack."""
+    """A dose rate of another kind of amount (substance for a drug in mass) gets 'unit'."""
     rig, node = node_rig()
-    [ack] = node.receive(set_rate(dose_rate=200.0, dose_unit="mL/h"), 0.0)
+    [ack] = node.receive(set_rate(dose_rate=200.0, dose_unit="mmol/s"), 0.0)
     assert (ack.ok, ack.code) == (False, "unit")
     assert rig.pump.status().rate_ml_per_h == 0.0
 

@@ -341,7 +341,7 @@ def test_dose_rate_agreeing_within_one_percent_is_accepted(dose_rate, dose_unit)
 
 def test_dose_unit_of_another_kind_is_refused_as_unit():
     rig = Rig()
-    out = rig.send(set_rate("c1", 20.0, dose_rate=50.0, dose_unit="ug/kg/min"))
+    out = rig.send(set_rate("c1", 20.0, dose_rate=50.0, dose_unit="mmol/min"))
     assert (ack(out).ok, ack(out).code) == (False, "unit")
     assert rig.driver.count("set_rate") == 0
 
@@ -482,16 +482,19 @@ def test_read_back_mismatch_twice_stops_the_pump_until_an_operator_acknowledges(
     assert rig.driver.set_rate_calls() == [20.0, 20.0]       # one retry, no more
     assert rig.driver.count("stop") == 1 and rig.driver.rates[ADDRESS] == 0.0
     assert rig.state.mode == "STOPPED"
-    assert (rig.status().rate, rig.status().state) == (0.0, "unknown")
+    # STOPPED means the stop was read back (issue 14.5)
+    assert (rig.status().rate, rig.status().state) == (0.0, "stopped")
+    assert "stop read back" in rig.state.cause
     # refused until acknowledged (B8), without touching the pump
     later = rig.send(set_rate("c2", 20.0), T0 + 5.0)
     assert (ack(later).ok, ack(later).code) == (False, "pump_error")
     assert "acknowledge" in ack(later).text
     assert rig.driver.count("set_rate") == 2
-    # polls neither read nor restart a STOPPED pump
+    # polls check that a STOPPED pump stays stopped, and never restart it
     reads = rig.driver.count("read")
     rig.node.poll(T0 + 6.0)
-    assert rig.driver.count("read") == reads and rig.state.mode == "STOPPED"
+    assert rig.driver.count("read") == reads + 1 and rig.state.mode == "STOPPED"
+    assert rig.driver.count("set_rate") == 2
     # the operator acknowledges: stopped, re-read, commands accepted again
     stops, reads = rig.driver.count("stop"), rig.driver.count("read")
     status = only(rig.node.acknowledge(PUMP, T0 + 10.0), PumpStatus)
@@ -573,9 +576,9 @@ def test_unreachable_pump_on_set_rate_is_a_pump_error_and_stops_it():
     assert ack(rig.send(set_rate("c2", 20.0), T0 + 1.0)).code == "pump_error"
 
 
-@pytest.mark.parametrize("code, alarm_code, state", [("alarm", "pump.alarm", "alarm"),
+@pytest.mark.parametrize("code, alarm_code, state", [("alarm", "pump.alarm", "stopped"),
                                                      ("pump_error", "pump.pump_error",
-                                                      "unknown")])
+                                                      "stopped")])
 def test_driver_refusal_on_set_rate_is_a_pump_error_and_stops_it(code, alarm_code, state):
     rig = Rig()
     rig.driver.fail_code = code
@@ -725,11 +728,168 @@ def test_fallback_volume_counts_against_the_hourly_limit():
     (and stops and faults) are not logged, so an hour at a preset fallback rate does not count
     against max_volume_per_h_ml."""
     rig = Rig(max_volume_per_h_ml=5.0, max_rate_ml_per_h=20.0)
-    fallback = Fallback(action="preset_rate", rate=10.0)
+    fallback = Fallback(action="preset_rate", rate=4.0)
     assert ack(rig.send(set_rate("c1", 0.0, lease_s=10.0, fallback=fallback), T0)).code == \
         "applied"
     rig.node.poll(T0 + 10.0)
-    assert rig.state.mode == "FALLBACK" and rig.driver.rates[ADDRESS] == 10.0
-    # 10 mL/h for 1990 s is 5.5 mL: any further volume is beyond 5 mL in the hour
-    out = rig.send(set_rate("c2", 10.0, lease_s=60.0, fallback=fallback), T0 + 2000.0)
+    assert rig.state.mode == "FALLBACK" and rig.driver.rates[ADDRESS] == 4.0
+    # 4 mL/h for 1990 s is 2.2 mL: a further 3 mL/h x 60 s... fits; 20 mL/h x 600 s does not
+    out = rig.send(set_rate("c2", 20.0, lease_s=600.0, fallback=fallback), T0 + 2000.0)
     assert ack(out).code == "out_of_range"
+
+
+# ---------------------------------------------------------------------------- issue 14
+# Defects found by an adversarial review of the pump path; each test fails on the code before.
+def test_a_preset_fallback_beyond_the_limits_is_refused_when_the_command_arrives():
+    """14.4: with max_volume_per_h_ml = 1 and max_step 50, a set_rate of 0 mL/h with a 1-s
+    lease and a 100 mL/h preset fallback was applied and ran at 100 mL/h after the lease.
+    The fallback is checked against every limit: rate, step up from the command, volume."""
+    rig = Rig(max_volume_per_h_ml=1.0, max_step_ml_per_h=50.0, max_rate_ml_per_h=200.0)
+    fallback = Fallback(action="preset_rate", rate=100.0)
+    out = rig.send(set_rate("c1", 0.0, lease_s=1.0, fallback=fallback), T0)
+    assert (ack(out).code, only(out, Alarm).code) == ("out_of_range", "bridge.out_of_range")
+    assert "fallback step +100 mL/h" in ack(out).text
+    assert rig.driver.count("set_rate") == 0
+    rig.node.poll(T0 + 60.0)
+    assert rig.driver.rates.get(ADDRESS, 0.0) == 0.0
+    # the step is not what stops it: within the step, the hourly volume does
+    rig = Rig(max_volume_per_h_ml=1.0, max_rate_ml_per_h=200.0)
+    out = rig.send(set_rate("c1", 0.0, lease_s=1.0, fallback=fallback), T0)
+    assert "fallback 100 mL/h would exceed 1 mL in an hour" in ack(out).text
+    # a stop fallback is never limited, whatever the step down
+    rig = Rig(max_step_ml_per_h=10.0)
+    assert ack(rig.send(set_rate("c1", 10.0), T0)).code == "applied"
+    assert ack(rig.send(set_rate("c2", 20.0), T0 + 1.0)).code == "applied"
+    assert ack(rig.send(set_rate("c3", 0.0), T0 + 2.0)).code == "applied"  # a fall: allowed
+
+
+def test_a_running_fallback_is_stopped_at_the_hourly_volume():
+    """14.4: the hourly volume is enforced while a preset fallback runs: stopped (read back)
+    with a high alarm once the last hour's volume reaches the limit, at most one check late."""
+    rig = Rig(max_volume_per_h_ml=2.0, max_rate_ml_per_h=20.0)
+    fallback = Fallback(action="preset_rate", rate=2.0)
+    rig.send(set_rate("c1", 20.0, lease_s=60.0, fallback=fallback), T0)   # 1/3 mL
+    rig.node.expire(T0 + 60.0)
+    assert rig.state.mode == "FALLBACK" and rig.driver.rates[ADDRESS] == 2.0
+    # the remaining 5/3 mL at 2 mL/h take 3000 s
+    assert of(rig.node.expire(T0 + 60.0 + 2999.0), Alarm) == []
+    out = rig.node.expire(T0 + 60.0 + 3000.5)
+    alarm = only(out, Alarm)
+    assert (alarm.code, alarm.priority) == ("bridge.volume_limit", "high")
+    assert rig.driver.rates[ADDRESS] == 0.0 and rig.status().rate == 0.0
+    assert rig.state.mode == "FALLBACK" and "2 mL delivered in the last hour" in rig.state.cause
+    # a new command is judged on the same hour
+    later = rig.send(set_rate("c2", 2.0, lease_s=60.0), T0 + 3100.0)
+    assert ack(later).code == "out_of_range"
+
+
+def test_a_rate_set_over_an_hour_ago_still_counts_until_it_changes():
+    """14.4: a preset fallback that has run for more than an hour (one entry in the rate log,
+    older than the hour) still counts in the last hour's volume."""
+    rig = Rig(max_volume_per_h_ml=3.0, max_rate_ml_per_h=20.0)
+    rig.send(set_rate("c1", 0.0, lease_s=10.0, fallback=Fallback(action="preset_rate",
+                                                                   rate=2.9)), T0)
+    rig.node.expire(T0 + 10.0)
+    assert rig.driver.rates[ADDRESS] == 2.9
+    assert of(rig.node.expire(T0 + 7200.0), Alarm) == []  # 2.9 mL in any hour: within 3
+    out = rig.send(set_rate("c2", 20.0, lease_s=60.0), T0 + 7200.0)
+    assert ack(out).code == "out_of_range"  # 2.9 mL + 20 mL/h x 60 s > 3 mL
+
+
+@pytest.mark.parametrize("where", ["set_rate", "fallback"])
+def test_a_driver_error_leaves_the_pump_stopped_and_read_back(where):
+    """14.5: when the driver raises during a set or a fallback, the bridge used to mark the
+    pump STOPPED without sending a stop, and never polled it again: the pump infused on
+    past its lease. Now a stop is commanded and read back."""
+    rig = Rig()
+    if where == "fallback":
+        rig.send(set_rate("c1", 20.0, lease_s=5.0, fallback=Fallback(
+            action="preset_rate", rate=10.0)), T0)
+    rig.driver.fail_code, rig.driver.fail_count = "pump_error", 1
+    if where == "set_rate":
+        rig.driver.rates[ADDRESS] = 20.0  # running from before
+        out = rig.send(set_rate("c1", 30.0), T0)
+    else:
+        out = rig.node.expire(T0 + 5.0)
+    assert only(out, Alarm).priority == "high"
+    assert rig.driver.calls[-2:] == [("stop", ADDRESS), ("read", ADDRESS)]
+    assert rig.driver.rates[ADDRESS] == 0.0
+    assert rig.state.mode == "STOPPED" and rig.status().state == "stopped"
+    assert "stop read back" in only(out, Alarm).text
+
+
+def test_an_unreachable_pump_is_left_to_its_watchdog_and_stopped_when_it_answers():
+    """14.5: STOPPED means a stop read back, or the pump unreachable with its watchdog in
+    charge (said in the status and cause); once it answers again it is stopped and read
+    back, tried at most every few seconds."""
+    driver = FakeDriver()
+    node = PumpBridgeNode([pump()], driver, watchdog_s=3.0)
+    node.initialise(T0, driver.initialise)
+    node.receive(Envelope(set_rate("c1", 20.0), "c", "e", 1, WALL0), T0, WALL0)
+    driver.unreachable = True
+    out = node.poll(T0 + 1.0)
+    assert "its safe-mode watchdog stops it within 3 s" in only(out, Alarm).text
+    assert node.status(PUMP, T0 + 1.0).state == "disconnected"
+    driver.unreachable = False
+    driver.rates[ADDRESS] = 20.0  # its watchdog had not fired: still running
+    node.poll(T0 + 2.0)  # too soon to try again
+    assert driver.rates[ADDRESS] == 20.0
+    node.poll(T0 + 6.5)
+    assert driver.rates[ADDRESS] == 0.0 and node.status(PUMP, T0 + 6.5).state == "stopped"
+    assert node.pumps[PUMP].mode == "STOPPED"  # still needs the operator
+
+
+def test_without_a_watchdog_an_unreachable_pump_says_so():
+    """14.5: running without a hardware watchdog is said in the alarm."""
+    rig = Rig()
+    rig.send(set_rate("c1", 20.0), T0)
+    rig.driver.unreachable = True
+    out = rig.node.poll(T0 + 1.0)
+    assert "NO hardware watchdog" in only(out, Alarm).text
+
+
+def test_a_stopped_pump_found_infusing_is_stopped_again_then_starved():
+    """14.5: a STOPPED pump is read every poll; found infusing it is stopped again with a
+    high alarm; when it does not stop, the bridge stops feeding its watchdog."""
+    driver = FakeDriver()
+    node = PumpBridgeNode([pump()], driver, watchdog_s=3.0)
+    node.initialise(T0, driver.initialise)
+    driver.readbacks = [15.0, 15.0]
+    node.receive(Envelope(set_rate("c1", 20.0), "c", "e", 1, WALL0), T0, WALL0)
+    assert node.pumps[PUMP].mode == "STOPPED"
+    driver.rates[ADDRESS] = 7.0   # something started it
+    out = node.poll(T0 + 1.0)
+    assert [a.code for a in of(out, Alarm)] == ["pump.infusing_while_stopped"]
+    assert driver.rates[ADDRESS] == 0.0
+    driver.stop = lambda address: None  # now it ignores stops
+    driver.rates[ADDRESS] = 7.0
+    out = node.poll(T0 + 2.0)
+    assert [a.code for a in of(out, Alarm)] == ["pump.infusing_while_stopped",
+                                                "pump.stop_failed"]
+    calls = len(driver.calls)
+    node.poll(T0 + 3.0)
+    assert len(driver.calls) == calls  # starved: its watchdog stops it
+
+
+def test_a_flood_of_commands_cannot_hold_a_lease_past_its_end():
+    """14.5b (node part): lease ends are applied by expire(), cheap and separate from the
+    device poll, and next_deadline() says when the next one is due."""
+    rig = Rig()
+    rig.send(set_rate("c1", 20.0, lease_s=2.0), T0)
+    assert rig.node.next_deadline() == T0 + 2.0
+    for k in range(100):  # a flood of status requests does not renew it
+        rig.send(GetStatus(cmd_id=f"g{k}", pump=PUMP), T0 + k * 0.019)
+    assert rig.node.expire(T0 + 1.99) == []
+    assert only(rig.node.expire(T0 + 2.0), Alarm).code == "pump.lease_expired"
+    assert rig.node.next_deadline() == float("inf")
+    assert rig.driver.rates[ADDRESS] == 0.0
+
+
+@pytest.mark.parametrize("limits, rate, fallback", [
+    ({}, 20.0, float("nan")), ({"max_step_ml_per_h": 5.0}, float("nan"), 0.0)])
+def test_not_a_number_fails_every_limit(limits, rate, fallback):
+    """14.5: a NaN that got past message validation (a defect elsewhere) fails every limit
+    check instead of passing every '>' test."""
+    rig = Rig(**limits)
+    state = rig.state
+    assert rig.node._beyond_limits(state, T0, rate, fallback, 10.0) is not None

@@ -77,3 +77,21 @@ def test_parse_quantity_rejects_wrong_dimension():
     """A duration given in milligrams is refused with the flag named."""
     with pytest.raises(UnitError, match="--duration"):
         parse_quantity("30mg", "s", what="--duration")
+
+
+@pytest.mark.parametrize("text", ["mL/h/0", "uL/min/0.001*0", "1e400*mL/h", "0*mL/h",
+                                  "10^400/L", "10^-99999999999/L", "mL^0", "m^9999",
+                                  "1/mL^-999/h", "*".join(["10^30"] * 11) + "*L"])
+def test_degenerate_factors_are_errors_not_crashes(text):
+    """Issue 14.2: a zero, infinite or overflowing factor is a UnitError naming the unit,
+    never a ZeroDivisionError or OverflowError (the grammar also reads scenario files)."""
+    with pytest.raises(UnitError, match="unit "):
+        parse_unit(text)
+
+
+def test_the_largest_cell_counts_still_parse():
+    """The bounds leave room for what models use (10^9/L, m^2, mL/h/1 as a factor)."""
+    assert parse_unit("10^9/L").factor == pytest.approx(1e9)
+    assert parse_unit("10^30/L").factor == pytest.approx(1e30)
+    assert parse_unit("m^2").dimension == (("length", 2),)
+    assert parse_unit("mL/h/1").factor == parse_unit("mL/h").factor

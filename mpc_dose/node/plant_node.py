@@ -12,9 +12,8 @@ from collections.abc import Mapping
 
 from ..plant.pump import CommandResult, InfusionPump, PumpAlarm, PumpSnapshot
 from ..plant.sensor import SensorReading
-from ..protocol.messages import (Ack, Alarm, GetStatus, Measurement, PumpStatus, SetRate, Stop,
-                                 _Message)
-from ..units import UnitError, conversion_factor
+from ..protocol.messages import (Ack, Alarm, GetStatus, LocalProtocolError, Measurement,
+                                 PumpStatus, SetRate, Stop, _Message, wire_factor)
 
 __all__ = ["PlantNode"]
 
@@ -39,19 +38,15 @@ class PlantNode:
                     self.status_message(pump.status())]
         if isinstance(message, Stop):
             return [self._ack(message.cmd_id, pump.stop(cmd_id=message.cmd_id))]
-        try:
-            rate = message.rate * conversion_factor(message.unit, "mL/h")
-            fallback = message.fallback.rate * conversion_factor(message.fallback.unit, "mL/h")
-        except UnitError as err:
-            return [Ack(cmd_id=message.cmd_id, ok=False, code="unit", text=str(err))]
+        rate = message.rate * wire_factor(message.unit, "mL/h")
+        fallback = message.fallback.rate * wire_factor(message.fallback.unit, "mL/h")
         if message.dose_rate is not None:
             # the independent check: the dose rate must give the same volume rate
             amount_unit = pump.patient.model.inputs[
                 pump.patient.model.input_index(pump.config.input)].amount_unit
             try:
-                per_s = message.dose_rate * conversion_factor(message.dose_unit,
-                                                              f"{amount_unit}/s")
-            except UnitError as err:
+                per_s = message.dose_rate * wire_factor(message.dose_unit, f"{amount_unit}/s")
+            except LocalProtocolError as err:
                 return [Ack(cmd_id=message.cmd_id, ok=False, code="unit", text=str(err))]
             expected = pump.config.ml_per_h(per_s)
             if not math.isclose(expected, rate, rel_tol=0.01, abs_tol=1e-9):

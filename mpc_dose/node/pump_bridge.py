@@ -3,12 +3,18 @@
 It does not trust the controller (IEC 62304 segregation): every ``set_rate`` is checked again
 here - sender epoch and sequence (stale and replayed commands are refused), age
 (``max_cmd_age_s``, on the sender's wall clock: a clock skew beyond it is refused, not
-accepted), idempotency (a repeated ``cmd_id`` gets its cached ack), limits (rate, step, volume
-per hour, lease length), the dose-rate cross-check - then applied through the *driver*, read
-back, and held for its lease on the bridge's own monotonic clock. When a lease ends without a
-new command the bridge applies the command's fallback itself (B1, B3). A pump whose state is
-unknown (power reset, unreachable, read-back mismatch, alarm) goes to ``STOPPED`` and takes no
-rate until an operator acknowledges it (B7, B8).
+accepted), idempotency (a repeated ``cmd_id`` gets its cached ack), limits on the rate *and*
+on the fallback the pump will run when the lease ends (rate, step up, volume per hour, lease
+length), the dose-rate cross-check - then applied through the *driver*, read back, and held
+for its lease on the bridge's own monotonic clock. When a lease ends without a new command
+the bridge applies the command's fallback itself (B1, B3), and stops a preset-rate fallback
+that reaches the hourly volume.
+
+``STOPPED`` means one of two things, both said in the pump's status and cause: a stop was
+commanded and read back (``stopped`` or ``alarm``), or the pump cannot be reached and its
+hardware watchdog owns it (``disconnected``). A pump whose state is unknown (power reset,
+unreachable, read-back mismatch, alarm) takes no rate until an operator acknowledges it
+(B7, B8); meanwhile every poll checks that it stays stopped.
 
 No sockets and no clock: times are arguments. The *driver* does the device I/O:
 ``set_rate(address, mL/h) -> read-back mL/h``, ``stop(address)``, ``read(address)`` with
@@ -24,12 +30,18 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..protocol.codec import Envelope
-from ..protocol.messages import (Ack, Alarm, GetStatus, Hello, PumpStatus, SetRate, Stop,
-                                 _Message)
+from ..protocol.messages import (MAX_TEXT_CHARS, WIRE_UNITS, Ack, Alarm, GetStatus, Hello,
+                                 LocalProtocolError, PumpStatus, SetRate, Stop, _Message,
+                                 wire_factor)
 from ..protocol.session import Lease, SequenceTracker
-from ..units import UnitError, conversion_factor
 
 __all__ = ["BridgePump", "PumpBridgeNode"]
+
+#: what a pump reads when it delivers nothing
+_NOT_INFUSING = ("stopped", "paused", "alarm")
+#: how often an unreachable STOPPED pump is tried again [s] (each try may wait out the
+#: driver's reply time-outs, during which no frame is handled)
+_UNREACHABLE_RETRY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,8 @@ class BridgePump:
     """One pump behind the bridge, with the bridge's own hard limits.
 
     *concentration* is drug amount per mL in *amount_unit* (for the dose cross-check).
+    *max_step_ml_per_h* limits every rise of the rate, including a preset fallback above the
+    commanded rate; a fall is always allowed (a stop is always safe).
     """
 
     pump: str
@@ -58,19 +72,27 @@ class BridgePump:
                 raise ConfigError(f"{where}: {name} must be > 0, got {value!r}")
         if not 0 <= self.address <= 99:
             raise ConfigError(f"{where}: address must be in 0-99, got {self.address!r}")
+        if f"{self.amount_unit}/s" not in WIRE_UNITS["dose_rate"]:
+            raise ConfigError(f"{where}: amount_unit {self.amount_unit!r} is not one of the "
+                              f"protocol's drug amounts (g, mg, ug, ng, mmol, umol)")
 
 
 @dataclass
 class _PumpState:
     config: BridgePump
-    mode: str = "INIT"           # INIT, COMMANDED, FALLBACK, STOPPED
-    state: str = "unknown"       # the device's state as last read
+    mode: str = "INIT"           # INIT, READY, COMMANDED, FALLBACK, STOPPED
+    state: str = "unknown"       # the device's state as last read (or "disconnected")
     rate_ml_per_h: float = 0.0
     delivered_ml: float = 0.0
     lease: Lease | None = None
     fallback_ml_per_h: float = 0.0
     cause: str = "not initialised"
     volume_log: list[tuple[float, float]] = field(default_factory=list)  # (t, mL/h) set
+    #: a STOPPED pump that kept infusing after a stop: no more packets, so that its own
+    #: watchdog stops it (reads would keep feeding it)
+    starved: bool = False
+    #: when an unreachable STOPPED pump is tried again [bridge monotonic s]
+    retry_s: float = 0.0
 
 
 class PumpBridgeNode:
@@ -84,15 +106,20 @@ class PumpBridgeNode:
     max_cmd_age_s : float
         Commands older than this by their ``t_sent`` (sender's wall clock) are ``expired``.
     allowed_sources : set of str, optional
-        Controller ids allowed to command (with CURVE, the authenticated key's name).
+        Controller ids allowed to command.
+    watchdog_s : float, optional
+        The pumps' hardware watchdog (New Era safe mode) [s]; None when they run without one
+        (an explicit choice of the bridge's configuration), which alarms say.
     """
 
     def __init__(self, pumps, driver, *, max_cmd_age_s: float = 2.0,
-                 allowed_sources: set[str] | None = None, cache_size: int = 64) -> None:
+                 allowed_sources: set[str] | None = None, cache_size: int = 64,
+                 watchdog_s: float | None = None) -> None:
         self.driver = driver
         self.pumps = {p.pump: _PumpState(p) for p in pumps}
         self.max_cmd_age_s = max_cmd_age_s
         self.allowed_sources = allowed_sources
+        self.watchdog_s = watchdog_s
         self.sequences = SequenceTracker()
         self._acks: OrderedDict[tuple[str, str, str], Ack] = OrderedDict()
         self._key: tuple[str, str, str] = ("", "", "")
@@ -103,7 +130,7 @@ class PumpBridgeNode:
 
     # ------------------------------------------------------------------ set-up
     def initialise(self, now: float, initialise_device) -> list[_Message]:
-        """Run *initialise_device(address, diameter)* for each pump; they start STOPPED
+        """Run *initialise_device(address, diameter)* for each pump; they start stopped
         (never infusing on start-up) and need no operator ack for this first start."""
         out: list[_Message] = []
         for state in self.pumps.values():
@@ -119,6 +146,7 @@ class PumpBridgeNode:
         """An operator acknowledges a stopped pump after checking it: the bridge stops it,
         re-reads its state and accepts commands again (B8)."""
         state = self.pumps[pump]
+        state.starved = False
         try:
             self.driver.stop(state.config.address)
             reading = self.driver.read(state.config.address)
@@ -156,7 +184,7 @@ class PumpBridgeNode:
                         lease_remaining_s=cached.lease_remaining_s, text=cached.text)]
         self._key = key
         age = wall_now - envelope.t_sent
-        if isinstance(message, SetRate) and abs(age) > self.max_cmd_age_s:
+        if isinstance(message, SetRate) and not abs(age) <= self.max_cmd_age_s:
             # checked before the sequence: an expired replay must not retire a live epoch
             return [self._nack(cmd_id, "expired", f"command age {age:.2f} s outside "
                                                   f"+-{self.max_cmd_age_s} s (late, replayed "
@@ -184,11 +212,11 @@ class PumpBridgeNode:
                                f"{c.pump} is {state.mode}: {state.cause}; needs an operator "
                                f"acknowledge")]
         try:
-            rate = message.rate * conversion_factor(message.unit, "mL/h")
-            fallback = message.fallback.rate * conversion_factor(message.fallback.unit, "mL/h")
+            rate = message.rate * wire_factor(message.unit, "mL/h")
+            fallback = message.fallback.rate * wire_factor(message.fallback.unit, "mL/h")
             if message.dose_rate is not None:
-                per_s = message.dose_rate * conversion_factor(message.dose_unit,
-                                                              f"{c.amount_unit}/s")
+                per_s = message.dose_rate * wire_factor(message.dose_unit,
+                                                        f"{c.amount_unit}/s")
                 expected = per_s * 3600.0 / c.concentration
                 if not math.isclose(expected, rate, rel_tol=0.01, abs_tol=1e-9):
                     return [self._nack(message.cmd_id, "unit",
@@ -196,18 +224,9 @@ class PumpBridgeNode:
                                        f"{rate:g} mL/h"),
                             Alarm(code="bridge.dose_mismatch", priority="high",
                                   kind="technical", text=f"{c.pump}: {message.cmd_id}")]
-        except UnitError as err:
+        except LocalProtocolError as err:
             return [self._nack(message.cmd_id, "unit", str(err))]
-        problem = None
-        if rate > c.max_rate_ml_per_h or fallback > c.max_rate_ml_per_h:
-            problem = f"rate {rate:g} (fallback {fallback:g}) mL/h above {c.max_rate_ml_per_h:g}"
-        elif abs(rate - state.rate_ml_per_h) > c.max_step_ml_per_h:
-            problem = (f"step {rate - state.rate_ml_per_h:+g} mL/h beyond "
-                       f"{c.max_step_ml_per_h:g}")
-        elif message.lease_s > c.max_lease_s:
-            problem = f"lease {message.lease_s:g} s above {c.max_lease_s:g} s"
-        elif self._volume_next_hour(state, now, rate, message.lease_s) > c.max_volume_per_h_ml:
-            problem = f"volume in the last hour would exceed {c.max_volume_per_h_ml:g} mL"
+        problem = self._beyond_limits(state, now, rate, fallback, message.lease_s)
         if problem:
             # the previous lease keeps running to its end (T14)
             return [self._nack(message.cmd_id, "out_of_range", problem),
@@ -223,10 +242,9 @@ class PumpBridgeNode:
                     return [self._nack(message.cmd_id, "out_of_range", str(err))]
                 return [self._nack(message.cmd_id, "pump_error", str(err)),
                         self._fault(state, now, f"pump.{code}", str(err))]
-            if math.isclose(applied, rate, rel_tol=0.01, abs_tol=1e-3):
+            if _close(applied, rate):
                 break
         else:
-            self._safe_stop(state)
             return [self._nack(message.cmd_id, "pump_error",
                                f"read back {applied:g} mL/h for {rate:g}"),
                     self._fault(state, now, "pump.readback_mismatch",
@@ -240,15 +258,45 @@ class PumpBridgeNode:
                   unit="mL/h", lease_remaining_s=message.lease_s)
         return [self._remember(ack), self.status(c.pump, now)]
 
-    def _volume_next_hour(self, state: _PumpState, now: float, rate: float,
-                          lease_s: float) -> float:
-        """Volume set over the last hour plus this command's lease [mL], from set rates."""
+    def _beyond_limits(self, state: _PumpState, now: float, rate: float, fallback: float,
+                       lease_s: float) -> str | None:
+        """Why a command (its rate, and the fallback the pump runs when its lease ends) is
+        beyond the pump's limits, or None. Written so that NaN fails every test."""
+        c = state.config
+        if not (0.0 <= rate <= c.max_rate_ml_per_h and 0.0 <= fallback <= c.max_rate_ml_per_h):
+            return f"rate {rate:g} (fallback {fallback:g}) mL/h above {c.max_rate_ml_per_h:g}"
+        if not rate - state.rate_ml_per_h <= c.max_step_ml_per_h:
+            return f"step {rate - state.rate_ml_per_h:+g} mL/h beyond {c.max_step_ml_per_h:g}"
+        if not fallback - rate <= c.max_step_ml_per_h:
+            return (f"fallback step {fallback - rate:+g} mL/h at the lease end beyond "
+                    f"{c.max_step_ml_per_h:g}")
+        if not lease_s <= c.max_lease_s:
+            return f"lease {lease_s:g} s above {c.max_lease_s:g} s"
+        if not self._volume_next_hour(state, now, rate, lease_s) <= c.max_volume_per_h_ml:
+            return f"volume in the last hour would exceed {c.max_volume_per_h_ml:g} mL"
+        # a preset fallback may run for an hour unattended: it must fit the hourly volume
+        if not fallback <= c.max_volume_per_h_ml:
+            return (f"fallback {fallback:g} mL/h would exceed {c.max_volume_per_h_ml:g} mL "
+                    f"in an hour")
+        return None
+
+    def _volume_last_hour(self, state: _PumpState, now: float) -> float:
+        """Volume set over the last hour up to *now* [mL], from the set rates."""
         log = [(t, r) for t, r in state.volume_log if t > now - 3600.0]
+        # the rate in force when the window opened counts from the window's start
+        earlier = [r for t, r in state.volume_log if t <= now - 3600.0]
+        if earlier:
+            log.insert(0, (now - 3600.0, earlier[-1]))
         state.volume_log[:] = log
         total, times = 0.0, [t for t, _ in log] + [now]
         for (t, r), t_next in zip(log, times[1:]):
             total += r * (t_next - t) / 3600.0
-        return total + rate * lease_s / 3600.0
+        return total
+
+    def _volume_next_hour(self, state: _PumpState, now: float, rate: float,
+                          lease_s: float) -> float:
+        """Volume of the last hour plus this command's lease [mL]."""
+        return self._volume_last_hour(state, now) + rate * lease_s / 3600.0
 
     def _stop(self, state: _PumpState, cmd_id: str, now: float, cause: str) -> list[_Message]:
         try:
@@ -256,7 +304,9 @@ class PumpBridgeNode:
         except Exception as err:  # noqa: BLE001
             return [self._nack(cmd_id, "pump_error", str(err)),
                     self._fault(state, now, "pump.unreachable", str(err))]
-        state.rate_ml_per_h, state.state, state.lease = 0.0, "stopped", None
+        state.rate_ml_per_h, state.lease = 0.0, None
+        if state.state != "disconnected":
+            state.state = "stopped"
         state.volume_log.append((now, 0.0))
         if state.mode not in ("STOPPED", "INIT"):
             self._mode(state, now, "READY", cause)
@@ -264,58 +314,123 @@ class PumpBridgeNode:
                                    unit="mL/h")), self.status(state.config.pump, now)]
 
     # ------------------------------------------------------------------ time passes
-    def poll(self, now: float) -> list[_Message]:
-        """Lease ends -> fallback; read every pump that is not STOPPED (which feeds its
-        safe-mode watchdog, B2); status and alarms out."""
+    def next_deadline(self) -> float:
+        """The earliest lease end [bridge monotonic s] (inf when none runs)."""
+        return min((s.lease.end_s for s in self.pumps.values()
+                    if s.mode == "COMMANDED" and s.lease is not None), default=math.inf)
+
+    def expire(self, now: float) -> list[_Message]:
+        """Lease ends -> fallback; a preset fallback that reaches the hourly volume -> stop.
+        Cheap when nothing is due: the bridge calls it between any two frames."""
         out: list[_Message] = []
         for state in self.pumps.values():
-            c = state.config
             if state.mode == "COMMANDED" and state.lease is not None and \
                     state.lease.expired(now):
-                rate = state.fallback_ml_per_h
-                action = f"preset rate {rate:g} mL/h" if rate > 0 else "stop"
-                try:
-                    applied = self.driver.set_rate(c.address, rate)
-                except Exception as err:  # noqa: BLE001
-                    out.append(self._fault(state, now, "pump.unreachable", str(err)))
-                    continue
-                if not math.isclose(applied, rate, rel_tol=0.01, abs_tol=1e-3):
-                    self._safe_stop(state)
-                    out.append(self._fault(state, now, "pump.readback_mismatch",
-                                           f"fallback read back {applied:g} mL/h for "
-                                           f"{rate:g} mL/h"))
-                    continue
-                state.rate_ml_per_h, state.lease = applied, None
-                state.state = "infusing" if applied > 0 else "stopped"
-                state.volume_log.append((now, applied))
-                self._mode(state, now, "FALLBACK",
-                           f"lease of {state.config.pump} ended without a new command: "
-                           f"{action}")
-                out.append(Alarm(code="pump.lease_expired", priority="medium",
-                                 kind="technical",
-                                 text=f"{c.pump}: no command within the lease: {action}"))
+                out += self._apply_fallback(state, now)
+            elif state.mode == "FALLBACK" and state.rate_ml_per_h > 0 and \
+                    not self._volume_last_hour(state, now) < state.config.max_volume_per_h_ml:
+                out += self._volume_stop(state, now)
+        return out
+
+    def _apply_fallback(self, state: _PumpState, now: float) -> list[_Message]:
+        c = state.config
+        rate = state.fallback_ml_per_h
+        action = f"preset rate {rate:g} mL/h" if rate > 0 else "stop"
+        try:
+            applied = self.driver.set_rate(c.address, rate)
+        except Exception as err:  # noqa: BLE001
+            return [self._fault(state, now, "pump.unreachable", str(err))]
+        if not _close(applied, rate):
+            return [self._fault(state, now, "pump.readback_mismatch",
+                                f"fallback read back {applied:g} mL/h for {rate:g} mL/h")]
+        state.rate_ml_per_h, state.lease = applied, None
+        state.state = "infusing" if applied > 0 else "stopped"
+        state.volume_log.append((now, applied))
+        self._mode(state, now, "FALLBACK",
+                   f"lease of {c.pump} ended without a new command: {action}")
+        return [Alarm(code="pump.lease_expired", priority="medium", kind="technical",
+                      text=f"{c.pump}: no command within the lease: {action}"),
+                self.status(c.pump, now)]
+
+    def _volume_stop(self, state: _PumpState, now: float) -> list[_Message]:
+        c = state.config
+        try:
+            self.driver.stop(c.address)
+        except Exception as err:  # noqa: BLE001
+            return [self._fault(state, now, "pump.unreachable", str(err))]
+        state.rate_ml_per_h, state.state = 0.0, "stopped"
+        state.volume_log.append((now, 0.0))
+        state.cause = (f"fallback stopped: {c.max_volume_per_h_ml:g} mL delivered in the last "
+                       f"hour")
+        self.transitions.append((now, c.pump, "FALLBACK", "FALLBACK", state.cause))
+        return [Alarm(code="bridge.volume_limit", priority="high", kind="technical",
+                      text=f"{c.pump}: {state.cause}"), self.status(c.pump, now)]
+
+    def poll(self, now: float) -> list[_Message]:
+        """Leases (:meth:`expire`), then read every pump: a running one feeds its safe-mode
+        watchdog (B2); a STOPPED one is checked to stay stopped."""
+        out = self.expire(now)
+        reported = {m.pump for m in out if isinstance(m, PumpStatus)}
+        for state in self.pumps.values():
+            c = state.config
+            if state.mode in ("STOPPED", "INIT"):
+                out += self._check_stopped(state, now)
+                continue
             # Reading the pump feeds its safe-mode watchdog: done while this bridge is
             # healthy, so only a dead or hung bridge (or a pulled cable) lets it fire; the
-            # controller's leases are enforced above, on the bridge's clock.
-            if state.mode in ("READY", "COMMANDED", "FALLBACK"):
-                try:
-                    reading = self.driver.read(c.address)
-                except Exception as err:  # noqa: BLE001
-                    out.append(self._fault(state, now, "pump.unreachable", str(err)))
-                    continue
-                if reading.alarm is not None:  # an alarm reply carries no volume
-                    out.append(self._fault(state, now, f"pump.alarm_{reading.alarm}",
-                                           f"pump alarm A?{reading.alarm}"))
-                    continue
-                state.delivered_ml = reading.dispensed_ml
-                if reading.state != state.state:
-                    self._safe_stop(state)
-                    out.append(self._fault(state, now, "pump.state_mismatch",
-                                           f"pump says {reading.state}, bridge expected "
-                                           f"{state.state}"))
-                    continue
-            out.append(self.status(c.pump, now))
+            # controller's leases are enforced by expire(), on the bridge's clock.
+            try:
+                reading = self.driver.read(c.address)
+            except Exception as err:  # noqa: BLE001
+                out.append(self._fault(state, now, "pump.unreachable", str(err)))
+                continue
+            if reading.alarm is not None:  # an alarm reply carries no volume
+                out.append(self._fault(state, now, f"pump.alarm_{reading.alarm}",
+                                       f"pump alarm A?{reading.alarm}"))
+                continue
+            state.delivered_ml = reading.dispensed_ml
+            if reading.state != state.state:
+                out.append(self._fault(state, now, "pump.state_mismatch",
+                                       f"pump says {reading.state}, bridge expected "
+                                       f"{state.state}"))
+                continue
+            if c.pump not in reported:
+                out.append(self.status(c.pump, now))
         return out
+
+    def _check_stopped(self, state: _PumpState, now: float) -> list[_Message]:
+        """A STOPPED pump: an unreachable one is stopped and read back once it answers again
+        (tried every few seconds: each try waits out the driver's time-outs); a reachable
+        one must read not infusing, else it is stopped again, and when that fails too it is
+        left to its watchdog."""
+        status = [self.status(state.config.pump, now)]
+        if state.starved:
+            return status
+        if state.state == "disconnected":
+            if now >= state.retry_s:
+                state.retry_s = now + _UNREACHABLE_RETRY_S
+                if self._stop_confirmed(state):
+                    state.cause += "; stop read back once the pump answered again"
+                    status = [self.status(state.config.pump, now)]
+            return status
+        try:
+            reading = self.driver.read(state.config.address)
+        except Exception:  # noqa: BLE001 - unreachable now: its watchdog owns it
+            state.state, state.retry_s = "disconnected", now + _UNREACHABLE_RETRY_S
+            return [self.status(state.config.pump, now)]
+        if reading.state in _NOT_INFUSING:
+            return status
+        out: list[_Message] = [Alarm(
+            code="pump.infusing_while_stopped", priority="high", kind="technical",
+            text=f"{state.config.pump}: reads {reading.state} while STOPPED; stopping it again")]
+        if not self._stop_confirmed(state) and state.state != "disconnected":
+            state.starved = self.watchdog_s is not None
+            out.append(Alarm(code="pump.stop_failed", priority="high", kind="technical",
+                             text=f"{state.config.pump}: does not stop; "
+                                  + (f"no more packets: its watchdog stops it within "
+                                     f"{self.watchdog_s:g} s" if state.starved else
+                                     "NO hardware watchdog: stop it by hand now")))
+        return out + [self.status(state.config.pump, now)]
 
     def status(self, pump: str, now: float) -> PumpStatus:
         state = self.pumps[pump]
@@ -331,24 +446,41 @@ class PumpBridgeNode:
             self.transitions.append((now, state.config.pump, state.mode, mode, cause))
             state.mode, state.cause = mode, cause
 
-    def _safe_stop(self, state: _PumpState) -> None:
+    def _stop_confirmed(self, state: _PumpState) -> bool:
+        """Command a stop and read it back; True when the pump reads not infusing."""
         try:
             self.driver.stop(state.config.address)
-        except Exception:  # noqa: BLE001 - the watchdog stops it if we cannot
-            pass
+            reading = self.driver.read(state.config.address)
+        except Exception:  # noqa: BLE001 - unreachable: the caller says who owns it
+            state.state = "disconnected"
+            return False
+        state.state = "alarm" if reading.alarm is not None else reading.state
+        return reading.state in _NOT_INFUSING
 
     def _fault(self, state: _PumpState, now: float, code: str, text: str) -> Alarm:
+        """STOPPED: the stop commanded and read back, or the pump unreachable and its
+        watchdog in charge (or none: said loudly)."""
         state.lease, state.rate_ml_per_h = None, 0.0
         state.volume_log.append((now, 0.0))
-        state.state = "alarm" if "alarm" in code else "unknown"
-        self._mode(state, now, "STOPPED", text)
+        if self._stop_confirmed(state):
+            where = "stop read back"
+        elif state.state == "disconnected":
+            where = (f"unreachable: its safe-mode watchdog stops it within "
+                     f"{self.watchdog_s:g} s" if self.watchdog_s is not None else
+                     "unreachable and NO hardware watchdog: check the pump now")
+        else:
+            where = f"does not stop (reads {state.state})"
+        self._mode(state, now, "STOPPED", f"{text}; {where}")
+        state.cause = f"{text}; {where}"  # already STOPPED: the newest cause counts
+        state.retry_s = now + _UNREACHABLE_RETRY_S
         return Alarm(code=code, priority="high", kind="technical",
-                     text=f"{state.config.pump}: {text}; stopped until an operator "
-                          f"acknowledges")
+                     text=f"{state.config.pump}: {text}; {where}; stopped until an operator "
+                          f"acknowledges"[:MAX_TEXT_CHARS])
 
     def _nack(self, cmd_id: str, code: str, text: str) -> Ack:
         self.rejected[code] = self.rejected.get(code, 0) + 1
-        return self._remember(Ack(cmd_id=cmd_id, ok=False, code=code, text=text))
+        return self._remember(Ack(cmd_id=cmd_id, ok=False, code=code,
+                                  text=text[:MAX_TEXT_CHARS]))
 
     def _remember(self, ack: Ack) -> Ack:
         """Cache *ack* under the command being handled (sender, epoch, cmd_id)."""
@@ -357,3 +489,7 @@ class PumpBridgeNode:
             self._acks.popitem(last=False)
         return ack
 
+
+def _close(applied: float, rate: float) -> bool:
+    """A read-back agrees with the set rate (1 %, or the pump's 0.001 mL/h resolution)."""
+    return math.isclose(applied, rate, rel_tol=0.01, abs_tol=1e-3)

@@ -4,8 +4,12 @@ An invalid message is never built (after h11's events): a non-finite number, an 
 a negative lease or an unknown quality raises :class:`LocalProtocolError` naming the field.
 Don't subclass these.
 
-Units follow :mod:`mpc_dose.units` (a whitelist); infusion rates travel in ``mL/h`` with the
-dose rate alongside for an independent check, as real pumps are commanded in volume.
+Units on the wire come from a short fixed list per role (:data:`WIRE_UNITS`), not from the
+unit grammar of :mod:`mpc_dose.units`: a peer cannot make a receiver divide by zero
+(``"mL/h/0"``) or reach infinity (``"1e400*mL/h"``) through a unit string. Infusion rates
+travel in volume per time with the dose rate alongside for an independent check, as real
+pumps are commanded in volume. Names (ids, pump, variable) and free texts have bounded
+lengths, so every valid message encodes within the frame limit.
 
 This module uses the standard library only: no sockets, no clocks, no sleeps.
 """
@@ -16,11 +20,12 @@ import math
 from dataclasses import dataclass, field, fields
 
 from ..errors import MpcDoseError
-from ..units import UnitError, parse_unit
+from ..units import parse_unit
 
 __all__ = ["ProtocolError", "LocalProtocolError", "RemoteProtocolError", "QUALITIES",
            "PUMP_STATES", "Measurement", "SetRate", "Stop", "GetStatus", "Ack", "PumpStatus",
-           "Alarm", "Heartbeat", "Hello", "Fallback", "MESSAGE_TYPES", "ACK_CODES"]
+           "Alarm", "Heartbeat", "Hello", "Fallback", "MESSAGE_TYPES", "ACK_CODES",
+           "WIRE_UNITS", "wire_factor", "MAX_NAME_CHARS", "MAX_TEXT_CHARS", "MAX_SEQ"]
 
 
 class ProtocolError(MpcDoseError, ValueError):
@@ -36,7 +41,16 @@ class LocalProtocolError(ProtocolError):
 
 
 class RemoteProtocolError(ProtocolError):
-    """The peer sent something illegal."""
+    """The peer sent something illegal.
+
+    *cmd_id* is the refused command's id when the frame carried a readable one (so the
+    refusal can be answered, docs/protocol.md section 2), else None.
+    """
+
+    def __init__(self, message: str, code: str = "schema", cmd_id: str | None = None
+                 ) -> None:
+        super().__init__(message, code)
+        self.cmd_id = cmd_id
 
 
 #: Measurement validity, as IEEE 11073 BICEPS MeasurementValidity.
@@ -44,12 +58,41 @@ QUALITIES = ("valid", "questionable", "calibrating", "invalid", "overflow", "und
              "unavailable")
 PUMP_STATES = ("infusing", "stopped", "paused", "alarm", "disconnected", "unknown")
 ACK_CODES = ("applied", "duplicate", "out_of_range", "expired", "stale", "unit", "schema",
-             "version", "not_authorized", "pump_error", "busy")
+             "version", "too_large", "not_authorized", "pump_error", "busy", "internal")
+
+#: The only unit strings a frame may carry, by role (docs/protocol.md section 3); exact
+#: spellings, compared as strings. Extending a list is a protocol change: say it there.
+WIRE_UNITS: dict[str, tuple[str, ...]] = {
+    "volume_rate": ("mL/h", "mL/min", "uL/h", "uL/min"),
+    "volume": ("mL", "uL"),
+    "dose_rate": tuple(f"{amount}/{time}" for amount in ("g", "mg", "ug", "ng", "mmol", "umol")
+                       for time in ("s", "min", "h")),
+    "measurement": ("1", "%", "mg/L", "ug/mL", "ng/mL", "ug/L", "mg/dL", "mmol/L", "umol/L",
+                    "mmHg", "kPa", "10^9/L"),
+}
+#: each wire unit's dimension and factor, parsed once from the fixed list (never from a frame)
+_WIRE_PARSED = {text: parse_unit(text) for texts in WIRE_UNITS.values() for text in texts}
+
+#: longest id, name or code (src, epoch, cmd_id, pump, var, ...) and free text, in characters
+MAX_NAME_CHARS = 128
+MAX_TEXT_CHARS = 2000
+#: sequence numbers stay exact in every JSON implementation (IEEE doubles) and in SQLite
+MAX_SEQ = 2**53 - 1
+
+
+def wire_factor(from_unit: str, to_unit: str) -> float:
+    """Factor from one wire unit to another of the same dimension (both from
+    :data:`WIRE_UNITS`; messages have checked theirs when they were built)."""
+    a, b = _WIRE_PARSED.get(from_unit), _WIRE_PARSED.get(to_unit)
+    if a is None or b is None or a.dimension != b.dimension:
+        raise LocalProtocolError(f"unit {from_unit!r} cannot be converted to {to_unit!r}",
+                                 code="unit")
+    return a.factor / b.factor
 
 
 def _finite(name: str, value: object, *, minimum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LocalProtocolError(f"{name}: expected a number, got {value!r}")
+        raise LocalProtocolError(f"{name}: expected a number, got {_show(value)}")
     try:
         value = float(value)
     except OverflowError:
@@ -62,11 +105,27 @@ def _finite(name: str, value: object, *, minimum: float | None = None) -> float:
     return value
 
 
+def _show(value: object) -> str:
+    """A value for an error message, cut short (a frame may hold 64 KiB)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _text(name: str, value: object, choices: tuple[str, ...] | None = None) -> str:
+    """A non-empty name of at most :data:`MAX_NAME_CHARS` characters."""
     if not isinstance(value, str) or not value:
-        raise LocalProtocolError(f"{name}: expected a non-empty string, got {value!r}")
+        raise LocalProtocolError(f"{name}: expected a non-empty string, got {_show(value)}")
+    if len(value) > MAX_NAME_CHARS:
+        raise LocalProtocolError(f"{name}: {len(value)} characters, at most {MAX_NAME_CHARS}")
     if choices is not None and value not in choices:
-        raise LocalProtocolError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+        raise LocalProtocolError(f"{name}: {_show(value)} is not one of {', '.join(choices)}")
+    return value
+
+
+def _whole(name: str, value: object, *, maximum: int = MAX_SEQ) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise LocalProtocolError(f"{name}: expected a whole number in 0-{maximum}, "
+                                 f"got {_show(value)}")
     return value
 
 
@@ -76,28 +135,27 @@ def _optional_finite(name: str, value: object, *, minimum: float | None = None
 
 
 def _string(name: str, value: object) -> str:
-    """Any string, empty included (free text)."""
+    """Free text (empty allowed) of at most :data:`MAX_TEXT_CHARS` characters."""
     if not isinstance(value, str):
-        raise LocalProtocolError(f"{name}: expected a string, got {value!r}")
+        raise LocalProtocolError(f"{name}: expected a string, got {_show(value)}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise LocalProtocolError(f"{name}: {len(value)} characters, at most {MAX_TEXT_CHARS}")
     return value
 
 
 def _flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise LocalProtocolError(f"{name}: expected true or false, got {value!r}")
+        raise LocalProtocolError(f"{name}: expected true or false, got {_show(value)}")
     return value
 
 
-def _unit(name: str, value: object, dimension_of: str | None = None) -> str:
-    _text(name, value)
-    try:
-        unit = parse_unit(value)  # type: ignore[arg-type]
-    except UnitError as err:
-        raise LocalProtocolError(f"{name}: {err}", code="unit") from None
-    if dimension_of is not None and unit.dimension != parse_unit(dimension_of).dimension:
-        raise LocalProtocolError(f"{name}: {value!r} is not a unit of the same kind as "
-                                 f"{dimension_of!r}", code="unit")
-    return value  # type: ignore[return-value]
+def _unit(name: str, value: object, role: str) -> str:
+    """One of the wire units of *role* (:data:`WIRE_UNITS`), spelt exactly."""
+    allowed = WIRE_UNITS[role]
+    if not isinstance(value, str) or value not in allowed:
+        raise LocalProtocolError(f"{name}: {_show(value)} is not one of {', '.join(allowed)}",
+                                 code="unit")
+    return value
 
 
 class _Message:
@@ -138,7 +196,7 @@ class Measurement(_Message):
     def __post_init__(self) -> None:
         _text("var", self.var)
         object.__setattr__(self, "value", _finite("value", self.value))
-        _unit("unit", self.unit)
+        _unit("unit", self.unit, "measurement")
         object.__setattr__(self, "t_meas", _finite("t_meas", self.t_meas))
         _text("quality", self.quality, QUALITIES)
         _string("sensor", self.sensor)
@@ -156,7 +214,7 @@ class Fallback(_Message):
     def __post_init__(self) -> None:
         _text("fallback.action", self.action, ("stop", "preset_rate"))
         object.__setattr__(self, "rate", _finite("fallback.rate", self.rate, minimum=0.0))
-        _unit("fallback.unit", self.unit, "mL/h")
+        _unit("fallback.unit", self.unit, "volume_rate")
         if self.action == "stop" and self.rate != 0:
             raise LocalProtocolError("fallback.rate: a 'stop' fallback has rate 0")
 
@@ -185,7 +243,7 @@ class SetRate(_Message):
         _text("cmd_id", self.cmd_id)
         _text("pump", self.pump)
         object.__setattr__(self, "rate", _finite("rate", self.rate, minimum=0.0))
-        _unit("unit", self.unit, "mL/h")
+        _unit("unit", self.unit, "volume_rate")
         lease = _finite("lease_s", self.lease_s)
         if lease <= 0:
             raise LocalProtocolError(f"lease_s: expected > 0, got {self.lease_s!r}")
@@ -193,17 +251,15 @@ class SetRate(_Message):
         if isinstance(self.fallback, dict):
             object.__setattr__(self, "fallback", Fallback(**self.fallback))
         if not isinstance(self.fallback, Fallback):
-            raise LocalProtocolError(f"fallback: expected a fallback, got {self.fallback!r}")
+            raise LocalProtocolError(f"fallback: expected a fallback, got {_show(self.fallback)}")
         if (self.dose_rate is None) != (self.dose_unit is None):
             raise LocalProtocolError("dose_rate and dose_unit go together")
         if self.dose_rate is not None:
             object.__setattr__(self, "dose_rate", _finite("dose_rate", self.dose_rate,
                                                           minimum=0.0))
-            _unit("dose_unit", self.dose_unit)
-        if self.basis_seq is not None and (isinstance(self.basis_seq, bool) or not isinstance(
-                self.basis_seq, int) or self.basis_seq < 0):
-            raise LocalProtocolError(f"basis_seq: expected a whole number >= 0, "
-                                     f"got {self.basis_seq!r}")
+            _unit("dose_unit", self.dose_unit, "dose_rate")
+        if self.basis_seq is not None:
+            _whole("basis_seq", self.basis_seq)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,13 +308,13 @@ class Ack(_Message):
     def __post_init__(self) -> None:
         _text("cmd_id", self.cmd_id)
         if not isinstance(self.ok, bool):
-            raise LocalProtocolError(f"ok: expected true or false, got {self.ok!r}")
+            raise LocalProtocolError(f"ok: expected true or false, got {_show(self.ok)}")
         _text("code", self.code, ACK_CODES)
         if (self.applied_rate is None) != (self.unit is None):
             raise LocalProtocolError("applied_rate and unit go together")
         if self.applied_rate is not None:
             object.__setattr__(self, "applied_rate", _finite("applied_rate", self.applied_rate))
-            _unit("unit", self.unit, "mL/h")
+            _unit("unit", self.unit, "volume_rate")
         object.__setattr__(self, "lease_remaining_s", _optional_finite(
             "lease_remaining_s", self.lease_remaining_s, minimum=0.0))
         _string("text", self.text)
@@ -282,9 +338,9 @@ class PumpStatus(_Message):
         _text("pump", self.pump)
         _text("state", self.state, PUMP_STATES)
         object.__setattr__(self, "rate", _finite("rate", self.rate, minimum=0.0))
-        _unit("unit", self.unit, "mL/h")
+        _unit("unit", self.unit, "volume_rate")
         object.__setattr__(self, "delivered", _finite("delivered", self.delivered, minimum=0.0))
-        _unit("vol_unit", self.vol_unit, "mL")
+        _unit("vol_unit", self.vol_unit, "volume")
         object.__setattr__(self, "lease_remaining_s", _optional_finite(
             "lease_remaining_s", self.lease_remaining_s, minimum=0.0))
         _string("mode", self.mode)
@@ -334,10 +390,10 @@ class Hello(_Message):
 
     def __post_init__(self) -> None:
         _text("role", self.role)
-        versions = tuple(self.versions)
-        if not versions or not all(isinstance(v, int) and not isinstance(v, bool)
-                                   for v in versions):
-            raise LocalProtocolError(f"versions: expected whole numbers, got {self.versions!r}")
+        if not isinstance(self.versions, (tuple, list)) or not 1 <= len(self.versions) <= 16:
+            raise LocalProtocolError(f"versions: expected 1-16 whole numbers, "
+                                     f"got {_show(self.versions)}")
+        versions = tuple(_whole("versions", v, maximum=2**31 - 1) for v in self.versions)
         object.__setattr__(self, "versions", versions)
 
 

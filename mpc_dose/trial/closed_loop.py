@@ -23,9 +23,9 @@ from ..plant.patient import OutputDisturbance, VirtualPatient, parameter_schedul
 from ..plant.pump import InfusionPump, PumpAlarm, PumpConfig
 from ..plant.realtime import DeadlineEnvironment
 from ..plant.sensor import SensorConfig, SensorNoise, sensor_process
-from ..protocol.messages import Alarm, Measurement, PumpStatus, SetRate, _Message
+from ..protocol.messages import Alarm, Measurement, PumpStatus, SetRate, _Message, wire_factor
 from ..transport.inproc import InprocLink
-from ..units import conversion_factor, unit_to_token
+from ..units import unit_to_token
 
 __all__ = ["LoopSetup", "LoopResult", "PlantSide", "run_closed_loop", "make_environment",
            "control_instants"]
@@ -166,7 +166,7 @@ class PlantSide:
     def apply_external(self, status: PumpStatus) -> None:
         """Deliver what an external pump reports it infuses (its status), from now."""
         config = self.configs[status.pump]
-        rate = status.rate * conversion_factor(status.unit, "mL/h")
+        rate = status.rate * wire_factor(status.unit, "mL/h")
         if status.state != "infusing":
             rate = 0.0
         self.patient.set_rate(self.env.now, self.setup.model.input_index(config.input),
