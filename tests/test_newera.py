@@ -264,6 +264,77 @@ def test_unknown_prompt_state():
     assert reply.state == "unknown"
 
 
+def test_reply_says_whether_it_came_safe_framed():
+    basic, safe = ReplyParser().feed(encode_reply(0, "S", "?COM")
+                                     + encode_reply(0, "S", "?COM", safe=True))
+    assert (basic.safe, safe.safe) == (False, True)
+    assert basic == safe  # the framing is how it came, not what it says
+
+
+def test_truncated_basic_frame_does_not_swallow_the_next_reply():
+    """A basic frame cut before its ETX, then a whole reply: basic frames are ASCII and never
+    hold an STX, so the second STX starts the real reply."""
+    parser = ReplyParser()
+    assert parser.feed(b"\x0200S" + b"\x0200I12.5MH\x03") == [Reply(0, "I", "12.5MH")]
+    assert parser.discarded == 4
+
+
+def test_truncated_basic_frame_is_dropped_before_the_next_reply_is_complete():
+    parser = ReplyParser()
+    assert parser.feed(b"\x0200S" + b"\x0200I12") == []
+    assert parser.feed(b".5MH\x03") == [Reply(0, "I", "12.5MH")]
+    assert parser.discarded == 4
+
+
+@pytest.mark.parametrize("length", [7, 20, 40, 63])
+def test_truncated_safe_frame_does_not_swallow_the_next_reply(length):
+    """A safe frame whose LEN promises more bytes than ever came, then a whole safe reply:
+    the reply is not held back waiting for (or eaten by) the truncated frame."""
+    parser = ReplyParser()
+    good = encode_reply(0, "I", "12.50MH", safe=True)
+    truncated = STX + bytes([length]) + b"00S"
+    assert parser.feed(truncated + good) == [Reply(0, "I", "12.50MH")]
+    assert parser.discarded == len(truncated)
+
+
+def test_truncated_safe_frame_whose_length_ends_on_the_next_etx():
+    """The truncated frame's LEN lands exactly on the real reply's ETX: its CRC fails, but
+    the real reply inside it is still found (not dropped with it)."""
+    good = encode_reply(0, "I", "12.50MH", safe=True)
+    length = len(STX + b"L00S") + len(good) - 1  # LEN counts the bytes after itself
+    truncated = STX + bytes([length]) + b"00S"
+    assert (truncated + good)[truncated[1]:truncated[1] + 1] == ETX
+    parser = ReplyParser()
+    assert parser.feed(truncated + good) == [Reply(0, "I", "12.50MH")]
+    assert parser.discarded == len(truncated)
+
+
+def test_stx_in_a_safe_frames_crc_is_not_a_resync_point():
+    """The CRC (and LEN) bytes of a safe frame may be 0x02: such a frame still parses whole,
+    alone or split byte by byte."""
+    data = next(f"{i:04d}" for i in range(10000)
+                if STX in encode_reply(0, "I", f"{i:04d}", safe=True)[-3:-1])
+    frame = encode_reply(0, "I", data, safe=True)
+    assert ReplyParser().feed(frame + encode_reply(1, "S", "")) == [Reply(0, "I", data),
+                                                                    Reply(1, "S", "")]
+    parser, replies = ReplyParser(), []
+    for i in range(len(frame)):
+        replies += parser.feed(frame[i:i + 1])
+    assert replies == [Reply(0, "I", data)] and parser.discarded == 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(junk=st.binary(max_size=70).filter(lambda b: ETX not in b), safe=st.booleans(),
+       address=st.integers(0, 99), prompt=st.sampled_from("IWSPTUX"), data=PRINTABLE)
+def test_any_truncated_frame_never_hides_the_next_reply(junk, safe, address, prompt, data):
+    """Whatever started with an STX and lost its end, the complete reply after it is
+    returned."""
+    parser = ReplyParser()
+    replies = parser.feed(STX + junk + encode_reply(address, prompt, data, safe=safe))
+    assert [(r.address, r.prompt, original_data(r)) for r in replies[-1:]] == \
+        [(address, prompt, data)]
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.binary(max_size=100), max_size=8))
 def test_arbitrary_bytes_never_raise(chunks):
@@ -357,6 +428,110 @@ def test_set_rate_returns_the_rate_read_back(rig):
     assert reading.state == "infusing" and reading.rate_ml_per_h == pytest.approx(123.5)
     assert driver.set_rate(0, 0) == 0.0
     assert emulator.state(0).prompt == "S"
+
+
+@pytest.mark.parametrize("rate", [0.0004, 0.00049, 1e-9, 5e-324])
+def test_a_rate_that_rounds_to_zero_stops_the_pump(rig, rate):
+    """An optimiser's "zero" is a tiny positive number: the pump cannot run at 0.000 mL/h,
+    so it is stopped (read back 0.0), never sent a RUN that cannot start."""
+    emulator, driver = rig
+    assert driver.set_rate(0, 12.5) == 12.5
+    before = len(emulator.log)
+    assert driver.set_rate(0, rate) == 0.0
+    assert emulator.state(0).prompt == "S"
+    assert "00 RUN" not in emulator.log[before:]
+    assert driver.set_rate(0, rate) == 0.0  # already stopped: the same
+
+
+def test_the_smallest_rate_the_pump_can_show_runs(rig):
+    emulator, driver = rig
+    assert driver.set_rate(0, 0.0006) == 0.001  # rounds up to the pump's resolution
+    assert emulator.state(0).prompt == "I"
+
+
+@pytest.mark.parametrize("rate", [math.nan, math.inf, -math.inf, -1.0, -0.0004])
+def test_set_rate_refuses_a_rate_that_is_not_finite_and_non_negative(rig, rate):
+    emulator, driver = rig
+    driver.set_rate(0, 5.0)
+    before = len(emulator.log)
+    with pytest.raises(ValueError, match=r"rate .* mL/h"):
+        driver.set_rate(0, rate)
+    time.sleep(0.02)
+    assert emulator.log[before:] == [], "nothing may reach the wire"
+    assert emulator.state(0).rate_ml_per_h == 5.0 and emulator.state(0).prompt == "I"
+
+
+def _killed_bridge(emulators, drivers, safe_s):
+    """A pump left running in safe mode by a driver that vanished without stopping it (a
+    SIGKILLed bridge)."""
+    emulator = emulators([0])
+    old = drivers(emulator.device, safe_s=safe_s)
+    old.initialise(0, DIAMETER)
+    assert old.set_rate(0, 30.0) == 30.0
+    old.close()
+    return emulator
+
+
+@pytest.mark.parametrize("new_safe_s", [2, 0])
+def test_a_new_driver_recovers_a_pump_still_running_in_safe_mode(emulators, drivers,
+                                                               new_safe_s):
+    emulator = _killed_bridge(emulators, drivers, safe_s=3)
+    assert (emulator.state(0).prompt, emulator.state(0).safe_s) == ("I", 3)
+    driver = drivers(emulator.device, safe_s=new_safe_s)
+    driver.initialise(0, DIAMETER)
+    pump = emulator.state(0)
+    assert (pump.prompt, pump.alarm, pump.safe_s) == ("S", None, new_safe_s)
+    reading = driver.read(0)
+    assert (reading.state, reading.alarm) == ("stopped", None)
+    assert driver.set_rate(0, 12.5) == 12.5
+    assert emulator.state(0).prompt == "I"
+    if new_safe_s == 0:  # back in basic mode (SAF0): a basic packet gets a basic answer
+        driver.serial.write(encode_command("RAT", 0))
+        parser, replies, deadline = ReplyParser(), [], time.monotonic() + 0.5
+        while not replies and time.monotonic() < deadline:
+            replies = parser.feed(driver.serial.read(64))
+        assert [(r.data, r.error, r.safe) for r in replies] == [("12.50MH", None, False)]
+
+
+def test_a_new_driver_recovers_a_pump_its_watchdog_stopped(emulators, drivers):
+    emulator = _killed_bridge(emulators, drivers, safe_s=1)
+    start = time.monotonic()
+    while emulator.state(0).alarm is None and time.monotonic() - start < 1.6:
+        time.sleep(0.02)
+    assert (emulator.state(0).prompt, emulator.state(0).alarm) == ("S", "T")
+    driver = drivers(emulator.device, safe_s=2)
+    driver.initialise(0, DIAMETER)
+    pump = emulator.state(0)
+    assert (pump.prompt, pump.alarm, pump.safe_s) == ("S", None, 2)
+    assert driver.set_rate(0, 12.5) == 12.5
+    assert driver.read(0).state == "infusing"
+
+
+def test_initialise_says_what_to_do_when_the_pump_will_not_stop(emulators, drivers,
+                                                                monkeypatch):
+    """A latched alarm that STP does not clear: start-up stops there, before DIA, and the
+    error tells the operator what to do."""
+    emulator = emulators([0])
+    emulator.alarm(0, "S")
+    execute = emulator._execute
+
+    def latched(pump, command, now):
+        alarm, data = pump.alarm, execute(pump, command, now)
+        pump.alarm = alarm
+        return data
+
+    monkeypatch.setattr(emulator, "_execute", latched)
+    driver = drivers(emulator.device)
+    with pytest.raises(PumpRefused, match="power-cycle"):
+        driver.initialise(0, DIAMETER)
+    assert not any("DIA" in line for line in emulator.log)
+
+
+def test_initialise_says_what_to_do_when_the_pump_does_not_answer(emulators, drivers):
+    emulator = emulators([0])
+    emulator.silent = True
+    with pytest.raises(PumpUnreachable, match="pump 00.*power-cycle"):
+        drivers(emulator.device).initialise(0, DIAMETER)
 
 
 def test_rate_above_the_pump_maximum_is_refused_and_changes_nothing(emulators, drivers):

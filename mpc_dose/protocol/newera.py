@@ -24,7 +24,7 @@ from __future__ import annotations
 import binascii
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["STX", "ETX", "PROMPTS", "ALARMS", "ERRORS", "format_number", "encode_command",
            "Reply", "ReplyParser", "encode_reply", "parse_rate", "NewEraError"]
@@ -86,13 +86,16 @@ def encode_reply(address: int, prompt: str, data: str = "", *, safe: bool = Fals
 @dataclass(frozen=True)
 class Reply:
     """A parsed reply: *prompt* letter, *alarm* code (R/S/T/E/O) or None, *error* (``?OOR``
-    ...) or None, and the remaining *data*."""
+    ...) or None, the remaining *data*, and whether it came *safe*-framed (how the pump
+    framed it tells whether it is in safe mode; it is not part of what the reply says, so
+    equality ignores it)."""
 
     address: int
     prompt: str
     data: str
     alarm: str | None = None
     error: str | None = None
+    safe: bool = field(default=False, compare=False)
 
     @property
     def state(self) -> str:
@@ -112,7 +115,12 @@ def parse_rate(data: str) -> float:
 
 class ReplyParser:
     """Bytes in, replies out: resynchronises on STX, checks the CRC in safe mode, and counts
-    what it had to throw away (garbage, bad CRC, oversize)."""
+    what it had to throw away (garbage, truncated frames, bad CRC, oversize).
+
+    A frame cut short (a lost ETX, a dropped byte) must not hide the reply after it: when
+    the frame at the head is bad or still incomplete, a later STX that starts a complete,
+    valid frame wins and the bytes before it are dropped.
+    """
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -136,6 +144,12 @@ class ReplyParser:
                 self.discarded += start
                 self._buffer = self._buffer[start:]
             reply, used = self._one(self._buffer)
+            if reply is None:
+                later = self._later_frame(self._buffer)
+                if later:  # the head was truncated: resync on the frame after it
+                    self.discarded += later
+                    self._buffer = self._buffer[later:]
+                    continue
             if used == 0:
                 if len(self._buffer) > MAX_FRAME:  # never a frame: drop the STX, resync
                     self.discarded += 1
@@ -148,6 +162,19 @@ class ReplyParser:
             else:
                 out.append(reply)
 
+    @classmethod
+    def _later_frame(cls, buf: bytes) -> int:
+        """The index of the first STX after the head that starts a complete frame which
+        parses (CRC included), or 0. Splitting at any STX would be wrong: a safe frame's
+        CRC bytes may be 0x02; but a complete valid frame cannot start inside a genuine
+        frame that is bad or still incomplete (it would need bytes the head has not got)."""
+        start = buf.find(STX, 1)
+        while start > 0:
+            if cls._one(buf[start:])[0] is not None:
+                return start
+            start = buf.find(STX, start + 1)
+        return 0
+
     @staticmethod
     def _one(buf: bytes) -> tuple[Reply | None, int]:
         """(reply or None if bad, bytes used); (None, 0) when more bytes are needed."""
@@ -157,9 +184,13 @@ class ReplyParser:
         # then its 4th byte is an address digit, never a prompt letter
         if buf[1:3].isdigit() and not buf[3:4].isdigit():
             end = buf.find(ETX)
+            # basic frames are ASCII: an STX before the ETX means this one was cut short
+            stx = buf.find(STX, 1, end if end >= 0 else len(buf))
+            if stx > 0:
+                return None, stx
             if end < 0:
                 return None, 0
-            return _reply(buf[1:end]), end + 1
+            return _reply(buf[1:end], safe=False), end + 1
         length = buf[1]
         if length < 7 or length + 1 > MAX_FRAME:  # never a frame: resync at once
             return None, 1
@@ -170,10 +201,10 @@ class ReplyParser:
         body, crc = buf[2:length - 2], buf[length - 2:length]
         if _crc(body) != crc:
             return None, length + 1
-        return _reply(body), length + 1
+        return _reply(body, safe=True), length + 1
 
 
-def _reply(body: bytes) -> Reply | None:
+def _reply(body: bytes, *, safe: bool) -> Reply | None:
     try:
         text = body.decode("ascii")
         address = int(text[:2])
@@ -183,6 +214,6 @@ def _reply(body: bytes) -> Reply | None:
         return None
     prompt, data = text[2], text[3:]
     if prompt == "A" and data.startswith("?") and len(data) >= 2:
-        return Reply(address, prompt, data[2:], alarm=data[1])
+        return Reply(address, prompt, data[2:], alarm=data[1], safe=safe)
     error = data if data.startswith("?") else None
-    return Reply(address, prompt, data, error=error)
+    return Reply(address, prompt, data, error=error, safe=safe)

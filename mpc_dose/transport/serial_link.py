@@ -8,6 +8,7 @@ polls) only while it holds a valid lease, so a dead caller stops the pump (B2).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -45,6 +46,11 @@ def _fits(command: str, reply: Reply) -> bool:
     if name in ("DIA", "SAF"):
         return data == "" or data.replace(".", "", 1).isdigit()
     return data == ""
+
+
+# what start-up asks of the operator when a pump cannot be brought to a known stopped state
+_OPERATOR = ("stop the pump on its keypad (or power-cycle it), check the cable and the "
+             "pump's address, then restart the bridge")
 
 
 class PumpUnreachable(RuntimeError):
@@ -138,13 +144,21 @@ class NewEraDriver:
                               f"{self.retries + 1} tries")
 
     def initialise(self, address: int, diameter_mm: float) -> None:
-        """Power-up sequence: a harmless query (the first command is ignored), stop,
-        acknowledge a power-reset alarm, diameter, units, then safe mode."""
-        for _ in range(2):  # the first command after power-up is ignored (?IGN)
-            reply = self._exchange(address, "VER")
-            if reply.error != "?IGN":
-                break
-        self._exchange(address, "STP")  # also clears a power-reset alarm (operator's init)
+        """Start-up: reach the pump in whatever framing it is in, stop it and check it is
+        stopped, then diameter, units and safe mode (``SAF n``, or ``SAF0`` back to basic
+        mode when *safe_s* is 0).
+
+        The pump may still be in safe mode (running, or stopped by its watchdog with alarm
+        ``A?T``) from a bridge that died without stopping it; this driver does not know
+        that, so it learns the framing from the pump's replies. Raises PumpUnreachable or
+        PumpRefused, with what the operator must do, when the pump cannot be brought to a
+        known stopped state.
+        """
+        try:
+            self._reach(address)
+            self._stop_confirmed(address)
+        except PumpUnreachable as err:
+            raise PumpUnreachable(f"{err}; {_OPERATOR}") from err
         self.command(address, f"DIA{format_number(diameter_mm)}")
         self.command(address, "FUNRAT")
         self.command(address, "DIRINF")
@@ -152,13 +166,45 @@ class NewEraDriver:
         if self.safe_s:
             self.command(address, f"SAF{self.safe_s}")
             self._safe[address] = True
+        elif self._safe.get(address):  # left in safe mode by someone else: back to basic
+            self.command(address, "SAF0")
+            self._safe[address] = False
+
+    def _reach(self, address: int) -> Reply:
+        """A harmless query until the pump answers it, following the pump's framing: the
+        first command after power-up is ignored (``?IGN``), and a pump in safe mode answers
+        a basic packet with ``?COM`` in safe framing (a pump in basic mode never frames)."""
+        for _ in range(4):  # at worst ?COM (framing), then ?IGN (power-up), then the answer
+            reply = self._exchange(address, "VER")
+            self._safe[address] = reply.safe
+            if reply.error not in ("?IGN", "?COM"):
+                return reply
+        raise PumpRefused(f"pump {address:02d} keeps answering {reply.error} at start-up; "
+                          f"{_OPERATOR}", "pump_error", reply)
+
+    def _stop_confirmed(self, address: int) -> None:
+        """STP until the pump says it is stopped with no alarm (STP also acknowledges an
+        alarm: power reset, safe-mode timeout); a second STP stops a paused pump."""
+        for _ in range(3):
+            reply = self._exchange(address, "STP")
+            if reply.prompt == "S" and reply.alarm is None and reply.error is None:
+                return
+        state = (f"alarm A?{reply.alarm}" if reply.alarm else reply.error or
+                 f"prompt {reply.prompt}")
+        raise PumpRefused(f"pump {address:02d} does not confirm it is stopped ({state} after "
+                          f"STP); {_OPERATOR}", "not_stopped", reply)
 
     def set_rate(self, address: int, rate_ml_per_h: float) -> float:
-        """Infuse at *rate_ml_per_h* (0 stops); returns the rate read back [mL/h]."""
-        if rate_ml_per_h <= 0:
+        """Infuse at *rate_ml_per_h*, rounded to the pump's 4 digits; a rate that rounds to
+        0 (below 0.0005 mL/h) stops it. Returns the rate read back [mL/h] (0.0 when
+        stopped). Raises ValueError, before any I/O, for a negative or non-finite rate."""
+        if not (math.isfinite(rate_ml_per_h) and rate_ml_per_h >= 0):
+            raise ValueError(f"rate {rate_ml_per_h!r} mL/h is not a finite number >= 0")
+        text = format_number(rate_ml_per_h)  # what the pump will hold (raises above 9999)
+        if float(text) == 0:  # RAT0.000 then RUN would leave the pump stopped: stop it
             self.command(address, "STP")
             return 0.0
-        self.command(address, f"RAT{format_number(rate_ml_per_h)}")
+        self.command(address, f"RAT{text}")
         reply = self.command(address, "RUN")
         if reply.prompt != "I":
             raise PumpRefused(f"pump {address:02d} did not start (prompt {reply.prompt})",
