@@ -178,13 +178,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keys(args):
-    """CURVE keys from --keys (own secret file) and --server-key (server's public file)."""
+def _keys(args, *, server: bool):
+    """CURVE keys from --keys (own secret file), --server-key (servers' public keys: FILE for
+    all, ADDRESS=FILE for one) and, for a process that binds, --allow-keys (the public keys
+    of the clients it lets in: files or folders of them). Printed at start-up."""
+    allow = getattr(args, "allow_keys", None) or []
     if not getattr(args, "keys", None):
+        if allow or getattr(args, "server_key", None):
+            raise ConfigError("--allow-keys and --server-key need --keys (this process's own "
+                              "secret key file)")
         return None
-    from .transport.zmq_link import Keys
+    from .transport.zmq_link import Keys, describe_keys
 
-    return Keys.load(args.keys, getattr(args, "server_key", None))
+    if server and not allow:
+        raise ConfigError("--keys without --allow-keys: a CURVE server lets in only the client "
+                          "public keys it is given (deny by default); give --allow-keys "
+                          "DIR_OR_FILE")
+    if allow and not server:
+        raise ConfigError(f"--allow-keys: {args.command} {getattr(args, 'role', '')} binds no "
+                          f"socket (it is a client); give the servers' keys with --server-key")
+    default, servers = None, {}
+    for item in getattr(args, "server_key", None) or []:
+        address, sep, path = item.rpartition("=")
+        if sep and "://" in address:
+            servers[address] = path
+        elif default is None:
+            default = item
+        else:
+            raise ConfigError(f"--server-key {item!r}: one default key file only; name the "
+                              f"others ADDRESS=FILE")
+    keys = Keys.load(args.keys, default, servers=servers, allow=allow)
+    for line in describe_keys(keys):
+        print(line, flush=True)
+    return keys
 
 
 def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
@@ -203,11 +229,12 @@ def _cmd_serve(args) -> int:
     if args.role == "pump-bridge":
         from .serve.pump_bridge import PumpBridgeProcess, load_bridge_config
 
-        bridge = PumpBridgeProcess(load_bridge_config(args.target), audit=args.audit,
-                                   keys=_keys(args))
-        print(f"pump bridge: commands {bridge.config.bridge.commands}, telemetry "
-              f"{bridge.config.bridge.telemetry}, {len(bridge.config.pump)} pump(s)",
-              flush=True)
+        config = load_bridge_config(args.target)
+        bridge = PumpBridgeProcess(config, audit=args.audit, keys=_keys(args, server=True))
+        print(f"pump bridge: commands {config.bridge.commands}, telemetry "
+              f"{config.bridge.telemetry}, {len(config.pump)} pump(s), " + (
+                  f"hardware watchdog {config.watchdog_s:g} s" if config.watchdog_s else
+                  "NO hardware watchdog (no_hardware_watchdog = true)"), flush=True)
         import signal
 
         signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
@@ -225,7 +252,7 @@ def _cmd_serve(args) -> int:
                              commands=args.commands, external=_pairs(args.external,
                                                                      "--external"),
                              realtime_factor=args.realtime, audit=args.audit,
-                             keys=_keys(args))
+                             keys=_keys(args, server=True))
         if args.out:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +266,7 @@ def _cmd_serve(args) -> int:
     process = serve_controller(scenario, [(args.patient - 1, seed)], [args.telemetry],
                                [routes], plant_commands=[args.commands],
                                realtime=args.realtime is not None,
-                               audit=args.audit, keys=_keys(args))
+                               audit=args.audit, keys=_keys(args, server=False))
     link = process.links[0]
     print(f"controller: {len(link.cycle_s)} cycles, missed acks {link.missed_acks}")
     return 0
@@ -371,7 +398,7 @@ def _cmd_monitor(args) -> int:
     from .transport.zmq_link import TelemetryReader
 
     context = zmq.Context()
-    reader = TelemetryReader(context, args.telemetry, keys=_keys(args))
+    reader = TelemetryReader(context, args.telemetry, keys=_keys(args, server=False))
     end = None if args.duration is None else time.monotonic() + args.duration
     try:
         while end is None or time.monotonic() < end:
@@ -456,7 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit", default=None, help="SQLite audit log to append to")
     p.add_argument("--out", default=None, help="plant: CSV of the recorded series")
     p.add_argument("--keys", default=None, help="own CURVE secret key file (NAME.key_secret)")
-    p.add_argument("--server-key", default=None, help="client: the server's public key file")
+    p.add_argument("--allow-keys", action="append", metavar="DIR_OR_FILE",
+                   help="plant, pump-bridge with --keys: public key files (or folders of "
+                        "*.key files) of the clients let in; everyone else is refused")
+    p.add_argument("--server-key", action="append", metavar="[ADDRESS=]FILE",
+                   help="with --keys: a server's public key file (for every server, or for "
+                        "the one at ADDRESS)")
     p.set_defaults(run=_cmd_serve)
 
     p = sub.add_parser("trial", help="closed-loop trial over a cohort",
@@ -536,8 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("monitor", help="live values, modes and alarms from telemetry")
     p.add_argument("telemetry", nargs="+", help="telemetry (PUB) addresses")
     p.add_argument("--duration", type=float, default=None, help="stop after [s]")
-    p.add_argument("--keys", default=None)
-    p.add_argument("--server-key", default=None)
+    p.add_argument("--keys", default=None, help="own CURVE secret key file")
+    p.add_argument("--server-key", action="append", metavar="[ADDRESS=]FILE",
+                   help="a publisher's public key file (for all, or for the one at ADDRESS)")
     p.set_defaults(run=_cmd_monitor)
     return parser
 

@@ -771,7 +771,8 @@ def test_a_running_fallback_is_stopped_at_the_hourly_volume():
     rig.send(set_rate("c1", 20.0, lease_s=60.0, fallback=fallback), T0)   # 1/3 mL
     rig.node.expire(T0 + 60.0)
     assert rig.state.mode == "FALLBACK" and rig.driver.rates[ADDRESS] == 2.0
-    # the remaining 5/3 mL at 2 mL/h take 3000 s
+    # the remaining 5/3 mL at 2 mL/h take 3000 s: the bridge knows when to look
+    assert rig.node.next_deadline(T0 + 60.0) == pytest.approx(T0 + 60.0 + 3000.0)
     assert of(rig.node.expire(T0 + 60.0 + 2999.0), Alarm) == []
     out = rig.node.expire(T0 + 60.0 + 3000.5)
     alarm = only(out, Alarm)
@@ -876,12 +877,12 @@ def test_a_flood_of_commands_cannot_hold_a_lease_past_its_end():
     device poll, and next_deadline() says when the next one is due."""
     rig = Rig()
     rig.send(set_rate("c1", 20.0, lease_s=2.0), T0)
-    assert rig.node.next_deadline() == T0 + 2.0
+    assert rig.node.next_deadline(T0) == T0 + 2.0
     for k in range(100):  # a flood of status requests does not renew it
         rig.send(GetStatus(cmd_id=f"g{k}", pump=PUMP), T0 + k * 0.019)
     assert rig.node.expire(T0 + 1.99) == []
     assert only(rig.node.expire(T0 + 2.0), Alarm).code == "pump.lease_expired"
-    assert rig.node.next_deadline() == float("inf")
+    assert rig.node.next_deadline(T0 + 2.0) == float("inf")
     assert rig.driver.rates[ADDRESS] == 0.0
 
 

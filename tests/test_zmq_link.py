@@ -179,14 +179,16 @@ def test_corrupted_frames_never_reach_the_pump(context):
 
 def test_curve_allow_list_keeps_unknown_clients_out(context, tmp_path):
     """T33: with CURVE and a ZAP allow-list, an allowed client commands the pump and an
-    unknown key delivers nothing (the handshake fails)."""
+    unknown key delivers nothing (the handshake fails); the refusal is kept, with the key,
+    for the audit log (issue 14.1)."""
     server_pub, server_secret = generate_keys(tmp_path / "server", "bridge")
     good_pub, good_secret = generate_keys(tmp_path / "allowed", "controller")
-    _, bad_secret = generate_keys(tmp_path / "other", "intruder")
-    auth = Authenticator(context, tmp_path / "allowed")
+    bad_pub, bad_secret = generate_keys(tmp_path / "other", "intruder")
+    keys = Keys.load(server_secret, allow=[tmp_path / "allowed"])
+    assert set(keys.clients) == {"controller"}
+    auth = Authenticator(context, keys.clients)
     (address,) = free_addresses(1)
-    bridge = BridgeThread(context, address,
-                          keys=Keys.load(server_secret))
+    bridge = BridgeThread(context, address, keys=keys)
     try:
         good = CommandClient(context, address, src="ctl",
                              keys=Keys.load(good_secret, server_pub))
@@ -194,11 +196,52 @@ def test_curve_allow_list_keeps_unknown_clients_out(context, tmp_path):
                             keys=Keys.load(bad_secret, server_pub))
         assert bad.request(command(1, 99.0), timeout_s=0.5, retries=1) is None
         ack = good.request(command(2, 12.0), timeout_s=1.0, retries=2)
+        refused = auth.drain()
     finally:
         bridge.stop()
         auth.stop()
     assert ack is not None and ack.code == "applied"
     assert bridge.driver.sets == [12.0]
+    bad_key = Keys.load(bad_secret).public.decode()
+    assert refused and {r["key"] for r in refused} == {bad_key}
+    assert all(r["address"].startswith("127.0.0.1") for r in refused)
+
+
+def test_a_curve_server_needs_an_allow_list(context, tmp_path):
+    """14.1: deny by default. A CURVE server without client keys does not start; one whose
+    process started no authenticator refuses every client (libzmq would let all in)."""
+    server_pub, server_secret = generate_keys(tmp_path, "bridge")
+    _, client_secret = generate_keys(tmp_path / "c", "controller")
+    (address,) = free_addresses(1)
+    with pytest.raises(ConfigError, match=r"needs the public keys of the clients.*--allow-keys"):
+        CommandServer(context, address, src="bridge", keys=Keys.load(server_secret))
+    with pytest.raises(ConfigError, match="holds no \\*.key file"):
+        Keys.load(server_secret, allow=[tmp_path / "empty"]) if (tmp_path / "empty").mkdir() \
+            is None else None
+    keys = Keys.load(server_secret, allow=[tmp_path / "c"])
+    bridge = BridgeThread(context, address, keys=keys)  # no Authenticator on this context
+    try:
+        client = CommandClient(context, address, src="ctl",
+                               keys=Keys.load(client_secret, server_pub))
+        assert client.request(command(1, 12.0), timeout_s=0.5, retries=1) is None
+    finally:
+        bridge.stop()
+    assert bridge.driver.sets == []
+
+
+def test_a_client_needs_the_key_of_each_server(context, tmp_path):
+    """A CURVE client connecting to several servers takes each one's key by address."""
+    a_pub, _ = generate_keys(tmp_path, "plant")
+    b_pub, _ = generate_keys(tmp_path, "bridge")
+    _, own = generate_keys(tmp_path, "controller")
+    a, b = free_addresses(2)
+    keys = Keys.load(own, servers={b: b_pub})
+    assert keys.server_key(b) == Keys.load(own, b_pub).server_public
+    with pytest.raises(ConfigError, match=f"{a}: a CURVE client needs this server's public key"):
+        CommandClient(context, a, src="c", keys=keys)
+    TelemetryReader(context, [b], keys=keys)
+    with pytest.raises(ConfigError, match="not a CURVE key file"):
+        Keys.load(own, tmp_path / "missing.key")
 
 
 def test_secret_key_files_are_private_and_public_files_hold_no_secret(tmp_path):

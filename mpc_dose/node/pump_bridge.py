@@ -314,10 +314,19 @@ class PumpBridgeNode:
                                    unit="mL/h")), self.status(state.config.pump, now)]
 
     # ------------------------------------------------------------------ time passes
-    def next_deadline(self) -> float:
-        """The earliest lease end [bridge monotonic s] (inf when none runs)."""
-        return min((s.lease.end_s for s in self.pumps.values()
-                    if s.mode == "COMMANDED" and s.lease is not None), default=math.inf)
+    def next_deadline(self, now: float) -> float:
+        """When :meth:`expire` next has work [bridge monotonic s]: the earliest lease end, or
+        the earliest time a running preset fallback can reach its hourly volume (inf when
+        neither)."""
+        times = [math.inf]
+        for s in self.pumps.values():
+            if s.mode == "COMMANDED" and s.lease is not None:
+                times.append(s.lease.end_s)
+            elif s.mode == "FALLBACK" and s.rate_ml_per_h > 0 and \
+                    math.isfinite(s.config.max_volume_per_h_ml):
+                left = s.config.max_volume_per_h_ml - self._volume_last_hour(s, now)
+                times.append(now + max(0.0, left) / s.rate_ml_per_h * 3600.0)
+        return min(times)
 
     def expire(self, now: float) -> list[_Message]:
         """Lease ends -> fallback; a preset fallback that reaches the hourly volume -> stop.

@@ -10,13 +10,17 @@ Nothing here reads a clock: every method takes ``now`` (monotonic seconds of the
 - :class:`SequenceTracker` classifies each (src, epoch, seq): new, duplicate, stale
   (out of order or from an old epoch) and counts gaps (lost messages).
 - :class:`Lease` holds a command until its end on the receiver's own clock.
+- :class:`PeerBudget` limits the frames each peer may have handled per second (a token
+  bucket), so one flooding sender cannot starve the others or the receiver's own duties.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
-__all__ = ["LINK_TRANSITIONS", "LinkSession", "SequenceTracker", "Lease", "Transition"]
+__all__ = ["LINK_TRANSITIONS", "LinkSession", "SequenceTracker", "Lease", "Transition",
+           "PeerBudget"]
 
 #: (state, event) -> next state. Any pair not listed leaves the state unchanged.
 LINK_TRANSITIONS: dict[tuple[str, str], str] = {
@@ -151,3 +155,36 @@ class Lease:
 
     def expired(self, now: float) -> bool:
         return now >= self.end_s
+
+
+@dataclass
+class PeerBudget:
+    """A token bucket per peer: *rate_per_s* frames a second on average, *burst* at once.
+
+    ``allow(peer, now)`` says whether one more frame from *peer* may be handled; the frames
+    refused since the peer's last report are counted in :attr:`dropped`. At most
+    *max_peers* buckets are kept (the least recently seen goes first), so a sender that
+    keeps changing its identity cannot grow the table without bound.
+    """
+
+    rate_per_s: float
+    burst: float
+    max_peers: int = 4096
+    _buckets: OrderedDict = field(default_factory=OrderedDict)
+    dropped: dict[bytes, int] = field(default_factory=dict)
+
+    def allow(self, peer: bytes, now: float) -> bool:
+        tokens, last = self._buckets.pop(peer, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate_per_s)
+        allowed = tokens >= 1.0
+        self._buckets[peer] = (tokens - 1.0 if allowed else tokens, now)
+        while len(self._buckets) > self.max_peers:
+            self._buckets.popitem(last=False)
+        if not allowed:
+            self.dropped[peer] = self.dropped.get(peer, 0) + 1
+        return allowed
+
+    def take_dropped(self) -> dict[bytes, int]:
+        """The frames refused per peer since the last call."""
+        out, self.dropped = self.dropped, {}
+        return out

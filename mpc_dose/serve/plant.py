@@ -22,12 +22,13 @@ import zmq
 
 from ..audit import AuditLog
 from ..plant.clock import ACT, at
-from ..protocol.codec import Envelope
-from ..protocol.messages import GetStatus, Heartbeat, Hello, PumpStatus, SetRate, Stop
+from ..protocol.codec import Envelope, refusal
+from ..protocol.messages import (GetStatus, Heartbeat, Hello, PumpStatus, RemoteProtocolError,
+                                 SetRate, Stop)
 from ..scenario.schema import Scenario
 from ..trial.build import build_setup
 from ..trial.closed_loop import LoopResult, PlantSide, control_instants, make_environment
-from ..transport.zmq_link import CommandServer, Keys, Telemetry, TelemetryReader
+from ..transport.zmq_link import Authenticator, CommandServer, Keys, Telemetry, TelemetryReader
 
 __all__ = ["serve_plant", "answer_commands"]
 
@@ -36,10 +37,19 @@ def answer_commands(plant: PlantSide, server: CommandServer, timeout_s: float = 
                     log: AuditLog | None = None) -> list[Envelope]:
     """Take the commands waiting on *server* (after up to *timeout_s*) and answer each on
     it: ``hello`` with the plant's hello, commands for simulated pumps through the plant;
-    commands for bridged pumps are only noted (the bridge answers them). Returns the
-    envelopes of the commands handled."""
+    commands for bridged pumps are only noted (the bridge answers them); a refused command
+    frame gets its ``ack`` with the reason code. Returns the envelopes of the commands
+    handled."""
     handled = []
-    for identity, envelope in server.receive(timeout_s):
+    for identity, envelope in server.frames(timeout_s):
+        if isinstance(envelope, RemoteProtocolError):
+            if log is not None:
+                log.note("refused", float(plant.env.now), code=envelope.code,
+                         text=str(envelope)[:500], cmd_id=envelope.cmd_id)
+            answer = refusal(envelope)
+            if answer is not None:
+                server.reply(identity, answer, float(plant.env.now))
+            continue
         if log is not None:
             log.message("in", envelope)
         message = envelope.message
@@ -67,9 +77,19 @@ def serve_plant(scenario: Scenario, index: int, seed: int, *, telemetry: str, co
     external = dict(external or {})
     context = zmq.Context()
     log = AuditLog(audit, "plant") if audit else None
+    # the allow-list runs before any server socket exists (deny by default)
+    auth = Authenticator(context, keys.clients) if keys is not None else None
     pub = Telemetry(context, telemetry, src="plant", keys=keys)
     server = CommandServer(context, commands, src="plant", keys=keys)
-    bridges = TelemetryReader(context, sorted(set(external.values()))) if external else None
+    bridges = TelemetryReader(context, sorted(set(external.values())), keys=keys) \
+        if external else None
+    if log is not None and keys is not None:
+        log.note("start", None, allowed_keys=sorted(keys.clients))
+
+    def audit_refused_handshakes() -> None:
+        for refused in auth.drain() if auth is not None else ():
+            if log is not None:
+                log.note("zap_refused", None, **refused)
     env = make_environment(setup)
     period = setup.controller.period_s
 
@@ -85,6 +105,7 @@ def serve_plant(scenario: Scenario, index: int, seed: int, *, telemetry: str, co
     reported: dict[str, float] = {}     # external pump -> t_sim of its last status
 
     def serve_commands(timeout_s: float) -> None:
+        audit_refused_handshakes()
         for envelope in answer_commands(plant, server, timeout_s, log):
             if isinstance(envelope.message, (SetRate, Stop)):
                 answered[envelope.message.pump] = envelope.t_sim if envelope.t_sim \
@@ -117,6 +138,7 @@ def serve_plant(scenario: Scenario, index: int, seed: int, *, telemetry: str, co
             raise TimeoutError(f"serve plant: no controller hello"
                                f"{'' if seen_bridge else ' / bridge status'} within {wait_s} s")
         pub.send(Heartbeat(role="plant", state="waiting", period_s=0.05), 0.0)
+        audit_refused_handshakes()
         for identity, envelope in server.receive(0.05):
             if isinstance(envelope.message, Hello):
                 hello = True
@@ -164,6 +186,9 @@ def serve_plant(scenario: Scenario, index: int, seed: int, *, telemetry: str, co
     env.run(until=setup.duration_s + min(setup.record_step_s, 1.0) / 2)
     send(Heartbeat(role="plant", state="finished", period_s=0.0))
     time.sleep(0.05)  # let the last frames leave (LINGER is 0)
+    audit_refused_handshakes()
+    if auth is not None:
+        auth.stop()
     if log is not None:
         log.note("finish", float(env.now), dropped=pub.dropped,
                  rejected=dict(server.rejected))
