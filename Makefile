@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/tiva_training.py
 	$(PY) benchmarks/zmq_load.py
 	$(PY) benchmarks/trial_speed.py
+	$(PY) benchmarks/fuzz_bridge.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -18,7 +18,7 @@ import math
 import sys
 import time
 
-from mpc_dose.protocol.messages import QUALITIES, LocalProtocolError, Measurement
+from mpc_dose.protocol.messages import QUALITIES, WIRE_UNITS, LocalProtocolError, Measurement
 
 __all__ = ["parse_line"]
 
@@ -53,7 +53,8 @@ def main() -> None:
     source.add_argument("--stdin", action="store_true")
     parser.add_argument("--baudrate", type=int, default=9600)
     parser.add_argument("--var", required=True)
-    parser.add_argument("--unit", required=True)
+    parser.add_argument("--unit", required=True, choices=WIRE_UNITS["measurement"],
+                        help="the readings' unit (docs/protocol.md section 3)")
     parser.add_argument("--sensor", default="relay")
     parser.add_argument("--telemetry", default="tcp://127.0.0.1:5570")
     args = parser.parse_args()

@@ -83,6 +83,49 @@ def test_two_processes_reproduce_the_in_process_loop(tmp_path):
                                    err_msg=column)
 
 
+def test_two_processes_over_curve_with_allow_lists(tmp_path):
+    """The hil/README.md recipe: the plant binds with its keys and an allow-list holding the
+    controller's public key; the controller names the plant's public key. The loop runs as
+    without keys (same series); a monitor not on the list hears nothing."""
+    import zmq
+
+    from mpc_dose.transport.zmq_link import Keys, TelemetryReader
+
+    for name in ("plant", "controller", "monitor"):
+        assert subprocess.run(cli("keys", str(tmp_path / "keys"), name)).returncode == 0
+    keys = tmp_path / "keys"
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    (allow / "controller.key").write_bytes((keys / "controller.key").read_bytes())
+    tel, cmd = free_addresses(2)
+    out = tmp_path / "plant.csv"
+    plant = subprocess.Popen(cli("serve", "plant", str(SCENARIO), "--patient", "3", "--seed",
+                                 "2", "--telemetry", tel, "--commands", cmd, "--out",
+                                 str(out), "--keys", str(keys / "plant.key_secret"),
+                                 "--allow-keys", str(allow)),
+                             stdout=subprocess.PIPE, text=True)
+    context = zmq.Context()
+    stranger = TelemetryReader(context, [tel], keys=Keys.load(keys / "monitor.key_secret",
+                                                              keys / "plant.key"))
+    controller = subprocess.Popen(cli("serve", "controller", str(SCENARIO), "--patient", "3",
+                                      "--seed", "2", "--telemetry", tel, "--commands", cmd,
+                                      "--keys", str(keys / "controller.key_secret"),
+                                      "--server-key", str(keys / "plant.key")))
+    try:
+        run_all([plant, controller])
+        heard = list(stranger.drain(0.2))
+    finally:
+        context.destroy(linger=0)
+    assert plant.returncode == 0 and controller.returncode == 0
+    assert "allowing 1 client key(s): controller" in plant.stdout.read()
+    assert heard == []
+    across = pd.read_csv(out)
+    setup, _ = build_setup(load_scenario(SCENARIO), 2, 2)
+    inproc = run_closed_loop(setup).to_pandas()
+    np.testing.assert_allclose(across["true_bis_unitless"], inproc["true_bis_unitless"],
+                               rtol=1e-9, atol=1e-12)
+
+
 def test_three_processes_with_the_emulated_ne1000(tmp_path):
     """Controller, plant and pump bridge (driving two emulated NE-1000 pumps on one line)
     reproduce the in-process loop; the only difference is the pump's 4-digit rate format
