@@ -137,3 +137,24 @@ def test_monitor_prints_values_modes_and_alarms(capsys):
     assert "plant: bis = 48.5 1 [valid]" in out
     assert "pump propofol infusing 120 mL/h mode COMMANDED" in out
     assert "ALARM medium pump.lease_expired" in out
+
+
+def test_curve_flags_are_checked_before_anything_binds(tmp_path, capsys):
+    """14.1: a server with --keys needs --allow-keys (deny by default); a client (the
+    controller, the monitor) binds nothing and takes no allow-list; an allow-list without
+    own keys is an error; a folder without keys is an error naming it."""
+    assert main(["keys", str(tmp_path), "plant"]) == 0
+    secret = str(tmp_path / "plant.key_secret")
+    scenario = "scenarios/hil_pid_newera.toml"
+    cases = [
+        (["serve", "plant", scenario, "--keys", secret], "--keys without --allow-keys"),
+        (["serve", "controller", scenario, "--keys", secret, "--allow-keys", str(tmp_path)],
+         "binds no socket"),
+        (["serve", "plant", scenario, "--allow-keys", str(tmp_path)], "need --keys"),
+        (["serve", "plant", scenario, "--keys", secret, "--allow-keys",
+          str(tmp_path / "nowhere")], "no such file or folder"),
+        (["monitor", "tcp://127.0.0.1:5999", "--keys", secret], "needs this server's public key"),
+    ]
+    for argv, match in cases:
+        assert main(argv) == 2, argv
+        assert match in capsys.readouterr().err, argv
