@@ -230,8 +230,10 @@ def test_missed_deadlines_stop_commanding_and_the_leases_run_out(tmp_path):
         plant.kill()
     assert plant.returncode == 0
     db = sqlite3.connect(audit)
+    # (the supervisor's own mode changes are 'mode' rows too: INIT -> CLOSED_LOOP at start)
     fallback = db.execute("SELECT t_wall, body FROM events WHERE process = 'controller' AND "
-                          "kind = 'mode'").fetchall()
+                          "kind = 'mode' AND body LIKE '%\"target\": \"FALLBACK\"%' "
+                          "ORDER BY id").fetchall()
     assert fallback and "deadlines missed" in fallback[0][1]
     after = db.execute("SELECT COUNT(*) FROM events WHERE process = 'controller' AND "
                        "kind = 'set_rate' AND t_wall > ?", (fallback[0][0],)).fetchone()[0]

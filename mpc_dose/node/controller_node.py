@@ -1,18 +1,28 @@
 """The controller node: protocol messages in, protocol messages out, no I/O.
 
-It keeps the latest reading of each measured variable, runs the controller once per control
-period (:meth:`tick`) and turns its rates (amount/s) into leased ``set_rate`` commands in
-mL/h for the pump of each input, with the dose rate alongside for the pump side's own check.
-It never owns a clock: ``now`` is an argument.
+It keeps the latest reading of each measured variable, runs the controller behind the safety
+supervisor once per control period (:meth:`ControllerNode.tick`) and turns the rates
+(amount/s) into leased ``set_rate`` commands in mL/h for the pump of each input, with the
+dose rate alongside for the pump side's own check. It never owns a clock: ``now`` is an
+argument.
+
+Every controller kind runs behind the same supervisor here
+(:class:`~mpc_dose.control.supervisor.SupervisedController`): readings are gated before the
+controller sees them, and its rates are limited before they leave. The supervisor's alarms
+leave :meth:`~ControllerNode.tick` as ``alarm`` messages (for the caller to record or
+publish; they are not commands) and its mode transitions are kept in
+:attr:`~ControllerNode.transitions`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..control.base import Controller, Decision, Reading, check_rates
+from ..control.supervisor import SafetyConfig, SafetySupervisor, SupervisedController
+from ..errors import ConfigError
 from ..protocol.messages import (Ack, Alarm, Fallback, Measurement, PumpStatus, SetRate,
                                  _Message)
 
@@ -32,37 +42,61 @@ class PumpRoute:
 
 
 class ControllerNode:
-    """Runs *controller* and speaks the protocol to the pumps in *routes*.
+    """Runs *controller* behind the safety supervisor and speaks the protocol to the pumps in
+    *routes*.
 
     Parameters
     ----------
     controller : Controller
+        Any controller kind; the node wraps it in a
+        :class:`~mpc_dose.control.supervisor.SupervisedController`.
     routes : mapping of input name -> PumpRoute
+    safety : SafetyConfig, optional
+        The supervisor's limits and data rules. Without it: no data gate and no limits
+        (only the check that every rate is finite and >= 0).
     lease_periods : float
         Each command's lease, in control periods (DESIGN: 2-3 periods).
     src : str
-        This node's id in the messages it sends.
+        This node's id in the messages it sends (and the prefix of its command ids).
     """
 
     def __init__(self, controller: Controller, routes: Mapping[str, PumpRoute], *,
-                 lease_periods: float = 3.0, src: str = "controller") -> None:
-        missing = [name for name in controller.inputs if name not in routes]
-        if missing:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"controller {controller.name!r} sets {', '.join(missing)} but "
-                              f"no pump is configured for it")
-        self.controller = controller
+                 safety: SafetyConfig | None = None, lease_periods: float = 3.0,
+                 src: str = "controller") -> None:
         self.routes = dict(routes)
+        self.safety = safety if safety is not None else SafetyConfig()
+        self.controller = self._supervised(controller)
+        self.lease_periods = lease_periods
         self.lease_s = lease_periods * controller.period_s
         self.src = src
         self.readings: dict[str, Reading] = {}
         self.last_decision: Decision | None = None
         self.acks: dict[str, Ack] = {}
         self.pump_status: dict[str, PumpStatus] = {}
+        #: alarms received from the plant side (time, message)
         self.alarms: list[tuple[float, Alarm]] = []
+        #: alarms this node raised (the supervisor's), as sent out by :meth:`tick`
+        self.raised: list[tuple[float, Alarm]] = []
         self._commands = 0
+        self._alarms_seen = 0
 
+    def _supervised(self, controller: Controller) -> SupervisedController:
+        missing = [name for name in controller.inputs if name not in self.routes]
+        if missing:
+            raise ConfigError(f"controller {controller.name!r} sets {', '.join(missing)} but "
+                              f"no pump is configured for it")
+        return SupervisedController(controller, SafetySupervisor(self.safety))
+
+    @property
+    def supervisor(self) -> SafetySupervisor:
+        return self.controller.supervisor
+
+    @property
+    def transitions(self) -> list[tuple[float, str, str, str]]:
+        """Every mode transition of the supervisor: (time [s], from, to, cause)."""
+        return list(self.controller.supervisor.transitions)
+
+    # ------------------------------------------------------------------ in
     def receive(self, message: _Message, now: float) -> list[_Message]:
         """Take in one message from the plant side; nothing is sent back."""
         if isinstance(message, Measurement):
@@ -72,9 +106,8 @@ class ControllerNode:
                               message.quality)
             if previous is None or message.t_meas >= previous.t_meas_s:
                 self.readings[message.var] = reading
-            observe = getattr(self.controller, "observe", None)
-            if observe is not None:  # controllers that use every sample (estimators)
-                observe(reading)
+            # the supervisor passes usable ones to controllers that use every sample
+            self.controller.observe(reading)
         elif isinstance(message, Ack):
             self.acks[message.cmd_id] = message
         elif isinstance(message, PumpStatus):
@@ -83,23 +116,39 @@ class ControllerNode:
             self.alarms.append((now, message))
         return []
 
+    # ------------------------------------------------------------------ out
     def tick(self, now: float) -> list[_Message]:
-        """One control cycle: decide and send one leased command per input."""
-        decision = self.controller.decide(now, dict(self.readings))
-        rates = check_rates(decision.rates, self.controller.inputs, self.controller.name)
-        self.last_decision = Decision(now, rates, decision.reason, decision.status,
-                                      decision.details)
-        out: list[_Message] = []
-        for name, rate in rates.items():
-            route = self.routes[name]
-            self._commands += 1
-            out.append(SetRate(
-                cmd_id=f"{self.src}-{self._commands}", pump=route.pump,
-                rate=rate * 3600.0 / route.concentration, unit="mL/h", lease_s=self.lease_s,
-                fallback=(Fallback(action="preset_rate", rate=route.fallback_ml_per_h)
-                          if route.fallback_ml_per_h > 0 else Fallback()),
-                dose_rate=rate, dose_unit=f"{route.amount_unit}/s"))
+        """One control cycle: decide behind the supervisor and send one leased command per
+        input; the supervisor's new alarms follow as ``alarm`` messages."""
+        supervised = self.controller
+        decision = supervised.decide(now, dict(self.readings))
+        rates = check_rates(decision.rates, supervised.inputs, supervised.name)
+        out: list[_Message] = [self._set_rate(self.routes[name], rate)
+                               for name, rate in rates.items()]
+        self.last_decision = replace(decision, t_s=now, rates=rates)
+        for t, code, text in supervised.alarms[self._alarms_seen:]:
+            priority = "high" if code.startswith("data.") or supervised.mode != \
+                "CLOSED_LOOP" else "medium"
+            alarm = Alarm(code=code, priority=priority, kind="technical",
+                          text=f"{self.src}: {text}")
+            self.raised.append((t, alarm))
+            out.append(alarm)
+        self._alarms_seen = len(supervised.alarms)
         return out
+
+    def _next_id(self) -> str:
+        self._commands += 1
+        return f"{self.src}-{self._commands}"
+
+    def _set_rate(self, route: PumpRoute, rate: float) -> SetRate:
+        ml_per_h = rate * 3600.0 / route.concentration
+        fallback_ml_per_h = route.fallback_ml_per_h
+        return SetRate(
+            cmd_id=self._next_id(), pump=route.pump, rate=ml_per_h, unit="mL/h",
+            lease_s=self.lease_s,
+            fallback=(Fallback(action="preset_rate", rate=fallback_ml_per_h)
+                      if fallback_ml_per_h > 0 else Fallback()),
+            dose_rate=rate, dose_unit=f"{route.amount_unit}/s")
 
     @property
     def commanded(self) -> dict[str, float]:

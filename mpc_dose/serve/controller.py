@@ -8,6 +8,9 @@ heartbeats only prove liveness.
 
 Several patients share one process (the load case: one controller for 100 virtual patients):
 each has its own node, sockets and epoch.
+
+The node runs its controller behind the safety supervisor; its alarms and mode transitions
+go to the audit log (``alarm``, ``mode``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import zmq
 from ..audit import AuditLog
 from ..node import ControllerNode
 from ..protocol.codec import Envelope
-from ..protocol.messages import Heartbeat, Hello
+from ..protocol.messages import Alarm, Heartbeat, Hello
 from ..protocol.session import LinkSession
 from ..scenario.schema import Scenario
 from ..trial.build import build_setup
@@ -48,6 +51,8 @@ class PatientLink:
     #: the plant's clock minus ours (monotonic), from its latest t_sim; readings carry the
     #: plant's time, so decisions must too. None: no simulated clock (real sensors: UTC)
     clock_offset_s: float | None = None
+    #: how many of the node's mode transitions are in the audit log
+    modes_logged: int = 0
 
     def now(self) -> float:
         """This patient's time: the plant's clock, or UTC for real devices."""
@@ -75,7 +80,7 @@ class ControllerProcess:
                                                           plant_commands):
             setup, _ = build_setup(scenario, index, seed)
             plant_routes = PlantSide.routes_for(setup)
-            node = ControllerNode(setup.controller, plant_routes,
+            node = ControllerNode(setup.controller, plant_routes, safety=setup.safety,
                                   lease_periods=setup.lease_periods,
                                   src=f"controller-{index + 1}")
             clients = {}
@@ -137,8 +142,12 @@ class ControllerProcess:
         for envelope in link.telemetry.drain(timeout_s):
             link.session.heard(time.monotonic(), envelope.epoch)
             message = envelope.message
-            if envelope.t_sim is not None and isinstance(message, Heartbeat):
-                # heartbeats leave at once (readings may be delayed): they set the clock
+            if envelope.t_sim is not None and not (isinstance(message, Heartbeat) and
+                                                   message.state == "waiting"):
+                # every envelope carries the plant's time of sending (a delayed reading
+                # too: its sample time is in the reading): the latest sets the clock, so
+                # the first readings are not judged by another clock (not the heartbeats
+                # of a plant waiting for its hello: its clock is not running yet)
                 offset = envelope.t_sim - time.monotonic()
                 link.clock_offset_s = offset if link.clock_offset_s is None else \
                     max(link.clock_offset_s, offset)
@@ -154,9 +163,14 @@ class ControllerProcess:
         return ticks
 
     def cycle(self, link: PatientLink, t: float) -> None:
-        """One control instant: decide, send each command and wait for its ack."""
+        """One control instant: decide, send each command and wait for its ack; the
+        supervisor's alarms and mode changes go to the audit log."""
         start = time.perf_counter()
         for command in link.node.tick(t):
+            if isinstance(command, Alarm):  # not a command: recorded
+                if self.log is not None:
+                    self.log.note("alarm", t, patient=link.node.src, alarm=command.body())
+                continue
             client = link.clients[command.pump]
             ack = client.request(command, t_sim=t, timeout_s=self.ack_timeout_s,
                                  retries=self.retries)
@@ -168,6 +182,12 @@ class ControllerProcess:
             link.node.receive(ack, t)
             if self.log is not None:
                 self.log.note("ack", t, **ack.body())
+        transitions = link.node.transitions
+        for t_mode, source, target, cause in transitions[link.modes_logged:]:
+            if self.log is not None:
+                self.log.note("mode", t_mode, patient=link.node.src, source=source,
+                              target=target, cause=cause)
+        link.modes_logged = len(transitions)
         link.cycle_s.append(time.perf_counter() - start)
 
     def run_simulated(self, idle_timeout_s: float = 30.0) -> None:

@@ -1,0 +1,160 @@
+"""The controller node runs every controller kind behind the one safety supervisor
+(DESIGN "One control cycle", step 3; "Safety behaviours"): a frozen or stale reading never
+raises the dose and switches to FALLBACK with an alarm; hard clamps hold for every kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mpc_dose.protocol.messages import Alarm, GetStatus, Measurement, SetRate
+from mpc_dose.node import ControllerNode
+from mpc_dose.scenario import load_scenario
+from mpc_dose.trial.build import build_setup
+from mpc_dose.trial.closed_loop import PlantSide
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = REPO / "scenarios"
+
+
+def node_for(name: str, overrides: dict | None = None, *, index: int = 0):
+    """(node, setup) for patient *index* of a shipped scenario, as `mpc-dose run` builds it."""
+    setup, _ = build_setup(load_scenario(SCENARIOS / name, overrides), index, 0)
+    node = ControllerNode(setup.controller, PlantSide.routes_for(setup), safety=setup.safety,
+                          lease_periods=setup.lease_periods)
+    return node, setup
+
+
+def bis(value: float, t: float, quality: str = "valid") -> Measurement:
+    return Measurement(var="bis", value=value, unit="1", t_meas=t, quality=quality)
+
+
+def split(messages):
+    """(set_rate by pump, get_status pumps, alarms) of one tick."""
+    rates = {m.pump: m for m in messages if isinstance(m, SetRate)}
+    status = {m.pump for m in messages if isinstance(m, GetStatus)}
+    alarms = [m for m in messages if isinstance(m, Alarm)]
+    return rates, status, alarms
+
+
+# ---------------------------------------------------------------- frozen and stale data
+
+
+def test_pid_on_a_frozen_reading_falls_back_and_never_raises_the_dose():
+    """The PID fed BIS 70 every second for 40 s (a frozen monitor: identical values): after
+    flatline_samples readings the mode is FALLBACK with a data.flatline alarm, and the
+    commanded propofol rate never increases from that point (unsupervised it climbed
+    0 -> 179 -> 269 -> 314 -> 337 mL/h)."""
+    node, setup = node_for("pid_induction_13.toml")
+    samples = setup.safety.flatline_samples
+    commanded, alarms, modes = [], [], []
+    for t in range(40):
+        node.receive(bis(70.0, float(t)), float(t))
+        rates, _, raised = split(node.tick(float(t)))
+        alarms += [(t, a) for a in raised]
+        commanded.append(node.commanded["propofol"])
+        modes.append(node.supervisor.mode)
+    flat_from = samples - 1  # the tick that has seen flatline_samples equal readings
+    assert modes[flat_from - 1] == "CLOSED_LOOP" and modes[flat_from] == "FALLBACK"
+    assert all(mode == "FALLBACK" for mode in modes[flat_from:])
+    assert [(t, a.code) for t, a in alarms] == [(flat_from, "data.flatline")]
+    assert alarms[0][1].priority == "high" and alarms[0][1].kind == "technical"
+    assert max(commanded[:flat_from]) > 0  # the PID did act on the reading before
+    after = commanded[flat_from - 1:]
+    assert all(b <= a + 1e-12 for a, b in zip(after, after[1:]))
+    assert "flat-lined" in node.last_decision.reason
+    assert node.last_decision.reason.startswith("FALLBACK")
+
+
+def test_an_invalid_flag_falls_back_at_once_and_never_reaches_the_controller():
+    """A reading flagged invalid switches to FALLBACK at the next decision (it is the latest
+    reading, whatever its quality) and is counted, never passed to the controller."""
+    node, _ = node_for("pid_induction_13.toml")
+    for t in range(5):
+        node.receive(bis(90.0 - t, float(t)), float(t))
+        node.tick(float(t))
+    assert node.supervisor.mode == "CLOSED_LOOP"
+    last = node.commanded["propofol"]
+    node.receive(bis(10.0, 5.0, "invalid"), 5.0)
+    _, _, alarms = split(node.tick(5.0))
+    assert node.supervisor.mode == "FALLBACK" and [a.code for a in alarms] == ["data.invalid"]
+    assert node.commanded["propofol"] <= last
+    assert node.controller.rejected == {"data.invalid": 1}
+
+
+# ---------------------------------------------------------------- every kind is supervised
+
+BANG_BANG = str(SCENARIOS / "controllers" / "bang_bang.py") + ":bang_bang"
+
+KINDS = {
+    # kind: (scenario, overrides, input whose cap is checked, cap [amount/s], closed loop)
+    "pid": ("pid_induction_13.toml",
+            {"controller.safety.max_rates": {"propofol": 0.2, "remifentanil": 0.4}},
+            "propofol", 0.2, True),
+    "fixed": ("fluorouracil_flat.toml",
+              {"controller.safety.max_rates": {"fluorouracil": 0.005}},
+              "fluorouracil", 0.005, False),
+    "tci": ("tci_effect_site.toml", {"controller.safety.max_rates": {"propofol": 1.0}},
+            "propofol", 1.0, False),
+    "python": ("pid_induction_13.toml",
+               {"controller.kind": "python",
+                "controller.python": {"target": BANG_BANG,
+                                      "inputs": ["propofol", "remifentanil"],
+                                      "options": {"high_rate": 100.0}},
+                "controller.safety.measured": "bis",
+                "controller.safety.max_rates": {"propofol": 2.0, "remifentanil": 3.0}},
+               "propofol", 2.0, True),
+    "nmpc": ("tiva_nmpc_training.toml",
+             {"controller.safety.max_rates": {"propofol": 0.5, "remifentanil": 1.0}},
+             "propofol", 0.5, True),
+}
+
+
+def kind_node(kind: str):
+    name, overrides, *_ = KINDS[kind]
+    return node_for(name, overrides)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_kind_is_clamped_to_the_safety_max_rate(kind):
+    """For every controller kind built from a shipped scenario, a rate above
+    controller.safety.max_rates is clamped before it leaves the node (and says so)."""
+    node, setup = kind_node(kind)
+    _, _, name, cap, closed = KINDS[kind]
+    assert node.controller.controller is setup.controller
+    t = 0.0
+    if closed:
+        node.receive(bis(97.0, 0.0), 0.0)  # awake: every closed-loop kind wants much drug
+    messages = node.tick(t)
+    rates, _, _ = split(messages)
+    assert node.commanded[name] == pytest.approx(cap)
+    assert rates[node.routes[name].pump].dose_rate == pytest.approx(cap)
+    assert f"{name} clamped" in node.last_decision.reason
+
+
+@pytest.mark.parametrize("kind", [k for k in sorted(KINDS) if KINDS[k][4]])
+def test_every_closed_loop_kind_falls_back_on_stale_data(kind):
+    """For every closed-loop kind, a reading that goes stale switches to FALLBACK with a
+    data.stale alarm and never raises the dose."""
+    node, setup = kind_node(kind)
+    _, _, name, _, _ = KINDS[kind]
+    period = setup.controller.period_s
+    previous, seen_stale, last_reading = None, False, None
+    for k in range(int(40 / period)):
+        t = k * period
+        if t < 10:
+            node.receive(bis(97.0 - t, t), t)
+            last_reading = t
+        _, _, alarms = split(node.tick(t))
+        rate = node.commanded[name]
+        if t - last_reading > setup.safety.stale_after_s:
+            assert node.supervisor.mode == "FALLBACK"
+            assert rate <= previous + 1e-12
+            if not seen_stale:
+                assert [a.code for a in alarms] == ["data.stale"]
+                seen_stale = True
+        else:
+            assert node.supervisor.mode == "CLOSED_LOOP"
+        previous = rate
+    assert seen_stale
