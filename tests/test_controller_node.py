@@ -1,6 +1,7 @@
 """The controller node runs every controller kind behind the one safety supervisor
 (DESIGN "One control cycle", step 3; "Safety behaviours"): a frozen or stale reading never
-raises the dose and switches to FALLBACK with an alarm; hard clamps hold for every kind."""
+raises the dose, switches to FALLBACK with an alarm and lets the pump lease run out; hard
+clamps hold for every kind."""
 
 from __future__ import annotations
 
@@ -65,6 +66,59 @@ def test_pid_on_a_frozen_reading_falls_back_and_never_raises_the_dose():
     assert all(b <= a + 1e-12 for a, b in zip(after, after[1:]))
     assert "flat-lined" in node.last_decision.reason
     assert node.last_decision.reason.startswith("FALLBACK")
+
+
+def test_stale_data_lets_the_lease_run_out():
+    """Readings stop at 9 s: at the first stale decision (25 s) the node sends one set_rate
+    per pump whose fallback preset is no higher than its rate; then only get_status until
+    the readings are usable again (from 40 s), then set_rate again. The pumps' own fallback
+    (2000 mL/h preset on the route) never raises the dose."""
+    node, setup = node_for("pid_induction_13.toml", {
+        "pump.0.fallback_ml_per_h": 2000.0, "pump.1.fallback_ml_per_h": 1000.0,
+        "controller.safety.fallback_rates": {"propofol": 5.0, "remifentanil": 10.0}})
+    pumps = {r.pump for r in node.routes.values()}
+    sent = {}
+    for t in range(60):
+        if t < 10 or t >= 40:
+            node.receive(bis(90.0 - t, float(t)), float(t))
+        sent[t] = split(node.tick(float(t)))
+    stale_at = 25  # 25 - 9 > stale_after_s = 15
+    for t in range(stale_at):
+        assert set(sent[t][0]) == pumps and not sent[t][1]
+    rates, status, alarms = sent[stale_at]
+    assert set(rates) == pumps and not status
+    assert [a.code for a in alarms] == ["data.stale"]
+    for command in rates.values():
+        assert command.fallback.rate <= command.rate + 1e-9
+        assert command.rate > 0  # the supervisor held the last rate (preset above it)
+    for t in range(stale_at + 1, 40):
+        assert not sent[t][0], f"a set_rate renewed the lease at {t} s on stale data"
+        assert sent[t][1] == pumps
+    assert set(sent[40][0]) == pumps and not sent[40][1]
+    # the route's preset is above the rate: the command carries the rate instead
+    command = rates["propofol"]
+    assert node.routes["propofol"].fallback_ml_per_h > command.rate
+    assert command.fallback.action == "preset_rate"
+    assert command.fallback.rate == pytest.approx(command.rate)
+
+
+def test_in_force_rates_follow_the_lease_into_the_pump_fallback():
+    """While the lease runs out the node records the command's rate until the lease ends,
+    then the pump's fallback preset (here: stop), and the supervisor and its controller are
+    told (their rate in force), so the dose windows and the NMPC see what the pump does."""
+    node, setup = node_for("pid_induction_13.toml", {
+        "controller.safety.fallback_rates": {"propofol": 5.0, "remifentanil": 10.0}})
+    commanded = {}
+    for t in range(40):
+        if t < 10:
+            node.receive(bis(90.0 - t, float(t)), float(t))
+        node.tick(float(t))
+        commanded[t] = node.commanded["propofol"]
+    lease_end = 25 + setup.lease_periods * setup.controller.period_s  # 28 s
+    assert commanded[25] > 0 and commanded[int(lease_end) - 1] == commanded[25]
+    assert all(commanded[t] == 0.0 for t in range(int(lease_end), 40))
+    assert node.controller.rates["propofol"] == 0.0
+    assert "lease runs out" in node.last_decision.reason
 
 
 def test_an_invalid_flag_falls_back_at_once_and_never_reaches_the_controller():

@@ -12,6 +12,12 @@ controller sees them, and its rates are limited before they leave. The superviso
 leave :meth:`~ControllerNode.tick` as ``alarm`` messages (for the caller to record or
 publish; they are not commands) and its mode transitions are kept in
 :attr:`~ControllerNode.transitions`.
+
+Unusable data never renews a lease indefinitely: at the first decision on unusable data the
+node sends one command (a dose decrease takes effect at once) whose fallback preset is no
+higher than its rate; while the data stays unusable it then only asks for the pump's status
+(``get_status``), so that lease runs out and the pump side applies the fallback by itself
+(as OpenAPS lets a temporary basal expire). A further decrease is still sent at once.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from dataclasses import dataclass, replace
 from ..control.base import Controller, Decision, Reading, check_rates
 from ..control.supervisor import SafetyConfig, SafetySupervisor, SupervisedController
 from ..errors import ConfigError
-from ..protocol.messages import (Ack, Alarm, Fallback, Measurement, PumpStatus, SetRate,
-                                 _Message)
+from ..protocol.messages import (Ack, Alarm, Fallback, GetStatus, Measurement, PumpStatus,
+                                 SetRate, _Message)
 
 __all__ = ["PumpRoute", "ControllerNode"]
 
@@ -79,6 +85,9 @@ class ControllerNode:
         self.raised: list[tuple[float, Alarm]] = []
         self._commands = 0
         self._alarms_seen = 0
+        # pump -> (last set_rate sent, when); pumps whose lease is left to run out
+        self._sent: dict[str, tuple[SetRate, float]] = {}
+        self._lapsing: set[str] = set()
 
     def _supervised(self, controller: Controller) -> SupervisedController:
         missing = [name for name in controller.inputs if name not in self.routes]
@@ -119,13 +128,31 @@ class ControllerNode:
     # ------------------------------------------------------------------ out
     def tick(self, now: float) -> list[_Message]:
         """One control cycle: decide behind the supervisor and send one leased command per
-        input; the supervisor's new alarms follow as ``alarm`` messages."""
+        input (or, while the data is unusable, a status request that lets the lease run
+        out); the supervisor's new alarms follow as ``alarm`` messages."""
         supervised = self.controller
         decision = supervised.decide(now, dict(self.readings))
         rates = check_rates(decision.rates, supervised.inputs, supervised.name)
-        out: list[_Message] = [self._set_rate(self.routes[name], rate)
-                               for name, rate in rates.items()]
-        self.last_decision = replace(decision, t_s=now, rates=rates)
+        lapse = supervised.measured is not None and not supervised.data_usable and \
+            supervised.mode == "FALLBACK"
+        out: list[_Message] = []
+        in_force = dict(rates)
+        for name, rate in rates.items():
+            route = self.routes[name]
+            if lapse and route.pump in self._lapsing:
+                current = self._in_force(route, now)
+                if rate >= current - 1e-12 * max(1.0, current):
+                    # no renewal: the lease runs out into the pump's own fallback
+                    out.append(GetStatus(cmd_id=self._next_id(), pump=route.pump))
+                    in_force[name] = current
+                    continue
+            out.append(self._set_rate(route, rate, now, lapse))
+        reason = decision.reason
+        if in_force != rates:
+            supervised.applied(now, in_force)  # the pumps do this, not the decision
+        if any(isinstance(m, GetStatus) for m in out):
+            reason += "; no new command: the lease runs out into the pump's fallback"
+        self.last_decision = replace(decision, t_s=now, rates=in_force, reason=reason)
         for t, code, text in supervised.alarms[self._alarms_seen:]:
             priority = "high" if code.startswith("data.") or supervised.mode != \
                 "CLOSED_LOOP" else "medium"
@@ -140,19 +167,34 @@ class ControllerNode:
         self._commands += 1
         return f"{self.src}-{self._commands}"
 
-    def _set_rate(self, route: PumpRoute, rate: float) -> SetRate:
+    def _set_rate(self, route: PumpRoute, rate: float, now: float, lapse: bool) -> SetRate:
         ml_per_h = rate * 3600.0 / route.concentration
         fallback_ml_per_h = route.fallback_ml_per_h
-        return SetRate(
+        if lapse:  # the pump's own fallback must not raise the dose either
+            fallback_ml_per_h = min(fallback_ml_per_h, ml_per_h)
+            self._lapsing.add(route.pump)
+        else:
+            self._lapsing.discard(route.pump)
+        command = SetRate(
             cmd_id=self._next_id(), pump=route.pump, rate=ml_per_h, unit="mL/h",
             lease_s=self.lease_s,
             fallback=(Fallback(action="preset_rate", rate=fallback_ml_per_h)
                       if fallback_ml_per_h > 0 else Fallback()),
             dose_rate=rate, dose_unit=f"{route.amount_unit}/s")
+        self._sent[route.pump] = (command, now)
+        return command
+
+    def _in_force(self, route: PumpRoute, now: float) -> float:
+        """The rate [amount/s] the pump runs at *now* without a new command: the last
+        command's until its lease ends, then its fallback."""
+        command, sent_at = self._sent[route.pump]
+        if now < sent_at + command.lease_s:
+            return command.dose_rate
+        return command.fallback.rate * route.concentration / 3600.0
 
     @property
     def commanded(self) -> dict[str, float]:
-        """The rates of the last decision [amount/s] (NaN before the first)."""
+        """The rates in force after the last decision [amount/s] (NaN before the first)."""
         if self.last_decision is None:
             return {name: math.nan for name in self.controller.inputs}
         return dict(self.last_decision.rates)

@@ -182,6 +182,12 @@ class ControllerProcess:
             link.node.receive(ack, t)
             if self.log is not None:
                 self.log.note("ack", t, **ack.body())
+        # other answers (a status snapshot after get_status) for the node; the command
+        # socket's sender is not the telemetry's
+        for client in {id(c): c for c in link.clients.values()}.values():
+            for envelope in client.inbox:
+                link.node.receive(envelope.message, t)
+            client.inbox.clear()
         transitions = link.node.transitions
         for t_mode, source, target, cause in transitions[link.modes_logged:]:
             if self.log is not None:
