@@ -1,7 +1,7 @@
 """The controller node runs every controller kind behind the one safety supervisor
 (DESIGN "One control cycle", step 3; "Safety behaviours"): a frozen or stale reading never
 raises the dose, switches to FALLBACK with an alarm and lets the pump lease run out; hard
-clamps hold for every kind."""
+clamps hold for every kind; a new epoch of the plant invalidates its old readings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mpc_dose.protocol.messages import Alarm, GetStatus, Measurement, SetRate
+from mpc_dose.protocol.messages import Alarm, GetStatus, Measurement, PumpStatus, SetRate
 from mpc_dose.node import ControllerNode
 from mpc_dose.scenario import load_scenario
 from mpc_dose.trial.build import build_setup
@@ -212,3 +212,51 @@ def test_every_closed_loop_kind_falls_back_on_stale_data(kind):
             assert node.supervisor.mode == "CLOSED_LOOP"
         previous = rate
     assert seen_stale
+
+
+# ---------------------------------------------------------------- epochs
+
+
+def test_a_new_epoch_drops_the_old_readings():
+    """A new epoch of a source (a restarted plant) drops what the node holds from the old
+    one: a later-epoch reading with an earlier sample time is taken (its clock restarted),
+    and messages of the retired epoch are ignored."""
+    node, _ = node_for("pid_induction_13.toml")
+    node.receive(bis(60.0, 100.0), 100.0, origin=("plant", "e1"))
+    assert node.readings["bis"].t_meas_s == 100.0
+    node.receive(PumpStatus(pump="propofol", state="stopped", rate=0.0), 0.0,
+                 origin=("plant", "e2"))
+    assert "bis" not in node.readings  # dropped at the first message of the new epoch
+    node.receive(bis(95.0, 0.0), 0.0, origin=("plant", "e2"))
+    assert node.readings["bis"].t_meas_s == 0.0 and node.readings["bis"].value == 95.0
+    node.receive(bis(50.0, 101.0), 101.0, origin=("plant", "e1"))  # a late old frame
+    assert node.readings["bis"].value == 95.0
+
+
+def test_readings_of_another_source_survive_a_restart():
+    """Only the restarted source's readings are dropped."""
+    node, _ = node_for("pid_induction_13.toml")
+    node.receive(Measurement(var="spo2", value=98.0, unit="1", t_meas=5.0), 5.0,
+                 origin=("oximeter", "o1"))
+    node.receive(bis(60.0, 100.0), 100.0, origin=("plant", "e1"))
+    node.receive(bis(97.0, 0.0), 0.0, origin=("plant", "e2"))
+    assert node.readings["spo2"].value == 98.0 and node.readings["bis"].value == 97.0
+
+
+def test_restart_controller_keeps_the_command_ids_going():
+    """A controller rebuilt for a restarted plant starts in INIT behind a new supervisor;
+    the node's command ids go on (never repeated within its epoch) and the earlier mode
+    transitions are kept."""
+    node, setup = node_for("pid_induction_13.toml")
+    ids = []
+    for t in range(3):
+        node.receive(bis(90.0, float(t)), float(t))
+        ids += [m.cmd_id for m in node.tick(float(t)) if isinstance(m, SetRate)]
+    before = list(node.transitions)
+    rebuilt, _ = build_setup(load_scenario(SCENARIOS / "pid_induction_13.toml"), 0, 0)
+    node.restart_controller(rebuilt.controller)
+    assert node.supervisor.mode == "INIT" and node.controller.controller is rebuilt.controller
+    node.receive(bis(97.0, 0.0), 0.0, origin=("plant", "new"))
+    ids += [m.cmd_id for m in node.tick(0.0) if isinstance(m, SetRate)]
+    assert len(ids) == len(set(ids)) == 8
+    assert node.transitions[:len(before)] == before and len(node.transitions) == 2

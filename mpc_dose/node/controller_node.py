@@ -84,7 +84,12 @@ class ControllerNode:
         #: alarms this node raised (the supervisor's), as sent out by :meth:`tick`
         self.raised: list[tuple[float, Alarm]] = []
         self._commands = 0
+        self._earlier_transitions: list[tuple[float, str, str, str]] = []
         self._alarms_seen = 0
+        # ordering of sources: src -> epoch in force, retired epochs, origin of each reading
+        self._epochs: dict[str, str] = {}
+        self._retired: dict[str, set[str]] = {}
+        self._origin: dict[str, tuple[str, str] | None] = {}
         # pump -> (last set_rate sent, when); pumps whose lease is left to run out
         self._sent: dict[str, tuple[SetRate, float]] = {}
         self._lapsing: set[str] = set()
@@ -103,11 +108,33 @@ class ControllerNode:
     @property
     def transitions(self) -> list[tuple[float, str, str, str]]:
         """Every mode transition of the supervisor: (time [s], from, to, cause)."""
-        return list(self.controller.supervisor.transitions)
+        return self._earlier_transitions + self.controller.supervisor.transitions
+
+    def restart_controller(self, controller: Controller) -> None:
+        """Run *controller* from now on, behind a new supervisor (a restarted plant: a new
+        patient clock). The command counter goes on: command ids never repeat within this
+        node's epoch (a pump bridge answers a repeated id with its cached ack)."""
+        supervised = self._supervised(controller)
+        self._earlier_transitions = self.transitions
+        self.controller = supervised
+        self.lease_s = self.lease_periods * controller.period_s
+        self._alarms_seen = 0
+        self.last_decision = None
+        self._sent.clear()
+        self._lapsing.clear()
 
     # ------------------------------------------------------------------ in
-    def receive(self, message: _Message, now: float) -> list[_Message]:
-        """Take in one message from the plant side; nothing is sent back."""
+    def receive(self, message: _Message, now: float, *,
+                origin: tuple[str, str] | None = None) -> list[_Message]:
+        """Take in one message from the plant side; nothing is sent back.
+
+        *origin* is the envelope's (src, epoch) (None in-process). A new epoch of a source
+        (a restart) drops the readings received from its earlier epoch, so the restarted
+        source's readings count even when its clock starts again from 0; messages from a
+        retired epoch are ignored.
+        """
+        if origin is not None and not self._current(*origin):
+            return []
         if isinstance(message, Measurement):
             previous = self.readings.get(message.var)
             # readings can arrive out of order (delays): keep the newest sample
@@ -115,6 +142,7 @@ class ControllerNode:
                               message.quality)
             if previous is None or message.t_meas >= previous.t_meas_s:
                 self.readings[message.var] = reading
+                self._origin[message.var] = origin
             # the supervisor passes usable ones to controllers that use every sample
             self.controller.observe(reading)
         elif isinstance(message, Ack):
@@ -124,6 +152,21 @@ class ControllerNode:
         elif isinstance(message, Alarm):
             self.alarms.append((now, message))
         return []
+
+    def _current(self, src: str, epoch: str) -> bool:
+        """Whether (src, epoch) is in force; a new epoch retires the old one and drops what
+        was received from it."""
+        known = self._epochs.get(src)
+        if known == epoch:
+            return True
+        if epoch in self._retired.get(src, ()):
+            return False
+        if known is not None:
+            self._retired.setdefault(src, set()).add(known)
+            for var in [v for v, o in self._origin.items() if o is not None and o[0] == src]:
+                del self.readings[var], self._origin[var]
+        self._epochs[src] = epoch
+        return True
 
     # ------------------------------------------------------------------ out
     def tick(self, now: float) -> list[_Message]:

@@ -12,6 +12,9 @@ publishes the readings, then a ``heartbeat`` with state ``tick`` and the instant
 (``set_rate``, ``stop`` or ``get_status``) for that instant. In real time
 (*realtime_factor*) nothing waits: messages are applied when they arrive, and the
 controller's own clock (the tick) keeps the period.
+
+At start the plant waits for a controller's ``hello`` (its subscription is then live); a
+controller re-sends it when it hears a new plant epoch, so a restarted plant rejoins.
 """
 
 from __future__ import annotations
