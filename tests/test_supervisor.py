@@ -329,6 +329,21 @@ def test_non_finite_reason_names_the_value(value):
     assert "flagged valid" not in why
 
 
+@pytest.mark.parametrize("resume_after", [2, 3])
+def test_rate_before_resuming_never_exceeds_the_last_rate(resume_after):
+    """During the good readings before resuming, the rate is min(preset fallback, last rate):
+    a preset above the last rate does not raise the dose."""
+    sup = supervisor(resume_after=resume_after, fallback_rates={"propofol": 0.4})
+    closed_loop(sup, 0.0)
+    step(sup, 10.0, None, 0.3, 0.1)
+    assert sup.mode == "FALLBACK"
+    for k in range(1, resume_after):
+        t = 10.0 + 10 * k
+        v = step(sup, t, reading(50.0, t), 0.5, 0.1)
+        assert v.mode == "FALLBACK" and "good readings before resuming" in v.reason
+        assert v.rates["propofol"] == pytest.approx(0.1)
+
+
 def test_init_waits_for_the_first_reading_without_an_alarm():
     """INIT with no reading yet stays INIT: no alarm, no hysteresis, rates
     min(fallback, last) (0 at start); the first good reading starts the closed loop at once."""
