@@ -209,6 +209,28 @@ def test_nmpc_scenario_runs_through_the_message_layer():
     assert ratio.dropna().between(1.999, 2.001).all()
 
 
+def test_supervisor_alarms_and_mode_changes_are_events_of_the_run():
+    """The controller node's alarms and mode transitions are recorded with the run (events
+    and the alarms column): a BIS monitor that only sends error codes (quality invalid)
+    puts the PID in FALLBACK with a data.invalid alarm at once; nothing is infused, and the
+    one command's lease runs out into the pumps' fallback (no renewal on unusable data)."""
+    scenario = load_scenario(PID_SCENARIO, {"sensor.0.error_probability": 1.0})
+    setup, _ = build_setup(scenario, 0, 0)
+    result = run_closed_loop(replace(setup, duration_s=30.0))
+    modes = [(t, text) for t, kind, text in result.events if kind == "mode"]
+    alarms = [(t, text.split(":")[0]) for t, kind, text in result.events if kind == "alarm"]
+    assert len(modes) == 1 and modes[0][1].startswith("INIT -> FALLBACK: bis flagged invalid")
+    t_fallback = modes[0][0]
+    lease_s = setup.lease_periods * setup.controller.period_s
+    assert alarms == [(t_fallback, "data.invalid"),
+                      (t_fallback + lease_s, "pump.lease_expired"),
+                      (t_fallback + lease_s, "pump.lease_expired")]
+    frame = result.to_pandas()
+    assert (frame["alarms"] == "data.invalid").sum() == 1
+    assert (frame["delivered_propofol_rate_mg_per_s"] == 0).all()
+    assert frame["controller_reason"].iloc[-1].startswith("FALLBACK")
+
+
 @given(st.sampled_from(["steps", "linear"]),
        st.lists(st.floats(0, 1000), min_size=1, max_size=5, unique=True),
        st.floats(-50, 1100))

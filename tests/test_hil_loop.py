@@ -4,6 +4,7 @@ their fallback within one lease, recorded in the audit log."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -165,6 +166,71 @@ def test_three_processes_with_the_emulated_ne1000(tmp_path):
     assert kinds["set_rate"] > 100 and kinds["ack"] > 100 and kinds["measurement"] > 100
 
 
+def test_a_restarted_plant_rejoins_and_runs_to_its_end(tmp_path):
+    """Simulated lock-step: the plant is killed mid-run (past 100 s of its clock) and started
+    again with the same addresses. The controller hears the new epoch, drops the old
+    epoch's readings, says hello again (the new plant waits for it), restarts the patient's
+    controller on the new clock (t = 0) and keeps its command ids going: the new plant runs
+    to completion and its series is the in-process loop's."""
+    tel, cmd = free_addresses(2)
+    first_audit, audit = tmp_path / "first.sqlite", tmp_path / "controller.sqlite"
+    plant_args = ["serve", "plant", str(SCENARIO), "--patient", "3", "--seed", "2",
+                  "--telemetry", tel, "--commands", cmd]
+    first = subprocess.Popen(cli(*plant_args, "--audit", str(first_audit)))
+    controller = subprocess.Popen(cli("serve", "controller", str(SCENARIO), "--patient", "3",
+                                      "--seed", "2", "--telemetry", tel, "--commands", cmd,
+                                      "--audit", str(audit)))
+    procs = [first, controller]
+    try:
+        deadline = time.monotonic() + 30
+        reached = 0.0
+        while reached < 100.0:
+            assert time.monotonic() < deadline, "the first plant did not get going"
+            assert first.poll() is None, "the first plant ended before it was killed"
+            time.sleep(0.05)
+            if first_audit.exists():
+                try:
+                    row = sqlite3.connect(first_audit).execute(
+                        "SELECT MAX(t_sim) FROM events WHERE kind = 'set_rate'").fetchone()
+                except sqlite3.OperationalError:  # the table is not there yet
+                    continue
+                reached = row[0] or 0.0
+        first.kill()
+        first.wait(10)
+        out = tmp_path / "plant.csv"
+        second = subprocess.Popen(cli(*plant_args, "--out", str(out)))
+        procs.append(second)
+        second.wait(40)
+        controller.wait(20)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert second.returncode == 0, "the restarted plant must run to its end"
+    assert controller.returncode == 0
+    db = sqlite3.connect(audit)
+    kinds = [k for (k,) in db.execute("SELECT kind FROM events WHERE direction = 'note' "
+                                      "AND kind IN ('plant_restart', 'controller_restart') "
+                                      "ORDER BY id")]
+    assert kinds == ["plant_restart", "controller_restart"]
+    links = [body for (body,) in db.execute("SELECT body FROM events WHERE kind = 'link'")]
+    assert any('"target": "READY"' in b and "hello" in b for b in links)
+    (restart_row,) = db.execute("SELECT id FROM events WHERE kind = "
+                                "'controller_restart'").fetchone()
+    sent = db.execute("SELECT id, body FROM events WHERE kind = 'set_rate' AND "
+                      "direction = 'out'").fetchall()
+    before = {json.loads(body)["cmd_id"] for row, body in sent if row < restart_row}
+    after = {json.loads(body)["cmd_id"] for row, body in sent if row > restart_row}
+    assert len(before) > 50 and len(after) > 250
+    assert not before & after  # the rebuilt controller's commands never reuse an id
+    across = pd.read_csv(out)
+    setup, _ = build_setup(load_scenario(SCENARIO), 2, 2)
+    inproc = run_closed_loop(setup).to_pandas()
+    for column in ("true_bis_unitless", "delivered_propofol_rate_mg_per_s"):
+        np.testing.assert_allclose(across[column], inproc[column], rtol=1e-9, atol=1e-12,
+                                   err_msg=column)
+
+
 @pytest.mark.parametrize("victim", ["controller", "plant"])
 def test_a_killed_process_leaves_the_pumps_in_fallback(tmp_path, victim):
     """SIGKILL mid-run, in real time. Controller killed (T16): no command renews the lease,
@@ -273,8 +339,10 @@ def test_missed_deadlines_stop_commanding_and_the_leases_run_out(tmp_path):
         plant.kill()
     assert plant.returncode == 0
     db = sqlite3.connect(audit)
+    # (the supervisor's own mode changes are 'mode' rows too: INIT -> CLOSED_LOOP at start)
     fallback = db.execute("SELECT t_wall, body FROM events WHERE process = 'controller' AND "
-                          "kind = 'mode'").fetchall()
+                          "kind = 'mode' AND body LIKE '%\"target\": \"FALLBACK\"%' "
+                          "ORDER BY id").fetchall()
     assert fallback and "deadlines missed" in fallback[0][1]
     after = db.execute("SELECT COUNT(*) FROM events WHERE process = 'controller' AND "
                        "kind = 'set_rate' AND t_wall > ?", (fallback[0][0],)).fetchone()[0]

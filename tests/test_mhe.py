@@ -9,7 +9,6 @@ import pytest
 from mpc_dose.control.mhe import MHEConfig, MHEResult, OutputMapEKF, OutputMapMHE
 from mpc_dose.control.mpc_controller import MPCController
 from mpc_dose.control.nmpc import NMPCConfig
-from mpc_dose.control.supervisor import SafetyConfig
 from mpc_dose.errors import ConfigError
 from mpc_dose.model.library import load
 from mpc_dose.model.propagate import Propagator
@@ -310,11 +309,10 @@ def test_controller_refuses_dynamic_parameters(ref):
     m, params, _ = ref
     nmpc = NMPCConfig(output="bis", inputs=("propofol",), period_s=10.0, horizon=5,
                       rate_bounds={"propofol": (0.0, 0.5)})
-    safety = SafetyConfig(measured="bis", max_rates={"propofol": 0.5})
     cfg = MHEConfig(output="bis", parameters=("bis_c50", "propofol_ke0"), omega=OMEGA,
                     noise_sd=1.5)
     with pytest.raises(ConfigError, match=r"'propofol_ke0' acts on the dynamics"):
-        MPCController(m, params, nmpc, safety, cfg)
+        MPCController(m, params, nmpc, cfg)
 
 
 def test_construction_prints_nothing(ref, capfd):

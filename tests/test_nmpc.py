@@ -223,6 +223,30 @@ def test_infeasible_problem_reports_failure(ref):
     assert math.isnan(plan.objective)
 
 
+@pytest.mark.parametrize("rogue", [3 * MAX_RATE, -0.1, math.nan])
+def test_a_plan_outside_its_bounds_reported_as_success_is_a_failure(ref, monkeypatch, rogue):
+    """Fault injection (DESIGN: sqpmethod + qrqp returned rates far outside their bounds and
+    called it a success): every solver of the chain 'succeeds' with rates outside [0, max]
+    (or not finite); the plan comes back success=False with a reason naming the bounds."""
+    m, p = ref
+    mpc = NonlinearMPC(m, config())
+
+    class Rogue:
+        def __call__(self, *, x0, p, lbx, ubx, lbg, ubg):
+            w = np.array(x0, dtype=float).copy()
+            w[mpc._slices["U"]] = rogue
+            return {"x": w, "f": 0.0}
+
+        def stats(self):
+            return {"success": True, "return_status": "Solve_Succeeded", "iter_count": 3}
+
+    monkeypatch.setattr(mpc, "_solver", lambda name: Rogue())
+    plan = mpc.plan(0.0, m.initial_state(p), p, {"propofol": 0.0})
+    assert plan.success is False
+    word = "non-finite solution" if math.isnan(rogue) else "rates outside their bounds"
+    assert word in plan.reason and "ipopt" in plan.reason
+
+
 def test_failure_then_recovery_uses_cold_start(ref):
     """After a failed solve the next feasible problem is solved again."""
     m, p = ref

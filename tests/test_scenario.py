@@ -187,3 +187,81 @@ def test_user_controller_from_a_module():
         load_user_controller("mpc_dose.control.baselines:Nope")
     with pytest.raises(ConfigError, match="expected 'package.module:name'"):
         load_user_controller("no_colon")
+
+
+# ---------------------------------------------------------------- [controller.safety]
+
+TIVA = REPO / "scenarios" / "tiva_nmpc_training.toml"
+
+
+def test_nmpc_safety_keys_moved_to_the_safety_table():
+    """valid_range, stale_after_s and fallback_rates under [controller.nmpc] are refused
+    with a pointer to [controller.safety]."""
+    with pytest.raises(ConfigError, match=r"controller\.nmpc: valid_range moved to "
+                                          r"\[controller\.safety\]"):
+        load_scenario(TIVA, {"controller.nmpc.valid_range": [0, 100]})
+
+
+@pytest.mark.parametrize("path, overrides, measured, max_rates", [
+    ("pid_induction_13.toml", {}, "bis", {"propofol": 6.67, "remifentanil": 16.67}),
+    ("tiva_nmpc_training.toml", {}, "bis", {"propofol": 6.67, "remifentanil": 16.67}),
+    ("tci_effect_site.toml", {}, None, {"propofol": 3.33}),
+    ("fluorouracil_flat.toml", {}, None, {}),
+    ("pid_induction_13.toml", {"controller.safety.max_rates": {"propofol": 1.0},
+                               "controller.safety.stale_after_s": 5.0},
+     "bis", {"propofol": 1.0}),
+])
+def test_safety_defaults_per_kind(path, overrides, measured, max_rates):
+    """The supervisor's measured variable and maximum rates default from the controller's
+    own table; keys of [controller.safety] win; the rest are SafetyConfig's defaults."""
+    from mpc_dose.control.supervisor import SafetyConfig
+
+    setup, _ = build_setup(load_scenario(REPO / "scenarios" / path, overrides), 0, 0)
+    safety = setup.safety
+    assert safety.measured == measured and dict(safety.max_rates) == max_rates
+    assert safety.stale_after_s == overrides.get("controller.safety.stale_after_s",
+                                                 SafetyConfig.stale_after_s)
+    assert safety.valid_range == ((0.0, 100.0) if "tiva" in path
+                                  else SafetyConfig.valid_range)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"controller.safety.max_rates": {"ketamine": 1.0}},
+     r"controller\.safety\.max_rates: 'ketamine' is not an input the controller sets"),
+    ({"controller.safety.dose_windows": [{"input": "ketamine", "window_s": 60,
+                                          "max_amount": 1}]},
+     r"controller\.safety\.dose_windows: 'ketamine'"),
+    ({"controller.safety.measured": "bis_monitor"},
+     r"controller\.safety\.measured = 'bis_monitor': no \[\[sensor\]\] sends it"),
+    ({"controller.pid.measured": "bsi"}, r"controller\.pid\.measured = 'bsi'"),
+    ({"controller.safety.flatline_samples": 1}, r"controller\.safety\.flatline_samples"),
+])
+def test_safety_table_errors_name_the_field(overrides, match):
+    """Inputs the controller does not set and reading variables no sensor sends are errors
+    when the scenario is built, naming the key."""
+    with pytest.raises(ConfigError, match=match):
+        build_setup(load_scenario(REPO / "scenarios" / "pid_induction_13.toml", overrides),
+                    0, 0)
+
+
+def test_nmpc_without_a_sensor_of_its_output_is_an_error():
+    """An NMPC whose output no sensor measures would wait forever: an error naming it."""
+    with pytest.raises(ConfigError, match=r"controller\.nmpc\.output = 'bis': no \[\[sensor\]\] "
+                                          r"measures it"):
+        build_setup(load_scenario(TIVA, {"sensor.0.output": "propofol_ce"}), 0, 0)
+
+
+def test_nmpc_follows_a_sensor_whose_var_differs_from_the_output():
+    """A sensor var ('bis_monitor') that is not the output's name ('bis') still drives the
+    NMPC and its estimator: it doses and stays in CLOSED_LOOP."""
+    from dataclasses import replace
+
+    from mpc_dose.trial.closed_loop import run_closed_loop
+
+    setup, _ = build_setup(load_scenario(TIVA, {"sensor.0.var": "bis_monitor"}), 0, 0)
+    assert setup.safety.measured == "bis_monitor" == setup.controller.measured
+    result = run_closed_loop(replace(setup, duration_s=60.0))
+    frame = result.to_pandas()
+    assert frame["commanded_propofol_rate_mg_per_s"].max() > 0.5
+    assert frame["controller_reason"].iloc[-1].startswith("CLOSED_LOOP")
+    assert len(setup.controller.mhe._samples) == 45  # readings reached the estimator

@@ -1,7 +1,8 @@
 """The safety supervisor: data gating, fallback, hysteresis, backup plans, hard clamps, dose
-windows and operator stop/acknowledge (DESIGN: Safety behaviours); then the MPCController
-(propagation + MHE + NMPC + supervisor) end to end against a simulated patient with injected
-faults (stale data, solver failures)."""
+windows and operator stop/acknowledge (DESIGN: Safety behaviours); the supervised controller
+(any controller behind the supervisor); then the MPCController (propagation + MHE + NMPC)
+behind the supervisor end to end against a simulated patient with injected faults (stale
+data, solver failures)."""
 
 import math
 
@@ -12,7 +13,7 @@ from mpc_dose.control.base import Reading
 from mpc_dose.control.mhe import MHEConfig
 from mpc_dose.control.mpc_controller import MPCController
 from mpc_dose.control.nmpc import DosePlan, NMPCConfig
-from mpc_dose.control.supervisor import SafetyConfig, SafetySupervisor
+from mpc_dose.control.supervisor import SafetyConfig, SafetySupervisor, SupervisedController
 from mpc_dose.model.library import load
 from mpc_dose.model.propagate import Propagator
 
@@ -242,7 +243,7 @@ def test_dose_window_applies_in_fallback():
     """The dose window also limits a preset fallback rate."""
     sup = supervisor(fallback_rates={"propofol": 0.2}, dose_windows=(("propofol", 60.0, 1.0),))
     sup.record(0.0, {"propofol": 0.2})
-    v = step(sup, 10.0, None, 0.5, 0.2)
+    v = step(sup, 10.0, reading(50.0, -10.0), 0.5, 0.2)  # stale
     assert v.mode == "FALLBACK" and v.rates["propofol"] == 0.0
 
 
@@ -328,6 +329,208 @@ def test_non_finite_reason_names_the_value(value):
     assert "flagged valid" not in why
 
 
+@pytest.mark.parametrize("resume_after", [2, 3])
+def test_rate_before_resuming_never_exceeds_the_last_rate(resume_after):
+    """During the good readings before resuming, the rate is min(preset fallback, last rate):
+    a preset above the last rate does not raise the dose."""
+    sup = supervisor(resume_after=resume_after, fallback_rates={"propofol": 0.4})
+    closed_loop(sup, 0.0)
+    step(sup, 10.0, None, 0.3, 0.1)
+    assert sup.mode == "FALLBACK"
+    for k in range(1, resume_after):
+        t = 10.0 + 10 * k
+        v = step(sup, t, reading(50.0, t), 0.5, 0.1)
+        assert v.mode == "FALLBACK" and "good readings before resuming" in v.reason
+        assert v.rates["propofol"] == pytest.approx(0.1)
+
+
+def test_init_waits_for_the_first_reading_without_an_alarm():
+    """INIT with no reading yet stays INIT: no alarm, no hysteresis, rates
+    min(fallback, last) (0 at start); the first good reading starts the closed loop at once."""
+    sup = supervisor(fallback_rates={"propofol": 0.2})
+    for t in (0.0, 10.0, 20.0):
+        v = step(sup, t, None, 0.5, 0.0)
+        assert v.mode == "INIT" and v.alarm is None and v.rates["propofol"] == 0.0
+        assert "no bis reading yet" in v.reason
+    assert sup.transitions == []
+    v = step(sup, 30.0, reading(90.0, 30.0), 0.5, 0.0)
+    assert v.mode == "CLOSED_LOOP" and v.rates["propofol"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kind", ["stale", "future", "invalid", "above range"])
+def test_a_data_fault_from_init_falls_back_with_an_alarm(kind):
+    """Any data fault other than 'no reading yet' goes from INIT to FALLBACK with its alarm."""
+    sup = supervisor()
+    v = step(sup, 100.0, BAD_DATA[kind][0], 0.5, 0.0)
+    assert v.mode == "FALLBACK" and v.alarm is not None and v.alarm.startswith("data.")
+    assert sup.transitions[0][1:3] == ("INIT", "FALLBACK")
+
+
+# ---------------------------------------------------------------- SupervisedController
+
+
+class Recorder:
+    """A controller that proposes *rate* (or raises *error*), and records what it saw."""
+
+    def __init__(self, rate=0.3, error=None, status="ok", backup=None):
+        self.name, self.period_s, self.inputs = "rec", 10.0, ("propofol",)
+        self.rate, self.error, self.status, self.backup = rate, error, status, backup
+        self.observed, self.seen, self.told = [], [], []
+
+    def observe(self, r):
+        self.observed.append(r)
+
+    def decide(self, t_s, readings):
+        self.seen.append(dict(readings))
+        if self.error is not None:
+            raise self.error
+        from mpc_dose.control.base import Decision
+
+        return Decision(t_s, {"propofol": self.rate}, "rec says so", self.status,
+                        {"x": 1.0}, backup=self.backup)
+
+    def applied(self, t_s, rates):
+        self.told.append((t_s, dict(rates)))
+
+
+def supervised(controller, **overrides):
+    return SupervisedController(controller, SafetyConfig(**{**LIMITS, **overrides}))
+
+
+def test_supervised_controller_is_a_controller():
+    """It carries the wrapped controller's name, period and inputs and satisfies the
+    Controller protocol."""
+    from mpc_dose.control.base import Controller
+
+    ctl = supervised(Recorder())
+    assert isinstance(ctl, Controller)
+    assert (ctl.name, ctl.period_s, ctl.inputs) == ("rec", 10.0, ("propofol",))
+
+
+@pytest.mark.parametrize("value, quality, code", [
+    (math.nan, "valid", "data.invalid"), (50.0, "artefact", "data.invalid"),
+    (150.0, "valid", "data.out_of_range"), (-1.0, "valid", "data.out_of_range")])
+def test_rejected_readings_never_reach_the_controller(value, quality, code):
+    """Non-finite, non-valid or out-of-range readings of the measured variable are counted
+    and never passed to the controller's observe (its estimator); others pass."""
+    rec = Recorder()
+    ctl = supervised(rec)
+    ctl.observe(reading(value, 0.0, quality))
+    ctl.observe(reading(55.0, 1.0))
+    ctl.observe(Reading("spo2", 150.0, "1", 1.0, "artefact"))  # not the measured variable
+    assert [r.value for r in rec.observed] == [55.0, 150.0]
+    assert ctl.rejected == {code: 1}
+
+
+def test_unusable_data_is_withheld_from_the_controller():
+    """On unusable data the measured variable is left out of the readings the controller
+    sees (a PID holds instead of integrating); other variables pass."""
+    rec = Recorder()
+    ctl = supervised(rec)
+    other = Reading("spo2", 97.0, "1", 0.0)
+    ctl.decide(0.0, {"bis": reading(50.0, 0.0), "spo2": other})
+    ctl.decide(100.0, {"bis": reading(50.0, 0.0), "spo2": other})  # stale
+    assert set(rec.seen[0]) == {"bis", "spo2"} and set(rec.seen[1]) == {"spo2"}
+
+
+def test_pid_holds_on_stale_data():
+    """Behind the supervisor the PID's integral does not grow while the data is stale (the
+    last reading is from 4 s, stale after 9 s)."""
+    from mpc_dose.control.baselines import PIDController, PIDSettings
+
+    pid = PIDController(PIDSettings(period_s=1.0))
+    ctl = SupervisedController(pid, SafetyConfig(measured="bis", stale_after_s=5.0))
+    for t in range(5):
+        ctl.decide(float(t), {"bis": reading(80.0, float(t))})
+    integral = {}
+    for t in range(5, 60):
+        d = ctl.decide(float(t), {"bis": reading(80.0, 4.0)})
+        integral[t] = pid._integral
+    assert all(integral[t] == integral[9] for t in range(10, 60))
+    assert d.status == "no_measurement" and d.reason.startswith("FALLBACK")
+
+
+@pytest.mark.parametrize("error, words", [
+    (RuntimeError("boom"), ["RuntimeError: boom"]),
+    (None, ["controller 'rec': rate of 'propofol'", "expected a finite number >= 0"]),
+])
+def test_a_controller_error_is_a_result_not_a_crash(error, words):
+    """An exception from the controller, or a rate check_rates refuses (its ConfigError
+    text kept), is a failed decision: FALLBACK, no dose increase, controller.error alarm."""
+    rec = Recorder(rate=0.2)
+    ctl = supervised(rec, fallback_rates={"propofol": 0.4})
+    ctl.decide(0.0, {"bis": reading(50.0, 0.0)})
+    assert ctl.mode == "CLOSED_LOOP"
+    rec.rate, rec.error = (-1.0 if error is None else 0.3), error
+    d = ctl.decide(10.0, {"bis": reading(50.0, 10.0)})
+    assert d.status == "controller_error" and d.alarm == "controller.error"
+    assert d.reason.startswith("FALLBACK") and d.rates["propofol"] == pytest.approx(0.2)
+    for word in words:
+        assert word in d.reason
+    assert ctl.alarms == [(10.0, "controller.error", d.reason[len("FALLBACK: "):])]
+
+
+def test_a_failed_decision_uses_the_controllers_backup():
+    """A failed decision's backup (e.g. the shifted previous plan) is applied, clamped."""
+    rec = Recorder(rate=0.5, status="solver_failed", backup={"propofol": 0.9})
+    ctl = supervised(rec, max_step={"propofol": 0.1})
+    ctl.decide(0.0, {"bis": reading(50.0, 0.0)})
+    assert ctl.mode == "CLOSED_LOOP" and ctl.rates["propofol"] == pytest.approx(0.1)
+    d = ctl.decide(10.0, {"bis": reading(50.0, 10.0)})
+    assert d.alarm == "controller.solver_failed" and "shifted previous plan" in d.reason
+    assert d.rates["propofol"] == pytest.approx(0.2)
+
+
+def test_open_loop_has_no_data_gate_but_every_clamp():
+    """measured = None (fixed regimen, TCI): no reading is needed, max rate and max step
+    still hold, and the controller is told the applied rates."""
+    rec = Recorder(rate=5.0)
+    ctl = SupervisedController(rec, SafetyConfig(max_rates={"propofol": 0.5},
+                                                 max_step={"propofol": 0.2}))
+    d0 = ctl.decide(0.0, {})
+    d1 = ctl.decide(10.0, {})
+    d2 = ctl.decide(20.0, {})
+    assert [d.rates["propofol"] for d in (d0, d1, d2)] == pytest.approx([0.2, 0.4, 0.5])
+    assert all(d.reason.startswith("CLOSED_LOOP: rec says so") for d in (d0, d1, d2))
+    assert "clamped" in d2.reason and d2.details == {"x": 1.0, "mode": "CLOSED_LOOP"}
+    assert rec.told == [(0.0, {"propofol": pytest.approx(0.2)}),
+                        (10.0, {"propofol": pytest.approx(0.4)}),
+                        (20.0, {"propofol": pytest.approx(0.5)})]
+
+
+def test_a_controller_is_supervised_once():
+    """Wrapping a supervised controller again is refused."""
+    from mpc_dose.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="already supervised"):
+        SupervisedController(supervised(Recorder()))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(max_rates={"propofol": -1.0}), r"safety\.max_rates\['propofol'\]"),
+    (dict(max_step={"propofol": math.nan}), r"safety\.max_step"),
+    (dict(stale_after_s=0.0), r"safety\.stale_after_s"),
+    (dict(valid_range=(100.0, 0.0)), r"safety\.valid_range"),
+    (dict(flatline_samples=1), r"safety\.flatline_samples"),
+    (dict(resume_after=0), r"safety\.resume_after"),
+    (dict(dose_windows=(("propofol", 0.0, 1.0),)), r"safety\.dose_windows\[0\]"),
+])
+def test_safety_config_errors(overrides, match):
+    """Bad supervisor limits are errors naming the field."""
+    from mpc_dose.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        SafetyConfig(**{**LIMITS, **overrides})
+
+
+def test_dose_record_keeps_only_what_a_window_can_count():
+    """The record of applied rates does not grow without bound."""
+    sup = supervisor(dose_windows=(("propofol", 60.0, 100.0),))
+    for k in range(1000):
+        sup.record(10.0 * k, {"propofol": 0.1})
+    assert len(sup._delivered) <= 8
+
+
 # ---------------------------------------------------------------- end to end: MPCController
 # The controller's model is the typical reference patient; the simulated patient's c50 is 30 %
 # higher. The patient is propagated exactly (Propagator) and sampled every 5 s with BIS noise
@@ -379,7 +582,8 @@ def controller(model, params, *, mhe=True, fallback=0.0):
                           stale_after_s=15.0, resume_after=3)
     est = MHEConfig(output="bis", parameters=("bis_c50", "bis_gamma"),
                     omega=((0.03, 0.0), (0.0, 0.09)), noise_sd=1.5, window=60)
-    return MPCController(model, params, nmpc, safety, est if mhe else None)
+    return SupervisedController(MPCController(model, params, nmpc, est if mhe else None),
+                                SafetySupervisor(safety))
 
 
 def run(ctl, patient, t_end, *, feed=lambda t: True, state=None):
@@ -473,13 +677,13 @@ def failing_plan(t_s, *args, **kwargs):
 
 def spy_plans(ctl, monkeypatch):
     plans = []
-    original = ctl.mpc.plan
+    original = ctl.controller.mpc.plan
 
     def spy(*args, **kwargs):
         plan = original(*args, **kwargs)
         plans.append(plan)
         return plan
-    monkeypatch.setattr(ctl.mpc, "plan", spy)
+    monkeypatch.setattr(ctl.controller.mpc, "plan", spy)
     return plans, spy
 
 
@@ -490,14 +694,14 @@ def test_solver_failure_uses_shifted_plan_then_recovers(reference_model, monkeyp
     run(ctl, patient, 610.0, state=state)
     good = plans[-1]
     assert good.success and good.t_s == 600.0
-    monkeypatch.setattr(ctl.mpc, "plan", failing_plan)
+    monkeypatch.setattr(ctl.controller.mpc, "plan", failing_plan)
     log = run(ctl, patient, 640.0, state=state)
     assert [t for t, *_ in log] == [610.0, 620.0, 630.0]
     for k, (t, _, d, mode) in enumerate(log, start=1):
         assert mode == "CLOSED_LOOP" and d.status == "solver_failed"
         assert "shifted previous plan" in d.reason and "Infeasible_Problem_Detected" in d.reason
         assert d.rates["propofol"] == pytest.approx(good.plan[k, 0])
-    monkeypatch.setattr(ctl.mpc, "plan", spy)
+    monkeypatch.setattr(ctl.controller.mpc, "plan", spy)
     log = run(ctl, patient, 700.0, state=state)
     assert all(d.status == "ok" and m == "CLOSED_LOOP" for _, _, d, m in log)
 
@@ -508,7 +712,7 @@ def test_solver_failure_beyond_plan_falls_back(reference_model, monkeypatch):
     plans, spy = spy_plans(ctl, monkeypatch)
     run(ctl, patient, 610.0, state=state)
     good = plans[-1]
-    monkeypatch.setattr(ctl.mpc, "plan", failing_plan)
+    monkeypatch.setattr(ctl.controller.mpc, "plan", failing_plan)
     log = run(ctl, patient, 610.0 + 31 * PERIOD, state=state)
     shifted = [x for x in log if "shifted previous plan" in x[2].reason]
     fallback = [x for x in log if "no previous plan: fallback" in x[2].reason]
@@ -523,6 +727,6 @@ def test_solver_failure_beyond_plan_falls_back(reference_model, monkeypatch):
         assert d.status == "solver_failed"
     cause = ctl.supervisor.transitions[-1]
     assert cause[1:3] == ("CLOSED_LOOP", "FALLBACK") and "solver failed" in cause[3]
-    monkeypatch.setattr(ctl.mpc, "plan", spy)
+    monkeypatch.setattr(ctl.controller.mpc, "plan", spy)
     log = run(ctl, patient, patient.t + 3 * PERIOD, state=state)
     assert log[-1][3] == "CLOSED_LOOP" and log[-1][2].status == "ok"

@@ -4,7 +4,9 @@ A controller is called once per control period with the latest reading of each m
 variable and returns a :class:`Decision`: infusion rates per model input, in the input's
 amount unit per second (propofol mg/s, remifentanil ug/s), with a human-readable reason.
 It does not own the clock (time is an argument) and knows nothing of pumps, messages or
-simpy.
+simpy. It runs behind the safety supervisor (:class:`~mpc_dose.control.supervisor.
+SupervisedController`), which gates its readings and limits its rates; it may learn what
+was applied through an optional ``applied(t_s, rates)``.
 """
 
 from __future__ import annotations
@@ -35,15 +37,21 @@ class Reading:
 class Decision:
     """Rates to apply from *t_s*, per model input [amount/s], and why.
 
-    *status* is ``"ok"`` or a failure kind the supervisor acts on; *details* carries
-    controller-specific figures (e.g. PID terms, solver statistics) for the record.
+    *status* is ``"ok"`` or a failure kind the supervisor acts on (``"solver_failed"``,
+    ``"no_measurement"``, ...): only an ``"ok"`` decision's rates are applied as they are.
+    *details* carries controller-specific figures (e.g. PID terms, solver statistics) for the
+    record. *backup* are the rates the controller would fall back to for now when its
+    decision failed (e.g. the NMPC's shifted previous plan); None when it has none. *alarm* is
+    the code of an alarm raised with this decision (set by the supervisor).
     """
 
     t_s: float
     rates: dict[str, float]
     reason: str
     status: str = "ok"
-    details: dict[str, float] = field(default_factory=dict)
+    details: dict[str, float | str] = field(default_factory=dict)
+    backup: dict[str, float] | None = None
+    alarm: str | None = None
 
 
 @runtime_checkable
@@ -60,6 +68,16 @@ class Controller(Protocol):
     def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
         """Rates from *t_s* on, given the latest reading of each variable."""
         ...
+
+    # Optional (not part of the runtime check; a controller may define either):
+    #
+    # def observe(self, reading: Reading) -> None:
+    #     """Every reading as it arrives (estimators use every sample, not only the latest)."""
+    #
+    # def applied(self, t_s: float, rates: Mapping[str, float]) -> None:
+    #     """The rates actually applied from *t_s* on (after the supervisor's limits and
+    #     fallbacks); a controller that propagates its own state uses these, not its own
+    #     decision."""
 
 
 def check_rates(rates: Mapping[str, float], inputs: tuple[str, ...], who: str

@@ -1,10 +1,14 @@
-"""The model-predictive dosing controller: state propagation, MHE, NMPC and the supervisor
-behind the one controller interface.
+"""The model-predictive dosing controller: state propagation, MHE and NMPC behind the one
+controller interface.
 
 Each cycle: the PK states are propagated exactly from the rates actually applied (the
-controller knows what it infused); every valid reading since the last cycle enters the MHE
-window with the state at its sample time; the MHE updates the output-map parameters and the
-output disturbance; the NMPC plans from the estimate; the supervisor checks the first move.
+supervisor tells the controller what it let through: :meth:`MPCController.applied`); every
+reading of the measured variable since the last cycle enters the MHE window with the state at
+its sample time; the MHE updates the output-map parameters and the output disturbance; the
+NMPC plans from the estimate. The first move leaves as the decision; when the solve failed,
+the shifted previous plan goes with it as the backup. The safety supervisor is not in here:
+it wraps every controller alike in the controller node
+(:class:`~mpc_dose.control.supervisor.SupervisedController`).
 """
 
 from __future__ import annotations
@@ -22,13 +26,12 @@ from ..model.spec import Model
 from .base import Decision, Reading
 from .mhe import MHEConfig, OutputMapEKF, OutputMapMHE
 from .nmpc import DosePlan, NMPCConfig, NonlinearMPC
-from .supervisor import SafetyConfig, SafetySupervisor
 
 __all__ = ["MPCController"]
 
 
 class MPCController:
-    """NMPC + MHE + safety supervisor as a :class:`~mpc_dose.control.base.Controller`.
+    """NMPC + MHE as a :class:`~mpc_dose.control.base.Controller`.
 
     Parameters
     ----------
@@ -38,10 +41,13 @@ class MPCController:
         Its parameter values for this patient (e.g. population typical values from the
         covariates); estimated parameters start from (and are pulled towards) these.
     nmpc : NMPCConfig
-    safety : SafetyConfig
     mhe : MHEConfig, optional
         What to estimate. Without it the parameters stay fixed and no disturbance is
         estimated.
+    measured : str, optional
+        The reading variable (a sensor's ``var``) that measures the tracked output
+        *nmpc.output*; the output's name when not given. Only its readings reach the
+        estimator.
     estimator : {"mhe", "ekf"}
         Moving-horizon estimation (default) or an extended Kalman filter of the same
         quantities.
@@ -53,8 +59,8 @@ class MPCController:
     """
 
     def __init__(self, model: Model, params: Mapping[str, float] | np.ndarray,
-                 nmpc: NMPCConfig, safety: SafetyConfig, mhe: MHEConfig | None = None, *,
-                 estimator: str = "mhe",
+                 nmpc: NMPCConfig, mhe: MHEConfig | None = None, *,
+                 measured: str | None = None, estimator: str = "mhe",
                  reference: Callable[[float], float] | None = None,
                  name: str = "nmpc", mpc: NonlinearMPC | None = None) -> None:
         self.model, self.name = model, name
@@ -67,7 +73,7 @@ class MPCController:
         # a problem already built for this model and config may be handed in (trials reuse
         # it patient after patient); it must not serve two patients at once
         self.mpc = mpc if mpc is not None else NonlinearMPC(model, nmpc)
-        self.supervisor = SafetySupervisor(safety)
+        self.measured = nmpc.output if measured is None else measured
         self.mhe = None
         if mhe is not None:
             # The states are propagated with the prior PK: the estimated parameters must only
@@ -101,15 +107,23 @@ class MPCController:
         return u
 
     def observe(self, reading: Reading) -> None:
-        """Every reading as it arrives (the node calls this); used at the next decision."""
-        self._pending.append(reading)
-        if reading.var == self.supervisor.config.measured and reading.quality == "valid":
-            self.supervisor.observe(reading)
+        """Every reading as it arrives (the supervisor passes on the usable ones); readings
+        of the measured variable enter the estimator at the next decision."""
+        if reading.var == self.measured:
+            self._pending.append(reading)
+
+    def applied(self, t_s: float, rates: Mapping[str, float]) -> None:
+        """The rates applied from *t_s* on: the states are propagated with these."""
+        self._rates = {name: float(rates.get(name, 0.0)) for name in self.inputs}
 
     def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
+        """The plan's first move (status ``ok``) or a failed solve (``solver_failed``, with
+        the shifted previous plan's rates for now as *backup* while it covers the present).
+        Until :meth:`applied` says otherwise, the decision is taken as applied (the backup
+        for a failed solve; the rates in force when there is none)."""
         if t_s < self._t:
             raise ConfigError(f"{self.name}: decision time went back from {self._t} to {t_s}")
-        measured = self.supervisor.config.measured
+        measured = self.measured
         u = self._u(self._rates)
         # readings since the last decision enter the MHE with the state at their sample time
         if self.mhe is not None:
@@ -124,7 +138,6 @@ class MPCController:
         self._history.append((self._t, self._x.copy(), u.copy()))
         self._x = self._propagator.advance(self._x, self._t, t_s, u)
         self._t = t_s
-        usable, data_reason = self.supervisor.gate(t_s, readings.get(measured))
         theta, disturbance, est_note = self.theta, 0.0, ""
         if self.mhe is not None:
             estimate = self.mhe.update()
@@ -147,16 +160,14 @@ class MPCController:
                           for name in self.inputs}
         if plan.success:
             self._last_plan = plan
-        verdict = self.supervisor.check(
-            t_s, plan.rates, self._rates, usable=usable, data_reason=data_reason,
-            plan_ok=plan.success, plan_reason=f"nmpc {plan.solver}: {plan.status}",
-            backup=backup)
-        self._rates = dict(verdict.rates)
-        self.supervisor.record(t_s, self._rates)
+            self._rates = dict(plan.rates)
+        elif backup is not None:
+            self._rates = dict(backup)
         details = {"solve_time_s": plan.solve_time_s, "iterations": float(plan.iterations),
                    "disturbance": disturbance}
-        return Decision(t_s, dict(self._rates), f"{verdict.mode}: {verdict.reason}{est_note}",
-                        status="ok" if plan.success else "solver_failed", details=details)
+        return Decision(t_s, dict(plan.rates), f"nmpc {plan.solver}: {plan.status}{est_note}",
+                        status="ok" if plan.success else "solver_failed", details=details,
+                        backup=backup)
 
     def _state_at(self, t_s: float, u: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """The state and rates at *t_s*: from the last decision when it is after it, else

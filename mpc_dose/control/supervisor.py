@@ -1,38 +1,85 @@
-"""The safety supervisor: independent of the optimiser, it gates measurements and checks every
-decision against hard limits before it leaves the controller.
+"""The safety supervisor: independent of the controller, it gates measurements and checks
+every decision against hard limits before it leaves the controller node. Every controller
+kind (fixed regimen, PID, TCI, a user's own, NMPC) runs behind it alike
+(:class:`SupervisedController`): one safety rule, one place.
 
 * Readings that are stale, from the future, flagged invalid, outside the physiological range
   or flat-lined are unusable: the dose is never increased on them, the mode switches to
   FALLBACK and a technical alarm is raised. CLOSED_LOOP resumes only after *resume_after*
-  good readings in a row (hysteresis).
-* A failed solve uses the shifted previous plan while it still covers the present, else the
-  configured fallback (stop or a preset rate, never above the last rate).
+  good readings in a row (hysteresis). Rejected readings never reach the controller's
+  estimator.
+* A failed decision (a failed solve, a controller error) uses the controller's backup (the
+  NMPC's shifted previous plan) while it has one, else the configured fallback (stop or a
+  preset rate, never above the last rate).
 * Hard clamps: maximum rate, maximum change per decision, maximum dose per sliding window.
+  They apply to open-loop controllers too (no measured variable: no data gate).
 
 Every decision carries a human-readable reason, recorded with it. Modes:
-``INIT -> CLOSED_LOOP <-> FALLBACK``, ``any -> STOPPED`` (by an operator).
+``INIT -> CLOSED_LOOP <-> FALLBACK``, ``any -> STOPPED`` (by an operator),
+``STOPPED -> INIT`` (acknowledged). This module knows no messages, pumps or clocks.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections import deque
+import numbers
+from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
+from .base import Controller, Decision, Reading, check_rates
 
-from .base import Reading
+__all__ = ["SafetyConfig", "SafetySupervisor", "SupervisedController", "Verdict"]
 
-__all__ = ["SafetyConfig", "SafetySupervisor", "Verdict"]
+
+def _number(where: str, value: object, *, minimum: float = -math.inf,
+            strict: bool = False, allow_inf: bool = False) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+        not math.isnan(value) and (allow_inf or math.isfinite(value)) and \
+        (value > minimum if strict else value >= minimum)
+    if not ok:
+        raise ConfigError(f"safety.{where} = {value!r}: expected a "
+                          f"{'finite ' if not allow_inf else ''}number "
+                          f"{'>' if strict else '>='} {minimum:g}")
+    return float(value)
 
 
 @dataclass(frozen=True)
 class SafetyConfig:
-    """Limits and data-quality rules (rates in each input's amount unit per second)."""
+    """Limits and data-quality rules (rates in each input's amount unit per second).
 
-    measured: str
-    max_rates: Mapping[str, float]
+    Parameters
+    ----------
+    measured : str or None
+        The reading variable (a sensor's ``var`` as it arrives) whose readings drive the
+        dose; None for an open-loop controller (fixed regimen, TCI): no data gate, every
+        clamp still applies.
+    max_rates : mapping input -> amount/s
+        Hard maximum rate of each input (none for an input not named).
+    max_step : mapping input -> amount/s
+        Largest change of an input's rate from one decision to the next.
+    dose_windows : tuple of (input, window [s], max amount)
+        At most *max amount* of the input over any sliding window of that length.
+    fallback_rates : mapping input -> amount/s
+        The preset fallback (0, stop, when not named); never applied above the last rate.
+    stale_after_s : float
+        A reading older than this [s] at a decision is stale.
+    future_tolerance_s : float
+        A reading dated more than this [s] after the decision is from the future.
+    valid_range : (low, high)
+        Physiologically possible values of the measured variable (its unit).
+    flatline_samples : int
+        This many admitted readings in a row within *flatline_tolerance* of each other mean
+        the signal is flat-lined (a frozen sensor); 0 turns the check off.
+    flatline_tolerance : float
+    resume_after : int
+        Good decisions in a row before FALLBACK gives way to CLOSED_LOOP.
+    """
+
+    measured: str | None = None
+    max_rates: Mapping[str, float] = field(default_factory=dict)
     max_step: Mapping[str, float] = field(default_factory=dict)
     dose_windows: tuple[tuple[str, float, float], ...] = ()
     fallback_rates: Mapping[str, float] = field(default_factory=dict)
@@ -42,6 +89,39 @@ class SafetyConfig:
     flatline_samples: int = 20
     flatline_tolerance: float = 1e-9
     resume_after: int = 3
+
+    def __post_init__(self) -> None:
+        if self.measured is not None and (not isinstance(self.measured, str)
+                                          or not self.measured):
+            raise ConfigError(f"safety.measured = {self.measured!r}: expected a reading "
+                              f"variable name or None")
+        for label in ("max_rates", "max_step", "fallback_rates"):
+            for name, value in dict(getattr(self, label)).items():
+                _number(f"{label}[{name!r}]", value, minimum=0.0,
+                        allow_inf=label != "fallback_rates")
+        for k, window in enumerate(self.dose_windows):
+            if len(window) != 3 or not isinstance(window[0], str):
+                raise ConfigError(f"safety.dose_windows[{k}] = {window!r}: expected "
+                                  f"(input, window_s, max_amount)")
+            _number(f"dose_windows[{k}].window_s", window[1], minimum=0.0, strict=True)
+            _number(f"dose_windows[{k}].max_amount", window[2], minimum=0.0)
+        _number("stale_after_s", self.stale_after_s, minimum=0.0, strict=True, allow_inf=True)
+        _number("future_tolerance_s", self.future_tolerance_s, minimum=0.0, allow_inf=True)
+        low, high = self.valid_range
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v)
+               for v in (low, high)) or low > high:
+            raise ConfigError(f"safety.valid_range = {self.valid_range!r}: expected "
+                              f"[low, high] with low <= high")
+        if isinstance(self.flatline_samples, bool) or \
+                not isinstance(self.flatline_samples, int) or \
+                not (self.flatline_samples == 0 or self.flatline_samples >= 2):
+            raise ConfigError(f"safety.flatline_samples = {self.flatline_samples!r}: expected "
+                              f"a whole number >= 2 (0: no flat-line check)")
+        _number("flatline_tolerance", self.flatline_tolerance, minimum=0.0)
+        if isinstance(self.resume_after, bool) or not isinstance(self.resume_after, int) or \
+                self.resume_after < 1:
+            raise ConfigError(f"safety.resume_after = {self.resume_after!r}: expected a whole "
+                              f"number >= 1")
 
 
 @dataclass(frozen=True)
@@ -55,7 +135,8 @@ class Verdict:
 
 
 class SafetySupervisor:
-    """Gates readings (:meth:`gate`) and decisions (:meth:`check`); see module docstring."""
+    """Gates readings (:meth:`screen`, :meth:`gate`) and decisions (:meth:`check`); see the
+    module docstring. :class:`SupervisedController` drives it for a controller."""
 
     def __init__(self, config: SafetyConfig) -> None:
         self.config = config
@@ -63,6 +144,7 @@ class SafetySupervisor:
         self._recent: deque[float] = deque(maxlen=max(2, config.flatline_samples))
         self._good_in_row = 0
         self._delivered: deque[tuple[float, dict[str, float]]] = deque()
+        self._longest_window = max((w for _, w, _ in config.dose_windows), default=0.0)
         self.transitions: list[tuple[float, str, str, str]] = []
         self.data_code = ""
 
@@ -70,6 +152,21 @@ class SafetySupervisor:
         if mode != self.mode:
             self.transitions.append((t_s, self.mode, mode, cause))
             self.mode = mode
+
+    def screen(self, reading: Reading) -> tuple[str, str]:
+        """Why a reading of the measured variable may not be used whatever its time: (reason,
+        alarm code), or ``("", "")`` when its value is usable (finite, flagged valid, inside
+        the valid range)."""
+        c = self.config
+        if not math.isfinite(reading.value):
+            return f"{c.measured} is not a finite number ({reading.value!r})", "data.invalid"
+        if reading.quality != "valid":
+            return f"{c.measured} flagged {reading.quality}", "data.invalid"
+        low, high = c.valid_range
+        if not low <= reading.value <= high:
+            return (f"{c.measured} = {reading.value:g} outside [{low:g}, {high:g}]",
+                    "data.out_of_range")
+        return "", ""
 
     def gate(self, t_s: float, reading: Reading | None) -> tuple[bool, str]:
         """Whether the latest reading may drive the dose at *t_s*, and why not (the alarm
@@ -82,44 +179,44 @@ class SafetySupervisor:
         c = self.config
         if reading is None:
             return False, f"no {c.measured} reading yet", "data.missing"
-        if not math.isfinite(reading.value):
-            return False, f"{c.measured} is not a finite number ({reading.value!r})", \
-                "data.invalid"
-        if reading.quality != "valid":
-            return False, f"{c.measured} flagged {reading.quality}", "data.invalid"
+        reason, code = self.screen(reading)
+        if code and code != "data.out_of_range":
+            return False, reason, code
         if reading.t_meas_s > t_s + c.future_tolerance_s:
             return False, (f"{c.measured} from the future ({reading.t_meas_s - t_s:.1f} s "
                            f"ahead)"), "data.future"
         if t_s - reading.t_meas_s > c.stale_after_s:
             return False, f"{c.measured} stale ({t_s - reading.t_meas_s:.1f} s old)", \
                 "data.stale"
-        low, high = c.valid_range
-        if not low <= reading.value <= high:
-            return False, f"{c.measured} = {reading.value:g} outside [{low:g}, {high:g}]", \
-                "data.out_of_range"
+        if code:
+            return False, reason, code
         return True, "ok", ""
 
     def observe(self, reading: Reading) -> bool:
-        """Track every reading for flat-line detection; False when the signal is flat."""
+        """Track an admitted reading for flat-line detection; False when the signal is
+        flat."""
         self._recent.append(reading.value)
         return not self.flat
 
     @property
     def flat(self) -> bool:
         c = self.config
-        if len(self._recent) < c.flatline_samples:
+        if c.flatline_samples == 0 or len(self._recent) < c.flatline_samples:
             return False
         values = list(itertools.islice(reversed(self._recent), c.flatline_samples))
         return max(values) - min(values) <= c.flatline_tolerance
 
     def check(self, t_s: float, proposed: Mapping[str, float], last: Mapping[str, float], *,
               usable: bool, data_reason: str, plan_ok: bool, plan_reason: str,
-              backup: Mapping[str, float] | None = None) -> Verdict:
+              backup: Mapping[str, float] | None = None,
+              failure: str = "solver_failed") -> Verdict:
         """The rates to apply from *t_s*.
 
-        *proposed* are the optimiser's rates, *last* the rates in force, *usable* whether the
-        data may drive the dose, *plan_ok* whether the solve succeeded, *backup* the shifted
-        previous plan's rates for now (or None when it no longer covers the present).
+        *proposed* are the controller's rates, *last* the rates in force, *usable* whether
+        the data may drive the dose (:meth:`gate`), *plan_ok* whether the controller's
+        decision succeeded (*failure* names its status when not, e.g. ``solver_failed``),
+        *backup* the controller's rates for a failed decision (the shifted previous plan;
+        None when it has none).
         """
         c = self.config
         alarm = None
@@ -129,10 +226,13 @@ class SafetySupervisor:
         if not data_ok:
             reason = data_reason if not usable else f"{c.measured} flat-lined"
             self._good_in_row = 0
+            rates = {k: min(c.fallback_rates.get(k, 0.0), last.get(k, 0.0)) for k in proposed}
+            if self.mode == "INIT" and not usable and self.data_code == "data.missing":
+                # nothing to act on yet: wait for the first reading, without an alarm
+                return self._clamp(t_s, rates, last, "INIT", f"waiting: {reason}", None)
             if self.mode != "FALLBACK":
                 alarm = (self.data_code or "data.invalid") if not usable else "data.flatline"
             self._to(t_s, "FALLBACK", reason)
-            rates = {k: min(c.fallback_rates.get(k, 0.0), last.get(k, 0.0)) for k in proposed}
             return self._clamp(t_s, rates, last, "FALLBACK",
                                f"fallback, no dose increase: {reason}", alarm)
         self._good_in_row += 1
@@ -143,18 +243,19 @@ class SafetySupervisor:
                 return self._clamp(t_s, rates, last, "FALLBACK",
                                    f"fallback: {self._good_in_row}/{c.resume_after} good "
                                    f"readings before resuming", None)
-            self._to(t_s, "CLOSED_LOOP", "data usable")
+            self._to(t_s, "CLOSED_LOOP", "data usable" if c.measured is not None
+                     else "started (open loop: no measured variable)")
         if plan_ok:
             return self._clamp(t_s, dict(proposed), last, "CLOSED_LOOP", plan_reason, None)
+        what = failure.replace("_", " ")
+        code = "controller." + failure.removeprefix("controller_")
         if backup is not None:
             return self._clamp(t_s, dict(backup), last, "CLOSED_LOOP",
-                               f"solver failed ({plan_reason}): shifted previous plan",
-                               "controller.solver_failed")
-        self._to(t_s, "FALLBACK", f"solver failed: {plan_reason}")
+                               f"{what} ({plan_reason}): shifted previous plan", code)
+        self._to(t_s, "FALLBACK", f"{what}: {plan_reason}")
         rates = {k: min(c.fallback_rates.get(k, 0.0), last.get(k, 0.0)) for k in proposed}
         return self._clamp(t_s, rates, last, "FALLBACK",
-                           f"solver failed ({plan_reason}), no previous plan: fallback",
-                           "controller.solver_failed")
+                           f"{what} ({plan_reason}), no previous plan: fallback", code)
 
     def _clamp(self, t_s, rates, last, mode, reason, alarm) -> Verdict:
         c = self.config
@@ -178,8 +279,15 @@ class SafetySupervisor:
         return Verdict(rates, mode, reason + ("; " + "; ".join(notes) if notes else ""), alarm)
 
     def record(self, t_s: float, rates: Mapping[str, float]) -> None:
-        """Record the rates applied from *t_s* (for the dose windows)."""
+        """Record the rates applied from *t_s* (for the dose windows); a second record at
+        the same time replaces the first (the rates in force were corrected)."""
+        if self._delivered and self._delivered[-1][0] == t_s:
+            self._delivered.pop()
         self._delivered.append((t_s, dict(rates)))
+        # what ended before the longest window no longer counts
+        while len(self._delivered) > 1 and \
+                self._delivered[1][0] <= t_s - self._longest_window:
+            self._delivered.popleft()
 
     def _window(self, t_s: float, window_s: float):
         items = list(self._delivered)
@@ -197,3 +305,128 @@ class SafetySupervisor:
         """An operator acknowledges a stop: STOPPED -> INIT."""
         if self.mode == "STOPPED":
             self._to(t_s, "INIT", "operator acknowledged")
+
+
+class SupervisedController:
+    """Any :class:`~mpc_dose.control.base.Controller` behind a :class:`SafetySupervisor`;
+    itself a controller (same name, period and inputs), so it runs and is tested as one.
+
+    * :meth:`observe`: a reading of the measured variable reaches the controller's own
+      ``observe`` (its estimator) only when finite, flagged valid and inside the valid
+      range; rejected ones are counted by alarm code in :attr:`rejected`. Readings of other
+      variables pass unchanged.
+    * :meth:`decide`: the latest reading of the measured variable (whatever its quality) is
+      gated; the controller sees only usable readings (the measured variable is left out
+      when the data is unusable, so a PID holds instead of integrating on stale data); an
+      exception from the controller is a failed decision (status ``controller_error``), not
+      a crash; then :meth:`SafetySupervisor.check` sets the rates, which are recorded and
+      told to the controller (its optional ``applied(t_s, rates)``).
+
+    The decision's reason starts with the mode (``"CLOSED_LOOP: ..."``,
+    ``"FALLBACK: ..."``) and keeps the controller's own reason where the rates are its own;
+    its status is the controller's, its details the controller's plus ``mode``, its
+    ``alarm`` the code of an alarm raised (also listed in :attr:`alarms`).
+
+    Parameters
+    ----------
+    controller : Controller
+    supervisor : SafetySupervisor or SafetyConfig, optional
+        Without one: no data gate and no limits (only the rate check).
+    """
+
+    def __init__(self, controller: Controller,
+                 supervisor: SafetySupervisor | SafetyConfig | None = None) -> None:
+        if isinstance(controller, SupervisedController):
+            raise ConfigError(f"controller {controller.name!r} is already supervised")
+        if supervisor is None or isinstance(supervisor, SafetyConfig):
+            supervisor = SafetySupervisor(supervisor or SafetyConfig())
+        self.controller = controller
+        self.supervisor = supervisor
+        self.name = controller.name
+        self.period_s = controller.period_s
+        self.inputs = tuple(controller.inputs)
+        #: the rates in force [amount/s]
+        self.rates = dict.fromkeys(self.inputs, 0.0)
+        #: readings of the measured variable kept from the controller, by alarm code
+        self.rejected: Counter[str] = Counter()
+        #: (time, alarm code, reason) of every alarm raised
+        self.alarms: list[tuple[float, str, str]] = []
+        #: whether the data could drive the dose at the last decision (True when open loop)
+        self.data_usable = False
+        self._observe = getattr(controller, "observe", None)
+        self._applied = getattr(controller, "applied", None)
+
+    @property
+    def mode(self) -> str:
+        return self.supervisor.mode
+
+    @property
+    def measured(self) -> str | None:
+        return self.supervisor.config.measured
+
+    def observe(self, reading: Reading) -> None:
+        """Every reading as it arrives; see the class docstring."""
+        if reading.var == self.measured:
+            _, code = self.supervisor.screen(reading)
+            if code:
+                self.rejected[code] += 1
+                return
+            self.supervisor.observe(reading)
+        if self._observe is not None:
+            self._observe(reading)
+
+    def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
+        sup, measured = self.supervisor, self.measured
+        if measured is None:
+            usable, why = True, "open loop"
+        else:
+            usable, why = sup.gate(t_s, readings.get(measured))
+        self.data_usable = usable and not sup.flat
+        given = dict(readings)
+        if measured is not None and not self.data_usable:
+            given.pop(measured, None)
+        decision, backup = None, None
+        try:
+            decision = self.controller.decide(t_s, given)
+            status, reason = decision.status, decision.reason
+            if status == "ok":
+                proposed = check_rates(decision.rates, self.inputs, self.name)
+            else:
+                proposed = dict.fromkeys(self.inputs, 0.0)
+                backup = self._backup(decision.backup)
+        except ConfigError as err:  # e.g. check_rates: it names the controller and value
+            status, reason = "controller_error", str(err)
+            proposed = dict.fromkeys(self.inputs, 0.0)
+        except Exception as err:  # noqa: BLE001 - a controller's failure is a result
+            status, reason = "controller_error", f"{type(err).__name__}: {err}"
+            proposed = dict.fromkeys(self.inputs, 0.0)
+        verdict = sup.check(t_s, proposed, self.rates, usable=usable, data_reason=why,
+                            plan_ok=status == "ok", plan_reason=reason, backup=backup,
+                            failure=status)
+        self.applied(t_s, verdict.rates)
+        if verdict.alarm is not None:
+            self.alarms.append((t_s, verdict.alarm, verdict.reason))
+        details = dict(decision.details) if decision is not None else {}
+        details["mode"] = verdict.mode
+        return Decision(t_s, dict(self.rates), f"{verdict.mode}: {verdict.reason}", status,
+                        details, alarm=verdict.alarm)
+
+    def _backup(self, backup: Mapping[str, float] | None) -> dict[str, float] | None:
+        if backup is None or any(name not in backup for name in self.inputs):
+            return None
+        out = {}
+        for name in self.inputs:
+            value = backup[name]
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            out[name] = float(value) if ok else math.nan  # the clamp makes NaN no drug
+        return out
+
+    def applied(self, t_s: float, rates: Mapping[str, float]) -> None:
+        """The rates in force from *t_s* on: recorded for the dose windows and told to the
+        controller. :meth:`decide` calls it with its own rates; the controller node calls it
+        again when the pumps do otherwise (a lease left to run out into the pump's
+        fallback)."""
+        self.rates = {name: float(rates.get(name, 0.0)) for name in self.inputs}
+        self.supervisor.record(t_s, self.rates)
+        if self._applied is not None:
+            self._applied(t_s, dict(self.rates))

@@ -1,20 +1,36 @@
 """The controller node: protocol messages in, protocol messages out, no I/O.
 
-It keeps the latest reading of each measured variable, runs the controller once per control
-period (:meth:`tick`) and turns its rates (amount/s) into leased ``set_rate`` commands in
-mL/h for the pump of each input, with the dose rate alongside for the pump side's own check.
-It never owns a clock: ``now`` is an argument.
+It keeps the latest reading of each measured variable, runs the controller behind the safety
+supervisor once per control period (:meth:`ControllerNode.tick`) and turns the rates
+(amount/s) into leased ``set_rate`` commands in mL/h for the pump of each input, with the
+dose rate alongside for the pump side's own check. It never owns a clock: ``now`` is an
+argument.
+
+Every controller kind runs behind the same supervisor here
+(:class:`~mpc_dose.control.supervisor.SupervisedController`): readings are gated before the
+controller sees them, and its rates are limited before they leave. The supervisor's alarms
+leave :meth:`~ControllerNode.tick` as ``alarm`` messages (for the caller to record or
+publish; they are not commands) and its mode transitions are kept in
+:attr:`~ControllerNode.transitions`.
+
+Unusable data never renews a lease indefinitely: at the first decision on unusable data the
+node sends one command (a dose decrease takes effect at once) whose fallback preset is no
+higher than its rate; while the data stays unusable it then only asks for the pump's status
+(``get_status``), so that lease runs out and the pump side applies the fallback by itself
+(as OpenAPS lets a temporary basal expire). A further decrease is still sent at once.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..control.base import Controller, Decision, Reading, check_rates
-from ..protocol.messages import (Ack, Alarm, Fallback, Measurement, PumpStatus, SetRate,
-                                 _Message)
+from ..control.supervisor import SafetyConfig, SafetySupervisor, SupervisedController
+from ..errors import ConfigError
+from ..protocol.messages import (Ack, Alarm, Fallback, GetStatus, Measurement, PumpStatus,
+                                 SetRate, _Message)
 
 __all__ = ["PumpRoute", "ControllerNode"]
 
@@ -32,39 +48,93 @@ class PumpRoute:
 
 
 class ControllerNode:
-    """Runs *controller* and speaks the protocol to the pumps in *routes*.
+    """Runs *controller* behind the safety supervisor and speaks the protocol to the pumps in
+    *routes*.
 
     Parameters
     ----------
     controller : Controller
+        Any controller kind; the node wraps it in a
+        :class:`~mpc_dose.control.supervisor.SupervisedController`.
     routes : mapping of input name -> PumpRoute
+    safety : SafetyConfig, optional
+        The supervisor's limits and data rules. Without it: no data gate and no limits
+        (only the check that every rate is finite and >= 0).
     lease_periods : float
         Each command's lease, in control periods (DESIGN: 2-3 periods).
     src : str
-        This node's id in the messages it sends.
+        This node's id in the messages it sends (and the prefix of its command ids).
     """
 
     def __init__(self, controller: Controller, routes: Mapping[str, PumpRoute], *,
-                 lease_periods: float = 3.0, src: str = "controller") -> None:
-        missing = [name for name in controller.inputs if name not in routes]
-        if missing:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"controller {controller.name!r} sets {', '.join(missing)} but "
-                              f"no pump is configured for it")
-        self.controller = controller
+                 safety: SafetyConfig | None = None, lease_periods: float = 3.0,
+                 src: str = "controller") -> None:
         self.routes = dict(routes)
+        self.safety = safety if safety is not None else SafetyConfig()
+        self.controller = self._supervised(controller)
+        self.lease_periods = lease_periods
         self.lease_s = lease_periods * controller.period_s
         self.src = src
         self.readings: dict[str, Reading] = {}
         self.last_decision: Decision | None = None
         self.acks: dict[str, Ack] = {}
         self.pump_status: dict[str, PumpStatus] = {}
+        #: alarms received from the plant side (time, message)
         self.alarms: list[tuple[float, Alarm]] = []
+        #: alarms this node raised (the supervisor's), as sent out by :meth:`tick`
+        self.raised: list[tuple[float, Alarm]] = []
         self._commands = 0
+        self._earlier_transitions: list[tuple[float, str, str, str]] = []
+        self._alarms_seen = 0
+        # ordering of sources: src -> epoch in force, retired epochs, origin of each reading
+        self._epochs: dict[str, str] = {}
+        self._retired: dict[str, set[str]] = {}
+        self._origin: dict[str, tuple[str, str] | None] = {}
+        # pump -> (last set_rate sent, when); pumps whose lease is left to run out
+        self._sent: dict[str, tuple[SetRate, float]] = {}
+        self._lapsing: set[str] = set()
 
-    def receive(self, message: _Message, now: float) -> list[_Message]:
-        """Take in one message from the plant side; nothing is sent back."""
+    def _supervised(self, controller: Controller) -> SupervisedController:
+        missing = [name for name in controller.inputs if name not in self.routes]
+        if missing:
+            raise ConfigError(f"controller {controller.name!r} sets {', '.join(missing)} but "
+                              f"no pump is configured for it")
+        return SupervisedController(controller, SafetySupervisor(self.safety))
+
+    @property
+    def supervisor(self) -> SafetySupervisor:
+        return self.controller.supervisor
+
+    @property
+    def transitions(self) -> list[tuple[float, str, str, str]]:
+        """Every mode transition of the supervisor: (time [s], from, to, cause)."""
+        return self._earlier_transitions + self.controller.supervisor.transitions
+
+    def restart_controller(self, controller: Controller) -> None:
+        """Run *controller* from now on, behind a new supervisor (a restarted plant: a new
+        patient clock). The command counter goes on: command ids never repeat within this
+        node's epoch (a pump bridge answers a repeated id with its cached ack)."""
+        supervised = self._supervised(controller)
+        self._earlier_transitions = self.transitions
+        self.controller = supervised
+        self.lease_s = self.lease_periods * controller.period_s
+        self._alarms_seen = 0
+        self.last_decision = None
+        self._sent.clear()
+        self._lapsing.clear()
+
+    # ------------------------------------------------------------------ in
+    def receive(self, message: _Message, now: float, *,
+                origin: tuple[str, str] | None = None) -> list[_Message]:
+        """Take in one message from the plant side; nothing is sent back.
+
+        *origin* is the envelope's (src, epoch) (None in-process). A new epoch of a source
+        (a restart) drops the readings received from its earlier epoch, so the restarted
+        source's readings count even when its clock starts again from 0; messages from a
+        retired epoch are ignored.
+        """
+        if origin is not None and not self._current(*origin):
+            return []
         if isinstance(message, Measurement):
             previous = self.readings.get(message.var)
             # readings can arrive out of order (delays): keep the newest sample
@@ -72,9 +142,9 @@ class ControllerNode:
                               message.quality)
             if previous is None or message.t_meas >= previous.t_meas_s:
                 self.readings[message.var] = reading
-            observe = getattr(self.controller, "observe", None)
-            if observe is not None:  # controllers that use every sample (estimators)
-                observe(reading)
+                self._origin[message.var] = origin
+            # the supervisor passes usable ones to controllers that use every sample
+            self.controller.observe(reading)
         elif isinstance(message, Ack):
             self.acks[message.cmd_id] = message
         elif isinstance(message, PumpStatus):
@@ -83,27 +153,91 @@ class ControllerNode:
             self.alarms.append((now, message))
         return []
 
+    def _current(self, src: str, epoch: str) -> bool:
+        """Whether (src, epoch) is in force; a new epoch retires the old one and drops what
+        was received from it."""
+        known = self._epochs.get(src)
+        if known == epoch:
+            return True
+        if epoch in self._retired.get(src, ()):
+            return False
+        if known is not None:
+            self._retired.setdefault(src, set()).add(known)
+            for var in [v for v, o in self._origin.items() if o is not None and o[0] == src]:
+                del self.readings[var], self._origin[var]
+        self._epochs[src] = epoch
+        return True
+
+    # ------------------------------------------------------------------ out
     def tick(self, now: float) -> list[_Message]:
-        """One control cycle: decide and send one leased command per input."""
-        decision = self.controller.decide(now, dict(self.readings))
-        rates = check_rates(decision.rates, self.controller.inputs, self.controller.name)
-        self.last_decision = Decision(now, rates, decision.reason, decision.status,
-                                      decision.details)
+        """One control cycle: decide behind the supervisor and send one leased command per
+        input (or, while the data is unusable, a status request that lets the lease run
+        out); the supervisor's new alarms follow as ``alarm`` messages."""
+        supervised = self.controller
+        decision = supervised.decide(now, dict(self.readings))
+        rates = check_rates(decision.rates, supervised.inputs, supervised.name)
+        lapse = supervised.measured is not None and not supervised.data_usable and \
+            supervised.mode == "FALLBACK"
         out: list[_Message] = []
+        in_force = dict(rates)
         for name, rate in rates.items():
             route = self.routes[name]
-            self._commands += 1
-            out.append(SetRate(
-                cmd_id=f"{self.src}-{self._commands}", pump=route.pump,
-                rate=rate * 3600.0 / route.concentration, unit="mL/h", lease_s=self.lease_s,
-                fallback=(Fallback(action="preset_rate", rate=route.fallback_ml_per_h)
-                          if route.fallback_ml_per_h > 0 else Fallback()),
-                dose_rate=rate, dose_unit=f"{route.amount_unit}/s"))
+            if lapse and route.pump in self._lapsing:
+                current = self._in_force(route, now)
+                if rate >= current - 1e-12 * max(1.0, current):
+                    # no renewal: the lease runs out into the pump's own fallback
+                    out.append(GetStatus(cmd_id=self._next_id(), pump=route.pump))
+                    in_force[name] = current
+                    continue
+            out.append(self._set_rate(route, rate, now, lapse))
+        reason = decision.reason
+        if in_force != rates:
+            supervised.applied(now, in_force)  # the pumps do this, not the decision
+        if any(isinstance(m, GetStatus) for m in out):
+            reason += "; no new command: the lease runs out into the pump's fallback"
+        self.last_decision = replace(decision, t_s=now, rates=in_force, reason=reason)
+        for t, code, text in supervised.alarms[self._alarms_seen:]:
+            priority = "high" if code.startswith("data.") or supervised.mode != \
+                "CLOSED_LOOP" else "medium"
+            alarm = Alarm(code=code, priority=priority, kind="technical",
+                          text=f"{self.src}: {text}")
+            self.raised.append((t, alarm))
+            out.append(alarm)
+        self._alarms_seen = len(supervised.alarms)
         return out
+
+    def _next_id(self) -> str:
+        self._commands += 1
+        return f"{self.src}-{self._commands}"
+
+    def _set_rate(self, route: PumpRoute, rate: float, now: float, lapse: bool) -> SetRate:
+        ml_per_h = rate * 3600.0 / route.concentration
+        fallback_ml_per_h = route.fallback_ml_per_h
+        if lapse:  # the pump's own fallback must not raise the dose either
+            fallback_ml_per_h = min(fallback_ml_per_h, ml_per_h)
+            self._lapsing.add(route.pump)
+        else:
+            self._lapsing.discard(route.pump)
+        command = SetRate(
+            cmd_id=self._next_id(), pump=route.pump, rate=ml_per_h, unit="mL/h",
+            lease_s=self.lease_s,
+            fallback=(Fallback(action="preset_rate", rate=fallback_ml_per_h)
+                      if fallback_ml_per_h > 0 else Fallback()),
+            dose_rate=rate, dose_unit=f"{route.amount_unit}/s")
+        self._sent[route.pump] = (command, now)
+        return command
+
+    def _in_force(self, route: PumpRoute, now: float) -> float:
+        """The rate [amount/s] the pump runs at *now* without a new command: the last
+        command's until its lease ends, then its fallback."""
+        command, sent_at = self._sent[route.pump]
+        if now < sent_at + command.lease_s:
+            return command.dose_rate
+        return command.fallback.rate * route.concentration / 3600.0
 
     @property
     def commanded(self) -> dict[str, float]:
-        """The rates of the last decision [amount/s] (NaN before the first)."""
+        """The rates in force after the last decision [amount/s] (NaN before the first)."""
         if self.last_decision is None:
             return {name: math.nan for name in self.controller.inputs}
         return dict(self.last_decision.rates)

@@ -14,7 +14,8 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, \
+    model_validator
 
 from ..errors import ConfigError, closest
 
@@ -209,15 +210,55 @@ class NMPCSpec(_Strict):
     prior_scale: float = Field(1.0, gt=0)
     scaled: list[str] = []
     estimator: EstimatorSpec = EstimatorSpec()
-    valid_range: tuple[float, float] = (-math.inf, math.inf)
-    stale_after_s: float = Field(15.0, gt=0)
-    fallback_rates: dict[str, float] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict):
+            moved = [k for k in ("valid_range", "stale_after_s", "fallback_rates") if k in data]
+            if moved:
+                raise ValueError(f"{', '.join(moved)} moved to [controller.safety] (the "
+                                 f"supervisor guards every controller kind)")
+        return data
+
+
+class DoseWindowSpec(_Strict):
+    input: str
+    window_s: float = Field(gt=0)
+    max_amount: float = Field(ge=0)
+
+
+class SafetySpec(_Strict):
+    """The safety supervisor every controller kind runs behind (control/supervisor.py).
+    A key not given takes the kind's default (trial/build.py: measured variable and maximum
+    rates from the controller's own table) or else the supervisor's own default."""
+
+    #: the reading variable (sensor ``var``) whose readings drive the dose; none: open loop
+    measured: str | None = None
+    #: input -> hard maximum rate [amount/s]
+    max_rates: dict[str, float] | None = None
+    #: input -> largest change per decision [amount/s]
+    max_step: dict[str, float] | None = None
+    #: at most max_amount of an input over any window_s seconds
+    dose_windows: list[DoseWindowSpec] | None = None
+    #: input -> preset fallback rate [amount/s] (never above the last rate); none: stop
+    fallback_rates: dict[str, float] | None = None
+    stale_after_s: float | None = Field(None, gt=0)
+    future_tolerance_s: float | None = Field(None, ge=0)
+    valid_range: tuple[float, float] | None = None
+    #: this many equal readings in a row (within flatline_tolerance) are a frozen sensor;
+    #: 0 turns the check off
+    flatline_samples: int | None = Field(None, ge=0)
+    flatline_tolerance: float | None = Field(None, ge=0)
+    #: good readings in a row before FALLBACK gives way to CLOSED_LOOP
+    resume_after: int | None = Field(None, ge=1)
 
 
 class ControllerSpec(_Strict):
     kind: Literal["pid", "fixed", "tci", "python", "nmpc"]
     period_s: float = Field(gt=0)
     lease_periods: float = Field(3.0, gt=0)
+    safety: SafetySpec = SafetySpec()
     pid: PIDSpec | None = None
     fixed: FixedSpec | None = None
     tci: TCISpec | None = None
@@ -323,7 +364,8 @@ def parse_scenario(data: dict, *, source: str = "scenario", base_dir: str = ".")
                 lines.append(f"{where}: missing")
             else:
                 got = e.get("input")
-                lines.append(f"{where}: {e['msg']} (got {got!r})")
+                shown = "" if isinstance(got, dict) else f" (got {got!r})"
+                lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')}{shown}")
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 

@@ -8,6 +8,14 @@ heartbeats only prove liveness.
 
 Several patients share one process (the load case: one controller for 100 virtual patients):
 each has its own node, sockets and epoch.
+
+The node runs its controller behind the safety supervisor; its alarms and mode transitions
+go to the audit log (``alarm``, ``mode``). A plant that restarts (a new epoch on its
+telemetry) is greeted again: the controller re-sends ``hello`` to its command endpoint about
+once a second until it answers (a restarted ``serve plant`` waits for it), takes the new
+plant's clock, drops the readings of the old epoch and, when the new clock is behind the old
+one (a restarted simulated plant starts at t = 0), rebuilds that patient's controller from
+the scenario (the command ids go on: they never repeat within this process's epoch).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import zmq
 from ..audit import AuditLog
 from ..node import ControllerNode
 from ..protocol.codec import Envelope
-from ..protocol.messages import Heartbeat, Hello
+from ..protocol.messages import Alarm, Heartbeat, Hello
 from ..protocol.session import LinkSession
 from ..scenario.schema import Scenario
 from ..trial.build import build_setup
@@ -39,6 +47,8 @@ class PatientLink:
     telemetry: TelemetryReader
     clients: dict[str, CommandClient]           # pump -> client
     plant: CommandClient | None = None          # the plant's command endpoint (hello)
+    #: (patient index (0-based), seed): what a rebuilt controller is built from
+    patient: tuple[int, int] = (0, 0)
     session: LinkSession = field(default_factory=LinkSession)
     finished: bool = False
     cycle_s: list[float] = field(default_factory=list)
@@ -48,6 +58,14 @@ class PatientLink:
     #: the plant's clock minus ours (monotonic), from its latest t_sim; readings carry the
     #: plant's time, so decisions must too. None: no simulated clock (real sensors: UTC)
     clock_offset_s: float | None = None
+    #: the latest plant time heard (t_sim) in the plant's current epoch
+    last_t_sim: float | None = None
+    #: plant epochs heard before the current one (their late messages are ignored)
+    retired_epochs: set[str] = field(default_factory=set)
+    #: monotonic time of the last hello re-sent to a restarted plant
+    hello_s: float | None = None
+    #: how many of the node's mode transitions are in the audit log
+    modes_logged: int = 0
 
     def now(self) -> float:
         """This patient's time: the plant's clock, or UTC for real devices."""
@@ -66,6 +84,7 @@ class ControllerProcess:
                  audit: str | Path | None = None, keys: Keys | None = None,
                  ack_timeout_s: float = 1.0, retries: int = 2) -> None:
         self.context = zmq.Context()
+        self.scenario = scenario
         self.log = AuditLog(audit, "controller") if audit else None
         self.ack_timeout_s, self.retries = ack_timeout_s, retries
         self.epoch = new_epoch()
@@ -75,7 +94,7 @@ class ControllerProcess:
                                                           plant_commands):
             setup, _ = build_setup(scenario, index, seed)
             plant_routes = PlantSide.routes_for(setup)
-            node = ControllerNode(setup.controller, plant_routes,
+            node = ControllerNode(setup.controller, plant_routes, safety=setup.safety,
                                   lease_periods=setup.lease_periods,
                                   src=f"controller-{index + 1}")
             clients = {}
@@ -88,7 +107,7 @@ class ControllerProcess:
             plant = by_address.get(plant_cmd) if plant_cmd else None
             if plant_cmd and plant is None:
                 plant = self._client(plant_cmd, node.src, keys)
-            self.links.append(PatientLink(node, reader, clients, plant))
+            self.links.append(PatientLink(node, reader, clients, plant, (index, seed)))
         self.period_s = self.links[0].node.controller.period_s if self.links else 1.0
         self.sweeps_s: list[float] = []
         self.missed_deadlines = 0
@@ -135,13 +154,28 @@ class ControllerProcess:
         """Take in the waiting telemetry; returns the tick instants it contained."""
         ticks = []
         for envelope in link.telemetry.drain(timeout_s):
+            if envelope.epoch in link.retired_epochs:
+                continue  # a late message of a plant process that is gone
+            previous = link.session.peer_epoch
+            before = link.session.state
             link.session.heard(time.monotonic(), envelope.epoch)
+            self._log_link(link, before)
+            if previous is not None and envelope.epoch != previous:
+                link.retired_epochs.add(previous)
+                self._plant_restarted(link, envelope)
             message = envelope.message
-            if envelope.t_sim is not None and isinstance(message, Heartbeat):
-                # heartbeats leave at once (readings may be delayed): they set the clock
+            if envelope.t_sim is not None and not (isinstance(message, Heartbeat) and
+                                                   message.state == "waiting"):
+                # every envelope carries the plant's time of sending (a delayed reading
+                # too: its sample time is in the reading): the latest sets the clock, so
+                # the first readings are not judged by another clock (not the heartbeats
+                # of a plant waiting for its hello: its clock is not running yet)
                 offset = envelope.t_sim - time.monotonic()
                 link.clock_offset_s = offset if link.clock_offset_s is None else \
                     max(link.clock_offset_s, offset)
+            if envelope.t_sim is not None:
+                link.last_t_sim = envelope.t_sim if link.last_t_sim is None else \
+                    max(link.last_t_sim, envelope.t_sim)
             if isinstance(message, Heartbeat):
                 if message.state == "tick" and envelope.t_sim is not None:
                     ticks.append(envelope.t_sim)
@@ -150,13 +184,63 @@ class ControllerProcess:
                 continue
             self._record("in", envelope)
             link.node.receive(message, envelope.t_sim if envelope.t_sim is not None
-                              else time.monotonic())
+                              else time.monotonic(), origin=(envelope.src, envelope.epoch))
         return ticks
 
+    def _plant_restarted(self, link: PatientLink, envelope: Envelope) -> None:
+        """A new plant epoch: its clock from now on; a fresh controller when that clock is
+        behind the old one (a restarted simulation starts again at t = 0)."""
+        old_t = link.last_t_sim
+        link.clock_offset_s, link.last_t_sim = None, None
+        link.hello_s, link.finished = None, False
+        if self.log is not None:
+            self.log.note("plant_restart", envelope.t_sim, patient=link.node.src,
+                          epoch=envelope.epoch)
+        if old_t is not None and envelope.t_sim is not None and envelope.t_sim < old_t:
+            index, seed = link.patient
+            setup, _ = build_setup(self.scenario, index, seed)
+            link.node.restart_controller(setup.controller)
+            if self.log is not None:
+                self.log.note("controller_restart", envelope.t_sim, patient=link.node.src,
+                              cause=f"the plant's clock went back from {old_t:g} s to "
+                                    f"{envelope.t_sim:g} s (new epoch {envelope.epoch})")
+
+    def rejoin(self, link: PatientLink) -> None:
+        """While the plant link is in SNAPSHOT (a new plant epoch), say hello to the plant's
+        command endpoint about once a second, never blocking; its answer makes the link
+        READY (a restarted ``serve plant`` starts only after a hello)."""
+        if link.plant is None or link.session.state != "SNAPSHOT":
+            return
+        now = time.monotonic()
+        if link.hello_s is None or now - link.hello_s >= 1.0:
+            link.plant.send(Hello(role="controller"))
+            link.hello_s = now
+        for envelope in link.plant.receive():
+            if isinstance(envelope.message, Hello):
+                self._hello_answered(link)
+            else:
+                link.plant.inbox.append(envelope)
+
+    def _hello_answered(self, link: PatientLink) -> None:
+        before = link.session.state
+        link.session.fire("snapshot", time.monotonic(), "the restarted plant answered hello")
+        self._log_link(link, before)
+
+    def _log_link(self, link: PatientLink, before: str) -> None:
+        state = link.session.state
+        if state != before and self.log is not None:
+            self.log.note("link", None, patient=link.node.src, source=before, target=state,
+                          cause=link.session.transitions[-1].cause)
+
     def cycle(self, link: PatientLink, t: float) -> None:
-        """One control instant: decide, send each command and wait for its ack."""
+        """One control instant: decide, send each command and wait for its ack; the
+        supervisor's alarms and mode changes go to the audit log."""
         start = time.perf_counter()
         for command in link.node.tick(t):
+            if isinstance(command, Alarm):  # not a command: recorded
+                if self.log is not None:
+                    self.log.note("alarm", t, patient=link.node.src, alarm=command.body())
+                continue
             client = link.clients[command.pump]
             ack = client.request(command, t_sim=t, timeout_s=self.ack_timeout_s,
                                  retries=self.retries)
@@ -168,6 +252,21 @@ class ControllerProcess:
             link.node.receive(ack, t)
             if self.log is not None:
                 self.log.note("ack", t, **ack.body())
+        # other answers (a status snapshot after get_status) for the node; the command
+        # socket's sender is not the telemetry's, so they carry no origin
+        for client in {id(c): c for c in link.clients.values()}.values():
+            for envelope in client.inbox:
+                if isinstance(envelope.message, Hello):  # a late answer to a re-sent hello
+                    self._hello_answered(link)
+                else:
+                    link.node.receive(envelope.message, t)
+            client.inbox.clear()
+        transitions = link.node.transitions
+        for t_mode, source, target, cause in transitions[link.modes_logged:]:
+            if self.log is not None:
+                self.log.note("mode", t_mode, patient=link.node.src, source=source,
+                              target=target, cause=cause)
+        link.modes_logged = len(transitions)
         link.cycle_s.append(time.perf_counter() - start)
 
     def run_simulated(self, idle_timeout_s: float = 30.0) -> None:
@@ -177,6 +276,8 @@ class ControllerProcess:
         for link in self.links:
             poller.register(link.telemetry.sock, zmq.POLLIN)
         while not all(link.finished for link in self.links):
+            for link in self.links:
+                self.rejoin(link)
             if not poller.poll(100):
                 if time.monotonic() - last > idle_timeout_s:
                     raise TimeoutError(f"serve controller: plants silent for "
@@ -208,11 +309,10 @@ class ControllerProcess:
                     self.handle_telemetry(link, min(left, 0.01) / len(self.links))
             for link in self.links:
                 self.handle_telemetry(link)
+                self.rejoin(link)
                 before = link.session.state
                 state = link.session.check(time.monotonic())
-                if state != before and self.log is not None:
-                    self.log.note("link", None, patient=link.node.src, source=before,
-                                  target=state, cause=link.session.transitions[-1].cause)
+                self._log_link(link, before)
                 if state == "LOST" or self.fallback:
                     continue  # no command: the pump side's lease and fallback act
                 self.cycle(link, link.now())

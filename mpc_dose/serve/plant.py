@@ -9,8 +9,12 @@ Simulated time (default) runs in lock-step, so a run across processes gives the 
 as :func:`~mpc_dose.trial.closed_loop.run_closed_loop`: at each control instant the plant
 publishes the readings, then a ``heartbeat`` with state ``tick`` and the instant as
 ``t_sim``, and waits (up to *tick_timeout_s* of wall time) until every pump has its command
-for that instant. In real time (*realtime_factor*) nothing waits: messages are applied when
-they arrive, and the controller's own clock (the tick) keeps the period.
+(``set_rate``, ``stop`` or ``get_status``) for that instant. In real time
+(*realtime_factor*) nothing waits: messages are applied when they arrive, and the
+controller's own clock (the tick) keeps the period.
+
+At start the plant waits for a controller's ``hello`` (its subscription is then live); a
+controller re-sends it when it hears a new plant epoch, so a restarted plant rejoins.
 """
 
 from __future__ import annotations
@@ -107,7 +111,9 @@ def serve_plant(scenario: Scenario, index: int, seed: int, *, telemetry: str, co
     def serve_commands(timeout_s: float) -> None:
         audit_refused_handshakes()
         for envelope in answer_commands(plant, server, timeout_s, log):
-            if isinstance(envelope.message, (SetRate, Stop)):
+            # a status request for the instant answers it too: a controller that lets a
+            # lease run out (unusable data) sends get_status instead of set_rate
+            if isinstance(envelope.message, (SetRate, Stop, GetStatus)):
                 answered[envelope.message.pump] = envelope.t_sim if envelope.t_sim \
                     is not None else float(env.now)
 

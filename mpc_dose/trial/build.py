@@ -13,6 +13,7 @@ from pathlib import Path
 from ..control.base import Controller
 from ..control.baselines import (CallableController, FixedRegimen, PIDController, PIDSettings,
                                  load_user_controller)
+from ..control.supervisor import SafetyConfig
 from ..errors import ConfigError
 from ..model.library import LibraryModel, load
 from ..plant.cohort import (CovariateDistribution, VirtualPatientSpec, patient_from_population,
@@ -26,7 +27,7 @@ from ..units import UnitError, parse_quantity
 from .closed_loop import LoopSetup
 
 __all__ = ["cohort_size", "build_patient", "build_setup", "read_cohort_table",
-           "parameter_changes"]
+           "parameter_changes", "safety_config"]
 
 
 def _resolve(scenario: Scenario, path: str) -> Path:
@@ -183,8 +184,81 @@ def _sensor(spec, lm: LibraryModel, where: str) -> SensorConfig:
 _SHARED_NMPC: dict[tuple, object] = {}
 
 
+def safety_config(scenario: Scenario) -> SafetyConfig:
+    """The safety supervisor's config: ``[controller.safety]`` over the controller kind's
+    defaults. Only the keys given (or defaulted here) are passed; every other default is
+    :class:`~mpc_dose.control.supervisor.SafetyConfig`'s own.
+
+    Defaults per kind: the measured variable is ``pid.measured`` for ``pid``, the ``var`` of
+    the sensor of ``nmpc.output`` for ``nmpc``, none (open loop) for ``fixed`` and ``tci``,
+    ``safety.measured`` for ``python``; the maximum rates are ``pid.max_rates``,
+    ``nmpc.max_rates`` or ``{tci.input: tci.max_rate}``, none otherwise.
+
+    Raises
+    ------
+    ConfigError
+        When no sensor sends the measured variable (a controller that waits for a name no
+        sensor sends never doses), or no sensor (or several) measures the NMPC's output.
+    """
+    c = scenario.controller
+    given = c.safety
+    sensor_vars = [s.var or s.output for s in scenario.sensor]
+    defaults: dict = {}
+    if c.kind == "pid":
+        pid = c.pid or PIDSpec()
+        defaults = {"measured": pid.measured, "max_rates": dict(pid.max_rates)}
+    elif c.kind == "nmpc" and c.nmpc is not None:
+        defaults = {"max_rates": dict(c.nmpc.max_rates)}
+        if given.measured is None:
+            output = c.nmpc.output
+            found = sorted({s.var or s.output for s in scenario.sensor if s.output == output})
+            if not found:
+                raise ConfigError(f"controller.nmpc.output = {output!r}: no [[sensor]] "
+                                  f"measures it; add one (output = {output!r}) or name the "
+                                  f"reading in controller.safety.measured")
+            if len(found) > 1:
+                raise ConfigError(f"controller.nmpc.output = {output!r} is measured by "
+                                  f"several sensors ({', '.join(found)}); name the one that "
+                                  f"drives the dose in controller.safety.measured")
+            defaults["measured"] = found[0]
+    elif c.kind == "tci" and c.tci is not None:
+        defaults = {"max_rates": {c.tci.input: c.tci.max_rate}}
+    fields = dict(defaults)
+    for name in type(given).model_fields:
+        value = getattr(given, name)
+        if value is not None:
+            fields[name] = value
+    if "dose_windows" in fields:
+        fields["dose_windows"] = tuple((w.input, w.window_s, w.max_amount)
+                                       for w in fields["dose_windows"])
+    measured = fields.get("measured")
+    if measured is not None and measured not in sensor_vars:
+        where = "controller.safety.measured" if given.measured is not None else \
+            "controller.pid.measured"
+        raise ConfigError(f"{where} = {measured!r}: no [[sensor]] sends it (readings: "
+                          f"{', '.join(sensor_vars)}); a controller waiting for it never "
+                          f"doses")
+    try:
+        return SafetyConfig(**fields)
+    except ConfigError as err:  # its messages name "safety.<key>"
+        raise ConfigError(f"controller.{err}") from None
+
+
+def _check_safety_inputs(scenario: Scenario, controller: Controller) -> None:
+    """Inputs named in ``[controller.safety]`` must be inputs the controller sets."""
+    given = scenario.controller.safety
+    named = {label: list(getattr(given, label) or ())
+             for label in ("max_rates", "max_step", "fallback_rates")}
+    named["dose_windows"] = [w.input for w in given.dose_windows or ()]
+    for label, names in named.items():
+        for name in names:
+            if name not in controller.inputs:
+                raise ConfigError(f"controller.safety.{label}: {name!r} is not an input the "
+                                  f"controller sets ({', '.join(controller.inputs)})")
+
+
 def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpec,
-                share: bool = False) -> Controller:
+                share: bool = False, measured: str | None = None) -> Controller:
     c = scenario.controller
     chosen = getattr(c, c.kind)
     if chosen is None and c.kind != "pid":
@@ -216,7 +290,7 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
                                         [tuple(t) for t in chosen.targets], mode=chosen.mode,
                                         period_s=c.period_s, max_rate=chosen.max_rate)
     if c.kind == "nmpc":
-        return _nmpc_controller(chosen, c, lm, patient, share)
+        return _nmpc_controller(chosen, c, lm, patient, share, measured)
     factory = load_user_controller(chosen.target, scenario.base_dir)
     made = factory(inputs=tuple(chosen.inputs), period_s=c.period_s, **chosen.options)
     if hasattr(made, "decide"):
@@ -225,14 +299,14 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
 
 
 def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec,
-                     share: bool = False) -> Controller:
-    """NMPC + estimator + supervisor on the controller's own model of the patient."""
+                     share: bool = False, measured: str | None = None) -> Controller:
+    """NMPC + estimator on the controller's own model of the patient (fed the readings of
+    *measured*)."""
     import numpy as np
 
     from ..control.mhe import MHEConfig
     from ..control.mpc_controller import MPCController
     from ..control.nmpc import NMPCConfig
-    from ..control.supervisor import SafetyConfig
 
     own = load(spec.model) if spec.model else lm
     params = own.population.typical_parameters(
@@ -251,9 +325,6 @@ def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec,
                       max_change=spec.max_change, soft_window=soft,
                       soft_weights=tuple(spec.soft_weights), soft_every=spec.soft_every,
                       ratio=tuple(spec.ratio) if spec.ratio else None)
-    safety = SafetyConfig(spec.output, dict(spec.max_rates), valid_range=spec.valid_range,
-                          stale_after_s=spec.stale_after_s,
-                          fallback_rates=dict(spec.fallback_rates))
     est = spec.estimator
     mhe = None
     if est.kind != "none":
@@ -282,7 +353,7 @@ def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec,
         if shared is None:
             shared = _SHARED_NMPC[key] = NonlinearMPC(own.model, nmpc)
         shared.reset(nmpc)
-    return MPCController(own.model, params, nmpc, safety, mhe, mpc=shared,
+    return MPCController(own.model, params, nmpc, mhe, measured=measured, mpc=shared,
                          estimator="mhe" if est.kind == "none" else est.kind)
 
 
@@ -302,12 +373,15 @@ def build_setup(scenario: Scenario, index: int, seed: int, *,
                               f"outputs: {', '.join(lm.model.output_names)}")
         disturbances.append(OutputDisturbance(d.output, tuple(d.times_s), tuple(d.values),
                                               d.kind))
-    controller = _controller(scenario, lm, patient, share_solvers)
+    safety = safety_config(scenario)
+    controller = _controller(scenario, lm, patient, share_solvers, safety.measured)
+    _check_safety_inputs(scenario, controller)
     info = scenario.scenario
     if not math.isfinite(info.duration_s):
         raise ConfigError("scenario.duration_s must be finite")
     setup = LoopSetup(lm.model, patient.params, controller, pumps, sensors, info.duration_s,
                       info.record_step_s, disturbances, scenario.controller.lease_periods,
                       info.latency_s, rngs["noise"],
-                      parameter_changes=parameter_changes(scenario, patient, seed))
+                      parameter_changes=parameter_changes(scenario, patient, seed),
+                      safety=safety)
     return setup, patient

@@ -15,6 +15,7 @@ import numpy as np
 import simpy
 
 from ..control.base import Controller
+from ..control.supervisor import SafetyConfig
 from ..errors import ConfigError
 from ..model.spec import Model
 from ..node import ControllerNode, PlantNode, PumpRoute
@@ -33,7 +34,9 @@ __all__ = ["LoopSetup", "LoopResult", "PlantSide", "run_closed_loop", "make_envi
 
 @dataclass(frozen=True)
 class LoopSetup:
-    """Everything one closed-loop run needs (built by the scenario layer)."""
+    """Everything one closed-loop run needs (built by the scenario layer). The controller
+    runs behind the safety supervisor with *safety* (no data gate and no limits when
+    None)."""
 
     model: Model
     params: Mapping[str, float]
@@ -51,6 +54,8 @@ class LoopSetup:
     encode_frames: bool = True
     #: (time [s], full parameter values) from which the patient changes
     parameter_changes: Sequence[tuple[float, Mapping[str, float]]] = ()
+    #: the safety supervisor's limits and data rules for the controller
+    safety: SafetyConfig | None = None
 
 
 @dataclass
@@ -120,6 +125,8 @@ class PlantSide:
         #: what the plant last sent or was told, for the recorder
         self.last_measurement: dict[str, Measurement] = {}
         self.commanded: dict[str, float] = {}
+        #: alarm codes for the recorder's column: the plant's own (and, in one process, the
+        #: controller node's)
         self.alarms_sent: list[str] = []
         # each sensor draws from its own child stream, spawned in order, so adding a sensor
         # does not change the noise of the others
@@ -264,13 +271,16 @@ def run_closed_loop(setup: LoopSetup) -> LoopResult:
     plant = PlantSide(setup, env, to_controller.send)
     to_plant = InprocLink(env, lambda m, now: plant.command(m), src="controller",
                           latency_s=setup.latency_s, encode=setup.encode_frames)
-    controller_node = ControllerNode(setup.controller, plant.routes,
+    controller_node = ControllerNode(setup.controller, plant.routes, safety=setup.safety,
                                      lease_periods=setup.lease_periods)
 
     def control_cycle():
         for t in control_instants(setup, setup.controller.period_s):
             yield at(env, t, ACT)
             for message in controller_node.tick(t):
+                if isinstance(message, Alarm):  # the supervisor's: recorded, not a command
+                    plant.alarms_sent.append(message.code)
+                    continue
                 to_plant.send(message)
 
     env.process(control_cycle())
@@ -296,6 +306,10 @@ def run_closed_loop(setup: LoopSetup) -> LoopResult:
     for t, alarm in controller_node.alarms:
         if isinstance(alarm, Alarm) and not alarm.code.startswith("pump."):
             events.append((t, "alarm", f"{alarm.code}: {alarm.text}"))
+    for t, alarm in controller_node.raised:
+        events.append((t, "alarm", f"{alarm.code}: {alarm.text}"))
+    for t, source, target, cause in controller_node.transitions:
+        events.append((t, "mode", f"{source} -> {target}: {cause}"))
     misses = len(env.misses) if isinstance(env, DeadlineEnvironment) else 0
     for miss in getattr(env, "misses", []):
         events.append((miss.t_s, "deadline_miss", f"{miss.lag_s:.3f} s late"))
