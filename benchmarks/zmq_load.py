@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+from collections import Counter
 import os
 import socket
 import tempfile
@@ -64,7 +65,9 @@ def host_plants(scenario_path: str, n: int, telemetry: list[str], commands: list
         setup = replace(setup, duration_s=duration_s + 30)
         pub = Telemetry(context, telemetry[k], src=f"plant-{k + 1}")
         server = CommandServer(context, commands[k], src=f"plant-{k + 1}")
-        plant = PlantSide(setup, env, lambda m, pub=pub: pub.send(m))
+        # telemetry carries the plant's clock (t_sim), as `serve plant` sends it: readings
+        # are dated on it, and the controller decides on it
+        plant = PlantSide(setup, env, lambda m, pub=pub: pub.send(m, float(env.now)))
         plants.append(plant)
         servers.append(server)
         pubs.append(pub)
@@ -80,7 +83,8 @@ def host_plants(scenario_path: str, n: int, telemetry: list[str], commands: list
     def heartbeats():
         while True:
             for pub in pubs:
-                pub.send(Heartbeat(role="plant", state="running", period_s=1.0))
+                pub.send(Heartbeat(role="plant", state="running", period_s=1.0),
+                         float(env.now))
             yield env.timeout(1.0)
 
     env.process(heartbeats())
@@ -132,13 +136,15 @@ def main() -> None:
     finally:
         process.close()
         host.terminate()
+    modes = Counter(link.node.supervisor.mode for link in process.links)
     latency = np.array([x for link in process.links for x in link.latency_s]) * 1000
     sweeps = np.array(process.sweeps_s) * 1000
     missed_acks = sum(link.missed_acks for link in process.links)
     print(f"{n} patients, control period {process.period_s:g} s, {len(sweeps)} cycles "
           f"({args.duration:g} s), controllers built in {build_s:.1f} s")
     print(f"sweep over all patients: median {np.median(sweeps):.1f} ms, max "
-          f"{sweeps.max():.1f} ms; missed acks {missed_acks}")
+          f"{sweeps.max():.1f} ms; missed acks {missed_acks}; supervisor modes at the end "
+          f"{dict(modes)}")
     print(f"patients={n} period_s={process.period_s:g} cycles={len(sweeps)} "
           f"missed={process.missed_deadlines} p50_ms={np.median(latency):.2f} "
           f"p99_ms={np.percentile(latency, 99):.2f} max_ms={latency.max():.2f}")

@@ -354,3 +354,23 @@ def test_missed_deadlines_stop_commanding_and_the_leases_run_out(tmp_path):
     t_expired = expired.time_s.iloc[-1]
     assert t_expired <= frame.time_s.iloc[-1] - 3
     assert (frame[frame.time_s > t_expired].delivered_propofol_rate_mg_per_s == 0).all()
+
+
+def test_no_decision_before_the_plant_clock_is_known():
+    """Found by benchmarks/zmq_load.py with 50 NMPC patients: a patient whose plant had not
+    yet been heard was decided at the UTC time, then at the plant's clock, and the NMPC
+    refused the clock going back (FALLBACK for good). Nothing is decided for a patient until
+    a message from its plant's running clock arrives."""
+    from mpc_dose.serve.controller import ControllerProcess
+
+    tel, cmd = free_addresses(2)
+    scenario = load_scenario(SCENARIO)
+    process = ControllerProcess(scenario, [(0, 1)], [tel], [{p.pump: cmd for p in
+                                                             scenario.pump}],
+                                plant_commands=[cmd], ack_timeout_s=0.05, retries=0)
+    try:
+        process.run_realtime(2.5)
+    finally:
+        process.close()
+    link = process.links[0]
+    assert link.cycle_s == [] and link.node.last_decision is None and link.missed_acks == 0

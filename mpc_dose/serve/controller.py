@@ -60,6 +60,9 @@ class PatientLink:
     clock_offset_s: float | None = None
     #: the latest plant time heard (t_sim) in the plant's current epoch
     last_t_sim: float | None = None
+    #: whether the plant's clock is known: a message from its running clock was heard
+    #: (with t_sim: that clock; without: UTC). No decision before: its time would be a guess
+    clock_known: bool = False
     #: plant epochs heard before the current one (their late messages are ignored)
     retired_epochs: set[str] = field(default_factory=set)
     #: monotonic time of the last hello re-sent to a restarted plant
@@ -164,8 +167,9 @@ class ControllerProcess:
                 link.retired_epochs.add(previous)
                 self._plant_restarted(link, envelope)
             message = envelope.message
-            if envelope.t_sim is not None and not (isinstance(message, Heartbeat) and
-                                                   message.state == "waiting"):
+            waiting = isinstance(message, Heartbeat) and message.state == "waiting"
+            link.clock_known = link.clock_known or not waiting
+            if envelope.t_sim is not None and not waiting:
                 # every envelope carries the plant's time of sending (a delayed reading
                 # too: its sample time is in the reading): the latest sets the clock, so
                 # the first readings are not judged by another clock (not the heartbeats
@@ -191,7 +195,7 @@ class ControllerProcess:
         """A new plant epoch: its clock from now on; a fresh controller when that clock is
         behind the old one (a restarted simulation starts again at t = 0)."""
         old_t = link.last_t_sim
-        link.clock_offset_s, link.last_t_sim = None, None
+        link.clock_offset_s, link.last_t_sim, link.clock_known = None, None, False
         link.hello_s, link.finished = None, False
         if self.log is not None:
             self.log.note("plant_restart", envelope.t_sim, patient=link.node.src,
@@ -313,7 +317,7 @@ class ControllerProcess:
                 before = link.session.state
                 state = link.session.check(time.monotonic())
                 self._log_link(link, before)
-                if state == "LOST" or self.fallback:
+                if state == "LOST" or self.fallback or not link.clock_known:
                     continue  # no command: the pump side's lease and fallback act
                 self.cycle(link, link.now())
                 link.latency_s.append(time.monotonic() - due)
