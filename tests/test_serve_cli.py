@@ -40,11 +40,25 @@ def test_a_valid_bridge_config_loads():
     ({"pump__max_rate_ml_per_h": -1}, "pump.0.max_rate_ml_per_h"),
     ({"pump__colour": "red"}, "pump.0.colour"),
     ({"bridge__poll_s": "fast"}, "bridge.poll_s"),
+    ({"bridge__safe_mode_s": 0}, "without their hardware watchdog.*no_hardware_watchdog = "
+                                 "true"),
+    ({"bridge__no_hardware_watchdog": True}, "no_hardware_watchdog = true with safe_mode_s "
+                                             "= 3: choose one"),
+    ({"pump__amount_unit": "furlong"}, "amount_unit 'furlong' is not one of"),
 ])
 def test_inconsistent_bridge_configs_are_refused_at_start_up(changes, match):
     """T38: start-up refuses a config that could not be safe, naming the field."""
     with pytest.raises(ConfigError, match=match):
         load_bridge_config(bridge(**changes))
+
+
+def test_running_without_the_hardware_watchdog_is_an_explicit_choice():
+    """14.5: safe_mode_s = 0 loads only with no_hardware_watchdog = true, and then the
+    bridge knows it has no watchdog (its alarms say so)."""
+    config = load_bridge_config(bridge(bridge__safe_mode_s=0,
+                                       bridge__no_hardware_watchdog=True))
+    assert config.watchdog_s is None
+    assert load_bridge_config(bridge()).watchdog_s == 3.0
 
 
 def test_duplicate_pump_addresses_are_refused():

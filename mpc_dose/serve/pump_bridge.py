@@ -127,6 +127,7 @@ def load_bridge_config(path: str | Path | dict) -> BridgeConfig:
                           f"more than twice poll_s ({b.poll_s} s), or the pumps stop while "
                           f"the bridge is healthy")
     for p in config.pump:
+        BridgePump(**p.model_dump())  # the pump's own checks (its amount unit, its limits)
         if b.safe_mode_s and p.max_lease_s < b.safe_mode_s:
             raise ConfigError(f"pump-bridge config pump {p.pump!r}: max_lease_s "
                               f"{p.max_lease_s} is shorter than safe_mode_s {b.safe_mode_s}")
