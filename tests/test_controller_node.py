@@ -260,3 +260,92 @@ def test_restart_controller_keeps_the_command_ids_going():
     ids += [m.cmd_id for m in node.tick(0.0) if isinstance(m, SetRate)]
     assert len(ids) == len(set(ids)) == 8
     assert node.transitions[:len(before)] == before and len(node.transitions) == 2
+
+
+# ---------------------------------------------------------------- what was delivered (15.3)
+class Recorder:
+    """A controller that doses 1 mg/s of propofol and 2 ug/s of remifentanil and records
+    what it is told was applied."""
+
+    name, period_s, inputs = "recorder", 1.0, ("propofol", "remifentanil")
+
+    def __init__(self) -> None:
+        self.applied_calls: list[tuple[float, dict]] = []
+
+    def decide(self, t_s, readings):
+        from mpc_dose.control.base import Decision
+
+        return Decision(t_s, {"propofol": 1.0, "remifentanil": 2.0}, "constant")
+
+    def applied(self, t_s, rates):
+        self.applied_calls.append((t_s, dict(rates)))
+
+
+def recording_node():
+    _, setup = node_for("pid_induction_13.toml")
+    controller = Recorder()
+    node = ControllerNode(controller, PlantSide.routes_for(setup),
+                          lease_periods=setup.lease_periods)
+    return node, controller, PlantSide.routes_for(setup)
+
+
+def test_acks_and_pump_status_tell_the_controller_what_was_delivered():
+    """Issue 15.3: what the pumps did returns to the controller. The applied rate of an ack
+    (the pump's rounding) is in force from the ack; a refused command leaves the pump at
+    what it ran before; a pump status (an occlusion alarm, a fallback) is what it does from
+    then; the controller's applied() hears each (on the code before, only the decision)."""
+    from mpc_dose.protocol.messages import Ack
+
+    node, controller, routes = recording_node()
+    conc = routes["propofol"].concentration
+    rates, _, _ = split(node.tick(0.0))
+    first = rates[routes["propofol"].pump]
+    assert controller.applied_calls[-1] == (0.0, {"propofol": 1.0, "remifentanil": 2.0})
+    # the pump rounds to 0.1 mL/h: the patient gets that
+    node.receive(Ack(cmd_id=first.cmd_id, ok=True, code="applied", applied_rate=360.1,
+                     unit="mL/h"), 0.0)
+    assert controller.applied_calls[-1][1]["propofol"] == pytest.approx(360.1 * conc / 3600)
+    # the next command is refused: the pump runs on at what it took before
+    rates, _, _ = split(node.tick(1.0))
+    second = rates[routes["propofol"].pump]
+    node.receive(Ack(cmd_id=second.cmd_id, ok=False, code="out_of_range"), 1.0)
+    assert controller.applied_calls[-1][0] == 1.0
+    assert controller.applied_calls[-1][1]["propofol"] == pytest.approx(360.1 * conc / 3600)
+    # the pump reports an occlusion alarm at 1.5 s: nothing delivered from then
+    node.receive(PumpStatus(pump=routes["propofol"].pump, state="alarm", rate=0.0), 1.5)
+    assert controller.applied_calls[-1] == (1.5, {"propofol": 0.0,
+                                                  "remifentanil": pytest.approx(2.0)})
+    # a status in another volume unit is converted (uL/min)
+    node.receive(PumpStatus(pump=routes["remifentanil"].pump, state="infusing",
+                            rate=100.0, unit="uL/min"), 1.6)
+    remi = routes["remifentanil"]
+    assert controller.applied_calls[-1][1]["remifentanil"] == \
+        pytest.approx(6.0 * remi.concentration / 3600)
+
+
+def test_the_nmpc_propagates_what_was_delivered_not_what_it_decided():
+    """Issue 15.3, in a closed loop: an occlusion stops propofol at 20 s of an induction
+    (the pump alarms at 30 s); from the alarm on the NMPC's model receives no propofol and
+    the propofol in its central compartment falls, while it keeps deciding drug (the code
+    before propagated its own decisions: the drug it believed given kept rising)."""
+    from mpc_dose.trial.closed_loop import run_closed_loop
+
+    scenario = load_scenario(SCENARIOS / "tiva_nmpc_training.toml", {
+        "pump.0.occlusion_at_s": 20.0, "pump.0.occlusion_detection_s": 10.0,
+        "scenario.duration_s": 120.0})
+    setup, _ = build_setup(scenario, 0, 0)
+    result = run_closed_loop(setup)
+    frame = result.to_pandas()
+    assert (30.0, "alarm", "pump.occlusion: occlusion detected: infusion stopped") in \
+        result.events
+    mpc = setup.controller
+    model = mpc.model
+    propofol = model.input_index("propofol")
+    assert mpc._rates_vector_at(29.0)[propofol] > 0
+    assert all(mpc._rates_vector_at(t)[propofol] == 0.0 for t in (30.0, 60.0, 119.0))
+    after = frame[frame.time_s.between(35, 119)]
+    assert (after.commanded_propofol_rate_mg_per_s > 0).all()  # it keeps asking
+    assert (after.delivered_propofol_rate_mg_per_s == 0).all()
+    central = model.state_index("propofol_a1")
+    amounts = [mpc._state_at(t)[0][central] for t in (35.0, 60.0, 90.0, 119.0)]
+    assert amounts[0] > amounts[1] > amounts[2] > amounts[3]

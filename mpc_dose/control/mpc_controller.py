@@ -13,8 +13,8 @@ it wraps every controller alike in the controller node
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections import deque
 from collections.abc import Callable, Mapping
 
 import casadi as ca
@@ -28,6 +28,10 @@ from .mhe import MHEConfig, OutputMapEKF, OutputMapMHE
 from .nmpc import DosePlan, NMPCConfig, NonlinearMPC
 
 __all__ = ["MPCController"]
+
+#: decisions whose states are kept for readings that arrive late (at a 5-s period: 21 min;
+#: at an hourly period: 10 days)
+_CHECKPOINTS = 256
 
 
 class MPCController:
@@ -91,12 +95,17 @@ class MPCController:
             self.mhe = (OutputMapMHE if estimator == "mhe" else OutputMapEKF)(
                 model, self.theta, mhe)
         self._propagator = Propagator(model, self.theta)
-        self._x = model.initial_state(self.theta)
         self._t = 0.0
         self._rates = dict.fromkeys(self.inputs, 0.0)
         self._pending: list[Reading] = []
-        # (time, state, rates) at recent decisions: late readings get their own state
-        self._history: deque[tuple[float, np.ndarray, np.ndarray]] = deque(maxlen=256)
+        # What the patient got: (from time [s], rates vector [amount/s]) in time order, as
+        # decided and as the pumps then reported (a refused command, a pump's own rounding,
+        # a fallback, an occlusion) - the states follow what was delivered, not the plan.
+        self._deliveries: list[tuple[float, np.ndarray]] = [(0.0, np.zeros(model.n_inputs))]
+        # (time, state) at recent decisions, in time order: the state of any later time is
+        # propagated from the latest checkpoint before it through the deliveries
+        self._checkpoints: list[tuple[float, np.ndarray]] = [
+            (0.0, model.initial_state(self.theta))]
         self._last_plan: DosePlan | None = None
         self.last_estimate = None
 
@@ -113,8 +122,55 @@ class MPCController:
             self._pending.append(reading)
 
     def applied(self, t_s: float, rates: Mapping[str, float]) -> None:
-        """The rates applied from *t_s* on: the states are propagated with these."""
-        self._rates = {name: float(rates.get(name, 0.0)) for name in self.inputs}
+        """The rates in force from *t_s* on (the supervisor's verdict at a decision, then
+        what the pumps report: their rounding, a refusal, a fallback, an occlusion). A
+        report about the past re-propagates the states from the last decision before it."""
+        u = self._u({name: float(rates.get(name, 0.0)) for name in self.inputs})
+        times = [t for t, _ in self._deliveries]
+        k = bisect.bisect_left(times, t_s)
+        if k < len(times) and times[k] == t_s:
+            self._deliveries[k] = (t_s, u)
+        else:
+            self._deliveries.insert(k, (t_s, u))
+        # checkpoints after t_s were propagated with what was then believed
+        while len(self._checkpoints) > 1 and self._checkpoints[-1][0] > t_s:
+            self._checkpoints.pop()
+        if t_s >= self._t:
+            self._rates = {name: float(rates.get(name, 0.0)) for name in self.inputs}
+
+    def _rates_vector_at(self, t_s: float) -> np.ndarray:
+        k = bisect.bisect_right([t for t, _ in self._deliveries], t_s) - 1
+        return self._deliveries[max(k, 0)][1]
+
+    def _state_at(self, t_s: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """The state at *t_s* and the rates then, propagated from the latest checkpoint at or
+        before it through every change of the delivered rates; None when older than the
+        record (a reading delayed beyond the checkpoints kept)."""
+        k = bisect.bisect_right([t for t, _ in self._checkpoints], t_s) - 1
+        if k < 0:
+            return None
+        t, x = self._checkpoints[k]
+        u = self._rates_vector_at(t)
+        for t_change, u_next in self._deliveries:
+            if t_change <= t:
+                continue
+            if t_change >= t_s:
+                break
+            x = self._propagator.advance(x, t, t_change, u)
+            t, u = t_change, u_next
+        if t_s > t:
+            x = self._propagator.advance(x, t, t_s, u)
+        return x, self._rates_vector_at(t_s)
+
+    def _checkpoint(self, t_s: float, x: np.ndarray) -> None:
+        """Keep the state at a decision; forget what no reading can need any more."""
+        self._checkpoints.append((t_s, x))
+        if len(self._checkpoints) > _CHECKPOINTS:
+            del self._checkpoints[0]
+            first = self._checkpoints[0][0]
+            # the delivery in force at the first checkpoint stays
+            while len(self._deliveries) > 1 and self._deliveries[1][0] <= first:
+                del self._deliveries[0]
 
     def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
         """The plan's first move (status ``ok``) or a failed solve (``solver_failed``, with
@@ -124,19 +180,18 @@ class MPCController:
         if t_s < self._t:
             raise ConfigError(f"{self.name}: decision time went back from {self._t} to {t_s}")
         measured = self.measured
-        u = self._u(self._rates)
         # readings since the last decision enter the MHE with the state at their sample time
         if self.mhe is not None:
             for reading in sorted(self._pending, key=lambda r: r.t_meas_s):
                 if reading.var != measured or reading.quality != "valid" or \
                         not math.isfinite(reading.value) or reading.t_meas_s > t_s:
                     continue
-                found = self._state_at(reading.t_meas_s, u)
+                found = self._state_at(reading.t_meas_s)
                 if found is not None:
                     self.mhe.add(reading.t_meas_s, found[0], found[1], reading.value)
         self._pending.clear()
-        self._history.append((self._t, self._x.copy(), u.copy()))
-        self._x = self._propagator.advance(self._x, self._t, t_s, u)
+        x, _ = self._state_at(t_s)
+        self._checkpoint(t_s, x)
         self._t = t_s
         theta, disturbance, est_note = self.theta, 0.0, ""
         if self.mhe is not None:
@@ -150,7 +205,7 @@ class MPCController:
         if self._reference is not None:
             reference = [float(self._reference(t_s + (k + 1) * self.period_s))
                          for k in range(self._horizon)]
-        plan = self.mpc.plan(t_s, self._x, theta, self._rates, disturbance=disturbance,
+        plan = self.mpc.plan(t_s, x, theta, self._rates, disturbance=disturbance,
                              reference=reference)
         backup = None
         if not plan.success and self._last_plan is not None:
@@ -169,13 +224,3 @@ class MPCController:
                         status="ok" if plan.success else "solver_failed", details=details,
                         backup=backup)
 
-    def _state_at(self, t_s: float, u: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """The state and rates at *t_s*: from the last decision when it is after it, else
-        from the recorded decision that precedes it (a delayed reading). None when older
-        than the record."""
-        if t_s >= self._t:
-            return self._propagator.advance(self._x, self._t, t_s, u), u
-        for t_k, x_k, u_k in reversed(self._history):
-            if t_k <= t_s:
-                return self._propagator.advance(x_k, t_k, t_s, u_k), u_k
-        return None

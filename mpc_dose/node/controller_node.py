@@ -30,9 +30,20 @@ from ..control.base import Controller, Decision, Reading, check_rates
 from ..control.supervisor import SafetyConfig, SafetySupervisor, SupervisedController
 from ..errors import ConfigError
 from ..protocol.messages import (Ack, Alarm, Fallback, GetStatus, Measurement, PumpStatus,
-                                 SetRate, _Message)
+                                 SetRate, _Message, wire_factor)
 
 __all__ = ["PumpRoute", "ControllerNode"]
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What a pump runs from *t_s*: a set_rate *command* at *rate* [amount/s] (as decided,
+    or as the pump's ack says it applied it) until its lease ends, or (command None) the
+    rate a pump status reported, until it says or takes otherwise."""
+
+    command: SetRate | None
+    t_s: float
+    rate: float
 
 
 @dataclass(frozen=True)
@@ -91,8 +102,11 @@ class ControllerNode:
         self._retired: dict[str, set[str]] = {}
         self._origin: dict[str, tuple[str, str] | None] = {}
         # pump -> (last set_rate sent, when); pumps whose lease is left to run out
-        self._sent: dict[str, tuple[SetRate, float]] = {}
+        self._sent: dict[str, _Sent] = {}
         self._lapsing: set[str] = set()
+        # what the pumps do, as they report it: cmd_id -> (input, command, what the pump ran
+        # before it) of the commands not yet answered
+        self._unanswered: dict[str, tuple[str, SetRate, _Sent | None]] = {}
 
     def _supervised(self, controller: Controller) -> SupervisedController:
         missing = [name for name in controller.inputs if name not in self.routes]
@@ -122,6 +136,7 @@ class ControllerNode:
         self.last_decision = None
         self._sent.clear()
         self._lapsing.clear()
+        self._unanswered.clear()
 
     # ------------------------------------------------------------------ in
     def receive(self, message: _Message, now: float, *,
@@ -147,11 +162,58 @@ class ControllerNode:
             self.controller.observe(reading)
         elif isinstance(message, Ack):
             self.acks[message.cmd_id] = message
+            self._answered(message, now)
         elif isinstance(message, PumpStatus):
             self.pump_status[message.pump] = message
+            self._pump_reports(message, now)
         elif isinstance(message, Alarm):
             self.alarms.append((now, message))
         return []
+
+    # ------------------------------------------------------------------ what was delivered
+    def _answered(self, ack: Ack, now: float) -> None:
+        """An ack of one of our set_rate commands: the rate the pump applied (after its own
+        rounding) is what the patient gets from now; a refused command leaves the pump doing
+        what it did before (a command it took, until its lease ends, then its fallback; or
+        what it last reported)."""
+        sent = self._unanswered.pop(ack.cmd_id, None)
+        if sent is None or ack.code == "duplicate":
+            return
+        name, command, before = sent
+        route = self.routes[name]
+        current = self._sent.get(route.pump)
+        if current is None or current.command is not command:
+            return  # a later command or status has superseded it
+        if ack.ok:
+            ml_per_h = command.rate if ack.applied_rate is None else \
+                ack.applied_rate * wire_factor(ack.unit, "mL/h")
+            self._sent[route.pump] = replace(current, rate=ml_per_h * route.concentration
+                                             / 3600.0)
+        elif before is None:
+            del self._sent[route.pump]
+        else:
+            self._sent[route.pump] = before
+        self._delivering(name, now, self._in_force(route, now)
+                         if route.pump in self._sent else 0.0)
+
+    def _pump_reports(self, status: PumpStatus, now: float) -> None:
+        """A pump's status is what it does now (its rate while infusing, else nothing), and
+        what it does until it says or takes otherwise."""
+        ml_per_h = status.rate * wire_factor(status.unit, "mL/h") \
+            if status.state == "infusing" else 0.0
+        for name, route in self.routes.items():
+            if route.pump == status.pump:
+                rate = ml_per_h * route.concentration / 3600.0
+                self._sent[route.pump] = _Sent(None, now, rate)
+                self._delivering(name, now, rate)
+
+    def _delivering(self, name: str, t_s: float, rate: float) -> None:
+        """Tell the controller (through the supervisor) when a pump does other than decided:
+        its propagation and the dose windows follow what was delivered."""
+        supervised = self.controller
+        if name in supervised.inputs and \
+                abs(rate - supervised.rates.get(name, 0.0)) > 1e-12 * max(1.0, abs(rate)):
+            supervised.applied(t_s, {**supervised.rates, name: rate})
 
     def _current(self, src: str, epoch: str) -> bool:
         """Whether (src, epoch) is in force; a new epoch retires the old one and drops what
@@ -224,16 +286,20 @@ class ControllerNode:
             fallback=(Fallback(action="preset_rate", rate=fallback_ml_per_h)
                       if fallback_ml_per_h > 0 else Fallback()),
             dose_rate=rate, dose_unit=f"{route.amount_unit}/s")
-        self._sent[route.pump] = (command, now)
+        self._unanswered[command.cmd_id] = (route.input, command, self._sent.get(route.pump))
+        self._sent[route.pump] = _Sent(command, now, rate)
+        while len(self._unanswered) > 256:  # never answered (lost): forget the oldest
+            self._unanswered.pop(next(iter(self._unanswered)))
         return command
 
     def _in_force(self, route: PumpRoute, now: float) -> float:
         """The rate [amount/s] the pump runs at *now* without a new command: the last
-        command's until its lease ends, then its fallback."""
-        command, sent_at = self._sent[route.pump]
-        if now < sent_at + command.lease_s:
-            return command.dose_rate
-        return command.fallback.rate * route.concentration / 3600.0
+        command's (as the pump applied it) until its lease ends, then its fallback."""
+        sent = self._sent[route.pump]
+        if sent.command is None or now < sent.t_s + sent.command.lease_s:
+            return sent.rate
+        return sent.command.fallback.rate * wire_factor(sent.command.fallback.unit, "mL/h") \
+            * route.concentration / 3600.0
 
     @property
     def commanded(self) -> dict[str, float]:
