@@ -13,7 +13,8 @@ from mpc_dose.scenario import load_scenario, parse_scenario
 from mpc_dose.trial.build import build_patient, build_setup
 
 REPO = Path(__file__).resolve().parents[1]
-PID = (REPO / "scenarios" / "pid_induction_13.toml").read_text()
+SCENARIOS = REPO / "scenarios"
+PID = (SCENARIOS / "pid_induction_13.toml").read_text()
 
 
 def _write(tmp_path, text):
@@ -265,3 +266,58 @@ def test_nmpc_follows_a_sensor_whose_var_differs_from_the_output():
     assert frame["commanded_propofol_rate_mg_per_s"].max() > 0.5
     assert frame["controller_reason"].iloc[-1].startswith("CLOSED_LOOP")
     assert len(setup.controller.mhe._samples) == 45  # readings reached the estimator
+
+
+# ---------------------------------------------------------------- issue 15: wiring
+def _fluorouracil_nmpc(**extra):
+    """The 5-FU scenario with an NMPC that tracks 1.5 mg/L, reading plasma every 2 h."""
+    from mpc_dose.scenario.schema import read_scenario_data, with_overrides
+
+    data = read_scenario_data(SCENARIOS / "fluorouracil_chrono.toml")
+    data["sensor"] = [{"output": "fluorouracil_cp", "var": "fu_level", "period_s": 7200.0}]
+    data["controller"] = {"kind": "nmpc", "period_s": 3600.0, "nmpc": {
+        "output": "fluorouracil_cp", "inputs": ["fluorouracil"], "reference": 1.5,
+        "horizon": 12, "max_rates": {"fluorouracil": 0.05},
+        "estimator": {"kind": "none"}}}
+    data = with_overrides(data, extra)
+    return parse_scenario(data, base_dir=str(SCENARIOS))
+
+
+def test_the_start_clock_reaches_patient_and_controller():
+    """Issue 15.8: `scenario.start_clock_h` sets the body clock of the patient's model and of
+    the controller's own model alike (the 5-FU scenario's 22:00 start reached the patient but
+    not a controller); a start clock no model reads is an error."""
+    from mpc_dose.model.spec import CLOCK_PARAM
+
+    setup, patient = build_setup(_fluorouracil_nmpc(), 0, 0)
+    assert patient.params[CLOCK_PARAM] == 22.0
+    mpc = setup.controller
+    assert mpc.theta[mpc.model.param_index(CLOCK_PARAM)] == 22.0
+    later, _ = build_setup(_fluorouracil_nmpc(**{"scenario.start_clock_h": 10.0}), 0, 0)
+    assert later.controller.theta[mpc.model.param_index(CLOCK_PARAM)] == 10.0
+    with pytest.raises(ConfigError, match=r"scenario.start_clock_h = 8.0: no model of this "
+                                          r"scenario has a body clock"):
+        build_setup(load_scenario(SCENARIOS / "pid_induction_13.toml",
+                                  {"scenario.start_clock_h": 8.0}), 0, 0)
+
+
+def test_a_loading_dose_before_the_first_reading_is_a_setting():
+    """Issue 15.7: by default the supervisor holds every dose until the first reading of the
+    measured variable; with `dose_before_first_reading = true` the controller's rates pass
+    (clamped) in INIT - a loading dose before any level."""
+    from mpc_dose.node import ControllerNode
+    from mpc_dose.trial.closed_loop import PlantSide
+
+    for allowed in (False, True):
+        scenario = _fluorouracil_nmpc(**{"controller.safety.dose_before_first_reading":
+                                         allowed})
+        setup, _ = build_setup(scenario, 0, 0)
+        node = ControllerNode(setup.controller, PlantSide.routes_for(setup),
+                              safety=setup.safety)
+        node.tick(0.0)
+        assert node.supervisor.mode == "INIT"
+        rate = node.commanded["fluorouracil"]
+        if allowed:
+            assert 0.0 < rate <= 0.05 and "dosing allowed" in node.last_decision.reason
+        else:
+            assert rate == 0.0 and "waiting" in node.last_decision.reason

@@ -161,3 +161,18 @@ def test_neutropenia_grades_and_nadir():
     assert m["anc_nadir_1e9_per_L"] == 0.3 and m["anc_nadir_day"] == 7.0
     assert m["grade4_neutropenia_days"] == pytest.approx(2.0)
     assert m["grade3plus_neutropenia_days"] == pytest.approx(3.0)
+
+
+def test_fallback_time_is_read_from_the_supervisor_mode(tmp_path):
+    """Issue 15.5: the series records the supervisor's mode; the trial's fallback time is
+    the time in FALLBACK by that column (it was the reason text's first word). A PID read
+    every 40 s with readings stale after 15 s spends part of each period in FALLBACK."""
+    result = run_trial(REPO / "scenarios" / "pid_induction_13.toml", tmp_path, patients=[0],
+                       seed=1, overrides={"sensor.0.period_s": 40.0,
+                                          "scenario.duration_s": 400.0})
+    series = pd.read_parquet(tmp_path / "series" / "patient_0001.parquet")
+    step = series.time_s.iloc[1] - series.time_s.iloc[0]
+    in_fallback = (series.controller_mode == "FALLBACK").sum() * step
+    assert in_fallback > 0
+    assert result.metrics["fallback_time_s"].iloc[0] == pytest.approx(in_fallback)
+    assert set(series.controller_mode) <= {"INIT", "CLOSED_LOOP", "FALLBACK"}

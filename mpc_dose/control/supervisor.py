@@ -76,6 +76,8 @@ class SafetyConfig:
     flatline_tolerance : float
     resume_after : int
         Good decisions in a row before FALLBACK gives way to CLOSED_LOOP.
+    dose_before_first_reading : bool
+        Whether the controller may dose (within the clamps) before the first reading.
     """
 
     measured: str | None = None
@@ -89,6 +91,10 @@ class SafetyConfig:
     flatline_samples: int = 20
     flatline_tolerance: float = 1e-9
     resume_after: int = 3
+    #: the controller may dose before the first reading of the measured variable arrives (a
+    #: loading dose before any level, standard for many drugs); its rates pass the clamps
+    #: in INIT. False: nothing before the first reading (the closed loop waits for data).
+    dose_before_first_reading: bool = False
 
     def __post_init__(self) -> None:
         if self.measured is not None and (not isinstance(self.measured, str)
@@ -118,6 +124,9 @@ class SafetyConfig:
             raise ConfigError(f"safety.flatline_samples = {self.flatline_samples!r}: expected "
                               f"a whole number >= 2 (0: no flat-line check)")
         _number("flatline_tolerance", self.flatline_tolerance, minimum=0.0)
+        if not isinstance(self.dose_before_first_reading, bool):
+            raise ConfigError(f"safety.dose_before_first_reading = "
+                              f"{self.dose_before_first_reading!r}: expected true or false")
         if isinstance(self.resume_after, bool) or not isinstance(self.resume_after, int) or \
                 self.resume_after < 1:
             raise ConfigError(f"safety.resume_after = {self.resume_after!r}: expected a whole "
@@ -228,6 +237,11 @@ class SafetySupervisor:
             self._good_in_row = 0
             rates = {k: min(c.fallback_rates.get(k, 0.0), last.get(k, 0.0)) for k in proposed}
             if self.mode == "INIT" and not usable and self.data_code == "data.missing":
+                if c.dose_before_first_reading:  # e.g. a loading dose before any level
+                    chosen = proposed if plan_ok else backup if backup is not None else rates
+                    return self._clamp(t_s, dict(chosen), last, "INIT",
+                                       f"before the first reading, dosing allowed: "
+                                       f"{plan_reason if plan_ok else 'fallback'}", None)
                 # nothing to act on yet: wait for the first reading, without an alarm
                 return self._clamp(t_s, rates, last, "INIT", f"waiting: {reason}", None)
             if self.mode != "FALLBACK":

@@ -37,6 +37,9 @@ class ScenarioInfo(_Strict):
     record_step_s: float = Field(1.0, gt=0)
     seed: int = Field(0, ge=0)
     latency_s: float = Field(0.0, ge=0)
+    #: the clock time of day at t = 0 [h, 0-24) (e.g. 22.0 for 22:00): the patient's and the
+    #: controller's models with a body clock (parameter clock_time_at_t0) both run on it
+    start_clock_h: float | None = Field(None, ge=0, lt=24)
     #: the name of the random streams (default: *name*): scenarios with the same cohort,
     #: seed and patient number get the same patients, noise and disturbances (common random
     #: numbers when comparing controllers)
@@ -252,6 +255,8 @@ class SafetySpec(_Strict):
     flatline_tolerance: float | None = Field(None, ge=0)
     #: good readings in a row before FALLBACK gives way to CLOSED_LOOP
     resume_after: int | None = Field(None, ge=1)
+    #: the controller may dose before the first reading (a loading dose before any level)
+    dose_before_first_reading: bool | None = None
 
 
 class ControllerSpec(_Strict):

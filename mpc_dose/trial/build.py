@@ -16,6 +16,7 @@ from ..control.baselines import (CallableController, FixedRegimen, PIDController
 from ..control.supervisor import SafetyConfig
 from ..errors import ConfigError
 from ..model.library import LibraryModel, load
+from ..model.spec import CLOCK_PARAM
 from ..plant.cohort import (CovariateDistribution, VirtualPatientSpec, patient_from_population,
                             patient_from_row, streams)
 from ..plant.patient import OutputDisturbance
@@ -95,6 +96,11 @@ def build_patient(scenario: Scenario, index: int, seed: int) -> VirtualPatientSp
                                           random_effects=spec.random_effects)
     else:
         raise ConfigError("patient: give a table or a population to draw patients from")
+    clock = _clock_params(scenario, lm.model)
+    if clock:  # a body clock: the run starts at the scenario's clock time
+        params = {**patient.params, **clock}
+        patient = VirtualPatientSpec(patient.index, patient.covariates, params, patient.eta,
+                                     patient.source, {**patient.overrides, **clock})
     if spec.params:
         params = dict(patient.params)
         for name, value in spec.params.items():
@@ -103,6 +109,23 @@ def build_patient(scenario: Scenario, index: int, seed: int) -> VirtualPatientSp
         patient = VirtualPatientSpec(patient.index, patient.covariates, params, patient.eta,
                                      patient.source, {**patient.overrides, **spec.params})
     return patient
+
+
+def _clock_params(scenario: Scenario, model) -> dict[str, float]:
+    """``{clock_time_at_t0: scenario.start_clock_h}`` for a model with a body clock, else {}.
+    The patient's and the controller's models get the same clock."""
+    clock = scenario.scenario.start_clock_h
+    if clock is None or CLOCK_PARAM not in model.param_names:
+        return {}
+    return {CLOCK_PARAM: float(clock)}
+
+
+def _check_clock(scenario: Scenario, models) -> None:
+    """A start clock time that no model of the scenario reads is a mistake, said at once."""
+    if scenario.scenario.start_clock_h is not None and \
+            not any(CLOCK_PARAM in m.param_names for m in models):
+        raise ConfigError(f"scenario.start_clock_h = {scenario.scenario.start_clock_h}: no "
+                          f"model of this scenario has a body clock ({CLOCK_PARAM})")
 
 
 def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
@@ -283,14 +306,14 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
         from ..control.tci import TargetControlledInfusion
 
         own = load(chosen.model) if chosen.model else lm
-        params = own.population.typical_parameters(
-            {k: v for k, v in patient.covariates.items()
-             if k in {cov.name for cov in own.population.covariates}})
+        params = _controller_params(scenario, own, patient)
         return TargetControlledInfusion(own.model, params, chosen.input, chosen.target_output,
                                         [tuple(t) for t in chosen.targets], mode=chosen.mode,
                                         period_s=c.period_s, max_rate=chosen.max_rate)
     if c.kind == "nmpc":
-        return _nmpc_controller(chosen, c, lm, patient, share, measured)
+        own = load(chosen.model) if chosen.model else lm
+        return _nmpc_controller(chosen, c, own, _controller_params(scenario, own, patient),
+                                share, measured)
     factory = load_user_controller(chosen.target, scenario.base_dir)
     made = factory(inputs=tuple(chosen.inputs), period_s=c.period_s, **chosen.options)
     if hasattr(made, "decide"):
@@ -298,20 +321,27 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
     return CallableController(made, chosen.inputs, period_s=c.period_s, name=chosen.target)
 
 
-def _nmpc_controller(spec, c, lm: LibraryModel, patient: VirtualPatientSpec,
+def _controller_params(scenario: Scenario, own: LibraryModel,
+                       patient: VirtualPatientSpec) -> dict[str, float]:
+    """A controller's own model of the patient: its population's typical values for the
+    patient's covariates (those it declares), on the scenario's clock."""
+    params = own.population.typical_parameters(
+        {k: v for k, v in patient.covariates.items()
+         if k in {cov.name for cov in own.population.covariates}})
+    params.update(_clock_params(scenario, own.model))
+    return params
+
+
+def _nmpc_controller(spec, c, own: LibraryModel, params: dict[str, float],
                      share: bool = False, measured: str | None = None) -> Controller:
-    """NMPC + estimator on the controller's own model of the patient (fed the readings of
-    *measured*)."""
+    """NMPC + estimator on the controller's own model *own* with parameter values *params*
+    (fed the readings of *measured*)."""
     import numpy as np
 
     from ..control.mhe import MHEConfig
     from ..control.mpc_controller import MPCController
     from ..control.nmpc import NMPCConfig
 
-    own = load(spec.model) if spec.model else lm
-    params = own.population.typical_parameters(
-        {k: v for k, v in patient.covariates.items()
-         if k in {cov.name for cov in own.population.covariates}})
     for name in spec.scaled:
         own.model.parameter(name)
         params[name] *= spec.prior_scale
@@ -376,6 +406,7 @@ def build_setup(scenario: Scenario, index: int, seed: int, *,
     safety = safety_config(scenario)
     controller = _controller(scenario, lm, patient, share_solvers, safety.measured)
     _check_safety_inputs(scenario, controller)
+    _check_clock(scenario, [lm.model] + [getattr(controller, "model", lm.model)])
     info = scenario.scenario
     if not math.isfinite(info.duration_s):
         raise ConfigError("scenario.duration_s must be finite")

@@ -190,7 +190,8 @@ class PlantSide:
                  measured: Callable[[str], float] | None = None,
                  commanded: Callable[[], Mapping[str, float]] | None = None,
                  reason: Callable[[], str] = lambda: "",
-                 status: Callable[[], str] = lambda: ""):
+                 status: Callable[[], str] = lambda: "",
+                 mode: Callable[[], str] = lambda: ""):
         """A simpy process recording one row per record step into *columns*; *measured*,
         *commanded* and *reason* default to what the plant sent and was told."""
         setup, env, model = self.setup, self.env, self.setup.model
@@ -208,6 +209,7 @@ class PlantSide:
             columns[f"pump_{pump}_state"] = []
         columns["controller_reason"] = []
         columns["controller_status"] = []
+        columns["controller_mode"] = []
         columns["alarms"] = []
         measured = measured or self._measured
         commanded = commanded or (lambda: self.commanded)
@@ -231,6 +233,7 @@ class PlantSide:
                 columns[f"pump_{pump_id}_state"].append(pump.state)
             columns["controller_reason"].append(reason())
             columns["controller_status"].append(status())
+            columns["controller_mode"].append(mode())
             columns["alarms"].append(";".join(self.alarms_sent[seen:]))
             seen = len(self.alarms_sent)
             k += 1
@@ -298,7 +301,7 @@ def run_closed_loop(setup: LoopSetup) -> LoopResult:
 
     columns: dict[str, list] = {}
     env.process(plant.recorder(columns, measured, lambda: controller_node.commanded, reason,
-                               status))
+                               status, lambda: controller_node.supervisor.mode))
     if isinstance(env, DeadlineEnvironment):
         env.sync()
     env.run(until=setup.duration_s + min(setup.record_step_s, 1.0) / 2)

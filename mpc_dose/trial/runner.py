@@ -128,9 +128,9 @@ def run_patient(task: PatientTask) -> dict:
     metrics.update(drug_totals(frame, {i.name: i.amount_unit for i in model.inputs},
                                float(weight) if weight else None))
     metrics["alarms"] = sum(1 for _, kind, _ in result.events if kind == "alarm")
-    reasons = frame["controller_reason"].astype(str)
     step = float(frame.time_s.iloc[1] - frame.time_s.iloc[0]) if len(frame) > 1 else 1.0
-    metrics["fallback_time_s"] = float(reasons.str.startswith("FALLBACK").sum() * step)
+    # the supervisor's mode as recorded (not parsed from the reason text)
+    metrics["fallback_time_s"] = float((frame["controller_mode"] == "FALLBACK").sum() * step)
     metrics["solver_failure_time_s"] = float(
         (frame["controller_status"] == "solver_failed").sum() * step)
     metrics["deadline_misses"] = result.deadline_misses
