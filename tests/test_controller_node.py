@@ -75,7 +75,8 @@ def test_stale_data_lets_the_lease_run_out():
     (2000 mL/h preset on the route) never raises the dose."""
     node, setup = node_for("pid_induction_13.toml", {
         "pump.0.fallback_ml_per_h": 2000.0, "pump.1.fallback_ml_per_h": 1000.0,
-        "controller.safety.fallback_rates": {"propofol": 5.0, "remifentanil": 10.0}})
+        "controller.safety.input": {"propofol": {"fallback_rate_mg_per_s": 5.0},
+                                    "remifentanil": {"fallback_rate_ug_per_s": 10.0}}})
     pumps = {r.pump for r in node.routes.values()}
     sent = {}
     for t in range(60):
@@ -107,7 +108,8 @@ def test_in_force_rates_follow_the_lease_into_the_pump_fallback():
     then the pump's fallback preset (here: stop), and the supervisor and its controller are
     told (their rate in force), so the dose windows and the NMPC see what the pump does."""
     node, setup = node_for("pid_induction_13.toml", {
-        "controller.safety.fallback_rates": {"propofol": 5.0, "remifentanil": 10.0}})
+        "controller.safety.input": {"propofol": {"fallback_rate_mg_per_s": 5.0},
+                                    "remifentanil": {"fallback_rate_ug_per_s": 10.0}}})
     commanded = {}
     for t in range(40):
         if t < 10:
@@ -144,12 +146,13 @@ BANG_BANG = str(SCENARIOS / "controllers" / "bang_bang.py") + ":bang_bang"
 KINDS = {
     # kind: (scenario, overrides, input whose cap is checked, cap [amount/s], closed loop)
     "pid": ("pid_induction_13.toml",
-            {"controller.safety.max_rates": {"propofol": 0.2, "remifentanil": 0.4}},
+            {"controller.safety.input": {"propofol": {"max_rate_mg_per_s": 0.2},
+                                         "remifentanil": {"max_rate_ug_per_s": 0.4}}},
             "propofol", 0.2, True),
     "fixed": ("fluorouracil_flat.toml",
-              {"controller.safety.max_rates": {"fluorouracil": 0.005}},
+              {"controller.safety.input": {"fluorouracil": {"max_rate_mg_per_s": 0.005}}},
               "fluorouracil", 0.005, False),
-    "tci": ("tci_effect_site.toml", {"controller.safety.max_rates": {"propofol": 1.0}},
+    "tci": ("tci_effect_site.toml", {"controller.safety.input": {"propofol": {"max_rate_mg_per_s": 1.0}}},
             "propofol", 1.0, False),
     "python": ("pid_induction_13.toml",
                {"controller.kind": "python",
@@ -157,10 +160,12 @@ KINDS = {
                                       "inputs": ["propofol", "remifentanil"],
                                       "options": {"high_rate": 100.0}},
                 "controller.safety.measured": "bis",
-                "controller.safety.max_rates": {"propofol": 2.0, "remifentanil": 3.0}},
+                "controller.safety.input": {"propofol": {"max_rate_mg_per_s": 2.0},
+                                            "remifentanil": {"max_rate_ug_per_s": 3.0}}},
                "propofol", 2.0, True),
     "nmpc": ("tiva_nmpc_training.toml",
-             {"controller.safety.max_rates": {"propofol": 0.5, "remifentanil": 1.0}},
+             {"controller.safety.input": {"propofol": {"max_rate_mg_per_s": 0.5},
+                                          "remifentanil": {"max_rate_ug_per_s": 1.0}}},
              "propofol", 0.5, True),
 }
 
@@ -173,7 +178,7 @@ def kind_node(kind: str):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_kind_is_clamped_to_the_safety_max_rate(kind):
     """For every controller kind built from a shipped scenario, a rate above
-    controller.safety.max_rates is clamped before it leaves the node (and says so)."""
+    the controller.safety.input max_rate is clamped before it leaves the node (and says so)."""
     node, setup = kind_node(kind)
     _, _, name, cap, closed = KINDS[kind]
     assert node.controller.controller is setup.controller

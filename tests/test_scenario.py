@@ -1,5 +1,6 @@
 """Scenario files: strict validation with dotted paths and suggestions; cohorts."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -208,9 +209,11 @@ def test_nmpc_safety_keys_moved_to_the_safety_table():
     ("tiva_nmpc_training.toml", {}, "bis", {"propofol": 6.67, "remifentanil": 16.67}),
     ("tci_effect_site.toml", {}, None, {"propofol": 3.33}),
     ("fluorouracil_flat.toml", {}, None, {}),
-    ("pid_induction_13.toml", {"controller.safety.max_rates": {"propofol": 1.0},
+    # a limit per input, with its unit in the key, over the kind's default; 60 mg/min
+    ("pid_induction_13.toml", {"controller.safety.input": {"propofol": {
+                                   "max_rate_mg_per_min": 60.0}},
                                "controller.safety.stale_after_s": 5.0},
-     "bis", {"propofol": 1.0}),
+     "bis", {"propofol": 1.0, "remifentanil": 16.67}),
 ])
 def test_safety_defaults_per_kind(path, overrides, measured, max_rates):
     """The supervisor's measured variable and maximum rates default from the controller's
@@ -227,11 +230,11 @@ def test_safety_defaults_per_kind(path, overrides, measured, max_rates):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"controller.safety.max_rates": {"ketamine": 1.0}},
-     r"controller\.safety\.max_rates: 'ketamine' is not an input the controller sets"),
+    ({"controller.safety.input": {"ketamine": {"max_rate_mg_per_s": 1.0}}},
+     r"controller\.safety\.input\.ketamine: model .* has no input 'ketamine'"),
     ({"controller.safety.dose_windows": [{"input": "ketamine", "window_s": 60,
-                                          "max_amount": 1}]},
-     r"controller\.safety\.dose_windows: 'ketamine'"),
+                                          "max_amount_mg": 1}]},
+     r"controller\.safety\.dose_windows\[0\]\.input: model .* has no input 'ketamine'"),
     ({"controller.safety.measured": "bis_monitor"},
      r"controller\.safety\.measured = 'bis_monitor': no \[\[sensor\]\] sends it"),
     ({"controller.pid.measured": "bsi"}, r"controller\.pid\.measured = 'bsi'"),
@@ -276,8 +279,8 @@ def _fluorouracil_nmpc(**extra):
     data = read_scenario_data(SCENARIOS / "fluorouracil_chrono.toml")
     data["sensor"] = [{"output": "fluorouracil_cp", "var": "fu_level", "period_s": 7200.0}]
     data["controller"] = {"kind": "nmpc", "period_s": 3600.0, "nmpc": {
-        "output": "fluorouracil_cp", "inputs": ["fluorouracil"], "reference": 1.5,
-        "horizon": 12, "max_rates": {"fluorouracil": 0.05},
+        "output": "fluorouracil_cp", "reference": 1.5, "horizon": 12,
+        "input": {"fluorouracil": {"max_rate_mg_per_h": 180.0}},
         "estimator": {"kind": "none"}}}
     data = with_overrides(data, extra)
     return parse_scenario(data, base_dir=str(SCENARIOS))
@@ -321,3 +324,68 @@ def test_a_loading_dose_before_the_first_reading_is_a_setting():
             assert 0.0 < rate <= 0.05 and "dosing allowed" in node.last_decision.reason
         else:
             assert rate == 0.0 and "waiting" in node.last_decision.reason
+
+
+def _nmpc_scenario(nmpc: dict, **extra):
+    from mpc_dose.scenario.schema import read_scenario_data, with_overrides
+
+    data = read_scenario_data(SCENARIOS / "tiva_nmpc_training.toml")
+    data["controller"]["nmpc"].update(nmpc)
+    return parse_scenario(with_overrides(data, extra), base_dir=str(SCENARIOS))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"input": {"propofol": {"max_rate": 6.67}}},
+     r"'max_rate' needs its unit in the key: max_rate_<unit>"),
+    ({"input": {"propofol": {"max_rate_mL_per_h": 6.67}}},
+     r"'max_rate_mL_per_h': 'mL/h' is not an amount per time"),
+    ({"input": {"propofol": {"max_rat_mg_per_s": 6.67}}},
+     r"unknown key 'max_rat_mg_per_s'.*valid keys here: change_weight, use_weight, "
+     r"max_rate_<unit>, max_change_<unit>"),
+    ({"input": {"propofol": {"max_rate_mg_per_s": -1}}}, r"expected a finite number >= 0"),
+    ({"max_rates": {"propofol": 6.67}},
+     r"max_rates: give each input a table \[controller.nmpc.input.NAME\]"),
+    ({"input": {"propofol": {"change_weight": 1.0}}},
+     r"controller.nmpc.input.propofol: needs max_rate_<unit>"),
+    ({"input": {"ketamine": {"max_rate_mg_per_s": 1.0}}},
+     r"controller.nmpc.input.ketamine: model .* has no input 'ketamine'"),
+])
+def test_nmpc_settings_carry_units_in_their_keys(change, match):
+    """Issue 15.8: NMPC rates in TOML carried no unit; each input now has a table whose
+    quantities name their unit in the key, checked for its kind, with errors naming the key
+    and what was expected."""
+    with pytest.raises(ConfigError, match=match):
+        build_setup(_nmpc_scenario(change), 0, 0)
+
+
+def test_every_nmpc_setting_reaches_the_controller_in_its_units():
+    """Issue 15.8: windows on another output, hard and terminal windows, intermittent dosing,
+    dose windows and the optimiser's settings are reachable from the scenario file, converted
+    to each input's amount unit; what is not given takes NMPCConfig's (and MHEConfig's) own
+    default, declared once (15.6: the schema's 200 vs 100 soft weights, 120 vs 60 window)."""
+    from mpc_dose.control.mhe import MHEConfig
+    from mpc_dose.control.nmpc import NMPCConfig
+
+    scenario = _nmpc_scenario({
+        "input": {"propofol": {"max_rate_mg_per_h": 3600.0, "max_change_mg_per_min": 30.0,
+                               "change_weight": 5.0},
+                  "remifentanil": {"max_rate_ug_per_min": 600.0}},
+        "hard_low": 30.0, "terminal_low": 45.0, "terminal_high": 55.0,
+        "window_output": "bis", "dose_interval_s": 10.0, "move_block": 1,
+        "dose_windows": [{"input": "propofol", "window_h": 1, "max_amount_g": 1.5}],
+        "max_iter": 17, "soft_weights": None}, **{"controller.nmpc.estimator.window": None})
+    data = scenario.controller.nmpc.model_dump()
+    assert data["soft_weights"] is None
+    setup, _ = build_setup(scenario, 0, 0)
+    config = setup.controller.mpc.config
+    assert config.rate_bounds == {"propofol": (0.0, 1.0), "remifentanil": (0.0, 10.0)}
+    assert config.max_change == {"propofol": 0.5}
+    assert config.change_weights == {"propofol": 5.0}
+    assert config.hard_window == (30.0, math.inf)
+    assert config.terminal_window == (45.0, 55.0)
+    assert config.dose_interval_s == 10.0 and config.max_iter == 17
+    assert config.dose_windows == (("propofol", 3600.0, 1500.0),)
+    assert config.soft_weights == NMPCConfig.__dataclass_fields__["soft_weights"].default
+    assert setup.controller.mhe.config.window == \
+        MHEConfig.__dataclass_fields__["window"].default
+    assert setup.safety.max_rates == {"propofol": 1.0, "remifentanil": 10.0}

@@ -174,45 +174,153 @@ class PythonSpec(_Strict):
     options: dict[str, typing.Any] = {}
 
 
+#: the dimension a quantity key's unit must have, by kind ("rate": drug amount per time)
+_KINDS = {"rate": ("an amount per time, e.g. mg_per_h, ug_per_s, mmol_per_min",
+                   ({"mass": 1, "time": -1}, {"substance": 1, "time": -1})),
+          "amount": ("an amount, e.g. mg, g, umol", ({"mass": 1}, {"substance": 1})),
+          "time": ("a time, e.g. s, min, h, d", ({"time": 1},))}
+
+
+def _unit_keys(data: dict, quantities: dict[str, str], plain: typing.Iterable[str]) -> dict:
+    """Move every ``name_<unit>`` key of *data* (a quantity declared in *quantities* with its
+    kind) into ``data["quantities"][name] = (value, unit)``; the unit must be of that kind.
+    A bare quantity name (no unit) and any other unknown key are errors naming the key."""
+    from ..units import UnitError, parse_unit, split_unit_suffix
+
+    out, found = {}, {}
+    plain = set(plain)
+    for key, value in data.items():
+        if key in plain:
+            out[key] = value
+            continue
+        name, unit = split_unit_suffix(key, quantities)
+        if name not in quantities:
+            valid = sorted(plain) + [f"{q}_<unit>" for q in quantities]
+            raise ValueError(f"unknown key {key!r}{closest(key, list(plain) + list(quantities))}"
+                             f"; valid keys here: {', '.join(valid)}")
+        text, dims = _KINDS[quantities[name]]
+        if unit is None:
+            raise ValueError(f"{key!r} needs its unit in the key: {key}_<unit>, the unit "
+                             f"{text}")
+        try:
+            dimension = dict(parse_unit(unit).dimension)
+        except UnitError as err:
+            raise ValueError(f"{key!r}: {err}") from None
+        if dimension not in dims:
+            raise ValueError(f"{key!r}: {unit!r} is not {text}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key} = {value!r}: expected a finite number >= 0")
+        if name in found:
+            raise ValueError(f"{name} given twice ({found[name][1]} and {unit})")
+        found[name] = (float(value), unit)
+    out["quantities"] = found
+    return out
+
+
+class _Quantities(_Strict):
+    """A table whose quantities carry their unit in the key (``max_rate_mg_per_h = 2000``):
+    :attr:`quantities` maps each given name to (value, unit); plain keys are fields."""
+
+    #: quantity name -> kind (see _KINDS); set by each subclass
+    QUANTITIES: typing.ClassVar[dict[str, str]] = {}
+    quantities: dict[str, tuple[float, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_units(cls, data):
+        if isinstance(data, dict):
+            plain = [f for f in cls.model_fields if f != "quantities"]
+            return _unit_keys(data, cls.QUANTITIES, plain)
+        return data
+
+
+class NMPCInputSpec(_Quantities):
+    """One input the NMPC sets: its bounds with units in the keys (``max_rate_mg_per_s``,
+    ``max_change_mg_per_s``: the largest change between periods) and weights (per squared
+    change and per amount of the input's own amount unit per second)."""
+
+    QUANTITIES = {"max_rate": "rate", "max_change": "rate"}
+    change_weight: float | None = Field(None, ge=0)
+    use_weight: float | None = None
+
+
+class SafetyInputSpec(_Quantities):
+    """The supervisor's limits for one input: ``max_rate_<unit>``, ``max_step_<unit>`` (the
+    largest change per decision), ``fallback_rate_<unit>`` (never above the last rate)."""
+
+    QUANTITIES = {"max_rate": "rate", "max_step": "rate", "fallback_rate": "rate"}
+
+
+class DoseWindowSpec(_Quantities):
+    """At most ``max_amount_<unit>`` of *input* over any sliding ``window_<unit>``."""
+
+    QUANTITIES = {"window": "time", "max_amount": "amount"}
+    input: str
+
+
 class EstimatorSpec(_Strict):
-    kind: Literal["mhe", "ekf", "none"] = "ekf"
+    """What the NMPC's estimator learns. A key not given takes the estimator's own default
+    (control/mhe.py MHEConfig, control/mpc_controller.py) - each declared there once."""
+
+    kind: Literal["mhe", "ekf", "none"] | None = None
     parameters: list[str] = []
-    noise_sd: float = Field(1.5, gt=0)
-    window: int = Field(120, ge=1)
-    disturbance: bool = True
+    #: measurement noise sd [output unit]; the model's additive residual error when not given
+    noise_sd: float | None = Field(None, gt=0)
+    window: int | None = Field(None, ge=1)
+    min_samples: int | None = Field(None, ge=1)
+    disturbance: bool | None = None
     #: prior standard deviation of the disturbance at the start (output unit)
-    disturbance_sd: float = Field(5.0, gt=0)
+    disturbance_sd: float | None = Field(None, gt=0)
     #: random walks per reading: variance of the disturbance's and of the parameters' (log
     #: scale) steps
-    q_d: float = Field(0.01, ge=0)
-    q_eta: float = Field(1e-6, ge=0)
+    q_d: float | None = Field(None, ge=0)
+    q_eta: float | None = Field(None, ge=0)
     #: MHE: each estimated eta stays within this many prior standard deviations (no bound
     #: when not given)
     eta_bound_sd: float | None = Field(None, gt=0)
 
 
 class NMPCSpec(_Strict):
+    """The NMPC (control/nmpc.py NMPCConfig). A key not given takes NMPCConfig's default,
+    declared there once."""
+
     #: the controller's model (the patient's model when not given); typical values for the
     #: patient's covariates, with *prior_scale* applied to the parameters in *scaled*
     model: str | None = None
     output: str
-    inputs: list[str]
-    reference: float
+    #: the inputs it sets, each with its limits (units in the keys)
+    input: dict[str, NMPCInputSpec]
+    #: the tracked value of *output* [its unit]; none: no tracking term
+    reference: float | None = None
     horizon: int = Field(40, ge=1)
-    move_block: int = Field(1, ge=1)
-    output_weight: float = Field(1.0, ge=0)
-    change_weights: dict[str, float] = {}
-    use_weights: dict[str, float] = {}
-    max_rates: dict[str, float]
-    max_change: dict[str, float] = {}
+    move_block: int | None = Field(None, ge=1)
+    output_weight: float | None = Field(None, ge=0)
+    #: the output the soft, hard and terminal windows apply to (*output* when not given)
+    window_output: str | None = None
     soft_low: float | None = None
     soft_high: float | None = None
-    soft_weights: tuple[float, float] = (200.0, 200.0)
-    soft_every: int = Field(1, ge=1)
+    soft_weights: tuple[float, float] | None = None
+    soft_every: int | None = Field(None, ge=1)
+    hard_low: float | None = None
+    hard_high: float | None = None
+    terminal_low: float | None = None
+    terminal_high: float | None = None
     ratio: tuple[str, str, float] | None = None
+    #: cumulative dose limits over sliding windows (delivered plus planned)
+    dose_windows: list[DoseWindowSpec] = []
+    #: intermittent dosing: decisions only in periods starting at multiples of this [s]
+    dose_interval_s: float | None = Field(None, gt=0)
     prior_scale: float = Field(1.0, gt=0)
     scaled: list[str] = []
     estimator: EstimatorSpec = EstimatorSpec()
+    #: the optimiser (control/nmpc.py): "sqpmethod" or "ipopt"; QP solvers; transcription
+    solver: Literal["sqpmethod", "ipopt"] | None = None
+    qp_solvers: list[str] | None = None
+    transcription: Literal["condensed", "multiple_shooting"] | None = None
+    max_iter: int | None = Field(None, ge=1)
+    dual_tolerance: float | None = Field(None, gt=0)
+    rk4_steps: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -222,13 +330,20 @@ class NMPCSpec(_Strict):
             if moved:
                 raise ValueError(f"{', '.join(moved)} moved to [controller.safety] (the "
                                  f"supervisor guards every controller kind)")
+            per_input = [k for k in ("inputs", "max_rates", "max_change", "change_weights",
+                                     "use_weights") if k in data]
+            if per_input:
+                raise ValueError(f"{', '.join(per_input)}: give each input a table "
+                                 f"[controller.nmpc.input.NAME] with its units in the keys, "
+                                 f"e.g. max_rate_mg_per_s = 6.67, change_weight = 20")
         return data
 
-
-class DoseWindowSpec(_Strict):
-    input: str
-    window_s: float = Field(gt=0)
-    max_amount: float = Field(ge=0)
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value):
+        if not value:
+            raise ValueError("needs at least one input table [controller.nmpc.input.NAME]")
+        return value
 
 
 class SafetySpec(_Strict):
@@ -238,14 +353,10 @@ class SafetySpec(_Strict):
 
     #: the reading variable (sensor ``var``) whose readings drive the dose; none: open loop
     measured: str | None = None
-    #: input -> hard maximum rate [amount/s]
-    max_rates: dict[str, float] | None = None
-    #: input -> largest change per decision [amount/s]
-    max_step: dict[str, float] | None = None
-    #: at most max_amount of an input over any window_s seconds
+    #: per input: max_rate_<unit>, max_step_<unit>, fallback_rate_<unit>
+    input: dict[str, SafetyInputSpec] | None = None
+    #: at most max_amount_<unit> of an input over any window_<unit>
     dose_windows: list[DoseWindowSpec] | None = None
-    #: input -> preset fallback rate [amount/s] (never above the last rate); none: stop
-    fallback_rates: dict[str, float] | None = None
     stale_after_s: float | None = Field(None, gt=0)
     future_tolerance_s: float | None = Field(None, ge=0)
     valid_range: tuple[float, float] | None = None
@@ -257,6 +368,17 @@ class SafetySpec(_Strict):
     resume_after: int | None = Field(None, ge=1)
     #: the controller may dose before the first reading (a loading dose before any level)
     dose_before_first_reading: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_input(cls, data):
+        if isinstance(data, dict):
+            moved = [k for k in ("max_rates", "max_step", "fallback_rates") if k in data]
+            if moved:
+                raise ValueError(f"{', '.join(moved)}: give each input a table "
+                                 f"[controller.safety.input.NAME] with its units in the keys, "
+                                 f"e.g. max_rate_mg_per_s = 6.67")
+        return data
 
 
 class ControllerSpec(_Strict):

@@ -24,7 +24,7 @@ from ..plant.pump import PumpConfig
 from ..plant.sensor import FilteredNoise, SensorConfig, bis_noise_filter
 from ..scenario.dosing_table import read_dosing_table
 from ..scenario.schema import PIDSpec, Scenario
-from ..units import UnitError, parse_quantity
+from ..units import UnitError, conversion_factor, parse_quantity
 from .closed_loop import LoopSetup
 
 __all__ = ["cohort_size", "build_patient", "build_setup", "read_cohort_table",
@@ -207,15 +207,53 @@ def _sensor(spec, lm: LibraryModel, where: str) -> SensorConfig:
 _SHARED_NMPC: dict[tuple, object] = {}
 
 
-def safety_config(scenario: Scenario) -> SafetyConfig:
+def _amount_unit(model, name: str, where: str) -> str:
+    """The amount unit of *model*'s input *name* (an error naming *where* if none)."""
+    if name not in model.input_names:
+        raise ConfigError(f"{where}: model {model.name!r} has no input {name!r}; inputs: "
+                          f"{', '.join(model.input_names)}")
+    return model.inputs[model.input_index(name)].amount_unit
+
+
+def _rate(quantity: tuple[float, str], amount_unit: str, where: str) -> float:
+    """A rate given with its unit, in *amount_unit* per second."""
+    value, unit = quantity
+    try:
+        return value * conversion_factor(unit, f"{amount_unit}/s", what=where)
+    except UnitError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _dose_windows(windows, model, where: str) -> tuple[tuple[str, float, float], ...]:
+    """(input, window [s], max amount [input's amount unit]) of each dose window."""
+    out = []
+    for k, w in enumerate(windows):
+        here = f"{where}[{k}]"
+        amount_unit = _amount_unit(model, w.input, f"{here}.input")
+        missing = [q for q in ("window", "max_amount") if q not in w.quantities]
+        if missing:
+            raise ConfigError(f"{here}: needs {' and '.join(f'{q}_<unit>' for q in missing)}")
+        try:
+            window_s = w.quantities["window"][0] * conversion_factor(
+                w.quantities["window"][1], "s", what=f"{here}.window")
+            amount = w.quantities["max_amount"][0] * conversion_factor(
+                w.quantities["max_amount"][1], amount_unit, what=f"{here}.max_amount")
+        except UnitError as err:
+            raise ConfigError(str(err)) from None
+        out.append((w.input, window_s, amount))
+    return tuple(out)
+
+
+def safety_config(scenario: Scenario, model) -> SafetyConfig:
     """The safety supervisor's config: ``[controller.safety]`` over the controller kind's
     defaults. Only the keys given (or defaulted here) are passed; every other default is
-    :class:`~mpc_dose.control.supervisor.SafetyConfig`'s own.
+    :class:`~mpc_dose.control.supervisor.SafetyConfig`'s own. Rates and amounts given with
+    their units are converted to each input's amount unit (per second) of *model*.
 
     Defaults per kind: the measured variable is ``pid.measured`` for ``pid``, the ``var`` of
     the sensor of ``nmpc.output`` for ``nmpc``, none (open loop) for ``fixed`` and ``tci``,
-    ``safety.measured`` for ``python``; the maximum rates are ``pid.max_rates``,
-    ``nmpc.max_rates`` or ``{tci.input: tci.max_rate}``, none otherwise.
+    ``safety.measured`` for ``python``; the maximum rates are ``pid.max_rates``, the NMPC
+    inputs' ``max_rate`` or ``{tci.input: tci.max_rate}``, none otherwise.
 
     Raises
     ------
@@ -231,7 +269,8 @@ def safety_config(scenario: Scenario) -> SafetyConfig:
         pid = c.pid or PIDSpec()
         defaults = {"measured": pid.measured, "max_rates": dict(pid.max_rates)}
     elif c.kind == "nmpc" and c.nmpc is not None:
-        defaults = {"max_rates": dict(c.nmpc.max_rates)}
+        bounds = _nmpc_fields(c.nmpc, c, model)["rate_bounds"]
+        defaults = {"max_rates": {name: high for name, (_, high) in bounds.items()}}
         if given.measured is None:
             output = c.nmpc.output
             found = sorted({s.var or s.output for s in scenario.sensor if s.output == output})
@@ -249,11 +288,20 @@ def safety_config(scenario: Scenario) -> SafetyConfig:
     fields = dict(defaults)
     for name in type(given).model_fields:
         value = getattr(given, name)
-        if value is not None:
+        if value is not None and name not in ("input", "dose_windows"):
             fields[name] = value
-    if "dose_windows" in fields:
-        fields["dose_windows"] = tuple((w.input, w.window_s, w.max_amount)
-                                       for w in fields["dose_windows"])
+    for name, spec in (given.input or {}).items():
+        where = f"controller.safety.input.{name}"
+        amount_unit = _amount_unit(model, name, where)
+        for quantity, label in (("max_rate", "max_rates"), ("max_step", "max_step"),
+                                ("fallback_rate", "fallback_rates")):
+            if quantity in spec.quantities:
+                fields.setdefault(label, {})
+                fields[label] = {**fields[label], name: _rate(
+                    spec.quantities[quantity], amount_unit, f"{where}.{quantity}")}
+    if given.dose_windows is not None:
+        fields["dose_windows"] = _dose_windows(given.dose_windows, model,
+                                               "controller.safety.dose_windows")
     measured = fields.get("measured")
     if measured is not None and measured not in sensor_vars:
         where = "controller.safety.measured" if given.measured is not None else \
@@ -270,9 +318,8 @@ def safety_config(scenario: Scenario) -> SafetyConfig:
 def _check_safety_inputs(scenario: Scenario, controller: Controller) -> None:
     """Inputs named in ``[controller.safety]`` must be inputs the controller sets."""
     given = scenario.controller.safety
-    named = {label: list(getattr(given, label) or ())
-             for label in ("max_rates", "max_step", "fallback_rates")}
-    named["dose_windows"] = [w.input for w in given.dose_windows or ()]
+    named = {"input": list(given.input or ()),
+             "dose_windows": [w.input for w in given.dose_windows or ()]}
     for label, names in named.items():
         for name in names:
             if name not in controller.inputs:
@@ -332,6 +379,59 @@ def _controller_params(scenario: Scenario, own: LibraryModel,
     return params
 
 
+def _nmpc_fields(spec, c, model) -> dict:
+    """NMPCConfig's arguments from ``[controller.nmpc]``: rates and amounts in each input's
+    amount unit (per second), windows as (low, high); only what is given, so every other
+    default is NMPCConfig's own."""
+    fields: dict = {"output": spec.output, "inputs": tuple(spec.input), "period_s": c.period_s,
+                    "horizon": spec.horizon}
+    rate_bounds, max_change, change_weights, use_weights = {}, {}, {}, {}
+    for name, item in spec.input.items():
+        where = f"controller.nmpc.input.{name}"
+        amount_unit = _amount_unit(model, name, where)
+        if "max_rate" not in item.quantities:
+            raise ConfigError(f"{where}: needs max_rate_<unit> (e.g. max_rate_mg_per_h)")
+        rate_bounds[name] = (0.0, _rate(item.quantities["max_rate"], amount_unit,
+                                        f"{where}.max_rate"))
+        if "max_change" in item.quantities:
+            max_change[name] = _rate(item.quantities["max_change"], amount_unit,
+                                     f"{where}.max_change")
+        if item.change_weight is not None:
+            change_weights[name] = item.change_weight
+        if item.use_weight is not None:
+            use_weights[name] = item.use_weight
+    fields.update(rate_bounds=rate_bounds, max_change=max_change,
+                  change_weights=change_weights, use_weights=use_weights)
+    if spec.reference is None:
+        fields["output_weight"] = 0.0 if spec.output_weight is None else spec.output_weight
+        if fields["output_weight"]:
+            raise ConfigError("controller.nmpc.output_weight: tracking needs a reference")
+    else:
+        fields["reference"] = spec.reference
+        if spec.output_weight is not None:
+            fields["output_weight"] = spec.output_weight
+    for label, (low, high) in (("soft_window", (spec.soft_low, spec.soft_high)),
+                               ("hard_window", (spec.hard_low, spec.hard_high)),
+                               ("terminal_window", (spec.terminal_low, spec.terminal_high))):
+        if low is not None or high is not None:
+            fields[label] = (-math.inf if low is None else low,
+                             math.inf if high is None else high)
+    for name in ("move_block", "window_output", "soft_every", "dose_interval_s", "solver",
+                 "transcription", "max_iter", "dual_tolerance", "rk4_steps"):
+        if getattr(spec, name) is not None:
+            fields[name] = getattr(spec, name)
+    if spec.soft_weights is not None:
+        fields["soft_weights"] = tuple(spec.soft_weights)
+    if spec.qp_solvers is not None:
+        fields["qp_solvers"] = tuple(spec.qp_solvers)
+    if spec.ratio is not None:
+        fields["ratio"] = tuple(spec.ratio)
+    if spec.dose_windows:
+        fields["dose_windows"] = _dose_windows(spec.dose_windows, model,
+                                               "controller.nmpc.dose_windows")
+    return fields
+
+
 def _nmpc_controller(spec, c, own: LibraryModel, params: dict[str, float],
                      share: bool = False, measured: str | None = None) -> Controller:
     """NMPC + estimator on the controller's own model *own* with parameter values *params*
@@ -345,16 +445,7 @@ def _nmpc_controller(spec, c, own: LibraryModel, params: dict[str, float],
     for name in spec.scaled:
         own.model.parameter(name)
         params[name] *= spec.prior_scale
-    soft = (-math.inf if spec.soft_low is None else spec.soft_low,
-            math.inf if spec.soft_high is None else spec.soft_high)
-    nmpc = NMPCConfig(output=spec.output, inputs=tuple(spec.inputs), period_s=c.period_s,
-                      horizon=spec.horizon, move_block=spec.move_block,
-                      reference=spec.reference, output_weight=spec.output_weight,
-                      change_weights=spec.change_weights, use_weights=spec.use_weights,
-                      rate_bounds={k: (0.0, v) for k, v in spec.max_rates.items()},
-                      max_change=spec.max_change, soft_window=soft,
-                      soft_weights=tuple(spec.soft_weights), soft_every=spec.soft_every,
-                      ratio=tuple(spec.ratio) if spec.ratio else None)
+    nmpc = NMPCConfig(**_nmpc_fields(spec, c, own.model))
     est = spec.estimator
     mhe = None
     if est.kind != "none":
@@ -367,11 +458,18 @@ def _nmpc_controller(spec, c, own: LibraryModel, params: dict[str, float],
         omega = own.population.omega
         sub = np.array([[omega[names.index(a), names.index(b)] for b in est.parameters]
                         for a in est.parameters])
+        noise_sd = est.noise_sd
+        if noise_sd is None:
+            residual = own.population.residual_error(spec.output)
+            if residual is None or not residual.additive > 0:
+                raise ConfigError(f"controller.nmpc.estimator.noise_sd: give it ({own.model.name!r} "
+                                  f"declares no additive residual error on {spec.output!r})")
+            noise_sd = residual.additive
+        given = {k: getattr(est, k) for k in ("window", "min_samples", "disturbance",
+                                              "disturbance_sd", "q_eta", "q_d", "eta_bound_sd")
+                 if getattr(est, k) is not None}
         mhe = MHEConfig(spec.output, tuple(est.parameters), tuple(map(tuple, sub)),
-                        noise_sd=est.noise_sd, window=est.window, disturbance=est.disturbance,
-                        disturbance_sd=est.disturbance_sd, q_eta=est.q_eta, q_d=est.q_d,
-                        eta_bound_sd=(math.inf if est.eta_bound_sd is None
-                                      else est.eta_bound_sd))
+                        noise_sd=noise_sd, **given)
     shared = None
     if share:  # one patient at a time per process: the built problem serves them all
         from ..control.nmpc import NonlinearMPC, problem_structure
@@ -383,8 +481,8 @@ def _nmpc_controller(spec, c, own: LibraryModel, params: dict[str, float],
         if shared is None:
             shared = _SHARED_NMPC[key] = NonlinearMPC(own.model, nmpc)
         shared.reset(nmpc)
-    return MPCController(own.model, params, nmpc, mhe, measured=measured, mpc=shared,
-                         estimator="mhe" if est.kind == "none" else est.kind)
+    kind = {} if est.kind in (None, "none") else {"estimator": est.kind}
+    return MPCController(own.model, params, nmpc, mhe, measured=measured, mpc=shared, **kind)
 
 
 def build_setup(scenario: Scenario, index: int, seed: int, *,
@@ -403,7 +501,7 @@ def build_setup(scenario: Scenario, index: int, seed: int, *,
                               f"outputs: {', '.join(lm.model.output_names)}")
         disturbances.append(OutputDisturbance(d.output, tuple(d.times_s), tuple(d.values),
                                               d.kind))
-    safety = safety_config(scenario)
+    safety = safety_config(scenario, lm.model)
     controller = _controller(scenario, lm, patient, share_solvers, safety.measured)
     _check_safety_inputs(scenario, controller)
     _check_clock(scenario, [lm.model] + [getattr(controller, "model", lm.model)])

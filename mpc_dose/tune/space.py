@@ -3,7 +3,7 @@ judged, how settings are chosen, and on which patients.
 
     [[parameter]]
     name = "max_propofol"                         # a label (plots, tables)
-    keys = ["controller.nmpc.max_rates.propofol"]  # scenario keys set to the value
+    keys = ["controller.nmpc.input.propofol.max_rate_mg_per_s"]  # scenario keys set to the value
     low = 3.0                                     # a range (log = true: log-uniform) ...
     high = 6.67
     # values = [10, 20, 40]                       # ... or a list
