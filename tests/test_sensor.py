@@ -2,6 +2,7 @@
 timing of the simpy sensor process."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -343,3 +344,28 @@ def test_non_finite_drift_is_an_error(drift):
     """A non-finite drift_per_h raises ConfigError naming the field."""
     with pytest.raises(ConfigError, match="drift_per_h"):
         SensorConfig(output="bis", var="bis", unit="1", period_s=1.0, drift_per_h=drift)
+
+
+def test_levels_at_set_clock_times_and_two_sensors_of_one_output():
+    """Issue 16.3: practice draws levels at set clock times (04:00 and 15:00), on the
+    scenario's clock (the 5-FU run starts at 22:00: samples at 6 h and 17 h of each day);
+    two sensors of one output used to crash the recorder (one column, two writers)."""
+    from mpc_dose.scenario import load_scenario
+    from mpc_dose.trial.build import build_setup
+    from mpc_dose.trial.closed_loop import run_closed_loop
+
+    scenario_dir = Path(__file__).resolve().parents[1] / "scenarios"
+    sensors = [{"output": "fluorouracil_cp", "sample_clock_h": [4.0]},
+               {"output": "fluorouracil_cp", "sample_clock_h": [15.0],
+                "proportional_cv": 0.1}]
+    scenario = load_scenario(scenario_dir / "fluorouracil_chrono.toml",
+                             {"sensor": sensors, "scenario.duration_s": 2 * 86400.0})
+    setup, _ = build_setup(scenario, 0, 0)
+    assert [s.daily_times_s for s in setup.sensors] == [(6 * 3600.0,), (17 * 3600.0,)]
+    frame = run_closed_loop(setup).to_pandas()
+    column = frame["measured_fluorouracil_cp_mg_per_L"]
+    changes = frame.time_s[column.ne(column.shift()) & column.notna()].tolist()
+    assert changes == [6 * 3600.0, 17 * 3600.0, 30 * 3600.0, 41 * 3600.0]
+    with pytest.raises(ConfigError, match="give either period_s or sample_clock_h"):
+        load_scenario(scenario_dir / "fluorouracil_chrono.toml", {"sensor": [
+            {"output": "fluorouracil_cp", "period_s": 3600.0, "sample_clock_h": [4.0]}]})

@@ -87,11 +87,18 @@ class SensorConfig:
     error_probability: float = 0.0
     error_value: float = 0.0
     name: str = ""
+    #: sample at these times of every day instead of every *period_s*: offsets [s] from
+    #: t = 0 within each 24 h (levels drawn at set clock times, e.g. 04:00 and 15:00)
+    daily_times_s: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"sensor {self.name or self.var!r}"
         if not (self.period_s > 0 and math.isfinite(self.period_s)):
             raise ConfigError(f"{where}: period_s must be > 0, got {self.period_s!r}")
+        if any(not (0 <= t < 86400.0) for t in self.daily_times_s) or \
+                list(self.daily_times_s) != sorted(set(self.daily_times_s)):
+            raise ConfigError(f"{where}: daily_times_s must be distinct times in [0, 86400) "
+                              f"s in order, got {self.daily_times_s!r}")
         for field in ("delay_s", "first_sample_s", "proportional_cv", "additive_sd", "ar1_sd",
                       "outlier_sd", "quantum"):
             value = getattr(self, field)
@@ -272,11 +279,16 @@ class SensorNoise:
 
 def sensor_process(env: simpy.Environment, patient: VirtualPatient, config: SensorConfig,
                    noise: SensorNoise, deliver: Callable[[SensorReading], None]):
-    """simpy process: sample *patient* every period and *deliver* readings after the delay."""
+    """simpy process: sample *patient* every period (or at the daily times) and *deliver*
+    readings after the delay."""
     index = patient.model.output_index(config.output)
     k = 0
     while True:
-        t = config.first_sample_s + k * config.period_s
+        if config.daily_times_s:
+            day, slot = divmod(k, len(config.daily_times_s))
+            t = day * 86400.0 + config.daily_times_s[slot]
+        else:
+            t = config.first_sample_s + k * config.period_s
         yield at(env, t, SAMPLE)
         true_value = float(patient.true_outputs(t)[index])
         result = noise.sample(true_value, t)

@@ -120,7 +120,11 @@ class FilteredNoiseSpec(_Strict):
 class SensorSpec(_Strict):
     output: str
     var: str | None = None
-    period_s: float = Field(gt=0)
+    #: every period_s, from first_sample_s; or at the clock times of every day
+    period_s: float | None = Field(None, gt=0)
+    #: clock times of day [h] at which samples are drawn every day (e.g. [4, 15] for 04:00 and
+    #: 15:00), on the scenario's clock (scenario.start_clock_h; 0:00 at t = 0 when not given)
+    sample_clock_h: list[float] | None = None
     delay_s: float = Field(0.0, ge=0)
     first_sample_s: float = Field(0.0, ge=0)
     noise: Literal["none", "bis"] = "none"
@@ -138,6 +142,17 @@ class SensorSpec(_Strict):
     dropout_probability: float = Field(0.0, ge=0, le=1)
     error_probability: float = Field(0.0, ge=0, le=1)
     error_value: float = 0.0
+
+    @model_validator(mode="after")
+    def _when(self):
+        if (self.period_s is None) == (self.sample_clock_h is None):
+            raise ValueError("give either period_s or sample_clock_h (when samples are drawn)")
+        if self.sample_clock_h is not None and (
+                not self.sample_clock_h or any(not 0 <= h < 24 for h in self.sample_clock_h)
+                or len(set(self.sample_clock_h)) != len(self.sample_clock_h)):
+            raise ValueError(f"sample_clock_h: expected distinct clock times in [0, 24) h, "
+                             f"got {self.sample_clock_h}")
+        return self
 
 
 class PIDSpec(_Strict):

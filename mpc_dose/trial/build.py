@@ -178,7 +178,7 @@ def _pump(spec, lm: LibraryModel, where: str) -> PumpConfig:
                       spec.fallback_ml_per_h, spec.occlusion_at_s, spec.occlusion_detection_s)
 
 
-def _sensor(spec, lm: LibraryModel, where: str) -> SensorConfig:
+def _sensor(scenario: Scenario, spec, lm: LibraryModel, where: str) -> SensorConfig:
     model = lm.model
     if spec.output not in model.output_names:
         raise ConfigError(f"{where}.output: model {model.name!r} has no output {spec.output!r}; "
@@ -195,11 +195,17 @@ def _sensor(spec, lm: LibraryModel, where: str) -> SensorConfig:
             raise ConfigError(f"{where}: give either noise = 'bis' or a filtered noise")
         filtered = FilteredNoise(spec.filtered.sd, tuple(spec.filtered.numerator),
                                  tuple(spec.filtered.denominator))
-    return SensorConfig(spec.output, spec.var or spec.output, unit, spec.period_s, spec.delay_s,
+    daily: tuple[float, ...] = ()
+    if spec.sample_clock_h is not None:  # clock times -> offsets from t = 0 within each day
+        start_h = scenario.scenario.start_clock_h or 0.0
+        daily = tuple(sorted(((h - start_h) % 24.0) * 3600.0 for h in spec.sample_clock_h))
+    period_s = spec.period_s if spec.period_s is not None else 86400.0
+    return SensorConfig(spec.output, spec.var or spec.output, unit, period_s, spec.delay_s,
                         spec.first_sample_s, spec.proportional_cv, spec.additive_sd, spec.ar1_sd,
                         spec.ar1_tau_s, filtered, spec.drift_per_h, spec.outlier_probability,
                         spec.outlier_sd, low, high, spec.quantum, spec.dropout_probability,
-                        spec.error_probability, spec.error_value, spec.var or spec.output)
+                        spec.error_probability, spec.error_value, spec.var or spec.output,
+                        daily)
 
 
 #: built NMPC problems kept for the next patient of a trial (same model and structure):
@@ -493,7 +499,7 @@ def build_setup(scenario: Scenario, index: int, seed: int, *,
     patient = build_patient(scenario, index, seed)
     rngs = streams(scenario.scenario.streams_name, seed, index)
     pumps = [_pump(p, lm, f"pump[{k}]") for k, p in enumerate(scenario.pump)]
-    sensors = [_sensor(s, lm, f"sensor[{k}]") for k, s in enumerate(scenario.sensor)]
+    sensors = [_sensor(scenario, s, lm, f"sensor[{k}]") for k, s in enumerate(scenario.sensor)]
     disturbances = []
     for k, d in enumerate(scenario.disturbance):
         if d.output not in lm.model.output_names:

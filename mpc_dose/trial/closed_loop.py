@@ -196,7 +196,10 @@ class PlantSide:
         *commanded* and *reason* default to what the plant sent and was told."""
         setup, env, model = self.setup, self.env, self.setup.model
         out_cols = [_column("true_", o.name, o.unit) for o in model.outputs]
-        meas_cols = [(c.var, _column("measured_", c.var, c.unit)) for c in setup.sensors]
+        # one column per reading variable (several sensors may send one: levels drawn at
+        # 04:00 and 15:00 by two sensors of the same assay)
+        meas_cols = list(dict.fromkeys((c.var, _column("measured_", c.var, c.unit))
+                                       for c in setup.sensors))
         rate_cols = [(i.name, _column("commanded_", f"{i.name}_rate", i.rate_unit),
                       _column("delivered_", f"{i.name}_rate", i.rate_unit))
                      for i in model.inputs]
