@@ -161,7 +161,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "scenario": scenario.scenario.name, "patient": args.patient, "seed": seed,
         "source": patient.source, "covariates": patient.covariates, "params": patient.params,
         "eta": patient.eta}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    print(f"wrote {out / 'timeseries.csv'} ({len(frame)} rows), events.csv, patient.json")
+    result.samples_frame().to_csv(out / "samples.csv", index=False, float_format="%.10g")
+    result.deliveries_frame().to_csv(out / "deliveries.csv", index=False,
+                                     float_format="%.10g")
+    print(f"wrote {out / 'timeseries.csv'} ({len(frame)} rows), events.csv, samples.csv "
+          f"(every reading at its sample time), deliveries.csv (every delivered rate "
+          f"change), patient.json")
     if not args.no_plot:
         from .plotting import plot_closed_loop
 
@@ -369,9 +374,12 @@ def _cmd_report(args) -> int:
 def _cmd_export(args) -> int:
     from .trial.report import nonmem_dataset
 
-    data = nonmem_dataset(args.trial, observe=args.observe, every_s=args.every)
-    data.to_csv(args.nonmem, index=False, float_format="%.8g")
-    print(f"wrote {args.nonmem} ({len(data)} records, {data.ID.nunique()} patients)")
+    data, sidecar = nonmem_dataset(args.trial, observe=args.observe, every_s=args.every)
+    data.to_csv(args.nonmem, index=False)
+    info = Path(args.nonmem).with_suffix(".txt")
+    info.write_text(sidecar, encoding="utf-8")
+    print(f"wrote {args.nonmem} ({len(data)} records, {data.ID.nunique()} patients) and "
+          f"{info} (columns, units, covariate codes)")
     return 0
 
 
@@ -453,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="one closed-loop run of a scenario for one patient",
                        description="Run one patient of a scenario in closed loop; writes "
-                                   "DIR/timeseries.csv, events.csv, patient.json and a PNG.")
+                                   "DIR/timeseries.csv, events.csv, samples.csv, "
+                                   "deliveries.csv, patient.json and a PNG.")
     p.add_argument("scenario", help="scenario TOML file")
     p.add_argument("--patient", type=int, default=1, help="patient number, from 1 (default 1)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the scenario's)")

@@ -68,22 +68,53 @@ def test_the_report_is_one_offline_html_page(comparison, capsys):
 
 def test_nonmem_export_keeps_every_dose_and_observation(comparison, tmp_path):
     trial = comparison / "hil_pid_newera"
-    data = nonmem_dataset(trial)
+    data, sidecar = nonmem_dataset(trial)
     metrics = pd.read_csv(trial / "metrics.csv")
     doses = data[data.EVID == 1]
     for k in (1, 2, 3):
         total = doses[(doses.ID == k) & (doses.CMT == 1)].AMT.astype(float).sum()
         expected = metrics.loc[metrics.patient == k, "propofol_total_mg"].item()
-        assert total == pytest.approx(expected, rel=1e-9)  # metrics.csv keeps 10 digits
+        assert total == pytest.approx(expected, rel=1e-7)  # 8 significant digits per record
     obs = data[data.EVID == 0]
-    series = pd.read_parquet(trial / "series" / "patient_0001.parquet")
-    assert (obs.ID == 1).sum() == series.measured_bis_unitless.notna().sum()
+    samples = pd.read_parquet(trial / "samples" / "patient_0001.parquet")
+    valid = samples[samples.quality == "valid"]
+    assert (obs.ID == 1).sum() == len(valid)
+    assert np.allclose(obs[obs.ID == 1].TIME.to_numpy() * 3600, valid.t_meas_s, atol=0.01)
     assert set(obs.CMT) == {3} and (obs.MDV == 0).all() and (doses.MDV == 1).all()
     assert list(data.columns[:8]) == ["ID", "TIME", "AMT", "RATE", "EVID", "MDV", "DV", "CMT"]
     assert {"AGE", "WEIGHT", "SEX"} <= set(data.columns)
+    assert set(data.SEX) <= {1, 2} and "SEX: male = 1, female = 2" in sidecar
     assert (data.groupby("ID").TIME.apply(lambda t: t.is_monotonic_increasing)).all()
     out = tmp_path / "nm.csv"
     assert main(["export", str(trial), "--nonmem", str(out), "--every", "60"]) == 0
     every = pd.read_csv(out)
     seconds = every[every.EVID == 0].TIME.to_numpy() * 3600
-    assert np.abs(seconds - 60 * np.round(seconds / 60)).max() < 1e-3  # TIME has 8 digits
+    assert np.abs(np.diff(seconds)).min() >= 60 - 0.01  # TIME to 1e-6 h
+    assert (tmp_path / "nm.txt").read_text().startswith("mpc-dose NONMEM-style dataset")
+
+
+def test_nonmem_export_of_sparse_levels(tmp_path):
+    """Issue 16.1: a 12-h level appears once, at its SAMPLE time (11.83 h), not at every
+    record while held nor at its arrival 2 h later; categorical covariates are numbers
+    (with their codes in the sidecar), a covariate that changes (CrCL 90 -> 30 at 48 h) is
+    at its value at each record; no 16-digit float noise in the file."""
+    from mpc_dose.trial.runner import run_trial
+
+    out = tmp_path / "vanco"
+    run_trial(REPO / "scenarios" / "vancomycin_renal_decline.toml", out, patients=[0],
+              seed=1)
+    csv = tmp_path / "nm.csv"
+    assert main(["export", str(out), "--nonmem", str(csv)]) == 0
+    data = pd.read_csv(csv)
+    obs = data[data.EVID == 0]
+    # drawn every 12 h from 11.83 h; the one drawn at 95.83 h comes back after the run
+    assert obs.TIME.tolist() == pytest.approx([11.833333 + 12 * k for k in range(7)])
+    assert set(data.DIALYSIS) == {0}
+    assert set(data[data.TIME < 48].CRCL) != {30} and set(data[data.TIME >= 48].CRCL) == {30}
+    doses = data[data.EVID == 1]
+    assert len(doses) == 8 and doses.AMT.astype(float).tolist() == pytest.approx([1000] * 8)
+    text = csv.read_text()
+    assert not re.search(r"\d\.\d{9,}", text), "no float noise"
+    sidecar = (tmp_path / "nm.txt").read_text()
+    assert "DIALYSIS: no = 0, yes = 1" in sidecar and "TIME: h" in sidecar
+    assert "AMT (CMT 1: vancomycin): mg" in sidecar and "[mg/L]" in sidecar

@@ -92,6 +92,8 @@ class VirtualPatient:
         self.x = model.initial_state(self.p) if x0 is None else np.asarray(x0, float).copy()
         self.t_s = 0.0
         self.rates = np.zeros(model.n_inputs)
+        #: every change of what reaches the patient: (time [s], input index, amount/s)
+        self.deliveries: list[tuple[float, int, float]] = []
         for d in disturbances:
             model.output_index(d.output)
         self.disturbances = tuple(disturbances)
@@ -114,6 +116,8 @@ class VirtualPatient:
     def set_rate(self, t_s: float, input_index: int, rate: float) -> None:
         """From *t_s* on, *rate* [amount/s] of input *input_index* reaches the patient."""
         self.advance(t_s)
+        if self.rates[input_index] != rate:
+            self.deliveries.append((float(t_s), input_index, float(rate)))
         self.rates = self.rates.copy()
         self.rates[input_index] = rate
 

@@ -200,5 +200,5 @@ def serve_plant(scenario: Scenario, index: int, seed: int, *, telemetry: str, co
                  rejected=dict(server.rejected))
         log.close()
     context.destroy(linger=0)
-    return LoopResult(columns, sorted(plant.events, key=lambda e: e[0]),
-                      dropped_frames=sum(server.rejected.values()))
+    return plant.result(columns, plant.events,
+                        dropped_frames=sum(server.rejected.values()))

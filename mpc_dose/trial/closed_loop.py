@@ -60,17 +60,36 @@ class LoopSetup:
 
 @dataclass
 class LoopResult:
-    """Columns of the time series (name with unit -> values) and the event log."""
+    """Columns of the time series (name with unit -> values), the event log, every sensor
+    sample as taken (:meth:`samples_frame`) and every change of a delivered rate
+    (:meth:`deliveries_frame`)."""
 
     columns: dict[str, list]
     events: list[tuple[float, str, str]]
     deadline_misses: int = 0
     dropped_frames: int = 0
+    #: (t_meas_s, t_arrival_s, var, value, unit, quality, sensor) of every reading
+    samples: list[tuple] = field(default_factory=list)
+    #: (time_s, input, rate, rate unit) at every change of what reached the patient
+    deliveries: list[tuple] = field(default_factory=list)
 
     def to_pandas(self):
         import pandas as pd
 
         return pd.DataFrame(self.columns)
+
+    def samples_frame(self):
+        """Every sample at its sample time, with its arrival time (a lab delay)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.samples, columns=["t_meas_s", "t_arrival_s", "var", "value",
+                                                   "unit", "quality", "sensor"])
+
+    def deliveries_frame(self):
+        """The delivered rate of each input from each change on (the exact dosing record)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.deliveries, columns=["time_s", "input", "rate", "rate_unit"])
 
 
 def _column(prefix: str, name: str, unit: str) -> str:
@@ -128,6 +147,7 @@ class PlantSide:
         #: alarm codes for the recorder's column: the plant's own (and, in one process, the
         #: controller node's)
         self.alarms_sent: list[str] = []
+        self.samples: list[tuple] = []
         # each sensor draws from its own child stream, spawned in order, so adding a sensor
         # does not change the noise of the others
         for config, rng in zip(setup.sensors, setup.noise_rng.spawn(len(setup.sensors))):
@@ -147,6 +167,8 @@ class PlantSide:
         return routes
 
     def _reading(self, reading) -> None:
+        self.samples.append((reading.t_meas_s, float(self.env.now), reading.var,
+                             reading.value, reading.unit, reading.quality, reading.sensor))
         message = self.node.measurement_message(reading)
         self.last_measurement[message.var] = message
         self._send(message)
@@ -244,6 +266,15 @@ class PlantSide:
     def _measured(self, var: str) -> float:
         return _valid_value(self.last_measurement.get(var))
 
+    def result(self, columns: dict[str, list], events, **counts) -> LoopResult:
+        """The run's result: the recorded columns and events, the samples as taken and the
+        delivered rates at every change."""
+        inputs = self.setup.model.inputs
+        deliveries = [(t, inputs[k].name, rate, inputs[k].rate_unit)
+                      for t, k, rate in self.patient.deliveries]
+        return LoopResult(columns, sorted(events, key=lambda e: e[0]), samples=self.samples,
+                          deliveries=deliveries, **counts)
+
 
 def make_environment(setup: LoopSetup) -> simpy.Environment:
     """simpy's environment: as fast as possible, or against the wall clock."""
@@ -319,5 +350,5 @@ def run_closed_loop(setup: LoopSetup) -> LoopResult:
     misses = len(env.misses) if isinstance(env, DeadlineEnvironment) else 0
     for miss in getattr(env, "misses", []):
         events.append((miss.t_s, "deadline_miss", f"{miss.lag_s:.3f} s late"))
-    return LoopResult(columns, sorted(events, key=lambda e: e[0]), misses,
-                      len(to_plant.dropped) + len(to_controller.dropped))
+    return plant.result(columns, events, deadline_misses=misses,
+                        dropped_frames=len(to_plant.dropped) + len(to_controller.dropped))

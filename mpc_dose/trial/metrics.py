@@ -106,20 +106,19 @@ def performance_metrics(time_s, measured, target: float,
     return out
 
 
-def drug_totals(frame, input_units: dict[str, str], weight_kg: float | None
-                ) -> dict[str, float]:
-    """Each input's delivered amount over the run (rate columns integrated with the
-    record step), per kg when the weight is known; keys carry the unit."""
+def drug_totals(deliveries, end_s: float, input_units: dict[str, str],
+                weight_kg: float | None) -> dict[str, float]:
+    """Each input's delivered amount over [0, *end_s*], exactly from the record of every
+    rate change (*deliveries*: time_s, input, rate [amount/s]), per kg when the weight is
+    known; keys carry the unit."""
     from ..units import unit_to_token
 
-    t = frame["time_s"].to_numpy()
-    step = float(t[1] - t[0]) if t.size > 1 else 1.0
     out = {}
     for name, amount_unit in input_units.items():
-        column = f"delivered_{name}_rate_{unit_to_token(amount_unit + '/s')}"
-        if column not in frame:
-            continue
-        total = float(frame[column].to_numpy().sum() * step)
+        mine = deliveries[deliveries["input"] == name]
+        times = np.append(mine["time_s"].to_numpy(dtype=float), end_s)
+        rates = mine["rate"].to_numpy(dtype=float)
+        total = float(np.sum(rates * np.clip(np.diff(times), 0.0, None)))
         out[f"{name}_total_{unit_to_token(amount_unit)}"] = total
         if weight_kg:
             out[f"{name}_per_kg_{unit_to_token(amount_unit + '/kg')}"] = total / weight_kg

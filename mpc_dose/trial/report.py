@@ -174,47 +174,114 @@ def image(fig) -> str:
     return f'<img src="data:image/png;base64,{_png(fig)}">'
 
 
+def _covariate_codes(trial: Path) -> dict[str, dict[str, int]]:
+    """Numeric codes of the categorical covariates of the trial's patient model: yes/no as
+    1/0, any other choice list as 1, 2, ... in the model's declared order (NM-TRAN reads
+    numbers only)."""
+    from ..model.library import load
+    from ..scenario import load_scenario
+
+    manifest = json.loads((trial / "trial.json").read_text("utf-8"))
+    scenario = load_scenario(manifest["scenario"], manifest.get("overrides") or None)
+    codes = {}
+    for covariate in load(scenario.patient.model).population.covariates:
+        if covariate.choices:
+            if set(covariate.choices) == {"yes", "no"}:
+                codes[covariate.name] = {"no": 0, "yes": 1}
+            else:
+                codes[covariate.name] = {c: k for k, c in enumerate(covariate.choices, 1)}
+    return codes
+
+
 def nonmem_dataset(trial: str | Path, *, observe: str | None = None,
-                   every_s: float | None = None) -> pd.DataFrame:
-    """The trial as a NONMEM-style dataset: one dosing record (EVID 1, AMT, RATE) per rate
-    change of each input (CMT = the input's number, 1-based), one observation record
-    (EVID 0, MDV 0, DV) per valid measurement of *observe* (the first measured output by
-    default; CMT after the inputs), every *every_s* seconds (all samples by default), and
-    the patient's covariates as columns. TIME in hours; AMT in the input's amount unit,
-    RATE in amount per hour."""
+                   every_s: float | None = None) -> tuple[pd.DataFrame, str]:
+    """The trial as a NONMEM-style dataset, and the text of its sidecar (columns, units,
+    codes).
+
+    One dosing record (EVID 1, AMT, RATE) per constant-rate segment of each input as it
+    reached the patient (CMT = the input's number, 1-based), from the exact delivery record;
+    one observation record (EVID 0, MDV 0, DV) per valid sample of *observe* (a measured
+    variable; the first by default) at its SAMPLE time (a level reported hours later is
+    still at its draw time), at most one per *every_s* seconds if given; the patient's
+    covariates as columns, time-varying ones at their value at each record's time (LOCF: a
+    change applies from its time on), categorical ones as numeric codes. TIME in hours, AMT
+    in the input's amount unit, RATE in amount per hour, DV in the variable's unit; times
+    rounded to 1e-6 h, amounts, rates, levels and covariates to 8 significant digits.
+    """
     trial = Path(trial)
-    series = load_series(trial)
+    sample_files = sorted((trial / "samples").glob("patient_*.parquet"))
+    if not sample_files:
+        raise ConfigError(f"export: {str(trial)!r} has no samples/ (a trial written by an "
+                          f"older mpc-dose: run it again to export it)")
+    codes = _covariate_codes(trial)
     rows = []
-    for k, frame in series.groupby("patient", sort=True):
-        info = json.loads((trial / "patients" / f"patient_{int(k):04d}.json").read_text())
-        covariates = {str(n).upper(): v for n, v in info["covariates"].items()}
+    units: dict[str, str] = {}
+    for sample_file in sample_files:
+        name = sample_file.stem
+        k = int(name.split("_")[1])
+        info = json.loads((trial / "patients" / f"{name}.json").read_text("utf-8"))
         inputs = list(info["inputs"])
-        t = frame.time_s.to_numpy()
-        step = float(t[1] - t[0]) if t.size > 1 else 1.0
-        for cmt, name in enumerate(inputs, start=1):
-            column = next(c for c in frame.columns if c.startswith(f"delivered_{name}_rate_"))
-            rate = frame[column].to_numpy()
-            change = np.flatnonzero(np.diff(rate, prepend=np.nan) != 0)
-            ends = np.append(change[1:], rate.size)
-            for start, end in zip(change, ends):
-                if rate[start] <= 0:
+        changes = sorted((float(t), c) for t, c in info.get("covariate_changes", []))
+
+        def covariates_at(time_s: float) -> dict:
+            values = dict(info["covariates"])
+            for t_change, change in changes:
+                if t_change <= time_s:
+                    values.update(change)
+            out = {}
+            for cov, value in values.items():
+                out[str(cov).upper()] = codes[cov][value] if cov in codes else value
+            return out
+
+        deliveries = pd.read_parquet(trial / "deliveries" / f"{name}.parquet")
+        series_end = float(pd.read_parquet(trial / "series" / f"{name}.parquet",
+                                           columns=["time_s"]).time_s.max())
+        for cmt, input_name in enumerate(inputs, start=1):
+            mine = deliveries[deliveries.input == input_name]
+            times = mine.time_s.to_numpy()
+            rates = mine.rate.to_numpy()
+            ends = np.append(times[1:], series_end)
+            amount_unit = info["inputs"][input_name]["amount_unit"]
+            for start, end, rate in zip(times, ends, rates):
+                if rate <= 0 or end <= start:
                     continue
-                duration_s = (end - start) * step
-                rows.append({"ID": int(k), "TIME": t[start] / 3600.0,
-                             "AMT": rate[start] * duration_s, "RATE": rate[start] * 3600.0,
-                             "EVID": 1, "MDV": 1, "DV": ".", "CMT": cmt, **covariates})
-        measured = [c for c in frame.columns if c.startswith("measured_")]
-        name = observe or (measured[0] if measured else None)
-        if name is not None:
-            if name not in frame:
-                raise ConfigError(f"export: no column {name!r}; measured: {measured}")
-            keep = np.isfinite(frame[name].to_numpy())
-            if every_s:
-                keep &= np.isclose(np.mod(t, every_s), 0.0)
-            for time_s, value in zip(t[keep], frame[name].to_numpy()[keep]):
-                rows.append({"ID": int(k), "TIME": time_s / 3600.0, "AMT": ".",
-                             "RATE": ".", "EVID": 0, "MDV": 0, "DV": value,
-                             "CMT": len(inputs) + 1, **covariates})
+                rows.append({"ID": k, "TIME": start / 3600.0, "AMT": rate * (end - start),
+                             "RATE": rate * 3600.0, "EVID": 1, "MDV": 1, "DV": ".",
+                             "CMT": cmt, **covariates_at(start)})
+            units[f"AMT (CMT {cmt}: {input_name})"] = amount_unit
+            units[f"RATE (CMT {cmt}: {input_name})"] = f"{amount_unit}/h"
+        samples = pd.read_parquet(sample_file)
+        variables = list(dict.fromkeys(samples["var"]))
+        variable = observe or (variables[0] if variables else None)
+        if variable is None:
+            continue
+        if variable not in variables:
+            raise ConfigError(f"export --observe {variable!r}: no such measured variable; "
+                              f"measured: {', '.join(variables)}")
+        taken = samples[(samples["var"] == variable) & (samples.quality == "valid")]
+        units["DV"] = str(taken.unit.iloc[0]) if len(taken) else ""
+        last = -np.inf
+        for time_s, value in zip(taken.t_meas_s, taken.value):
+            if every_s and time_s - last < every_s - 1e-9:
+                continue
+            last = time_s
+            rows.append({"ID": k, "TIME": time_s / 3600.0, "AMT": ".", "RATE": ".",
+                         "EVID": 0, "MDV": 0, "DV": value, "CMT": len(inputs) + 1,
+                         **covariates_at(time_s)})
     data = pd.DataFrame(rows)
-    return data.sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False],
+    if data.empty:
+        raise ConfigError(f"export: {str(trial)!r} has no doses or samples to export")
+    data["TIME"] = data.TIME.round(6)
+    for column in data.columns.drop(["ID", "TIME", "EVID", "MDV", "CMT"]):
+        data[column] = [float(f"{v:.8g}") if isinstance(v, float) else v
+                        for v in data[column]]
+    data = data.sort_values(["ID", "TIME", "EVID"], ascending=[True, True, False],
                             kind="stable").reset_index(drop=True)
+    lines = ["mpc-dose NONMEM-style dataset: columns, units and codes",
+             "TIME: h since the start of the run", "EVID: 1 dose, 0 observation; MDV: 1 for "
+             "doses", f"DV: {variable} [{units.get('DV', '')}] at its sample time"]
+    lines += [f"{key}: {unit}" for key, unit in units.items() if key != "DV"]
+    lines.append(f"CMT {len(inputs) + 1}: the observation")
+    for cov, mapping in codes.items():
+        lines.append(f"{cov.upper()}: " + ", ".join(f"{c} = {v}" for c, v in mapping.items()))
+    return data, "\n".join(lines) + "\n"

@@ -8,6 +8,8 @@ Layout of *out*:
 
 * ``trial.json``: scenario file, its SHA-256, seed, patients (a restart must match it);
 * ``series/patient_0001.parquet``: the patient's time series (units in the column names);
+* ``samples/patient_0001.parquet``: every sensor sample at its sample time (and arrival);
+* ``deliveries/patient_0001.parquet``: every change of a delivered rate, exactly;
 * ``metrics/patient_0001.json``: its metrics, written last (atomically): the patient's
   completion mark - a trial restarted after SIGKILL skips patients that have it and redoes
   the others, so it ends with the same files as an uninterrupted run;
@@ -125,7 +127,8 @@ def run_patient(task: PatientTask) -> dict:
                                         frame.delivered_propofol_rate_mg_per_s,
                                         frame.delivered_remifentanil_rate_ug_per_s,
                                         float(weight), target=spec.target))
-    metrics.update(drug_totals(frame, {i.name: i.amount_unit for i in model.inputs},
+    metrics.update(drug_totals(result.deliveries_frame(), setup.duration_s,
+                               {i.name: i.amount_unit for i in model.inputs},
                                float(weight) if weight else None))
     metrics["alarms"] = sum(1 for _, kind, _ in result.events if kind == "alarm")
     step = float(frame.time_s.iloc[1] - frame.time_s.iloc[0]) if len(frame) > 1 else 1.0
@@ -140,11 +143,20 @@ def run_patient(task: PatientTask) -> dict:
     info = {"patient": task.index + 1, "covariates": patient.covariates,
             "params": patient.params, "eta": patient.eta, "source": patient.source,
             "inputs": {i.name: {"amount_unit": i.amount_unit, "rate_unit": i.rate_unit}
-                       for i in model.inputs}}
+                       for i in model.inputs},
+            # covariates that change during the run, from each time [s] on
+            "covariate_changes": [[c.time_s, dict(c.covariates)]
+                                  for c in scenario.covariate_change]}
     _atomic_write(out / "patients" / f"{name}.json",
                   lambda p: p.write_text(json.dumps(info, default=str), "utf-8"))
     _atomic_write(out / "series" / f"{name}.parquet",
                   lambda p: frame.to_parquet(p, index=False))
+    # every sample at its sample time and every delivered rate change, exactly (the series
+    # holds the last value at each record step): what a NONMEM export is made from
+    _atomic_write(out / "samples" / f"{name}.parquet",
+                  lambda p: result.samples_frame().to_parquet(p, index=False))
+    _atomic_write(out / "deliveries" / f"{name}.parquet",
+                  lambda p: result.deliveries_frame().to_parquet(p, index=False))
     _atomic_write(out / "metrics" / f"{name}.json",  # last: the completion mark
                   lambda p: p.write_text(json.dumps(metrics, allow_nan=True), "utf-8"))
     return metrics
