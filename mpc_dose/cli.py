@@ -283,9 +283,7 @@ def _cmd_trial(args) -> int:
 
     scenario = load_scenario(args.scenario)
     seed = scenario.scenario.seed if args.seed is None else args.seed
-    if args.patients < 1:
-        raise ConfigError(f"--patients: expected >= 1, got {args.patients}")
-    patients = range(args.first - 1, args.first - 1 + args.patients)
+    patients = _patient_range(args, scenario)
     with _executor(args) as executor:
         result = run_trial(args.scenario, args.out, patients=patients, seed=seed,
                            executor=executor, progress=not args.quiet, cohort=args.cohort)
@@ -297,6 +295,22 @@ def _cmd_trial(args) -> int:
         print(f"  {name:45s} {row['mean']:10.4g} +- {row['sd']:.3g}  "
               f"[{row['min']:.4g}, {row['max']:.4g}]")
     return 0
+
+
+def _patient_range(args, scenario) -> range:
+    """Patients --first .. --first + --patients - 1 (0-based range). Without --patients: every
+    row of a --cohort file, else the first 10 of the scenario's cohort."""
+    from .trial.build import cohort_size, with_cohort
+
+    if args.first < 1:
+        raise ConfigError(f"--first: patients are numbered from 1, got {args.first}")
+    count = args.patients
+    if count is None:
+        count = cohort_size(with_cohort(scenario, args.cohort)) - (args.first - 1) \
+            if args.cohort else 10
+    if count < 1:
+        raise ConfigError(f"--patients: expected >= 1, got {count}")
+    return range(args.first - 1, args.first - 1 + count)
 
 
 @contextlib.contextmanager
@@ -332,7 +346,7 @@ def _cmd_compare(args) -> int:
     if len(set(names)) != len(names):
         raise ConfigError(f"compare: scenario names must differ, got {names}")
     seed = scenarios[0].scenario.seed if args.seed is None else args.seed
-    patients = range(args.first - 1, args.first - 1 + args.patients)
+    patients = _patient_range(args, scenarios[0])
     out = Path(args.out)
     with _executor(args) as executor:
         for path, name in zip(args.scenarios, names):
@@ -505,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(Parquet) and metrics as each finishes; rerun the same "
                                    "command to resume a killed trial.")
     p.add_argument("scenario")
-    p.add_argument("--patients", type=int, default=10, help="how many (default 10)")
+    p.add_argument("--patients", type=int, default=None,
+                   help="how many (default: every row of --cohort, else 10)")
     p.add_argument("--first", type=int, default=1, help="first patient number (default 1)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -523,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "noise, disturbances) into OUT/<name>; writes "
                                    "OUT/comparison.csv.")
     p.add_argument("scenarios", nargs="+")
-    p.add_argument("--patients", type=int, default=10)
+    p.add_argument("--patients", type=int, default=None,
+                   help="how many (default: every row of --cohort, else 10)")
     p.add_argument("--first", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)

@@ -85,3 +85,27 @@ def test_models_lists_library_and_details(capsys):
     assert main(["models", "vancomycin-goti"]) == 0
     detail = capsys.readouterr().out
     assert "vancomycin_cl1 [L/h]" in detail and "Goti V" in detail and "39.8%" in detail
+
+
+def test_a_cohort_file_runs_every_row_by_default(tmp_path, capsys):
+    """Issue 16.5: `trial --cohort FILE` runs every row of the file unless --patients says
+    otherwise (it ran 10, and a 3-row cohort failed)."""
+    import pandas as pd
+
+    from mpc_dose.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    rows = pd.read_csv(repo / "scenarios" / "data" / "tiva_training_cohort_32.csv",
+                       comment="#").head(3)
+    cohort = tmp_path / "three.csv"
+    rows.to_csv(cohort, index=False)
+    out = tmp_path / "trial"
+    assert main(["trial", str(repo / "scenarios" / "tiva_benchmark_pid.toml"), "--cohort",
+                 str(cohort), "--out", str(out), "--workers", "1", "--quiet",
+                 "--patients", "2"]) == 0
+    assert len(pd.read_csv(out / "metrics.csv")) == 2
+    out = tmp_path / "all"
+    assert main(["trial", str(repo / "scenarios" / "tiva_benchmark_pid.toml"), "--cohort",
+                 str(cohort), "--out", str(out), "--workers", "1", "--quiet"]) == 0
+    assert len(pd.read_csv(out / "metrics.csv")) == 3
+    assert "3 patients" in capsys.readouterr().out
