@@ -22,7 +22,7 @@ OUT = "vancomycin_cp"
 CL, V1, V2 = "vancomycin_cl1", "vancomycin_v1", "vancomycin_v2"
 PATIENT = {"crcl": 90, "weight": 75, "dialysis": "no"}
 OMEGA = np.diag([tb.OMEGA_GOTI[n] for n in ("cl", "v1", "v2")])
-# 1 g over 1 h every 12 h; levels 10 min before a dose, one 1 h after the first infusion
+# 1 g over 1 h every 12 h; levels 12 min before a dose, one 1 h after the first infusion
 DOSES = [Dose.from_record(k * 12 * H, "vancomycin", amount=1000, duration_s=H) for k in range(6)]
 INFUSIONS_H = [(k * 12.0, 1.0, 1000.0) for k in range(6)]
 LEVELS = [(2 * H, 31.0), (11.8 * H, 9.0), (23.8 * H, 12.5), (35.8 * H, 10.0), (47.8 * H, 14.0)]
@@ -34,9 +34,9 @@ def _fit(levels, lm=None, config=None, **record):
 
 
 def _reference(levels, pieces=((0.0, 90, 75),), **kwargs):
-    rec = tb.Record(list(pieces), INFUSIONS_H, [(t / H, y, blq) for t, y, *b in levels
-                                                for blq in [bool(b and b[0])]],
-                    kwargs.pop("occasions_h", (0.0,)))
+    """The textbook fit of the same record, in hours; levels ``(t_s, value[, below])``."""
+    readings = [(level[0] / H, level[1], len(level) > 2 and level[2]) for level in levels]
+    rec = tb.Record(list(pieces), INFUSIONS_H, readings, kwargs.pop("occasions_h", (0.0,)))
     return rec, tb.map_fit(rec, kwargs.pop("omega", OMEGA), **kwargs)
 
 
@@ -213,12 +213,19 @@ def test_update_refits_only_when_something_new_arrived():
 
 def test_theta_and_state_follow_the_estimate():
     """theta is the typical vector now with exp(eta); state(now) is the state under the
-    estimate through the delivered record."""
+    estimate through the delivered record, asked for cycle after cycle (each from the
+    last) and after the past was corrected."""
     est, result = _incremental([0, 1, 2, 3, 4])
     theta = est.theta
     assert theta[est.model.param_index(CL)] == pytest.approx(result.params[CL], rel=1e-12)
-    sim = simulate(est.model, result.params, DOSES, np.array([0.0, 60 * H]))
-    assert est.state(60 * H) == pytest.approx(sim.states[-1], rel=1e-9)
+    times = np.array([0.0, 50 * H, 55 * H, 60.5 * H, 70 * H])
+    sim = simulate(est.model, result.params, DOSES, times)
+    for t, x in zip(times[1:], sim.states[1:]):
+        assert est.state(t) == pytest.approx(x, rel=1e-9)
+    est.delivered(65 * H, {"vancomycin": 0.2})     # the pump ran longer than planned
+    late = simulate(est.model, result.params, DOSES + [Dose.infusion(65 * H, "vancomycin",
+                                                                     0.2, 5 * H)], times)
+    assert est.state(70 * H) == pytest.approx(late.states[-1], rel=1e-9)
 
 
 def test_lloq_setting_treats_low_readings_by_m3():
@@ -424,3 +431,45 @@ def test_window_keeps_the_fit_short_and_close_to_full_information():
     with_late = est.update(times[-1] + H)
     assert with_late is not result and times[late] not in with_late.reading_times_s
     assert with_late.objective > result.objective
+
+
+def test_oral_boluses_with_absorption_estimated_match_the_simulator():
+    """Oral boluses (bioavailability 0.8, lag 0.5 h) into a first-order absorption depot,
+    with the absorption rate among the estimated parameters: the predictions at the estimate
+    equal the exact simulator's."""
+    from mpc_dose.model.library import LibraryModel
+    from mpc_dose.model.pk import mammillary
+    from mpc_dose.model.population import FixedEffect, PopulationModel
+    from mpc_dose.model.spec import Model
+
+    oral = Model("oral", [mammillary("drug", 1, absorption="first_order", clearance_unit="L/h",
+                                     rate_constant_unit="1/h", time_unit="h")])
+    pop = PopulationModel((), (FixedEffect("cl", 5.0, "L/h", "clearance"),
+                               FixedEffect("v", 40.0, "L", "volume"),
+                               FixedEffect("ka", 1.2, "1/h", "absorption rate"),
+                               FixedEffect("f", 0.8, "1", "bioavailability"),
+                               FixedEffect("tlag", 0.5, "h", "lag time")),
+                          lambda c, th: {"drug_cl1": th["cl"], "drug_v1": th["v"],
+                                         "drug_ka": th["ka"], "drug_f": th["f"],
+                                         "drug_tlag": th["tlag"]},
+                          (RandomEffect("drug_cl1", 0.09), RandomEffect("drug_v1", 0.04),
+                           RandomEffect("drug_ka", 0.25)),
+                          residual_errors=(ResidualError("drug_cp", 0.1, 0.1),))
+    lm = LibraryModel("oral", (), oral, pop)
+    doses = [Dose.bolus(k * 12 * H, "drug", 500.0) for k in range(3)]
+    true = lm.population.individual({}, {"drug_cl1": 0.2, "drug_ka": -0.5}).params
+    times = np.array([1.0, 3.0, 12.5, 14.0, 30.0]) * H
+    levels = simulate(oral, true, doses, np.r_[0.0, times]).output("drug_cp")[1:]
+    result = map_fit(lm, {}, EstimationConfig("drug_cp"), doses, list(zip(times, levels)))
+    sim = simulate(oral, result.params, doses, np.r_[0.0, times]).output("drug_cp")[1:]
+    assert result.success and result.eta["drug_ka"] < -0.2
+    assert result.predictions == pytest.approx(sim, rel=1e-9)
+
+
+def test_a_level_drawn_at_a_bolus_sees_the_state_before_it():
+    """A trough drawn at the time of an intravenous bolus is the level before the bolus."""
+    bolus = Dose.bolus(30 * H, "vancomycin", 500.0)
+    with_bolus = map_fit(load(VANCO), PATIENT, EstimationConfig(OUT), DOSES + [bolus],
+                         LEVELS[:2] + [(30 * H, 8.0)])
+    before = simulate(load(VANCO).model, with_bolus.params, DOSES, np.array([0.0, 30 * H]))
+    assert with_bolus.predictions[-1] == pytest.approx(before.output(OUT)[-1], rel=1e-9)

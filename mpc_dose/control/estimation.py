@@ -78,21 +78,22 @@ from ..model.dosing import Dose
 from ..model.library import LibraryModel
 from ..model.population import ResidualError, parse_covariates
 from ..model.spec import Model
-from ..units import convert
+from ..units import UnitError, convert, split_unit_suffix
 from .solvers import ipopt_solver
 
 __all__ = ["EstimationConfig", "EstimationResult", "BayesianEstimator", "map_fit",
            "expm_taylor"]
 
-#: Degree of the Taylor polynomial of the scaled matrix, and the largest 1-norm of the
-#: scaled matrix: the truncation error is below ``0.5^13 / 13! ~ 2e-14`` (Higham, "The
-#: scaling and squaring method for the matrix exponential revisited", SIAM J Matrix Anal
-#: Appl 2005;26:1179, bounds the relative backward error of such approximants).
+#: Degree of the Taylor polynomial of the scaled matrix and the largest 1-norm of the
+#: scaled matrix: the remainder is below ``e^0.5 0.5^13 / 13! ~ 3e-14`` relative to 1.
+#: Scaling and squaring: Moler & Van Loan, "Nineteen dubious ways to compute the
+#: exponential of a matrix, twenty-five years later", SIAM Rev 2003;45:3 (method 3); a
+#: Taylor polynomial needs no matrix inverse, so the symbolic expression stays small.
 _TAYLOR_DEGREE = 12
 _SCALED_NORM = 0.5
 #: The segment length [s] the squarings are chosen for (longer segments are split).
 _REFERENCE_SEGMENT_S = 86400.0
-#: RK4 (models that are not linear time-invariant): the step times the fastest rate.
+#: RK4 (nonlinear models): the step times the fastest rate.
 _RK4_STEP_RATE = 0.2
 
 
@@ -616,6 +617,7 @@ class BayesianEstimator:
         self._fit_readings: tuple[int, ...] = ()
         self._earliest_change = math.inf
         self._now = self.t0_s
+        self._state_cache: tuple[float, np.ndarray, np.ndarray] | None = None
         #: number of fits solved so far
         self.refits = 0
 
@@ -763,15 +765,25 @@ class BayesianEstimator:
 
     def state(self, now_s: float) -> np.ndarray:
         """The state at *now_s* [s] (declared units) under the last successful estimate
-        (etas and the occasions' kappas), propagated through the delivered record."""
+        (etas and the occasions' kappas), propagated through the delivered record (from the
+        state last asked for when the estimate and the record before it are unchanged: a
+        controller asking every cycle integrates one cycle, not the record)."""
         now = _time(now_s, "now_s")
         if now < self._start_s:
             raise ConfigError(f"state: {now} s is before the start of the fit "
                               f"({self._start_s} s)")
-        problem, params = self._problem_for(self._table(self._start_s, now, []),
-                                            self._start_state)
+        cached = self._state_cache
+        if cached is not None and cached[0] <= now and np.array_equal(cached[2], self._w_hat):
+            table = self._table(cached[0], now, [])    # (may add occasion slots to w)
+            start_state = (cached[1], np.zeros((self.model.n_states, self._w_hat.size)),
+                           self._w_hat.copy())
+        else:
+            table, start_state = self._table(self._start_s, now, []), self._start_state
+        problem, params = self._problem_for(table, start_state)
         _, _, x_end = problem.evaluate(self._w_hat, params)
-        return np.asarray(x_end, dtype=float).ravel()
+        x = np.asarray(x_end, dtype=float).ravel()
+        self._state_cache = (now, x.copy(), self._w_hat.copy())
+        return x
 
     # ------------------------------------------------------------------ the fit
     def _fit(self, now: float) -> EstimationResult:
@@ -912,6 +924,9 @@ class BayesianEstimator:
         cols: list[np.ndarray] = []
         reading_segments, ordered = [], []
         no_bolus = np.zeros(m.n_inputs)
+        boluses: dict[float, np.ndarray] = {}
+        for tb, j, amount in self._boluses:
+            boluses.setdefault(tb + self._lags[j], np.zeros(m.n_inputs))[j] += amount
         for i, t in enumerate(breaks):
             dt = breaks[i + 1] - t if i + 1 < len(breaks) else 0.0
             here = at_time.get(t, [])
@@ -920,10 +935,7 @@ class BayesianEstimator:
             theta = self._piece(t)[1]
             occ = self._occasion_index(t)
             u = np.array([self._rate_at(j, t - self._lags[j]) for j in range(m.n_inputs)])
-            bolus = no_bolus.copy()
-            for tb, j, amount in self._boluses:
-                if tb + self._lags[j] == t and t < t_end:
-                    bolus[j] += amount
+            bolus = boluses.get(t, no_bolus) if t < t_end else no_bolus
             # readings first (at the state before the bolus), the last one carries the step
             for k, r in enumerate(here):
                 last = k == len(here) - 1
@@ -1168,6 +1180,8 @@ class BayesianEstimator:
 
     def _changed(self, t: float) -> None:
         self._earliest_change = min(self._earliest_change, t)
+        if self._state_cache is not None and t < self._state_cache[0]:
+            self._state_cache = None
 
 
 # ---------------------------------------------------------------------------- one-off
@@ -1201,8 +1215,6 @@ def _merge_covariates(current: Mapping[str, object], change: Mapping[str, object
                       declared) -> dict:
     """*current* with *change* applied; a changed key given with a unit suffix replaces the
     declared name (``crcl_mL_per_min`` replaces ``crcl``)."""
-    from ..units import UnitError, split_unit_suffix
-
     by_name = {c.name for c in declared}
     merged = dict(current)
     for key, value in change.items():
@@ -1230,18 +1242,6 @@ def _capacity(n: int) -> int:
     return cap
 
 
-def _pad(v: np.ndarray, n: int) -> np.ndarray:
-    out = np.zeros(n)
-    out[:v.size] = v
-    return out
-
-
-def _pad_cols(m: np.ndarray, n: int) -> np.ndarray:
-    out = np.zeros((m.shape[0], n))
-    out[:, :m.shape[1]] = m
-    return out
-
-
 def _time(value: object, what: str) -> float:
     try:
         t = float(value)  # type: ignore[arg-type]
@@ -1260,6 +1260,3 @@ def _amount(value: object, what: str) -> float:
     if not (math.isfinite(v) and v >= 0):
         raise ConfigError(f"{what}: expected a finite number >= 0, got {value!r}")
     return v
-
-
-
