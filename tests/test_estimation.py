@@ -207,14 +207,14 @@ def test_update_refits_only_when_something_new_arrived():
     refits = est.refits
     est.delivered(36 * H, {"vancomycin": 0.5})          # after every reading
     assert est.update(40 * H) is first and est.refits == refits
-    est.delivered(12 * H, {"vancomycin": 1000 / H})     # an infusion before a reading
+    est.delivered(12 * H, {"vancomycin": 500 / H})      # half the rate before a reading
     assert est.update(40 * H) is not first and est.refits == refits + 1
 
 
 def test_theta_and_state_follow_the_estimate():
     """theta is the typical vector now with exp(eta); state(now) is the state under the
     estimate through the delivered record, asked for cycle after cycle (each from the
-    last) and after the past was corrected."""
+    last) and after reports about the past, each taking its place in time."""
     est, result = _incremental([0, 1, 2, 3, 4])
     theta = est.theta
     assert theta[est.model.param_index(CL)] == pytest.approx(result.params[CL], rel=1e-12)
@@ -226,6 +226,11 @@ def test_theta_and_state_follow_the_estimate():
     late = simulate(est.model, result.params, DOSES + [Dose.infusion(65 * H, "vancomycin",
                                                                      0.2, 5 * H)], times)
     assert est.state(70 * H) == pytest.approx(late.states[-1], rel=1e-9)
+    est.delivered(62 * H, {"vancomycin": 0.1})     # reported later, it ran before that too
+    later = simulate(est.model, result.params, DOSES + [
+        Dose.infusion(62 * H, "vancomycin", 0.1, 3 * H),
+        Dose.infusion(65 * H, "vancomycin", 0.2, 5 * H)], times)
+    assert est.state(70 * H) == pytest.approx(later.states[-1], rel=1e-9)
 
 
 def test_lloq_setting_treats_low_readings_by_m3():

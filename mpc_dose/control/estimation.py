@@ -656,17 +656,24 @@ class BayesianEstimator:
             self._earliest_change = -math.inf
 
     def delivered(self, t_s: float, rates_by_input: Mapping[str, float]) -> None:
-        """The rates [input amount unit / s] the pumps delivered from *t_s* [s] on, replacing
-        whatever was recorded from then on; inputs not named keep their rate."""
+        """The rates [input amount unit / s] the pumps delivered from *t_s* [s] on, until the
+        next change recorded (a report about the past, e.g. an occlusion, takes its place in
+        time; as MPCController.applied keeps its timeline). Inputs not named keep theirs."""
         t = self._record_time(t_s, "delivered")
         checked = {self._input(name, "delivered"): _amount(rate, f"delivered {name!r} rate")
                    for name, rate in rates_by_input.items()}
         for j, rate in checked.items():
             steps = self._rates[j]
-            del steps[bisect.bisect_left(steps, t, key=lambda s: s[0]):]
-            if rate != (steps[-1][1] if steps else 0.0):   # no breakpoint where nothing changes
-                steps.append((t, rate))
-        self._changed(t)
+            k = bisect.bisect_left(steps, t, key=lambda s: s[0])
+            if k < len(steps) and steps[k][0] == t:
+                if steps[k][1] == rate:
+                    continue
+                steps[k] = (t, rate)
+            elif rate == (steps[k - 1][1] if k else 0.0):
+                continue                        # no breakpoint where nothing changes
+            else:
+                steps.insert(k, (t, rate))
+            self._changed(t)
 
     def add_dose(self, dose: Dose) -> None:
         """A dose record: a bolus, or an infusion added to whatever else runs."""
