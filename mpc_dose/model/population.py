@@ -81,16 +81,23 @@ class RandomEffect:
 class ResidualError:
     """Residual error of *output*: ``sd = additive + proportional * f`` when *kind* is
     ``"sum"`` (the MIPD convention for vancomycin), ``sqrt(additive^2 + (proportional f)^2)``
-    when ``"quadrature"`` (NONMEM's combined error with separate epsilons)."""
+    when ``"quadrature"`` (NONMEM's combined error with separate epsilons), and for
+    ``"exponential"`` ``log y = log f + eps`` with *proportional* the SD of ``eps`` (NONMEM's
+    log-transform-both-sides error; :meth:`sd` gives its linear-scale approximation)."""
 
     output: str
     additive: float = 0.0
     proportional: float = 0.0
     kind: str = "quadrature"
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("sum", "quadrature", "exponential"):
+            raise ModelError(f"residual error of {self.output!r}: kind {self.kind!r} is not "
+                             f"'sum', 'quadrature' or 'exponential'")
+
     def sd(self, prediction: np.ndarray | float) -> np.ndarray:
         f = np.abs(np.asarray(prediction, dtype=float))
-        if self.kind == "sum":
+        if self.kind in ("sum", "exponential"):
             return self.additive + self.proportional * f
         return np.sqrt(self.additive**2 + (self.proportional * f) ** 2)
 
