@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..model.propagate import Propagator
 from ..model.spec import Model
 from .base import Decision, Reading
+from .estimation import BayesianEstimator
 from .mhe import MHEConfig, OutputMapEKF, OutputMapMHE
 from .nmpc import DosePlan, NMPCConfig, NonlinearMPC
 
@@ -60,13 +61,24 @@ class MPCController:
         period of the horizon; the config's constant reference otherwise.
     mpc : NonlinearMPC, optional
         The problem built for *model* and *nmpc* (reused across patients; reset first).
+    bayes : BayesianEstimator, optional
+        The MAP estimator of any parameters, those of the dynamics included (instead of
+        *mhe*): it is told every reading and every delivered rate; the NMPC plans from its
+        state estimate and its parameters (the typical values at the decision's time, so a
+        covariate change it was told of counts from its time on).
     """
 
     def __init__(self, model: Model, params: Mapping[str, float] | np.ndarray,
                  nmpc: NMPCConfig, mhe: MHEConfig | None = None, *,
                  measured: str | None = None, estimator: str = "mhe",
                  reference: Callable[[float], float] | None = None,
-                 name: str = "nmpc", mpc: NonlinearMPC | None = None) -> None:
+                 name: str = "nmpc", mpc: NonlinearMPC | None = None,
+                 bayes: BayesianEstimator | None = None) -> None:
+        if bayes is not None and mhe is not None:
+            raise ConfigError(f"{name}: give one estimator (mhe or bayes), not both")
+        if bayes is not None and bayes.model is not model:
+            raise ConfigError(f"{name}: the estimator's model {bayes.model.name!r} is not the "
+                              f"controller's {model.name!r}")
         self.model, self.name = model, name
         self.theta = (np.asarray(params, float).copy() if isinstance(params, np.ndarray)
                       else model.parameter_vector(params))
@@ -89,7 +101,9 @@ class MPCController:
             for name_ in mhe.parameters:
                 if ca.depends_on(f, p[model.param_index(name_)]):
                     raise ConfigError(f"mhe.parameters: {name_!r} acts on the dynamics; the "
-                                      f"MHE estimates output-map parameters only")
+                                      f"output-map MHE and EKF propagate the states with the "
+                                      f"prior (estimator kind 'map' estimates it, the states "
+                                      f"with it)")
             if estimator not in ("mhe", "ekf"):
                 raise ConfigError(f"estimator must be 'mhe' or 'ekf', got {estimator!r}")
             self.mhe = (OutputMapMHE if estimator == "mhe" else OutputMapEKF)(
@@ -108,6 +122,10 @@ class MPCController:
             (0.0, model.initial_state(self.theta))]
         self._last_plan: DosePlan | None = None
         self.last_estimate = None
+        self.bayes = bayes
+        #: (decision time, readings the estimate used, estimated parameter values) after
+        #: every refit of the Bayesian estimator: how the estimate converged
+        self.estimates: list[tuple[float, int, dict[str, float]]] = []
 
     def _u(self, rates: Mapping[str, float]) -> np.ndarray:
         u = np.zeros(self.model.n_inputs)
@@ -137,6 +155,9 @@ class MPCController:
             self._checkpoints.pop()
         if t_s >= self._t:
             self._rates = {name: float(rates.get(name, 0.0)) for name in self.inputs}
+        if self.bayes is not None:
+            self.bayes.delivered(t_s, {name: float(rates.get(name, 0.0))
+                                       for name in self.inputs})
 
     def _rates_vector_at(self, t_s: float) -> np.ndarray:
         k = bisect.bisect_right([t for t, _ in self._deliveries], t_s) - 1
@@ -189,11 +210,29 @@ class MPCController:
                 found = self._state_at(reading.t_meas_s)
                 if found is not None:
                     self.mhe.add(reading.t_meas_s, found[0], found[1], reading.value)
+        if self.bayes is not None:  # every reading, at its sample time (late ones too)
+            for reading in self._pending:
+                if reading.var == measured and math.isfinite(reading.value) and \
+                        reading.quality in ("valid", "underflow"):
+                    self.bayes.add_reading(reading.t_meas_s, reading.value,
+                                           blq=reading.quality == "underflow")
         self._pending.clear()
         x, _ = self._state_at(t_s)
         self._checkpoint(t_s, x)
         self._t = t_s
         theta, disturbance, est_note = self.theta, 0.0, ""
+        if self.bayes is not None:
+            estimate = self.bayes.update(t_s)
+            if estimate is not self.last_estimate:
+                self.estimates.append((t_s, len(estimate.readings),
+                                       {k: estimate.params[k] for k in self.bayes.eta_names}))
+            self.last_estimate = estimate
+            x, theta = self.bayes.state(t_s), self.bayes.theta
+            disturbance = float(estimate.disturbance)
+            est_note = (f"; MAP {'ok' if estimate.success else estimate.status} from "
+                        f"{len(estimate.readings)} reading(s): "
+                        + ", ".join(f"{k}={estimate.params[k]:.3g}"
+                                    for k in self.bayes.eta_names))
         if self.mhe is not None:
             estimate = self.mhe.update()
             self.last_estimate = estimate

@@ -78,6 +78,8 @@ class SafetyConfig:
         Good decisions in a row before FALLBACK gives way to CLOSED_LOOP.
     dose_before_first_reading : bool
         Whether the controller may dose (within the clamps) before the first reading.
+    below_lloq_usable : bool
+        Whether a reading below its limit of quantification is usable (censored) data.
     """
 
     measured: str | None = None
@@ -95,6 +97,10 @@ class SafetyConfig:
     #: loading dose before any level, standard for many drugs); its rates pass the clamps
     #: in INIT. False: nothing before the first reading (the closed loop waits for data).
     dose_before_first_reading: bool = False
+    #: a reading below its limit of quantification (quality "underflow": a laboratory's
+    #: "< LLOQ") is usable data - it says "low" - and reaches the controller's estimator
+    #: (which treats it as censored, M3). False: it is unusable like any flagged reading.
+    below_lloq_usable: bool = False
 
     def __post_init__(self) -> None:
         if self.measured is not None and (not isinstance(self.measured, str)
@@ -124,6 +130,9 @@ class SafetyConfig:
             raise ConfigError(f"safety.flatline_samples = {self.flatline_samples!r}: expected "
                               f"a whole number >= 2 (0: no flat-line check)")
         _number("flatline_tolerance", self.flatline_tolerance, minimum=0.0)
+        if not isinstance(self.below_lloq_usable, bool):
+            raise ConfigError(f"safety.below_lloq_usable = {self.below_lloq_usable!r}: "
+                              f"expected true or false")
         if not isinstance(self.dose_before_first_reading, bool):
             raise ConfigError(f"safety.dose_before_first_reading = "
                               f"{self.dose_before_first_reading!r}: expected true or false")
@@ -169,7 +178,8 @@ class SafetySupervisor:
         c = self.config
         if not math.isfinite(reading.value):
             return f"{c.measured} is not a finite number ({reading.value!r})", "data.invalid"
-        if reading.quality != "valid":
+        if reading.quality != "valid" and not (reading.quality == "underflow"
+                                               and c.below_lloq_usable):
             return f"{c.measured} flagged {reading.quality}", "data.invalid"
         low, high = c.valid_range
         if not low <= reading.value <= high:

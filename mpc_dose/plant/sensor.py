@@ -90,6 +90,9 @@ class SensorConfig:
     #: sample at these times of every day instead of every *period_s*: offsets [s] from
     #: t = 0 within each 24 h (levels drawn at set clock times, e.g. 04:00 and 15:00)
     daily_times_s: tuple[float, ...] = ()
+    #: lower limit of quantification: a reading below it is reported as the limit with
+    #: quality "underflow" (a laboratory's "< LLOQ"); None: none
+    lloq: float | None = None
 
     def __post_init__(self) -> None:
         where = f"sensor {self.name or self.var!r}"
@@ -274,6 +277,8 @@ class SensorNoise:
         value = min(max(value, c.low), c.high)
         if c.quantum > 0:
             value = round(value / c.quantum) * c.quantum
+        if c.lloq is not None and value < c.lloq:
+            return float(c.lloq), "underflow"
         return float(value), "valid"
 
 

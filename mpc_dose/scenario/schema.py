@@ -142,6 +142,9 @@ class SensorSpec(_Strict):
     dropout_probability: float = Field(0.0, ge=0, le=1)
     error_probability: float = Field(0.0, ge=0, le=1)
     error_value: float = 0.0
+    #: lower limit of quantification [output unit]: below it the reading is the limit with
+    #: quality "underflow" (an estimator treats it as below the LLOQ, M3)
+    lloq: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _when(self):
@@ -276,9 +279,17 @@ class DoseWindowSpec(_Quantities):
 
 class EstimatorSpec(_Strict):
     """What the NMPC's estimator learns. A key not given takes the estimator's own default
-    (control/mhe.py MHEConfig, control/mpc_controller.py) - each declared there once."""
+    (control/mhe.py MHEConfig, control/estimation.py EstimationConfig,
+    control/mpc_controller.py) - each declared there once.
 
-    kind: Literal["mhe", "ekf", "none"] | None = None
+    ``mhe`` and ``ekf`` estimate parameters of the output map (e.g. BIS: c50, gamma) and an
+    output disturbance, the states propagated with the prior (well conditioned when only an
+    effect is measured); ``map`` is the Bayesian MAP estimate of any parameters, those of
+    the dynamics included (clearance, volumes: the states estimated with them), over the
+    whole record or a window, with the model's residual error, readings below the LLOQ
+    (M3), inter-occasion variability and the scenario's covariate changes."""
+
+    kind: Literal["mhe", "ekf", "map", "none"] | None = None
     parameters: list[str] = []
     #: measurement noise sd [output unit]; the model's additive residual error when not given
     noise_sd: float | None = Field(None, gt=0)
@@ -294,6 +305,12 @@ class EstimatorSpec(_Strict):
     #: MHE: each estimated eta stays within this many prior standard deviations (no bound
     #: when not given)
     eta_bound_sd: float | None = Field(None, gt=0)
+    #: map: the limit of quantification [output unit] (readings below it: M3)
+    lloq: float | None = Field(None, gt=0)
+    #: map: estimate the inter-occasion effects of the chosen parameters
+    occasions: bool | None = None
+    #: map: the solver's iteration limit
+    max_iter: int | None = Field(None, ge=1)
 
 
 class NMPCSpec(_Strict):
@@ -383,6 +400,8 @@ class SafetySpec(_Strict):
     resume_after: int | None = Field(None, ge=1)
     #: the controller may dose before the first reading (a loading dose before any level)
     dose_before_first_reading: bool | None = None
+    #: a reading below its limit of quantification is usable (censored) data
+    below_lloq_usable: bool | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -205,7 +205,7 @@ def _sensor(scenario: Scenario, spec, lm: LibraryModel, where: str) -> SensorCon
                         spec.ar1_tau_s, filtered, spec.drift_per_h, spec.outlier_probability,
                         spec.outlier_sd, low, high, spec.quantum, spec.dropout_probability,
                         spec.error_probability, spec.error_value, spec.var or spec.output,
-                        daily)
+                        daily, spec.lloq)
 
 
 #: built NMPC problems kept for the next patient of a trial (same model and structure):
@@ -365,8 +365,9 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
                                         period_s=c.period_s, max_rate=chosen.max_rate)
     if c.kind == "nmpc":
         own = load(chosen.model) if chosen.model else lm
-        return _nmpc_controller(chosen, c, own, _controller_params(scenario, own, patient),
-                                share, measured)
+        return _nmpc_controller(scenario, chosen, c, own,
+                                _controller_params(scenario, own, patient),
+                                dict(patient.covariates), share, measured)
     factory = load_user_controller(chosen.target, scenario.base_dir)
     made = factory(inputs=tuple(chosen.inputs), period_s=c.period_s, **chosen.options)
     if hasattr(made, "decide"):
@@ -438,8 +439,9 @@ def _nmpc_fields(spec, c, model) -> dict:
     return fields
 
 
-def _nmpc_controller(spec, c, own: LibraryModel, params: dict[str, float],
-                     share: bool = False, measured: str | None = None) -> Controller:
+def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str, float],
+                     patient_covariates: dict, share: bool = False,
+                     measured: str | None = None) -> Controller:
     """NMPC + estimator on the controller's own model *own* with parameter values *params*
     (fed the readings of *measured*)."""
     import numpy as np
@@ -453,8 +455,10 @@ def _nmpc_controller(spec, c, own: LibraryModel, params: dict[str, float],
         params[name] *= spec.prior_scale
     nmpc = NMPCConfig(**_nmpc_fields(spec, c, own.model))
     est = spec.estimator
-    mhe = None
-    if est.kind != "none":
+    mhe = bayes = None
+    if est.kind == "map":
+        bayes = _bayes_estimator(scenario, spec, own, patient_covariates)
+    elif est.kind != "none":
         names = own.population.eta_names
         missing = [p for p in est.parameters if p not in names]
         if missing:
@@ -487,8 +491,37 @@ def _nmpc_controller(spec, c, own: LibraryModel, params: dict[str, float],
         if shared is None:
             shared = _SHARED_NMPC[key] = NonlinearMPC(own.model, nmpc)
         shared.reset(nmpc)
-    kind = {} if est.kind in (None, "none") else {"estimator": est.kind}
-    return MPCController(own.model, params, nmpc, mhe, measured=measured, mpc=shared, **kind)
+    kind = {} if est.kind in (None, "none", "map") else {"estimator": est.kind}
+    return MPCController(own.model, params, nmpc, mhe, measured=measured, mpc=shared,
+                         bayes=bayes, **kind)
+
+
+def _bayes_estimator(scenario: Scenario, spec, own: LibraryModel, covariates: dict):
+    """The Bayesian MAP estimator of ``estimator.kind = "map"``, told the scenario's
+    covariate changes (from their time on) and occasions."""
+    from ..control.estimation import BayesianEstimator, EstimationConfig
+
+    est = spec.estimator
+    given = {k: getattr(est, k) for k in ("window", "disturbance", "disturbance_sd", "q_d",
+                                          "eta_bound_sd", "lloq", "occasions", "max_iter")
+             if getattr(est, k) is not None}
+    if est.parameters:
+        given["parameters"] = tuple(est.parameters)
+    try:
+        config = EstimationConfig(spec.output, **given)
+        mine = {k: v for k, v in covariates.items()
+                if k in {cov.name for cov in own.population.covariates}}
+        bayes = BayesianEstimator(own, mine, config, fixed=_clock_params(scenario, own.model))
+        names = {cov.name for cov in own.population.covariates}
+        for change in scenario.covariate_change:
+            told = {k: v for k, v in change.covariates.items() if k in names}
+            if told:
+                bayes.covariates_from(change.time_s, told)
+        for t in scenario.patient.occasions_s:
+            bayes.new_occasion(t)
+    except ConfigError as err:
+        raise ConfigError(f"controller.nmpc.estimator: {err}") from None
+    return bayes
 
 
 def build_setup(scenario: Scenario, index: int, seed: int, *,

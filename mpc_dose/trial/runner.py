@@ -137,6 +137,7 @@ def run_patient(task: PatientTask) -> dict:
     metrics["solver_failure_time_s"] = float(
         (frame["controller_status"] == "solver_failed").sum() * step)
     metrics["deadline_misses"] = result.deadline_misses
+    metrics.update(estimate_errors(setup))
     out = Path(task.out)
     name = f"patient_{task.index + 1:04d}"
     frame.insert(0, "patient", task.index + 1)
@@ -160,6 +161,40 @@ def run_patient(task: PatientTask) -> dict:
     _atomic_write(out / "metrics" / f"{name}.json",  # last: the completion mark
                   lambda p: p.write_text(json.dumps(metrics, allow_nan=True), "utf-8"))
     return metrics
+
+
+#: estimate errors are reported after this many readings
+ESTIMATE_ERROR_AFTER = (1, 2, 4)
+
+
+def estimate_errors(setup) -> dict[str, float]:
+    """How the controller's estimate of each estimated parameter converged: its relative
+    error |estimate / true - 1| at the first decision that used at least k readings, for k in
+    :data:`ESTIMATE_ERROR_AFTER` (the patient's true value at that time: covariate changes
+    and occasions move it); none when the controller has no such record."""
+    estimates = getattr(setup.controller, "estimates", None)
+    if not estimates:
+        return {}
+    changes = sorted(setup.parameter_changes, key=lambda c: c[0])
+
+    def true_at(t_s: float) -> dict:
+        values = dict(setup.params)
+        for t, params in changes:
+            if t <= t_s:
+                values = dict(params)
+        return values
+
+    out = {}
+    for k in ESTIMATE_ERROR_AFTER:
+        first = next((e for e in estimates if e[1] >= k), None)
+        for name in estimates[-1][2]:
+            key = f"estimate_error_{name}_after_{k}_readings"
+            if first is None:
+                out[key] = float("nan")
+                continue
+            t, _, values = first
+            out[key] = abs(values[name] / true_at(t)[name] - 1.0)
+    return out
 
 
 def _manifest(scenario_path: str, seed: int, patients: list[int], cohort: str | None,
