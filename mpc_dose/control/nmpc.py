@@ -195,13 +195,15 @@ class NMPCConfig:
     #: start of the AUC windows [s of model time] (a whole number of periods)
     auc_window_start_s: float = 0.0
     #: target AUC of every window that ends within the horizon [output unit x h], penalised
-    #: as auc_weight * ((AUC - target) / target)^2; None: no target term
+    #: as auc_weight * (100 (AUC - target) / target)^2 (the miss in percent); None: no target
     auc_target: float | None = None
     auc_weight: float = 1.0
-    #: soft bounds on each window's AUC [output unit x h]; a violation is measured as the
-    #: fraction of the bound crossed and costs auc_soft_weights (linear, quadratic)
+    #: soft bounds on each window's AUC [output unit x h]; a violation is measured in percent
+    #: of the bound crossed and costs auc_soft_weights (linear, quadratic) per percent: the
+    #: linear weight keeps the window exactly while it exceeds the target term's pull
+    #: (auc_weight x the target's distance from the bound in percent)
     auc_soft_window: tuple[float, float] = _NONE
-    auc_soft_weights: tuple[float, float] = (100.0, 1000.0)
+    auc_soft_weights: tuple[float, float] = (100.0, 10.0)
     #: hard bounds on each window's AUC [output unit x h]
     auc_hard_window: tuple[float, float] = _NONE
     #: threshold of the exposure output for the time above it (e.g. the MIC) [output unit];
@@ -958,19 +960,22 @@ class NonlinearMPC:
                 integrals = [sum(durations[q] * (samples[q] + samples[q + 1]) / 2
                                  for q in range(k * S, (k + 1) * S)) for k in range(N)]
             I = ca.vertcat(*integrals)
+            auc_values = []
             for i in range(n_auc):
                 value = auc_base[i] + ca.dot(auc_mask[i * N:(i + 1) * N], I) / 3600.0
+                auc_values.append(value)
                 if c.auc_target is not None:
+                    # the deviation in percent of the target: a 1 % miss costs auc_weight
                     residuals.append(ca.sqrt(auc_numbers[0] * auc_active[i])
-                                     * (value - auc_numbers[1]) / auc_numbers[1])
+                                     * 100.0 * (value - auc_numbers[1]) / auc_numbers[1])
                 low, high = auc_numbers[4], auc_numbers[5]
-                if finite["auc_soft_window"][0]:  # value + low * ASL >= low
-                    g.append(value + low * slack["ASL"][i] - low)
+                if finite["auc_soft_window"][0]:  # ASL: percent below low
+                    g.append(100.0 * (value - low) / low + slack["ASL"][i])
                     self._g_labels.append("auc_soft_low")
                     residuals.append(ca.sqrt(auc_numbers[3]) * slack["ASL"][i])
                     linear += auc_numbers[2] * slack["ASL"][i]
                 if finite["auc_soft_window"][1]:
-                    g.append(high - value + high * slack["ASH"][i])
+                    g.append(100.0 * (high - value) / high + slack["ASH"][i])
                     self._g_labels.append("auc_soft_high")
                     residuals.append(ca.sqrt(auc_numbers[3]) * slack["ASH"][i])
                     linear += auc_numbers[2] * slack["ASH"][i]
@@ -978,7 +983,7 @@ class NonlinearMPC:
                     g.append(value)
                     self._g_labels.append("auc_hard")
         else:
-            I = ca.SX(0, 1)
+            auc_values = []
         y_fine = ca.vertcat(*y_exp)
         for kind, rows, mask, bounds in (("trough", J if trough_rows else 0,
                                           trough_mask if trough_rows else None,
@@ -1019,10 +1024,15 @@ class NonlinearMPC:
         f = 0.5 * ca.sumsqr(r) + linear
         G = ca.vertcat(*g) if g else ca.SX(0, 1)
         self._nlp = {"x": w, "p": p, "f": f, "g": G}
+        #: the dosing and exposure problems of a linear model are QPs (the older problems
+        #: keep their line search: their tuned iterates stay as they were)
+        self._is_qp = bool(self._extra) and ca.is_quadratic(f, w) and ca.is_linear(G, w)
         self._hess = gauss_newton_hessian(r, w, p, G.numel())
         self._solvers: dict[str, ca.Function] = {}
         self._y_pred = ca.Function("y_pred", [w, p], [ca.vertcat(*y_pred)])
-        self._exposure_fn = ca.Function("exposure", [w, p], [y0, y_fine, I, fraction])
+        # what the problem itself predicts, for DosePlan.exposure
+        self._exposure_fn = ca.Function("exposure", [w, p], [y_fine, ca.vertcat(*auc_values),
+                                                             fraction])
         # constraint rows by kind, for filling their bounds per call without a Python loop
         labels = np.array(self._g_labels)
         kinds = ["soft", "hard", "terminal", "change", "dose_window", "auc_soft_low",
@@ -1042,9 +1052,14 @@ class NonlinearMPC:
         """``"sqpmethod:<qp>"`` or ``"ipopt"``, built on first use."""
         if name not in self._solvers:
             if name.startswith("sqpmethod"):
+                # A QP is solved by one full step; a line search would only reject a zero
+                # step on round-off (when the warm start is already optimal but its
+                # multipliers are not) and stop without convergence.
+                full_steps = {"max_iter_ls": 0} if self._is_qp else {}
                 self._solvers[name] = sqp_solver("nmpc_sqp", self._nlp, self._hess,
                                                  name.split(":", 1)[1], self.config.max_iter,
-                                                 dual_tolerance=self.config.dual_tolerance)
+                                                 dual_tolerance=self.config.dual_tolerance,
+                                                 **full_steps)
             else:
                 self._solvers[name] = ipopt_solver("nmpc_ipopt", self._nlp)
         return self._solvers[name]
@@ -1292,7 +1307,8 @@ class NonlinearMPC:
                                          lbx, ubx, lbg, ubg, doses_given, layout))
             parts += [values[name] for name, _ in self._extra]
         p = np.concatenate([np.ravel(q) for q in parts])
-        self._dose_window_bounds(ubg, eff, delivered_in_window, schedule, prev)
+        if self._dw_layout:
+            self._dose_window_bounds(ubg, eff, delivered_in_window, schedule, prev)
         w0 = self._initial_guess(x0, prev, N, schedule, lbx, ubx)
         if self._warm is None and eff.time_above_threshold is not None:
             # The logistic indicator is flat far from its threshold (no drug: no gradient),
@@ -1302,16 +1318,27 @@ class NonlinearMPC:
             first = self._run_solvers(wide, w0, lbx, ubx, lbg, ubg)
             if first["ok"]:
                 w0 = first["w"]
-        raw = self._run_solvers(p, w0, lbx, ubx, lbg, ubg)
+        # Nonlinear exposure problems also start from the previous multipliers: when the
+        # shifted plan is still optimal the QP step is zero, and from zero multipliers the
+        # line search rejects it on round-off and sqpmethod stops without convergence. The
+        # decisions' bound multipliers are dropped (the decisions moved). QPs take full
+        # steps instead (see _solver); the older problems keep their tuned iterates.
+        duals = None
+        if self._warm is not None and self._extra and not self._is_qp:
+            lam_x, lam_g = self._warm["duals"]
+            lam_x = lam_x.copy()
+            lam_x[self._slices["U"]] = 0.0  # the decisions moved: their bounds' are stale
+            duals = (lam_x, lam_g)
+        raw = self._run_solvers(p, w0, lbx, ubx, lbg, ubg, duals)
         if self._warm is None and eff.time_above_threshold is not None:
             raw["seconds"] += first["seconds"]
             raw["iterations"] += max(0, first["iterations"])
         rounding = None
         if raw["ok"] and self._dosing and eff.dose_step and schedule.starts[0] == 0:
             raw, rounding = self._round_first_dose(raw, p, lbx, ubx, lbg, ubg, eff)
-        self._warm = ({"x": raw["w"], "first": schedule.first_t_s if schedule else t_s}
-                      if raw["ok"] else None)
-        return self._result(t_s, raw, p, schedule, prev, auc_accrued, layout, rounding)
+        self._warm = ({"x": raw["w"], "first": schedule.first_t_s if schedule else t_s,
+                       "duals": raw["duals"]} if raw["ok"] else None)
+        return self._result(t_s, raw, p, schedule, prev, layout, rounding)
 
     def _extra_at(self, name: str) -> int:
         """Position of the per-call parameter *name* in the parameter vector."""
@@ -1628,18 +1655,21 @@ class NonlinearMPC:
             w[su] = np.clip(w[su], lbx[su], ubx[su])
         return w
 
-    def _run_solvers(self, p, w0, lbx, ubx, lbg, ubg) -> dict:
-        """Solve with each solver of the chain until one succeeds within its bounds."""
+    def _run_solvers(self, p, w0, lbx, ubx, lbg, ubg, duals=None, ipopt=True) -> dict:
+        """Solve with each solver of the chain until one succeeds within its bounds;
+        *duals*: the multipliers (lam_x, lam_g) to start from; *ipopt* False: not IPOPT."""
         c = self.config
+        start_duals = {} if duals is None else {"lam_x0": duals[0], "lam_g0": duals[1]}
         order = ([f"sqpmethod:{qp}" for qp in c.qp_solvers] if c.solver == "sqpmethod"
-                 else []) + ["ipopt"]
+                 else []) + (["ipopt"] if ipopt or c.solver != "sqpmethod" else [])
         reasons = []
         start = time.perf_counter()
         for name in order:
             solver = self._solver(name)
             # qpOASES prints some failures even when told to print nothing
             with quiet_native_stdout():
-                out = solver(x0=w0, p=p, lbx=lbx, ubx=ubx, lbg=lbg, ubg=ubg)
+                out = solver(x0=w0, p=p, lbx=lbx, ubx=ubx, lbg=lbg, ubg=ubg,
+                             **(start_duals if name.startswith("sqp") else {}))
             stats = solver.stats()
             w = np.asarray(out["x"], dtype=float).ravel()
             status = str(stats.get("return_status", "unknown"))
@@ -1649,6 +1679,9 @@ class NonlinearMPC:
                 return {"ok": True, "status": status, "iterations":
                         int(stats.get("iter_count", -1)), "seconds": time.perf_counter() - start,
                         "solver": name, "w": w, "f": float(out["f"]),
+                        # only the exposure problems restart from them (see plan)
+                        "duals": (np.asarray(out["lam_x"]).ravel(),
+                                  np.asarray(out["lam_g"]).ravel()) if self._extra else None,
                         "reason": "; ".join(reasons + [f"{name}: {status}"])}
             reasons.append(f"{name}: {status}" + (f" ({problem})" if problem else ""))
         return {"ok": False, "status": reasons[-1], "iterations": int(stats.get("iter_count", -1)),
@@ -1681,7 +1714,9 @@ class NonlinearMPC:
             w0 = raw["w"].copy()
             for j, v in enumerate(combo):
                 lbx_c[su.start + j] = ubx_c[su.start + j] = w0[su.start + j] = v / D
-            out = self._run_solvers(p, w0, lbx_c, ubx_c, lbg, ubg)
+            # a QP the QP solvers find infeasible is infeasible: IPOPT would only take longer
+            out = self._run_solvers(p, w0, lbx_c, ubx_c, lbg, ubg, raw["duals"],
+                                    ipopt=not self._is_qp)
             spent += out["seconds"]
             candidates.append((dict(zip(self._free, map(float, combo))), out["f"], out["ok"]))
             if out["ok"] and (best is None or out["f"] < best["f"]):
@@ -1711,7 +1746,7 @@ class NonlinearMPC:
             return "rates outside their bounds"
         return None
 
-    def _result(self, t_s, raw, p, schedule, prev, auc_accrued, layout, rounding) -> DosePlan:
+    def _result(self, t_s, raw, p, schedule, prev, layout, rounding) -> DosePlan:
         cfg, m = self.config, self.model
         w = raw["w"]
         U = w[self._slices["U"]].reshape(self._n_blocks, self._nf)
@@ -1736,28 +1771,20 @@ class NonlinearMPC:
         plan = per_stage @ self._b_eff.T
         rates = {name: float(plan[0, m.input_index(name)]) for name in cfg.inputs}
         y_pred = self._y_pred
-        report = functools.partial(self._report, w, p, t_s, schedule, auc_accrued, layout)
+        report = functools.partial(self._report, w, p, t_s, schedule, layout)
         return DosePlan(t_s, raw["ok"], raw["status"], raw["iterations"], raw["seconds"],
                         raw["solver"], rates, plan, raw["f"], raw["reason"],
                         lambda: np.asarray(y_pred(w, p), dtype=float).ravel(),
                         doses, rounding, report)
 
-    def _report(self, w, p, t_s, schedule, auc_accrued, layout) -> Exposure:
-        """The plan's predicted exposure (see :class:`Exposure`)."""
+    def _report(self, w, p, t_s, schedule, layout) -> Exposure:
+        """The plan's predicted exposure (see :class:`Exposure`), as the problem sees it."""
         cfg = self.config
         N, T = cfg.horizon, cfg.period_s
-        y0, y_fine, integrals, fraction = (np.asarray(v, dtype=float).ravel()
-                                           for v in self._exposure_fn(w, p))
-        auc = ()
-        if self._n_auc:
-            period_start = t_s + T * np.arange(N)
-            rows = []
-            for i, (a, b, active) in enumerate(layout["auc"]):
-                if active:
-                    inside = (period_start >= a - 1e-6 * T) & (period_start + T <= b + 1e-6 * T)
-                    value = (auc_accrued if i == 0 else 0.0) + integrals[inside].sum() / 3600.0
-                    rows.append((float(a), float(b), float(value)))
-            auc = tuple(rows)
+        y_fine, aucs, fraction = (np.asarray(v, dtype=float).ravel()
+                                  for v in self._exposure_fn(w, p))
+        auc = tuple((float(a), float(b), float(value))
+                    for (a, b, active), value in zip(layout.get("auc", ()), aucs) if active)
         troughs = peaks = ()
         if schedule is not None:
             ends = (self._offsets[1:][None, :] + T * np.arange(N)[:, None]).ravel()
