@@ -925,7 +925,7 @@ def test_fluorouracil_plan_follows_the_body_clock(fluorouracil):
         clock_h = (clock + (t_s + H * np.arange(24) + H / 2) / H) % 24
         cl = 179.0 * (1 + 0.091 * np.cos(2 * np.pi * (clock_h - 16.5) / 24))
         np.testing.assert_allclose(plan.plan[2:, 0] * H, 0.5 * cl[2:], rtol=0.01)
-        a, b, auc = plan.exposure.auc[0]
+        _, b, auc = plan.exposure.auc[0]
         grid = np.arange(t_s, b + 1.0, 30.0)
         states = [x0]
         prop = Propagator(m, p)

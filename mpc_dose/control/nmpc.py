@@ -9,12 +9,15 @@ optionally a fixed ratio between two inputs.
 
 Exposure and dosing forms (issue 15):
 
-* **Scheduled doses** (``dose_interval_s``): the decisions are the AMOUNTS of doses given at
-  fixed clock times, each an infusion of ``infusion_s`` (any length up to the interval, not
-  tied to the period), with per-dose and loading-dose caps and amounts rounded to what can
-  be given (``dose_step``: the relaxed problem is solved, then the first dose, the only one
-  applied, is fixed to the step below and above and the problem re-solved; the better
-  objective wins). Continuous infusion (no schedule) is the default.
+* **Scheduled doses** (``dose_interval_s``): the decisions are the amounts of doses given
+  at fixed clock times (solved for as each dose's infusion rate, the scale of continuous
+  rates), each an infusion of ``infusion_s`` (any length up to the interval, not tied to
+  the period; the sample grid splits periods where infusions end or peaks are read), with
+  per-dose, loading-dose and per-day caps and amounts rounded to what can be given
+  (``dose_step``: the relaxed problem is solved, then the first dose, the only one
+  applied, is fixed to the step below and to the step above and the rest re-solved; the
+  better objective wins). An infusion under way at t_s goes on at the rate in force to its
+  end. Continuous infusion (no schedule) is the default.
 * **AUC over windows** of the exposure output: a target and/or soft and hard windows, for
   the fixed windows ``[start + i W, start + (i + 1) W)`` of model time (daily AUC 0-24 h,
   24-48 h, ... as the trial metrics count them; the AUC already accrued in the current window
@@ -46,7 +49,8 @@ RK4 with the model's circadian parameters evaluated at each stage's clock time.
 
 Default solver: ``sqpmethod`` with qpOASES (then ``qrqp``) and a Gauss-Newton Hessian (the
 objective is a sum of squares plus linear terms); IPOPT is the fallback for cold or failed
-steps. Every call
+steps. The dosing and exposure problems of a linear model are QPs, solved by full SQP
+steps without a line search. Every call
 returns a :class:`DosePlan` with success, status, iterations and solve time, and a plan that
 leaves its bounds is marked failed: an unchecked plan never leaves the controller.
 
@@ -485,6 +489,27 @@ def _exact_pieces(a: np.ndarray, b: np.ndarray, c: np.ndarray, dt: float) -> tup
             integral[:n, :n], integral[:n, n:n + m], integral[:n, n + m])
 
 
+def _rk4(m: Model, theta, t, x, u, h, steps: int, output: int | None = None):
+    """*steps* classical RK4 steps of length *h* [s] of the model from (*t*, *x*) under
+    rates *u*; with *output* also the RK4 quadrature of that output over them (the same
+    stage points, so 4th order like the state): ``(x, integral)``."""
+    q = 0
+    for i in range(steps):
+        ts = t + i * h
+        k1 = m.f(ts, x, u, theta)
+        x2 = x + h / 2 * k1
+        k2 = m.f(ts + h / 2, x2, u, theta)
+        x3 = x + h / 2 * k2
+        k3 = m.f(ts + h / 2, x3, u, theta)
+        x4 = x + h * k3
+        k4 = m.f(ts + h, x4, u, theta)
+        if output is not None:
+            q = q + h / 6 * sum(w_ * m.h(t_, x_, u, theta)[output] for w_, t_, x_ in (
+                (1, ts, x), (2, ts + h / 2, x2), (2, ts + h / 2, x3), (1, ts + h, x4)))
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x if output is None else (x, q)
+
+
 def _softplus(x):
     """log(1 + exp(x)) without overflow."""
     return ca.fmax(x, 0) + ca.log1p(ca.exp(-ca.fabs(x)))
@@ -792,40 +817,11 @@ class NonlinearMPC:
                     phi, gam, gc = pieces[s]
                     return ca.mtimes(phi, x_k) + ca.mtimes(gam, u_k) + gc
             else:
-                def step(t_k, x_k, u_k, s):
+                def step(t_k, x_k, u_k, s, quadrature=False):
                     steps = max(1, int(round(c.rk4_steps * deltas[s] / T)))
                     h_rk = deltas[s] / steps if S > 1 else T / c.rk4_steps
-                    xs = x_k
-                    for i in range(steps):
-                        ts = t_k + i * h_rk
-                        k1 = m.f(ts, xs, u_k, theta)
-                        k2 = m.f(ts + h_rk / 2, xs + h_rk / 2 * k1, u_k, theta)
-                        k3 = m.f(ts + h_rk / 2, xs + h_rk / 2 * k2, u_k, theta)
-                        k4 = m.f(ts + h_rk, xs + h_rk * k3, u_k, theta)
-                        xs = xs + h_rk / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-                    return xs
-
-                def quadrature(t_k, x_k, u_k, s):
-                    """RK4 on dq/dt = y(t, x, u) alongside the state (the same points)."""
-                    steps = max(1, int(round(c.rk4_steps * deltas[s] / T)))
-                    h_rk = deltas[s] / steps
-                    xs, q = x_k, 0
-
-                    def y(t_, x_):
-                        return m.h(t_, x_, u_k, theta)[self._k_exp]
-                    for i in range(steps):
-                        ts = t_k + i * h_rk
-                        k1 = m.f(ts, xs, u_k, theta)
-                        x2 = xs + h_rk / 2 * k1
-                        k2 = m.f(ts + h_rk / 2, x2, u_k, theta)
-                        x3 = xs + h_rk / 2 * k2
-                        k3 = m.f(ts + h_rk / 2, x3, u_k, theta)
-                        x4 = xs + h_rk * k3
-                        k4 = m.f(ts + h_rk, x4, u_k, theta)
-                        q = q + h_rk / 6 * (y(ts, xs) + 2 * y(ts + h_rk / 2, x2)
-                                            + 2 * y(ts + h_rk / 2, x3) + y(ts + h_rk, x4))
-                        xs = xs + h_rk / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-                    return q
+                    return _rk4(m, theta, t_k, x_k, u_k, h_rk, steps,
+                                self._k_exp if quadrature else None)
 
         def sub_rates(k, s):
             """Model input rates in sub-interval s of period k."""
@@ -839,6 +835,17 @@ class NonlinearMPC:
 
         g, residuals, linear = [], [], 0
         self._g_labels = []
+
+        def soft(excess, slack_j, label, w_lin, w_quad):
+            """A soft limit ``excess + slack >= 0`` (slack >= 0 by its bounds) whose slack
+            costs ``w_lin slack + 0.5 w_quad slack^2`` (an exact penalty above the
+            multiplier)."""
+            nonlocal linear
+            g.append(excess + slack_j)
+            self._g_labels.append(label)
+            residuals.append(ca.sqrt(w_quad) * slack_j)
+            linear += w_lin * slack_j
+
         if X is not None:
             g.append(x0 - X[:, 0])
             self._g_labels += ["initial"] * n
@@ -872,9 +879,11 @@ class NonlinearMPC:
                         x_int = ca.mtimes(phi_i, x_s) + ca.mtimes(gam_i, r_s) + gc_i
                         integral += deltas[s] * m.h(t_sub, x_int / deltas[s], r_s,
                                                     theta)[self._k_exp]
-                    elif self._auc_kind == "rk4":
-                        integral += quadrature(t_sub, x_s, r_s, s)
-                    x_s = step(t_sub, x_s, r_s, s)
+                    if self._auc_kind == "rk4":
+                        x_s, piece = step(t_sub, x_s, r_s, s, quadrature=True)
+                        integral += piece
+                    else:
+                        x_s = step(t_sub, x_s, r_s, s)
                     if s < S - 1:
                         sub_states.append(x_s)
                 g.append(x_s - X[:, k + 1])
@@ -969,16 +978,13 @@ class NonlinearMPC:
                     residuals.append(ca.sqrt(auc_numbers[0] * auc_active[i])
                                      * 100.0 * (value - auc_numbers[1]) / auc_numbers[1])
                 low, high = auc_numbers[4], auc_numbers[5]
-                if finite["auc_soft_window"][0]:  # ASL: percent below low
-                    g.append(100.0 * (value - low) / low + slack["ASL"][i])
-                    self._g_labels.append("auc_soft_low")
-                    residuals.append(ca.sqrt(auc_numbers[3]) * slack["ASL"][i])
-                    linear += auc_numbers[2] * slack["ASL"][i]
+                # violations in percent of the bound crossed
+                if finite["auc_soft_window"][0]:
+                    soft(100.0 * (value - low) / low, slack["ASL"][i], "auc_soft_low",
+                         auc_numbers[2], auc_numbers[3])
                 if finite["auc_soft_window"][1]:
-                    g.append(100.0 * (high - value) / high + slack["ASH"][i])
-                    self._g_labels.append("auc_soft_high")
-                    residuals.append(ca.sqrt(auc_numbers[3]) * slack["ASH"][i])
-                    linear += auc_numbers[2] * slack["ASH"][i]
+                    soft(100.0 * (high - value) / high, slack["ASH"][i], "auc_soft_high",
+                         auc_numbers[2], auc_numbers[3])
                 if any(finite["auc_hard_window"]):
                     g.append(value)
                     self._g_labels.append("auc_hard")
@@ -995,15 +1001,11 @@ class NonlinearMPC:
             for r in range(rows):
                 value = ca.dot(mask[r * NS:(r + 1) * NS], y_fine)
                 if finite[f"{kind}_soft_window"][0]:
-                    g.append(value + low_slack[r] - bounds[0])
-                    self._g_labels.append(f"{kind}_soft_low")
-                    residuals.append(ca.sqrt(w_soft[1]) * low_slack[r])
-                    linear += w_soft[0] * low_slack[r]
+                    soft(value - bounds[0], low_slack[r], f"{kind}_soft_low", w_soft[0],
+                         w_soft[1])
                 if finite[f"{kind}_soft_window"][1]:
-                    g.append(bounds[1] - value + high_slack[r])
-                    self._g_labels.append(f"{kind}_soft_high")
-                    residuals.append(ca.sqrt(w_soft[1]) * high_slack[r])
-                    linear += w_soft[0] * high_slack[r]
+                    soft(bounds[1] - value, high_slack[r], f"{kind}_soft_high", w_soft[0],
+                         w_soft[1])
                 if any(finite[f"{kind}_hard_window"]):
                     g.append(value)
                     self._g_labels.append(f"{kind}_hard")
@@ -1011,10 +1013,7 @@ class NonlinearMPC:
             threshold, width, target, w_lin, w_quad = (above_numbers[i] for i in range(5))
             fraction = sum(durations[q] * _mean_above(samples[q], samples[q + 1], threshold,
                                                       width) for q in range(NS)) / (N * T)
-            g.append(fraction + slack["TAS"][0] - target)
-            self._g_labels.append("above_soft")
-            residuals.append(ca.sqrt(w_quad) * slack["TAS"][0])
-            linear += w_lin * slack["TAS"][0]
+            soft(fraction - target, slack["TAS"][0], "above_soft", w_lin, w_quad)
             if c.time_above_min is not None:
                 g.append(fraction)
                 self._g_labels.append("above_hard")
@@ -1261,10 +1260,18 @@ class NonlinearMPC:
             Input -> number of doses given so far in the course; an input with 0 may get a
             loading dose (``loading_dose_max``) as its next dose.
         weights, limits
-            New values of the config's per-call fields (weights: ``output_weight``,
-            ``change_weights``, ``use_weights``, ``soft_weights``, ``auc_weight``,
-            ``auc_soft_weights``, ``time_above_weights``; limits: the bounds, windows,
-            targets and caps, see ``_LIMIT_FIELDS``) without rebuilding.
+            New values of the config's per-call fields, without rebuilding (a mapping field
+            is merged key by key). *weights*: ``output_weight``, ``change_weights``,
+            ``use_weights``, ``soft_weights``, ``auc_weight``, ``auc_soft_weights``,
+            ``time_above_weights``. *limits*: ``rate_bounds``, ``max_change``,
+            ``soft_window``, ``hard_window``, ``terminal_window``, ``dose_windows``,
+            ``max_dose``, ``loading_dose_max``, ``dose_step``, ``dose_clock_h``,
+            ``clock_time_at_t0_h``, ``auc_window_start_s``, ``auc_target``,
+            ``auc_soft_window``, ``auc_hard_window``, ``trough_soft_window``,
+            ``trough_hard_window``, ``peak_soft_window``, ``peak_hard_window``,
+            ``time_above_threshold``, ``time_above_width``, ``time_above_target``,
+            ``time_above_min``. A window side, limit or term that was absent (infinite,
+            None) when the problem was built cannot be set per call.
 
         Raises
         ------
@@ -1310,7 +1317,18 @@ class NonlinearMPC:
         if self._dw_layout:
             self._dose_window_bounds(ubg, eff, delivered_in_window, schedule, prev)
         w0 = self._initial_guess(x0, prev, N, schedule, lbx, ubx)
-        if self._warm is None and eff.time_above_threshold is not None:
+        raw = self._solve(p, w0, lbx, ubx, lbg, ubg, eff)
+        rounding = None
+        if raw["ok"] and self._dosing and eff.dose_step and schedule.starts[0] == 0:
+            raw, rounding = self._round_first_dose(raw, p, lbx, ubx, lbg, ubg, eff)
+        self._warm = ({"x": raw["w"], "first": schedule.first_t_s if schedule else t_s,
+                       "duals": raw["duals"]} if raw["ok"] else None)
+        return self._result(t_s, raw, p, schedule, prev, layout, rounding)
+
+    def _solve(self, p, w0, lbx, ubx, lbg, ubg, c: NMPCConfig) -> dict:
+        """Solve from the warm (or cold) start *w0*."""
+        first = None
+        if self._warm is None and c.time_above_threshold is not None:
             # The logistic indicator is flat far from its threshold (no drug: no gradient),
             # so a cold start first solves with it ten times wider and goes on from there.
             wide = p.copy()
@@ -1327,18 +1345,13 @@ class NonlinearMPC:
         if self._warm is not None and self._extra and not self._is_qp:
             lam_x, lam_g = self._warm["duals"]
             lam_x = lam_x.copy()
-            lam_x[self._slices["U"]] = 0.0  # the decisions moved: their bounds' are stale
+            lam_x[self._slices["U"]] = 0.0
             duals = (lam_x, lam_g)
         raw = self._run_solvers(p, w0, lbx, ubx, lbg, ubg, duals)
-        if self._warm is None and eff.time_above_threshold is not None:
+        if first is not None:
             raw["seconds"] += first["seconds"]
             raw["iterations"] += max(0, first["iterations"])
-        rounding = None
-        if raw["ok"] and self._dosing and eff.dose_step and schedule.starts[0] == 0:
-            raw, rounding = self._round_first_dose(raw, p, lbx, ubx, lbg, ubg, eff)
-        self._warm = ({"x": raw["w"], "first": schedule.first_t_s if schedule else t_s,
-                       "duals": raw["duals"]} if raw["ok"] else None)
-        return self._result(t_s, raw, p, schedule, prev, layout, rounding)
+        return raw
 
     def _extra_at(self, name: str) -> int:
         """Position of the per-call parameter *name* in the parameter vector."""
