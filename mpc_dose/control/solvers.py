@@ -62,7 +62,8 @@ def gauss_newton_hessian(residuals: ca.SX, w: ca.SX, p: ca.SX, n_g: int, *,
 
 
 def sqp_solver(name: str, nlp: dict, hessian: ca.Function | None, qp: str, max_iter: int, *,
-               dual_tolerance: float = 1e-6, show_eval_warnings: bool = True) -> ca.Function:
+               dual_tolerance: float = 1e-6, show_eval_warnings: bool = True,
+               **options) -> ca.Function:
     """``sqpmethod`` with QP solver *qp*; silent, failures as results.
 
     *hessian*: a Gauss-Newton ``hess_lag`` (:func:`gauss_newton_hessian`), or None for the
@@ -70,6 +71,7 @@ def sqp_solver(name: str, nlp: dict, hessian: ca.Function | None, qp: str, max_i
     (where the residuals' own curvature matters, Gauss-Newton converges only linearly).
     *show_eval_warnings* False: no warning when a trial point of the line search evaluates
     to NaN (the step is shortened; harmless where the problem is undefined far out).
+    *options*: further sqpmethod options (e.g. ``max_iter_ls=0``: full steps).
     """
     # calc_lam_p off: the sensitivities to the parameters are never used, cost a gradient
     # evaluation per solve, and are undefined where a weight enters as sqrt(w) with w = 0
@@ -79,7 +81,7 @@ def sqp_solver(name: str, nlp: dict, hessian: ca.Function | None, qp: str, max_i
             "print_iteration": False, "print_time": False, "print_status": False,
             "error_on_fail": False, "calc_lam_p": False, "tol_du": dual_tolerance,
             "show_eval_warnings": show_eval_warnings,
-            "qpsol_options": {**_QP_OPTIONS.get(qp, {}), "error_on_fail": False}}
+            "qpsol_options": {**_QP_OPTIONS.get(qp, {}), "error_on_fail": False}, **options}
     with quiet_native_stdout():
         return ca.nlpsol(name, "sqpmethod", nlp, opts)
 
