@@ -195,6 +195,7 @@ class _OutputMap:
         self.model, self.config = model, config
         self._k = model.output_index(config.output)
         self._idx = [model.param_index(name) for name in config.parameters]
+        self._n_states, self._n_inputs = model.n_states, model.n_inputs
         self.theta_prior = np.asarray(theta, dtype=float).copy()
         if self.theta_prior.shape != (len(model.params),):
             raise ConfigError(f"mhe: expected {len(model.params)} parameter values, got "
@@ -220,11 +221,11 @@ class _OutputMap:
 
     def _row(self, t_s: float, x: np.ndarray, u: np.ndarray, y: float) -> np.ndarray:
         """One reading as the vector ``[t, x, u, y]``."""
-        m = self.model
-        row = np.empty(m.n_states + m.n_inputs + 2)
+        n = self._n_states
+        row = np.empty(n + self._n_inputs + 2)
         row[0] = t_s
-        row[1:1 + m.n_states] = x
-        row[1 + m.n_states:-1] = u
+        row[1:1 + n] = x
+        row[1 + n:-1] = u
         row[-1] = y
         return row
 
@@ -283,28 +284,35 @@ class OutputMapEKF(_OutputMap):
         """Process the readings added since the last update, in order."""
         start = time.perf_counter()
         count = len(self._pending)
-        if count:
-            run = self._runs.get(count)
-            if run is None:  # the state after the last reading only
-                run = self._runs[count] = _Buffered(self._step.fold(count))
-            n = self._z.size
-            state, rows = run.args
-            state[:n] = self._z
-            state[n:n + n * n] = self._P.ravel(order="F")
-            state[n + n * n:] = self.theta_prior
-            rows[:] = np.ravel(self._pending)  # the columns [t; x; u; y], one per reading
-            run()
-            out = run.res[0]
-            self._z = out[:n].copy()
-            self._P = out[n:n + n * n].reshape(n, n, order="F").copy()
-        self._pending.clear()
-        ok = bool(np.all(np.isfinite(self._z)) and np.all(np.isfinite(self._P)))
-        if not ok:  # keep the filter usable: back to the prior
-            self._z = np.zeros_like(self._z)
-            self._P = self._prior_covariance()
+        ok = self._filter()
         return MHEResult(ok, "updated" if ok else "diverged: reset to the prior",
                          self._values_of(self._z[:-1]), self._z[:-1].copy(),
                          self.disturbance, time.perf_counter() - start, count)
+
+    def _filter(self) -> bool:
+        """Filter the pending readings; False when the filter diverged (reset to the prior)."""
+        count = len(self._pending)
+        if not count:
+            return True
+        run = self._runs.get(count)
+        if run is None:  # the state after the last reading only
+            run = self._runs[count] = _Buffered(self._step.fold(count))
+        n = self._z.size
+        state, rows = run.args
+        state[:n] = self._z
+        state[n:n + n * n] = self._P.ravel(order="F")
+        state[n + n * n:] = self.theta_prior
+        rows[:] = np.ravel(self._pending)  # the columns [t; x; u; y], one per reading
+        self._pending.clear()
+        run()
+        out = run.res[0][:n + n * n]
+        if not np.isfinite(out).all():  # keep the filter usable: back to the prior
+            self._z = np.zeros(n)
+            self._P = self._prior_covariance()
+            return False
+        self._z = out[:n].copy()
+        self._P = out[n:].reshape(n, n, order="F")  # a copy (the slice above)
+        return True
 
     def _prior_covariance(self) -> np.ndarray:
         ne = len(self._idx)
@@ -469,7 +477,11 @@ class OutputMapMHE(_OutputMap):
         """Record one valid measurement *y* with the state *x* and rates *u* at *t_s*; the
         oldest reading leaves a full window into the arrival cost. A late reading takes its
         place in time order."""
-        bisect.insort_right(self._samples, self._row(t_s, x, u, y), key=lambda row: row[0])
+        row = self._row(t_s, x, u, y)
+        if not self._samples or t_s >= self._samples[-1][0]:
+            self._samples.append(row)
+        else:
+            bisect.insort_right(self._samples, row, key=lambda r: r[0])
         if len(self._samples) > self.config.window:
             self.arrival._pending.append(self._samples.pop(0))
 
@@ -497,7 +509,7 @@ class OutputMapMHE(_OutputMap):
         if count < c.min_samples:
             return MHEResult(False, "too few samples", self._values_of(self._eta),
                              self._eta.copy(), self._d, 0.0, count)
-        self.arrival.update()
+        self.arrival._filter()
         ne = len(self._idx)
         nz = ne + (1 if c.disturbance else 0)
         problem, p = self._problem, self._p
