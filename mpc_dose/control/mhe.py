@@ -25,9 +25,25 @@ with the parameters constant inside the window (their random walk is slow; it wi
 arrival cost) and the disturbance a random walk, one value per reading, so a step shows in
 a few readings instead of half a window. Readings leaving the window are filtered into the
 arrival cost by the EKF; with an output linear in the unknowns the MHE is the Kalman filter.
-The problem is built once (window values are parameters) and solved by SQP with the exact
-Hessian (made convex) and a sparse QP (qrqp), IPOPT as the fallback; every call reports
-success and status.
+
+How it is solved (the same minimiser, not an approximation): for fixed etas the problem in
+the disturbance path is linear-Gaussian, the random walk observed through ``y_i - h_i(eta)``
+with the prior of ``d_0`` given ``eta`` from the arrival cost. Its minimum over the path is
+the Kalman filter's sum of squared innovations over their variances (the prediction-error
+decomposition), and its minimiser is the Rauch-Tung-Striebel smoother's mean. So
+
+    min_{eta, d} J(eta, d) = min_eta [ (eta - eta_bar)' P_ee^-1 (eta - eta_bar)
+                                       + sum_i e_i(eta)^2 / S_i ]
+
+where ``e_i`` are the filter's innovations (affine in ``y - h(eta)``) and ``S_i`` their
+variances (independent of eta). The NLP has only the etas (three for BIS) under their
+bounds; its objective is one filter pass over the window, O(window), and its exact Hessian
+comes by automatic differentiation through that pass. It is built once per model and
+structure (every number of the window, the arrival cost and the noise crosses as a
+parameter), shared by every MHE of the same model in the process, and evaluated through
+CasADi's buffers (no conversion of arguments per call). Solver: SQP with the exact Hessian
+made convex and a dense QP (qrqp), warm-started at the previous estimate; IPOPT as the
+fallback; every call reports success and status.
 
 This module knows model/, not plant/ nor transports.
 """
@@ -132,6 +148,46 @@ class MHEResult:
     samples: int
 
 
+
+class _Buffered:
+    """A CasADi function evaluated in place through its buffer: the inputs and outputs are
+    numpy arrays owned here, filled and read without a conversion per call (a numpy vector
+    crossing into CasADi costs tens of microseconds, DESIGN). Not thread-safe: one per
+    user."""
+
+    def __init__(self, function: ca.Function) -> None:
+        self.function = function
+        self.args = [np.zeros(function.nnz_in(i)) for i in range(function.n_in())]
+        self.res = [np.zeros(function.nnz_out(i)) for i in range(function.n_out())]
+        self._buffer, self._evaluate = function.buffer()
+        for i, a in enumerate(self.args):
+            self._buffer.set_arg(i, memoryview(a))
+        for i, r in enumerate(self.res):
+            self._buffer.set_res(i, memoryview(r))
+
+    def __call__(self) -> None:
+        self._evaluate()
+
+    def stats(self) -> dict:
+        return self._buffer.stats()
+
+
+# Problems built once per model and structure, shared by every estimator of the process (a
+# trial runs one patient after another; building costs tens of milliseconds). A handful of
+# entries: tuning sweeps change numbers, and numbers are parameters.
+_BUILT: dict[tuple, object] = {}
+_BUILT_MAX = 16
+
+
+def _shared(key: tuple, build):
+    made = _BUILT.get(key)
+    if made is None:
+        if len(_BUILT) >= _BUILT_MAX:
+            _BUILT.clear()
+        made = _BUILT[key] = build()
+    return made
+
+
 class _OutputMap:
     """What both estimators share: the estimated parameters' indices and prior values."""
 
@@ -139,7 +195,11 @@ class _OutputMap:
         self.model, self.config = model, config
         self._k = model.output_index(config.output)
         self._idx = [model.param_index(name) for name in config.parameters]
+        self._n_states, self._n_inputs = model.n_states, model.n_inputs
         self.theta_prior = np.asarray(theta, dtype=float).copy()
+        if self.theta_prior.shape != (len(model.params),):
+            raise ConfigError(f"mhe: expected {len(model.params)} parameter values, got "
+                              f"shape {self.theta_prior.shape}")
         if np.any(self.theta_prior[self._idx] <= 0):
             raise ConfigError("mhe: estimated parameters must be positive (log-normal)")
 
@@ -159,6 +219,16 @@ class _OutputMap:
         th = self._theta_of(eta)
         return {name: float(th[k]) for name, k in zip(self.config.parameters, self._idx)}
 
+    def _row(self, t_s: float, x: np.ndarray, u: np.ndarray, y: float) -> np.ndarray:
+        """One reading as the vector ``[t, x, u, y]``."""
+        n = self._n_states
+        row = np.empty(n + self._n_inputs + 2)
+        row[0] = t_s
+        row[1:1 + n] = x
+        row[1 + n:-1] = u
+        row[-1] = y
+        return row
+
 
 class OutputMapEKF(_OutputMap):
     """Extended Kalman filter of the estimators' model, one reading at a time.
@@ -176,54 +246,73 @@ class OutputMapEKF(_OutputMap):
         self._P = self._prior_covariance()
         self.process_noise = np.diag([config.q_eta] * ne +
                                      [config.q_d if config.disturbance else 0.0])
-        eta = ca.SX.sym("eta", ne)
-        d, t = ca.SX.sym("d"), ca.SX.sym("t")
-        x, u = ca.SX.sym("x", model.n_states), ca.SX.sym("u", model.n_inputs)
-        th = self._symbolic_theta(ca.SX(ca.DM(self.theta_prior)), eta)
-        y = model.h(t, x, u, th)[self._k] + d
-        z = ca.vertcat(eta, d)
-        # One filter step (random-walk prediction, then the measurement update) of the filter
-        # state [z; vec(P)] as a CasADi function; the readings of a cycle run through it in
-        # one call (fold), not as a dozen small numpy operations per reading.
+        c = config
+        key = ("ekf", id(model), c.output, c.parameters, c.noise_sd, c.q_eta,
+               c.q_d if c.disturbance else 0.0)
+        self._step = _shared(key, lambda: (model, self._build_step()))[1]
+        self._runs: dict[int, _Buffered] = {}
+        self._pending: list[np.ndarray] = []
+
+    def _build_step(self) -> ca.Function:
+        """One filter step (random-walk prediction, then the measurement update) of the
+        filter state ``[z; vec(P); theta]`` (theta is carried through unchanged) for one
+        reading ``[t; x; u; y]``: the readings of a cycle run through it in one call (fold),
+        not as a dozen small numpy operations per reading."""
+        m, c = self.model, self.config
+        ne = len(self._idx)
+        eta, d = ca.SX.sym("eta", ne), ca.SX.sym("d")
         P = ca.SX.sym("P", ne + 1, ne + 1)
-        y_meas = ca.SX.sym("y_meas")
+        theta = ca.SX.sym("theta", len(m.params))
+        row = ca.SX.sym("row", m.n_states + m.n_inputs + 2)
+        t, x, u, y_meas = (row[0], row[1:1 + m.n_states], row[1 + m.n_states:-1], row[-1])
+        y = m.h(t, x, u, self._symbolic_theta(theta, eta))[self._k] + d
+        z = ca.vertcat(eta, d)
         P_pred = P + ca.DM(self.process_noise)
         h = ca.jacobian(y, z)
         hp = ca.mtimes(h, P_pred)  # = (P h')' as P is symmetric
-        gain = hp.T / (ca.mtimes(hp, h.T) + config.noise_sd**2)
+        gain = hp.T / (ca.mtimes(hp, h.T) + c.noise_sd**2)
         # P - K h P as an outer product: fewer operations, and P stays symmetric
-        self._step = ca.Function("ekf_step", [ca.vertcat(z, ca.vec(P)), t, x, u, y_meas],
-                                 [ca.vertcat(z + gain * (y_meas - y),
-                                             ca.vec(P_pred - ca.mtimes(gain, hp)))])
-        self._runs: dict[int, ca.Function] = {}
-        self._pending: list[tuple[float, np.ndarray, np.ndarray, float]] = []
+        state = ca.vertcat(z, ca.vec(P), theta)
+        return ca.Function("ekf_step", [state, row],
+                           [ca.vertcat(z + gain * (y_meas - y),
+                                       ca.vec(P_pred - ca.mtimes(gain, hp)), theta)])
 
     def add(self, t_s: float, x: np.ndarray, u: np.ndarray, y: float) -> None:
-        self._pending.append((t_s, np.asarray(x, float), np.asarray(u, float), float(y)))
+        self._pending.append(self._row(t_s, x, u, y))
 
     def update(self) -> MHEResult:
         """Process the readings added since the last update, in order."""
         start = time.perf_counter()
         count = len(self._pending)
-        if count:
-            run = self._runs.get(count)
-            if run is None:  # the state after the last reading only
-                run = self._runs[count] = self._step.fold(count)
-            t, x, u, y = zip(*self._pending)
-            state = np.asarray(run(np.concatenate([self._z, self._P.ravel(order="F")]),
-                                   np.array(t)[None, :], np.array(x).T, np.array(u).T,
-                                   np.array(y)[None, :]), float).ravel()
-            n = self._z.size
-            self._z = state[:n]
-            self._P = state[n:].reshape(n, n, order="F")
-        self._pending.clear()
-        ok = bool(np.all(np.isfinite(self._z)) and np.all(np.isfinite(self._P)))
-        if not ok:  # keep the filter usable: back to the prior
-            self._z = np.zeros_like(self._z)
-            self._P = self._prior_covariance()
+        ok = self._filter()
         return MHEResult(ok, "updated" if ok else "diverged: reset to the prior",
                          self._values_of(self._z[:-1]), self._z[:-1].copy(),
                          self.disturbance, time.perf_counter() - start, count)
+
+    def _filter(self) -> bool:
+        """Filter the pending readings; False when the filter diverged (reset to the prior)."""
+        count = len(self._pending)
+        if not count:
+            return True
+        run = self._runs.get(count)
+        if run is None:  # the state after the last reading only
+            run = self._runs[count] = _Buffered(self._step.fold(count))
+        n = self._z.size
+        state, rows = run.args
+        state[:n] = self._z
+        state[n:n + n * n] = self._P.ravel(order="F")
+        state[n + n * n:] = self.theta_prior
+        rows[:] = np.ravel(self._pending)  # the columns [t; x; u; y], one per reading
+        self._pending.clear()
+        run()
+        out = run.res[0][:n + n * n]
+        if not np.isfinite(out).all():  # keep the filter usable: back to the prior
+            self._z = np.zeros(n)
+            self._P = self._prior_covariance()
+            return False
+        self._z = out[:n].copy()
+        self._P = out[n:].reshape(n, n, order="F")  # a copy (the slice above)
+        return True
 
     def _prior_covariance(self) -> np.ndarray:
         ne = len(self._idx)
@@ -250,6 +339,99 @@ class OutputMapEKF(_OutputMap):
         return float(self._z[-1]) if self.config.disturbance else 0.0
 
 
+class _WindowProblem:
+    """The MHE's MAP problem over a window with the disturbance path eliminated (module
+    docstring), built once per model and structure.
+
+    Parameter vector ``p = [vec(data), count, theta, noise_var, q, z_bar, vec(P_bar)]``:
+    *data* holds one column per slot of the window with the entries of ``[t, x, u]`` that the
+    output depends on, then the reading (slots from *count* on are empty: they repeat the
+    latest reading, and are masked); *q* the disturbance's random-walk variance (0: one
+    value for the window).
+    """
+
+    def __init__(self, estimator: _OutputMap, random_walk: bool) -> None:
+        m, c = estimator.model, estimator.config
+        M, ne = c.window, len(estimator._idx)
+        nz = ne + (1 if c.disturbance else 0)
+        t, x, u = ca.SX.sym("t"), ca.SX.sym("x", m.n_states), ca.SX.sym("u", m.n_inputs)
+        theta = ca.SX.sym("theta", len(m.params))
+        tx = ca.vertcat(t, x, u)
+        y_h = m.h(t, x, u, theta)[estimator._k]
+        # only what the output reads crosses per call (for BIS two effect sites of 8 states)
+        used = [j for j in range(tx.numel()) if ca.depends_on(y_h, tx[j])]
+        self.columns = np.array(used + [tx.numel()], dtype=int)  # indices into [t, x, u, y]
+        nc = len(self.columns)
+        h_used = ca.Function("h_used", [ca.vertcat(*[tx[j] for j in used]) if used
+                                        else ca.SX(0, 1), theta], [y_h])
+        eta = ca.SX.sym("eta", ne)
+        data = ca.SX.sym("data", nc, M)
+        count, noise_var, q = ca.SX.sym("count"), ca.SX.sym("noise_var"), ca.SX.sym("q")
+        z_bar, P = ca.SX.sym("z_bar", nz), ca.SX.sym("P_bar", nz, nz)
+        th = estimator._symbolic_theta(theta, eta)
+        de = eta - z_bar[:ne]
+        Pee = P[:ne, :ne]
+        J = ca.dot(de, ca.solve(Pee, de))  # the etas' marginal prior: P_ee^-1 = Schur complement
+        if c.disturbance:  # d_0 given the etas, from the arrival cost's joint Gaussian
+            Ped = P[:ne, ne]
+            gain = ca.solve(Pee, Ped)
+            d_hat = z_bar[ne] + ca.dot(gain, de)
+            var = P[ne, ne] - ca.dot(gain, Ped)
+        filtered, variances = [], []
+        for i in range(M):
+            observed = count > i  # 1 for a reading, 0 for an empty slot
+            r = data[nc - 1, i] - h_used(data[:nc - 1, i], th)
+            if c.disturbance:
+                S = var + noise_var
+                e = r - d_hat
+                J = J + observed * e * e / S
+                K = observed * var / S
+                d_hat = d_hat + K * e
+                var = var - K * var
+                filtered.append(d_hat)
+                variances.append(var)
+                var = var + q
+            else:
+                J = J + observed * r * r / noise_var
+        f = 0.5 * J
+        p = ca.vertcat(ca.vec(data), count, theta, noise_var, q, z_bar, ca.vec(P))
+        sizes = [nc * M, 1, len(m.params), 1, 1, nz, nz * nz]
+        offsets = np.cumsum([0] + sizes)
+        self.slices = dict(zip(("data", "count", "theta", "noise_var", "q", "z_bar", "P"),
+                               (slice(a, b) for a, b in zip(offsets[:-1], offsets[1:]))))
+        # the disturbance path at the optimum: the smoother's mean (Rauch-Tung-Striebel)
+        path = []
+        if c.disturbance:
+            smoothed = filtered[-1]
+            path = [smoothed]
+            if random_walk:
+                for i in range(M - 2, -1, -1):
+                    smoothed = filtered[i] + variances[i] / (variances[i] + q) * \
+                        (smoothed - filtered[i])
+                    path.append(smoothed)
+                path.reverse()
+        self.path = ca.Function("mhe_path", [eta, p], [ca.vertcat(*path) if path
+                                                       else ca.SX(0, 1)])
+        self.nlp = {"x": eta, "p": p, "f": f}
+        # The exact Hessian: the residuals' curvature matters here (Gauss-Newton's Hessian
+        # underestimated gamma's curvature 2-3 fold in TIVA inductions and took over 50
+        # iterations). The dual tolerance is on the gradient of f (half the sum of squared
+        # whitened innovations and prior terms), whose curvature is at least the prior's
+        # (about 2 for c50r): the etas within about 1e-6 of the minimiser.
+        # Trial points of the line search far out may evaluate to NaN; they are shortened,
+        # and not worth a warning each.
+        self.sqp = sqp_solver("mhe_sqp", self.nlp, None, "qrqp", 50, dual_tolerance=1e-6,
+                              show_eval_warnings=False)
+        self._ipopt = None
+
+    @property
+    def ipopt(self) -> ca.Function:
+        """The fallback, built when first needed."""
+        if self._ipopt is None:
+            self._ipopt = ipopt_solver("mhe_ipopt", self.nlp, show_eval_warnings=False)
+        return self._ipopt
+
+
 class OutputMapMHE(_OutputMap):
     """Moving-horizon estimator of the estimators' model (see the module's docstring).
 
@@ -266,66 +448,42 @@ class OutputMapMHE(_OutputMap):
         super().__init__(model, theta, config)
         # readings that leave the window are filtered into the arrival cost
         self.arrival = OutputMapEKF(model, theta, config)
-        self._samples: list[tuple[float, np.ndarray, np.ndarray, float]] = []  # time order
+        self._samples: list[np.ndarray] = []  # the window, rows [t, x, u, y] in time order
         ne = len(self._idx)
         self._eta = np.zeros(ne)
         # the disturbance at each slot of the window (one value when it is constant)
-        self._n_d = (0 if not config.disturbance else
-                     config.window if config.q_d > 0 else 1)
+        random_walk = config.q_d > 0
+        self._n_d = 0 if not config.disturbance else config.window if random_walk else 1
         self._d_path = np.zeros(self._n_d)
         self._d = 0.0
-        self._dropped = 0  # readings gone to the arrival cost since the last solve
-        # the etas within eta_bound_sd prior SDs; the disturbance free
+        # the etas within eta_bound_sd prior SDs
         bound = config.eta_bound_sd * np.sqrt(np.diag(np.asarray(config.omega)))
-        self._bounds = (np.concatenate([-bound, np.full(self._n_d, -np.inf)]),
-                        np.concatenate([bound, np.full(self._n_d, np.inf)]))
-        self._build()
-
-    def _build(self) -> None:
-        c, m = self.config, self.model
-        M, n, nu, ne, nd = c.window, m.n_states, m.n_inputs, len(self._idx), self._n_d
-        nz = ne + (1 if c.disturbance else 0)
-        eta, d = ca.SX.sym("eta", ne), ca.SX.sym("d", nd)
-        xs, us = ca.SX.sym("xs", n, M), ca.SX.sym("us", nu, M)
-        ts, ys = ca.SX.sym("ts", M), ca.SX.sym("ys", M)
-        mask = ca.SX.sym("mask", M)   # 1 for a reading in the window, 0 for an empty slot
-        theta = ca.SX.sym("theta", len(m.params))
-        z_bar = ca.SX.sym("z_bar", nz)
-        sqrt_info = ca.SX.sym("L", nz, nz)  # chol(P_bar^-1): |L'(z - z_bar)|^2
-        th = self._symbolic_theta(theta, eta)
-        z0 = ca.vertcat(eta, d[0]) if nd else eta
-        residuals = [ca.mtimes(sqrt_info.T, z0 - z_bar)]
-        for i in range(M):
-            y = m.h(ts[i], xs[:, i], us[:, i], th)[self._k]
-            if nd:
-                y = y + d[min(i, nd - 1)]
-            residuals.append(mask[i] * (ys[i] - y) / c.noise_sd)
-        if nd > 1:  # the random walk, also through empty slots (they carry d forward)
-            residuals.append((d[1:] - d[:-1]) / np.sqrt(c.q_d))
-        r = ca.vertcat(*residuals)
-        w = ca.vertcat(eta, d)
-        p = ca.vertcat(ca.vec(xs), ca.vec(us), ts, ys, mask, theta, z_bar, ca.vec(sqrt_info))
-        nlp = {"x": w, "p": p, "f": 0.5 * ca.sumsqr(r)}
-        # The exact Hessian: with a window of autocorrelated residuals their curvature is not
-        # negligible (Gauss-Newton's Hessian underestimates gamma's curvature 2-3 fold in
-        # TIVA inductions and took over 50 iterations). Unconstrained but for the
-        # parameters' bounds, and banded: a sparse QP solver. A dual tolerance of 1e-4 is
-        # far below what noisy readings resolve. Trial points of the line search far out
-        # may evaluate to NaN; they are shortened, and not worth a warning each.
-        self._sqp = sqp_solver("mhe_sqp", nlp, None, "qrqp", 50, dual_tolerance=1e-4,
-                               show_eval_warnings=False)
-        self._ipopt = ipopt_solver("mhe_ipopt", nlp, show_eval_warnings=False)
+        self._bounds = (-bound, bound)
+        c = config
+        key = ("mhe", id(model), c.output, c.parameters, c.window, c.disturbance, random_walk)
+        self._problem = _shared(key, lambda: (model, _WindowProblem(self, random_walk)))[1]
+        problem = self._problem
+        self._solver = _Buffered(problem.sqp)
+        self._path = _Buffered(problem.path)
+        p, lbx, ubx = self._solver.args[1:4]
+        lbx[:], ubx[:] = self._bounds
+        p[problem.slices["theta"]] = self.theta_prior
+        p[problem.slices["noise_var"]] = config.noise_sd**2
+        p[problem.slices["q"]] = config.q_d if random_walk else 0.0
+        self._data = p[problem.slices["data"]].reshape(config.window, -1)  # a view: slot rows
+        self._p = p
 
     def add(self, t_s: float, x: np.ndarray, u: np.ndarray, y: float) -> None:
         """Record one valid measurement *y* with the state *x* and rates *u* at *t_s*; the
         oldest reading leaves a full window into the arrival cost. A late reading takes its
         place in time order."""
-        bisect.insort_right(self._samples, (t_s, np.asarray(x, float).copy(),
-                                             np.asarray(u, float).copy(), float(y)),
-                            key=lambda sample: sample[0])
+        row = self._row(t_s, x, u, y)
+        if not self._samples or t_s >= self._samples[-1][0]:
+            self._samples.append(row)
+        else:
+            bisect.insort_right(self._samples, row, key=lambda r: r[0])
         if len(self._samples) > self.config.window:
-            self.arrival.add(*self._samples.pop(0))
-            self._dropped += 1
+            self.arrival._pending.append(self._samples.pop(0))
 
     @property
     def theta(self) -> np.ndarray:
@@ -337,53 +495,73 @@ class OutputMapMHE(_OutputMap):
         """The disturbance at the latest reading."""
         return self._d
 
+    @property
+    def disturbance_path(self) -> np.ndarray:
+        """The estimated disturbance at each slot of the window (the latest estimate; one
+        value when it is constant over the window, none without a disturbance)."""
+        return self._d_path.copy()
+
     def update(self) -> MHEResult:
         """Re-estimate over the current window (keeps the previous estimate on failure)."""
-        c, m = self.config, self.model
+        c = self.config
         start = time.perf_counter()
         count = len(self._samples)
         if count < c.min_samples:
             return MHEResult(False, "too few samples", self._values_of(self._eta),
                              self._eta.copy(), self._d, 0.0, count)
-        self.arrival.update()
+        self.arrival._filter()
         ne = len(self._idx)
-        z_bar = self.arrival.mean if c.disturbance else self.arrival.mean[:ne]
-        P_bar = (self.arrival.covariance + self.arrival.process_noise)[:z_bar.size, :z_bar.size]
-        sqrt_info = np.linalg.cholesky(np.linalg.inv(0.5 * (P_bar + P_bar.T)))
-        M = c.window
-        xs = np.zeros((m.n_states, M))
-        us = np.zeros((m.n_inputs, M))
-        ts, ys, mask = np.zeros(M), np.zeros(M), np.zeros(M)
-        for i, (t, x, u, y) in enumerate(self._samples):
-            xs[:, i], us[:, i], ts[i], ys[i], mask[i] = x, u, t, y, 1.0
+        nz = ne + (1 if c.disturbance else 0)
+        problem, p = self._problem, self._p
+        P_bar = (self.arrival._P + self.arrival.process_noise)[:nz, :nz]
+        p[problem.slices["z_bar"]] = self.arrival._z[:nz]
+        p[problem.slices["P"]] = (0.5 * (P_bar + P_bar.T)).ravel(order="F")
+        p[problem.slices["count"]] = count
+        window = np.array(self._samples)[:, problem.columns]
+        self._data[:count] = window
         # empty slots repeat the latest reading (masked): no 0/0 of an output at zero drug
-        xs[:, count:], us[:, count:] = xs[:, count - 1:count], us[:, count - 1:count]
-        ts[count:], ys[count:] = ts[count - 1], ys[count - 1]
-        p = np.concatenate([xs.ravel(order="F"), us.ravel(order="F"), ts, ys, mask,
-                            self.theta_prior, z_bar, sqrt_info.ravel(order="F")])
-        # warm start: the previous path shifted by the readings that left the window
-        shift = min(self._dropped, self._n_d)
-        d0 = np.concatenate([self._d_path[shift:], np.full(shift, self._d)])
-        w0 = np.concatenate([self._eta, d0])
+        self._data[count:] = window[-1]
         lbx, ubx = self._bounds
-        w0 = np.clip(w0, lbx, ubx)
-        status = "unknown"
-        for solver in (self._sqp, self._ipopt):
+        w0 = np.clip(self._eta, lbx, ubx)
+        ok, w, status = self._solve(w0)
+        if not ok:  # IPOPT on the same problem
             with quiet_native_stdout():
-                out = solver(x0=w0, p=p, lbx=lbx, ubx=ubx)
-            try:
-                stats = solver.stats()
-            except RuntimeError:  # sqpmethod leaves no status when its first QP fails
-                stats = {"return_status": "QP failed at the first iteration"}
+                out = problem.ipopt(x0=w0, p=p, lbx=lbx, ubx=ubx)
+            stats = problem.ipopt.stats()
             w = np.asarray(out["x"], dtype=float).ravel()
             status = str(stats.get("return_status", "unknown"))
-            if stats.get("success", False) and np.all(np.isfinite(w)) and \
-                    np.all(np.abs(w[:ne]) < 5):  # |eta| < 5: within e^5 of the prior
-                self._eta, self._d_path = w[:ne], w[ne:]
-                if self._n_d:
-                    self._d = float(self._d_path[min(count, self._n_d) - 1])
-                self._dropped = 0
-                return MHEResult(True, status, self._values_of(self._eta), self._eta.copy(),
-                                 self._d, time.perf_counter() - start, count)
-        return MHEResult(False, status, self._values_of(self._eta), self._eta.copy(),
+            ok = self._accept(stats, w)
+        if ok and self._n_d:  # the disturbance path at these etas: the smoother's mean
+            path = self._path
+            path.args[0][:] = w
+            path.args[1][:] = p
+            path()
+            d_path = path.res[0].copy()
+            ok = bool(np.all(np.isfinite(d_path)))
+        if not ok:
+            return MHEResult(False, status, self._values_of(self._eta), self._eta.copy(),
+                             self._d, time.perf_counter() - start, count)
+        self._eta = w
+        if self._n_d:
+            self._d_path = d_path
+            self._d = float(d_path[min(count, self._n_d) - 1])
+        return MHEResult(True, status, self._values_of(self._eta), self._eta.copy(),
                          self._d, time.perf_counter() - start, count)
+
+    def _solve(self, w0: np.ndarray) -> tuple[bool, np.ndarray, str]:
+        """SQP from *w0*: (accepted, etas, status)."""
+        solver = self._solver
+        solver.args[0][:] = w0
+        try:
+            solver()
+            stats = solver.stats()
+        except RuntimeError:  # sqpmethod leaves no status when its first QP fails
+            stats = {"return_status": "QP failed at the first iteration"}
+        w = solver.res[0].copy()
+        return self._accept(stats, w), w, str(stats.get("return_status", "unknown"))
+
+    @staticmethod
+    def _accept(stats: dict, w: np.ndarray) -> bool:
+        # |eta| < 5: within e^5 of the prior
+        return bool(stats.get("success", False) and np.all(np.isfinite(w)) and
+                    np.all(np.abs(w) < 5))
