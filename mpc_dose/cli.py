@@ -294,6 +294,12 @@ def _cmd_trial(args) -> int:
         row = summary.loc[name]
         print(f"  {name:45s} {row['mean']:10.4g} +- {row['sd']:.3g}  "
               f"[{row['min']:.4g}, {row['max']:.4g}]")
+    errors = [n for n in summary.index if n.startswith("estimate_error_")]
+    if errors:  # how the controller's estimates converged as readings arrived
+        print("  estimates (relative error |estimate / true - 1|: median, 90th percentile):")
+        for name in errors:
+            values = result.metrics[name].dropna()
+            print(f"  {name:55s} {values.median():8.3f} {values.quantile(0.9):8.3f}")
     return 0
 
 

@@ -298,8 +298,8 @@ def test_the_start_clock_reaches_patient_and_controller():
     assert mpc.theta[mpc.model.param_index(CLOCK_PARAM)] == 22.0
     later, _ = build_setup(_fluorouracil_nmpc(**{"scenario.start_clock_h": 10.0}), 0, 0)
     assert later.controller.theta[mpc.model.param_index(CLOCK_PARAM)] == 10.0
-    with pytest.raises(ConfigError, match=r"scenario.start_clock_h = 8.0: no model of this "
-                                          r"scenario has a body clock"):
+    with pytest.raises(ConfigError, match=r"scenario.start_clock_h = 8.0: nothing of this "
+                                          r"scenario reads the clock"):
         build_setup(load_scenario(SCENARIOS / "pid_induction_13.toml",
                                   {"scenario.start_clock_h": 8.0}), 0, 0)
 

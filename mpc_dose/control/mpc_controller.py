@@ -183,6 +183,69 @@ class MPCController:
             x = self._propagator.advance(x, t, t_s, u)
         return x, self._rates_vector_at(t_s)
 
+    def _delivered_so_far(self, t_s: float, theta: np.ndarray) -> dict:
+        """What the NMPC's windows need of the past, from what was delivered: the amount of
+        each input in each dose window, the doses given (infusions started), and the AUC
+        of the exposure output since the current AUC window began (under the current
+        estimate *theta*)."""
+        c, out = self.mpc.config, {}
+        if c.dose_windows:
+            out["delivered_in_window"] = {
+                name: self._amount_delivered(name, t_s - window_s, t_s)
+                for name, window_s, _ in c.dose_windows}
+        if c.dose_interval_s is not None:
+            given = {}
+            for name in self.inputs:
+                j = self.model.input_index(name)
+                rates = [u[j] for t, u in self._deliveries if t <= t_s]
+                given[name] = sum(1 for a, b in zip([0.0] + rates, rates) if a <= 0 < b)
+            out["doses_given"] = given
+        if c.auc_window_s is not None and t_s > c.auc_window_start_s:
+            start = c.auc_window_start_s + math.floor(
+                (t_s - c.auc_window_start_s) / c.auc_window_s + 1e-9) * c.auc_window_s
+            if t_s - start > 1e-9:
+                output = c.exposure_output or c.window_output or c.output
+                out["auc_accrued"] = self._auc(theta, self.model.output_index(output),
+                                               start, t_s)
+        return out
+
+    def _amount_delivered(self, name: str, t0: float, t1: float) -> float:
+        j = self.model.input_index(name)
+        times = [t for t, _ in self._deliveries] + [t1]
+        total = 0.0
+        for (t, u), t_next in zip(self._deliveries, times[1:]):
+            a, b = max(t, t0), min(t_next, t1)
+            if b > a:
+                total += u[j] * (b - a)
+        return total
+
+    def _auc(self, theta: np.ndarray, k: int, t0: float, t1: float) -> float:
+        """The AUC [output unit x h] of output *k* over [t0, t1] under *theta*, the states
+        propagated from the start through what was delivered (Simpson's rule on steps of
+        at most 10 min within each constant-rate stretch)."""
+        propagator = Propagator(self.model, theta)
+        h = self.model.output_function(theta)
+        x, t = self.model.initial_state(theta), self._deliveries[0][0]
+        edges = sorted({t0, t1} | {tc for tc, _ in self._deliveries if t0 < tc < t1})
+        total = 0.0
+        for a, b in zip(edges, edges[1:]):
+            u = self._rates_vector_at(a)
+            while t < a:  # up to the stretch (through earlier rate changes)
+                nxt = min([tc for tc, _ in self._deliveries if t < tc <= a] + [a])
+                x = propagator.advance(x, t, nxt, self._rates_vector_at(t))
+                t = nxt
+            n = max(2, 2 * math.ceil((b - a) / 1200.0))
+            grid = np.linspace(a, b, n + 1)
+            ys = [float(np.ravel(h(np.concatenate([[a], x, u])))[k])]
+            for g0, g1 in zip(grid, grid[1:]):
+                x = propagator.advance(x, g0, g1, u)
+                ys.append(float(np.ravel(h(np.concatenate([[g1], x, u])))[k]))
+            t = b
+            weights = np.ones(n + 1)
+            weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
+            total += float(np.dot(weights, ys)) * (b - a) / (3.0 * n) / 3600.0
+        return total
+
     def _checkpoint(self, t_s: float, x: np.ndarray) -> None:
         """Keep the state at a decision; forget what no reading can need any more."""
         self._checkpoints.append((t_s, x))
@@ -245,7 +308,7 @@ class MPCController:
             reference = [float(self._reference(t_s + (k + 1) * self.period_s))
                          for k in range(self._horizon)]
         plan = self.mpc.plan(t_s, x, theta, self._rates, disturbance=disturbance,
-                             reference=reference)
+                             reference=reference, **self._delivered_so_far(t_s, theta))
         backup = None
         if not plan.success and self._last_plan is not None:
             k = int(round((t_s - self._last_plan.t_s) / self.period_s))

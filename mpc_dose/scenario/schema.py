@@ -255,10 +255,13 @@ class _Quantities(_Strict):
 
 class NMPCInputSpec(_Quantities):
     """One input the NMPC sets: its bounds with units in the keys (``max_rate_mg_per_s``,
-    ``max_change_mg_per_s``: the largest change between periods) and weights (per squared
-    change and per amount of the input's own amount unit per second)."""
+    ``max_change_mg_per_s``: the largest change between periods; with scheduled doses
+    ``max_dose_mg``, ``loading_dose_max_mg`` (the first dose's cap), ``dose_step_mg`` (doses
+    are multiples of it)) and weights (per squared change and per amount of the input's own
+    amount unit per second)."""
 
-    QUANTITIES = {"max_rate": "rate", "max_change": "rate"}
+    QUANTITIES = {"max_rate": "rate", "max_change": "rate", "max_dose": "amount",
+                  "loading_dose_max": "amount", "dose_step": "amount"}
     change_weight: float | None = Field(None, ge=0)
     use_weight: float | None = None
 
@@ -341,8 +344,44 @@ class NMPCSpec(_Strict):
     ratio: tuple[str, str, float] | None = None
     #: cumulative dose limits over sliding windows (delivered plus planned)
     dose_windows: list[DoseWindowSpec] = []
-    #: intermittent dosing: decisions only in periods starting at multiples of this [s]
+    #: scheduled doses: one every dose_interval_s (decided as amounts), each an infusion
+    #: of infusion_s (a whole number of periods; one period when not given), the first at
+    #: dose_clock_h on the scenario's clock (at t = 0 when not given)
     dose_interval_s: float | None = Field(None, gt=0)
+    infusion_s: float | None = Field(None, gt=0)
+    dose_clock_h: float | None = Field(None, ge=0, lt=24)
+    #: the peak is sampled this long after a dose's start (the end of its infusion when not
+    #: given); trough (just before each dose) and peak windows [output unit]
+    peak_offset_s: float | None = Field(None, ge=0)
+    trough_soft_low: float | None = None
+    trough_soft_high: float | None = None
+    trough_hard_low: float | None = None
+    trough_hard_high: float | None = None
+    peak_soft_low: float | None = None
+    peak_soft_high: float | None = None
+    peak_hard_low: float | None = None
+    peak_hard_high: float | None = None
+    #: exposure: the AUC of exposure_output [its unit x h] over consecutive windows of
+    #: auc_window_s from auc_window_start_s (e.g. 86400: AUC24 per day), as a target
+    #: (weight per squared percent miss) and soft (weights per percent outside) or hard
+    #: windows
+    exposure_output: str | None = None
+    auc_window_s: float | None = Field(None, gt=0)
+    auc_window_start_s: float | None = Field(None, ge=0)
+    auc_target: float | None = Field(None, gt=0)
+    auc_weight: float | None = Field(None, ge=0)
+    auc_soft_low: float | None = None
+    auc_soft_high: float | None = None
+    auc_soft_weights: tuple[float, float] | None = None
+    auc_hard_low: float | None = None
+    auc_hard_high: float | None = None
+    #: time above a threshold [output unit] (e.g. fT>MIC): the fraction of the horizon to
+    #: reach (weights lin, quad), or a hard lower limit; width of its smooth indicator
+    time_above_threshold: float | None = None
+    time_above_width: float | None = Field(None, gt=0)
+    time_above_target: float | None = Field(None, ge=0, le=1)
+    time_above_weights: tuple[float, float] | None = None
+    time_above_min: float | None = Field(None, ge=0, le=1)
     prior_scale: float = Field(1.0, gt=0)
     scaled: list[str] = []
     estimator: EstimatorSpec = EstimatorSpec()

@@ -121,11 +121,18 @@ def _clock_params(scenario: Scenario, model) -> dict[str, float]:
 
 
 def _check_clock(scenario: Scenario, models) -> None:
-    """A start clock time that no model of the scenario reads is a mistake, said at once."""
-    if scenario.scenario.start_clock_h is not None and \
-            not any(CLOCK_PARAM in m.param_names for m in models):
-        raise ConfigError(f"scenario.start_clock_h = {scenario.scenario.start_clock_h}: no "
-                          f"model of this scenario has a body clock ({CLOCK_PARAM})")
+    """A start clock time that nothing of the scenario reads is a mistake, said at once:
+    readers are models with a body clock, sensors drawing at clock times and doses
+    scheduled at a clock time."""
+    nmpc = scenario.controller.nmpc if scenario.controller.kind == "nmpc" else None
+    readers = any(CLOCK_PARAM in m.param_names for m in models) or \
+        any(s.sample_clock_h is not None for s in scenario.sensor) or \
+        (nmpc is not None and nmpc.dose_clock_h is not None)
+    if scenario.scenario.start_clock_h is not None and not readers:
+        raise ConfigError(f"scenario.start_clock_h = {scenario.scenario.start_clock_h}: "
+                          f"nothing of this scenario reads the clock (no model with a body "
+                          f"clock ({CLOCK_PARAM}), no sensor sample_clock_h, no "
+                          f"controller.nmpc.dose_clock_h)")
 
 
 def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
@@ -386,7 +393,7 @@ def _controller_params(scenario: Scenario, own: LibraryModel,
     return params
 
 
-def _nmpc_fields(spec, c, model) -> dict:
+def _nmpc_fields(spec, c, model, clock_h: float | None = None) -> dict:
     """NMPCConfig's arguments from ``[controller.nmpc]``: rates and amounts in each input's
     amount unit (per second), windows as (low, high); only what is given, so every other
     default is NMPCConfig's own."""
@@ -409,6 +416,19 @@ def _nmpc_fields(spec, c, model) -> dict:
             use_weights[name] = item.use_weight
     fields.update(rate_bounds=rate_bounds, max_change=max_change,
                   change_weights=change_weights, use_weights=use_weights)
+    for quantity in ("max_dose", "loading_dose_max", "dose_step"):
+        given = {}
+        for name, item in spec.input.items():
+            if quantity in item.quantities:
+                where = f"controller.nmpc.input.{name}.{quantity}"
+                value, unit = item.quantities[quantity]
+                try:
+                    given[name] = value * conversion_factor(
+                        unit, _amount_unit(model, name, where), what=where)
+                except UnitError as err:
+                    raise ConfigError(str(err)) from None
+        if given:
+            fields[quantity] = given
     if spec.reference is None:
         fields["output_weight"] = 0.0 if spec.output_weight is None else spec.output_weight
         if fields["output_weight"]:
@@ -417,18 +437,36 @@ def _nmpc_fields(spec, c, model) -> dict:
         fields["reference"] = spec.reference
         if spec.output_weight is not None:
             fields["output_weight"] = spec.output_weight
-    for label, (low, high) in (("soft_window", (spec.soft_low, spec.soft_high)),
-                               ("hard_window", (spec.hard_low, spec.hard_high)),
-                               ("terminal_window", (spec.terminal_low, spec.terminal_high))):
+    for label, (low, high) in (
+            ("soft_window", (spec.soft_low, spec.soft_high)),
+            ("hard_window", (spec.hard_low, spec.hard_high)),
+            ("terminal_window", (spec.terminal_low, spec.terminal_high)),
+            ("trough_soft_window", (spec.trough_soft_low, spec.trough_soft_high)),
+            ("trough_hard_window", (spec.trough_hard_low, spec.trough_hard_high)),
+            ("peak_soft_window", (spec.peak_soft_low, spec.peak_soft_high)),
+            ("peak_hard_window", (spec.peak_hard_low, spec.peak_hard_high)),
+            ("auc_soft_window", (spec.auc_soft_low, spec.auc_soft_high)),
+            ("auc_hard_window", (spec.auc_hard_low, spec.auc_hard_high))):
         if low is not None or high is not None:
             fields[label] = (-math.inf if low is None else low,
                              math.inf if high is None else high)
     for name in ("move_block", "window_output", "soft_every", "dose_interval_s", "solver",
-                 "transcription", "max_iter", "dual_tolerance", "rk4_steps"):
+                 "transcription", "max_iter", "dual_tolerance", "rk4_steps", "infusion_s",
+                 "dose_clock_h", "peak_offset_s", "exposure_output", "auc_window_s",
+                 "auc_window_start_s", "auc_target", "auc_weight", "time_above_threshold",
+                 "time_above_width", "time_above_target", "time_above_min"):
         if getattr(spec, name) is not None:
             fields[name] = getattr(spec, name)
-    if spec.soft_weights is not None:
-        fields["soft_weights"] = tuple(spec.soft_weights)
+    for name in ("soft_weights", "auc_soft_weights", "time_above_weights"):
+        if getattr(spec, name) is not None:
+            fields[name] = tuple(getattr(spec, name))
+    infusion = spec.infusion_s
+    if infusion is not None and abs(infusion / c.period_s - round(infusion / c.period_s)) \
+            > 1e-9:
+        raise ConfigError(f"controller.nmpc.infusion_s = {infusion}: must be a whole number "
+                          f"of control periods ({c.period_s} s), so that a decision ends it")
+    if clock_h is not None and CLOCK_PARAM not in model.param_names:
+        fields["clock_time_at_t0_h"] = clock_h
     if spec.qp_solvers is not None:
         fields["qp_solvers"] = tuple(spec.qp_solvers)
     if spec.ratio is not None:
@@ -453,7 +491,7 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
     for name in spec.scaled:
         own.model.parameter(name)
         params[name] *= spec.prior_scale
-    nmpc = NMPCConfig(**_nmpc_fields(spec, c, own.model))
+    nmpc = NMPCConfig(**_nmpc_fields(spec, c, own.model, scenario.scenario.start_clock_h))
     est = spec.estimator
     mhe = bayes = None
     if est.kind == "map":
