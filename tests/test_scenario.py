@@ -371,7 +371,7 @@ def test_every_nmpc_setting_reaches_the_controller_in_its_units():
                                "change_weight": 5.0},
                   "remifentanil": {"max_rate_ug_per_min": 600.0}},
         "hard_low": 30.0, "terminal_low": 45.0, "terminal_high": 55.0,
-        "window_output": "bis", "dose_interval_s": 10.0, "move_block": 1,
+        "window_output": "bis", "move_block": 1,
         "dose_windows": [{"input": "propofol", "window_h": 1, "max_amount_g": 1.5}],
         "max_iter": 17, "soft_weights": None}, **{"controller.nmpc.estimator.window": None})
     data = scenario.controller.nmpc.model_dump()
@@ -383,7 +383,7 @@ def test_every_nmpc_setting_reaches_the_controller_in_its_units():
     assert config.change_weights == {"propofol": 5.0}
     assert config.hard_window == (30.0, math.inf)
     assert config.terminal_window == (45.0, 55.0)
-    assert config.dose_interval_s == 10.0 and config.max_iter == 17
+    assert config.max_iter == 17
     assert config.dose_windows == (("propofol", 3600.0, 1500.0),)
     assert config.soft_weights == NMPCConfig.__dataclass_fields__["soft_weights"].default
     assert setup.controller.mhe.config.window == \
