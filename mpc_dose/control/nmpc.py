@@ -1147,12 +1147,7 @@ class NonlinearMPC:
             power = phi @ power
             P.append(power[watched])
             c.append(constant[watched])
-        impulse = np.array(impulse)
-        gains = np.empty(len(entries))
-        for q, (k, b, i, j) in enumerate(entries):
-            lags = k - np.arange(b * mb, min((b + 1) * mb, k + 1))
-            gains[q] = impulse[lags, i, j].sum()
-        return np.array(P), np.array(c), gains
+        return np.array(P), np.array(c), _block_gains(np.array(impulse), entries, mb)
 
     def _lifted_integrals(self, theta, phi, gam, gc) -> tuple[np.ndarray, np.ndarray,
                                                               np.ndarray]:
@@ -1171,12 +1166,7 @@ class NonlinearMPC:
                 impulse.append((phi_i @ power @ gam)[watched])
             constant = phi @ constant + gc
             power = phi @ power
-        impulse = np.array(impulse)
-        gains = np.empty(len(entries))
-        for q, (k, b, i, j) in enumerate(entries):
-            lags = k - np.arange(b * mb, min((b + 1) * mb, k + 1))
-            gains[q] = impulse[lags, i, j].sum()
-        return np.array(P), np.array(c), gains
+        return np.array(P), np.array(c), _block_gains(np.array(impulse), entries, mb)
 
     def _free_tables(self, pieces) -> tuple[np.ndarray, ...]:
         """``(P, c, P_i, c_i)``: the watched states at each sample point are ``P[q] x0 +
@@ -1817,6 +1807,16 @@ _LIMIT_FIELDS = ("rate_bounds", "max_change", "soft_window", "hard_window", "ter
                  "auc_hard_window", "trough_soft_window", "trough_hard_window",
                  "peak_soft_window", "peak_hard_window", "time_above_threshold",
                  "time_above_width", "time_above_target", "time_above_min")
+def _block_gains(impulse: np.ndarray, entries, move_block: int) -> np.ndarray:
+    """Each lifted entry (stage k, block b, watched state i, input j): the sum of the impulse
+    responses of the periods of block b up to stage k."""
+    gains = np.empty(len(entries))
+    for q, (k, b, i, j) in enumerate(entries):
+        lags = k - np.arange(b * move_block, min((b + 1) * move_block, k + 1))
+        gains[q] = impulse[lags, i, j].sum()
+    return gains
+
+
 #: config fields that are numbers of the built problem (per call), not its structure
 _PER_CALL_FIELDS = ("reference",) + _WEIGHT_FIELDS + _LIMIT_FIELDS
 
