@@ -228,7 +228,19 @@ def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
     return out
 
 
+_SILENT_PEER = ("is the other process running, at that address? With CURVE keys, a wrong "
+                "key looks exactly like silence: the server's --allow-keys must hold this "
+                "client's public key, and the client's --server-key must be the server's")
+
+
 def _cmd_serve(args) -> int:
+    try:
+        return _serve(args)
+    except TimeoutError as err:
+        raise MpcDoseError(f"{err}; {_SILENT_PEER}") from None
+
+
+def _serve(args) -> int:
     from .scenario import load_scenario
 
     if args.role == "pump-bridge":
@@ -257,7 +269,7 @@ def _cmd_serve(args) -> int:
                              commands=args.commands, external=_pairs(args.external,
                                                                      "--external"),
                              realtime_factor=args.realtime, audit=args.audit,
-                             keys=_keys(args, server=True))
+                             keys=_keys(args, server=True), wait_s=args.wait)
         if args.out:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +283,8 @@ def _cmd_serve(args) -> int:
     process = serve_controller(scenario, [(args.patient - 1, seed)], [args.telemetry],
                                [routes], plant_commands=[args.commands],
                                realtime=args.realtime is not None,
-                               audit=args.audit, keys=_keys(args, server=False))
+                               audit=args.audit, keys=_keys(args, server=False),
+                               wait_s=args.wait)
     link = process.links[0]
     print(f"controller: {len(link.cycle_s)} cycles, missed acks {link.missed_acks}")
     return 0
@@ -328,7 +341,14 @@ def _executor(args):
     if args.scheduler:
         from distributed import Client
 
-        with Client(args.scheduler) as client:
+        try:
+            client = Client(args.scheduler, timeout="10s")
+        except (OSError, TimeoutError) as err:
+            raise ConfigError(f"--scheduler {args.scheduler}: no Dask scheduler answered "
+                              f"within 10 s ({type(err).__name__}); start one with "
+                              f"`dask scheduler` and its workers with `dask worker ADDRESS`, "
+                              f"or leave --scheduler out to use local processes") from None
+        with client:
             yield client.get_executor()
     elif args.workers > 1:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # inherited by the workers
@@ -509,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realtime", type=float, default=None, metavar="FACTOR",
                    help="against the wall clock (default: simulated, lock-step)")
     p.add_argument("--duration", type=float, default=None, help="pump-bridge: stop after [s]")
+    p.add_argument("--wait", type=float, default=30.0,
+                   help="plant, controller: how long to wait for the other side at start [s]")
     p.add_argument("--audit", default=None, help="SQLite audit log to append to")
     p.add_argument("--out", default=None, help="plant: CSV of the recorded series")
     p.add_argument("--keys", default=None, help="own CURVE secret key file (NAME.key_secret)")

@@ -109,3 +109,15 @@ def test_a_cohort_file_runs_every_row_by_default(tmp_path, capsys):
                  str(cohort), "--out", str(out), "--workers", "1", "--quiet"]) == 0
     assert len(pd.read_csv(out / "metrics.csv")) == 3
     assert "3 patients" in capsys.readouterr().out
+
+
+def test_an_unreachable_dask_scheduler_is_a_message(tmp_path, capsys):
+    """Issue 16.6: no traceback after 30 s, a message after 10 s saying what to start."""
+    from tests.ports import free_addresses
+
+    (address,) = free_addresses(1)
+    assert main(["trial", str(REPO / "scenarios" / "pid_induction_13.toml"), "--patients", "1",
+                 "--scheduler", address, "--out", str(tmp_path / "t"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--scheduler {address}: no Dask scheduler answered within 10 s" in err
+    assert "dask scheduler" in err

@@ -172,3 +172,27 @@ def test_curve_flags_are_checked_before_anything_binds(tmp_path, capsys):
     for argv, match in cases:
         assert main(argv) == 2, argv
         assert match in capsys.readouterr().err, argv
+
+
+def test_errors_say_what_to_do_instead_of_a_traceback(tmp_path, capsys):
+    """Issue 16.6: a monitor address without tcp://, a plant nobody connects to (a wrong
+    CURVE key looks the same), an NMPC with an empty estimator list, an MHE setting named
+    as in the scenario (not its internal config name)."""
+    from tests.ports import free_addresses
+
+    assert main(["monitor", "127.0.0.1:5999", "--duration", "0.1"]) == 2
+    assert "expected tcp://HOST:PORT" in capsys.readouterr().err
+    tel, cmd = free_addresses(2)
+    assert main(["serve", "plant", "scenarios/hil_pid_newera.toml", "--telemetry", tel,
+                 "--commands", cmd, "--wait", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "no controller hello within 0.5 s" in err and "a wrong key looks exactly like" in err
+    from mpc_dose.scenario import load_scenario
+    from mpc_dose.trial.build import build_setup
+
+    with pytest.raises(ConfigError, match=r"controller\.nmpc\.estimator\.parameters: empty"):
+        build_setup(load_scenario("scenarios/tiva_nmpc_training.toml",
+                                  {"controller.nmpc.estimator.parameters": []}), 0, 0)
+    with pytest.raises(ConfigError, match=r"^controller\.nmpc\.estimator\.min_samples: need"):
+        build_setup(load_scenario("scenarios/tiva_nmpc_training.toml",
+                                  {"controller.nmpc.estimator.min_samples": 50}), 0, 0)

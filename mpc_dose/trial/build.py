@@ -7,6 +7,7 @@ Every patient is built from (scenario, seed, patient index) alone; see
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -491,9 +492,15 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
     for name in spec.scaled:
         own.model.parameter(name)
         params[name] *= spec.prior_scale
-    nmpc = NMPCConfig(**_nmpc_fields(spec, c, own.model, scenario.scenario.start_clock_h))
+    with _scenario_names():
+        nmpc = NMPCConfig(**_nmpc_fields(spec, c, own.model, scenario.scenario.start_clock_h))
     est = spec.estimator
     mhe = bayes = None
+    if est.kind in ("mhe", "ekf", None) and not est.parameters:
+        raise ConfigError(f"controller.nmpc.estimator.parameters: empty; name the parameters "
+                          f"to estimate (with population variability in "
+                          f"{own.model.name!r}: {', '.join(own.population.eta_names)}), or "
+                          f"set estimator.kind = \"none\"")
     if est.kind == "map":
         bayes = _bayes_estimator(scenario, spec, own, patient_covariates)
     elif est.kind != "none":
@@ -516,8 +523,9 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
         given = {k: getattr(est, k) for k in ("window", "min_samples", "disturbance",
                                               "disturbance_sd", "q_eta", "q_d", "eta_bound_sd")
                  if getattr(est, k) is not None}
-        mhe = MHEConfig(spec.output, tuple(est.parameters), tuple(map(tuple, sub)),
-                        noise_sd=noise_sd, **given)
+        with _scenario_names():
+            mhe = MHEConfig(spec.output, tuple(est.parameters), tuple(map(tuple, sub)),
+                            noise_sd=noise_sd, **given)
     shared = None
     if share:  # one patient at a time per process: the built problem serves them all
         from ..control.nmpc import NonlinearMPC, problem_structure
@@ -530,8 +538,24 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
             shared = _SHARED_NMPC[key] = NonlinearMPC(own.model, nmpc)
         shared.reset(nmpc)
     kind = {} if est.kind in (None, "none", "map") else {"estimator": est.kind}
-    return MPCController(own.model, params, nmpc, mhe, measured=measured, mpc=shared,
-                         bayes=bayes, **kind)
+    with _scenario_names():
+        return MPCController(own.model, params, nmpc, mhe, measured=measured, mpc=shared,
+                             bayes=bayes, **kind)
+
+
+@contextlib.contextmanager
+def _scenario_names():
+    """Errors of the control layer's configs name their fields as the scenario file does
+    (``mhe.window`` is ``controller.nmpc.estimator.window`` there)."""
+    try:
+        yield
+    except ConfigError as err:
+        text = str(err)
+        for internal, key in (("mhe.", "controller.nmpc.estimator."),
+                              ("nmpc.", "controller.nmpc.")):
+            if text.startswith(internal):
+                raise ConfigError(key + text[len(internal):]) from None
+        raise
 
 
 def _bayes_estimator(scenario: Scenario, spec, own: LibraryModel, covariates: dict):
