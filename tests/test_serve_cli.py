@@ -120,7 +120,7 @@ def test_monitor_prints_values_modes_and_alarms(capsys):
 
     import zmq
 
-    from mpc_dose.protocol.messages import Alarm, Measurement, PumpStatus
+    from mpc_dose.protocol.messages import Alarm, Heartbeat, Measurement, PumpStatus
     from mpc_dose.transport.zmq_link import Telemetry
 
     from tests.ports import free_addresses
@@ -137,6 +137,7 @@ def test_monitor_prints_values_modes_and_alarms(capsys):
                                 mode="COMMANDED"))
             pub.send(Alarm(code="pump.lease_expired", priority="medium", kind="technical",
                            text="no command"))
+            pub.send(Heartbeat(role="plant", state="waiting"))
             time.sleep(0.05)
 
     thread = threading.Thread(target=publish)
@@ -148,7 +149,8 @@ def test_monitor_prints_values_modes_and_alarms(capsys):
         thread.join()
         context.destroy(linger=0)
     out = capsys.readouterr().out
-    assert "plant: bis = 48.5 1 [valid]" in out
+    assert "plant: bis = 48.5 [valid]" in out  # dimensionless: no "1" as a unit
+    assert out.count("plant waiting") == 1  # a heartbeat is shown when its state changes
     assert "pump propofol infusing 120 mL/h mode COMMANDED" in out
     assert "ALARM medium pump.lease_expired" in out
 
