@@ -481,10 +481,10 @@ def _cmd_monitor(args) -> int:
     from .transport.zmq_link import TelemetryReader
 
     context = zmq.Context()
-    reader = TelemetryReader(context, args.telemetry, keys=_keys(args, server=False))
     end = None if args.duration is None else time.monotonic() + args.duration
     states: dict[str, str] = {}   # a heartbeat is shown when its sender's state changes
     try:
+        reader = TelemetryReader(context, args.telemetry, keys=_keys(args, server=False))
         while end is None or time.monotonic() < end:
             for env in reader.drain(0.5):
                 m = env.message

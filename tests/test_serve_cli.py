@@ -198,3 +198,44 @@ def test_errors_say_what_to_do_instead_of_a_traceback(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"^controller\.nmpc\.estimator\.min_samples: need"):
         build_setup(load_scenario("scenarios/tiva_nmpc_training.toml",
                                   {"controller.nmpc.estimator.min_samples": 50}), 0, 0)
+
+
+def _open_contexts() -> set[int]:
+    import gc
+
+    import zmq
+
+    return {id(o) for o in gc.get_objects() if isinstance(o, zmq.Context) and not o.closed}
+
+
+def test_a_process_that_fails_to_start_closes_its_sockets(tmp_path):
+    """A serve process that gives up (no controller, an address in use, a bad address)
+    destroys its ZeroMQ context on the way out. Left to the garbage collector, a context
+    whose sockets are still open hangs in zmq_ctx_term: a later collection froze CI for 85
+    minutes."""
+    import socket
+
+    from mpc_dose.scenario import load_scenario
+    from mpc_dose.serve.controller import ControllerProcess
+    from mpc_dose.serve.pump_bridge import PumpBridgeProcess
+    from tests.ports import free_addresses
+
+    before = _open_contexts()
+    tel, cmd = free_addresses(2)
+    assert main(["serve", "plant", "scenarios/hil_pid_newera.toml", "--telemetry", tel,
+                 "--commands", cmd, "--wait", "0.2"]) == 2
+    assert main(["monitor", "127.0.0.1:5999", "--duration", "0.1"]) == 2
+    with pytest.raises(ConfigError, match="expected tcp://HOST:PORT"):
+        ControllerProcess(load_scenario("scenarios/hil_pid_newera.toml"), [(0, 0)],
+                          ["127.0.0.1:1"], [{}])
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        config = load_bridge_config(bridge(bridge__commands=f"tcp://127.0.0.1:{port}"))
+        with pytest.raises(Exception, match="[Aa]ddress already in use"):
+            PumpBridgeProcess(config, audit=tmp_path / "audit.sqlite")
+    finally:
+        taken.close()
+    assert _open_contexts() <= before

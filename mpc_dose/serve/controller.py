@@ -87,6 +87,25 @@ class ControllerProcess:
                  audit: str | Path | None = None, keys: Keys | None = None,
                  ack_timeout_s: float = 1.0, retries: int = 2) -> None:
         self.context = zmq.Context()
+        self.log = None
+        try:
+            self._open(scenario, patients, telemetry, pumps, plant_commands, audit, keys,
+                       ack_timeout_s, retries)
+        except BaseException:
+            # a bad address or scenario: nothing is left to the garbage collector, whose
+            # collection of a context with open sockets hangs in zmq_ctx_term
+            self.close()
+            raise
+        self.period_s = self.links[0].node.controller.period_s if self.links else 1.0
+        self.sweeps_s: list[float] = []
+        self.missed_deadlines = 0
+        #: True once the process has stopped commanding (deadline misses)
+        self.fallback = False
+
+    def _open(self, scenario, patients, telemetry, pumps, plant_commands, audit, keys,
+              ack_timeout_s, retries) -> None:
+        """The patients' nodes, their telemetry readers and pump clients (__init__'s work,
+        apart so that a failure can close what was opened)."""
         self.scenario = scenario
         self.log = AuditLog(audit, "controller") if audit else None
         self.ack_timeout_s, self.retries = ack_timeout_s, retries
@@ -111,11 +130,6 @@ class ControllerProcess:
             if plant_cmd and plant is None:
                 plant = self._client(plant_cmd, node.src, keys)
             self.links.append(PatientLink(node, reader, clients, plant, (index, seed)))
-        self.period_s = self.links[0].node.controller.period_s if self.links else 1.0
-        self.sweeps_s: list[float] = []
-        self.missed_deadlines = 0
-        #: True once the process has stopped commanding (deadline misses)
-        self.fallback = False
 
     def _client(self, address: str, src: str, keys: Keys | None) -> CommandClient:
         client = CommandClient(self.context, address, src=src, epoch=self.epoch, keys=keys)

@@ -245,10 +245,19 @@ class PumpBridgeProcess:
         self.core = BridgeCore(node, self.log, PeerBudget(b.peer_frames_per_s, b.peer_burst))
         self.node = node
         self.context = zmq.Context()
-        # the allow-list runs before any server socket exists (deny by default)
-        self.auth = Authenticator(self.context, keys.clients) if keys is not None else None
-        self.server = CommandServer(self.context, b.commands, src="pump-bridge", keys=keys)
-        self.pub = Telemetry(self.context, b.telemetry, src="pump-bridge", keys=keys)
+        self.auth = None
+        try:
+            # the allow-list runs before any server socket exists (deny by default)
+            self.auth = Authenticator(self.context, keys.clients) if keys is not None \
+                else None
+            self.server = CommandServer(self.context, b.commands, src="pump-bridge",
+                                        keys=keys)
+            self.pub = Telemetry(self.context, b.telemetry, src="pump-bridge", keys=keys)
+        except BaseException:
+            # an address in use or a bad key: close what was opened (a context left to
+            # the garbage collector with open sockets hangs in zmq_ctx_term)
+            self.close()
+            raise
         if self.log is not None:  # every frame out is recorded before it leaves
             self.pub.on_send = self.server.on_send = \
                 lambda envelope: self.log.message("out", envelope)
