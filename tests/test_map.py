@@ -67,10 +67,12 @@ def test_mipd_adjusts_the_next_dose_to_the_levels():
                            measured="level", interval_s=12 * H, infusion_s=H,
                            target_auc_24h=500)
         first = c.decide(0.0, {})
+        c.applied(0.0, first.rates)          # as the loop reports what the pumps did
+        c.applied(H, {"vancomycin": 0.0})
         c.observe(Reading("level", level, "mg/L", 11.5 * H))
-        c.decide(12 * H, {})
-        doses.append(c._doses[-1].amount)
-        assert first.rates["vancomycin"] == pytest.approx(c._doses[0].amount / H)
+        c.applied(12 * H, c.decide(12 * H, {}).rates)
+        doses.append(c.doses[-1][1])
+        assert first.rates["vancomycin"] == pytest.approx(c.doses[0][1] / H)
         assert c.decide(12.5 * H, {}).rates["vancomycin"] > 0
         assert c.decide(13.5 * H, {}).rates["vancomycin"] == 0
     assert doses[0] > doses[1]

@@ -17,8 +17,9 @@ from ..errors import ConfigError
 from ..model.dosing import Dose
 from ..model.library import LibraryModel
 from ..model.simulation import simulate
-from .base import Decision, Reading
+from .base import Reading
 from .estimation import BayesianEstimator, EstimationConfig, EstimationResult, map_fit
+from .scheduled import ScheduledInfusions
 
 __all__ = ["MapResult", "MapEstimator", "dose_for_auc", "MIPDController"]
 
@@ -91,69 +92,100 @@ def dose_for_auc(library_model: LibraryModel, params: Mapping[str, float], *, in
     return target_auc / auc_per_unit
 
 
-class MIPDController:
+class MIPDController(ScheduledInfusions):
     """Model-informed precision dosing without MPC: at each scheduled dose, the MAP estimate
-    from the levels received so far (the estimator is told each dose given and each level at
-    its sample time), then the dose whose AUC over the dosing interval (as a single infusion)
-    meets the target AUC scaled to the interval, planned with the estimated etas.
+    from the levels back so far (the estimator is told what the pumps delivered, each level
+    at its sample time and each covariate change), then the dose whose AUC over the dosing
+    interval (as one infusion) meets the target AUC scaled to the interval, planned with the
+    estimated etas and the covariates in force. The first dose, from the prior alone, fills
+    an empty patient: a loading dose (capped by *loading_dose_max*).
 
-    A :class:`~mpc_dose.control.base.Controller`: it returns the infusion rate in force
-    (dose / infusion time during an infusion, else 0).
+    Amounts in the input's amount unit, *target_auc_24h* in the output's unit x h; the
+    schedule, caps and rounding are :class:`~mpc_dose.control.scheduled.ScheduledInfusions`'.
+    The AUC is linear in the dose for a model whose dynamics are affine in the inputs
+    (required: the planned dose is one superposition).
     """
 
     def __init__(self, library_model: LibraryModel, covariates: Mapping[str, object], *,
                  input: str, output: str, measured: str, interval_s: float, infusion_s: float,
                  target_auc_24h: float, period_s: float = 600.0, name: str = "mipd",
-                 config: EstimationConfig | None = None) -> None:
-        if not (0 < infusion_s <= interval_s):
-            raise ConfigError(f"mipd: need 0 < infusion_s <= interval_s, got {infusion_s} and "
-                              f"{interval_s}")
-        self.lm, self.name, self.period_s = library_model, name, period_s
-        self.inputs = (input,)
-        self.input, self.output, self.measured = input, output, measured
-        self.interval_s, self.infusion_s = interval_s, infusion_s
-        self.target = target_auc_24h * interval_s / 86400.0
-        self.estimator = BayesianEstimator(
+                 config: EstimationConfig | None = None, first_dose_s: float = 0.0,
+                 rounding: Sequence[tuple[float, float]] = (), max_dose: float = math.inf,
+                 loading_dose_max: float | None = None,
+                 estimator: BayesianEstimator | None = None) -> None:
+        super().__init__(input=input, interval_s=interval_s, infusion_s=infusion_s,
+                         first_dose_s=first_dose_s, period_s=period_s, rounding=rounding,
+                         max_dose=max_dose, loading_dose_max=loading_dose_max, name=name)
+        if not library_model.model.is_affine:
+            raise ConfigError(f"{name}: model {library_model.model.name!r} is not affine in "
+                              f"its inputs; the dose for an AUC is found by superposition")
+        if not (math.isfinite(target_auc_24h) and target_auc_24h > 0):
+            raise ConfigError(f"{name}: target_auc_24h = {target_auc_24h!r}; expected > 0")
+        self.lm = library_model
+        self.output, self.measured = output, measured
+        self.target_auc_24h = float(target_auc_24h)
+        self.estimator = estimator if estimator is not None else BayesianEstimator(
             library_model, covariates, config if config is not None else
             EstimationConfig(output))
-        self._doses: list[Dose] = []
+        self._delivered: list[tuple[float, float]] = []   # (from [s], rate) as reported
         self._levels = 0
         self.last_estimate: MapResult | None = None
 
+    # ------------------------------------------------------------------ telling it
     def observe(self, reading: Reading) -> None:
-        if reading.var == self.measured and reading.quality == "valid" and \
+        if reading.var == self.measured and reading.quality in ("valid", "underflow") and \
                 math.isfinite(reading.value):
-            self.estimator.add_reading(reading.t_meas_s, reading.value)
+            # underflow: the value is the limit of quantification (M3)
+            self.estimator.add_reading(reading.t_meas_s, reading.value,
+                                       blq=reading.quality == "underflow")
             self._levels += 1
 
-    def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
-        k = int(math.floor(t_s / self.interval_s + 1e-9))
-        start = k * self.interval_s
-        if not any(abs(d.time_s - start) < 1e-6 for d in self._doses):
-            estimate = self.estimator.update(t_s)
-            self.last_estimate = estimate
-            dose = Dose.from_record(start, self.input, amount=self._dose(start),
-                                    duration_s=self.infusion_s)
-            self._doses.append(dose)
-            self.estimator.add_dose(dose)
-        current = next(d for d in self._doses if abs(d.time_s - start) < 1e-6)
-        on = start <= t_s < start + self.infusion_s
-        reason = (f"MIPD: dose {current.amount:.0f} over {self.infusion_s / 3600:g} h at "
-                  f"{start / 3600:g} h from {self._levels} level(s)")
-        return Decision(t_s, {self.input: current.rate if on else 0.0}, reason)
+    def applied(self, t_s: float, rates: Mapping[str, float]) -> None:
+        """What the pumps delivered from *t_s* on (after the supervisor, rounding, refusals,
+        occlusions): the record both the estimate and the next dose are built on."""
+        rate = float(rates.get(self.input, 0.0))
+        self._delivered = [(t, r) for t, r in self._delivered if t < t_s] + [(t_s, rate)]
+        self.estimator.delivered(t_s, {self.input: rate})
 
-    def _dose(self, start: float) -> float:
-        """Dose making the AUC over the next interval meet the target, given earlier doses,
-        with the planning parameters (typical values now, estimated etas)."""
+    def covariates_from(self, t_s: float, covariates: Mapping[str, object]) -> None:
+        self.estimator.covariates_from(t_s, covariates)
+
+    # ------------------------------------------------------------------ deciding
+    def dose_at(self, start_s: float) -> tuple[float, str]:
+        self.last_estimate = self.estimator.update(start_s)
+        target = self.target_auc_24h * self.interval_s / 86400.0
+        amount = self._dose_for(start_s, target)
+        state = "prior only" if not self._levels else \
+            f"MAP of {self._levels} level(s){'' if self.last_estimate.success else ' (failed)'}"
+        return amount, f"AUC {target:g} over the interval, {state}"
+
+    def _history(self, until_s: float) -> list[Dose]:
+        """The doses before *until_s*: what was delivered (rate segments), or the doses
+        decided when nothing was reported (a controller used on its own)."""
+        if not self._delivered:
+            return [Dose.from_record(t, self.input, amount=a, duration_s=self.infusion_s)
+                    for t, a, _ in self.doses if t < until_s]
+        doses = []
+        for k, (t, rate) in enumerate(self._delivered):
+            end = min(self._delivered[k + 1][0] if k + 1 < len(self._delivered) else until_s,
+                      until_s)
+            if rate > 0 and end > t:
+                doses.append(Dose.from_record(t, self.input, amount=rate * (end - t),
+                                              duration_s=end - t))
+        return doses
+
+    def _dose_for(self, start: float, target: float) -> float:
+        """Dose making the AUC over the next interval meet *target*, given earlier doses,
+        with the planning parameters (covariates at *start*, estimated etas)."""
+        from scipy.integrate import simpson
+
         model = self.lm.model
         params = self.estimator.theta_at(start)
         times = np.linspace(start, start + self.interval_s, 1201)
-        from scipy.integrate import simpson
-
-        base = simulate(model, params, self._doses, np.concatenate([[0.0], times]))
+        grid = np.concatenate([[0.0], times])
+        base = simulate(model, params, self._history(start), grid)
         auc_base = simpson(base.output(self.output)[1:], x=times) / 3600.0
         unit = simulate(model, params, [Dose.from_record(
-            start, self.input, amount=1.0, duration_s=self.infusion_s)],
-            np.concatenate([[0.0], times]))
+            start, self.input, amount=1.0, duration_s=self.infusion_s)], grid)
         auc_unit = simpson(unit.output(self.output)[1:], x=times) / 3600.0
-        return max(0.0, (self.target - auc_base) / auc_unit)
+        return max(0.0, (target - auc_base) / auc_unit)

@@ -201,7 +201,9 @@ class PythonSpec(_Strict):
 _KINDS = {"rate": ("an amount per time, e.g. mg_per_h, ug_per_s, mmol_per_min",
                    ({"mass": 1, "time": -1}, {"substance": 1, "time": -1})),
           "amount": ("an amount, e.g. mg, g, umol", ({"mass": 1}, {"substance": 1})),
-          "time": ("a time, e.g. s, min, h, d", ({"time": 1},))}
+          "time": ("a time, e.g. s, min, h, d", ({"time": 1},)),
+          "per_body_mass": ("an amount per kg of body weight, e.g. mg_per_kg, umol_per_kg",
+                            ({}, {"substance": 1, "mass": -1}))}
 
 
 def _unit_keys(data: dict, quantities: dict[str, str], plain: typing.Iterable[str]) -> dict:
@@ -460,8 +462,73 @@ class SafetySpec(_Strict):
         return data
 
 
+class RoundingSpec(_Quantities):
+    """A dose below ``below_<unit>`` (any dose when not given) is rounded to the nearest
+    multiple of ``step_<unit>``."""
+
+    QUANTITIES = {"below": "amount", "step": "amount"}
+
+
+class ScheduleSpec(_Quantities):
+    """Intermittent infusions on a dosing clock (control/scheduled.py): one input, each dose
+    over ``infusion_s``, the first at ``dose_clock_h`` on the scenario's clock (at t = 0 when
+    not given); caps ``max_dose_<unit>`` and ``loading_dose_max_<unit>`` (the first dose);
+    ``rounding``: rows ``{below_<unit> = 500, step_<unit> = 50}`` (a dose under *below* is
+    rounded to a multiple of *step*; the last row may omit *below*)."""
+
+    QUANTITIES = {"max_dose": "amount", "loading_dose_max": "amount"}
+    input: str
+    #: the model output whose levels it reads (their sensor: controller.safety.measured)
+    output: str
+    infusion_s: float = Field(gt=0)
+    dose_clock_h: float | None = Field(None, ge=0, lt=24)
+    rounding: list[RoundingSpec] = []
+
+
+class NomogramBandSpec(_Strict):
+    """A nomogram row: from ``at_least`` (the band covariate's declared unit) on, a dose every
+    ``interval_h`` hours; no ``interval_h``: a loading dose only."""
+
+    at_least: float
+    interval_h: float | None = Field(None, gt=0)
+
+
+class NomogramSpec(ScheduleSpec):
+    """A printed dosing nomogram (control/scheduled.py NomogramController): a loading dose
+    and a maintenance dose per kg of ``weight_covariate`` (``loading_dose_mg_per_kg``,
+    ``maintenance_dose_mg_per_kg``), the interval from the band ``band_covariate`` falls in,
+    and trough-guided adjustment (``trough_target``, ``trough_low``, ``trough_high``: a
+    steady-state trough outside the range scales the dose to the target)."""
+
+    QUANTITIES = {**ScheduleSpec.QUANTITIES, "loading_dose": "per_body_mass",
+                  "maintenance_dose": "per_body_mass"}
+    band_covariate: str
+    weight_covariate: str = "weight"
+    band: list[NomogramBandSpec]
+    trough_target: Quantity | None = None
+    trough_low: Quantity | None = None
+    trough_high: Quantity | None = None
+    #: a level drawn at most this long before a scheduled dose is its trough [s]
+    trough_before_s: float = Field(7200.0, gt=0)
+    #: doses of a regimen given before its trough counts as steady state
+    steady_state_doses: int = Field(3, ge=1)
+
+
+class MIPDSpec(ScheduleSpec):
+    """Bayesian MIPD (control/map_estimation.py MIPDController): at each dose the MAP
+    estimate from the levels back, then the dose for ``auc_target`` (AUC over 24 h, the
+    output's unit x h) over the next ``dose_interval_s``; the estimator as
+    ``[controller.nmpc.estimator]`` with kind "map"."""
+
+    #: the controller's model (the patient's model when not given)
+    model: str | None = None
+    dose_interval_s: float = Field(gt=0)
+    auc_target: Quantity
+    estimator: EstimatorSpec = EstimatorSpec(kind="map")
+
+
 class ControllerSpec(_Strict):
-    kind: Literal["pid", "fixed", "tci", "python", "nmpc"]
+    kind: Literal["pid", "fixed", "tci", "python", "nmpc", "nomogram", "mipd"]
     period_s: float = Field(gt=0)
     lease_periods: float = Field(3.0, gt=0)
     safety: SafetySpec = SafetySpec()
@@ -470,6 +537,8 @@ class ControllerSpec(_Strict):
     tci: TCISpec | None = None
     python: PythonSpec | None = None
     nmpc: NMPCSpec | None = None
+    nomogram: NomogramSpec | None = None
+    mipd: MIPDSpec | None = None
 
 
 class MetricsSpec(_Strict):

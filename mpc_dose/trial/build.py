@@ -282,18 +282,20 @@ def safety_config(scenario: Scenario, model) -> SafetyConfig:
     if c.kind == "pid":
         pid = c.pid or PIDSpec()
         defaults = {"measured": pid.measured, "max_rates": dict(pid.max_rates)}
-    elif c.kind == "nmpc" and c.nmpc is not None:
-        bounds = _nmpc_fields(c.nmpc, c, model)["rate_bounds"]
-        defaults = {"max_rates": {name: high for name, (_, high) in bounds.items()}}
+    elif c.kind in ("nmpc", "mipd", "nomogram") and getattr(c, c.kind) is not None:
+        defaults = {}
+        if c.kind == "nmpc":
+            bounds = _nmpc_fields(c.nmpc, c, model)["rate_bounds"]
+            defaults["max_rates"] = {name: high for name, (_, high) in bounds.items()}
         if given.measured is None:
-            output = c.nmpc.output
+            output = getattr(c, c.kind).output
             found = sorted({s.var or s.output for s in scenario.sensor if s.output == output})
             if not found:
-                raise ConfigError(f"controller.nmpc.output = {output!r}: no [[sensor]] "
+                raise ConfigError(f"controller.{c.kind}.output = {output!r}: no [[sensor]] "
                                   f"measures it; add one (output = {output!r}) or name the "
                                   f"reading in controller.safety.measured")
             if len(found) > 1:
-                raise ConfigError(f"controller.nmpc.output = {output!r} is measured by "
+                raise ConfigError(f"controller.{c.kind}.output = {output!r} is measured by "
                                   f"several sensors ({', '.join(found)}); name the one that "
                                   f"drives the dose in controller.safety.measured")
             defaults["measured"] = found[0]
@@ -382,11 +384,96 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
         return _nmpc_controller(scenario, chosen, c, own,
                                 _controller_params(scenario, own, patient),
                                 dict(patient.covariates), share, measured)
+    if c.kind in ("nomogram", "mipd"):
+        return _scheduled_controller(scenario, chosen, c, lm, patient, measured)
     factory = load_user_controller(chosen.target, scenario.base_dir)
     made = factory(inputs=tuple(chosen.inputs), period_s=c.period_s, **chosen.options)
     if hasattr(made, "decide"):
         return made
     return CallableController(made, chosen.inputs, period_s=c.period_s, name=chosen.target)
+
+
+def _scheduled_controller(scenario: Scenario, spec, c, lm: LibraryModel,
+                          patient: VirtualPatientSpec, measured: str | None) -> Controller:
+    """``kind = "nomogram"`` or ``"mipd"``: doses on a clock (control/scheduled.py), amounts
+    in the input's amount unit, levels in the measured output's unit; both are told the
+    scenario's covariate changes when they happen."""
+    where = f"controller.{c.kind}"
+    own = load(spec.model) if getattr(spec, "model", None) else lm
+    amount_unit = _amount_unit(own.model, spec.input, f"{where}.input")
+
+    def amount(quantity, key: str) -> float:
+        value, unit = quantity
+        try:
+            return value * conversion_factor(unit, amount_unit, what=f"{where}.{key}")
+        except UnitError as err:
+            raise ConfigError(str(err)) from None
+
+    rounding = []
+    for k, row in enumerate(spec.rounding):
+        if "step" not in row.quantities:
+            raise ConfigError(f"{where}.rounding[{k}]: needs step_<unit> (e.g. step_mg = 250)")
+        below = amount(row.quantities["below"], f"rounding[{k}].below") \
+            if "below" in row.quantities else math.inf
+        rounding.append((below, amount(row.quantities["step"], f"rounding[{k}].step")))
+    caps = {name: amount(spec.quantities[name], name)
+            for name in ("max_dose", "loading_dose_max") if name in spec.quantities}
+    first_dose_s = 0.0
+    if spec.dose_clock_h is not None:
+        start = scenario.scenario.start_clock_h or 0.0
+        first_dose_s = ((spec.dose_clock_h - start) % 24.0) * 3600.0
+    common = dict(input=spec.input, infusion_s=spec.infusion_s, period_s=c.period_s,
+                  first_dose_s=first_dose_s, rounding=rounding, **caps)
+    if measured is None:
+        raise ConfigError(f"{where}: needs the variable of the levels it reads "
+                          f"(controller.safety.measured or a sensor)")
+    if spec.output not in own.model.output_names:
+        raise ConfigError(f"{where}.output: model {own.model.name!r} has no output "
+                          f"{spec.output!r}; outputs: {', '.join(own.model.output_names)}")
+    level_unit = own.model.outputs[own.model.output_index(spec.output)].unit
+    changes = [(ch.time_s, ch.covariates) for ch in scenario.covariate_change]
+    if c.kind == "nomogram":
+        from ..control.scheduled import NomogramBand, NomogramController
+
+        per_kg = {}
+        for name in ("loading_dose", "maintenance_dose"):
+            if name not in spec.quantities:
+                raise ConfigError(f"{where}: needs {name}_<unit> (e.g. {name}_mg_per_kg)")
+            value, unit = spec.quantities[name]
+            try:
+                per_kg[name] = value * conversion_factor(unit, f"{amount_unit}/kg",
+                                                         what=f"{where}.{name}")
+            except UnitError as err:
+                raise ConfigError(str(err)) from None
+        troughs = {name: _quantity(getattr(spec, name), level_unit, f"{where}.{name}")
+                   for name in ("trough_target", "trough_low", "trough_high")}
+        made = NomogramController(
+            measured=measured, bands=[NomogramBand(b.at_least, None if b.interval_h is None
+                                                   else b.interval_h * 3600.0)
+                                      for b in spec.band],
+            band_covariate=spec.band_covariate, weight_covariate=spec.weight_covariate,
+            covariates=patient.covariates, loading_per_kg=per_kg["loading_dose"],
+            maintenance_per_kg=per_kg["maintenance_dose"],
+            trough_before_s=spec.trough_before_s,
+            steady_state_doses=spec.steady_state_doses, **troughs, **common)
+    else:
+        from ..control.map_estimation import MIPDController
+
+        if spec.estimator.kind not in (None, "map"):
+            raise ConfigError(f"{where}.estimator.kind = {spec.estimator.kind!r}: MIPD uses "
+                              f"the Bayesian MAP estimate (\"map\")")
+        auc_unit = level_unit.replace("/", "*h/", 1) if "/" in level_unit else \
+            f"{level_unit}*h"
+        bayes = _bayes_estimator(scenario, spec, own, dict(patient.covariates), where)
+        made = MIPDController(own, patient.covariates, output=spec.output, measured=measured,
+                              interval_s=spec.dose_interval_s,
+                              target_auc_24h=_quantity(spec.auc_target, auc_unit,
+                                                       f"{where}.auc_target"),
+                              estimator=bayes, **common)
+        changes = []   # the estimator was told them
+    for t, covariates in changes:
+        made.covariates_from(t, covariates)
+    return made
 
 
 def _controller_params(scenario: Scenario, own: LibraryModel,
@@ -600,9 +687,10 @@ def _scenario_names():
         raise
 
 
-def _bayes_estimator(scenario: Scenario, spec, own: LibraryModel, covariates: dict):
-    """The Bayesian MAP estimator of ``estimator.kind = "map"``, told the scenario's
-    covariate changes (from their time on) and occasions."""
+def _bayes_estimator(scenario: Scenario, spec, own: LibraryModel, covariates: dict,
+                     where: str = "controller.nmpc"):
+    """The Bayesian MAP estimator of ``estimator.kind = "map"`` (``[<where>.estimator]``),
+    told the scenario's covariate changes (from their time on) and occasions."""
     from ..control.estimation import BayesianEstimator, EstimationConfig
 
     est = spec.estimator
@@ -614,7 +702,7 @@ def _bayes_estimator(scenario: Scenario, spec, own: LibraryModel, covariates: di
     unit = own.model.outputs[own.model.output_index(spec.output)].unit
     for name in ("disturbance_sd", "lloq"):
         if name in given:
-            given[name] = _quantity(given[name], unit, f"controller.nmpc.estimator.{name}")
+            given[name] = _quantity(given[name], unit, f"{where}.estimator.{name}")
     try:
         config = EstimationConfig(spec.output, **given)
         mine = {k: v for k, v in covariates.items()
@@ -628,7 +716,7 @@ def _bayes_estimator(scenario: Scenario, spec, own: LibraryModel, covariates: di
         for t in scenario.patient.occasions_s:
             bayes.new_occasion(t)
     except ConfigError as err:
-        raise ConfigError(f"controller.nmpc.estimator: {err}") from None
+        raise ConfigError(f"{where}.estimator: {err}") from None
     return bayes
 
 

@@ -1,0 +1,181 @@
+"""Dosing by rule on a clock: rounding, the printed vancomycin nomogram with trough-guided
+adjustment, and both standard-practice kinds (nomogram, Bayesian MIPD) from scenario files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mpc_dose.control.base import Reading
+from mpc_dose.control.scheduled import NomogramBand, NomogramController, round_dose
+from mpc_dose.errors import ConfigError
+from mpc_dose.scenario import load_scenario
+from mpc_dose.trial.build import build_setup
+from mpc_dose.trial.closed_loop import run_closed_loop
+
+H = 3600.0
+#: Bugs & Drugs (Alberta) vancomycin nomogram, trough target 15-20 mg/L column
+#: (therapy-and-device-anchors.md 1(c) SOC-A)
+BANDS = [NomogramBand(80, 8 * H), NomogramBand(40, 12 * H), NomogramBand(20, 24 * H),
+         NomogramBand(10, 48 * H), NomogramBand(0, None)]
+ROUNDING = [(500.0, 50.0), (math.inf, 250.0)]
+
+
+@pytest.mark.parametrize("amount, expected", [(1124, 1000), (1125, 1250), (1376, 1500),
+                                              (474, 450), (475, 500), (499, 500), (24, 0)])
+def test_round_dose_follows_the_source_rule(amount, expected):
+    """Nearest 50 mg under 500 mg, else nearest 250 mg (ties up)."""
+    assert round_dose(amount, ROUNDING) == expected
+
+
+def nomogram(crcl=90.0, weight=70.0, **kw):
+    options = dict(input="vancomycin", measured="level", bands=BANDS, band_covariate="crcl",
+                   weight_covariate="weight", covariates={"crcl": crcl, "weight": weight},
+                   loading_per_kg=25.0, maintenance_per_kg=15.0, infusion_s=H, period_s=H,
+                   rounding=ROUNDING, max_dose=2000.0, trough_target=17.5, trough_low=15.0,
+                   trough_high=20.0)
+    options.update(kw)
+    return NomogramController(**options)
+
+
+def doses_until(c, end_h):
+    for k in range(int(end_h)):
+        c.decide(k * H, {})
+    return [(t / H, amount) for t, amount, _ in c.doses]
+
+
+@pytest.mark.parametrize("crcl, interval_h", [(120, 8), (80, 8), (79.9, 12), (40, 12),
+                                               (39, 24), (20, 24), (15, 48)])
+def test_the_interval_is_the_band_of_the_creatinine_clearance(crcl, interval_h):
+    """70 kg: loading 25 mg/kg = 1750 mg, then 15 mg/kg = 1050 -> 1000 mg at the band's
+    interval."""
+    doses = doses_until(nomogram(crcl), 2 * interval_h + 1)
+    assert doses[0] == (0.0, 1750.0)
+    assert doses[1:] == [(interval_h, 1000.0), (2 * interval_h, 1000.0)]
+
+
+def test_caps_and_rounding_and_the_consult_band():
+    """150 kg: 15 mg/kg = 2250 mg is capped at 2000 mg; CrCL < 10: the loading dose only."""
+    assert doses_until(nomogram(90, 150), 9)[1] == (8.0, 2000.0)
+    assert [a for _, a in doses_until(nomogram(5, 70), 100)] == [1750.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_a_steady_state_trough_outside_the_range_scales_the_dose():
+    """q12h (CrCL 60): the trough before the 4th dose (35.5 h) of 25 mg/L turns 1000 mg into
+    1000 x 17.5/25 = 700 -> 750 mg; a trough in range, or one before steady state, changes
+    nothing."""
+    c = nomogram(60)
+    doses_until(c, 24)                                    # doses at 0, 12 h
+    c.observe(Reading("level", 30.0, "mg/L", 23.5 * H))   # before the 3rd dose: not yet
+    c.decide(24 * H, {})
+    c.observe(Reading("level", 25.0, "mg/L", 35.5 * H))   # before the 4th: steady state
+    for k in range(25, 50):
+        c.decide(k * H, {})
+    amounts = [a for _, a, _ in c.doses]
+    assert amounts == [1750.0, 1000.0, 1000.0, 750.0, 750.0]
+    assert c.adjustments == [(36 * H, 25.0, 1000.0, 700.0)]
+    in_range = nomogram(60)
+    doses_until(in_range, 36)
+    in_range.observe(Reading("level", 17.0, "mg/L", 35.5 * H))
+    for k in range(36, 50):
+        in_range.decide(k * H, {})
+    assert [a for _, a, _ in in_range.doses] == [1750.0, 1000.0, 1000.0, 1000.0, 1000.0]
+
+
+def test_a_new_creatinine_clearance_changes_the_interval_from_the_next_dose():
+    """CrCL 90 -> 30 mL/min at 20 h: q8h until then, q24h after (the next dose due at 24 h
+    starts it)."""
+    c = nomogram(90)
+    c.covariates_from(20 * H, {"crcl": 30.0})
+    starts = [t for t, _ in doses_until(c, 73)]
+    assert starts == [0.0, 8.0, 16.0, 24.0, 48.0, 72.0]
+
+
+def test_bad_nomograms_are_refused():
+    with pytest.raises(ConfigError, match="trough_target, trough_low and trough_high"):
+        nomogram(trough_low=None)
+    with pytest.raises(ConfigError, match="covariate 'crcl' = None; expected a number"):
+        nomogram(covariates={"weight": 70.0})
+    with pytest.raises(ConfigError, match="must be a multiple of the controller period"):
+        nomogram(period_s=7 * 60)
+
+
+def _scenario(tmp_path, kind_table: str, kind: str):
+    text = (REPO / "scenarios" / "vancomycin_nmpc.toml").read_text()
+    head = text.split("[controller]")[0]
+    (tmp_path / "s.toml").write_text(
+        head + f'[controller]\nkind = "{kind}"\nperiod_s = 3600\n\n[controller.safety]\n'
+        'dose_before_first_reading = true\nbelow_lloq_usable = true\nstale_after_s = 172800\n\n'
+        + kind_table + '\n[metrics]\noutput = "vancomycin_cp"\nclinical = "auc"\n')
+    return load_scenario(tmp_path / "s.toml")
+
+
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NOMOGRAM = """[controller.nomogram]
+input = "vancomycin"
+output = "vancomycin_cp"
+infusion_s = 3600
+dose_clock_h = 8.0
+band_covariate = "crcl"
+loading_dose_mg_per_kg = 25
+maintenance_dose_g_per_kg = 0.015
+max_dose_mg = 2000
+rounding = [{below_mg = 500, step_mg = 50}, {step_g = 0.25}]
+band = [{at_least = 80, interval_h = 8}, {at_least = 40, interval_h = 12}, {at_least = 0}]
+trough_target = "17.5 mg/L"
+trough_low = "15 mg/L"
+trough_high = "0.02 g/L"
+"""
+
+
+def test_the_nomogram_from_a_scenario_doses_through_the_pumps(tmp_path):
+    """The scenario's patients (CrCL 85-95, AKI to 30 mL/min at 48 h): 25 mg/kg at 08:00,
+    15 mg/kg q8h, units converted (g/kg, g, g/L); what the pumps delivered is the plan."""
+    setup, patient = build_setup(_scenario(tmp_path, NOMOGRAM, "nomogram"), 0, 0)
+    result = run_closed_loop(setup)
+    c = setup.controller
+    weight = patient.covariates["weight"]
+    assert c.doses[0][1] == round_dose(25 * weight, ROUNDING)
+    assert [t / H for t, _, _ in c.doses[:4]] == [0.0, 8.0, 16.0, 24.0]
+    assert c.trough_high == pytest.approx(20.0)
+    steps = [(t, rate) for t, _, rate, _ in result.deliveries] + [(96 * H, 0.0)]
+    given = sum(rate * (t1 - t0) for (t0, rate), (t1, _) in zip(steps, steps[1:]))
+    assert given == pytest.approx(sum(a for t, a, _ in c.doses if t + H <= 96 * H), rel=1e-6)
+
+
+def test_bayesian_mipd_from_a_scenario_learns_and_doses(tmp_path):
+    """kind = "mipd": a loading dose from the prior, capped at 3000 mg, then doses for an
+    AUC24 of 500 mg.h/L in 250-mg steps from the MAP estimate of the levels back."""
+    table = """[controller.mipd]
+input = "vancomycin"
+output = "vancomycin_cp"
+infusion_s = 3600
+dose_clock_h = 8.0
+dose_interval_s = 43200
+auc_target = "500 mg*h/L"
+max_dose_mg = 2000
+loading_dose_max_mg = 3000
+rounding = [{step_mg = 250}]
+
+[controller.mipd.estimator]
+kind = "map"
+parameters = ["vancomycin_cl1", "vancomycin_v1"]
+"""
+    setup, _ = build_setup(_scenario(tmp_path, table, "mipd"), 1, 0)
+    run_closed_loop(setup)
+    c = setup.controller
+    amounts = [a for _, a, _ in c.doses]
+    assert amounts[0] > amounts[1] and amounts[0] <= 3000
+    assert all(a % 250 == 0 and a <= 2000 for a in amounts[1:])
+    assert c.last_estimate is not None and c.last_estimate.success
+    assert "MAP of" in c.doses[-1][2]
+    with pytest.raises(ConfigError, match=r"controller\.mipd\.estimator\.kind = 'ekf'"):
+        build_setup(_scenario(tmp_path, table.replace('kind = "map"', 'kind = "ekf"'),
+                              "mipd"), 0, 0)
+    with pytest.raises(ConfigError, match=r"controller\.mipd\.output = 'nope': no \[\[sensor\]\] "
+                                          r"measures it"):
+        build_setup(_scenario(tmp_path, table.replace('output = "vancomycin_cp"',
+                                                      'output = "nope"'), "mipd"), 0, 0)
