@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UnitError
+from .errors import MpcDoseError, UnitError
 from .model.simulation import SimulationResult
 from .units import conversion_factor, parse_unit, token_to_unit
 
 __all__ = ["plot_simulation", "plot_closed_loop", "closed_loop_figure", "closed_loop_options",
-           "Column",
-           "parse_column", "unit_suffix", "unit_label", "quantity_label", "time_axis", "time_ticks", "rate_display_unit"]
+           "Column", "parse_column", "unit_suffix", "unit_label", "quantity_label",
+           "covariate_units", "covariate_value", "time_axis", "time_ticks",
+           "rate_display_unit"]
 
 #: the kinds of series in a closed-loop table, by column prefix
 _KINDS = ("true", "measured", "commanded", "delivered")
@@ -365,6 +366,25 @@ def _mode_spans(axes, t_s: np.ndarray, modes: np.ndarray, scale: float) -> list[
     return shown
 
 
+def covariate_units(model: str) -> dict[str, str]:
+    """The unit of each covariate of the library model *model* (``{"crcl": "mL/min"}``);
+    empty when the model is not in the library."""
+    try:
+        from .model.library import load
+
+        return {c.name: c.unit for c in load(model).population.covariates}
+    except (MpcDoseError, KeyError, ValueError):
+        return {}
+
+
+def covariate_value(value, unit: str | None) -> str:
+    """A covariate's value with its unit: ``"30 mL/min"``; a category as it is."""
+    if isinstance(value, (int, float)):
+        shown = f" {unit_label(unit)}" if unit and unit not in ("1", "") else ""
+        return f"{value:.3g}{shown}"
+    return str(value)
+
+
 def closed_loop_options(scenario) -> dict:
     """What a scenario tells :func:`closed_loop_figure` beyond the series: which output
     each sensor measures, the scored output with its target and window (``[metrics]``), the
@@ -389,16 +409,23 @@ def closed_loop_options(scenario) -> dict:
             options["soft_window"] = (nmpc.soft_low, nmpc.soft_high)
         if options.get("target") is None and nmpc.reference is not None:
             options["target"] = nmpc.reference
+    pid = scenario.controller.pid if scenario.controller.kind == "pid" else None
+    if pid is not None:  # a PID's set point is its target (scenarios without [metrics])
+        measured = options["measured_outputs"].get(pid.measured, pid.measured)
+        if options.setdefault("output", measured) == measured and \
+                options.get("target") is None:
+            options["target"] = pid.setpoint
     if nmpc is not None and nmpc.auc_target is not None:
         options["auc_target"] = nmpc.auc_target
         if nmpc.auc_soft_low is not None and nmpc.auc_soft_high is not None:
             options["auc_window"] = (nmpc.auc_soft_low, nmpc.auc_soft_high)
         if nmpc.auc_window_s:
             options["auc_period_s"] = nmpc.auc_window_s
-    marks = [(c.time_s, ", ".join(
-        f"{quantity_label(k)} changes to {v:g}" if isinstance(v, (int, float)) else
-        f"{quantity_label(k)} changes to {v}" for k, v in c.covariates.items()))
-        for c in scenario.covariate_change]
+    units = covariate_units(scenario.patient.model)
+    marks = [(c.time_s, ", ".join(f"{quantity_label(k)} changes to "
+                                  f"{covariate_value(v, units.get(k))}"
+                                  for k, v in c.covariates.items()))
+             for c in scenario.covariate_change]
     for d in scenario.disturbance:
         for t_s, value in zip(d.times_s, d.values):
             marks.append((t_s, f"{quantity_label(d.output)} disturbance "

@@ -4,13 +4,19 @@ supervisor's modes and alarms, and no label drawn over another."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from mpc_dose.plotting import (closed_loop_figure, parse_column, plot_closed_loop,
-                               rate_display_unit, time_axis, unit_label, unit_suffix)
+from mpc_dose.plotting import (closed_loop_figure, closed_loop_options, parse_column,
+                               plot_closed_loop, rate_display_unit, time_axis, unit_label,
+                               unit_suffix)
+from mpc_dose.scenario import load_scenario
 from tests.figures import text_overlaps
+
+SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 
 
 @pytest.mark.parametrize("column, kind, name, unit", [
@@ -165,3 +171,20 @@ def test_plot_closed_loop_writes_a_png(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(TypeError, match="unexpected keyword"):
         plot_closed_loop(_tiva_frame(), tmp_path / "bad.png", traget=50)
+
+
+def test_a_scenario_gives_the_run_plot_its_target_window_and_events():
+    """What `mpc-dose run` passes the plot: the scored output's target and window, a PID's
+    set point when the scenario scores nothing, the NMPC's soft bound and AUC target, which
+    output each sensor measures, the covariate change with its unit, the clock at t = 0."""
+    tiva = closed_loop_options(load_scenario(SCENARIOS / "tiva_benchmark.toml"))
+    assert (tiva["output"], tiva["target"], tiva["window"]) == ("bis", 50.0, (40.0, 60.0))
+    assert tiva["soft_window"] == (51.75, None)
+    assert tiva["marks"] == [(600.0, "BIS disturbance +10"), (900.0, "BIS disturbance ends")]
+    pid = closed_loop_options(load_scenario(SCENARIOS / "pid_induction_13.toml"))
+    assert (pid["output"], pid["target"]) == ("bis", 50.0)
+    vanco = closed_loop_options(load_scenario(SCENARIOS / "vancomycin_nmpc.toml"))
+    assert vanco["measured_outputs"] == {"vancomycin_level": "vancomycin_cp"}
+    assert (vanco["auc_target"], vanco["auc_window"]) == (500.0, (400.0, 600.0))
+    assert vanco["marks"] == [(172800.0, "CrCL changes to 30 mL/min")]
+    assert vanco["start_clock_h"] == 8.0

@@ -87,7 +87,12 @@ def test_the_report_opens_with_a_summary_a_clinician_can_read(comparison):
     assert "3 patients (numbers 1-3)" in summary and "same patients" in summary
     assert "PID on BIS (set point 50)" in summary
     assert "BIS: target 50, acceptable window 40-60" in summary
-    assert "Headline results" in summary and "Time in window" in summary
+    assert "Headline results" in summary
+    # a 10-min run's durations in minutes ("9.5 min in window", not "570 s")
+    assert '<td class="name" title="time_in_window_s">Time in window</td><td>min</td>' \
+        in summary
+    # the drug given as the amount so far: a bolus on a rate axis hides the rest of the run
+    assert 'alt="propofol given so far [mg]"' in page
     assert not re.search(r"\bnan\b", page, re.IGNORECASE), "no nan anywhere"
     rows = re.findall(r'<td class="name"[^>]*>([^<]*)</td><td>([^<]*)</td>', page)
     assert len(rows) > 20
@@ -122,6 +127,20 @@ def test_every_metric_of_the_trials_is_explained_with_a_unit():
     assert describe_metric("remifentanil_per_kg_ug_per_kg").unit == "µg/kg"
     assert describe_metric("anc_nadir_1e9_per_L").unit == "10⁹/L"
     assert format_value(float("nan")) == "n/a" and format_value(12345.6) == "12,346"
+
+
+def test_durations_are_shown_in_the_unit_of_the_run_length():
+    from mpc_dose.trial.report import in_readable_time_unit
+
+    info = describe_metric("time_in_window_s", "bis", "1")
+    minutes = in_readable_time_unit(info, 1200.0)
+    assert minutes.unit == "min"
+    assert minutes.values(pd.DataFrame({"time_in_window_s": [1143.0]}))[0] == \
+        pytest.approx(19.05)
+    assert in_readable_time_unit(info, 4 * 86400.0).unit == "h"
+    assert in_readable_time_unit(info, 300.0) == info          # a 5-min run: seconds
+    iae = describe_metric("iae", "bis", "1")
+    assert in_readable_time_unit(iae, 1200.0) == iae           # not a duration
 
 
 def test_the_report_figures_have_no_overlapping_labels(comparison):

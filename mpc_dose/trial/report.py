@@ -19,7 +19,7 @@ import json
 import re
 import textwrap
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +69,20 @@ def compare_table(folders: dict[str, Path]) -> pd.DataFrame:
 @dataclass(frozen=True)
 class MetricInfo:
     """A metric as a reader sees it: *label*, *unit* (as printed; ``"dimensionless"`` for a
-    pure number) and a one-line *explanation*; *group* orders the metrics table."""
+    pure number) and a one-line *explanation*; *group* orders the metrics table. The page
+    shows ``metrics.csv``'s value times *factor* (1, or e.g. 1/60 for seconds shown in
+    minutes)."""
 
     name: str
     label: str
     unit: str
     explanation: str
     group: str
+    factor: float = 1.0
+
+    def values(self, metrics: pd.DataFrame) -> pd.Series:
+        """This metric's column of *metrics* in the unit shown."""
+        return metrics[self.name] * self.factor
 
     @property
     def heading(self) -> str:
@@ -270,6 +277,16 @@ def describe_metric(name: str, output: str | None = None,
                       "a metric of the trial (no description known)", GROUPS[0])
 
 
+def in_readable_time_unit(info: MetricInfo, span_s: float) -> MetricInfo:
+    """A duration metric in seconds shown in the unit of the run's length: minutes for runs
+    under a day (a 20-min anaesthetic: "19.1 min in window", not "1,143 s"), hours beyond;
+    any other metric as it is."""
+    if info.unit != "s" or span_s < 600.0:
+        return info
+    unit, seconds = ("min", 60.0) if span_s < 86400.0 else ("h", 3600.0)
+    return replace(info, unit=unit, factor=info.factor / seconds)
+
+
 def format_value(value: float, digits: int = 3) -> str:
     """A number for the page: *digits* significant digits (whole numbers above 1000,
     thousands grouped); ``"n/a"`` when not a number (never ``nan``)."""
@@ -447,35 +464,17 @@ def _cohort_text(scenario, manifest: dict, folder: Path, n_patients: int) -> str
         text += f" of the model {p.model}"
     text += " with between-patient variability" if p.random_effects else ""
     text += f"; seed {manifest.get('seed', scenario.scenario.seed)}"
-    from ..plotting import quantity_label
+    from ..plotting import covariate_units, covariate_value, quantity_label
 
-    units = _covariate_units(p.model)
+    units = covariate_units(p.model)
     covariates = _covariate_summary(folder, units)
     if covariates:
         text += f". {covariates}"
     for change in scenario.covariate_change:
         text += f". From {_duration(change.time_s)} on: " + ", ".join(
-            f"{quantity_label(k)} {_covariate_value(v, units.get(k))}"
+            f"{quantity_label(k)} {covariate_value(v, units.get(k))}"
             for k, v in change.covariates.items())
     return text
-
-
-def _covariate_units(model: str) -> dict[str, str]:
-    try:
-        from ..model.library import load
-
-        return {c.name: c.unit for c in load(model).population.covariates}
-    except (MpcDoseError, KeyError, ValueError):
-        return {}
-
-
-def _covariate_value(value, unit: str | None) -> str:
-    from ..plotting import unit_label
-
-    if isinstance(value, (int, float)):
-        shown = f" {unit_label(unit)}" if unit and unit not in ("1", "") else ""
-        return f"{value:.3g}{shown}"
-    return str(value)
 
 
 def _covariate_summary(folder: Path, units: dict[str, str]) -> str:
@@ -587,8 +586,7 @@ def _band(ax, target: _Target) -> None:
 
 
 def _ensemble_figure(series: dict[str, pd.DataFrame], column: str, ylabel: str,
-                     target: _Target | None = None, factor: float = 1.0,
-                     cumulative: bool = False):
+                     target: _Target | None = None, cumulative: bool = False):
     """Median and 25-75 % / 5-95 % bands over the patients of each trial."""
     from ..plotting import time_axis, time_ticks
 
@@ -598,7 +596,7 @@ def _ensemble_figure(series: dict[str, pd.DataFrame], column: str, ylabel: str,
     for label, frame in series.items():
         wide = frame.pivot(index="time_s", columns="patient", values=column)
         t = wide.index.to_numpy()
-        values = wide.to_numpy(dtype=float) * factor
+        values = wide.to_numpy(dtype=float)
         if cumulative:  # the amount given so far (rates held to the next record)
             dt = np.diff(t, append=t[-1])[:, None]
             values = np.cumsum(np.nan_to_num(values) * dt, axis=0) - \
@@ -676,7 +674,7 @@ def _distributions_figure(metrics: dict[str, pd.DataFrame], infos: list[MetricIn
                              layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, info in zip(axes.ravel(), infos):
-        data = [m[info.name].dropna().to_numpy() for m in metrics.values()]
+        data = [info.values(m).dropna().to_numpy() for m in metrics.values()]
         positions = np.arange(len(labels), 0, -1)
         parts = ax.boxplot([d if d.size else [np.nan] for d in data], positions=positions,
                            orientation="horizontal", widths=0.6, patch_artist=True,
@@ -785,8 +783,8 @@ def _metric_table(metrics: dict[str, pd.DataFrame], infos: list[MetricInfo],
             group = info.group
             rows.append(f'<tr class="group"><th colspan="{3 + len(labels)}">'
                         f"{html.escape(group)}</th></tr>")
-        cells = "".join(f'<td class="num">{html.escape(_median_iqr(m[info.name]))}<br>'
-                        f'<small>{html.escape(_mean_sd(m[info.name]))}</small></td>'
+        cells = "".join(f'<td class="num">{html.escape(_median_iqr(info.values(m)))}<br>'
+                        f'<small>{html.escape(_mean_sd(info.values(m)))}</small></td>'
                         for m in metrics.values())
         rows.append(f'<tr><td class="name" title="{html.escape(info.name)}">'
                     f"{html.escape(info.label)}</td><td>{html.escape(info.unit)}</td>"
@@ -807,8 +805,7 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
     percentile bands), the first patients one by one, every metric with its unit and
     meaning, and the metrics' distributions.
     """
-    from ..plotting import parse_column, quantity_label, rate_display_unit, unit_label
-    from ..units import conversion_factor
+    from ..plotting import parse_column, quantity_label, unit_label
 
     results = Path(results)
     folders = _trial_folders(results)
@@ -828,7 +825,9 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
 
     names = [c for c in metrics[first_label].select_dtypes("number").columns
              if c != "patient" and all(c in m for m in metrics.values())]
-    infos = [describe_metric(n, target.output, target.unit) for n in names]
+    span_s = float(first.time_s.max() - first.time_s.min())
+    infos = [in_readable_time_unit(describe_metric(n, target.output, target.unit), span_s)
+             for n in names]
     order = {g: k for k, g in enumerate(GROUPS)}
     infos_grouped = sorted(infos, key=lambda i: order.get(i.group, len(GROUPS)))
     headline = [i for n in headline_metrics(names) for i in infos if i.name == n]
@@ -896,21 +895,16 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
                       "green: the target window.</p>",
                       _img(_daily_auc_figure(series, true, target.auc_window,
                                              target.unit or "1"), "AUC24 by day")]
-    span = float(first.time_s.max() - first.time_s.min())
     for column in [c for c in first.columns if c.startswith("delivered_")]:
         parsed = parse_column(column)
         drug = quantity_label(parsed.name.removesuffix("_rate"))
-        if span >= 86400:
-            amount = (parsed.unit or "").rpartition("/")[0]
-            ylabel = f"{drug} given so far [{unit_label(amount)}]"
-            fig = _ensemble_figure(series, column, ylabel, cumulative=True)
-            text = f"The cumulative amount of {drug} delivered to each patient."
-        else:
-            display = rate_display_unit(parsed.unit or "", span)
-            ylabel = f"{drug} infusion rate [{unit_label(display)}]"
-            fig = _ensemble_figure(series, column, ylabel,
-                                   factor=conversion_factor(parsed.unit, display))
-            text = f"The rate of {drug} delivered to each patient."
+        # the amount given so far, not the rate: a bolus or a pulsed rate would hide the
+        # rest of the run on a rate axis, and the ensemble median of pulses means nothing
+        amount = (parsed.unit or "").rpartition("/")[0]
+        ylabel = f"{drug} given so far [{unit_label(amount)}]"
+        fig = _ensemble_figure(series, column, ylabel, cumulative=True)
+        text = (f"The cumulative amount of {drug} delivered to each patient (the totals are "
+                "in the table below).")
         parts += [f"<h2>{html.escape(drug.capitalize())} given</h2>",
                   f"<p>{html.escape(text)}</p>", _img(fig, ylabel)]
     if shown is not None:
@@ -947,7 +941,8 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
     if constant:
         same = []
         for info in constant:
-            values = [format_value(m[info.name].dropna().iloc[0]) if m[info.name].notna().any()
+            values = [format_value(info.values(m).dropna().iloc[0])
+                      if m[info.name].notna().any()
                       else "n/a" for m in metrics.values()]
             unit = f" {info.unit}" if info.unit not in ("dimensionless", "count") else ""
             same.append(f"{info.label}: {' / '.join(values)}{unit}")
