@@ -385,6 +385,18 @@ def covariate_value(value, unit: str | None) -> str:
     return str(value)
 
 
+def auc24_consensus_window() -> tuple[float, float]:
+    """The AUC24 window the trial metrics score [mg·h/L]: the defaults of
+    :func:`~mpc_dose.trial.metrics.auc_attainment` (2020 consensus, 400-600), read from
+    there so that they are declared once."""
+    import inspect
+
+    from .trial.metrics import auc_attainment
+
+    parameters = inspect.signature(auc_attainment).parameters
+    return float(parameters["low"].default), float(parameters["high"].default)
+
+
 def closed_loop_options(scenario) -> dict:
     """What a scenario tells :func:`closed_loop_figure` beyond the series: which output
     each sensor measures, the scored output with its target and window (``[metrics]``), the
@@ -400,8 +412,8 @@ def closed_loop_options(scenario) -> dict:
     metrics, nmpc = scenario.metrics, scenario.controller.nmpc
     if metrics is not None:
         options.update(output=metrics.output, target=metrics.target, window=metrics.window)
-        if metrics.clinical == "auc":  # auc_attainment's 2020 consensus window
-            options["auc_window"] = (400.0, 600.0)
+        if metrics.clinical == "auc":
+            options["auc_window"] = auc24_consensus_window()
     if nmpc is not None and (nmpc.window_output or nmpc.output) == options.get("output",
                                                                               nmpc.output):
         options["output"] = nmpc.window_output or nmpc.output

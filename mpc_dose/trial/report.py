@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, MpcDoseError
+from ..plotting import auc24_consensus_window
 
 __all__ = ["load_series", "compare_table", "write_report", "nonmem_dataset",
            "html_page", "image", "MetricInfo", "describe_metric", "format_value"]
@@ -90,6 +91,9 @@ class MetricInfo:
         return self.label if self.unit in ("dimensionless", "count") else \
             f"{self.label} [{self.unit}]"
 
+
+#: the AUC24 window the metrics score [mg·h/L]
+_AUC_LOW, _AUC_HIGH = auc24_consensus_window()
 
 #: groups of the metrics table, in order
 GROUPS = ("Target and window", "Anaesthesia (TIVA benchmark)", "Exposure", "Toxicity",
@@ -173,9 +177,10 @@ _KNOWN: dict[str, tuple[str, str, str, str | None]] = {
                               "area under the true concentration curve over the last whole "
                               "24 h", None),
     "auc24_in_target_pct": ("Exposure", "Days with AUC24 in target",
-                            "share of whole days with AUC24 within 400-600 mg·h/L", None),
+                            f"share of whole days with AUC24 within {_AUC_LOW:g}-{_AUC_HIGH:g} "
+                            "mg·h/L", None),
     "auc24_above_target_days": ("Exposure", "Days with AUC24 above target",
-                                "whole days with AUC24 above 600 mg·h/L", None),
+                                f"whole days with AUC24 above {_AUC_HIGH:g} mg·h/L", None),
     "highest_daily_minimum_mg_per_L": ("Exposure", "Highest daily trough",
                                        "the highest of each day's lowest true concentration",
                                        None),
@@ -420,8 +425,8 @@ def _target_text(scenario, output_unit: str | None) -> list[str]:
                 parts.append(f"acceptable window {m.window[0]:g}-{m.window[1]:g}{unit}")
             out.append(f"{what}: {', '.join(parts)} (scored on the measured value)")
         if m.clinical == "auc":
-            out.append("daily exposure: AUC24 within 400-600 mg·h/L (2020 ASHP/IDSA "
-                       "consensus), from the true concentration")
+            out.append(f"daily exposure: AUC24 within {_AUC_LOW:g}-{_AUC_HIGH:g} mg·h/L "
+                       "(2020 ASHP/IDSA consensus), from the true concentration")
         if m.clinical == "tiva":
             out.append("TIVA benchmark phases: induction 0-10 min, maintenance 10-20 min")
     n = scenario.controller.nmpc
@@ -548,7 +553,7 @@ def _target_of(scenario, first: pd.DataFrame) -> _Target:
     if scenario is None or scenario.metrics is None:
         return _Target(output, unit)
     m = scenario.metrics
-    auc = (400.0, 600.0) if m.clinical == "auc" else None
+    auc = auc24_consensus_window() if m.clinical == "auc" else None
     n = scenario.controller.nmpc
     if n is not None and n.auc_soft_low is not None and n.auc_soft_high is not None:
         auc = (n.auc_soft_low, n.auc_soft_high)
