@@ -177,9 +177,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"(every reading at its sample time), deliveries.csv (every delivered rate "
           f"change), patient.json")
     if not args.no_plot:
-        from .plotting import plot_closed_loop
+        from .plotting import closed_loop_options, plot_closed_loop
 
-        plot_closed_loop(frame, out / "timeseries.png",
+        # the scenario's target, window and sensors, and every reading at its sample time
+        plot_closed_loop(frame, out / "timeseries.png", **closed_loop_options(scenario),
+                         samples=result.samples_frame(), deliveries=result.deliveries_frame(),
                          title=f"{scenario.scenario.name}, patient {args.patient}, seed {seed}")
         print(f"wrote {out / 'timeseries.png'}")
     for column in frame.columns:

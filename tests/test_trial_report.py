@@ -1,4 +1,6 @@
-"""Comparison on common random numbers, the HTML report, and the NONMEM export."""
+"""Comparison on common random numbers, the HTML report (a summary a clinician can read,
+every metric with its unit and meaning, figures whose labels do not overlap), and the
+NONMEM export."""
 
 from __future__ import annotations
 
@@ -10,7 +12,11 @@ import pandas as pd
 import pytest
 
 from mpc_dose.cli import main
-from mpc_dose.trial.report import nonmem_dataset
+from mpc_dose.trial import metrics as trial_metrics
+from mpc_dose.trial.report import (_distributions_figure, _ensemble_figure,
+                                   _small_multiples_figure, _Target, describe_metric,
+                                   format_value, load_series, nonmem_dataset, write_report)
+from tests.figures import text_overlaps
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIO = REPO / "scenarios" / "hil_pid_newera.toml"
@@ -60,10 +66,112 @@ def test_compare_refuses_scenarios_with_different_patients(tmp_path, capsys):
 def test_the_report_is_one_offline_html_page(comparison, capsys):
     assert main(["report", str(comparison)]) == 0
     page = (comparison / "report.html").read_text(encoding="utf-8")
-    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    images = re.findall(r'<img[^>]* src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) >= 6 and all(len(i) > 1000 for i in images)
     assert "Controller comparison" in page and "slow_pid" in page
     assert not re.search(r"(src|href)=\"https?:", page), "nothing fetched from the network"
+
+
+def _text(page: str) -> str:
+    """The page without its embedded images."""
+    return re.sub(r'src="data:image/png;base64,[^"]*"', 'src=""', page)
+
+
+def test_the_report_opens_with_a_summary_a_clinician_can_read(comparison):
+    """The summary names the scenarios and their description, the cohort and its size, the
+    controllers, the target and window, and the headline metrics with their units."""
+    page = _text(write_report(comparison, comparison / "summary.html").read_text("utf-8"))
+    summary = page[page.index('<div class="summary">'):page.index("<h2>")]
+    assert "hil_pid_newera" in summary and "slow_pid" in summary
+    assert "DESIGN PID, PAS patients, 10 min TIVA" in summary       # its description
+    assert "3 patients (numbers 1-3)" in summary and "same patients" in summary
+    assert "PID on BIS (set point 50)" in summary
+    assert "BIS: target 50, acceptable window 40-60" in summary
+    assert "Headline results" in summary
+    # a 10-min run's durations in minutes ("9.5 min in window", not "570 s")
+    assert '<td class="name" title="time_in_window_s">Time in window</td><td>min</td>' \
+        in summary
+    # the drug given as the amount so far: a bolus on a rate axis hides the rest of the run
+    assert 'alt="propofol given so far [mg]"' in page
+    assert not re.search(r"\bnan\b", page, re.IGNORECASE), "no nan anywhere"
+    rows = re.findall(r'<td class="name"[^>]*>([^<]*)</td><td>([^<]*)</td>', page)
+    assert len(rows) > 20
+    assert all(unit and unit != "not stated" for _, unit in rows), rows
+    assert page.count("<table") == page.count('<div class="scroll"><table'), \
+        "every table scrolls inside its box"
+
+
+def test_every_metric_of_the_trials_is_explained_with_a_unit():
+    """Every metric trial/metrics.py and the runner write has a label, a unit (or
+    "dimensionless", or "count") and an explanation of its own."""
+    t = np.arange(0.0, 1200.0)
+    bis = 50 + 40 * np.exp(-t / 60)
+    days = np.arange(0.0, 3 * 86400 + 1, 600.0)
+    names = list(trial_metrics.tiva_metrics(t, bis, np.ones_like(t), np.ones_like(t), 70.0))
+    names += list(trial_metrics.performance_metrics(t, bis, 50.0, (40.0, 60.0)))
+    names += list(trial_metrics.auc_attainment(days, 20 + np.sin(days / 3600)))
+    names += list(trial_metrics.neutropenia_metrics(days, 2 + np.sin(days / 86400)))
+    deliveries = pd.DataFrame({"time_s": [0.0], "input": ["propofol"], "rate": [1.0]})
+    names += list(trial_metrics.drug_totals(deliveries, 10.0, {"propofol": "mg"}, 70.0))
+    names += ["auc_bis_1_h", "max_bis_1", "auc_vancomycin_cp_mg_per_L_h",
+              "max_vancomycin_cp_mg_per_L", "alarms", "fallback_time_s",
+              "solver_failure_time_s", "deadline_misses",
+              "estimate_error_vancomycin_cl1_after_2_readings"]
+    for name in names:
+        info = describe_metric(name, "bis", "1")
+        assert info.unit and info.unit != "not stated", name
+        assert "no description" not in info.explanation, name
+        assert "_" not in info.label or "estimate" in info.label, name
+    assert describe_metric("auc_vancomycin_cp_mg_per_L_h").unit == "mg·h/L"
+    assert describe_metric("iae", "bis", "1").unit == "BIS·s"
+    assert describe_metric("remifentanil_per_kg_ug_per_kg").unit == "µg/kg"
+    assert describe_metric("anc_nadir_1e9_per_L").unit == "10⁹/L"
+    assert format_value(float("nan")) == "n/a" and format_value(12345.6) == "12,346"
+
+
+def test_durations_are_shown_in_the_unit_of_the_run_length():
+    from mpc_dose.trial.report import in_readable_time_unit
+
+    info = describe_metric("time_in_window_s", "bis", "1")
+    minutes = in_readable_time_unit(info, 1200.0)
+    assert minutes.unit == "min"
+    assert minutes.values(pd.DataFrame({"time_in_window_s": [1143.0]}))[0] == \
+        pytest.approx(19.05)
+    assert in_readable_time_unit(info, 4 * 86400.0).unit == "h"
+    assert in_readable_time_unit(info, 300.0) == info          # a 5-min run: seconds
+    iae = describe_metric("iae", "bis", "1")
+    assert in_readable_time_unit(iae, 1200.0) == iae           # not a duration
+
+
+def test_the_report_figures_have_no_overlapping_labels(comparison):
+    """Box-plot titles, tick labels and the patients' panel labels are laid out apart."""
+    folders = {p.name: p for p in sorted(comparison.iterdir()) if p.is_dir()}
+    metrics = {label: pd.read_csv(f / "metrics.csv") for label, f in folders.items()}
+    names = [c for c in metrics["slow_pid"].select_dtypes("number").columns
+             if c != "patient"]
+    infos = [describe_metric(n, "bis", "1") for n in names]
+    assert text_overlaps(_distributions_figure(metrics, infos[:12])) == []
+    series = {label: load_series(f) for label, f in folders.items()}
+    target = _Target("bis", "1", 50.0, (40.0, 60.0))
+    assert text_overlaps(_small_multiples_figure(series["slow_pid"], "measured_bis_unitless",
+                                                 "measured", target)) == []
+    assert text_overlaps(_ensemble_figure(series, "measured_bis_unitless", "BIS, measured",
+                                          target)) == []
+
+
+def test_sparse_levels_are_shown_through_the_true_value_and_their_samples():
+    """Over time, the report shows a measured value only where it is read often; a level
+    held for hours between samples (NaN before the first) gives way to the true value."""
+    from mpc_dose.trial.report import _shown_series
+
+    t = np.arange(0.0, 86400.0 * 2, 600.0)
+    held = np.where(t < 40000, np.nan, np.where(t < 90000, 12.0, 15.0))
+    frame = pd.DataFrame({"patient": 1, "time_s": t, "true_vancomycin_cp_mg_per_L": 10.0,
+                          "measured_vancomycin_level_mg_per_L": held})
+    target = _Target("vancomycin_cp", "mg/L")
+    assert _shown_series(frame, target) == ("true_vancomycin_cp_mg_per_L", "true")
+    frame["measured_vancomycin_level_mg_per_L"] = 10 + np.sin(t)
+    assert _shown_series(frame, target) == ("measured_vancomycin_level_mg_per_L", "measured")
 
 
 def test_nonmem_export_keeps_every_dose_and_observation(comparison, tmp_path):

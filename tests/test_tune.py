@@ -5,6 +5,7 @@ definitions, the recommended scenario file loads, and a killed sweep resumes."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -123,10 +124,39 @@ def test_the_held_out_check_reports_both_settings(grid_sweep):
 
 
 def test_the_report_renders(grid_sweep, tmp_path):
+    """The page opens with the scenario, the cohort, what was varied and judged (in words,
+    with units); no nan anywhere; the wide settings table scrolls inside its box."""
     page = write_tune_report(grid_sweep.out, tmp_path / "report.html").read_text()
     assert "Pareto front" in page and "rank corr." not in page  # in the images, not text
     assert page.count("data:image/png;base64,") == 2
     assert "recommended setting" in page
+    text = re.sub(r'src="data:image/png;base64,[^"]*"', 'src=""', page)
+    summary = text[text.index('<div class="summary">'):text.index("<h2>")]
+    assert "hil_pid_newera" in summary and "3 training patients" in summary
+    assert "BIS: target 50, acceptable window 40-60" in summary
+    assert "minimise the mean of IAE [BIS·s]" in summary
+    assert "highest of time below window [s] at most 400" in summary
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)
+    assert text.count("<table") == text.count('<div class="scroll"><table')
+
+
+def test_a_constant_statistic_has_no_rank_correlation():
+    """A statistic (or parameter) that never changes has no rank correlation: the panel
+    says "n/a (constant)", never nan; the panels' labels do not overlap."""
+    from mpc_dose.tune.report import _sensitivity_figure, rank_correlation
+    from tests.figures import text_overlaps
+
+    assert rank_correlation([1, 2, 3, 4], [0, 0, 0, 0]) is None
+    assert rank_correlation([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    table = pd.DataFrame({"kp": [0.02, 0.05, 0.08, 0.11], "feasible": True,
+                          "mean iae": [900.0, 700.0, 650.0, 800.0],
+                          "max fallback_time_s": [0.0, 0.0, 0.0, 0.0]})
+    labels = {"mean iae": "mean of IAE [BIS·s]",
+              "max fallback_time_s": "highest of time in fallback [s]"}
+    fig = _sensitivity_figure(table, ["kp"], list(labels), labels)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["rank corr. -0.40", "rank corr. n/a (constant)"]
+    assert text_overlaps(fig) == []
 
 
 def test_a_rerun_reads_everything_back(grid_sweep, tmp_path):

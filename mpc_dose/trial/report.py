@@ -2,8 +2,12 @@
 report with PNG plots, and a NONMEM-style dataset.
 
 All read the folders :func:`~mpc_dose.trial.runner.run_trial` writes (``metrics.csv``,
-``series/*.parquet``, ``patients/*.json``); a comparison folder holds one trial folder per
-controller and ``comparison.csv``.
+``series/*.parquet``, ``samples/*.parquet``, ``patients/*.json``, ``trial.json``); a
+comparison folder holds one trial folder per controller and ``comparison.csv``.
+
+The report opens with a summary a clinician can read (the scenario, the cohort, the
+controllers, the target, the headline results with units), then shows the patients over
+time, every metric with its unit and meaning, and the metrics' distributions.
 """
 
 from __future__ import annotations
@@ -12,15 +16,20 @@ import base64
 import html
 import io
 import json
+import re
+import textwrap
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MpcDoseError
+from ..plotting import auc24_consensus_window
 
 __all__ = ["load_series", "compare_table", "write_report", "nonmem_dataset",
-           "html_page", "image"]
+           "html_page", "image", "MetricInfo", "describe_metric", "format_value"]
 
 
 def _trial_folders(results: Path) -> dict[str, Path]:
@@ -55,6 +64,462 @@ def compare_table(folders: dict[str, Path]) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
+# ---------------------------------------------------------------------------------------
+# metric names in words
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """A metric as a reader sees it: *label*, *unit* (as printed; ``"dimensionless"`` for a
+    pure number) and a one-line *explanation*; *group* orders the metrics table. The page
+    shows ``metrics.csv``'s value times *factor* (1, or e.g. 1/60 for seconds shown in
+    minutes)."""
+
+    name: str
+    label: str
+    unit: str
+    explanation: str
+    group: str
+    factor: float = 1.0
+
+    def values(self, metrics: pd.DataFrame) -> pd.Series:
+        """This metric's column of *metrics* in the unit shown."""
+        return metrics[self.name] * self.factor
+
+    @property
+    def heading(self) -> str:
+        """``"Time in window [s]"``; a dimensionless metric has no bracket."""
+        return self.label if self.unit in ("dimensionless", "count") else \
+            f"{self.label} [{self.unit}]"
+
+
+#: the AUC24 window the metrics score [mg·h/L]
+_AUC_LOW, _AUC_HIGH = auc24_consensus_window()
+
+#: groups of the metrics table, in order
+GROUPS = ("Target and window", "Anaesthesia (TIVA benchmark)", "Exposure", "Toxicity",
+          "Drug given", "Safety supervisor", "Estimation")
+
+#: the metrics of trial/metrics.py and trial/runner.py: name -> (group, label, explanation,
+#: unit when the name's suffix does not say it; "{out}" is the scored output's unit)
+_KNOWN: dict[str, tuple[str, str, str, str | None]] = {
+    "response_time_s": ("Target and window", "Response time",
+                        "time until the measured value first covers 90 % of the way from its "
+                        "start to the target", None),
+    "settling_time_s": ("Target and window", "Settling time",
+                        "time after which the measured value stays inside the window (blank: "
+                        "it ended outside)", None),
+    "overshoot_pct": ("Target and window", "Overshoot",
+                      "largest excursion past the target, in % of the initial distance to "
+                      "the target", None),
+    "steady_state_deviation": ("Target and window", "Steady-state deviation",
+                               "mean |target - measured| over the last 20 % of the run",
+                               "{out}"),
+    "tracking_error_rms": ("Target and window", "Tracking error (RMS)",
+                           "root-mean-square of target - measured over the whole run", "{out}"),
+    "time_in_window_s": ("Target and window", "Time in window",
+                         "time the measured value spent inside the window", None),
+    "time_below_window_s": ("Target and window", "Time below window",
+                            "time the measured value spent below the window", None),
+    "time_above_window_s": ("Target and window", "Time above window",
+                            "time the measured value spent above the window", None),
+    "iae": ("Target and window", "IAE",
+            "integrated absolute error: area between the measured value and the target "
+            "(smaller is closer)", "{out}*s"),
+    "lowest": ("Target and window", "Lowest measured value",
+               "the lowest valid reading of the run", "{out}"),
+    "highest": ("Target and window", "Highest measured value",
+                "the highest valid reading of the run", "{out}"),
+    "induction_iae_bis_s": ("Anaesthesia (TIVA benchmark)", "Induction IAE",
+                            "area between measured BIS and 50 over the induction (0-10 min)",
+                            "BIS*s"),
+    "induction_sleep_time_min": ("Anaesthesia (TIVA benchmark)", "Time to sleep",
+                                 "time until BIS stays below 60 for the rest of the "
+                                 "induction", None),
+    "induction_settling_time_min": ("Anaesthesia (TIVA benchmark)",
+                                    "Induction settling time",
+                                    "time until BIS stays within 40-60 for the rest of the "
+                                    "induction", None),
+    "induction_low_bis_time_s": ("Anaesthesia (TIVA benchmark)", "Time with BIS < 40, induction",
+                                 "time with measured BIS below 40 in the first 10 min "
+                                 "(too deep)", None),
+    "induction_lowest_bis": ("Anaesthesia (TIVA benchmark)", "Lowest BIS, induction",
+                             "the lowest measured BIS in the first 10 min", "1"),
+    "induction_propofol_mg_per_kg": ("Anaesthesia (TIVA benchmark)", "Propofol, induction",
+                                     "propofol given per kg body weight in the first 10 min",
+                                     None),
+    "induction_remifentanil_ug_per_kg": ("Anaesthesia (TIVA benchmark)",
+                                         "Remifentanil, induction",
+                                         "remifentanil given per kg body weight in the first "
+                                         "10 min", None),
+    "maintenance_iae_bis_s": ("Anaesthesia (TIVA benchmark)", "Maintenance IAE",
+                              "area between measured BIS and 50 over the maintenance "
+                              "(10-20 min)", "BIS*s"),
+    "maintenance_time_out_of_range_s": ("Anaesthesia (TIVA benchmark)",
+                                        "Time outside 40-60, maintenance",
+                                        "time with measured BIS outside 40-60 during the "
+                                        "maintenance (10-20 min)", None),
+    "maintenance_lowest_bis": ("Anaesthesia (TIVA benchmark)", "Lowest BIS, maintenance",
+                               "the lowest measured BIS during the maintenance (10-20 min)",
+                               "1"),
+    "maintenance_highest_bis": ("Anaesthesia (TIVA benchmark)", "Highest BIS, maintenance",
+                                "the highest measured BIS during the maintenance (10-20 min)",
+                                "1"),
+    "maintenance_propofol_mg_per_kg": ("Anaesthesia (TIVA benchmark)", "Propofol, maintenance",
+                                       "propofol given per kg body weight in 10-20 min", None),
+    "maintenance_remifentanil_ug_per_kg": ("Anaesthesia (TIVA benchmark)",
+                                           "Remifentanil, maintenance",
+                                           "remifentanil given per kg body weight in "
+                                           "10-20 min", None),
+    "auc24_first_mg_h_per_L": ("Exposure", "AUC24, first day",
+                               "area under the true concentration curve over the first 24 h",
+                               None),
+    "auc24_last_mg_h_per_L": ("Exposure", "AUC24, last day",
+                              "area under the true concentration curve over the last whole "
+                              "24 h", None),
+    "auc24_in_target_pct": ("Exposure", "Days with AUC24 in target",
+                            f"share of whole days with AUC24 within {_AUC_LOW:g}-{_AUC_HIGH:g} "
+                            "mg·h/L", None),
+    "auc24_above_target_days": ("Exposure", "Days with AUC24 above target",
+                                f"whole days with AUC24 above {_AUC_HIGH:g} mg·h/L", None),
+    "highest_daily_minimum_mg_per_L": ("Exposure", "Highest daily trough",
+                                       "the highest of each day's lowest true concentration",
+                                       None),
+    "anc_nadir_1e9_per_L": ("Toxicity", "ANC nadir",
+                            "the lowest true absolute neutrophil count", None),
+    "anc_nadir_day": ("Toxicity", "Day of the ANC nadir",
+                      "days from the start to the lowest neutrophil count", None),
+    "grade4_neutropenia_days": ("Toxicity", "Grade 4 neutropenia",
+                                "time with ANC below 0.5 x 10⁹/L (CTCAE v5)", None),
+    "grade3plus_neutropenia_days": ("Toxicity", "Grade 3-4 neutropenia",
+                                    "time with ANC below 1.0 x 10⁹/L (CTCAE v5)", None),
+    "alarms": ("Safety supervisor", "Alarms",
+               "alarms raised during the run (any kind)", "count"),
+    "fallback_time_s": ("Safety supervisor", "Time in fallback",
+                        "time the supervisor held safe rates instead of the controller's",
+                        None),
+    "solver_failure_time_s": ("Safety supervisor", "Time with a failed solve",
+                              "time the optimiser's last solve had failed", None),
+    "deadline_misses": ("Safety supervisor", "Missed deadlines",
+                        "controller decisions that came too late (real-time runs)", "count"),
+}
+
+
+def _unit_text(unit: str | None) -> str:
+    from ..plotting import unit_label
+
+    if unit is None:
+        return "not stated"
+    if unit == "count":
+        return "count"
+    return unit_label(unit)
+
+
+def describe_metric(name: str, output: str | None = None,
+                    output_unit: str | None = None) -> MetricInfo:
+    """The label, unit and one-line explanation of the metric *name* (a column of
+    ``metrics.csv``). *output* and *output_unit* are the scored output and its unit (for the
+    metrics whose name carries none: ``iae``, ``lowest`` ...). Known names are explained
+    from a table; the others get a label and, from the name's suffix, a unit."""
+    from ..plotting import quantity_label, unit_suffix
+
+    out_unit = output_unit or "1"
+    what = quantity_label(output) if output else "the output"
+    if name in _KNOWN:
+        group, label, explanation, unit = _KNOWN[name]
+        if unit is None:
+            unit = unit_suffix(name)[1]
+        elif "{out}" in unit:
+            if out_unit == "1" and unit == "{out}*s":  # BIS x s: say what was integrated
+                return MetricInfo(name, label, f"{what}·s" if output else "s",
+                                  explanation.replace("measured value", f"measured {what}"),
+                                  group)
+            unit = unit.replace("{out}", out_unit)
+        if group == "Target and window" and output:
+            explanation = explanation.replace("measured value", f"measured {what}")
+        if unit == "BIS*s":
+            return MetricInfo(name, label, "BIS·s", explanation, group)
+        return MetricInfo(name, label, _unit_text(unit), explanation, group)
+    if name.startswith("auc_") and name.endswith("_h"):  # auc_<output>_<its unit>_h
+        stem, unit = unit_suffix(name[len("auc_"):-len("_h")])
+        if unit is not None:
+            head, sep, tail = unit.partition("/")
+            shown = f"{quantity_label(stem)}·h" if unit == "1" else \
+                _unit_text(f"{head}*h{sep}{tail}")
+            return MetricInfo(name, f"AUC of {quantity_label(stem)}", shown,
+                              f"area under the true {quantity_label(stem)} curve over the "
+                              f"whole run", "Exposure")
+    match = re.fullmatch(r"max_(?P<rest>.+)", name)
+    if match:
+        stem, unit = unit_suffix(match["rest"])
+        if unit is not None:
+            return MetricInfo(name, f"Peak {quantity_label(stem)}", _unit_text(unit),
+                              f"the highest true {quantity_label(stem)} of the run",
+                              "Exposure")
+    match = re.fullmatch(r"(?P<drug>.+?)_(?P<kind>total|per_kg)_(?P<unit>.+)", name)
+    if match:
+        drug = quantity_label(match["drug"])
+        per_kg = match["kind"] == "per_kg"
+        from ..units import token_to_unit
+
+        try:
+            unit = token_to_unit(match["unit"])
+        except MpcDoseError:
+            unit = None
+        return MetricInfo(name, f"{drug[:1].upper()}{drug[1:]} given" +
+                          (" per kg" if per_kg else ""), _unit_text(unit),
+                          f"total {drug} delivered over the run"
+                          + (" per kg body weight" if per_kg else ""), "Drug given")
+    match = re.fullmatch(r"estimate_error_(?P<param>.+)_after_(?P<k>\d+)_readings", name)
+    if match:
+        return MetricInfo(name, f"Error of the {match['param']} estimate after "
+                                f"{match['k']} reading{'s' if match['k'] != '1' else ''}",
+                          "dimensionless",
+                          f"|estimate / true - 1| of the controller's {match['param']} at "
+                          f"its first decision with {match['k']} reading(s) (0.1 = 10 %)",
+                          "Estimation")
+    stem, unit = unit_suffix(name)
+    return MetricInfo(name, quantity_label(stem).capitalize(), _unit_text(unit),
+                      "a metric of the trial (no description known)", GROUPS[0])
+
+
+def in_readable_time_unit(info: MetricInfo, span_s: float) -> MetricInfo:
+    """A duration metric in seconds shown in the unit of the run's length: minutes for runs
+    under a day (a 20-min anaesthetic: "19.1 min in window", not "1,143 s"), hours beyond;
+    any other metric as it is."""
+    if info.unit != "s" or span_s < 600.0:
+        return info
+    unit, seconds = ("min", 60.0) if span_s < 86400.0 else ("h", 3600.0)
+    return replace(info, unit=unit, factor=info.factor / seconds)
+
+
+def format_value(value: float, digits: int = 3) -> str:
+    """A number for the page: *digits* significant digits (whole numbers above 1000,
+    thousands grouped); ``"n/a"`` when not a number (never ``nan``)."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    if value == 0 or abs(value) < 1e-12:
+        return "0"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    text = f"{value:.{digits}g}"
+    return text if "e" not in text else f"{value:.{digits - 1}e}"
+
+
+def _median_iqr(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "n/a"
+    q25, q50, q75 = np.percentile(values, [25, 50, 75])
+    if format_value(q25) == format_value(q75):
+        return format_value(q50)
+    return f"{format_value(q50)} [{format_value(q25)}–{format_value(q75)}]"
+
+
+def _mean_sd(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "n/a"
+    if len(values) < 2:
+        return f"mean {format_value(values.mean())}"
+    return f"mean {format_value(values.mean())} ± {format_value(values.std())}"
+
+
+# ---------------------------------------------------------------------------------------
+# what the trial was: scenario, cohort, controllers, target
+
+def _scenario_of(folder: Path):
+    """The trial's scenario (with its overrides) and its manifest; None when the scenario
+    file cannot be read any more."""
+    manifest_path = folder / "trial.json"
+    if not manifest_path.exists():
+        return None, {}
+    manifest = json.loads(manifest_path.read_text("utf-8"))
+    try:
+        from ..scenario import load_scenario
+
+        return load_scenario(manifest["scenario"], manifest.get("overrides") or None), manifest
+    except (MpcDoseError, OSError, ValueError):
+        return None, manifest
+
+
+def _description(scenario, manifest: dict) -> str:
+    """The scenario's description, or else the first sentence of its file's opening
+    comment."""
+    if scenario.scenario.description:
+        return scenario.scenario.description
+    try:
+        lines = Path(manifest["scenario"]).read_text("utf-8").splitlines()
+    except (KeyError, OSError):
+        return ""
+    words = []
+    for line in lines:
+        if not line.startswith("#") or not line.strip("# "):
+            break
+        words.append(line.strip("# "))
+    text = " ".join(words)
+    end = text.find(". ")
+    text = text[:end + 1] if end > 0 else text
+    return text.rstrip(".:")
+
+
+def _duration(seconds: float) -> str:
+    """A duration in words: minutes under 2 h, hours under 3 days, days beyond."""
+    if seconds >= 3 * 86400:
+        return f"{seconds / 86400:.3g} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.3g} h"
+    return f"{seconds / 60:.3g} min"
+
+
+def _period(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
+
+
+def _controller_text(scenario) -> str:
+    """The controller in words: kind, what it measures and learns, how often it decides."""
+    from ..plotting import quantity_label
+
+    c = scenario.controller
+    every = f"deciding every {_period(c.period_s)}"
+    if c.kind == "pid" and c.pid is not None:
+        return f"PID on {quantity_label(c.pid.measured)} (set point {c.pid.setpoint:g}), {every}"
+    if c.kind == "fixed" and c.fixed is not None:
+        return f"fixed regimen ({Path(c.fixed.doses).name}), no feedback"
+    if c.kind == "tci" and c.tci is not None:
+        return (f"target-controlled infusion of {c.tci.input} ({c.tci.mode}-site targets of "
+                f"{c.tci.target_output}), {every}")
+    if c.kind == "python" and c.python is not None:
+        return f"Python controller {c.python.target}, {every}"
+    if c.kind == "nmpc" and c.nmpc is not None:
+        n = c.nmpc
+        est = n.estimator
+        kind = {"ekf": "an extended Kalman filter", "mhe": "a moving-horizon estimator",
+                "map": "a Bayesian MAP estimator", "none": "no estimator"}.get(est.kind or "",
+                                                                             "its estimator")
+        learns = f" of {', '.join(est.parameters)}" if est.parameters and \
+            est.kind != "none" else ""
+        return (f"nonlinear MPC of {', '.join(n.input)} on {quantity_label(n.output)} with "
+                f"{kind}{learns}, "
+                f"{every}, looking {_period(n.horizon * c.period_s)} ahead")
+    return f"{c.kind}, {every}"
+
+
+def _target_text(scenario, output_unit: str | None) -> list[str]:
+    """What the trial aims at, in words (from [metrics] and the NMPC's own targets)."""
+    from ..plotting import quantity_label, unit_label
+
+    out = []
+    m = scenario.metrics
+    unit = f" {unit_label(output_unit)}" if output_unit and output_unit != "1" else ""
+    if m is not None:
+        what = quantity_label(m.output)
+        if m.target is not None or m.window is not None:
+            parts = []
+            if m.target is not None:
+                parts.append(f"target {m.target:g}{unit}")
+            if m.window is not None:
+                parts.append(f"acceptable window {m.window[0]:g}-{m.window[1]:g}{unit}")
+            out.append(f"{what}: {', '.join(parts)} (scored on the measured value)")
+        if m.clinical == "auc":
+            out.append(f"daily exposure: AUC24 within {_AUC_LOW:g}-{_AUC_HIGH:g} mg·h/L "
+                       "(2020 ASHP/IDSA consensus), from the true concentration")
+        if m.clinical == "tiva":
+            out.append("TIVA benchmark phases: induction 0-10 min, maintenance 10-20 min")
+    n = scenario.controller.nmpc
+    if n is not None:
+        aims = []
+        if n.reference is not None:
+            aims.append(f"{quantity_label(n.output)} {n.reference:g}")
+        low, high = n.soft_low, n.soft_high
+        bounded = quantity_label(n.window_output or n.output)
+        if low is not None and high is not None:
+            aims.append(f"{bounded} within {low:g}-{high:g} (soft bounds)")
+        elif low is not None:
+            aims.append(f"{bounded} above {low:g} (soft lower bound)")
+        elif high is not None:
+            aims.append(f"{bounded} below {high:g} (soft upper bound)")
+        if n.auc_target is not None:
+            window = f" (soft {n.auc_soft_low:g}-{n.auc_soft_high:g})" \
+                if n.auc_soft_low is not None and n.auc_soft_high is not None else ""
+            hours = (n.auc_window_s or 86400) / 3600
+            aims.append(f"AUC over each {hours:g} h of {n.auc_target:g}{window}")
+        if aims:
+            out.append("the NMPC aims at " + "; ".join(aims))
+    return out
+
+
+def _cohort_text(scenario, manifest: dict, folder: Path, n_patients: int) -> str:
+    patients = manifest.get("patients") or []
+    numbers = f" (numbers {min(patients)}-{max(patients)})" if patients else ""
+    text = f"{n_patients} patient{'s' if n_patients != 1 else ''}{numbers}"
+    if scenario is None:
+        return text
+    p = scenario.patient
+    if manifest.get("cohort"):
+        text += f" from the cohort file {Path(manifest['cohort']).name}"
+    elif p.table is not None and p.table.path:
+        text += f" from the patient table {Path(p.table.path).name}"
+    elif p.population is not None:
+        text += f" drawn from the population of the model {p.model}"
+    else:
+        text += f" of the model {p.model}"
+    text += " with between-patient variability" if p.random_effects else ""
+    text += f"; seed {manifest.get('seed', scenario.scenario.seed)}"
+    from ..plotting import covariate_units, covariate_value, quantity_label
+
+    units = covariate_units(p.model)
+    covariates = _covariate_summary(folder, units)
+    if covariates:
+        text += f". {covariates}"
+    for change in scenario.covariate_change:
+        text += f". From {_duration(change.time_s)} on: " + ", ".join(
+            f"{quantity_label(k)} {covariate_value(v, units.get(k))}"
+            for k, v in change.covariates.items())
+    return text
+
+
+def _covariate_summary(folder: Path, units: dict[str, str]) -> str:
+    """``"age 50 (19-83) y, weight 70 (48-102) kg, sex: 3 female, 3 male"``: the median and
+    range of the cohort's covariates, the counts of the categorical ones."""
+    values: dict[str, list] = {}
+    for path in sorted((folder / "patients").glob("patient_*.json")):
+        for key, value in json.loads(path.read_text("utf-8")).get("covariates", {}).items():
+            values.setdefault(key, []).append(value)
+    if not values:
+        return ""
+    from ..plotting import quantity_label, unit_label
+
+    parts = []
+    for key, seen in values.items():
+        if all(isinstance(v, (int, float)) for v in seen):
+            unit = units.get(key, "1")
+            shown = f" {unit_label(unit)}" if unit not in ("1", "") else ""
+            low, mid, high = np.min(seen), np.median(seen), np.max(seen)
+            parts.append(f"{quantity_label(key)} {mid:.3g}{shown} ({low:.3g}-{high:.3g})"
+                         if low != high else f"{quantity_label(key)} {mid:.3g}{shown}")
+        else:
+            counts = pd.Series([str(v) for v in seen]).value_counts()
+            parts.append(f"{quantity_label(key)}: " + ", ".join(f"{n} {v}" for v, n in
+                                                                 counts.items()))
+    return "Covariates, median (range): " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# figures
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _png(fig) -> str:
     import matplotlib.pyplot as plt
 
@@ -64,109 +529,462 @@ def _png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _ensemble(series: dict[str, pd.DataFrame], column: str, title: str) -> str:
-    import matplotlib
+@dataclass(frozen=True)
+class _Target:
+    """The scored output and what it aims at (for the figures)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    output: str | None = None
+    unit: str | None = None
+    target: float | None = None
+    window: tuple[float, float] | None = None
+    auc_window: tuple[float, float] | None = None
 
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+
+def _target_of(scenario, first: pd.DataFrame) -> _Target:
+    from ..plotting import parse_column
+
+    output = scenario.metrics.output if scenario is not None and scenario.metrics else None
+    if output is None:
+        measured = [parse_column(c) for c in first.columns if c.startswith("measured_")]
+        trues = {parse_column(c).name for c in first.columns if c.startswith("true_")}
+        output = next((m.name for m in measured if m.name in trues), None)
+    unit = next((parse_column(c).unit for c in first.columns
+                 if c.startswith("true_") and parse_column(c).name == output), None)
+    if scenario is None or scenario.metrics is None:
+        return _Target(output, unit)
+    m = scenario.metrics
+    auc = auc24_consensus_window() if m.clinical == "auc" else None
+    n = scenario.controller.nmpc
+    if n is not None and n.auc_soft_low is not None and n.auc_soft_high is not None:
+        auc = (n.auc_soft_low, n.auc_soft_high)
+    return _Target(output, unit, m.target, m.window, auc)
+
+
+def _shown_series(frame: pd.DataFrame, target: _Target) -> tuple[str, str] | None:
+    """(column, what) of the scored output over time: the measured value when it is read
+    often (every reading shown), the true value for sparse levels."""
+    from ..plotting import parse_column
+
+    parsed = {c: parse_column(c) for c in frame.columns}
+    true = next((c for c, p in parsed.items() if p.kind == "true" and p.name == target.output),
+                None)
+    measured = [c for c, p in parsed.items() if p.kind == "measured"]
+    one = frame[frame.patient == frame.patient.iloc[0]]
+    for column in measured:
+        readings = one[column].dropna()
+        fresh = readings.diff().ne(0).mean() if len(readings) > 1 else 0.0  # not held
+        if parsed[column].unit == (parsed[true].unit if true else None) and \
+                len(readings) > 0.5 * len(one) and fresh > 0.2:
+            return column, "measured"
+    if true is not None:
+        return true, "true"
+    return (measured[0], "measured") if measured else None
+
+
+def _band(ax, target: _Target) -> None:
+    if target.window is not None:
+        ax.axhspan(*target.window, color="tab:green", alpha=0.13, lw=0, zorder=0,
+                   label=f"window {target.window[0]:g}-{target.window[1]:g}")
+    if target.target is not None:
+        ax.axhline(target.target, color="tab:green", ls="--", lw=1.0,
+                   label=f"target {target.target:g}")
+
+
+def _ensemble_figure(series: dict[str, pd.DataFrame], column: str, ylabel: str,
+                     target: _Target | None = None, cumulative: bool = False):
+    """Median and 25-75 % / 5-95 % bands over the patients of each trial."""
+    from ..plotting import time_axis, time_ticks
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(11, 3.6), layout="constrained")
+    scale, t_label = time_axis(next(iter(series.values())).time_s.unique())
     for label, frame in series.items():
         wide = frame.pivot(index="time_s", columns="patient", values=column)
-        t = wide.index.to_numpy() / 60.0
-        q = np.nanpercentile(wide.to_numpy(), [5, 25, 50, 75, 95], axis=1)
-        line, = ax.plot(t, q[2], label=f"{label} median")
-        ax.fill_between(t, q[1], q[3], color=line.get_color(), alpha=0.3, lw=0)
-        ax.fill_between(t, q[0], q[4], color=line.get_color(), alpha=0.12, lw=0)
-    ax.set_xlabel("time [min]")
-    ax.set_ylabel(column)
-    ax.set_title(f"{title}: median, 25-75 % and 5-95 % of patients")
-    ax.legend(fontsize=8)
-    return _png(fig)
+        t = wide.index.to_numpy()
+        values = wide.to_numpy(dtype=float)
+        if cumulative:  # the amount given so far (rates held to the next record)
+            dt = np.diff(t, append=t[-1])[:, None]
+            values = np.cumsum(np.nan_to_num(values) * dt, axis=0) - \
+                np.nan_to_num(values) * dt
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN times (no reading)
+            q = np.nanpercentile(values, [5, 25, 50, 75, 95], axis=1)
+        line, = ax.plot(t / scale, q[2], lw=1.4, label=f"{label}: median")
+        ax.fill_between(t / scale, q[1], q[3], color=line.get_color(), alpha=0.3, lw=0,
+                        label=f"{label}: 25-75 %")
+        ax.fill_between(t / scale, q[0], q[4], color=line.get_color(), alpha=0.12, lw=0,
+                        label=f"{label}: 5-95 %")
+    if target is not None:
+        _band(ax, target)
+    ax.set_xlabel(t_label.replace("time", "time since start"))
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(t[0] / scale, t[-1] / scale)
+    time_ticks(ax, scale)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
 
 
-def _small_multiples(frame: pd.DataFrame, column: str, n: int = 12) -> str:
-    import matplotlib.pyplot as plt
+def _small_multiples_figure(frame: pd.DataFrame, column: str, what: str, target: _Target,
+                            samples: pd.DataFrame | None = None, n: int = 12):
+    """One small panel per patient (the first *n*); the patient's number inside the panel,
+    so no title can run into its neighbour's."""
+    from ..plotting import parse_column, quantity_label, time_axis, time_ticks, unit_label
 
+    plt = _pyplot()
     patients = sorted(frame.patient.unique())[:n]
     cols = 4
     rows = -(-len(patients) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(10, 1.9 * rows), sharex=True, sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 1.9 * rows + 0.7), sharex=True,
+                             sharey=True, squeeze=False, layout="constrained")
+    scale, t_label = time_axis(frame.time_s.unique())
     for ax, k in zip(axes.ravel(), patients):
         one = frame[frame.patient == k]
-        ax.plot(one.time_s / 60.0, one[column], lw=0.7)
-        ax.set_title(f"patient {k}", fontsize=8)
+        ax.plot(one.time_s / scale, one[column], lw=0.8, color="k" if what == "true" else
+                "tab:purple")
+        if samples is not None and len(samples):
+            mine = samples[(samples.patient == k) & (samples.quality == "valid")]
+            ax.plot(mine.t_meas_s / scale, mine.value, "o", ms=3.5, color="tab:purple",
+                    mec="k", mew=0.4)
+        if target.window is not None:
+            ax.axhspan(*target.window, color="tab:green", alpha=0.13, lw=0, zorder=0)
+        if target.target is not None:
+            ax.axhline(target.target, color="tab:green", ls="--", lw=0.8)
+        ax.text(0.97, 0.93, f"patient {k}", transform=ax.transAxes, ha="right", va="top",
+                fontsize=8, bbox={"facecolor": "w", "edgecolor": "none", "alpha": 0.7,
+                                  "pad": 1})
+        ax.tick_params(labelsize=8)
+        ax.set_xlim(one.time_s.min() / scale, one.time_s.max() / scale)
+        time_ticks(ax, scale)
     for ax in axes.ravel()[len(patients):]:
         ax.axis("off")
-    fig.suptitle(column, fontsize=9)
-    return _png(fig)
+    parsed = parse_column(column)
+    unit = unit_label(parsed.unit)
+    fig.supxlabel(t_label.replace("time", "time since start"), fontsize=9)
+    fig.supylabel(f"{quantity_label(parsed.name)}, {what}"
+                  + (f" [{unit}]" if unit and unit != "dimensionless" else ""), fontsize=9)
+    return fig
 
 
-def _distributions(metrics: dict[str, pd.DataFrame], names: list[str]) -> str:
-    import matplotlib.pyplot as plt
+def _distributions_figure(metrics: dict[str, pd.DataFrame], infos: list[MetricInfo]):
+    """One horizontal box plot per metric, one box per trial (colours in the legend); the
+    metric's label and unit above each panel, wrapped to the panel's width."""
+    from matplotlib.ticker import MaxNLocator
 
-    cols = 4
-    rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(10, 2.2 * rows), squeeze=False)
-    for ax, name in zip(axes.ravel(), names):
-        data = [m[name].dropna().to_numpy() for m in metrics.values()]
-        ax.boxplot(data, tick_labels=list(metrics), showfliers=True)
-        ax.set_title(name, fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in axes.ravel()[len(names):]:
+    plt = _pyplot()
+    cols = 3
+    rows = -(-len(infos) // cols)
+    labels = list(metrics)
+    height = 0.32 * len(labels) + 1.25
+    fig, axes = plt.subplots(rows, cols, figsize=(11, height * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, info in zip(axes.ravel(), infos):
+        data = [info.values(m).dropna().to_numpy() for m in metrics.values()]
+        positions = np.arange(len(labels), 0, -1)
+        parts = ax.boxplot([d if d.size else [np.nan] for d in data], positions=positions,
+                           orientation="horizontal", widths=0.6, patch_artist=True,
+                           showfliers=True, flierprops={"markersize": 3},
+                           medianprops={"color": "k", "lw": 1.5})
+        for box, color in zip(parts["boxes"], colors):
+            box.set_facecolor(color)
+            box.set_alpha(0.55)
+        ax.set_yticks([])
+        ax.set_ylim(0.4, len(labels) + 0.6)
+        ax.set_title("\n".join(textwrap.wrap(info.heading, 34)), fontsize=8.5)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.tick_params(labelsize=7.5)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes.ravel()[len(infos):]:
         ax.axis("off")
-    return _png(fig)
+    if len(labels) > 1:
+        from matplotlib.patches import Patch
+
+        fig.legend([Patch(facecolor=c, alpha=0.55) for c in colors[:len(labels)]],
+                   labels, loc="outside upper center", ncols=len(labels), fontsize=9,
+                   frameon=False)
+    return fig
+
+
+def _daily_auc_figure(series: dict[str, pd.DataFrame], column: str, window, unit: str):
+    """Box plots of each whole day's AUC24 of the true concentration, per trial."""
+    from ..plotting import unit_label
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(11, 3.4), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = list(series)
+    width = 0.8 / len(labels)
+    days = 0
+    for j, (label, frame) in enumerate(series.items()):
+        per_day: dict[int, list[float]] = {}
+        for _, one in frame.groupby("patient"):
+            t = one.time_s.to_numpy(dtype=float)
+            c = one[column].to_numpy(dtype=float)
+            for d in range(int((t[-1] - t[0]) // 86400)):
+                inside = (t >= t[0] + d * 86400) & (t <= t[0] + (d + 1) * 86400)
+                per_day.setdefault(d, []).append(float(np.trapezoid(c[inside],
+                                                                    t[inside] / 3600)))
+        days = max(days, len(per_day))
+        positions = [d + 1 + (j - (len(labels) - 1) / 2) * width for d in per_day]
+        parts = ax.boxplot(list(per_day.values()), positions=positions, widths=width * 0.85,
+                           patch_artist=True, flierprops={"markersize": 3},
+                           medianprops={"color": "k", "lw": 1.5}, manage_ticks=False)
+        for box in parts["boxes"]:
+            box.set_facecolor(colors[j % len(colors)])
+            box.set_alpha(0.55)
+        ax.plot([], [], "s", color=colors[j % len(colors)], alpha=0.55, label=label)
+    if window is not None:
+        ax.axhspan(*window, color="tab:green", alpha=0.13, lw=0, zorder=0,
+                   label=f"target window {window[0]:g}-{window[1]:g}")
+    ax.set_xticks(range(1, days + 1), [f"day {d}" for d in range(1, days + 1)])
+    head, sep, tail = unit.partition("/")
+    ax.set_ylabel(f"AUC24 [{unit_label(f'{head}*h{sep}{tail}')}]")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# the page
+
+_HEADLINE = ("time_in_window_s", "induction_sleep_time_min", "time_below_window_s",
+             "maintenance_time_out_of_range_s", "auc24_in_target_pct", "auc24_first_mg_h_per_L",
+             "auc24_last_mg_h_per_L", "highest_daily_minimum_mg_per_L", "anc_nadir_1e9_per_L",
+             "grade4_neutropenia_days", "settling_time_s", "overshoot_pct", "auc_*", "max_*",
+             "*_per_kg_*", "*_total_*", "fallback_time_s", "alarms")
+#: exposure over the whole run says little where a target was held or daily AUCs scored
+_HEADLINE_INSTEAD_OF_EXPOSURE = ("time_in_window_s", "auc24_in_target_pct")
+
+
+def headline_metrics(names: list[str], limit: int = 10) -> list[str]:
+    """The few metrics the summary shows, in the order of :data:`_HEADLINE`: how well the
+    target was held, exposure, drug given, safety."""
+    import fnmatch
+
+    chosen: list[str] = []
+    per_kg = any(fnmatch.fnmatch(n, "*_per_kg_*") for n in names)
+    daily = any(n in names for n in _HEADLINE_INSTEAD_OF_EXPOSURE)
+    for pattern in _HEADLINE:
+        if pattern == "*_total_*" and per_kg or pattern in ("auc_*", "max_*") and daily:
+            continue  # per kg says more than the total; AUC24 more than the whole run's
+        for name in names:
+            phase = name.startswith(("induction_", "maintenance_")) and name != pattern
+            if fnmatch.fnmatch(name, pattern) and not phase and name not in chosen:
+                chosen.append(name)
+    return chosen[:limit]
+
+
+def _metric_table(metrics: dict[str, pd.DataFrame], infos: list[MetricInfo],
+                  grouped: bool) -> str:
+    """An HTML table: metric, unit, meaning, then median [IQR] and mean ± sd per trial."""
+    labels = list(metrics)
+    head = "<tr><th>metric</th><th>unit</th><th>what it measures</th>" + "".join(
+        f"<th>{html.escape(label)}<br><small>median [IQR]<br>mean ± sd</small></th>"
+        for label in labels) + "</tr>"
+    rows = []
+    group = None
+    for info in infos:
+        if grouped and info.group != group:
+            group = info.group
+            rows.append(f'<tr class="group"><th colspan="{3 + len(labels)}">'
+                        f"{html.escape(group)}</th></tr>")
+        cells = "".join(f'<td class="num">{html.escape(_median_iqr(info.values(m)))}<br>'
+                        f'<small>{html.escape(_mean_sd(info.values(m)))}</small></td>'
+                        for m in metrics.values())
+        rows.append(f'<tr><td class="name" title="{html.escape(info.name)}">'
+                    f"{html.escape(info.label)}</td><td>{html.escape(info.unit)}</td>"
+                    f'<td class="text">{html.escape(info.explanation)}</td>{cells}</tr>')
+    return f'<div class="scroll"><table class="metrics">{head}{"".join(rows)}</table></div>'
+
+
+def _img(fig, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
 
 
 def write_report(results: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.html`` (plots embedded as PNG, readable offline) for a trial or a
-    comparison folder; returns its path."""
+    comparison folder; returns its path.
+
+    The page opens with a summary (scenario, cohort, controllers, target, headline metrics
+    with units), then the scored output and the drug given over time (median and
+    percentile bands), the first patients one by one, every metric with its unit and
+    meaning, and the metrics' distributions.
+    """
+    from ..plotting import parse_column, quantity_label, unit_label
+
     results = Path(results)
     folders = _trial_folders(results)
     metrics = {label: pd.read_csv(f / "metrics.csv") for label, f in folders.items()}
     series = {label: load_series(f) for label, f in folders.items()}
-    first = next(iter(series.values()))
-    measured = [c for c in first.columns if c.startswith("measured_")]
-    delivered = [c for c in first.columns if c.startswith("delivered_")]
-    parts = [f"<h1>mpc_dose trial report: {html.escape(results.name)}</h1>",
-             "<p>" + ", ".join(f"{html.escape(k)}: {len(v)} patients" for k, v in
-                               metrics.items()) + "</p>"]
-    if len(folders) > 1:
-        table = compare_table(folders)
-        parts += ["<h2>Controller comparison (mean, sd over the same patients)</h2>",
-                  table.to_html(float_format=lambda v: f"{v:.4g}")]
-    for column in measured:
-        parts += [f"<h2>{html.escape(column)}</h2>",
-                  f'<img src="data:image/png;base64,{_ensemble(series, column, column)}">']
-    for column in delivered:
-        parts += [f"<h2>{html.escape(column)}</h2>",
-                  f'<img src="data:image/png;base64,{_ensemble(series, column, column)}">']
-    for label, frame in series.items():
-        for column in measured[:1]:
-            parts += [f"<h2>{html.escape(label)}: patients one by one</h2>",
-                      f'<img src="data:image/png;base64,{_small_multiples(frame, column)}">']
-    numeric = [c for c in next(iter(metrics.values())).select_dtypes("number").columns
-               if c != "patient"]
-    parts += ["<h2>Metric distributions</h2>",
-              f'<img src="data:image/png;base64,{_distributions(metrics, numeric[:24])}">']
-    for label, m in metrics.items():
-        from .metrics import summarise
+    scenarios = {label: _scenario_of(f) for label, f in folders.items()}
+    comparison = len(folders) > 1
+    first_label = next(iter(folders))
+    scenario, manifest = scenarios[first_label]
+    if not comparison and scenario is not None:  # a trial is named by its scenario
+        label = scenario.scenario.name
+        folders, metrics, series, scenarios = ({label: d[first_label]} for d in
+                                               (folders, metrics, series, scenarios))
+        first_label = label
+    first = series[first_label]
+    target = _target_of(scenario, first)
 
-        parts += [f"<h2>{html.escape(label)}: summary</h2>",
-                  summarise(m).to_html(float_format=lambda v: f"{v:.4g}")]
+    names = [c for c in metrics[first_label].select_dtypes("number").columns
+             if c != "patient" and all(c in m for m in metrics.values())]
+    span_s = float(first.time_s.max() - first.time_s.min())
+    infos = [in_readable_time_unit(describe_metric(n, target.output, target.unit), span_s)
+             for n in names]
+    order = {g: k for k, g in enumerate(GROUPS)}
+    infos_grouped = sorted(infos, key=lambda i: order.get(i.group, len(GROUPS)))
+    headline = [i for n in headline_metrics(names) for i in infos if i.name == n]
+
+    # the summary
+    title = ("Controller comparison: " + " vs ".join(folders) if comparison
+             else f"Trial report: {first_label}")
+    described = []
+    for label, (sc, sc_manifest) in scenarios.items():
+        text = _description(sc, sc_manifest) if sc is not None else \
+            "its scenario file could not be read; described from the results only"
+        described.append(f"<b>{html.escape(label)}</b>" + (f": {html.escape(text)}" if text
+                                                           else ""))
+    duration = f" Each run lasts {_duration(scenario.scenario.duration_s)}." \
+        if scenario is not None else ""
+    summary = [f"<p><b>Scenario{'s' if comparison else ''}:</b> {'; '.join(described)}."
+               f"{duration}</p>"]
+    n_patients = len(metrics[first_label])
+    cohort = _cohort_text(scenario, manifest, folders[first_label], n_patients)
+    summary.append(f"<p><b>Patients:</b> {html.escape(cohort)}."
+                   + (" Every controller met the same patients, measurement noise and "
+                      "disturbances (common random numbers)." if comparison else "") + "</p>")
+    controllers = [f"<li><b>{html.escape(label)}</b>: {html.escape(_controller_text(sc))}"
+                   "</li>" for label, (sc, _) in scenarios.items() if sc is not None]
+    if controllers:
+        summary.append("<p><b>Controller" + ("s" if comparison else "") + ":</b></p><ul>"
+                       + "".join(controllers) + "</ul>")
+    aims = []
+    for label, (sc, _) in scenarios.items():
+        for line in (_target_text(sc, target.unit) if sc is not None else []):
+            if line.startswith("the NMPC") and comparison:
+                line = f"{label}: {line}"
+            if line not in aims:
+                aims.append(line)
+    summary.append("<p><b>Target:</b> " + (html.escape("; ".join(aims)) + "." if aims else
+                   "the scenario states none; the report shows exposure and the drug "
+                   "given.") + "</p>")
+    summary.append("<p><b>Headline results</b> (median [interquartile range] and mean ± sd "
+                   "over the patients):</p>" + _metric_table(metrics, headline, False))
+
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             '<div class="summary">' + "\n".join(summary) + "</div>"]
+
+    # over time
+    shown = _shown_series(first, target)
+    if shown is not None:
+        column, what = shown
+        parsed = parse_column(column)
+        unit = unit_label(parsed.unit)
+        ylabel = f"{quantity_label(parsed.name)}, {what}" + (
+            f" [{unit}]" if unit and unit != "dimensionless" else "")
+        heading = quantity_label(parsed.name)
+        parts += [f"<h2>{html.escape(heading[:1].upper() + heading[1:])} over time</h2>",
+                  f"<p>The {what} value of every patient: median, 25-75 % and 5-95 % of the "
+                  "patients at each time" + (", with the target and window" if
+                                             target.window or target.target else "")
+                  + ".</p>",
+                  _img(_ensemble_figure(series, column, ylabel, target), ylabel)]
+    if target.auc_window is not None and target.output is not None:
+        true = next((c for c in first.columns if c.startswith("true_")
+                     and parse_column(c).name == target.output), None)
+        if true is not None and first.time_s.max() >= 86400:
+            parts += ["<h2>Daily exposure (AUC24)</h2>",
+                      "<p>The AUC of the true concentration over each whole day, by day; "
+                      "green: the target window.</p>",
+                      _img(_daily_auc_figure(series, true, target.auc_window,
+                                             target.unit or "1"), "AUC24 by day")]
+    for column in [c for c in first.columns if c.startswith("delivered_")]:
+        parsed = parse_column(column)
+        drug = quantity_label(parsed.name.removesuffix("_rate"))
+        # the amount given so far, not the rate: a bolus or a pulsed rate would hide the
+        # rest of the run on a rate axis, and the ensemble median of pulses means nothing
+        amount = (parsed.unit or "").rpartition("/")[0]
+        ylabel = f"{drug} given so far [{unit_label(amount)}]"
+        fig = _ensemble_figure(series, column, ylabel, cumulative=True)
+        text = (f"The cumulative amount of {drug} delivered to each patient (the totals are "
+                "in the table below).")
+        parts += [f"<h2>{html.escape(drug.capitalize())} given</h2>",
+                  f"<p>{html.escape(text)}</p>", _img(fig, ylabel)]
+    if shown is not None:
+        for label, frame in series.items():
+            samples = None
+            if shown[1] == "true":
+                files = sorted((folders[label] / "samples").glob("patient_*.parquet"))
+                if files:
+                    samples = pd.concat([pd.read_parquet(f).assign(
+                        patient=int(f.stem.split("_")[1])) for f in files], ignore_index=True)
+            n_shown = min(12, frame.patient.nunique())
+            parts += [f"<h2>{html.escape(label)}: the first {n_shown} patients one by one"
+                      "</h2>",
+                      "<p>" + ("Line: the true value; dots: the levels measured, at their "
+                               "sample times." if samples is not None else
+                               f"The {shown[1]} value.") + "</p>",
+                      _img(_small_multiples_figure(frame, shown[0], shown[1], target,
+                                                   samples), f"{label}: patients")]
+
+    # every metric
+    parts += ["<h2>All metrics</h2>",
+              "<p>Per patient, summarised over the cohort. Hover over a metric for its column "
+              "name in <code>metrics.csv</code>; n/a: not defined for any patient (e.g. a "
+              "settling time when the output ends outside the window).</p>",
+              _metric_table(metrics, infos_grouped, True)]
+    varying = [i for i in infos_grouped
+               if any(m[i.name].dropna().nunique() > 1 for m in metrics.values())]
+    constant = [i for i in infos_grouped if i not in varying]
+    if varying:
+        parts += ["<h2>Metric distributions</h2>",
+                  "<p>One box per " + ("controller" if comparison else "trial") +
+                  ": median, quartiles, whiskers to 1.5 IQR, points beyond.</p>",
+                  _img(_distributions_figure(metrics, varying[:30]), "metric distributions")]
+    if constant:
+        same = []
+        for info in constant:
+            values = [format_value(info.values(m).dropna().iloc[0])
+                      if m[info.name].notna().any()
+                      else "n/a" for m in metrics.values()]
+            unit = f" {info.unit}" if info.unit not in ("dimensionless", "count") else ""
+            same.append(f"{info.label}: {' / '.join(values)}{unit}")
+        parts.append("<p>The same for every patient" + (" (per controller)" if comparison
+                                                         else "") + ", so not drawn: "
+                     + html.escape("; ".join(same)) + ".</p>")
     path = Path(out) if out else results / "report.html"
-    path.write_text(html_page(parts), encoding="utf-8")
+    path.write_text(html_page(parts, title), encoding="utf-8")
     return path
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1100px;margin:auto;
+padding:0 16px 40px;color:#222;line-height:1.4}
+h1{font-size:1.6em;margin-top:.8em}h2{font-size:1.25em;margin-top:1.6em;
+border-bottom:1px solid #ddd;padding-bottom:2px}
+.summary{background:#f5f8fb;border:1px solid #d5e0ea;border-radius:6px;padding:4px 16px 10px}
+.summary p{margin:.5em 0}.summary ul{margin:.2em 0 .5em}
+.scroll{overflow-x:auto;max-width:100%;border:1px solid #e3e3e3;border-radius:4px;
+margin:.5em 0}
+table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ddd;padding:3px 7px;vertical-align:top}
+th{background:#f3f3f3;text-align:left}
+td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
+td.name{white-space:nowrap;font-weight:600}
+td.text{min-width:16em;color:#444}
+tr.group th{background:#e8eef4}
+img{max-width:100%;height:auto}
+small{font-weight:normal;color:#555}
+"""
 
 
 def html_page(parts: list[str], title: str = "mpc_dose report") -> str:
     """A self-contained HTML page of *parts* (HTML fragments; images embedded)."""
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            "</title><style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
-            "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
-            "padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>"
-            + "\n".join(parts) + "</body></html>")
+            f"</title><style>{_CSS}</style></head><body>" + "\n".join(parts)
+            + "</body></html>")
 
 
 def image(fig) -> str:
