@@ -193,7 +193,8 @@ def test_a_flood_does_not_hold_a_lease_past_its_end(tmp_path, emulator):
         assert controller.set_rate("c1", 120.0, lease_s=2.0)["code"] == "applied"
         leased_at = time.monotonic()
         stopped_at = None
-        while time.monotonic() - leased_at < 3.5:
+        # the flood runs 3 s past the lease end: a lease it held would end only after it
+        while time.monotonic() - leased_at < 5.0:
             for f in flooders:
                 for _ in range(50):
                     f.send("get_status", {"cmd_id": f"g{sent}", "pump": "propofol"})
@@ -203,7 +204,9 @@ def test_a_flood_does_not_hold_a_lease_past_its_end(tmp_path, emulator):
                 stopped_at = time.monotonic()
         assert process.poll() is None, "the bridge must survive the flood"
         assert stopped_at is not None, "the lease must end under the flood"
-        assert 2.0 - 0.1 <= stopped_at - leased_at <= 2.0 + 0.5, stopped_at - leased_at
+        # within one poll (0.5 s) of the end; a second more of slack for a loaded CI machine
+        # keeps the bound well inside the flood
+        assert 2.0 - 0.1 <= stopped_at - leased_at <= 2.0 + 1.5, stopped_at - leased_at
         assert sent > 2000
         assert controller.set_rate("c2", 30.0, lease_s=2.0)["code"] == "applied"
     finally:
