@@ -397,11 +397,13 @@ def auc24_consensus_window() -> tuple[float, float]:
     return float(parameters["low"].default), float(parameters["high"].default)
 
 
-def closed_loop_options(scenario) -> dict:
+def closed_loop_options(scenario, changes=None) -> dict:
     """What a scenario tells :func:`closed_loop_figure` beyond the series: which output
     each sensor measures, the scored output with its target and window (``[metrics]``), the
     NMPC's soft bounds, reference and AUC target, covariate changes and disturbances as
-    marks, and the clock time at t = 0.
+    marks, and the clock time at t = 0. *changes*: the patient's own covariate changes
+    ``(time [s], values)`` (trial/build.py covariate_changes); the scenario's fixed-time
+    ones when not given.
 
     Every option can be overridden:
     ``plot_closed_loop(frame, path, **{**closed_loop_options(scenario), "title": ...})``.
@@ -434,10 +436,12 @@ def closed_loop_options(scenario) -> dict:
         if nmpc.auc_window_s:
             options["auc_period_s"] = nmpc.auc_window_s
     units = covariate_units(scenario.patient.model)
-    marks = [(c.time_s, ", ".join(f"{quantity_label(k)} changes to "
-                                  f"{covariate_value(v, units.get(k))}"
-                                  for k, v in c.covariates.items()))
-             for c in scenario.covariate_change]
+    if changes is None:
+        changes = [(c.time_s, c.covariates) for c in scenario.covariate_change
+                   if c.time_s is not None and c.probability == 1 and not c.scale]
+    marks = [(t_s, ", ".join(f"{quantity_label(k)} changes to "
+                             f"{covariate_value(v, units.get(k))}" for k, v in values.items()))
+             for t_s, values in changes]
     for d in scenario.disturbance:
         for t_s, value in zip(d.times_s, d.values):
             marks.append((t_s, f"{quantity_label(d.output)} disturbance "

@@ -179,3 +179,39 @@ parameters = ["vancomycin_cl1", "vancomycin_v1"]
                                           r"measures it"):
         build_setup(_scenario(tmp_path, table.replace('output = "vancomycin_cp"',
                                                       'output = "nope"'), "mipd"), 0, 0)
+
+
+def test_random_covariate_changes_are_drawn_per_patient_and_shared_by_a_cohort(tmp_path):
+    """An AKI in 30 % of patients at a time drawn in 24-96 h halving CrCL, and a recovery
+    (x 1.5) in 50 % of them: the share and the times follow the spec, the factors compose
+    in time order, and two scenarios of one cohort give each patient the same changes."""
+    from mpc_dose.trial.build import build_patient, covariate_changes
+
+    text = (REPO / "scenarios" / "vancomycin_nmpc.toml").read_text()
+    text = text.replace("[[covariate_change]]\ntime_s = 172800               # 48 h\n"
+                        "covariates = { crcl = 30 }\n",
+                        "[[covariate_change]]\ntime_range_s = [86400, 345600]\n"
+                        "probability = 0.3\nscale = { crcl = 0.5 }\n\n"
+                        "[[covariate_change]]\ntime_range_s = [86400, 345600]\n"
+                        "probability = 0.5\nscale = { crcl = 1.5 }\n").replace(
+        "size = 100", "size = 400")
+    (tmp_path / "a.toml").write_text(text)
+    (tmp_path / "b.toml").write_text(text.replace('kind = "nmpc"', 'kind = "fixed"'))
+    a, b = load_scenario(tmp_path / "a.toml"), load_scenario(tmp_path / "b.toml")
+    halved = raised = 0
+    for index in range(400):
+        patient = build_patient(a, index, 0)
+        changes = covariate_changes(a, patient, 0)
+        assert changes == covariate_changes(b, build_patient(b, index, 0), 0)
+        crcl = patient.covariates["crcl"]
+        for t, values in changes:
+            assert 86400 <= t <= 345600
+            ratio = values["crcl"] / crcl
+            assert ratio == pytest.approx(0.5) or ratio == pytest.approx(1.5)
+            halved += ratio == pytest.approx(0.5)
+            raised += ratio == pytest.approx(1.5)
+            crcl = values["crcl"]
+    assert 0.3 * 400 - 30 < halved < 0.3 * 400 + 30      # binomial: sd 9
+    assert 0.5 * 400 - 35 < raised < 0.5 * 400 + 35      # sd 10
+    with pytest.raises(Exception, match="give either time_s or time_range_s"):
+        load_scenario(tmp_path / "a.toml", {"covariate_change": [{"scale": {"crcl": 0.5}}]})

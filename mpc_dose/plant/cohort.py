@@ -24,12 +24,13 @@ from ..units import UnitError, split_unit_suffix
 __all__ = ["VirtualPatientSpec", "streams", "patient_from_row", "patient_from_population",
            "CovariateDistribution"]
 
-_STREAMS = ("parameters", "noise", "disturbances", "occasions")
+# appended streams leave the earlier ones as they were (SeedSequence children by position)
+_STREAMS = ("parameters", "noise", "disturbances", "occasions", "covariate_changes")
 
 
 def streams(scenario: str, seed: int, index: int) -> dict[str, np.random.Generator]:
     """Independent generators for one patient: ``parameters``, ``noise``, ``disturbances``,
-    ``occasions`` (spawned from a SeedSequence keyed by scenario name, seed and index)."""
+    ``occasions``, ``covariate_changes`` (spawned from a SeedSequence keyed by scenario name, seed and index)."""
     if not isinstance(seed, int) or seed < 0 or not isinstance(index, int) or index < 0:
         raise ConfigError(f"seed and patient index must be whole numbers >= 0, got {seed!r} "
                           f"and {index!r}")
@@ -56,7 +57,9 @@ class VirtualPatientSpec:
 @dataclass(frozen=True)
 class CovariateDistribution:
     """How one covariate is drawn: ``uniform`` (low, high), ``normal`` (mean, sd, clipped to
-    [low, high]) or ``choice`` (values with probabilities)."""
+    [low, high]), ``lognormal`` (median, sd_log: the SD of its logarithm; truncated to [low,
+    high] by drawing again, so no value piles up at a bound) or ``choice`` (values with
+    probabilities)."""
 
     name: str
     kind: str
@@ -66,11 +69,19 @@ class CovariateDistribution:
     sd: float = 0.0
     values: tuple[str, ...] = ()
     probabilities: tuple[float, ...] = ()
+    median: float = 1.0
+    sd_log: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("uniform", "normal", "choice"):
-            raise ConfigError(f"covariate {self.name!r}: kind must be uniform, normal or "
-                              f"choice, got {self.kind!r}")
+        if self.kind not in ("uniform", "normal", "lognormal", "choice"):
+            raise ConfigError(f"covariate {self.name!r}: kind must be uniform, normal, "
+                              f"lognormal or choice, got {self.kind!r}")
+        if self.kind == "lognormal" and not (self.median > 0 and self.sd_log >= 0 and
+                                             self.low < self.high and self.low <= self.median
+                                             <= self.high):
+            raise ConfigError(f"covariate {self.name!r}: lognormal needs median > 0 within "
+                              f"[low, high] and sd_log >= 0, got median {self.median}, "
+                              f"sd_log {self.sd_log}, [{self.low}, {self.high}]")
         if self.kind == "uniform" and not (math.isfinite(self.low) and math.isfinite(self.high)
                                            and self.low < self.high):
             raise ConfigError(f"covariate {self.name!r}: uniform needs finite low < high")
@@ -88,6 +99,12 @@ class CovariateDistribution:
             return float(rng.uniform(self.low, self.high))
         if self.kind == "normal":
             return float(np.clip(rng.normal(self.mean, self.sd), self.low, self.high))
+        if self.kind == "lognormal":
+            for _ in range(1000):
+                value = float(self.median * math.exp(rng.normal(0.0, self.sd_log)))
+                if self.low <= value <= self.high:
+                    return value
+            return float(np.clip(value, self.low, self.high))
         p = self.probabilities or None
         return str(self.values[int(rng.choice(len(self.values), p=p))])
 

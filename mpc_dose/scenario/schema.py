@@ -56,11 +56,17 @@ class ScenarioInfo(_Strict):
 
 
 class CovariateDistributionSpec(_Strict):
-    kind: Literal["uniform", "normal", "choice"]
+    """How a covariate is drawn (plant/cohort.py CovariateDistribution): ``uniform`` (low,
+    high), ``normal`` (mean, sd; clipped to low-high), ``lognormal`` (median, sd_log;
+    truncated to low-high), ``choice`` (values, probabilities)."""
+
+    kind: Literal["uniform", "normal", "lognormal", "choice"]
     low: float = -math.inf
     high: float = math.inf
     mean: float = 0.0
     sd: float = 0.0
+    median: float = 1.0
+    sd_log: float = Field(0.0, ge=0)
     values: list[str] = []
     probabilities: list[float] = []
 
@@ -90,10 +96,31 @@ class PatientSpec(_Strict):
 
 
 class CovariateChangeSpec(_Strict):
-    """From *time_s* on, the patient's covariates take these values (others unchanged)."""
+    """From *time_s* on (or a time drawn per patient, uniform in *time_range_s*), with
+    *probability* per patient, the covariates take the values of *covariates* and those of
+    *scale* are multiplied by it (others unchanged): acute kidney injury, recovery. The
+    draws come from each patient's own stream, the same in every scenario of a cohort."""
 
-    time_s: float = Field(ge=0)
-    covariates: dict[str, float | str]
+    time_s: float | None = Field(None, ge=0)
+    time_range_s: tuple[float, float] | None = None
+    probability: float = Field(1.0, ge=0, le=1)
+    covariates: dict[str, float | str] = {}
+    scale: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _when_and_what(self):
+        if (self.time_s is None) == (self.time_range_s is None):
+            raise ValueError("give either time_s or time_range_s (a time drawn per patient)")
+        if self.time_range_s is not None and not 0 <= self.time_range_s[0] <= \
+                self.time_range_s[1]:
+            raise ValueError(f"time_range_s: expected 0 <= start <= end, got "
+                             f"{list(self.time_range_s)}")
+        if not self.covariates and not self.scale:
+            raise ValueError("give covariates (new values) or scale (factors)")
+        for name, factor in self.scale.items():
+            if not (math.isfinite(factor) and factor > 0):
+                raise ValueError(f"scale.{name} = {factor!r}: expected a factor > 0")
+        return self
 
 
 class DisturbanceSpec(_Strict):

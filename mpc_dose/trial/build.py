@@ -91,7 +91,8 @@ def build_patient(scenario: Scenario, index: int, seed: int) -> VirtualPatientSp
                                    where=f"patient.table row {index + 1}")
     elif spec.population is not None:
         dists = {name: CovariateDistribution(name, d.kind, d.low, d.high, d.mean, d.sd,
-                                             tuple(d.values), tuple(d.probabilities))
+                                             tuple(d.values), tuple(d.probabilities),
+                                             d.median, d.sd_log)
                  for name, d in spec.population.covariates.items()}
         patient = patient_from_population(lm, dists, index, rng,
                                           random_effects=spec.random_effects)
@@ -136,6 +137,41 @@ def _check_clock(scenario: Scenario, models) -> None:
                           f"controller.nmpc.dose_clock_h)")
 
 
+def covariate_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
+                      ) -> list[tuple[float, dict[str, float | str]]]:
+    """The covariate changes this patient has, in time order: ``(time [s], the changed
+    covariates' new values)``. Each ``[[covariate_change]]`` draws its chance and its time
+    from the patient's ``covariate_changes`` stream (two draws each, taken or not, so the
+    draws of one change never shift another's); a scale multiplies the value in force
+    then. The patient, the controllers and the records all take these."""
+    rng = streams(scenario.scenario.streams_name, seed, patient.index)["covariate_changes"]
+    drawn = []
+    for k, change in enumerate(scenario.covariate_change):
+        chance, position = float(rng.random()), float(rng.random())
+        if chance >= change.probability:
+            continue
+        if change.time_range_s is not None:
+            start, end = change.time_range_s
+            t = start + position * (end - start)
+        else:
+            t = change.time_s
+        drawn.append((t, k, change))
+    drawn.sort(key=lambda item: (item[0], item[1]))
+    in_force = dict(patient.covariates)
+    out = []
+    for t, k, change in drawn:
+        values = dict(change.covariates)
+        for name, factor in change.scale.items():
+            current = values.get(name, in_force.get(name))
+            if isinstance(current, bool) or not isinstance(current, (int, float)):
+                raise ConfigError(f"covariate_change[{k}].scale.{name}: the patient's "
+                                  f"{name} is {current!r}; a factor needs a number")
+            values[name] = float(current) * factor
+        in_force.update(values)
+        out.append((float(t), values))
+    return out
+
+
 def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
                       ) -> list[tuple[float, dict[str, float]]]:
     """Parameter values from each covariate change and each new occasion on.
@@ -146,7 +182,8 @@ def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
     """
     pop = load(scenario.patient.model).population
     # with occasions, the first occasion's variability applies from t = 0
-    times = sorted({c.time_s for c in scenario.covariate_change}
+    changes_drawn = covariate_changes(scenario, patient, seed)
+    times = sorted({t for t, _ in changes_drawn}
                    | set(scenario.patient.occasions_s)
                    | ({0.0} if scenario.patient.occasions_s else set()))
     if not times:
@@ -160,9 +197,9 @@ def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
     covariates = dict(patient.covariates)
     changes = []
     for t in times:
-        for change in scenario.covariate_change:
-            if change.time_s == t:
-                covariates.update(change.covariates)
+        for t_change, values in changes_drawn:
+            if t_change == t:
+                covariates.update(values)
         occasion = sum(1 for start in occasion_starts if start <= t)
         values = pop.individual(covariates, patient.eta, kappas[occasion]).params
         values.update(patient.overrides)
@@ -350,7 +387,10 @@ def _check_safety_inputs(scenario: Scenario, controller: Controller) -> None:
 
 
 def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpec,
-                share: bool = False, measured: str | None = None) -> Controller:
+                share: bool = False, measured: str | None = None,
+                changes: list[tuple[float, dict]] = ()) -> Controller:
+    """The controller of *scenario* for *patient*; *changes*: the patient's covariate
+    changes (:func:`covariate_changes`), which the model-based kinds are told."""
     c = scenario.controller
     chosen = getattr(c, c.kind)
     if chosen is None and c.kind != "pid":
@@ -383,9 +423,9 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
         own = load(chosen.model) if chosen.model else lm
         return _nmpc_controller(scenario, chosen, c, own,
                                 _controller_params(scenario, own, patient),
-                                dict(patient.covariates), share, measured)
+                                dict(patient.covariates), share, measured, changes)
     if c.kind in ("nomogram", "mipd"):
-        return _scheduled_controller(scenario, chosen, c, lm, patient, measured)
+        return _scheduled_controller(scenario, chosen, c, lm, patient, measured, changes)
     factory = load_user_controller(chosen.target, scenario.base_dir)
     made = factory(inputs=tuple(chosen.inputs), period_s=c.period_s, **chosen.options)
     if hasattr(made, "decide"):
@@ -394,7 +434,8 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
 
 
 def _scheduled_controller(scenario: Scenario, spec, c, lm: LibraryModel,
-                          patient: VirtualPatientSpec, measured: str | None) -> Controller:
+                          patient: VirtualPatientSpec, measured: str | None,
+                          changes: list[tuple[float, dict]]) -> Controller:
     """``kind = "nomogram"`` or ``"mipd"``: doses on a clock (control/scheduled.py), amounts
     in the input's amount unit, levels in the measured output's unit; both are told the
     scenario's covariate changes when they happen."""
@@ -431,7 +472,6 @@ def _scheduled_controller(scenario: Scenario, spec, c, lm: LibraryModel,
         raise ConfigError(f"{where}.output: model {own.model.name!r} has no output "
                           f"{spec.output!r}; outputs: {', '.join(own.model.output_names)}")
     level_unit = own.model.outputs[own.model.output_index(spec.output)].unit
-    changes = [(ch.time_s, ch.covariates) for ch in scenario.covariate_change]
     if c.kind == "nomogram":
         from ..control.scheduled import NomogramBand, NomogramController
 
@@ -464,13 +504,14 @@ def _scheduled_controller(scenario: Scenario, spec, c, lm: LibraryModel,
                               f"the Bayesian MAP estimate (\"map\")")
         auc_unit = level_unit.replace("/", "*h/", 1) if "/" in level_unit else \
             f"{level_unit}*h"
-        bayes = _bayes_estimator(scenario, spec, own, dict(patient.covariates), where)
+        bayes = _bayes_estimator(scenario, spec, own, dict(patient.covariates), changes,
+                                 where)
         made = MIPDController(own, patient.covariates, output=spec.output, measured=measured,
                               interval_s=spec.dose_interval_s,
                               target_auc_24h=_quantity(spec.auc_target, auc_unit,
                                                        f"{where}.auc_target"),
                               estimator=bayes, **common)
-        changes = []   # the estimator was told them
+        return made       # its estimator was told the changes
     for t, covariates in changes:
         made.covariates_from(t, covariates)
     return made
@@ -605,7 +646,8 @@ def _nmpc_fields(spec, c, model, clock_h: float | None = None) -> dict:
 
 def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str, float],
                      patient_covariates: dict, share: bool = False,
-                     measured: str | None = None) -> Controller:
+                     measured: str | None = None,
+                     changes: list[tuple[float, dict]] = ()) -> Controller:
     """NMPC + estimator on the controller's own model *own* with parameter values *params*
     (fed the readings of *measured*)."""
     import numpy as np
@@ -627,7 +669,7 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
                           f"{own.model.name!r}: {', '.join(own.population.eta_names)}), or "
                           f"set estimator.kind = \"none\"")
     if est.kind == "map":
-        bayes = _bayes_estimator(scenario, spec, own, patient_covariates)
+        bayes = _bayes_estimator(scenario, spec, own, patient_covariates, changes)
     elif est.kind != "none":
         names = own.population.eta_names
         missing = [p for p in est.parameters if p not in names]
@@ -688,9 +730,9 @@ def _scenario_names():
 
 
 def _bayes_estimator(scenario: Scenario, spec, own: LibraryModel, covariates: dict,
-                     where: str = "controller.nmpc"):
+                     changes: list[tuple[float, dict]] = (), where: str = "controller.nmpc"):
     """The Bayesian MAP estimator of ``estimator.kind = "map"`` (``[<where>.estimator]``),
-    told the scenario's covariate changes (from their time on) and occasions."""
+    told the patient's covariate changes *changes* (from their time on) and occasions."""
     from ..control.estimation import BayesianEstimator, EstimationConfig
 
     est = spec.estimator
@@ -709,10 +751,10 @@ def _bayes_estimator(scenario: Scenario, spec, own: LibraryModel, covariates: di
                 if k in {cov.name for cov in own.population.covariates}}
         bayes = BayesianEstimator(own, mine, config, fixed=_clock_params(scenario, own.model))
         names = {cov.name for cov in own.population.covariates}
-        for change in scenario.covariate_change:
-            told = {k: v for k, v in change.covariates.items() if k in names}
+        for t, values in changes:
+            told = {k: v for k, v in values.items() if k in names}
             if told:
-                bayes.covariates_from(change.time_s, told)
+                bayes.covariates_from(t, told)
         for t in scenario.patient.occasions_s:
             bayes.new_occasion(t)
     except ConfigError as err:
@@ -737,7 +779,8 @@ def build_setup(scenario: Scenario, index: int, seed: int, *,
         disturbances.append(OutputDisturbance(d.output, tuple(d.times_s), tuple(d.values),
                                               d.kind))
     safety = safety_config(scenario, lm.model)
-    controller = _controller(scenario, lm, patient, share_solvers, safety.measured)
+    controller = _controller(scenario, lm, patient, share_solvers, safety.measured,
+                             covariate_changes(scenario, patient, seed))
     _check_safety_inputs(scenario, controller)
     _check_clock(scenario, [lm.model] + [getattr(controller, "model", lm.model)])
     info = scenario.scenario

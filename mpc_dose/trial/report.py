@@ -476,9 +476,15 @@ def _cohort_text(scenario, manifest: dict, folder: Path, n_patients: int) -> str
     if covariates:
         text += f". {covariates}"
     for change in scenario.covariate_change:
-        text += f". From {_duration(change.time_s)} on: " + ", ".join(
-            f"{quantity_label(k)} {covariate_value(v, units.get(k))}"
-            for k, v in change.covariates.items())
+        when = f"from {_duration(change.time_s)} on" if change.time_s is not None else \
+            f"at a time between {_duration(change.time_range_s[0])} and " \
+            f"{_duration(change.time_range_s[1])}"
+        chance = "" if change.probability == 1 else \
+            f"in {change.probability:.0%} of patients, "
+        what = [f"{quantity_label(k)} {covariate_value(v, units.get(k))}"
+                for k, v in change.covariates.items()]
+        what += [f"{quantity_label(k)} x {f:g}" for k, f in change.scale.items()]
+        text += f". {(chance + when).capitalize()}: " + ", ".join(what)
     return text
 
 
