@@ -93,9 +93,16 @@ class SensorConfig:
     #: lower limit of quantification: a reading below it is reported as the limit with
     #: quality "underflow" (a laboratory's "< LLOQ"); None: none
     lloq: float | None = None
+    #: the laboratory's turnaround varies: each reading comes back after a delay drawn
+    #: uniform in [delay_s, delay_max_s] (None: always delay_s)
+    delay_max_s: float | None = None
 
     def __post_init__(self) -> None:
         where = f"sensor {self.name or self.var!r}"
+        if self.delay_max_s is not None and not (math.isfinite(self.delay_max_s) and
+                                                 self.delay_max_s >= self.delay_s):
+            raise ConfigError(f"{where}: delay_max_s must be >= delay_s ({self.delay_s}), got "
+                              f"{self.delay_max_s!r}")
         if not (self.period_s > 0 and math.isfinite(self.period_s)):
             raise ConfigError(f"{where}: period_s must be > 0, got {self.period_s!r}")
         if any(not (0 <= t < 86400.0) for t in self.daily_times_s) or \
@@ -260,6 +267,10 @@ class SensorNoise:
         value = np.where(d["valid"], self._finish(value), c.error_value)
         return value, d["valid"].copy(), d["emitted"].copy()
 
+    def turnaround(self, low_s: float, high_s: float) -> float:
+        """A laboratory delay [s] drawn uniform in [low_s, high_s] (the noise stream)."""
+        return float(self._rng.uniform(low_s, high_s))
+
     def sample(self, true_value: float, t_s: float) -> tuple[float, str] | None:
         """The reported ``(value, quality)`` for a true value at *t_s*, or None (dropout)."""
         c = self.config
@@ -292,6 +303,9 @@ def sensor_process(env: simpy.Environment, patient: VirtualPatient, config: Sens
         if config.daily_times_s:
             day, slot = divmod(k, len(config.daily_times_s))
             t = day * 86400.0 + config.daily_times_s[slot]
+            if t < config.first_sample_s:   # the first draws of a course come later
+                k += 1
+                continue
         else:
             t = config.first_sample_s + k * config.period_s
         yield at(env, t, SAMPLE)
@@ -300,10 +314,12 @@ def sensor_process(env: simpy.Environment, patient: VirtualPatient, config: Sens
         if result is not None:
             reading = SensorReading(config.var, result[0], config.unit, t, result[1],
                                     config.name or config.var)
-            if config.delay_s == 0:
+            delay = config.delay_s if config.delay_max_s is None else \
+                noise.turnaround(config.delay_s, config.delay_max_s)
+            if delay == 0:
                 deliver(reading)
             else:
-                env.process(_deliver_later(env, t + config.delay_s, reading, deliver))
+                env.process(_deliver_later(env, t + delay, reading, deliver))
         k += 1
 
 

@@ -158,6 +158,9 @@ class SensorSpec(_Strict):
     #: 15:00), on the scenario's clock (scenario.start_clock_h; 0:00 at t = 0 when not given)
     sample_clock_h: list[float] | None = None
     delay_s: float = Field(0.0, ge=0)
+    #: a delay drawn per reading, uniform in [delay_s, delay_max_s] (laboratory turnaround)
+    delay_max_s: float | None = Field(None, ge=0)
+    #: no sample before this time [s] (with sample_clock_h: the first draws come later)
     first_sample_s: float = Field(0.0, ge=0)
     noise: Literal["none", "bis"] = "none"
     proportional_cv: float = Field(0.0, ge=0)

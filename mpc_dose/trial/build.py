@@ -250,7 +250,7 @@ def _sensor(scenario: Scenario, spec, lm: LibraryModel, where: str) -> SensorCon
                         spec.ar1_tau_s, filtered, spec.drift_per_h, spec.outlier_probability,
                         spec.outlier_sd, low, high, spec.quantum, spec.dropout_probability,
                         spec.error_probability, spec.error_value, spec.var or spec.output,
-                        daily, lloq)
+                        daily, lloq, spec.delay_max_s)
 
 
 #: built NMPC problems kept for the next patient of a trial (same model and structure):
