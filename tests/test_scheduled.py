@@ -215,3 +215,27 @@ def test_random_covariate_changes_are_drawn_per_patient_and_shared_by_a_cohort(t
     assert 0.5 * 400 - 35 < raised < 0.5 * 400 + 35      # sd 10
     with pytest.raises(Exception, match="give either time_s or time_range_s"):
         load_scenario(tmp_path / "a.toml", {"covariate_change": [{"scale": {"crcl": 0.5}}]})
+
+
+def test_the_trial_s_clinical_auc_figures_on_hand_worked_days():
+    """7 days at 20 mg/L (AUC24 480: in 400-600), then the same at 30 mg/L (720: above 600,
+    not 800; troughs above 20), and 10 mg/L for two days then 25 mg/L (240, 240, 600...)."""
+    import numpy as np
+
+    from mpc_dose.trial.metrics import auc_attainment
+
+    t = np.arange(0.0, 7 * 86400.0 + 1, 600.0)
+    at20 = auc_attainment(t, np.full(t.size, 20.0))
+    assert at20["auc24_days"] == 7 and at20["auc24_first_mg_h_per_L"] == pytest.approx(480)
+    assert (at20["auc24_in_target_day1_pct"], at20["auc24_in_target_day2_pct"],
+            at20["auc24_in_target_days3to7_pct"]) == (100.0, 100.0, 100.0)
+    assert at20["auc24_in_target_first_day"] == 1 and at20["auc24_above_600_days"] == 0
+    at30 = auc_attainment(t, np.full(t.size, 30.0))
+    assert at30["auc24_in_target_pct"] == 0 and math.isnan(at30["auc24_in_target_first_day"])
+    assert at30["auc24_above_600_days"] == 7 and at30["auc24_above_800_days"] == 0
+    assert at30["days_minimum_above_20_mg_per_L"] == 7
+    late = auc_attainment(t, np.where(t < 2 * 86400.0, 10.0, 25.0))
+    # day 3 starts at 48 h: its first point is 25 mg/L, the 24 h after it 600 (in target)
+    assert late["auc24_in_target_day1_pct"] == 0 and late["auc24_in_target_day2_pct"] == 0
+    assert late["auc24_in_target_first_day"] == 3
+    assert late["auc24_in_target_days3to7_pct"] == 100.0

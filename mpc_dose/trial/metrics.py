@@ -12,6 +12,8 @@ Fiacchini & Dang (2024), computed on the measured (noisy) BIS sampled every seco
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = ["tiva_metrics", "performance_metrics", "drug_totals", "summarise",
@@ -137,15 +139,25 @@ def summarise(metrics):
                          "max": numeric.max(), "n": numeric.count()})
 
 
-def auc_attainment(time_s, concentration, low: float = 400.0, high: float = 600.0
-                   ) -> dict[str, float]:
-    """Vancomycin-style exposure targets on the true concentration [mg/L]: the AUC of each
-    whole 24-h day [mg.h/L] (trapezoid), the share of days with AUC24 in [low, high] (the
-    2020 ASHP/IDSA consensus 400-600 mg.h/L), the first and last day's AUC24, and the
-    highest trough-like minimum of any day."""
+def auc_attainment(time_s, concentration, low: float = 400.0, high: float = 600.0,
+                   toxic: float = 800.0, trough_high: float = 20.0) -> dict[str, float]:
+    """Vancomycin-style exposure targets on the true concentration [mg/L], by whole 24-h day
+    from the start: the AUC of each day [mg.h/L] (trapezoid) and:
+
+    * ``auc24_in_target_pct``: the share of days with AUC24 in [*low*, *high*] (the 2020
+      ASHP/IDSA consensus 400-600 mg.h/L); ``auc24_in_target_day1_pct``,
+      ``..._day2_pct`` (100 or 0: their mean over patients is the share of patients) and
+      ``..._days3to7_pct`` (the share of days 3-7 that the run has);
+    * ``auc24_above_target_days`` / ``auc24_above_600_days`` (days above *high*),
+      ``auc24_above_800_days`` (above *toxic*: the exposure linked to kidney injury);
+    * ``days_minimum_above_20_mg_per_L``: days whose lowest concentration (the trough of a
+      dosing interval) is above *trough_high*;
+    * ``auc24_in_target_first_day``: the day (1, 2, ...) of the first AUC24 in target, NaN
+      if none; ``auc24_days``: the whole days counted; the first and last day's AUC24 and
+      the highest daily minimum."""
     t = np.asarray(time_s, dtype=float)
     c = np.asarray(concentration, dtype=float)
-    days = int((t[-1] - t[0]) // 86400.0)
+    days = int((t[-1] - t[0]) // 86400.0 + 1e-9)
     aucs, minima = [], []
     for d in range(days):
         inside = (t >= t[0] + d * 86400.0) & (t <= t[0] + (d + 1) * 86400.0)
@@ -154,11 +166,23 @@ def auc_attainment(time_s, concentration, low: float = 400.0, high: float = 600.
     if not aucs:
         return {}
     aucs_arr = np.asarray(aucs)
-    return {"auc24_first_mg_h_per_L": aucs[0], "auc24_last_mg_h_per_L": aucs[-1],
-            "auc24_in_target_pct": float(np.mean((aucs_arr >= low) & (aucs_arr <= high))
-                                         * 100.0),
-            "auc24_above_target_days": float(np.sum(aucs_arr > high)),
-            "highest_daily_minimum_mg_per_L": max(minima)}
+    in_target = (aucs_arr >= low) & (aucs_arr <= high)
+    first = np.flatnonzero(in_target)
+    out = {"auc24_first_mg_h_per_L": aucs[0], "auc24_last_mg_h_per_L": aucs[-1],
+           "auc24_in_target_pct": float(np.mean(in_target) * 100.0),
+           "auc24_above_target_days": float(np.sum(aucs_arr > high)),
+           "auc24_above_600_days": float(np.sum(aucs_arr > 600.0)),
+           "auc24_above_800_days": float(np.sum(aucs_arr > toxic)),
+           "days_minimum_above_20_mg_per_L": float(np.sum(np.asarray(minima) > trough_high)),
+           "auc24_in_target_first_day": float(first[0] + 1) if first.size else math.nan,
+           "auc24_days": float(days),
+           "highest_daily_minimum_mg_per_L": max(minima),
+           "auc24_in_target_day1_pct": 100.0 * float(in_target[0])}
+    if days >= 2:
+        out["auc24_in_target_day2_pct"] = 100.0 * float(in_target[1])
+    if days >= 3:
+        out["auc24_in_target_days3to7_pct"] = float(np.mean(in_target[2:7]) * 100.0)
+    return out
 
 
 def neutropenia_metrics(time_s, anc) -> dict[str, float]:

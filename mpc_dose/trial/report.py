@@ -181,6 +181,26 @@ _KNOWN: dict[str, tuple[str, str, str, str | None]] = {
                             "mg·h/L", None),
     "auc24_above_target_days": ("Exposure", "Days with AUC24 above target",
                                 f"whole days with AUC24 above {_AUC_HIGH:g} mg·h/L", None),
+    "auc24_above_600_days": ("Exposure", "Days with AUC24 above 600",
+                             "whole days with AUC24 above 600 mg·h/L", None),
+    "auc24_above_800_days": ("Toxicity", "Days with AUC24 above 800",
+                             "whole days with AUC24 above 800 mg·h/L (kidney injury risk)",
+                             None),
+    "days_minimum_above_20_mg_per_L": ("Toxicity", "Days with a trough above 20 mg/L",
+                                       "whole days whose lowest true concentration is above "
+                                       "20 mg/L", None),
+    "auc24_in_target_first_day": ("Exposure", "Days to AUC24 in target",
+                                "the day of the first AUC24 within the target (1: the first "
+                                "day); none if never", None),
+    "auc24_days": ("Exposure", "Days scored", "whole 24-h days the AUC24 is scored on", None),
+    "auc24_in_target_day1_pct": ("Exposure", "AUC24 in target on day 1",
+                                 "100 if day 1's AUC24 is within the target, else 0 (the mean "
+                                 "is the share of patients)", None),
+    "auc24_in_target_day2_pct": ("Exposure", "AUC24 in target on day 2",
+                                 "100 if day 2's AUC24 is within the target, else 0 (the mean "
+                                 "is the share of patients)", None),
+    "auc24_in_target_days3to7_pct": ("Exposure", "AUC24 in target on days 3-7",
+                                     "share of days 3-7 with AUC24 within the target", None),
     "highest_daily_minimum_mg_per_L": ("Exposure", "Highest daily trough",
                                        "the highest of each day's lowest true concentration",
                                        None),
@@ -754,7 +774,9 @@ def _daily_auc_figure(series: dict[str, pd.DataFrame], column: str, window, unit
 # the page
 
 _HEADLINE = ("time_in_window_s", "induction_sleep_time_min", "time_below_window_s",
-             "maintenance_time_out_of_range_s", "auc24_in_target_pct", "auc24_first_mg_h_per_L",
+             "maintenance_time_out_of_range_s", "auc24_in_target_day1_pct",
+             "auc24_in_target_day2_pct", "auc24_in_target_days3to7_pct",
+             "auc24_above_800_days", "auc24_in_target_pct", "auc24_first_mg_h_per_L",
              "auc24_last_mg_h_per_L", "highest_daily_minimum_mg_per_L", "anc_nadir_1e9_per_L",
              "grade4_neutropenia_days", "settling_time_s", "overshoot_pct", "auc_*", "max_*",
              "*_per_kg_*", "*_total_*", "fallback_time_s", "alarms")
