@@ -186,6 +186,35 @@ def test_readme_worked_example_is_a_working_model():
     assert cp[1] == 0 and cp.max() > 1 and effect[0] == 100 and effect.min() < 90
 
 
+def _readme_model_file() -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return dict(re.findall(r"```toml\n# (\S+\.toml)\n(.*?)```", text, flags=re.S))[
+        "my_vanco.toml"]
+
+
+def test_main_readme_example_is_goti():
+    """The worked example of the main README (Goti written with THETAs and inline constants)
+    gives the library entry's typical values for every covariate set, its Omega and its
+    residual error; and the error the README shows for a misspelt covariate is the one the
+    reader gives, word for word."""
+    text = _readme_model_file()
+    mine = compose("my_vanco", [parse_model_file(text, source="my_vanco.toml",
+                                                 name="my_vanco")])
+    theirs = load("vancomycin-goti")
+    for covariates in COPIES["vancomycin-goti"][1]:
+        assert mine.population.typical_parameters(covariates) == \
+            pytest.approx(theirs.population.typical_parameters(covariates), rel=1e-15)
+    assert mine.population.eta_names == theirs.population.eta_names
+    assert np.array_equal(mine.population.omega, theirs.population.omega)
+    assert mine.population.residual_errors == theirs.population.residual_errors
+    shown, = re.findall(r"^(my_vanco\.toml:\d+: .*)$",
+                        (REPO / "README.md").read_text(encoding="utf-8"), flags=re.M)
+    with pytest.raises(ModelError) as raised:
+        parse_model_file(text.replace("min(crcl,", "min(crlc,"), source="my_vanco.toml",
+                         name="my_vanco")
+    assert str(raised.value) == shown
+
+
 def test_models_command_prints_a_file_like_its_entry(capsys):
     """`mpc-dose models FILE` prints what `mpc-dose models NAME` does, but the first line."""
     assert main(["models", _file("vancomycin-goti")]) == 0
