@@ -474,6 +474,67 @@ def _line(text: str, fragment: str) -> int:
     ("[references]", "[reference]", r"\[reference\]: unknown key \(did you mean 'references'"),
     ("[omega]\n", '[omega]\ncorrelations = [{ between = ["vancomycin_cl1", "vancomycin_v1"], '
                   'rho = 1.0 }]\n', r"correlations #1: the correlation is 1: expected between"),
+    # the kinds of value: a table, a non-empty string, a name, the blocks as [[blocks]]
+    ('title = "vancomycin, Goti 2018 (2 compartments; CrCL, weight, haemodialysis)"',
+     'title = ""', r"x.toml:<<title = >>: \[model\] title: expected a non-empty string, got ''"),
+    ("crcl = { unit", "crcl = 5\ncrcl2 = { unit",
+     r"x.toml:<<crcl = 5>>: \[covariates\] crcl: expected a table, got 5"),
+    ("goti_q = { value", '"goti-q" = { value',
+     r"\[fixed_effects\] goti-q: fixed effect name 'goti-q': expected letters, digits and '_'"),
+    ("[[blocks]]", "[blocks]", r"\[blocks\]: expected one or more \[\[blocks\]\] tables"),
+    ('type = "mammillary"\n', "", r"\[\[blocks\]\] #1 type: missing; expected one of "
+                                 r"mammillary, target_mediated"),
+    ("[covariates]", '[[blocks]]\ntype = "effect_compartment"\nname = "ce"\n'
+                     'driver = "later_cp"\n\n[[blocks]]\ntype = "mammillary"\ndrug = "later"\n'
+                     'n_compartments = 1\n\n[covariates]',
+     r"x.toml:<<later_cp>>: \[\[blocks\]\] #2 driver: 'later_cp' is an output of a later "
+     r"block \(#3\): put that block first"),
+    ("[covariates]", '[[circadian]]\nparam = "vancomycin_cl1"\nharmonics = 0\n\n[covariates]',
+     r"\[\[circadian\]\] #1 harmonics: expected a whole number >= 1, got 0"),
+    ("[covariates]", '[[circadian]]\nparam = "vancomycin_cl1"\nperiod_h = 0\n\n[covariates]',
+     r"\[\[circadian\]\] #1 period_h: expected a period > 0 h, got 0\.0"),
+    ("[model]", "circadian = 3\n\n[model]", r"\[circadian\]: expected \[\[circadian\]\] tables"),
+    ('choices = ["yes", "no"]', 'choices = "yes"',
+     r"\[covariates\.dialysis\] choices: expected a list of distinct strings, got 'yes'"),
+    ('choices = ["yes", "no"]', 'choices = ["yes", "no"], default = "maybe"',
+     r"\[covariates\.dialysis\] default: expected one of yes, no, got 'maybe'"),
+    ("range = [0, 400]", "range = 400",
+     r"\[covariates\.crcl\] range: expected \[lower, upper\] in mL/min, got 400"),
+    # Omega's correlations
+    ("[omega]\n", '[omega]\ncorrelations = { between = ["vancomycin_cl1", "vancomycin_v1"], '
+                  'rho = 0.2 }\n', r"\[omega\] correlations: expected a list of tables"),
+    ("[omega]\n", '[omega]\ncorrelations = [{ between = ["vancomycin_cl1", "vancomycin_cl1"], '
+                  'rho = 0.2 }]\n',
+     r"correlations #1 between: expected two different parameters of \[omega\] "
+     r"\(vancomycin_cl1, vancomycin_v1, vancomycin_v2\)"),
+    ("[omega]\n", '[omega]\ncorrelations = [{ between = ["vancomycin_cl1", "vancomycin_v1"], '
+                  'rho = 0.2, covariance = 0.1 }]\n',
+     r"correlations #1: give either rho \(a correlation\) or covariance"),
+    ("[omega]\n", '[omega]\ncorrelations = [{ between = ["vancomycin_cl1", "vancomycin_v1"], '
+                  'rho = 0.2 }, { between = ["vancomycin_v1", "vancomycin_cl1"], rho = 0.3 }]\n',
+     r"correlations #2: the correlation of vancomycin_v1 and vancomycin_cl1 is given twice"),
+    ("[omega]\n", '[omega]\ncorrelations = [{ between = ["vancomycin_cl1", "vancomycin_v1"], '
+                  'rho = 0.95 }, { between = ["vancomycin_v1", "vancomycin_v2"], rho = 0.95 }, '
+                  '{ between = ["vancomycin_cl1", "vancomycin_v2"], rho = -0.95 }]\n',
+     r"x.toml:<<[omega]>>: \[omega\]: Omega is not positive definite"),
+    ("[omega]\n", '[iov]\nvancomycin_q = { cv = 0.2 }\n\n[omega]\n',
+     r"\[iov\] vancomycin_q: 'vancomycin_q' is not a parameter with a relation in "
+     r"\[parameters\] \(did you mean 'vancomycin_v2'"),
+    # relations and the names they use
+    ('vancomycin_cl2 = "goti_q"', 'vancomycin_cl2 = "goti_q * vancomycin_cl2"',
+     r"\[parameters\] vancomycin_cl2: the relation of 'vancomycin_cl2' uses 'vancomycin_cl2' "
+     r"itself"),
+    ("[parameters]", '[derived]\nvancomycin_cl1 = { relation = "1", unit = "L/h", doc = "x" }'
+                     '\n\n[parameters]',
+     r"\[derived\] vancomycin_cl1: 'vancomycin_cl1' is already a parameter of the blocks"),
+    ("[parameters]", '[derived]\nq2 = { relation = "1", unit = "L/h" }\n\n[parameters]',
+     r"x.toml:<<q2 = >>: \[derived\.q2\] doc: missing"),
+    # residual error
+    ("proportional = 0.227", "proportional = 0",
+     r"\[residual_error\.vancomycin_cp\] proportional: expected a value > 0, got 0"),
+    ("additive = 3.4\n", "additive = 3.4\nsd = 1\n",
+     r"\[residual_error\.vancomycin_cp\] sd: unknown key; expected: kind, additive, "
+     r"proportional, combine"),
 ])
 def test_bad_files_are_refused_with_file_line_key_and_expectation(old, new, message):
     """Each mistake is named by file, line (when one line holds it), table and key."""
@@ -483,6 +544,52 @@ def test_bad_files_are_refused_with_file_line_key_and_expectation(old, new, mess
     message = re.sub(r"<<(.+?)>>", lambda m: str(_line(text, m[1])), message)
     with pytest.raises(ModelError, match=message):
         parse_model_file(text, source="x.toml", name="x")
+
+
+def test_file_level_errors(tmp_path, capsys):
+    """A file that is not UTF-8, a folder named .toml, a missing required table, an unknown
+    library name (the message offers model files) and, from the command line, a bad file:
+    exit status 2 and the reader's one line, nothing written."""
+    from mpc_dose.model.modelfile import read_model_file
+
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(_GOTI.replace("haemodialysis", "h\u00e9modialyse").encode("latin-1"))
+    with pytest.raises(ModelError, match=r"model file '.*latin.toml': not UTF-8 text"):
+        read_model_file(latin)
+    (tmp_path / "folder.toml").mkdir()
+    with pytest.raises(ModelError, match=r"model file '.*folder.toml': cannot read it"):
+        read_model_file(tmp_path / "folder.toml")
+    start, end = _GOTI.index("[parameters]"), _GOTI.index("# Between-subject")
+    with pytest.raises(ModelError, match=r"^x.toml: \[parameters\]: missing$"):
+        parse_model_file(_GOTI[:start] + _GOTI[end:], source="x.toml", name="x")
+    with pytest.raises(ModelError, match=r"unknown model 'vancomycin-gotti' \(did you mean "
+                                         r"'vancomycin-goti'\?\).*or a model file ending in "
+                                         r"\.toml"):
+        load("vancomycin-gotti")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(_GOTI.replace("min(crcl,", "min(crlc,"), encoding="utf-8")
+    out = tmp_path / "out.csv"
+    assert main(["simulate", "--model", str(bad), "--covariates",
+                 "crcl=65,weight=70,dialysis=no", "--duration", "1h", "--out", str(out)]) == 2
+    assert re.search(rf"bad.toml:{_line(_GOTI, 'vancomycin_cl1 = ')}: \[parameters\] "
+                     r"vancomycin_cl1: unknown name 'crlc'", capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_simulate_command_with_a_file_gives_the_entry_simulation(tmp_path, capsys,
+                                                                monkeypatch):
+    """`mpc-dose simulate --model FILE` (relative to the working directory) writes the same
+    CSV as with the library name."""
+    monkeypatch.chdir(REPO / "scenarios")
+    common = ["--covariates", "crcl=65,weight=70,dialysis=no", "--doses",
+              "doses/vancomycin_q12h.csv", "--duration", "48h", "--step", "10min"]
+    assert main(["simulate", "--model", "models/vancomycin-goti.toml", *common, "--out",
+                 str(tmp_path / "a.csv")]) == 0
+    assert main(["simulate", "--model", "vancomycin-goti", *common, "--out",
+                 str(tmp_path / "b.csv")]) == 0
+    capsys.readouterr()
+    a, b = (tmp_path / "a.csv").read_text(), (tmp_path / "b.csv").read_text()
+    assert a == b and a.count("\n") == 290
 
 
 def test_relation_errors_name_the_patient():
