@@ -215,6 +215,20 @@ def test_main_readme_example_is_goti():
     assert str(raised.value) == shown
 
 
+def test_format_document_names_every_table_block_and_kind():
+    """scenarios/models/README.md documents every table, block type, variability form and
+    residual kind the reader accepts (a new one must be documented to pass)."""
+    from mpc_dose.model import modelfile
+
+    doc = (MODELS / "README.md").read_text(encoding="utf-8")
+    for section in modelfile._SECTIONS:
+        assert re.search(rf"\*\*`\[{{1,2}}{section}(\.<output>)?\]{{1,2}}`\*\*", doc), section
+    for name in [*modelfile.BLOCK_TYPES, *modelfile._ERROR_KINDS]:
+        assert f"`{name}`" in doc or f'"{name}"' in doc, name
+    for key in modelfile._VARIABILITY_KEYS:
+        assert f"{{ {key} = " in doc, key
+
+
 def test_models_command_prints_a_file_like_its_entry(capsys):
     """`mpc-dose models FILE` prints what `mpc-dose models NAME` does, but the first line."""
     assert main(["models", _file("vancomycin-goti")]) == 0
