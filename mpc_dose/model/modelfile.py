@@ -31,6 +31,7 @@ Reading the file is the one place of the model layer that touches a file
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import re
@@ -323,6 +324,9 @@ def _requires(r: _Reader, specs: Sequence[_BlockSpec]) -> tuple[list[Block], tup
     return blocks, tuple(required)
 
 
+_COSINOR_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Cosinor)}
+
+
 def _circadian(r: _Reader, raw: object, own_params: Sequence[str]) -> tuple[Cosinor, ...]:
     if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
         raise r.error(("circadian",), "expected [[circadian]] tables")
@@ -334,11 +338,13 @@ def _circadian(r: _Reader, raw: object, own_params: Sequence[str]) -> tuple[Cosi
         if param not in own_params:
             raise r.error(path + ("param",), f"{param!r} is not a parameter of this file's "
                                              f"blocks{closest(param, own_params)}")
-        harmonics = c.get("harmonics", 1)
+        # the defaults are Cosinor's own, declared there
+        harmonics = c.get("harmonics", _COSINOR_DEFAULTS["harmonics"])
         if isinstance(harmonics, bool) or not isinstance(harmonics, int) or harmonics < 1:
             raise r.error(path + ("harmonics",), f"expected a whole number >= 1, got "
                                                  f"{harmonics!r}")
-        period = r.number(path + ("period_h",), c.get("period_h", 24.0))
+        period = r.number(path + ("period_h",),
+                          c.get("period_h", _COSINOR_DEFAULTS["period_h"]))
         if not period > 0:
             raise r.error(path + ("period_h",), f"expected a period > 0 h, got {period!r}")
         out.append(Cosinor(param, harmonics, period))
