@@ -1,7 +1,7 @@
 """The ``mpc-dose`` command line.
 
-``mpc-dose models [NAME]``      list the model library, or one model in detail
-``mpc-dose simulate ...``       open-loop simulation of a library model under a dosing table
+``mpc-dose models [NAME]``      list the model library, or one model (or model file) in detail
+``mpc-dose simulate ...``       open-loop simulation of a model under a dosing table
 ``mpc-dose run SCENARIO ...``   one closed-loop run of a scenario for one patient
 
 Errors on input end the program with exit status 2 and one line naming the field, the value
@@ -87,6 +87,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"    reference: {e.references[0]}")
     print("\nCompose with '+', e.g. propofol-eleveld+remifentanil-eleveld+bis-bouillon; "
           "details: mpc-dose models NAME")
+    print("Your own model: a model file (.toml) is used wherever a name is, e.g. mpc-dose "
+          "models my_model.toml; format: scenarios/models/README.md")
     return 0
 
 
@@ -524,13 +526,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the model library, or show one model")
-    p.add_argument("name", nargs="?", help="a library model, e.g. propofol-schnider")
+    p.add_argument("name", nargs="?", help="a library model (propofol-schnider), a model file "
+                                           "(my_model.toml), or several joined by '+'")
     p.set_defaults(run=_cmd_models)
 
     p = sub.add_parser("simulate", help="open-loop simulation under a dosing table",
-                       description="Simulate a library model for one patient under a dosing "
+                       description="Simulate a model for one patient under a dosing "
                                    "table; writes a CSV with units in the column names.")
-    p.add_argument("--model", required=True, help="library model, entries joined by '+'")
+    p.add_argument("--model", required=True, help="library model or model file (.toml), "
+                                                  "several joined by '+'")
     p.add_argument("--covariates", help="e.g. age=35,height_cm=170,weight_kg=70,sex=male "
                                         "(a name without unit suffix is in its declared unit)")
     p.add_argument("--params", help="individual parameter values overriding the typical ones, "

@@ -1,6 +1,7 @@
 """Issue 16: the README's commands run as written from a fresh clone. Every ```sh block of
 README.md runs in a scratch folder beside the repository's scenarios, kept small by a few
-stated substitutions (fewer patients, a faster clock, a monitor that stops); the blocks that
+stated substitutions (fewer patients, a faster clock, a monitor that stops), with the files
+the README shows a user writing (a ```toml block headed ``# NAME.toml``); the blocks that
 cannot run here say why."""
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def blocks() -> list[str]:
     return re.findall(r"```sh\n(.*?)```", text, flags=re.S)
 
 
+def files_to_write() -> dict[str, str]:
+    """The files the README asks a user to write: each ```toml block whose first line is
+    ``# NAME.toml``, by NAME.toml."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return dict(re.findall(r"```toml\n# (\S+\.toml)\n(.*?)```", text, flags=re.S))
+
+
 def _first_command(block: str) -> str:
     return next(line for line in block.splitlines() if line.strip() and
                 not line.lstrip().startswith("#")).strip()
@@ -51,6 +59,9 @@ def test_readme_commands_run_as_written(block, tmp_path):
             encoding="utf-8").splitlines()
         header = [r for r in rows if not r.startswith("#")]
         (tmp_path / "my_patients.csv").write_text("\n".join(header[:4]) + "\n")
+    for name, content in files_to_write().items():  # the user's own files, as shown
+        if name in block:
+            (tmp_path / name).write_text(content, encoding="utf-8")
     script = block
     for pattern, replacement in SMALLER:
         script = re.sub(pattern, replacement, script, flags=re.M)

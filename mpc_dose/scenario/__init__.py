@@ -4,8 +4,9 @@ Unknown keys and columns, wrong types and wrong units are errors naming the plac
 """
 
 from .dosing_table import doses_from_rows, read_dosing_table
-from .schema import (PATH_KEYS, Scenario, load_scenario, parse_scenario,
+from .schema import (MODEL_KEYS, PATH_KEYS, Scenario, load_scenario, parse_scenario,
                      read_scenario_data, with_overrides)
 
 __all__ = ["read_dosing_table", "doses_from_rows", "Scenario", "load_scenario",
-           "parse_scenario", "read_scenario_data", "with_overrides", "PATH_KEYS"]
+           "parse_scenario", "read_scenario_data", "with_overrides", "PATH_KEYS",
+           "MODEL_KEYS"]

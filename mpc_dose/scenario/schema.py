@@ -20,10 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import ConfigError, closest
 
 __all__ = ["Scenario", "load_scenario", "parse_scenario", "read_scenario_data",
-           "with_overrides", "PATH_KEYS"]
+           "with_overrides", "PATH_KEYS", "MODEL_KEYS"]
 
 #: scenario keys whose values are file paths (relative to the scenario's folder)
 PATH_KEYS = ("patient.table.path", "controller.fixed.doses")
+#: scenario keys whose values are model names: library entries and model files (``.toml``,
+#: relative to the scenario's folder) joined by ``+``
+MODEL_KEYS = ("patient.model", "controller.tci.model", "controller.nmpc.model")
 
 
 #: a number in the unit the key implies (the output's, for an output value), or a string
@@ -85,6 +88,8 @@ class TableSpec(_Strict):
 
 
 class PatientSpec(_Strict):
+    #: a library name or a model file (``"models/x.toml"``, from the scenario's folder),
+    #: several joined by ``+``
     model: str
     random_effects: bool = False
     table: TableSpec | None = None

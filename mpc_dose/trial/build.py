@@ -29,12 +29,20 @@ from ..units import UnitError, conversion_factor, parse_quantity
 from .closed_loop import LoopSetup
 
 __all__ = ["cohort_size", "build_patient", "build_setup", "read_cohort_table",
-           "parameter_changes", "safety_config"]
+           "parameter_changes", "safety_config", "scenario_model"]
 
 
 def _resolve(scenario: Scenario, path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else Path(scenario.base_dir) / p
+
+
+def scenario_model(scenario: Scenario, name: str | None = None) -> LibraryModel:
+    """The compiled model *name* of the scenario (the patient's model when None): library
+    entries and model files joined by ``+``, a model file's relative path taken from the
+    scenario's folder, as every other path in a scenario is."""
+    return load(scenario.patient.model if name is None else name,
+                base_dir=scenario.base_dir)
 
 
 def read_cohort_table(scenario: Scenario) -> list[dict]:
@@ -77,7 +85,7 @@ def cohort_size(scenario: Scenario) -> int:
 
 def build_patient(scenario: Scenario, index: int, seed: int) -> VirtualPatientSpec:
     """Patient *index* (0-based) of the scenario's cohort, reproducible from the seed."""
-    lm = load(scenario.patient.model)
+    lm = scenario_model(scenario)
     n = cohort_size(scenario)
     if not 0 <= index < n:
         raise ConfigError(f"patient {index + 1} does not exist: the cohort has {n} "
@@ -180,7 +188,7 @@ def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
     as the scenario says; each occasion draws new inter-occasion effects (kappa) from the
     patient's ``occasions`` stream.
     """
-    pop = load(scenario.patient.model).population
+    pop = scenario_model(scenario).population
     # with occasions, the first occasion's variability applies from t = 0
     changes_drawn = covariate_changes(scenario, patient, seed)
     times = sorted({t for t, _ in changes_drawn}
@@ -414,13 +422,13 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
     if c.kind == "tci":
         from ..control.tci import TargetControlledInfusion
 
-        own = load(chosen.model) if chosen.model else lm
+        own = scenario_model(scenario, chosen.model) if chosen.model else lm
         params = _controller_params(scenario, own, patient)
         return TargetControlledInfusion(own.model, params, chosen.input, chosen.target_output,
                                         [tuple(t) for t in chosen.targets], mode=chosen.mode,
                                         period_s=c.period_s, max_rate=chosen.max_rate)
     if c.kind == "nmpc":
-        own = load(chosen.model) if chosen.model else lm
+        own = scenario_model(scenario, chosen.model) if chosen.model else lm
         return _nmpc_controller(scenario, chosen, c, own,
                                 _controller_params(scenario, own, patient),
                                 dict(patient.covariates), share, measured, changes)
@@ -766,7 +774,7 @@ def build_setup(scenario: Scenario, index: int, seed: int, *,
                 share_solvers: bool = False) -> tuple[LoopSetup,
                                                                     VirtualPatientSpec]:
     """The closed-loop set-up of patient *index* (0-based) with *seed*."""
-    lm = load(scenario.patient.model)
+    lm = scenario_model(scenario)
     patient = build_patient(scenario, index, seed)
     rngs = streams(scenario.scenario.streams_name, seed, index)
     pumps = [_pump(p, lm, f"pump[{k}]") for k, p in enumerate(scenario.pump)]

@@ -1024,13 +1024,13 @@ def _covariate_codes(trial: Path) -> dict[str, dict[str, int]]:
     """Numeric codes of the categorical covariates of the trial's patient model: yes/no as
     1/0, any other choice list as 1, 2, ... in the model's declared order (NM-TRAN reads
     numbers only)."""
-    from ..model.library import load
     from ..scenario import load_scenario
+    from .build import scenario_model
 
     manifest = json.loads((trial / "trial.json").read_text("utf-8"))
     scenario = load_scenario(manifest["scenario"], manifest.get("overrides") or None)
     codes = {}
-    for covariate in load(scenario.patient.model).population.covariates:
+    for covariate in scenario_model(scenario).population.covariates:
         if covariate.choices:
             if set(covariate.choices) == {"yes", "no"}:
                 codes[covariate.name] = {"no": 0, "yes": 1}

@@ -37,7 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..scenario import PATH_KEYS, load_scenario, read_scenario_data, with_overrides
+from ..model.library import relocate
+from ..scenario import (MODEL_KEYS, PATH_KEYS, load_scenario, read_scenario_data,
+                        with_overrides)
 from ..trial.runner import claim_folder, run_trial
 from .space import Space, Value, check_keys, load_space, statistic
 
@@ -404,12 +406,16 @@ def write_recommended(scenario_path: str, overrides: Mapping[str, Value], path: 
 
     data = with_overrides(read_scenario_data(scenario_path), overrides)
     source_dir = Path(scenario_path).parent
-    for key in PATH_KEYS:
+    for key in (*PATH_KEYS, *MODEL_KEYS):
         node, parts = data, key.split(".")
         for part in parts[:-1]:
             node = node.get(part, {}) if isinstance(node, dict) else {}
         value = node.get(parts[-1]) if isinstance(node, dict) else None
-        if isinstance(value, str) and value and not Path(value).is_absolute():
+        if not isinstance(value, str) or not value:
+            continue
+        if key in MODEL_KEYS:  # only its model files are paths
+            node[parts[-1]] = relocate(value, source_dir.resolve(), path.parent.resolve())
+        elif not Path(value).is_absolute():
             node[parts[-1]] = os.path.relpath(source_dir / value, path.parent.resolve())
     header = [f"# Recommended by `mpc-dose tune` from {Path(scenario_path).name}, with",
               *[f"#   {k} = {v!r}" for k, v in overrides.items()], "# Why:",
