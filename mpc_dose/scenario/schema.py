@@ -26,7 +26,8 @@ __all__ = ["Scenario", "load_scenario", "parse_scenario", "read_scenario_data",
 PATH_KEYS = ("patient.table.path", "controller.fixed.doses")
 #: scenario keys whose values are model names: library entries and model files (``.toml``,
 #: relative to the scenario's folder) joined by ``+``
-MODEL_KEYS = ("patient.model", "controller.tci.model", "controller.nmpc.model")
+MODEL_KEYS = ("patient.model", "controller.tci.model", "controller.nmpc.model",
+              "controller.mipd.model")
 
 
 #: a number in the unit the key implies (the output's, for an output value), or a string

@@ -448,7 +448,7 @@ def _scheduled_controller(scenario: Scenario, spec, c, lm: LibraryModel,
     in the input's amount unit, levels in the measured output's unit; both are told the
     scenario's covariate changes when they happen."""
     where = f"controller.{c.kind}"
-    own = load(spec.model) if getattr(spec, "model", None) else lm
+    own = scenario_model(scenario, spec.model) if getattr(spec, "model", None) else lm
     amount_unit = _amount_unit(own.model, spec.input, f"{where}.input")
 
     def amount(quantity, key: str) -> float:
