@@ -350,6 +350,7 @@ def _cmd_trial(args) -> int:
         row = summary.loc[name]
         print(f"  {name:45s} {row['mean']:10.4g} +- {row['sd']:.3g}  "
               f"[{row['min']:.4g}, {row['max']:.4g}]")
+    print(_trial_health(result.metrics))
     errors = [n for n in summary.index if n.startswith("estimate_error_")]
     if errors:  # how the controller's estimates converged as readings arrived
         print("  estimates (relative error |estimate / true - 1|: median, 90th percentile):")
@@ -357,6 +358,20 @@ def _cmd_trial(args) -> int:
             values = result.metrics[name].dropna()
             print(f"  {name:55s} {values.median():8.3f} {values.quantile(0.9):8.3f}")
     return 0
+
+
+def _trial_health(metrics) -> str:
+    """What went wrong across a trial, said whether or not it is among the first metrics:
+    patients with alarms, time in FALLBACK, commands the pumps refused, deadline misses."""
+    parts = []
+    for column, what in (("alarms", "alarms"), ("fallback_time_s", "time in FALLBACK"),
+                         ("commands_refused", "commands refused by the pumps"),
+                         ("deadline_misses", "deadline misses")):
+        if column in metrics:
+            hit = metrics[column].fillna(0) > 0
+            parts.append(f"{what}: {int(hit.sum())} of {len(metrics)} patients" if hit.any()
+                         else f"{what}: none")
+    return "  health: " + "; ".join(parts)
 
 
 def _patient_range(args, scenario) -> range:

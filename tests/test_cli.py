@@ -136,6 +136,13 @@ def test_run_says_what_went_wrong(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"commands refused by the pumps: out_of_range x\d+", out), out
     assert "time in FALLBACK: 0 s" in out and "alarms:" in out
+    # the trial of the same scenario: a metric per patient and a health line in the summary
+    assert main(["trial", str(scenario), "--patients", "1", "--out", str(tmp_path / "t"),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "commands refused by the pumps: 1 of 1 patients" in out, out
+    metrics = pd.read_csv(tmp_path / "t" / "metrics.csv")
+    assert metrics["commands_refused"].iloc[0] > 0
 
 
 def test_a_real_time_run_reports_progress_and_keeps_what_it_recorded(tmp_path):

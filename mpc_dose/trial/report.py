@@ -221,6 +221,9 @@ _KNOWN: dict[str, tuple[str, str, str, str | None]] = {
                               "time the optimiser's last solve had failed", None),
     "deadline_misses": ("Safety supervisor", "Missed deadlines",
                         "controller decisions that came too late (real-time runs)", "count"),
+    "commands_refused": ("Safety supervisor", "Commands refused by the pumps",
+                         "rate commands a pump refused (out of range, wrong unit, pump error)",
+                         "count"),
 }
 
 

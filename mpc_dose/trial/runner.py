@@ -137,6 +137,8 @@ def run_patient(task: PatientTask) -> dict:
     metrics["solver_failure_time_s"] = float(
         (frame["controller_status"] == "solver_failed").sum() * step)
     metrics["deadline_misses"] = result.deadline_misses
+    # commands the pumps refused (a wrong concentration unit refuses them all)
+    metrics["commands_refused"] = float(sum(result.refused_commands.values()))
     metrics.update(estimate_errors(setup))
     out = Path(task.out)
     name = f"patient_{task.index + 1:04d}"
