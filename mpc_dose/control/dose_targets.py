@@ -267,9 +267,11 @@ def _fraction_above(times: np.ndarray, values: np.ndarray, threshold: float) -> 
     dt = np.diff(times)
     above = np.where((a > 0) & (b > 0), dt, 0.0)
     crossing = (a > 0) != (b > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        part = np.where(a > 0, a / (a - b), b / (b - a))
-    above = above + np.where(crossing, np.nan_to_num(part) * dt, 0.0)
+    # on a crossing a and b differ in sign: the share of the step above is |a| / |a - b|
+    # for a falling level (a > 0), |b| / |a - b| for a rising one
+    share = np.where(a[crossing] > 0, a[crossing], b[crossing]) / \
+        np.abs(a[crossing] - b[crossing])
+    above[crossing] = share * dt[crossing]
     return float(above.sum() / (times[-1] - times[0]))
 
 
