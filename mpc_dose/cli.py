@@ -3,6 +3,7 @@
 ``mpc-dose models [NAME]``      list the model library, or one model (or model file) in detail
 ``mpc-dose simulate ...``       open-loop simulation of a model under a dosing table
 ``mpc-dose run SCENARIO ...``   one closed-loop run of a scenario for one patient
+``mpc-dose mipd ...``           one patient's levels -> individual parameters and the next dose
 
 Errors on input end the program with exit status 2 and one line naming the field, the value
 and what was expected; nothing is written half.
@@ -132,6 +133,71 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         plot_simulation(result, png, title=f"{args.model}")
         print(f"wrote {png}")
     return 0
+
+
+def _cmd_mipd(args: argparse.Namespace) -> int:
+    from .clinic import MipdSettings, read_patient_history, run_mipd
+    from .clinic.report import write_mipd
+    from .control.dose_targets import ExposureTarget
+    from .model import library
+
+    lm = library.load(args.model)
+    model = lm.model
+    history = read_patient_history(args.data, lm, output=args.output, patient_id=args.id,
+                                   lloq=None if args.lloq is None else parse_quantity(
+                                       args.lloq, _output_unit(lm, args.output), what="--lloq",
+                                       require_unit=True))
+    unit = history.output_unit
+    given: dict = {}   # only what was given: the defaults live in MipdSettings
+    if args.target is not None:
+        given["target"] = ExposureTarget.parse(args.target, unit)
+    for flag, key in (("interval", "interval_s"), ("infusion", "infusion_s"),
+                      ("start", "start_s")):
+        if getattr(args, flag) is not None:
+            given[key] = parse_quantity(getattr(args, flag), "s", what=f"--{flag}",
+                                        require_unit=True)
+    if args.lloq is not None:
+        given["lloq"] = parse_quantity(args.lloq, unit, what="--lloq", require_unit=True)
+    if args.round is not None:
+        amount_unit = model.inputs[model.input_index(args.input)].amount_unit \
+            if args.input in model.input_names else model.inputs[0].amount_unit
+        given["round_step"] = parse_quantity(args.round, amount_unit, what="--round")
+    if args.occasions:
+        given["occasions_s"] = tuple(parse_quantity(t, "s", what="--occasions",
+                                                    require_unit=True)
+                                     for t in args.occasions.split(",") if t.strip())
+    for flag, key in (("basis", "basis"), ("input", "input"), ("prior_weight", "prior_weight"),
+                      ("level", "credible_level"), ("samples", "band_samples")):
+        if getattr(args, flag) is not None:
+            given[key] = getattr(args, flag)
+    if args.no_occasions:
+        given["estimate_occasions"] = False
+    result = run_mipd(lm, history, MipdSettings(**given), np.random.default_rng(args.seed))
+    paths = write_mipd(result, args.out)
+    est = result.estimate
+    print(f"{args.model}: {len(history.doses)} dose(s), {len(history.observations)} "
+          f"level(s) [{unit}] from {Path(args.data).name}")
+    print(f"fit: {'converged' if est.success else 'FAILED'} ({est.status}); eta "
+          + ", ".join(f"{k} {v:.5f}" for k, v in est.eta.items()))
+    print("parameters: " + ", ".join(f"{p.name} {p.value:.4g} {p.unit}"
+                                     for p in result.parameters if p.eta is not None))
+    rec = result.recommendation
+    if rec is not None:
+        if rec.success:
+            print(f"recommended dose: {rec.dose:g} {rec.dose_unit} (exact "
+                  f"{rec.dose_exact:.5g}); {result.settings.target.kind} at it "
+                  f"{rec.achieved:.4g} {result.settings.target.unit}")
+        else:
+            print(f"no dose recommended ({rec.status}): {rec.message}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if est.success and (rec is None or rec.success) else 1
+
+
+def _output_unit(lm, output: str | None) -> str:
+    from .clinic import measured_output
+
+    model = lm.model
+    return model.outputs[model.output_index(measured_output(lm, output))].unit
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -562,6 +628,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", nargs="?", const="", default=None,
                    help="also write a PNG (default: the CSV name with .png)")
     p.set_defaults(run=_cmd_simulate)
+
+    p = sub.add_parser(
+        "mipd", help="one patient's doses and levels -> individual parameters and a dose",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Model-informed precision dosing for one patient: the MAP estimate of "
+                    "the individual parameters from the history in --data (with their "
+                    "uncertainty from the posterior curvature), the predicted levels with a "
+                    "credible band, and with --target the dose of a regimen that meets it. "
+                    "Writes OUT/estimate.json, report.txt, prediction.csv, prediction.png. "
+                    "Exit status 1 when the fit or the dose search failed (the files say "
+                    "why), 2 for bad input.",
+        epilog="""data layouts:
+  dosing table: time_<unit>,input,amount_<unit>,duration_<unit>,evid,dv_<unit>,<covariates>
+                (evid 1 dose, 0 level; optional blq 0/1, occasion; covariates named as
+                `mpc-dose models M` lists them, a later value changes it from that time)
+  NONMEM:       ID,TIME,AMT,RATE,EVID,MDV,DV,CMT,<COVARIATES> with the sidecar .txt of
+                `mpc-dose export --nonmem` (units and codes); optional BLQ, OCC
+
+targets (levels in the output's unit unless a unit is given):
+  auc24=400          AUC over 24 h = 400 (output unit x h): 24 h / interval x AUC(interval)
+  trough=15          level at the end of the interval, before the next dose
+  conc=20@6h         level 6 h after the start of the dose
+  time_above=10:0.6  60 % of the interval above 10 (also 10mg/L:60%)
+judged --basis steady-state (default: the regimen repeated), next (after the history) or
+first-dose (a drug-naive patient)""")
+    p.add_argument("--model", required=True, help="library model (or model file)")
+    p.add_argument("--data", required=True, help="the patient's history (CSV)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--output", default=None,
+                   help="the model output the levels measure (default: the only one with a "
+                        "residual error)")
+    p.add_argument("--id", default=None, help="NONMEM layout: the patient ID to read")
+    p.add_argument("--target", default=None,
+                   help="auc24=V, trough=V, conc=V@TIME or time_above=LEVEL:FRACTION")
+    p.add_argument("--interval", default=None, help="dosing interval with its unit, e.g. 12h")
+    p.add_argument("--infusion", default=None,
+                   help="infusion time with its unit, e.g. 1h (0h: a bolus)")
+    p.add_argument("--round", default=None,
+                   help="dose step, in the input's amount unit or with a unit (250, 250mg)")
+    p.add_argument("--basis", default=None, choices=["steady-state", "next", "first-dose"],
+                   help="where the target is judged (default steady-state)")
+    p.add_argument("--start", default=None,
+                   help="first dose of the regimen, e.g. 48h (default: one interval after "
+                        "the last dose, or the end of the record if later)")
+    p.add_argument("--input", default=None, help="the input dosed (default: the only one)")
+    p.add_argument("--lloq", default=None,
+                   help="limit of quantification with its unit, e.g. 2mg/L: levels below it "
+                        "(and blq rows) enter by Beal's M3")
+    p.add_argument("--prior-weight", type=float, default=None,
+                   help="weight of the population prior: 1 MAP (default), 0 maximum "
+                        "likelihood, between: a flattened prior")
+    p.add_argument("--occasions", default=None,
+                   help="starts of new occasions (inter-occasion variability), e.g. 24h,48h")
+    p.add_argument("--no-occasions", action="store_true",
+                   help="estimate no occasion effects even if the model declares them")
+    p.add_argument("--level", type=float, default=None,
+                   help="probability of the intervals and the band (default 0.95)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="draws of the random effects for the band (default 400)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the band's draws (default 0)")
+    p.set_defaults(run=_cmd_mipd)
 
     p = sub.add_parser("run", help="one closed-loop run of a scenario for one patient",
                        description="Run one patient of a scenario in closed loop; writes "

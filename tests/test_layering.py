@@ -47,3 +47,12 @@ def test_trials_do_not_know_tuning():
                             "mpc_dose.trial.build")
     assert not any(m.startswith(("mpc_dose.tune", "mpc_dose.serve", "mpc_dose.cli"))
                    for m in loaded)
+
+
+def test_clinic_knows_model_and_control_not_plants_trials_or_transports():
+    """clinic/ (mpc-dose mipd) builds on model/ and control/: no simpy, zmq, plant, trial,
+    serve."""
+    loaded = _imports_after("import mpc_dose.clinic, mpc_dose.clinic.report")
+    assert not loaded & {"simpy", "zmq"}
+    assert not any(m.startswith(("mpc_dose.plant", "mpc_dose.trial", "mpc_dose.serve",
+                                 "mpc_dose.transport", "mpc_dose.node")) for m in loaded)

@@ -13,6 +13,12 @@ objective, -2 log of the posterior up to a constant)::
        + sum_i -2 log Phi((LLOQ_i - f_i) / g_i)            readings below it (Beal's M3)
        + (w - m)' Lambda (w - m)                           prior / arrival cost, w = [eta, kappa, d]
 
+The population prior of ``eta`` and ``kappa`` enters ``Lambda`` multiplied by the prior
+weight ``lambda_p`` (:attr:`EstimationConfig.prior_weight`): 1 is the MAP above, 0 maximum
+likelihood, values in between a flattened prior (Omega divided by the weight), as MIPD tools
+offer for patients unlike the model's population (Hughes & Keizer, Br J Clin Pharmacol
+2021;87:2155).
+
 ``f_i`` is the model's prediction at reading ``i``'s *sample* time: the model integrated from
 the start of the record (drug-naive, ``x0(theta)``) through the delivered inputs (a
 piecewise-constant rate per input, and boluses) under ``theta(eta, kappa)``; parameters that
@@ -157,6 +163,13 @@ class EstimationConfig:
     max_iter : int
     tol : float
         IPOPT's tolerance.
+    prior_weight : float
+        Weight of the population prior of the random effects (eta, and the occasions'
+        kappas) in the objective: 1 the MAP estimate, 0 maximum likelihood (the readings
+        alone; needs as many informative readings as estimated effects, and no occasion
+        effects, which the readings cannot tell apart from eta without a prior), between
+        them a flattened prior (Omega / weight). The box of *eta_bound_sd* stays in units of
+        the population's SDs. The disturbance's prior is not weighted.
     """
 
     output: str
@@ -171,6 +184,7 @@ class EstimationConfig:
     max_step_s: float | None = None
     max_iter: int = 100
     tol: float = 1e-8
+    prior_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.output, str) or not self.output:
@@ -186,6 +200,11 @@ class EstimationConfig:
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise ConfigError(f"estimation.{name}: expected a finite number > 0, "
                                   f"got {value!r}")
+        if isinstance(self.prior_weight, bool) or not (
+                isinstance(self.prior_weight, (int, float)) and 0 <= self.prior_weight < math.inf):
+            raise ConfigError(f"estimation.prior_weight: expected a finite number >= 0 (1: the "
+                              f"population prior, 0: maximum likelihood), got "
+                              f"{self.prior_weight!r}")
         if not (isinstance(self.q_d, (int, float)) and 0 <= self.q_d < math.inf):
             raise ConfigError(f"estimation.q_d: expected a finite variance >= 0, "
                               f"got {self.q_d!r}")
@@ -578,6 +597,11 @@ class BayesianEstimator:
         self.omega = pop.omega[np.ix_(pos, pos)]
         iov = {r.param: r.omega2 for r in pop.occasion_effects} if config.occasions else {}
         self.kappa_names = tuple(n for n in names if n in iov)
+        if self.kappa_names and config.prior_weight == 0:
+            raise ConfigError(f"estimation.prior_weight = 0 with occasion effects on "
+                              f"{', '.join(self.kappa_names)}: without a prior the readings "
+                              f"cannot tell eta from the occasions' kappas; set occasions = "
+                              f"False, or a prior weight > 0")
         # occasion effects are independent per parameter (PopulationModel.sample_occasion)
         self.pi = np.diag([iov[n] for n in self.kappa_names])
         self.t0_s = _time(t0_s, "t0_s")
@@ -803,7 +827,10 @@ class BayesianEstimator:
         if not table.readings:
             # nothing to fit: the prior (or the arrival cost) is the estimate
             w = self._mean.copy()
-            cov = np.linalg.inv(self._lam[np.ix_(free, free)])
+            precision = self._lam[np.ix_(free, free)]
+            # (no prior either, prior_weight 0: nothing is known, said by NaN)
+            cov = np.linalg.inv(precision) if np.linalg.matrix_rank(precision) == \
+                precision.shape[0] else np.full(precision.shape, np.nan)
             return self._result(True, "no readings: the prior", 0, start, now, w,
                                 self._arrival_const, cov, free, table, np.empty(0))
         out = problem.solver(x0=np.clip(self._w_hat, lbx, ubx), p=params, lbx=lbx, ubx=ubx)
@@ -1011,9 +1038,10 @@ class BayesianEstimator:
     def _prior(self, n_occ: int) -> tuple[np.ndarray, np.ndarray]:
         """Precision and mean of the population prior of w = [eta, kappa of each occasion
         slot, d], on the objective's scale ``(w - m)' Lambda (w - m)``."""
-        blocks = [np.linalg.inv(self.omega)]
+        weight = float(self.config.prior_weight)
+        blocks = [weight * np.linalg.inv(self.omega)]
         if self.kappa_names:
-            blocks += [np.linalg.inv(self.pi)] * n_occ
+            blocks += [weight * np.linalg.inv(self.pi)] * n_occ
         if self.config.disturbance:
             blocks.append(np.array([[1.0 / self.config.disturbance_sd**2]]))
         size = sum(b.shape[0] for b in blocks)

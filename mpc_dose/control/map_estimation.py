@@ -18,6 +18,7 @@ from ..model.dosing import Dose
 from ..model.library import LibraryModel
 from ..model.simulation import simulate
 from .base import Reading
+from .dose_targets import ExposureTarget, Regimen, dose_for_target
 from .estimation import BayesianEstimator, EstimationConfig, EstimationResult, map_fit
 from .scheduled import ScheduledInfusions
 
@@ -77,19 +78,17 @@ class MapEstimator:
 
 def dose_for_auc(library_model: LibraryModel, params: Mapping[str, float], *, input: str,
                  output: str, target_auc: float, infusion_s: float, window_s: float) -> float:
-    """The dose of a single infusion over *infusion_s* from t = 0 whose output AUC over
-    [0, *window_s*] equals *target_auc* (output unit x h): AUC is linear in the dose for a
-    linear model, so one unit-dose simulation (Simpson on a fine grid) gives it."""
+    """The dose of a single infusion over *infusion_s* from t = 0 (drug-naive) whose output
+    AUC over [0, *window_s*] equals *target_auc* (output unit x h): the search of
+    :func:`~mpc_dose.control.dose_targets.dose_for_target` on the first interval."""
     model = library_model.model
-    times = np.linspace(0.0, window_s, 4801)
-    unit = simulate(model, params, [Dose.from_record(0.0, input, amount=1.0,
-                                                     duration_s=infusion_s)], times)
-    from scipy.integrate import simpson
-
-    auc_per_unit = simpson(unit.output(output), x=times) / 3600.0
-    if not auc_per_unit > 0:
-        raise ConfigError(f"dose_for_auc: the AUC of a unit dose is {auc_per_unit!r}")
-    return target_auc / auc_per_unit
+    unit = model.outputs[model.output_index(output)].unit
+    regimen = Regimen(input, window_s, infusion_s, basis="first-dose")
+    target = ExposureTarget("auc24", target_auc * 86400.0 / window_s, f"{unit}*h")
+    found = dose_for_target(model, params, regimen, target, output=output)
+    if not found.success:
+        raise ConfigError(f"dose_for_auc: {found.message}")
+    return found.dose_exact
 
 
 class MIPDController(ScheduledInfusions):
@@ -176,16 +175,17 @@ class MIPDController(ScheduledInfusions):
 
     def _dose_for(self, start: float, target: float) -> float:
         """Dose making the AUC over the next interval meet *target*, given earlier doses,
-        with the planning parameters (covariates at *start*, estimated etas)."""
-        from scipy.integrate import simpson
-
+        with the planning parameters (covariates at *start*, estimated etas): the state at
+        *start* from what was delivered, then the search of control/dose_targets.py."""
         model = self.lm.model
         params = self.estimator.theta_at(start)
-        times = np.linspace(start, start + self.interval_s, 1201)
-        grid = np.concatenate([[0.0], times])
-        base = simulate(model, params, self._history(start), grid)
-        auc_base = simpson(base.output(self.output)[1:], x=times) / 3600.0
-        unit = simulate(model, params, [Dose.from_record(
-            start, self.input, amount=1.0, duration_s=self.infusion_s)], grid)
-        auc_unit = simpson(unit.output(self.output)[1:], x=times) / 3600.0
-        return max(0.0, (target - auc_base) / auc_unit)
+        x_start = simulate(model, params, self._history(start), [0.0, start]).states[-1] \
+            if start > 0 else model.initial_state(params)
+        regimen = Regimen(self.input, self.interval_s, self.infusion_s, basis="next",
+                          start_s=start)
+        unit = model.outputs[model.output_index(self.output)].unit
+        exposure = ExposureTarget("auc24", target * 86400.0 / self.interval_s, f"{unit}*h")
+        found = dose_for_target(model, params, regimen, exposure, output=self.output,
+                                x_history=x_start)
+        # met without a dose: none now (the search's answer, 0); out of reach: its largest
+        return found.dose_exact if found.status != "met_without_dose" else 0.0
