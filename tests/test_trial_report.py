@@ -44,8 +44,8 @@ def test_compared_controllers_see_the_same_patients_and_noise(comparison):
                            b.delivered_propofol_rate_mg_per_s)
     table = pd.read_csv(comparison / "comparison.csv", index_col=0)
     assert {"hil_pid_newera mean", "slow_pid mean", "slow_pid sd"} <= set(table.columns)
-    assert table.loc["response_time_s", "slow_pid mean"] > \
-        table.loc["response_time_s", "hil_pid_newera mean"]
+    assert table.loc["response_time_measured_s", "slow_pid mean"] > \
+        table.loc["response_time_measured_s", "hil_pid_newera mean"]
 
 
 def test_compare_refuses_scenarios_with_different_patients(tmp_path, capsys):

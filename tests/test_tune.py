@@ -40,7 +40,7 @@ low = 0.5
 high = 1.5
 
 [[objective]]
-metric = "iae"
+metric = "iae_bis_measured_s"
 statistic = "mean"
 goal = "minimise"
 
@@ -50,7 +50,7 @@ statistic = "p95"
 goal = "minimise"
 
 [[limit]]
-metric = "time_below_window_s"
+metric = "time_below_window_measured_s"
 statistic = "max"
 at_most = 400
 
@@ -188,8 +188,10 @@ def test_an_unknown_key_fails_before_any_simulation(tmp_path):
 
 
 def test_a_metric_the_trial_lacks_is_named_with_the_columns(tmp_path):
-    space = space_file(tmp_path, SPACE.replace('metric = "iae"', 'metric = "iea"'))
-    with pytest.raises(ConfigError, match=r"metric 'iea' is not a column.*\biae\b"):
+    space = space_file(tmp_path, SPACE.replace('metric = "iae_bis_measured_s"',
+                                               'metric = "iea_bis_measured_s"'))
+    with pytest.raises(ConfigError, match=r"metric 'iea_bis_measured_s' is not a "
+                                          r"column.*\biae_bis_measured_s\b"):
         run_sweep(SCENARIO, space, tmp_path / "out")
 
 
