@@ -32,7 +32,6 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
-
 from ..errors import ConfigError
 
 __all__ = ["PatientTask", "run_patient", "run_trial", "TrialResult", "override_pairs",
