@@ -113,6 +113,44 @@ def test_performance_terms_of_dense_readings_worked_out_by_hand():
         "max_bis_measured": 90.0}, abs=1e-12)
 
 
+def test_performance_terms_of_a_rising_output_worked_out_by_hand():
+    """MAP read every 5 s from 55 towards 70 mmHg in [65, 75]: step +15, 90 % covered at
+    the first reading >= 68.5 (74 at 15 s; 68 is only 87 %); overshoot 6 / 15; the last
+    reading outside is 76 at 20 s -> settled at 25 s; steady state over t >= 24 s: (1 + 0)
+    / 2; RMS sqrt(382 / 7); 20 s in, 10 below, 5 above; IAE (38 - 15 / 2) x 5 mmHg.s.
+    The same readings 100 s later give the same terms."""
+    t = np.arange(7) * 5.0
+    y = np.array([55.0, 60.0, 68.0, 74.0, 76.0, 71.0, 70.0])
+    m = performance_metrics(t, y, 70.0, (65.0, 75.0), output="map", unit="mmHg")
+    assert m == pytest.approx({
+        "valid_readings": 7.0,
+        "response_time_measured_s": 15.0,
+        "settling_time_measured_s": 25.0,
+        "overshoot_measured_pct": 40.0,
+        "steady_state_deviation_map_measured_mmHg": 0.5,
+        "tracking_error_rms_map_measured_mmHg": math.sqrt(382.0 / 7.0),
+        "time_in_window_measured_s": 20.0,
+        "time_below_window_measured_s": 10.0,
+        "time_above_window_measured_s": 5.0,
+        "iae_map_measured_mmHg_s": 152.5,
+        "min_map_measured_mmHg": 55.0,
+        "max_map_measured_mmHg": 76.0}, abs=1e-12)
+    # response and settling times count from the first reading, not from t = 0
+    later = performance_metrics(t + 100.0, y, 70.0, (65.0, 75.0), output="map", unit="mmHg")
+    assert later == pytest.approx(m, abs=1e-12)
+
+
+def test_readings_that_never_reach_the_target():
+    """Falling from 90 towards 50 but stopping at 62: no overshoot (0, not the -12 of the
+    closest reading), no response time and no settling time (NaN: the last reading is
+    still outside [40, 60])."""
+    m = performance_metrics(np.arange(5.0), [90.0, 80.0, 70.0, 65.0, 62.0], 50.0,
+                            (40.0, 60.0), output="bis")
+    assert m["overshoot_measured_pct"] == 0.0
+    assert math.isnan(m["response_time_measured_s"])
+    assert math.isnan(m["settling_time_measured_s"])
+
+
 def test_sparse_readings_are_counted_not_weighted_by_time():
     """Sparse readings: shares of readings in / below / above the window, no time-weighted
     term and no IAE (a level held for hours is not hours in the window)."""
