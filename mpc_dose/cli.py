@@ -148,7 +148,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         setup = replace(setup, realtime_factor=args.realtime)
-    result = run_closed_loop(setup)
+    progress = None
+    if args.realtime is not None:  # minutes of wall time: say how it goes
+        def progress(t_s, columns):
+            measured = [f"{name.removeprefix('measured_')} {values[-1]:.4g}"
+                        for name, values in columns.items()
+                        if name.startswith("measured_") and values]
+            mode = columns.get("controller_mode", [""])[-1:] or [""]
+            print(f"t = {t_s:g} s of {setup.duration_s:g} s: " + ", ".join(measured)
+                  + f" [{mode[0]}]", flush=True)
+    result = run_closed_loop(setup, progress=progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     frame = result.to_pandas()
@@ -178,9 +187,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
             values = frame[column]
             print(f"{column}: min {values.min():.4g}, max {values.max():.4g}, "
                   f"last {values.iloc[-1]:.4g}")
+    _run_health(result, frame)
+    if result.interrupted:
+        print(f"interrupted at t = {float(frame.time_s.iloc[-1]) if len(frame) else 0:g} s: "
+              f"the files hold the run until then")
+        return 130
+    return 0
+
+
+def _run_health(result, frame) -> None:
+    """What went wrong in a run, said at its end: alarms by code, time in FALLBACK, commands
+    the pumps refused, deadline misses (a run whose pumps refused every command is not a
+    success to stay quiet about)."""
+    alarms: dict[str, int] = {}
+    for _, kind, text in result.events:
+        if kind == "alarm":
+            code = text.split(":", 1)[0]
+            alarms[code] = alarms.get(code, 0) + 1
+    step = float(frame.time_s.iloc[1] - frame.time_s.iloc[0]) if len(frame) > 1 else 0.0
+    fallback_s = float((frame["controller_mode"] == "FALLBACK").sum() * step) \
+        if "controller_mode" in frame else 0.0
+    end_s = float(frame.time_s.iloc[-1]) if len(frame) else 0.0
+    print("alarms: " + (", ".join(f"{c} x{n}" for c, n in sorted(alarms.items()))
+                        if alarms else "none"))
+    print(f"time in FALLBACK: {fallback_s:g} s of {end_s:g} s")
+    refused = result.refused_commands
+    print("commands refused by the pumps: " + (
+        ", ".join(f"{c} x{n}" for c, n in sorted(refused.items())) if refused else "none"))
     if result.deadline_misses:
         print(f"deadline misses: {result.deadline_misses}")
-    return 0
 
 
 def _keys(args, *, server: bool):
@@ -228,7 +263,19 @@ def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
     return out
 
 
+_SILENT_PEER = ("is the other process running, at that address? With CURVE keys, a wrong "
+                "key looks exactly like silence: the server's --allow-keys must hold this "
+                "client's public key, and the client's --server-key must be the server's")
+
+
 def _cmd_serve(args) -> int:
+    try:
+        return _serve(args)
+    except TimeoutError as err:
+        raise MpcDoseError(f"{err}; {_SILENT_PEER}") from None
+
+
+def _serve(args) -> int:
     from .scenario import load_scenario
 
     if args.role == "pump-bridge":
@@ -257,7 +304,7 @@ def _cmd_serve(args) -> int:
                              commands=args.commands, external=_pairs(args.external,
                                                                      "--external"),
                              realtime_factor=args.realtime, audit=args.audit,
-                             keys=_keys(args, server=True))
+                             keys=_keys(args, server=True), wait_s=args.wait)
         if args.out:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +318,8 @@ def _cmd_serve(args) -> int:
     process = serve_controller(scenario, [(args.patient - 1, seed)], [args.telemetry],
                                [routes], plant_commands=[args.commands],
                                realtime=args.realtime is not None,
-                               audit=args.audit, keys=_keys(args, server=False))
+                               audit=args.audit, keys=_keys(args, server=False),
+                               wait_s=args.wait)
     link = process.links[0]
     print(f"controller: {len(link.cycle_s)} cycles, missed acks {link.missed_acks}")
     return 0
@@ -328,7 +376,14 @@ def _executor(args):
     if args.scheduler:
         from distributed import Client
 
-        with Client(args.scheduler) as client:
+        try:
+            client = Client(args.scheduler, timeout="10s")
+        except (OSError, TimeoutError) as err:
+            raise ConfigError(f"--scheduler {args.scheduler}: no Dask scheduler answered "
+                              f"within 10 s ({type(err).__name__}); start one with "
+                              f"`dask scheduler` and its workers with `dask worker ADDRESS`, "
+                              f"or leave --scheduler out to use local processes") from None
+        with client:
             yield client.get_executor()
     elif args.workers > 1:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # inherited by the workers
@@ -428,19 +483,23 @@ def _cmd_monitor(args) -> int:
     context = zmq.Context()
     reader = TelemetryReader(context, args.telemetry, keys=_keys(args, server=False))
     end = None if args.duration is None else time.monotonic() + args.duration
+    states: dict[str, str] = {}   # a heartbeat is shown when its sender's state changes
     try:
         while end is None or time.monotonic() < end:
             for env in reader.drain(0.5):
                 m = env.message
                 t = "" if env.t_sim is None else f"t={env.t_sim:8.1f} s "
                 if m.type == "measurement":
-                    print(f"{t}{env.src}: {m.var} = {m.value:.4g} {m.unit} [{m.quality}]")
+                    unit = "" if m.unit == "1" else f" {m.unit}"  # "1": dimensionless
+                    print(f"{t}{env.src}: {m.var} = {m.value:.4g}{unit} [{m.quality}]")
                 elif m.type == "pump_status":
                     print(f"{t}{env.src}: pump {m.pump} {m.state} {m.rate:.4g} {m.unit} "
                           f"mode {m.mode}")
                 elif m.type == "alarm":
                     print(f"{t}{env.src}: ALARM {m.priority} {m.code}: {m.text}")
-                elif m.type == "heartbeat" and m.state not in ("tick", "running"):
+                elif m.type == "heartbeat" and m.state != "tick" and \
+                        states.get(env.src) != m.state:
+                    states[env.src] = m.state
                     print(f"{t}{env.src}: {m.role} {m.state}")
     except KeyboardInterrupt:
         pass
@@ -509,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--realtime", type=float, default=None, metavar="FACTOR",
                    help="against the wall clock (default: simulated, lock-step)")
     p.add_argument("--duration", type=float, default=None, help="pump-bridge: stop after [s]")
+    p.add_argument("--wait", type=float, default=30.0,
+                   help="plant, controller: how long to wait for the other side at start [s]")
     p.add_argument("--audit", default=None, help="SQLite audit log to append to")
     p.add_argument("--out", default=None, help="plant: CSV of the recorded series")
     p.add_argument("--keys", default=None, help="own CURVE secret key file (NAME.key_secret)")

@@ -248,17 +248,22 @@ _QUANTITY_RE = re.compile(r"^\s*(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)
                           r"(?P<unit>[A-Za-zµ%/^*.0-9]*)\s*$")
 
 
-def parse_quantity(text: str, unit: str, *, what: str) -> float:
+def parse_quantity(text: str, unit: str, *, what: str, require_unit: bool = False) -> float:
     """Read ``"1800"`` (already in *unit*) or ``"30min"``/``"24 h"`` and return it in *unit*.
+    With *require_unit*, a bare number is refused (where no unit is implied, e.g. a drug
+    concentration: ``"10"`` might mean mg/mL or mg/L).
 
     Raises
     ------
     UnitError
-        For unreadable text or a unit of another dimension, naming *what*.
+        For unreadable text, a missing unit (with *require_unit*) or a unit of another
+        dimension, naming *what*.
     """
     match = _QUANTITY_RE.match(str(text))
     if not match:
         raise UnitError(f"{what}: cannot read {text!r}; expected a number, optionally with a "
                         f"unit such as {unit!r}")
+    if require_unit and not match["unit"]:
+        raise UnitError(f"{what} = {text!r}: give its unit, e.g. \"{match['num']} {unit}\"")
     value = float(match["num"])
     return value if not match["unit"] else convert(value, match["unit"], unit, what=what)

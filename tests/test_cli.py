@@ -109,3 +109,58 @@ def test_a_cohort_file_runs_every_row_by_default(tmp_path, capsys):
                  str(cohort), "--out", str(out), "--workers", "1", "--quiet"]) == 0
     assert len(pd.read_csv(out / "metrics.csv")) == 3
     assert "3 patients" in capsys.readouterr().out
+
+
+def test_an_unreachable_dask_scheduler_is_a_message(tmp_path, capsys):
+    """Issue 16.6: no traceback after 30 s, a message after 10 s saying what to start."""
+    from tests.ports import free_addresses
+
+    (address,) = free_addresses(1)
+    assert main(["trial", str(REPO / "scenarios" / "pid_induction_13.toml"), "--patients", "1",
+                 "--scheduler", address, "--out", str(tmp_path / "t"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--scheduler {address}: no Dask scheduler answered within 10 s" in err
+    assert "dask scheduler" in err
+
+
+def test_run_says_what_went_wrong(tmp_path, capsys):
+    """Issue 16.7: a drug concentration a thousand times too low (10 mg/L instead of
+    mg/mL) made the pump refuse every command while the run exited 0 saying nothing; the run
+    summary now lists alarms, time in FALLBACK and the refused commands."""
+    scenario = tmp_path / "dilute.toml"
+    text = (REPO / "scenarios" / "pid_induction_13.toml").read_text(encoding="utf-8")
+    scenario.write_text(text.replace('concentration = "10 mg/mL"',
+                                     'concentration = "10 mg/L"', 1)
+                        .replace('"data/', f'"{REPO}/scenarios/data/'), encoding="utf-8")
+    assert main(["run", str(scenario), "--out", str(tmp_path / "out"), "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"commands refused by the pumps: out_of_range x\d+", out), out
+    assert "time in FALLBACK: 0 s" in out and "alarms:" in out
+
+
+def test_a_real_time_run_reports_progress_and_keeps_what_it_recorded(tmp_path):
+    """Issue 16.8: `run --realtime 1` printed nothing for 20 minutes and left nothing when
+    interrupted; it prints its progress and, on Ctrl-C, writes the run until then."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "rt"
+    process = subprocess.Popen([sys.executable, "-m", "mpc_dose.cli", "run",
+                                str(REPO / "scenarios" / "pid_induction_13.toml"), "--realtime",
+                                "0.1", "--out", str(out), "--no-plot"],
+                               stdout=subprocess.PIPE, text=True, cwd=REPO)
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(lines) < 3:  # 10 s of simulation per second
+        line = process.stdout.readline()
+        if line.startswith("t = "):
+            lines.append(line)
+    process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, rest
+    assert lines[0].startswith("t = 10 s of ") and "bis" in lines[0]
+    assert "interrupted at t = " in rest
+    frame = pd.read_csv(out / "timeseries.csv")
+    assert 30 <= frame.time_s.iloc[-1] < 600

@@ -389,3 +389,31 @@ def test_every_nmpc_setting_reaches_the_controller_in_its_units():
     assert setup.controller.mhe.config.window == \
         MHEConfig.__dataclass_fields__["window"].default
     assert setup.safety.max_rates == {"propofol": 1.0, "remifentanil": 10.0}
+
+
+def test_a_value_with_a_unit_is_accepted_where_a_number_is():
+    """Issue 16.7: `reference = "70 mmHg"` was refused while 7000 was taken; output values
+    take their unit ("0.05 ug/mL" of propofol is 50 ng/mL: converted), AUC values a unit of
+    concentration x time; a drug concentration needs its unit ("10" could be mg/mL or
+    mg/L), and a unit of the wrong kind is an error naming the key."""
+    setup, _ = build_setup(_nmpc_scenario({"reference": "0.5 1", "soft_low": "51.75"}), 0, 0)
+    assert setup.controller.mpc.config.reference == 0.5
+    assert setup.controller.mpc.config.soft_window[0] == 51.75
+    vanco = load_scenario(SCENARIOS / "vancomycin_nmpc.toml",
+                          {"controller.nmpc.auc_target": "30000 mg.min/L",
+                           "controller.nmpc.auc_soft_low": "0.4 g.h/L"})
+    config = build_setup(vanco, 0, 0)[0].controller.mpc.config
+    assert config.auc_target == pytest.approx(500.0)
+    assert config.auc_soft_window[0] == pytest.approx(400.0)
+    vanco = load_scenario(SCENARIOS / "vancomycin_nmpc.toml",
+                          {"sensor.0.lloq": "2000 ug/L", "sensor.0.additive_sd": "0.34 ug/mL",
+                           "controller.safety.valid_range": [0, "1 g/L"]})
+    setup = build_setup(vanco, 0, 0)[0]
+    assert setup.sensors[0].lloq == pytest.approx(2.0)
+    assert setup.sensors[0].additive_sd == pytest.approx(0.34)  # ug/mL = mg/L
+    assert setup.safety.valid_range == pytest.approx((0.0, 1000.0))
+    with pytest.raises(ConfigError, match=r"controller.nmpc.reference: unit 'mmHg'"):
+        build_setup(_nmpc_scenario({"reference": "70 mmHg"}), 0, 0)
+    with pytest.raises(ConfigError, match=r"pump\[0\]\.concentration = '10': give its unit"):
+        build_setup(load_scenario(SCENARIOS / "pid_induction_13.toml",
+                                  {"pump.0.concentration": "10"}), 0, 0)

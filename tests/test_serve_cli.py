@@ -120,7 +120,7 @@ def test_monitor_prints_values_modes_and_alarms(capsys):
 
     import zmq
 
-    from mpc_dose.protocol.messages import Alarm, Measurement, PumpStatus
+    from mpc_dose.protocol.messages import Alarm, Heartbeat, Measurement, PumpStatus
     from mpc_dose.transport.zmq_link import Telemetry
 
     from tests.ports import free_addresses
@@ -137,6 +137,7 @@ def test_monitor_prints_values_modes_and_alarms(capsys):
                                 mode="COMMANDED"))
             pub.send(Alarm(code="pump.lease_expired", priority="medium", kind="technical",
                            text="no command"))
+            pub.send(Heartbeat(role="plant", state="waiting"))
             time.sleep(0.05)
 
     thread = threading.Thread(target=publish)
@@ -148,7 +149,8 @@ def test_monitor_prints_values_modes_and_alarms(capsys):
         thread.join()
         context.destroy(linger=0)
     out = capsys.readouterr().out
-    assert "plant: bis = 48.5 1 [valid]" in out
+    assert "plant: bis = 48.5 [valid]" in out  # dimensionless: no "1" as a unit
+    assert out.count("plant waiting") == 1  # a heartbeat is shown when its state changes
     assert "pump propofol infusing 120 mL/h mode COMMANDED" in out
     assert "ALARM medium pump.lease_expired" in out
 
@@ -172,3 +174,27 @@ def test_curve_flags_are_checked_before_anything_binds(tmp_path, capsys):
     for argv, match in cases:
         assert main(argv) == 2, argv
         assert match in capsys.readouterr().err, argv
+
+
+def test_errors_say_what_to_do_instead_of_a_traceback(tmp_path, capsys):
+    """Issue 16.6: a monitor address without tcp://, a plant nobody connects to (a wrong
+    CURVE key looks the same), an NMPC with an empty estimator list, an MHE setting named
+    as in the scenario (not its internal config name)."""
+    from tests.ports import free_addresses
+
+    assert main(["monitor", "127.0.0.1:5999", "--duration", "0.1"]) == 2
+    assert "expected tcp://HOST:PORT" in capsys.readouterr().err
+    tel, cmd = free_addresses(2)
+    assert main(["serve", "plant", "scenarios/hil_pid_newera.toml", "--telemetry", tel,
+                 "--commands", cmd, "--wait", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "no controller hello within 0.5 s" in err and "a wrong key looks exactly like" in err
+    from mpc_dose.scenario import load_scenario
+    from mpc_dose.trial.build import build_setup
+
+    with pytest.raises(ConfigError, match=r"controller\.nmpc\.estimator\.parameters: empty"):
+        build_setup(load_scenario("scenarios/tiva_nmpc_training.toml",
+                                  {"controller.nmpc.estimator.parameters": []}), 0, 0)
+    with pytest.raises(ConfigError, match=r"^controller\.nmpc\.estimator\.min_samples: need"):
+        build_setup(load_scenario("scenarios/tiva_nmpc_training.toml",
+                                  {"controller.nmpc.estimator.min_samples": 50}), 0, 0)

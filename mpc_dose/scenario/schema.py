@@ -26,6 +26,11 @@ __all__ = ["Scenario", "load_scenario", "parse_scenario", "read_scenario_data",
 PATH_KEYS = ("patient.table.path", "controller.fixed.doses")
 
 
+#: a number in the unit the key implies (the output's, for an output value), or a string
+#: with its own unit ("70 mmHg", "15 mg/L"), converted when the scenario is built
+Quantity = typing.Union[float, str]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -129,22 +134,22 @@ class SensorSpec(_Strict):
     first_sample_s: float = Field(0.0, ge=0)
     noise: Literal["none", "bis"] = "none"
     proportional_cv: float = Field(0.0, ge=0)
-    additive_sd: float = Field(0.0, ge=0)
+    additive_sd: Quantity = 0.0
     ar1_sd: float = Field(0.0, ge=0)
     ar1_tau_s: float = Field(60.0, gt=0)
     filtered: FilteredNoiseSpec | None = None
     drift_per_h: float = 0.0
     outlier_probability: float = Field(0.0, ge=0, le=1)
     outlier_sd: float = Field(0.0, ge=0)
-    low: float = -math.inf
-    high: float = math.inf
+    low: Quantity = -math.inf
+    high: Quantity = math.inf
     quantum: float = Field(0.0, ge=0)
     dropout_probability: float = Field(0.0, ge=0, le=1)
     error_probability: float = Field(0.0, ge=0, le=1)
     error_value: float = 0.0
     #: lower limit of quantification [output unit]: below it the reading is the limit with
     #: quality "underflow" (an estimator treats it as below the LLOQ, M3)
-    lloq: float | None = Field(None, gt=0)
+    lloq: Quantity | None = None
 
     @model_validator(mode="after")
     def _when(self):
@@ -295,12 +300,12 @@ class EstimatorSpec(_Strict):
     kind: Literal["mhe", "ekf", "map", "none"] | None = None
     parameters: list[str] = []
     #: measurement noise sd [output unit]; the model's additive residual error when not given
-    noise_sd: float | None = Field(None, gt=0)
+    noise_sd: Quantity | None = None
     window: int | None = Field(None, ge=1)
     min_samples: int | None = Field(None, ge=1)
     disturbance: bool | None = None
     #: prior standard deviation of the disturbance at the start (output unit)
-    disturbance_sd: float | None = Field(None, gt=0)
+    disturbance_sd: Quantity | None = None
     #: random walks per reading: variance of the disturbance's and of the parameters' (log
     #: scale) steps
     q_d: float | None = Field(None, ge=0)
@@ -309,7 +314,7 @@ class EstimatorSpec(_Strict):
     #: when not given)
     eta_bound_sd: float | None = Field(None, gt=0)
     #: map: the limit of quantification [output unit] (readings below it: M3)
-    lloq: float | None = Field(None, gt=0)
+    lloq: Quantity | None = None
     #: map: estimate the inter-occasion effects of the chosen parameters
     occasions: bool | None = None
     #: map: the solver's iteration limit
@@ -326,21 +331,22 @@ class NMPCSpec(_Strict):
     output: str
     #: the inputs it sets, each with its limits (units in the keys)
     input: dict[str, NMPCInputSpec]
-    #: the tracked value of *output* [its unit]; none: no tracking term
-    reference: float | None = None
+    #: the tracked value of *output* [its unit, or a string with a unit: "70 mmHg"]; none:
+    #: no tracking term. Output values below (windows, AUC, thresholds) likewise
+    reference: Quantity | None = None
     horizon: int = Field(40, ge=1)
     move_block: int | None = Field(None, ge=1)
     output_weight: float | None = Field(None, ge=0)
     #: the output the soft, hard and terminal windows apply to (*output* when not given)
     window_output: str | None = None
-    soft_low: float | None = None
-    soft_high: float | None = None
+    soft_low: Quantity | None = None
+    soft_high: Quantity | None = None
     soft_weights: tuple[float, float] | None = None
     soft_every: int | None = Field(None, ge=1)
-    hard_low: float | None = None
-    hard_high: float | None = None
-    terminal_low: float | None = None
-    terminal_high: float | None = None
+    hard_low: Quantity | None = None
+    hard_high: Quantity | None = None
+    terminal_low: Quantity | None = None
+    terminal_high: Quantity | None = None
     ratio: tuple[str, str, float] | None = None
     #: cumulative dose limits over sliding windows (delivered plus planned)
     dose_windows: list[DoseWindowSpec] = []
@@ -353,14 +359,14 @@ class NMPCSpec(_Strict):
     #: the peak is sampled this long after a dose's start (the end of its infusion when not
     #: given); trough (just before each dose) and peak windows [output unit]
     peak_offset_s: float | None = Field(None, ge=0)
-    trough_soft_low: float | None = None
-    trough_soft_high: float | None = None
-    trough_hard_low: float | None = None
-    trough_hard_high: float | None = None
-    peak_soft_low: float | None = None
-    peak_soft_high: float | None = None
-    peak_hard_low: float | None = None
-    peak_hard_high: float | None = None
+    trough_soft_low: Quantity | None = None
+    trough_soft_high: Quantity | None = None
+    trough_hard_low: Quantity | None = None
+    trough_hard_high: Quantity | None = None
+    peak_soft_low: Quantity | None = None
+    peak_soft_high: Quantity | None = None
+    peak_hard_low: Quantity | None = None
+    peak_hard_high: Quantity | None = None
     #: exposure: the AUC of exposure_output [its unit x h] over consecutive windows of
     #: auc_window_s from auc_window_start_s (e.g. 86400: AUC24 per day), as a target
     #: (weight per squared percent miss) and soft (weights per percent outside) or hard
@@ -368,17 +374,17 @@ class NMPCSpec(_Strict):
     exposure_output: str | None = None
     auc_window_s: float | None = Field(None, gt=0)
     auc_window_start_s: float | None = Field(None, ge=0)
-    auc_target: float | None = Field(None, gt=0)
+    auc_target: Quantity | None = None
     auc_weight: float | None = Field(None, ge=0)
-    auc_soft_low: float | None = None
-    auc_soft_high: float | None = None
+    auc_soft_low: Quantity | None = None
+    auc_soft_high: Quantity | None = None
     auc_soft_weights: tuple[float, float] | None = None
-    auc_hard_low: float | None = None
-    auc_hard_high: float | None = None
+    auc_hard_low: Quantity | None = None
+    auc_hard_high: Quantity | None = None
     #: time above a threshold [output unit] (e.g. fT>MIC): the fraction of the horizon to
     #: reach (weights lin, quad), or a hard lower limit; width of its smooth indicator
-    time_above_threshold: float | None = None
-    time_above_width: float | None = Field(None, gt=0)
+    time_above_threshold: Quantity | None = None
+    time_above_width: Quantity | None = None
     time_above_target: float | None = Field(None, ge=0, le=1)
     time_above_weights: tuple[float, float] | None = None
     time_above_min: float | None = Field(None, ge=0, le=1)
@@ -430,7 +436,7 @@ class SafetySpec(_Strict):
     dose_windows: list[DoseWindowSpec] | None = None
     stale_after_s: float | None = Field(None, gt=0)
     future_tolerance_s: float | None = Field(None, ge=0)
-    valid_range: tuple[float, float] | None = None
+    valid_range: tuple[Quantity, Quantity] | None = None
     #: this many equal readings in a row (within flatline_tolerance) are a frozen sensor;
     #: 0 turns the check off
     flatline_samples: int | None = Field(None, ge=0)

@@ -345,12 +345,12 @@ def serve_controller(scenario: Scenario, patients: list[tuple[int, int]],
                      telemetry: list[str], pumps: list[dict[str, str]], *,
                      plant_commands: list[str] | None = None, realtime: bool = False,
                      duration_s: float | None = None,
-                     audit: str | Path | None = None, keys: Keys | None = None
-                     ) -> ControllerProcess:
+                     audit: str | Path | None = None, keys: Keys | None = None,
+                     wait_s: float = 30.0) -> ControllerProcess:
     process = ControllerProcess(scenario, patients, telemetry, pumps,
                                 plant_commands=plant_commands, audit=audit, keys=keys)
     try:
-        process.connect()
+        process.connect(wait_s)
         if realtime:
             process.run_realtime(duration_s if duration_s is not None
                                  else scenario.scenario.duration_s)

@@ -40,6 +40,9 @@ def new_epoch() -> str:
 
 
 def _check_local(address: str, secure: bool) -> None:
+    if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://",
+                                                                "inproc://")):
+        raise ConfigError(f"address {address!r}: expected tcp://HOST:PORT (or ipc://PATH)")
     if secure or address.startswith(("ipc://", "inproc://")):
         return
     host = address.split("://", 1)[-1].rsplit(":", 1)[0]

@@ -7,6 +7,7 @@ Every patient is built from (scenario, seed, patient index) alone; see
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -177,7 +178,7 @@ def _pump(spec, lm: LibraryModel, where: str) -> PumpConfig:
     amount_unit = model.inputs[model.input_index(spec.input)].amount_unit
     try:
         concentration = parse_quantity(spec.concentration, f"{amount_unit}/mL",
-                                       what=f"{where}.concentration")
+                                       what=f"{where}.concentration", require_unit=True)
     except UnitError as err:
         raise ConfigError(str(err)) from None
     return PumpConfig(spec.pump, spec.input, concentration, spec.max_rate_ml_per_h,
@@ -191,12 +192,12 @@ def _sensor(scenario: Scenario, spec, lm: LibraryModel, where: str) -> SensorCon
         raise ConfigError(f"{where}.output: model {model.name!r} has no output {spec.output!r}; "
                           f"outputs: {', '.join(model.output_names)}")
     unit = model.outputs[model.output_index(spec.output)].unit
+    low, high, additive_sd, lloq = (_quantity(getattr(spec, name), unit, f"{where}.{name}")
+                                    for name in ("low", "high", "additive_sd", "lloq"))
     filtered = None
     if spec.noise == "bis":
         filtered = bis_noise_filter()
-        low, high = max(spec.low, 0.0), min(spec.high, 100.0)
-    else:
-        low, high = spec.low, spec.high
+        low, high = max(low, 0.0), min(high, 100.0)
     if spec.filtered is not None:
         if filtered is not None:
             raise ConfigError(f"{where}: give either noise = 'bis' or a filtered noise")
@@ -208,11 +209,11 @@ def _sensor(scenario: Scenario, spec, lm: LibraryModel, where: str) -> SensorCon
         daily = tuple(sorted(((h - start_h) % 24.0) * 3600.0 for h in spec.sample_clock_h))
     period_s = spec.period_s if spec.period_s is not None else 86400.0
     return SensorConfig(spec.output, spec.var or spec.output, unit, period_s, spec.delay_s,
-                        spec.first_sample_s, spec.proportional_cv, spec.additive_sd, spec.ar1_sd,
+                        spec.first_sample_s, spec.proportional_cv, additive_sd, spec.ar1_sd,
                         spec.ar1_tau_s, filtered, spec.drift_per_h, spec.outlier_probability,
                         spec.outlier_sd, low, high, spec.quantum, spec.dropout_probability,
                         spec.error_probability, spec.error_value, spec.var or spec.output,
-                        daily, spec.lloq)
+                        daily, lloq)
 
 
 #: built NMPC problems kept for the next patient of a trial (same model and structure):
@@ -303,6 +304,12 @@ def safety_config(scenario: Scenario, model) -> SafetyConfig:
         value = getattr(given, name)
         if value is not None and name not in ("input", "dose_windows"):
             fields[name] = value
+    if given.valid_range is not None:  # in the unit of the measured variable's sensor
+        sensor = next((s for s in scenario.sensor
+                       if (s.var or s.output) == fields.get("measured")), None)
+        unit = model.outputs[model.output_index(sensor.output)].unit if sensor else "1"
+        fields["valid_range"] = tuple(_quantity(v, unit, "controller.safety.valid_range")
+                                      for v in given.valid_range)
     for name, spec in (given.input or {}).items():
         where = f"controller.safety.input.{name}"
         amount_unit = _amount_unit(model, name, where)
@@ -393,6 +400,17 @@ def _controller_params(scenario: Scenario, own: LibraryModel,
     return params
 
 
+def _quantity(value, unit: str, where: str) -> float | None:
+    """A scenario value in *unit*: a number as given, or a string with its own unit
+    converted ("70 mmHg", "0.5 ug/mL"); None stays None."""
+    if value is None or not isinstance(value, str):
+        return value
+    try:
+        return parse_quantity(value, unit, what=where)
+    except UnitError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _nmpc_fields(spec, c, model, clock_h: float | None = None) -> dict:
     """NMPCConfig's arguments from ``[controller.nmpc]``: rates and amounts in each input's
     amount unit (per second), windows as (low, high); only what is given, so every other
@@ -429,34 +447,55 @@ def _nmpc_fields(spec, c, model, clock_h: float | None = None) -> dict:
                     raise ConfigError(str(err)) from None
         if given:
             fields[quantity] = given
-    if spec.reference is None:
+    def unit_of(name: str | None) -> str:
+        return model.outputs[model.output_index(name or spec.output)].unit
+
+    tracked, windowed = unit_of(spec.output), unit_of(spec.window_output)
+    exposed = unit_of(spec.exposure_output or spec.window_output)
+    auc_unit = (exposed.replace("/", "*h/", 1) if "/" in exposed
+                else "h" if exposed == "1" else f"{exposed}*h")
+    values = {name: _quantity(getattr(spec, name), unit, f"controller.nmpc.{name}")
+              for unit, names in (
+                  (tracked, ("reference",)),
+                  (windowed, ("soft_low", "soft_high", "hard_low", "hard_high",
+                              "terminal_low", "terminal_high")),
+                  (exposed, ("trough_soft_low", "trough_soft_high", "trough_hard_low",
+                             "trough_hard_high", "peak_soft_low", "peak_soft_high",
+                             "peak_hard_low", "peak_hard_high", "time_above_threshold",
+                             "time_above_width")),
+                  (auc_unit, ("auc_target", "auc_soft_low", "auc_soft_high", "auc_hard_low",
+                              "auc_hard_high")))
+              for name in names}
+    if values["reference"] is None:
         fields["output_weight"] = 0.0 if spec.output_weight is None else spec.output_weight
         if fields["output_weight"]:
             raise ConfigError("controller.nmpc.output_weight: tracking needs a reference")
     else:
-        fields["reference"] = spec.reference
+        fields["reference"] = values["reference"]
         if spec.output_weight is not None:
             fields["output_weight"] = spec.output_weight
     for label, (low, high) in (
-            ("soft_window", (spec.soft_low, spec.soft_high)),
-            ("hard_window", (spec.hard_low, spec.hard_high)),
-            ("terminal_window", (spec.terminal_low, spec.terminal_high)),
-            ("trough_soft_window", (spec.trough_soft_low, spec.trough_soft_high)),
-            ("trough_hard_window", (spec.trough_hard_low, spec.trough_hard_high)),
-            ("peak_soft_window", (spec.peak_soft_low, spec.peak_soft_high)),
-            ("peak_hard_window", (spec.peak_hard_low, spec.peak_hard_high)),
-            ("auc_soft_window", (spec.auc_soft_low, spec.auc_soft_high)),
-            ("auc_hard_window", (spec.auc_hard_low, spec.auc_hard_high))):
+            ("soft_window", (values["soft_low"], values["soft_high"])),
+            ("hard_window", (values["hard_low"], values["hard_high"])),
+            ("terminal_window", (values["terminal_low"], values["terminal_high"])),
+            ("trough_soft_window", (values["trough_soft_low"], values["trough_soft_high"])),
+            ("trough_hard_window", (values["trough_hard_low"], values["trough_hard_high"])),
+            ("peak_soft_window", (values["peak_soft_low"], values["peak_soft_high"])),
+            ("peak_hard_window", (values["peak_hard_low"], values["peak_hard_high"])),
+            ("auc_soft_window", (values["auc_soft_low"], values["auc_soft_high"])),
+            ("auc_hard_window", (values["auc_hard_low"], values["auc_hard_high"]))):
         if low is not None or high is not None:
             fields[label] = (-math.inf if low is None else low,
                              math.inf if high is None else high)
     for name in ("move_block", "window_output", "soft_every", "dose_interval_s", "solver",
                  "transcription", "max_iter", "dual_tolerance", "rk4_steps", "infusion_s",
                  "dose_clock_h", "peak_offset_s", "exposure_output", "auc_window_s",
-                 "auc_window_start_s", "auc_target", "auc_weight", "time_above_threshold",
-                 "time_above_width", "time_above_target", "time_above_min"):
+                 "auc_window_start_s", "auc_weight", "time_above_target", "time_above_min"):
         if getattr(spec, name) is not None:
             fields[name] = getattr(spec, name)
+    for name in ("auc_target", "time_above_threshold", "time_above_width"):
+        if values[name] is not None:
+            fields[name] = values[name]
     for name in ("soft_weights", "auc_soft_weights", "time_above_weights"):
         if getattr(spec, name) is not None:
             fields[name] = tuple(getattr(spec, name))
@@ -491,9 +530,15 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
     for name in spec.scaled:
         own.model.parameter(name)
         params[name] *= spec.prior_scale
-    nmpc = NMPCConfig(**_nmpc_fields(spec, c, own.model, scenario.scenario.start_clock_h))
+    with _scenario_names():
+        nmpc = NMPCConfig(**_nmpc_fields(spec, c, own.model, scenario.scenario.start_clock_h))
     est = spec.estimator
     mhe = bayes = None
+    if est.kind in ("mhe", "ekf", None) and not est.parameters:
+        raise ConfigError(f"controller.nmpc.estimator.parameters: empty; name the parameters "
+                          f"to estimate (with population variability in "
+                          f"{own.model.name!r}: {', '.join(own.population.eta_names)}), or "
+                          f"set estimator.kind = \"none\"")
     if est.kind == "map":
         bayes = _bayes_estimator(scenario, spec, own, patient_covariates)
     elif est.kind != "none":
@@ -506,7 +551,8 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
         omega = own.population.omega
         sub = np.array([[omega[names.index(a), names.index(b)] for b in est.parameters]
                         for a in est.parameters])
-        noise_sd = est.noise_sd
+        unit = own.model.outputs[own.model.output_index(spec.output)].unit
+        noise_sd = _quantity(est.noise_sd, unit, "controller.nmpc.estimator.noise_sd")
         if noise_sd is None:
             residual = own.population.residual_error(spec.output)
             if residual is None or not residual.additive > 0:
@@ -516,8 +562,12 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
         given = {k: getattr(est, k) for k in ("window", "min_samples", "disturbance",
                                               "disturbance_sd", "q_eta", "q_d", "eta_bound_sd")
                  if getattr(est, k) is not None}
-        mhe = MHEConfig(spec.output, tuple(est.parameters), tuple(map(tuple, sub)),
-                        noise_sd=noise_sd, **given)
+        if "disturbance_sd" in given:
+            given["disturbance_sd"] = _quantity(given["disturbance_sd"], unit,
+                                                "controller.nmpc.estimator.disturbance_sd")
+        with _scenario_names():
+            mhe = MHEConfig(spec.output, tuple(est.parameters), tuple(map(tuple, sub)),
+                            noise_sd=noise_sd, **given)
     shared = None
     if share:  # one patient at a time per process: the built problem serves them all
         from ..control.nmpc import NonlinearMPC, problem_structure
@@ -530,8 +580,24 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
             shared = _SHARED_NMPC[key] = NonlinearMPC(own.model, nmpc)
         shared.reset(nmpc)
     kind = {} if est.kind in (None, "none", "map") else {"estimator": est.kind}
-    return MPCController(own.model, params, nmpc, mhe, measured=measured, mpc=shared,
-                         bayes=bayes, **kind)
+    with _scenario_names():
+        return MPCController(own.model, params, nmpc, mhe, measured=measured, mpc=shared,
+                             bayes=bayes, **kind)
+
+
+@contextlib.contextmanager
+def _scenario_names():
+    """Errors of the control layer's configs name their fields as the scenario file does
+    (``mhe.window`` is ``controller.nmpc.estimator.window`` there)."""
+    try:
+        yield
+    except ConfigError as err:
+        text = str(err)
+        for internal, key in (("mhe.", "controller.nmpc.estimator."),
+                              ("nmpc.", "controller.nmpc.")):
+            if text.startswith(internal):
+                raise ConfigError(key + text[len(internal):]) from None
+        raise
 
 
 def _bayes_estimator(scenario: Scenario, spec, own: LibraryModel, covariates: dict):
@@ -545,6 +611,10 @@ def _bayes_estimator(scenario: Scenario, spec, own: LibraryModel, covariates: di
              if getattr(est, k) is not None}
     if est.parameters:
         given["parameters"] = tuple(est.parameters)
+    unit = own.model.outputs[own.model.output_index(spec.output)].unit
+    for name in ("disturbance_sd", "lloq"):
+        if name in given:
+            given[name] = _quantity(given[name], unit, f"controller.nmpc.estimator.{name}")
     try:
         config = EstimationConfig(spec.output, **given)
         mine = {k: v for k, v in covariates.items()

@@ -72,6 +72,10 @@ class LoopResult:
     samples: list[tuple] = field(default_factory=list)
     #: (time_s, input, rate, rate unit) at every change of what reached the patient
     deliveries: list[tuple] = field(default_factory=list)
+    #: commands the pump side refused, by ack code (out_of_range, unit, pump_error, ...)
+    refused_commands: dict[str, int] = field(default_factory=dict)
+    #: the run was interrupted (Ctrl-C) before its end: the series stops there
+    interrupted: bool = False
 
     def to_pandas(self):
         import pandas as pd
@@ -292,8 +296,15 @@ def control_instants(setup: LoopSetup, period_s: float):
         k += 1
 
 
-def run_closed_loop(setup: LoopSetup) -> LoopResult:
+def run_closed_loop(setup: LoopSetup, *,
+                    progress: Callable[[float, Mapping[str, list]], None] | None = None,
+                    progress_step_s: float = 10.0) -> LoopResult:
     """Run one patient under *setup*; returns the recorded series and events.
+
+    *progress*, when given, is called every *progress_step_s* of simulated time with the time
+    and the columns recorded so far (a real-time run says how it goes). An interrupt
+    (Ctrl-C) ends the run early: what was recorded until then is returned, with
+    ``interrupted`` set.
 
     Raises
     ------
@@ -336,9 +347,24 @@ def run_closed_loop(setup: LoopSetup) -> LoopResult:
     columns: dict[str, list] = {}
     env.process(plant.recorder(columns, measured, lambda: controller_node.commanded, reason,
                                status, lambda: controller_node.supervisor.mode))
+    if progress is not None:
+        def report():
+            k = 1
+            while k * progress_step_s <= setup.duration_s:
+                yield at(env, k * progress_step_s, RECORD)
+                progress(float(env.now), columns)
+                k += 1
+        env.process(report())
     if isinstance(env, DeadlineEnvironment):
         env.sync()
-    env.run(until=setup.duration_s + min(setup.record_step_s, 1.0) / 2)
+    interrupted = False
+    try:
+        env.run(until=setup.duration_s + min(setup.record_step_s, 1.0) / 2)
+    except KeyboardInterrupt:  # keep what was recorded: rows up to the last complete one
+        interrupted = True
+        rows = min(len(values) for values in columns.values())
+        for values in columns.values():
+            del values[rows:]
     events = list(plant.events)
     for t, alarm in controller_node.alarms:
         if isinstance(alarm, Alarm) and not alarm.code.startswith("pump."):
@@ -350,5 +376,12 @@ def run_closed_loop(setup: LoopSetup) -> LoopResult:
     misses = len(env.misses) if isinstance(env, DeadlineEnvironment) else 0
     for miss in getattr(env, "misses", []):
         events.append((miss.t_s, "deadline_miss", f"{miss.lag_s:.3f} s late"))
-    return plant.result(columns, events, deadline_misses=misses,
-                        dropped_frames=len(to_plant.dropped) + len(to_controller.dropped))
+    refused: dict[str, int] = {}
+    for ack in controller_node.acks.values():
+        if not ack.ok:
+            refused[ack.code] = refused.get(ack.code, 0) + 1
+    result = plant.result(columns, events, deadline_misses=misses,
+                          dropped_frames=len(to_plant.dropped) + len(to_controller.dropped),
+                          refused_commands=refused)
+    result.interrupted = interrupted
+    return result
