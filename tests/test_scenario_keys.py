@@ -44,10 +44,29 @@ def test_every_key_of_every_table_is_listed():
 def test_units_defaults_limits_and_comments_come_from_the_schema():
     rows = {line.split(" | ")[0]: line for line in reference.render().splitlines()
             if line.startswith("| `")}
-    assert rows["| `max_rate_ml_per_h`"] == \
-        "| `max_rate_ml_per_h` | number | mL/h | 1200.0 | > 0 |  |"
+    assert rows["| `max_rate_ml_per_h`"].startswith(
+        "| `max_rate_ml_per_h` | number | mL/h | 1200.0 | > 0 | the pump's highest rate")
     assert "| h (clock time of day) | none | >= 0, < 24 | the clock time of day at t = 0" \
         in rows["| `start_clock_h`"]
     assert "| required |" in rows["| `duration_s`"]
     assert "see `dose_interval_s`" in rows["| `infusion_s`"]
     assert '| "steps" or "linear" | ' in rows["| `kind`"]    # the last [[disturbance]] kind
+
+
+def test_every_key_has_a_meaning_and_a_value_in_an_output_unit_says_so():
+    """A field added to the schema without its #: comment (nor a group comment naming it)
+    fails here; a number that may carry its unit in the value ("70 mmHg") is typed so, and
+    its unit column is never empty."""
+    rows = [line.split(" | ") for line in reference.render().splitlines()
+            if line.startswith("| `")]
+    assert len(rows) > 150
+    unexplained = [r[0] for r in rows if not r[5].rstrip(" |")]
+    assert not unexplained, f"keys without a meaning (add a #: comment in schema.py): " \
+        f"{unexplained}"
+    quantities = [r for r in rows if r[1] == "number or string with a unit"]
+    assert len(quantities) > 20
+    assert all(r[2] for r in quantities), [r[0] for r in quantities if not r[2]]
+    by_key = {r[0]: r for r in rows}
+    assert by_key["| `drift_per_h`"][2] == "output unit per h"   # the comment's, not "per h"
+    assert by_key["| `auc_target`"][2] == "its unit x h"         # from its group's comment
+    assert by_key["| `auc_weight`"][2] == ""                     # a weight has none

@@ -4,8 +4,9 @@ Everything comes from :mod:`mpc_dose.scenario.schema` itself: the pydantic model
 names, types, defaults and ``Field`` constraints, the ``#:`` comments above the fields and
 the classes' docstrings (read from the source, which pydantic does not keep), and the unit
 kinds of the tables whose quantities carry their unit in the key (``max_rate_<unit>``).
-The unit of a plain key is read from its ending (``_s`` seconds, ``_ml_per_h`` mL/h, ...),
-the convention of the schema.
+The unit of a plain key is the one its comment opens with in brackets (``#: [output unit]
+...``), else the one its ending gives (``_s`` seconds, ``_ml_per_h`` mL/h, ...: the
+convention of the schema), else a bracketed unit inside its comment.
 
     python -m mpc_dose.scenario.reference            # writes docs/scenario-keys.md
     python -m mpc_dose.scenario.reference --check    # exit 1 when the file is out of date
@@ -122,10 +123,21 @@ def _type(annotation) -> str:
         return "[" + ", ".join(_type(a) for a in args) + "]"
     if origin is dict:
         return "tables by name" if _is_model(args[1]) else f"table of {_type(args[1])}"
+    if _is_quantity(annotation):
+        return "number or string with a unit"
     if origin in _UNIONS:
         return " or ".join(_type(a) for a in args)
     return {str: "string", float: "number", int: "integer", bool: "boolean"}.get(
         annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _is_quantity(annotation) -> bool:
+    """Whether *annotation* is the schema's ``Quantity`` (a number in the key's unit, or a
+    string with its own unit). It is spelt ``typing.Union[float, str]``; a covariate value,
+    a number or a category, is spelt ``float | str`` and is not a quantity."""
+    quantity = getattr(schema, "Quantity", None)
+    return quantity is not None and typing.get_origin(annotation) is typing.Union and \
+        typing.get_args(annotation) == typing.get_args(quantity)
 
 
 def _value(value) -> str:
@@ -164,10 +176,29 @@ def _constraints(info) -> str:
 
 
 def _unit(key: str) -> str:
+    """The unit the key's ending gives ("" when it gives none)."""
     for ending, unit in _SUFFIX_UNITS:
         if key.endswith(ending):
             return unit
     return ""
+
+
+_BRACKET = re.compile(r"\[([^\[\]]*\bunit\b[^\[\]]*)\]")
+_LEADING = re.compile(r"^\[([^\[\]]*)\]\s*")
+
+
+def _unit_in(comment: str) -> str:
+    """The first bracketed text of *comment* naming a unit ("[output unit]", "[its unit x
+    h]"): the unit of a value whose unit the key cannot carry (it is the output's)."""
+    found = _BRACKET.search(comment)
+    return found.group(1) if found else ""
+
+
+def _leading_unit(comment: str) -> tuple[str, str]:
+    """(unit, rest) of a comment that opens with its unit in brackets ("[input amount/s] the
+    highest rate"); ("", *comment*) otherwise."""
+    found = _LEADING.match(comment)
+    return (found.group(1), comment[found.end():]) if found else ("", comment)
 
 
 def _cell(text: str) -> str:
@@ -218,8 +249,16 @@ def _rows(cls: type[BaseModel]) -> list[str]:
         if _is_model(annotation) or (typing.get_origin(annotation) in (list, dict) and any(
                 _is_model(a) for a in typing.get_args(annotation))):
             continue  # a table of its own, below
-        rows.append(f"| `{name}` | {_cell(kind)} | {_unit(name)} | {_cell(_default(info))} "
-                    f"| {_cell(_constraints(info))} | {_cell(_meaning(name, comments))} |")
+        meaning = _meaning(name, comments)
+        unit, meaning = _leading_unit(meaning)   # the comment's own unit wins over the key's
+        unit = unit or _unit(name)
+        if not unit and "number" in kind:
+            # its own comment's unit; a quantity named in a group comment takes the group's
+            own = comments.get(name, "")
+            unit = _unit_in(own) if own or not _is_quantity(annotation) else \
+                _unit_in(comments[meaning[len("see `"):-1]]) if meaning else ""
+        rows.append(f"| `{name}` | {_cell(kind)} | {_cell(unit)} | {_cell(_default(info))} "
+                    f"| {_cell(_constraints(info))} | {_cell(meaning)} |")
     quantities = getattr(cls, "QUANTITIES", None)
     for name, kind in (quantities or {}).items():
         text = schema._KINDS[kind][0]
@@ -253,14 +292,17 @@ def render() -> str:
              f"by hand (`tests/test_scenario_keys.py` fails when this file differs from what "
              f"the generator writes).", "",
              inspect.cleandoc(schema.__doc__ or ""), "",
-             "Columns: the key; its TOML type; its unit, read from the key's ending (`_s` "
+             "Columns: the key; its TOML type (`number or string with a unit`: a number "
+             "in the unit shown, or a string such as `\"70 mmHg\"`, converted to it); its "
+             "unit: the one the schema's comment opens with in brackets (`[output unit]`: "
+             "the unit of the model output the table names), else the key's ending (`_s` "
              "seconds, `_h` hours, `_clock_h` a clock time of day in hours, `_ml_per_h` mL/h, "
-             "`_ml` mL, `_per_h` per hour; a quantity `name_<unit>` takes the unit in the key, "
-             "of the kind shown); its default (`required`: must be given; `none`: not set, "
-             "the behaviour the meaning or the table's lead describes); the allowed range; "
-             "its meaning, from the `#:` comment above the field in the schema (`see X`: "
-             "the comment above field X names it; empty where the schema has none). A "
-             "quantity key without its unit, or with a unit of another kind, is an error.",
+             "`_ml` mL, `_per_h` per hour), else a bracketed unit in the comment; a quantity "
+             "`name_<unit>` takes the unit in the key, of the kind shown; its default "
+             "(`required`: must be given; `none`: not set, the behaviour the meaning or the "
+             "table's lead describes); the allowed range; its meaning, from the `#:` comment "
+             "above the field in the schema (`see X`: the comment above field X names it). "
+             "A quantity key without its unit, or with a unit of another kind, is an error.",
              ""]
     for header, cls in tables:
         if not header:
