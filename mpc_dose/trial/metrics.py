@@ -148,7 +148,8 @@ def performance_metrics(time_s, measured, target: float | None,
       ``readings_above_...``: the share of readings (no time weighting).
 
     Without a *target* only the window terms (settling time included) and the extremes are
-    given; without *target* and *window* only the extremes. Output-valued names carry *unit* (none when "1").
+    given; without *target* and *window* only the extremes. Output-valued names carry
+    *unit* (none when "1").
     """
     t = np.asarray(time_s, dtype=float)
     y = np.asarray(measured, dtype=float)
