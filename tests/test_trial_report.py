@@ -50,8 +50,8 @@ def test_compared_controllers_see_the_same_patients_and_noise(comparison):
                            b.delivered_propofol_rate_mg_per_s)
     table = pd.read_csv(comparison / "comparison.csv", index_col=0)
     assert {"hil_pid_newera mean", "slow_pid mean", "slow_pid sd"} <= set(table.columns)
-    assert table.loc["response_time_s", "slow_pid mean"] > \
-        table.loc["response_time_s", "hil_pid_newera mean"]
+    assert table.loc["response_time_measured_s", "slow_pid mean"] > \
+        table.loc["response_time_measured_s", "hil_pid_newera mean"]
 
 
 def test_compare_refuses_scenarios_with_different_patients(tmp_path, capsys):
@@ -89,7 +89,8 @@ def test_the_report_opens_with_a_summary_a_clinician_can_read(comparison):
     assert "BIS: target 50, acceptable window 40-60" in summary
     assert "Headline results" in summary
     # a 10-min run's durations in minutes ("9.5 min in window", not "570 s")
-    assert '<td class="name" title="time_in_window_s">Time in window</td><td>min</td>' \
+    assert '<td class="name" title="time_in_window_measured_s">Time in window (readings)</td>' \
+           '<td>min</td>' \
         in summary
     # the drug given as the amount so far: a bolus on a rate axis hides the rest of the run
     assert 'alt="propofol given so far [mg]"' in page
@@ -108,13 +109,18 @@ def test_every_metric_of_the_trials_is_explained_with_a_unit():
     bis = 50 + 40 * np.exp(-t / 60)
     days = np.arange(0.0, 3 * 86400 + 1, 600.0)
     names = list(trial_metrics.tiva_metrics(t, bis, np.ones_like(t), np.ones_like(t), 70.0))
-    names += list(trial_metrics.performance_metrics(t, bis, 50.0, (40.0, 60.0)))
+    names += list(trial_metrics.performance_metrics(t, bis, 50.0, (40.0, 60.0), output="bis"))
+    names += list(trial_metrics.performance_metrics(t, bis, 50.0, (40.0, 60.0),
+                                                    output="vancomycin_cp", unit="mg/L",
+                                                    sparse=True))
+    names += list(trial_metrics.true_output_metrics(t, bis, output="bis", target=50.0,
+                                                    window=(40.0, 60.0)))
     names += list(trial_metrics.auc_attainment(days, 20 + np.sin(days / 3600)))
     names += list(trial_metrics.neutropenia_metrics(days, 2 + np.sin(days / 86400)))
     deliveries = pd.DataFrame({"time_s": [0.0], "input": ["propofol"], "rate": [1.0]})
     names += list(trial_metrics.drug_totals(deliveries, 10.0, {"propofol": "mg"}, 70.0))
-    names += ["auc_bis_1_h", "max_bis_1", "auc_vancomycin_cp_mg_per_L_h",
-              "max_vancomycin_cp_mg_per_L", "alarms", "fallback_time_s",
+    names += ["auc_vancomycin_cp_true_mg_per_L_h", "max_vancomycin_cp_true_mg_per_L",
+              "commands_refused", "alarms", "fallback_time_s",
               "solver_failure_time_s", "deadline_misses",
               "estimate_error_vancomycin_cl1_after_2_readings"]
     for name in names:

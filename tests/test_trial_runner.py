@@ -88,11 +88,12 @@ def test_results_of_another_trial_are_never_mixed(reference):
 def test_metrics_table_has_units_and_one_row_per_patient(reference):
     m = reference.metrics
     assert list(m.patient) == [1, 2, 3, 4]
-    assert {"settling_time_s", "overshoot_pct", "iae", "propofol_per_kg_mg_per_kg",
+    assert {"settling_time_measured_s", "overshoot_measured_pct", "iae_bis_measured_s",
+            "time_in_window_true_s", "auc_bis_true_h", "propofol_per_kg_mg_per_kg",
             "remifentanil_total_ug", "alarms", "fallback_time_s"} <= set(m.columns)
     s = summarise(m)
     assert {"mean", "sd", "median", "q25", "q75", "min", "max"} <= set(s.columns)
-    assert s.loc["lowest", "min"] == m.lowest.min()
+    assert s.loc["min_bis_measured", "min"] == m.min_bis_measured.min()
 
 
 def test_performance_terms_of_a_first_order_approach():
@@ -101,12 +102,13 @@ def test_performance_terms_of_a_first_order_approach():
     10 ln(4.7) = 15.5 s (first sample 16 s), IAE = 47 * 10 (1 - exp(-10)) over 100 s."""
     t = np.arange(0.0, 101.0)
     y = 97 - 47 * (1 - np.exp(-t / 10))
-    m = performance_metrics(t, y, 50.0, (40.0, 60.0))
-    assert m["response_time_s"] == 24.0
-    assert m["settling_time_s"] == 16.0
-    assert m["overshoot_pct"] == 0.0
-    assert m["time_above_window_s"] == 16.0 and m["time_below_window_s"] == 0.0
-    assert m["iae"] == pytest.approx(470 * (1 - np.exp(-10)), rel=2e-3)  # trapezoid error
+    m = performance_metrics(t, y, 50.0, (40.0, 60.0), output="bis")
+    assert m["response_time_measured_s"] == 24.0
+    assert m["settling_time_measured_s"] == 16.0
+    assert m["overshoot_measured_pct"] == 0.0
+    assert m["time_above_window_measured_s"] == 16.0
+    assert m["time_below_window_measured_s"] == 0.0
+    assert m["iae_bis_measured_s"] == pytest.approx(470 * (1 - np.exp(-10)), rel=2e-3)
 
 
 def test_performance_terms_see_overshoot_and_ignore_missing_readings():
@@ -115,10 +117,10 @@ def test_performance_terms_see_overshoot_and_ignore_missing_readings():
     y[:5] = 90.0
     y[10] = 38.0       # 12 below the target: 30 % of the 40-unit step
     y[20] = np.nan     # no valid reading: left out
-    m = performance_metrics(t, y, 50.0, (40.0, 60.0))
-    assert m["overshoot_pct"] == pytest.approx(30.0)
-    assert m["time_below_window_s"] == 1.0 and m["lowest"] == 38.0
-    assert m["settling_time_s"] == 11.0
+    m = performance_metrics(t, y, 50.0, (40.0, 60.0), output="bis")
+    assert m["overshoot_measured_pct"] == pytest.approx(30.0)
+    assert m["time_below_window_measured_s"] == 1.0 and m["min_bis_measured"] == 38.0
+    assert m["settling_time_measured_s"] == 11.0
 
 
 def test_the_body_clock_changes_5fu_exposure_for_the_same_dose(tmp_path):
@@ -131,7 +133,8 @@ def test_the_body_clock_changes_5fu_exposure_for_the_same_dose(tmp_path):
                      patients=range(3), seed=0).metrics
     np.testing.assert_allclose(chrono.fluorouracil_total_mg, 4400.0, rtol=1e-6)
     np.testing.assert_allclose(flat.fluorouracil_total_mg, 4400.0, rtol=1e-6)
-    ratio = chrono.auc_fluorouracil_cp_mg_per_L_h / flat.auc_fluorouracil_cp_mg_per_L_h
+    ratio = (chrono.auc_fluorouracil_cp_true_mg_per_L_h
+             / flat.auc_fluorouracil_cp_true_mg_per_L_h)
     assert (ratio > 1.03).all() and (ratio < 1.2).all(), ratio
 
 

@@ -41,7 +41,7 @@ low = 0.5
 high = 1.5
 
 [[objective]]
-metric = "iae"
+metric = "iae_bis_measured_s"
 statistic = "mean"
 goal = "minimise"
 
@@ -51,7 +51,7 @@ statistic = "p95"
 goal = "minimise"
 
 [[limit]]
-metric = "time_below_window_s"
+metric = "time_below_window_measured_s"
 statistic = "max"
 at_most = 400
 
@@ -134,8 +134,8 @@ def test_the_report_renders(grid_sweep, tmp_path):
     summary = text[text.index('<div class="summary">'):text.index("<h2>")]
     assert "hil_pid_newera" in summary and "3 training patients" in summary
     assert "BIS: target 50, acceptable window 40-60" in summary
-    assert "minimise the mean of IAE [BIS·s]" in summary
-    assert "highest of time below window [s] at most 400" in summary
+    assert "minimise the mean of IAE (readings) [BIS·s]" in summary
+    assert "highest of time below window (readings) [s] at most 400" in summary
     assert not re.search(r"\bnan\b", text, re.IGNORECASE)
     assert text.count("<table") == text.count('<div class="scroll"><table')
 
@@ -218,8 +218,10 @@ def test_an_unknown_key_fails_before_any_simulation(tmp_path):
 
 
 def test_a_metric_the_trial_lacks_is_named_with_the_columns(tmp_path):
-    space = space_file(tmp_path, SPACE.replace('metric = "iae"', 'metric = "iea"'))
-    with pytest.raises(ConfigError, match=r"metric 'iea' is not a column.*\biae\b"):
+    space = space_file(tmp_path, SPACE.replace('metric = "iae_bis_measured_s"',
+                                               'metric = "iea_bis_measured_s"'))
+    with pytest.raises(ConfigError, match=r"metric 'iea_bis_measured_s' is not a "
+                                          r"column.*\biae_bis_measured_s\b"):
         run_sweep(SCENARIO, space, tmp_path / "out")
 
 

@@ -40,11 +40,18 @@ class _Strict(BaseModel):
 
 
 class ScenarioInfo(_Strict):
+    #: the scenario's name (reports; the random streams' name unless cohort is given)
     name: str
+    #: one line saying what the scenario shows
     description: str = ""
+    #: the simulated time [s] from t = 0
     duration_s: float = Field(gt=0)
+    #: the series is recorded every record_step_s [s]; the true-output metrics weigh each
+    #: record by it
     record_step_s: float = Field(1.0, gt=0)
+    #: the seed of the patients, noise and disturbances; the command's --seed replaces it
     seed: int = Field(0, ge=0)
+    #: one-way transport delay of every message between plant and controller [s]
     latency_s: float = Field(0.0, ge=0)
     #: the clock time of day at t = 0 [h, 0-24) (e.g. 22.0 for 22:00): the patient's and the
     #: controller's models with a body clock (parameter clock_time_at_t0) both run on it
@@ -60,23 +67,34 @@ class ScenarioInfo(_Strict):
 
 
 class CovariateDistributionSpec(_Strict):
-    """How a covariate is drawn (plant/cohort.py CovariateDistribution): ``uniform`` (low,
-    high), ``normal`` (mean, sd; clipped to low-high), ``lognormal`` (median, sd_log;
-    truncated to low-high), ``choice`` (values, probabilities)."""
+    """How a covariate is drawn (plant/cohort.py CovariateDistribution)."""
 
+    #: uniform: between low and high; normal: mean and sd, clipped to [low, high];
+    #: lognormal: median and sd_log, truncated to [low, high]; choice: one of values with
+    #: probabilities
     kind: Literal["uniform", "normal", "lognormal", "choice"]
+    #: [covariate unit] the lower end (uniform) or bound (normal, lognormal)
     low: float = -math.inf
+    #: [covariate unit] the upper end (uniform) or clip (normal)
     high: float = math.inf
+    #: [covariate unit] normal: the mean
     mean: float = 0.0
+    #: [covariate unit] normal: the standard deviation
     sd: float = 0.0
+    #: [covariate unit] lognormal: the median
     median: float = 1.0
+    #: lognormal: the standard deviation of the logarithm
     sd_log: float = Field(0.0, ge=0)
+    #: choice: the categories
     values: list[str] = []
+    #: choice: the probability of each category, in the order of values
     probabilities: list[float] = []
 
 
 class PopulationSpec(_Strict):
+    #: the number of patients (numbered 1 to size), each drawn from the seed and its number
     size: int = Field(gt=0)
+    #: each covariate's distribution, by the model's covariate name
     covariates: dict[str, CovariateDistributionSpec]
 
 
@@ -84,14 +102,19 @@ class TableSpec(_Strict):
     #: the cohort file; "" declares the columns only: the population is used unless a
     #: cohort file is given (``mpc-dose trial --cohort FILE``)
     path: str
+    #: a covariate or model parameter (optionally with its unit in the name: height_cm) ->
+    #: the table column holding it
     columns: dict[str, str]
+    #: a categorical covariate -> {table code: category}, e.g. {sex = {"1" = "male"}}
     codes: dict[str, dict[str, str]] = {}
 
 
 class PatientSpec(_Strict):
-    #: a library name or a model file (``"models/x.toml"``, from the scenario's folder),
-    #: several joined by ``+``
+    #: a library name (`mpc-dose models` lists them) or a model file (``"models/x.toml"``,
+    #: from the scenario's folder); a + b composes two
     model: str
+    #: draw each patient's between-subject variability; false: the typical patient for the
+    #: covariates
     random_effects: bool = False
     table: TableSpec | None = None
     population: PopulationSpec | None = None
@@ -107,10 +130,15 @@ class CovariateChangeSpec(_Strict):
     *scale* are multiplied by it (others unchanged): acute kidney injury, recovery. The
     draws come from each patient's own stream, the same in every scenario of a cohort."""
 
+    #: from this time on (or give time_range_s)
     time_s: float | None = Field(None, ge=0)
+    #: [s] a time drawn per patient, uniform between the two
     time_range_s: tuple[float, float] | None = None
+    #: [fraction] the chance that a patient has this change
     probability: float = Field(1.0, ge=0, le=1)
+    #: covariate -> its new value (a number in the covariate's unit, or a category)
     covariates: dict[str, float | str] = {}
+    #: covariate -> the factor its value in force is multiplied by
     scale: dict[str, float] = {}
 
     @model_validator(mode="after")
@@ -130,58 +158,95 @@ class CovariateChangeSpec(_Strict):
 
 
 class DisturbanceSpec(_Strict):
+    #: the model output the disturbance is added to
     output: str
+    #: [s] the times of the values
     times_s: list[float]
+    #: [output unit] added to the output from each time
     values: list[float]
+    #: steps: each value held until the next time; linear: interpolated between times
     kind: Literal["steps", "linear"] = "steps"
 
 
 class PumpSpec(_Strict):
+    #: the pump's name (messages, alarms, the series' columns)
     pump: str
+    #: the model input the pump feeds
     input: str
+    #: [drug amount per volume, in the value: "10 mg/mL"] the drug in the syringe
     concentration: str
+    #: the pump's highest rate; the pump rejects faster commands (it does not clamp them)
     max_rate_ml_per_h: float = Field(1200.0, gt=0)
+    #: the pump's rate step (commands are rounded to it); 0: any rate
     resolution_ml_per_h: float = Field(0.0, ge=0)
+    #: from a start (a rate after none) to the start of the flow
     startup_lag_s: float = Field(0.0, ge=0)
+    #: the volume in the syringe (the pump stops and alarms when it is empty)
     syringe_volume_ml: float = Field(math.inf, gt=0)
+    #: the rate the pump keeps by itself when a command's lease runs out; 0: stop
     fallback_ml_per_h: float = Field(0.0, ge=0)
+    #: an occlusion from this time on (no flow); none: never
     occlusion_at_s: float | None = None
+    #: from the occlusion to the pump's alarm
     occlusion_detection_s: float = Field(30.0, ge=0)
 
 
 class FilteredNoiseSpec(_Strict):
+    #: [output unit] standard deviation of the white noise, one value per sample
     sd: float = Field(ge=0)
+    #: transfer function numerator in s (highest power first, s in 1/s), discretised at the
+    #: sensor period
     numerator: list[float]
+    #: transfer function denominator in s (highest power first)
     denominator: list[float]
 
 
 class SensorSpec(_Strict):
+    #: the model output the sensor reads
     output: str
+    #: the name its readings carry (the controller's and the supervisor's measured); the
+    #: output's name when not given
     var: str | None = None
     #: every period_s, from first_sample_s; or at the clock times of every day
     period_s: float | None = Field(None, gt=0)
     #: clock times of day [h] at which samples are drawn every day (e.g. [4, 15] for 04:00 and
     #: 15:00), on the scenario's clock (scenario.start_clock_h; 0:00 at t = 0 when not given)
     sample_clock_h: list[float] | None = None
+    #: a reading arrives this long after its sample time (its time stays the sample time)
     delay_s: float = Field(0.0, ge=0)
     #: a delay drawn per reading, uniform in [delay_s, delay_max_s] (laboratory turnaround)
     delay_max_s: float | None = Field(None, ge=0)
-    #: no sample before this time [s] (with sample_clock_h: the first draws come later)
+    #: the time of the first sample (with sample_clock_h: no draw before it)
     first_sample_s: float = Field(0.0, ge=0)
+    #: bis: the BIS noise model of DESIGN (filtered white noise of sd 3, readings kept in
+    #: [0, 100])
     noise: Literal["none", "bis"] = "none"
+    #: [fraction] proportional noise: the output times (1 + cv e)
     proportional_cv: float = Field(0.0, ge=0)
+    #: [output unit] additive white noise sd
     additive_sd: Quantity = 0.0
+    #: [output unit] autocorrelated (AR(1)) noise sd
     ar1_sd: float = Field(0.0, ge=0)
+    #: time constant of the AR(1) noise
     ar1_tau_s: float = Field(60.0, gt=0)
     filtered: FilteredNoiseSpec | None = None
+    #: [output unit per h] drift added to the readings, linear in time from t = 0
     drift_per_h: float = 0.0
+    #: [per sample] chance of an artefact
     outlier_probability: float = Field(0.0, ge=0, le=1)
+    #: [output unit] sd of an artefact
     outlier_sd: float = Field(0.0, ge=0)
+    #: [output unit] readings are clipped to [low, high]
     low: Quantity = -math.inf
+    #: [output unit] the upper clip
     high: Quantity = math.inf
+    #: [output unit] readings are rounded to a multiple of it; 0: no rounding
     quantum: float = Field(0.0, ge=0)
+    #: [per sample] chance of no reading at all
     dropout_probability: float = Field(0.0, ge=0, le=1)
+    #: [per sample] chance of an error code (quality "invalid", value error_value)
     error_probability: float = Field(0.0, ge=0, le=1)
+    #: [output unit] the sentinel value of an error code
     error_value: float = 0.0
     #: lower limit of quantification [output unit]: below it the reading is the limit with
     #: quality "underflow" (an estimator treats it as below the LLOQ, M3)
@@ -200,36 +265,61 @@ class SensorSpec(_Strict):
 
 
 class PIDSpec(_Strict):
+    #: the reading variable the PID acts on (error = measured - setpoint)
     measured: str = "bis"
+    #: [measured's unit] the setpoint
     setpoint: float = 50.0
+    #: [PID output per measured unit] proportional gain (DESIGN's anaesthesia PID: Schiavo
+    #: et al. 2022)
     kp: float = Field(0.013208318978132468, gt=0)
+    #: integral time
     ti_s: float = Field(300.0, gt=0)
+    #: derivative time
     td_s: float = Field(10.0, ge=0)
+    #: derivative filter: the derivative term's time constant is td_s / N
     derivative_filter_n: float = Field(5.0, gt=0)
+    #: [PID output] lower clamp of the PID output (anti-windup)
     u_min: float = 0.0
+    #: [PID output] upper clamp of the PID output (anti-windup)
     u_max: float = 8.335
+    #: [input amount/s per PID output] each input's rate per unit of the PID output
     ratios: dict[str, float] = {"propofol": 1.0, "remifentanil": 2.0}
+    #: [input amount/s] upper clamp of each input's rate
     max_rates: dict[str, float] = {"propofol": 6.67, "remifentanil": 16.67}
+    #: [measured's unit] the reading assumed before the first (the derivative term's
+    #: previous value)
     initial_measurement: float = 100.0
 
 
 class FixedSpec(_Strict):
+    #: the dosing-event table (CSV, NONMEM-like columns with units in the names: time_min,
+    #: amount_mg, rate_ug_per_min; scenario/dosing_table.py), relative to the scenario's folder
     doses: str
 
 
 class TCISpec(_Strict):
+    #: the input the TCI sets
     input: str
+    #: the model output targeted (a plasma or effect-site concentration)
     target_output: str
+    #: pairs (time [s], target [the output's unit]): each target from its time on
     targets: list[tuple[float, float]]
+    #: plasma: target the plasma concentration; effect: the effect site
     mode: Literal["plasma", "effect"] = "effect"
+    #: [input amount/s] the highest rate the pump can deliver (e.g. 1200 mL/h of 10 mg/mL
+    #: propofol: 3.33 mg/s)
     max_rate: float = Field(gt=0)
     #: the controller's model; the patient's model when not given
     model: str | None = None
 
 
 class PythonSpec(_Strict):
+    #: the controller factory: "module:function" or "file.py:function" (relative to the
+    #: scenario's folder)
     target: str
+    #: the inputs it sets
     inputs: list[str]
+    #: keyword arguments passed to the factory
     options: dict[str, typing.Any] = {}
 
 
@@ -305,7 +395,10 @@ class NMPCInputSpec(_Quantities):
 
     QUANTITIES = {"max_rate": "rate", "max_change": "rate", "max_dose": "amount",
                   "loading_dose_max": "amount", "dose_step": "amount"}
+    #: weight of the squared change of the rate between periods (between doses' infusion
+    #: rates with scheduled doses)
     change_weight: float | None = Field(None, ge=0)
+    #: linear (economic) weight per amount of the input (its amount unit) per second
     use_weight: float | None = None
 
 
@@ -320,6 +413,7 @@ class DoseWindowSpec(_Quantities):
     """At most ``max_amount_<unit>`` of *input* over any sliding ``window_<unit>``."""
 
     QUANTITIES = {"window": "time", "max_amount": "amount"}
+    #: the input the limit applies to
     input: str
 
 
@@ -335,17 +429,24 @@ class EstimatorSpec(_Strict):
     whole record or a window, with the model's residual error, readings below the LLOQ
     (M3), inter-occasion variability and the scenario's covariate changes."""
 
+    #: mhe: moving horizon; ekf: extended Kalman filter; map: Bayesian MAP over the record;
+    #: none: no estimation
     kind: Literal["mhe", "ekf", "map", "none"] | None = None
+    #: the model parameters estimated (log-normal around the controller model's values, the
+    #: model's between-subject variability as prior)
     parameters: list[str] = []
     #: measurement noise sd [output unit]; the model's additive residual error when not given
     noise_sd: Quantity | None = None
+    #: MHE and MAP: readings in the moving window
     window: int | None = Field(None, ge=1)
+    #: readings before anything is estimated (the prior is kept until then)
     min_samples: int | None = Field(None, ge=1)
+    #: estimate an additive output disturbance (offset-free tracking)
     disturbance: bool | None = None
-    #: prior standard deviation of the disturbance at the start (output unit)
+    #: prior standard deviation of the disturbance at the start [output unit]
     disturbance_sd: Quantity | None = None
-    #: random walks per reading: variance of the disturbance's and of the parameters' (log
-    #: scale) steps
+    #: random walks per reading: variance of the disturbance's steps (q_d, [output unit
+    #: squared]) and of the parameters' (q_eta, log scale)
     q_d: float | None = Field(None, ge=0)
     q_eta: float | None = Field(None, ge=0)
     #: MHE: each estimated eta stays within this many prior standard deviations (no bound
@@ -366,25 +467,36 @@ class NMPCSpec(_Strict):
     #: the controller's model (the patient's model when not given); typical values for the
     #: patient's covariates, with *prior_scale* applied to the parameters in *scaled*
     model: str | None = None
+    #: the tracked model output
     output: str
     #: the inputs it sets, each with its limits (units in the keys)
     input: dict[str, NMPCInputSpec]
     #: the tracked value of *output* [its unit, or a string with a unit: "70 mmHg"]; none:
     #: no tracking term. Output values below (windows, AUC, thresholds) likewise
     reference: Quantity | None = None
+    #: the prediction horizon in control periods
     horizon: int = Field(40, ge=1)
+    #: periods per decision (1: a decision every period)
     move_block: int | None = Field(None, ge=1)
+    #: weight of the squared tracking error (1 with a reference, 0 without)
     output_weight: float | None = Field(None, ge=0)
     #: the output the soft, hard and terminal windows apply to (*output* when not given)
     window_output: str | None = None
+    #: soft window soft_low, soft_high on the window output [its unit]: a violation costs
+    #: soft_weights (linear, quadratic) per unit outside
     soft_low: Quantity | None = None
     soft_high: Quantity | None = None
     soft_weights: tuple[float, float] | None = None
+    #: the soft window is checked every soft_every-th stage and the last (a smaller problem)
     soft_every: int | None = Field(None, ge=1)
+    #: hard window hard_low, hard_high on the window output [its unit]
     hard_low: Quantity | None = None
     hard_high: Quantity | None = None
+    #: hard window terminal_low, terminal_high on the window output at the horizon's end
+    #: [its unit]
     terminal_low: Quantity | None = None
     terminal_high: Quantity | None = None
+    #: input_a, input_b, r: rate_b = r x rate_a (one decision for both)
     ratio: tuple[str, str, float] | None = None
     #: cumulative dose limits over sliding windows (delivered plus planned)
     dose_windows: list[DoseWindowSpec] = []
@@ -395,8 +507,12 @@ class NMPCSpec(_Strict):
     infusion_s: float | None = Field(None, gt=0)
     dose_clock_h: float | None = Field(None, ge=0, lt=24)
     #: the peak is sampled this long after a dose's start (the end of its infusion when not
-    #: given); trough (just before each dose) and peak windows [output unit]
+    #: given)
     peak_offset_s: float | None = Field(None, ge=0)
+    #: windows on the exposure output [its unit] just before each scheduled dose
+    #: (trough_soft_low, trough_soft_high, trough_hard_low, trough_hard_high) and at its peak
+    #: time (peak_soft_low, peak_soft_high, peak_hard_low, peak_hard_high); soft violations
+    #: cost soft_weights
     trough_soft_low: Quantity | None = None
     trough_soft_high: Quantity | None = None
     trough_hard_low: Quantity | None = None
@@ -407,8 +523,9 @@ class NMPCSpec(_Strict):
     peak_hard_high: Quantity | None = None
     #: exposure: the AUC of exposure_output [its unit x h] over consecutive windows of
     #: auc_window_s from auc_window_start_s (e.g. 86400: AUC24 per day), as a target
-    #: (weight per squared percent miss) and soft (weights per percent outside) or hard
-    #: windows
+    #: auc_target (auc_weight per squared percent miss), a soft window auc_soft_low,
+    #: auc_soft_high (auc_soft_weights, linear and quadratic, per percent outside) or a hard
+    #: one auc_hard_low, auc_hard_high
     exposure_output: str | None = None
     auc_window_s: float | None = Field(None, gt=0)
     auc_window_start_s: float | None = Field(None, ge=0)
@@ -419,22 +536,33 @@ class NMPCSpec(_Strict):
     auc_soft_weights: tuple[float, float] | None = None
     auc_hard_low: Quantity | None = None
     auc_hard_high: Quantity | None = None
-    #: time above a threshold [output unit] (e.g. fT>MIC): the fraction of the horizon to
-    #: reach (weights lin, quad), or a hard lower limit; width of its smooth indicator
+    #: time above time_above_threshold [output unit] (e.g. fT>MIC): the fraction of the
+    #: horizon to reach, time_above_target (a shortfall costs time_above_weights, linear and
+    #: quadratic), or a hard lower limit, time_above_min; time_above_width: the width of its
+    #: smooth indicator
     time_above_threshold: Quantity | None = None
     time_above_width: Quantity | None = None
     time_above_target: float | None = Field(None, ge=0, le=1)
     time_above_weights: tuple[float, float] | None = None
     time_above_min: float | None = Field(None, ge=0, le=1)
+    #: multiplies the controller model's parameters named in scaled (a cautious prior: e.g.
+    #: 0.55 on the C50s)
     prior_scale: float = Field(1.0, gt=0)
+    #: the controller model's parameters that prior_scale multiplies
     scaled: list[str] = []
     estimator: EstimatorSpec = EstimatorSpec()
-    #: the optimiser (control/nmpc.py): "sqpmethod" or "ipopt"; QP solvers; transcription
+    #: the optimiser (control/nmpc.py)
     solver: Literal["sqpmethod", "ipopt"] | None = None
+    #: the QP solvers inside sqpmethod, tried in this order before IPOPT
     qp_solvers: list[str] | None = None
+    #: condensed: states eliminated (linear time-invariant models only); multiple_shooting:
+    #: states as decision variables (any model)
     transcription: Literal["condensed", "multiple_shooting"] | None = None
+    #: the optimiser's iteration limit
     max_iter: int | None = Field(None, ge=1)
+    #: SQP stops when the Lagrangian's gradient is below it
     dual_tolerance: float | None = Field(None, gt=0)
+    #: Runge-Kutta steps per period where the model has no exact discretisation
     rk4_steps: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
@@ -472,8 +600,12 @@ class SafetySpec(_Strict):
     input: dict[str, SafetyInputSpec] | None = None
     #: at most max_amount_<unit> of an input over any window_<unit>
     dose_windows: list[DoseWindowSpec] | None = None
+    #: a reading older than this at a decision is stale (the supervisor falls back)
     stale_after_s: float | None = Field(None, gt=0)
+    #: a reading dated more than this after the decision is from the future (rejected)
     future_tolerance_s: float | None = Field(None, ge=0)
+    #: [measured's unit] [low, high]: physiologically possible
+    #: readings; others are artefacts
     valid_range: tuple[Quantity, Quantity] | None = None
     #: this many equal readings in a row (within flatline_tolerance) are a frozen sensor;
     #: 0 turns the check off
@@ -513,11 +645,15 @@ class ScheduleSpec(_Quantities):
     rounded to a multiple of *step*; the last row may omit *below*)."""
 
     QUANTITIES = {"max_dose": "amount", "loading_dose_max": "amount"}
+    #: the model input the doses go to (its pump is found by input)
     input: str
     #: the model output whose levels it reads (their sensor: controller.safety.measured)
     output: str
+    #: each dose runs over this long (a whole number of control periods)
     infusion_s: float = Field(gt=0)
+    #: [h] the clock time of the first dose (scenario.start_clock_h is the clock at t = 0)
     dose_clock_h: float | None = Field(None, ge=0, lt=24)
+    #: rows {below_<unit>, step_<unit>}: a dose under below is rounded to a multiple of step
     rounding: list[RoundingSpec] = []
 
 
@@ -525,7 +661,9 @@ class NomogramBandSpec(_Strict):
     """A nomogram row: from ``at_least`` (the band covariate's declared unit) on, a dose every
     ``interval_h`` hours; no ``interval_h``: a loading dose only."""
 
+    #: [band covariate unit] the row applies from this value up to the next row's
     at_least: float
+    #: [h] the dosing interval of the row; none: a loading dose only (consult)
     interval_h: float | None = Field(None, gt=0)
 
 
@@ -538,11 +676,17 @@ class NomogramSpec(ScheduleSpec):
 
     QUANTITIES = {**ScheduleSpec.QUANTITIES, "loading_dose": "per_body_mass",
                   "maintenance_dose": "per_body_mass"}
+    #: the covariate whose value picks the row (e.g. crcl)
     band_covariate: str
+    #: the covariate the per-kg doses multiply [kg]
     weight_covariate: str = "weight"
+    #: the nomogram's rows
     band: list[NomogramBandSpec]
+    #: [output unit] the trough a dose adjustment aims at
     trough_target: Quantity | None = None
+    #: [output unit] a steady-state trough below it is adjusted
     trough_low: Quantity | None = None
+    #: [output unit] a steady-state trough above it is adjusted
     trough_high: Quantity | None = None
     #: a level drawn at most this long before a scheduled dose is its trough [s]
     trough_before_s: float = Field(7200.0, gt=0)
@@ -558,14 +702,21 @@ class MIPDSpec(ScheduleSpec):
 
     #: the controller's model (the patient's model when not given)
     model: str | None = None
+    #: time from one dose to the next
     dose_interval_s: float = Field(gt=0)
+    #: [output unit x h] the AUC over 24 h each dose aims at (planned over its interval)
     auc_target: Quantity
+    #: the Bayesian estimator (kind "map"), keys as [controller.nmpc.estimator]
     estimator: EstimatorSpec = EstimatorSpec(kind="map")
 
 
 class ControllerSpec(_Strict):
+    #: which controller runs; its table ([controller.pid], ...) holds its settings
     kind: Literal["pid", "fixed", "tci", "python", "nmpc", "nomogram", "mipd"]
+    #: the control period: a decision every period_s
     period_s: float = Field(gt=0)
+    #: each command's lease in control periods: the pump applies its fallback when no new
+    #: command comes in time
     lease_periods: float = Field(3.0, gt=0)
     safety: SafetySpec = SafetySpec()
     pid: PIDSpec | None = None
@@ -582,8 +733,11 @@ class MetricsSpec(_Strict):
     value against a target and window (the performance terms; needs a sensor of it), and an
     optional clinical set of the scenario's own (``tiva``: DESIGN's TIVA metrics)."""
 
+    #: the model output the metrics read
     output: str
+    #: [output unit] the target of the performance terms (IAE, response, settling)
     target: float | None = None
+    #: [output unit] [low, high]; +-5 % of target when not given
     window: tuple[float, float] | None = None
     #: tiva: DESIGN's TIVA set (needs target 50 on BIS); auc: daily AUC24 target attainment
     #: (vancomycin, 400-600 mg.h/L); neutropenia: nadir and grade 3-4 days of output "anc"

@@ -1,23 +1,53 @@
 """Clinical metrics of one run.
 
-The TIVA benchmark metrics follow DESIGN and the published tables of Aubouin-Pairault,
-Fiacchini & Dang (2024), computed on the measured (noisy) BIS sampled every second:
+Which signal a metric reads is part of its name, just before its unit (or last when it has
+none):
 
-* induction (0-599 s): IAE (trapezoid of |BIS - 50| dt, BIS.s), sleep time (min, the time
-  after the last sample with BIS >= 60), settling time (min, after the last sample outside
-  [40, 60]), low-BIS time (s with BIS < 40), lowest BIS;
-* maintenance (600-1199 s): IAE, time outside [40, 60] (s), lowest and highest BIS;
-* drug totals per kg in each phase (propofol mg/kg, remifentanil ug/kg).
+* ``true``: the patient's true output at every record step (the series' ``true_`` column,
+  no noise, no sampling): what the patient went through. Time in / below / above the window
+  (each record counts for its record step), IAE, lowest and highest value, AUC.
+* ``measured``: the sensor's readings of the output, each valid reading at its sample time
+  (``LoopResult.samples_frame()``; readings of quality other than "valid", and missing
+  readings, are left out): what the controller saw. The IEC 60601-1-10 performance terms
+  (response and settling time, overshoot, steady-state deviation, tracking error) and the
+  lowest and highest reading; when readings are dense, also time in / below / above the
+  window and IAE, each reading standing for the time until the next one.
+
+Readings are *sparse* when the output's sensors together read it less often than the series
+is recorded: the sum over its sensors of 1 / interval (``period_s``, or 24 h over the number
+of daily clock times) times ``record_step_s`` is below 1 (a sensor period longer than the
+record step). Time-weighted terms of sparse readings would weigh each level by the hours it
+was held, so they are replaced by shares of readings (``readings_in_window_measured_pct``).
+
+Output-valued metrics name the output and carry its unit (``max_vancomycin_cp_true_mg_per_L``,
+``iae_bis_measured_s``; a unitless output such as BIS has no unit token, IAE is in output
+unit x s, AUC in output unit x h).
+
+The clinical sets keep their published names and have a fixed basis:
+
+* ``tiva`` follows DESIGN and the published tables of Aubouin-Pairault, Fiacchini & Dang
+  (2024), computed on the measured (noisy) BIS of every second (the last reading at each
+  1-s record):
+
+  - induction (0-599 s): IAE (trapezoid of |BIS - 50| dt, BIS.s), sleep time (min, the time
+    after the last sample with BIS >= 60), settling time (min, after the last sample
+    outside [40, 60]), low-BIS time (s with BIS < 40), lowest BIS;
+  - maintenance (600-1199 s): IAE, time outside [40, 60] (s), lowest and highest BIS;
+  - drug totals per kg in each phase (propofol mg/kg, remifentanil ug/kg);
+
+* ``auc`` (daily AUC24 attainment) and ``neutropenia`` (CTCAE grades) read the true output.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["tiva_metrics", "performance_metrics", "drug_totals", "summarise",
-           "auc_attainment", "neutropenia_metrics"]
+__all__ = ["tiva_metrics", "performance_metrics", "true_output_metrics",
+           "readings_are_sparse", "drug_totals", "summarise", "auc_attainment",
+           "neutropenia_metrics"]
 
 
 def _after_last(t: np.ndarray, bad: np.ndarray) -> float:
@@ -26,6 +56,38 @@ def _after_last(t: np.ndarray, bad: np.ndarray) -> float:
         return float(t[0]) / 60.0
     last = int(np.flatnonzero(bad)[-1])
     return float(t[last + 1]) / 60.0 if last + 1 < t.size else float("nan")
+
+
+def _durations(t: np.ndarray) -> np.ndarray:
+    """How long each sample stands for: until the next one, the last for the gap before it
+    (1 s when it is alone)."""
+    return np.diff(t, append=t[-1] + (t[-1] - t[-2] if t.size > 1 else 1.0))
+
+
+def _name(term: str, output: str, basis: str, unit: str, suffix: str = "") -> str:
+    """``<term>_<output>_<basis>[_<unit token>]<suffix>`` (no token for a unitless output)."""
+    from ..units import unit_to_token
+
+    token = "" if unit == "1" else f"_{unit_to_token(unit)}"
+    return f"{term}_{output}_{basis}{token}{suffix}"
+
+
+def _window(target: float | None, window: tuple[float, float] | None
+            ) -> tuple[float, float] | None:
+    """*window*, else +-5 % of *target*, else none."""
+    if window is not None:
+        return float(window[0]), float(window[1])
+    if target is not None:
+        return target - 0.05 * abs(target), target + 0.05 * abs(target)
+    return None
+
+
+def readings_are_sparse(intervals_s: Iterable[float], record_step_s: float) -> bool:
+    """Whether sensors reading an output every *intervals_s* (one per sensor) read it less
+    often than a series recorded every *record_step_s*: sum(record_step_s / interval) < 1.
+    A sensor as fast as the record (BIS every second, recorded every second) is dense."""
+    rate = sum(1.0 / float(i) for i in intervals_s)
+    return rate * float(record_step_s) < 1.0 - 1e-9
 
 
 def tiva_metrics(time_s: np.ndarray, bis: np.ndarray, propofol_mg_per_s: np.ndarray,
@@ -63,48 +125,108 @@ def tiva_metrics(time_s: np.ndarray, bis: np.ndarray, propofol_mg_per_s: np.ndar
     return out
 
 
-def performance_metrics(time_s, measured, target: float,
-                        window: tuple[float, float] | None = None) -> dict[str, float]:
-    """The IEC 60601-1-10 performance terms of one run, on the measured output (NaN samples,
-    i.e. no valid reading, are left out), with the definitions used here:
+def performance_metrics(time_s, measured, target: float | None,
+                        window: tuple[float, float] | None = None, *, output: str,
+                        unit: str = "1", sparse: bool = False) -> dict[str, float]:
+    """The IEC 60601-1-10 performance terms of one run on the *measured* readings of
+    *output* (in *unit*) at their sample times *time_s* (NaN values, i.e. no valid reading,
+    are left out), with the definitions used here (names end in ``measured``):
 
-    * response time [s]: first time the output has covered 90 % of the way from its first
-      value to *target*;
-    * settling time [s]: time after the last sample outside *window* (or +-5 % of the
-      target without a window); NaN if it ends outside;
-    * overshoot [%]: largest excursion beyond the target, in % of the initial step;
-    * steady-state deviation: mean |target - y| over the last 20 % of the run;
-    * tracking error: RMS of target - y over the whole run;
-    * time in / below / above the window [s], IAE (trapezoid of |y - target|), lowest and
-      highest value.
+    * ``response_time_measured_s``: first time the readings have covered 90 % of the way
+      from the first reading to *target*;
+    * ``settling_time_measured_s``: from the first reading to the reading after the last one
+      outside *window* (+-5 % of *target* without a window); NaN if it ends outside;
+    * ``overshoot_measured_pct``: largest excursion beyond the target, in % of the initial
+      step;
+    * ``steady_state_deviation_<output>_measured``: mean |target - y| over the last 20 % of
+      the readings' span;
+    * ``tracking_error_rms_<output>_measured``: RMS of target - y over all readings;
+    * ``min_/max_<output>_measured``: the lowest and highest reading; ``valid_readings``;
+    * dense readings (*sparse* False): ``time_in_window_measured_s``, ``time_below_...``,
+      ``time_above_...`` (each reading counts until the next one, the last for the gap
+      before it) and ``iae_<output>_measured_s`` (trapezoid of |y - target|);
+    * sparse readings: ``readings_in_window_measured_pct``, ``readings_below_...``,
+      ``readings_above_...``: the share of readings (no time weighting).
+
+    Without a *target* only the window terms (settling time included) and the extremes are
+    given; without *target* and *window* only the extremes. Output-valued names carry
+    *unit* (none when "1").
     """
     t = np.asarray(time_s, dtype=float)
     y = np.asarray(measured, dtype=float)
     keep = np.isfinite(y)
     t, y = t[keep], y[keep]
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"valid_readings": float(y.size)}
     if y.size == 0:
         return out
-    low, high = window if window is not None else (target - 0.05 * abs(target),
-                                                   target + 0.05 * abs(target))
-    step = target - y[0]
-    crossed = np.flatnonzero((target - y) * np.sign(step) <= 0.1 * abs(step)) \
-        if step else np.array([0])
-    out["response_time_s"] = float(t[crossed[0]] - t[0]) if crossed.size else float("nan")
-    outside = (y < low) | (y > high)
-    out["settling_time_s"] = _after_last(t, outside) * 60.0 - float(t[0])
-    beyond = (y - target) * np.sign(step) if step else np.abs(y - target)
-    out["overshoot_pct"] = float(max(0.0, beyond.max()) / abs(step) * 100.0) if step else 0.0
-    tail = t >= t[0] + 0.8 * (t[-1] - t[0])
-    out["steady_state_deviation"] = float(np.mean(np.abs(target - y[tail])))
-    out["tracking_error_rms"] = float(np.sqrt(np.mean((target - y) ** 2)))
-    dt = np.diff(t, append=t[-1] + (t[-1] - t[-2] if t.size > 1 else 1.0))
-    out["time_in_window_s"] = float(dt[~outside].sum())
-    out["time_below_window_s"] = float(dt[y < low].sum())
-    out["time_above_window_s"] = float(dt[y > high].sum())
-    out["iae"] = float(np.trapezoid(np.abs(y - target), t)) if t.size > 1 else 0.0
-    out["lowest"] = float(y.min())
-    out["highest"] = float(y.max())
+    bounds = _window(target, window)
+    if target is not None:
+        step = target - y[0]
+        crossed = np.flatnonzero((target - y) * np.sign(step) <= 0.1 * abs(step)) \
+            if step else np.array([0])
+        out["response_time_measured_s"] = float(t[crossed[0]] - t[0]) if crossed.size \
+            else float("nan")
+    if bounds is not None:
+        low, high = bounds
+        outside = (y < low) | (y > high)
+        out["settling_time_measured_s"] = _after_last(t, outside) * 60.0 - float(t[0])
+    if target is not None:
+        beyond = (y - target) * np.sign(step) if step else np.abs(y - target)
+        out["overshoot_measured_pct"] = float(max(0.0, beyond.max()) / abs(step) * 100.0) \
+            if step else 0.0
+        tail = t >= t[0] + 0.8 * (t[-1] - t[0])
+        out[_name("steady_state_deviation", output, "measured", unit)] = float(
+            np.mean(np.abs(target - y[tail])))
+        out[_name("tracking_error_rms", output, "measured", unit)] = float(
+            np.sqrt(np.mean((target - y) ** 2)))
+    if bounds is not None:
+        if sparse:
+            n = float(y.size)
+            out["readings_in_window_measured_pct"] = float((~outside).sum() / n * 100.0)
+            out["readings_below_window_measured_pct"] = float((y < low).sum() / n * 100.0)
+            out["readings_above_window_measured_pct"] = float((y > high).sum() / n * 100.0)
+        else:
+            dt = _durations(t)
+            out["time_in_window_measured_s"] = float(dt[~outside].sum())
+            out["time_below_window_measured_s"] = float(dt[y < low].sum())
+            out["time_above_window_measured_s"] = float(dt[y > high].sum())
+    if target is not None and not sparse:
+        out[_name("iae", output, "measured", unit, "_s")] = \
+            float(np.trapezoid(np.abs(y - target), t)) if t.size > 1 else 0.0
+    out[_name("min", output, "measured", unit)] = float(y.min())
+    out[_name("max", output, "measured", unit)] = float(y.max())
+    return out
+
+
+def true_output_metrics(time_s, true, *, output: str, unit: str = "1",
+                        target: float | None = None,
+                        window: tuple[float, float] | None = None) -> dict[str, float]:
+    """What the patient went through: terms of the *true* output *output* (in *unit*) at
+    every record (*time_s*), names ending in ``true``:
+
+    * ``auc_<output>_true_<unit>_h``: trapezoid AUC, output unit x h;
+    * ``min_/max_<output>_true_<unit>``: the lowest and highest value;
+    * with a *window* (or a *target*: +-5 % of it): ``time_in_window_true_s``,
+      ``time_below_window_true_s``, ``time_above_window_true_s``, each record counting for
+      the time until the next one (the last for the record step);
+    * with a *target*: ``iae_<output>_true_s`` (trapezoid of |y - target|, unit x s).
+    """
+    t = np.asarray(time_s, dtype=float)
+    y = np.asarray(true, dtype=float)
+    out: dict[str, float] = {
+        _name("auc", output, "true", unit, "_h"): float(np.trapezoid(y, t / 3600.0)),
+        _name("min", output, "true", unit): float(y.min()),
+        _name("max", output, "true", unit): float(y.max())}
+    bounds = _window(target, window)
+    if bounds is not None:
+        low, high = bounds
+        dt = _durations(t)
+        out["time_in_window_true_s"] = float(dt[(y >= low) & (y <= high)].sum())
+        out["time_below_window_true_s"] = float(dt[y < low].sum())
+        out["time_above_window_true_s"] = float(dt[y > high].sum())
+    if target is not None:
+        out[_name("iae", output, "true", unit, "_s")] = float(
+            np.trapezoid(np.abs(y - target), t))
     return out
 
 
@@ -118,7 +240,8 @@ def drug_totals(deliveries, end_s: float, input_units: dict[str, str],
     out = {}
     for name, amount_unit in input_units.items():
         mine = deliveries[deliveries["input"] == name]
-        times = np.append(mine["time_s"].to_numpy(dtype=float), end_s)
+        # a change recorded after the end (the run stops half a step late) counts nothing
+        times = np.minimum(np.append(mine["time_s"].to_numpy(dtype=float), end_s), end_s)
         rates = mine["rate"].to_numpy(dtype=float)
         total = float(np.sum(rates * np.clip(np.diff(times), 0.0, None)))
         out[f"{name}_total_{unit_to_token(amount_unit)}"] = total

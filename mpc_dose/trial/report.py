@@ -122,6 +122,12 @@ _KNOWN: dict[str, tuple[str, str, str, str | None]] = {
                             "time the measured value spent below the window", None),
     "time_above_window_s": ("Target and window", "Time above window",
                             "time the measured value spent above the window", None),
+    "readings_in_window_pct": ("Target and window", "Readings in window",
+                               "share of the valid readings within the window", None),
+    "readings_below_window_pct": ("Target and window", "Readings below window",
+                                  "share of the valid readings below the window", None),
+    "readings_above_window_pct": ("Target and window", "Readings above window",
+                                  "share of the valid readings above the window", None),
     "iae": ("Target and window", "IAE",
             "integrated absolute error: area between the measured value and the target "
             "(smaller is closer)", "{out}*s"),
@@ -237,6 +243,83 @@ def _unit_text(unit: str | None) -> str:
     return unit_label(unit)
 
 
+#: metric names of trial/metrics.py that say the signal they read: ``<base>_<measured|true>
+#: [_<unit>]`` or ``<base>_<output>_<measured|true>[_<unit>]``
+_SIGNAL_NAME = re.compile(r"(?P<base>iae|min|max|auc|steady_state_deviation|"
+                          r"tracking_error_rms)_(?P<output>.+?)_(?P<signal>measured|true)"
+                          r"(?:_(?P<unit>.+))?")
+_SIGNAL_NAME_UNIT_LAST = re.compile(r"(?P<base>time_in_window|time_below_window|"
+                                    r"time_above_window|response_time|settling_time|overshoot|"
+                                    r"readings_in_window|readings_below_window|"
+                                    r"readings_above_window)"
+                                    r"_(?P<signal>measured|true)(?:_(?P<unit>s|pct))?"
+                                    r"|(?P<valid>valid_readings)")
+#: the table entry each such base is explained by
+_SIGNAL_BASES = {"iae": "iae", "min": "lowest", "max": "highest", "auc": "auc",
+                 "steady_state_deviation": "steady_state_deviation",
+                 "tracking_error_rms": "tracking_error_rms",
+                 "time_in_window": "time_in_window_s", "time_below_window": "time_below_window_s",
+                 "time_above_window": "time_above_window_s", "response_time": "response_time_s",
+                 "settling_time": "settling_time_s", "overshoot": "overshoot_pct",
+                 "readings_in_window": "readings_in_window_pct",
+                 "readings_below_window": "readings_below_window_pct",
+                 "readings_above_window": "readings_above_window_pct"}
+
+
+def _describe_signal_metric(name: str, signal: re.Match, output: str | None,
+                            output_unit: str | None) -> MetricInfo:
+    """A metric named by the signal it reads (trial/metrics.py): on the readings at their
+    sample times (``measured``) or on the patient's true value (``true``)."""
+    from ..plotting import quantity_label
+    from ..units import token_to_unit
+
+    base, basis = signal["base"], signal["signal"]
+    true = basis == "true"
+    named = signal.groupdict().get("output")
+    if base in ("iae", "min", "max", "auc"):
+        token = signal["unit"] or ""
+        end = {"iae": "s", "auc": "h"}.get(base)
+        if end:   # the integral's time unit closes the name
+            token = "" if token == end else token[:-len(end) - 1] if \
+                token.endswith(f"_{end}") else token
+        try:
+            unit = token_to_unit(token) if token else "1"
+        except MpcDoseError:
+            unit = output_unit or "1"
+        what = quantity_label(named or output or "output")
+        source = f"true {what}" if true else f"measured {what} (readings at their sample times)"
+        if base == "iae":
+            shown = f"{what}·s" if unit == "1" else _unit_text(f"{unit}*s")
+            return MetricInfo(name, "IAE" + (" (true value)" if true else " (readings)"),
+                              shown, f"integral of |{source} - target| over time",
+                              "Target and window")
+        if base == "auc":
+            head, sep, tail = unit.partition("/")
+            shown = f"{what}·h" if unit == "1" else _unit_text(f"{head}*h{sep}{tail}")
+            return MetricInfo(name, f"AUC of {what}", shown,
+                              f"area under the {source} curve over the whole run", "Exposure")
+        word = "Peak" if base == "max" else "Lowest"
+        return MetricInfo(name, f"{word} {what}" + ("" if true else " (readings)"),
+                          _unit_text(unit) if unit != "1" else "dimensionless",
+                          f"the {'highest' if base == 'max' else 'lowest'} {source} of the "
+                          f"run", "Exposure" if true else "Target and window")
+    unit = output_unit
+    if base in ("steady_state_deviation", "tracking_error_rms"):
+        try:   # the output's unit closes the name (none: dimensionless)
+            unit = token_to_unit(signal["unit"]) if signal["unit"] else "1"
+        except MpcDoseError:
+            pass
+    info = describe_metric(_SIGNAL_BASES[base], named or output, unit)
+    if base.startswith("readings_"):
+        return replace(info, name=name)
+    if true:
+        return MetricInfo(name, f"{info.label} (true value)", info.unit,
+                          info.explanation.replace("measured", "true").replace(
+                              "valid readings", "true values"), info.group, info.factor)
+    return MetricInfo(name, f"{info.label} (readings)", info.unit, info.explanation,
+                      info.group, info.factor)
+
+
 def describe_metric(name: str, output: str | None = None,
                     output_unit: str | None = None) -> MetricInfo:
     """The label, unit and one-line explanation of the metric *name* (a column of
@@ -245,6 +328,12 @@ def describe_metric(name: str, output: str | None = None,
     from a table; the others get a label and, from the name's suffix, a unit."""
     from ..plotting import quantity_label, unit_suffix
 
+    if name == "valid_readings":
+        return MetricInfo(name, "Valid readings", "count",
+                          "readings of the scored output that were valid", GROUPS[0])
+    signal = _SIGNAL_NAME.fullmatch(name) or _SIGNAL_NAME_UNIT_LAST.fullmatch(name)
+    if signal and signal["base"] in _SIGNAL_BASES:
+        return _describe_signal_metric(name, signal, output, output_unit)
     out_unit = output_unit or "1"
     what = quantity_label(output) if output else "the output"
     if name in _KNOWN:
@@ -776,15 +865,19 @@ def _daily_auc_figure(series: dict[str, pd.DataFrame], column: str, window, unit
 # ---------------------------------------------------------------------------------------
 # the page
 
-_HEADLINE = ("time_in_window_s", "induction_sleep_time_min", "time_below_window_s",
+_HEADLINE = ("time_in_window_measured_s", "time_in_window_true_s",
+             "readings_in_window_measured_pct", "induction_sleep_time_min",
+             "time_below_window_measured_s",
              "maintenance_time_out_of_range_s", "auc24_in_target_day1_pct",
              "auc24_in_target_day2_pct", "auc24_in_target_days3to7_pct",
              "auc24_above_800_days", "auc24_in_target_pct", "auc24_first_mg_h_per_L",
              "auc24_last_mg_h_per_L", "highest_daily_minimum_mg_per_L", "anc_nadir_1e9_per_L",
-             "grade4_neutropenia_days", "settling_time_s", "overshoot_pct", "auc_*", "max_*",
+             "grade4_neutropenia_days", "settling_time_measured_s", "overshoot_measured_pct",
+             "auc_*", "max_*",
              "*_per_kg_*", "*_total_*", "fallback_time_s", "alarms")
 #: exposure over the whole run says little where a target was held or daily AUCs scored
-_HEADLINE_INSTEAD_OF_EXPOSURE = ("time_in_window_s", "auc24_in_target_pct")
+_HEADLINE_INSTEAD_OF_EXPOSURE = ("time_in_window_measured_s", "time_in_window_true_s",
+                                 "readings_in_window_measured_pct", "auc24_in_target_pct")
 
 
 def headline_metrics(names: list[str], limit: int = 10) -> list[str]:

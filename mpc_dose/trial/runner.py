@@ -32,8 +32,6 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import ConfigError
 
 __all__ = ["PatientTask", "run_patient", "run_trial", "TrialResult", "override_pairs",
@@ -91,7 +89,8 @@ def run_patient(task: PatientTask) -> dict:
     from .closed_loop import _column as _column_name
     from .closed_loop import run_closed_loop
     from .metrics import (auc_attainment, drug_totals, neutropenia_metrics,
-                          performance_metrics, tiva_metrics)
+                          performance_metrics, readings_are_sparse, tiva_metrics,
+                          true_output_metrics)
 
     scenario = with_cohort(_scenario(task.scenario_path, task.overrides), task.cohort)
     setup, patient = build_setup(scenario, task.index, task.seed, share_solvers=True)
@@ -103,26 +102,36 @@ def run_patient(task: PatientTask) -> dict:
     metrics: dict = {"patient": task.index + 1}
     spec = scenario.metrics
     if spec is not None:
-        from ..units import unit_to_token
-
+        # the patient's side: the true output at every record (names with _true)
         out_spec = model.outputs[model.output_index(spec.output)]
-        true = _column_name("true_", spec.output, out_spec.unit)
-        hours = frame.time_s.to_numpy() / 3600.0
-        metrics[f"auc_{spec.output}_{unit_to_token(out_spec.unit)}_h"] = float(
-            np.trapezoid(frame[true].to_numpy(), hours))
-        metrics[f"max_{spec.output}_{unit_to_token(out_spec.unit)}"] = float(frame[true].max())
+        true = frame[_column_name("true_", spec.output, out_spec.unit)]
+        metrics.update(true_output_metrics(frame.time_s, true, output=spec.output,
+                                           unit=out_spec.unit, target=spec.target,
+                                           window=spec.window))
         if spec.clinical == "auc":
-            metrics.update(auc_attainment(frame.time_s, frame[true]))
+            metrics.update(auc_attainment(frame.time_s, true))
         elif spec.clinical == "neutropenia":
-            metrics.update(neutropenia_metrics(frame.time_s, frame[true]))
-    if spec is not None and spec.target is not None:
-        sensor = next((s for s in setup.sensors if s.output == spec.output), None)
-        if sensor is None:
+            metrics.update(neutropenia_metrics(frame.time_s, true))
+        # the controller's side: the readings at their sample times (names with
+        # _measured), never the last reading held over the records
+        sensors = [s for s in setup.sensors if s.output == spec.output]
+        if spec.target is not None and not sensors:
             raise ConfigError(f"metrics.target: no sensor measures {spec.output!r}")
-        column = _column_name("measured_", sensor.var, sensor.unit)
-        metrics.update(performance_metrics(frame.time_s, frame[column], spec.target,
-                                           spec.window))
-        if spec.clinical == "tiva":
+        if sensors and (spec.target is not None or spec.window is not None):
+            samples = result.samples_frame()
+            readings = samples[samples["var"].isin({s.var for s in sensors})
+                               & (samples["quality"] == "valid")
+                               & (samples["t_meas_s"] <= setup.duration_s)]
+            readings = readings.sort_values("t_meas_s", kind="stable")
+            sparse = readings_are_sparse(
+                [86400.0 / len(s.daily_times_s) if s.daily_times_s else s.period_s
+                 for s in sensors], setup.record_step_s)
+            metrics.update(performance_metrics(readings.t_meas_s, readings.value,
+                                               spec.target, spec.window, output=spec.output,
+                                               unit=out_spec.unit, sparse=sparse))
+        if spec.clinical == "tiva" and spec.target is not None:
+            # DESIGN: the measured BIS of every second, the last reading at each 1-s record
+            column = _column_name("measured_", sensors[0].var, sensors[0].unit)
             metrics.update(tiva_metrics(frame.time_s, frame[column],
                                         frame.delivered_propofol_rate_mg_per_s,
                                         frame.delivered_remifentanil_rate_ug_per_s,

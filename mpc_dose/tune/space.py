@@ -14,7 +14,7 @@ judged, how settings are chosen, and on which patients.
     goal = "minimise"                             # max, p05 ... p95
 
     [[limit]]
-    metric = "time_below_window_s"
+    metric = "time_below_window_true_s"
     statistic = "max"                             # worst patient
     at_most = 60
 
