@@ -110,3 +110,25 @@ def test_the_accrued_exposure_equals_an_independent_simulation(runs):
     expected = np.trapezoid(curve, times) / H
     got = mpc._auc(theta, model.output_index("vancomycin_cp"), t0, t1)
     assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_accrued_exposure_goes_on_from_where_it_ended(runs):
+    """Asked again for a later end of the same window and estimate, the AUC goes on from
+    its memo and equals the AUC integrated from the start; a delivery revised before the
+    memo's end (a late pump report) makes it start again."""
+    setup, _, _ = runs[0]
+    mpc = setup.controller
+    theta, k = mpc.bayes.theta, mpc.model.output_index("vancomycin_cp")
+    t0 = 72 * H
+    mpc._auc_memo = None
+    whole = mpc._auc(theta, k, t0, t0 + 13.5 * H)
+    mpc._auc_memo = None
+    mpc._auc(theta, k, t0, t0 + 5.25 * H)
+    resumed = mpc._auc(theta, k, t0, t0 + 13.5 * H)
+    assert mpc._auc_memo[1] == t0 + 13.5 * H
+    assert resumed == pytest.approx(whole, rel=1e-6)
+    # an infusion reported at 74-75 h (before the memo's end) changes the answer
+    mpc.applied(74 * H, {"vancomycin": 0.5})
+    mpc.applied(75 * H, {"vancomycin": 0.0})
+    revised = mpc._auc(theta, k, t0, t0 + 13.5 * H)
+    assert revised > whole + 0.5 * 3600 / 100   # 1800 mg into ~ 100 L: tens of mg.h/L

@@ -116,6 +116,11 @@ class MPCController:
         # decided and as the pumps then reported (a refused command, a pump's own rounding,
         # a fallback, an occlusion) - the states follow what was delivered, not the plan.
         self._deliveries: list[tuple[float, np.ndarray]] = [(0.0, np.zeros(model.n_inputs))]
+        # _auc's memo: ((theta, output, window start), end [s], state there, AUC so far),
+        # valid while no delivery at or before its end changed (the earliest change since)
+        self._auc_memo: tuple | None = None
+        self._auc_model: tuple | None = None
+        self._delivery_changed_s = math.inf
         # (time, state) at recent decisions, in time order: the state of any later time is
         # propagated from the latest checkpoint before it through the deliveries
         self._checkpoints: list[tuple[float, np.ndarray]] = [
@@ -144,6 +149,7 @@ class MPCController:
         what the pumps report: their rounding, a refusal, a fallback, an occlusion). A
         report about the past re-propagates the states from the last decision before it."""
         u = self._u({name: float(rates.get(name, 0.0)) for name in self.inputs})
+        self._delivery_changed_s = min(self._delivery_changed_s, t_s)
         times = [t for t, _ in self._deliveries]
         k = bisect.bisect_left(times, t_s)
         if k < len(times) and times[k] == t_s:
@@ -222,28 +228,44 @@ class MPCController:
     def _auc(self, theta: np.ndarray, k: int, t0: float, t1: float) -> float:
         """The AUC [output unit x h] of output *k* over [t0, t1] under *theta*, the states
         propagated from the start through what was delivered (Simpson's rule on steps of
-        at most 10 min within each constant-rate stretch)."""
-        propagator = Propagator(self.model, theta)
-        h = self.model.output_function(theta)
-        x, t = self.model.initial_state(theta), self._deliveries[0][0]
-        edges = sorted({t0, t1} | {tc for tc, _ in self._deliveries if t0 < tc < t1})
-        total = 0.0
-        for a, b in zip(edges, edges[1:]):
-            u = self._rates_vector_at(a)
-            while t < a:  # up to the stretch (through earlier rate changes)
-                nxt = min([tc for tc, _ in self._deliveries if t < tc <= a] + [a])
+        at most 10 min within each constant-rate stretch).
+
+        Asked every period for the same window and estimate, it goes on from where the
+        last answer ended (its state and AUC kept) unless the estimate, the window or a
+        delivery before that end changed: a week of hourly decisions integrates the week
+        once, not once per decision."""
+        key = (theta.tobytes(), k, t0)
+        memo = self._auc_memo
+        if self._auc_model is None or self._auc_model[0] != key[0]:
+            self._auc_model = (key[0], Propagator(self.model, theta),
+                               self.model.output_function(theta))
+        _, propagator, h = self._auc_model
+        times = [tc for tc, _ in self._deliveries]
+        if memo is not None and memo[0] == key and t1 >= memo[1] and \
+                self._delivery_changed_s >= memo[1]:
+            _, t, x, total = memo
+        else:
+            x, t, total = self.model.initial_state(theta), self._deliveries[0][0], 0.0
+            while t < t0:  # up to the window through earlier rate changes
+                nxt = times[bisect.bisect_right(times, t)] if \
+                    bisect.bisect_right(times, t) < len(times) else t0
+                nxt = min(nxt, t0)
                 x = propagator.advance(x, t, nxt, self._rates_vector_at(t))
                 t = nxt
+        edges = sorted({t, t1} | {tc for tc in times if t < tc < t1})
+        for a, b in zip(edges, edges[1:]):
+            u = self._rates_vector_at(a)
             n = max(2, 2 * math.ceil((b - a) / 1200.0))
             grid = np.linspace(a, b, n + 1)
             ys = [float(np.ravel(h(np.concatenate([[a], x, u])))[k])]
             for g0, g1 in zip(grid, grid[1:]):
                 x = propagator.advance(x, g0, g1, u)
                 ys.append(float(np.ravel(h(np.concatenate([[g1], x, u])))[k]))
-            t = b
             weights = np.ones(n + 1)
             weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
             total += float(np.dot(weights, ys)) * (b - a) / (3.0 * n) / 3600.0
+        self._auc_memo = (key, max(t1, t), x, total)
+        self._delivery_changed_s = math.inf
         return total
 
     def _checkpoint(self, t_s: float, x: np.ndarray) -> None:
