@@ -77,3 +77,29 @@ def test_dose_of_unknown_input():
     """A dose of an input the model lacks is named."""
     with pytest.raises(ConfigError, match="has no input 'x'"):
         simulate(ONE, P, [Dose.bolus(0, "x", 1)], [0])
+
+
+def test_repeated_simulations_with_the_same_parameters_reuse_their_exponentials(monkeypatch):
+    """A dose search simulates one patient many times: the second simulation with the same
+    parameter values computes no matrix exponential again (and gives the same curve); other
+    values get their own."""
+    import mpc_dose.model.propagate as propagate
+    from mpc_dose.model.dosing import Dose
+    from mpc_dose.model.library import load
+    from mpc_dose.model.simulation import simulate
+
+    calls = []
+    original = propagate.expm
+    monkeypatch.setattr(propagate, "expm", lambda m: calls.append(1) or original(m))
+    lm = load("vancomycin-goti")
+    params = lm.population.typical_parameters({"crcl": 61.5, "weight": 71.5, "dialysis": "no"})
+    doses = [Dose.from_record(0.0, "vancomycin", amount=1000.0, duration_s=3600.0)]
+    times = np.linspace(0.0, 86400.0, 97)
+    first = simulate(lm.model, params, doses, times).output("vancomycin_cp")
+    assert calls
+    calls.clear()
+    again = simulate(lm.model, params, doses, times).output("vancomycin_cp")
+    assert calls == [] and np.array_equal(first, again)
+    simulate(lm.model, {**params, "vancomycin_cl1": params["vancomycin_cl1"] * 1.1}, doses,
+             times)
+    assert calls

@@ -42,7 +42,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model.dosing import Dose, schedule
-from ..model.propagate import Propagator
+from ..model.propagate import shared_propagator
 from ..model.simulation import simulate
 from ..model.spec import Model
 from ..units import UnitError, parse_quantity
@@ -311,7 +311,7 @@ def _steady_state(model: Model, params: np.ndarray, regimen: Regimen, amount: fl
     dynamics the fixed point of the interval's affine map ``x -> Phi x + c`` (one linear
     solve); otherwise the map iterated until Aitken's estimate of the distance to the fixed
     point is negligible."""
-    prop = Propagator(model, params)
+    prop = shared_propagator(model, params)
     plan = schedule(model, params, [regimen.dose(amount)])
     tau = regimen.interval_s
     segments = []
@@ -424,7 +424,12 @@ def dose_for_target(model: Model, params: np.ndarray | Mapping[str, float], regi
                           f"no dose up to {hi:.4g} {unit} reaches the target (reached "
                           f"{f_hi:.4g} {target.unit}, target {target.value:g})", hi, f_hi)
         lo, f_lo = hi, f_hi
-        hi, doublings = 2 * hi, doublings + 1
+        # the secant through (0, at_zero) and (hi, f_hi) points at the target (exactly, for
+        # an exposure linear in the dose): go a little beyond it, at least double
+        grow = 2.0
+        if f_hi > at_zero:
+            grow = min(max(1.05 * (target.value - at_zero) / (f_hi - at_zero), 2.0), 2.0**20)
+        hi, doublings = grow * hi, doublings + 1
         f_hi = achieved(hi)
     from scipy.optimize import brentq
 

@@ -57,6 +57,26 @@ def _normalised_integrator(model: Model, rtol: float, atol: float, points: int =
     return per_model[key]
 
 
+def shared_propagator(model: Model, p: np.ndarray, *, rtol: float = DEFAULT_RTOL,
+                      atol: float = DEFAULT_ATOL) -> "Propagator":
+    """A :class:`Propagator` for *model* and *p* kept across calls (the last few): repeated
+    simulations with the same parameter values (a dose search, a controller planning each
+    dose) reuse its matrix exponentials instead of computing them again."""
+    key = (id(model), np.asarray(p, dtype=float).tobytes(), rtol, atol)
+    hit = _SHARED.get(key)
+    if hit is None or hit.model is not model:
+        hit = Propagator(model, p, rtol=rtol, atol=atol)
+        if len(_SHARED) >= _SHARED_MAX:
+            _SHARED.pop(next(iter(_SHARED)))
+        _SHARED[key] = hit
+    return hit
+
+
+#: shared_propagator's propagators, oldest first
+_SHARED: dict[tuple, "Propagator"] = {}
+_SHARED_MAX = 8
+
+
 class Propagator:
     """Moves the state of *model* with parameter vector *p* through time.
 

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..units import unit_to_token
 from .dosing import Dose, schedule
-from .propagate import DEFAULT_ATOL, DEFAULT_RTOL, Propagator
+from .propagate import DEFAULT_ATOL, DEFAULT_RTOL, shared_propagator
 from .spec import Model
 
 __all__ = ["simulate", "SimulationResult"]
@@ -111,7 +111,7 @@ def simulate(model: Model, params: Mapping[str, float] | np.ndarray, doses: Sequ
         raise ConfigError("times_s: output times must be finite, >= 0 and non-decreasing; got "
                           f"first {times[0]!r}, last {times[-1]!r}")
     plan = schedule(model, p, doses)
-    propagator = Propagator(model, p, rtol=rtol, atol=atol)
+    propagator = shared_propagator(model, p, rtol=rtol, atol=atol)
     x = model.initial_state(p) if x0 is None else np.asarray(x0, dtype=float).copy()
     if x.shape != (model.n_states,):
         raise ConfigError(f"x0: expected {model.n_states} states, got shape {x.shape}")
