@@ -239,3 +239,16 @@ def test_the_trial_s_clinical_auc_figures_on_hand_worked_days():
     assert late["auc24_in_target_day1_pct"] == 0 and late["auc24_in_target_day2_pct"] == 0
     assert late["auc24_in_target_first_day"] == 3
     assert late["auc24_in_target_days3to7_pct"] == 100.0
+
+
+@pytest.mark.parametrize("auc24, above_600, above_800", [(600.0, 0, 0), (600.5, 1, 0),
+                                                         (800.0, 1, 0), (800.5, 1, 1)])
+def test_exposure_thresholds_are_strict(auc24, above_600, above_800):
+    """A day at exactly 600 or 800 mg.h/L is not above it."""
+    import numpy as np
+
+    from mpc_dose.trial.metrics import auc_attainment
+
+    t = np.arange(0.0, 25.0) * 3600.0
+    m = auc_attainment(t, np.full(t.size, auc24 / 24.0))
+    assert (m["auc24_above_600_days"], m["auc24_above_800_days"]) == (above_600, above_800)
