@@ -413,7 +413,10 @@ def closed_loop_options(scenario, changes=None) -> dict:
         "start_clock_h": scenario.scenario.start_clock_h}
     metrics, nmpc = scenario.metrics, scenario.controller.nmpc
     if metrics is not None:
-        options.update(output=metrics.output, target=metrics.target, window=metrics.window)
+        from .trial.build import metrics_target
+
+        target, window = metrics_target(scenario)   # in the output's unit
+        options.update(output=metrics.output, target=target, window=window)
         if metrics.clinical == "auc":
             options["auc_window"] = auc24_consensus_window()
     if nmpc is not None and (nmpc.window_output or nmpc.output) == options.get("output",

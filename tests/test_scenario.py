@@ -417,3 +417,18 @@ def test_a_value_with_a_unit_is_accepted_where_a_number_is():
     with pytest.raises(ConfigError, match=r"pump\[0\]\.concentration = '10': give its unit"):
         build_setup(load_scenario(SCENARIOS / "pid_induction_13.toml",
                                   {"pump.0.concentration": "10"}), 0, 0)
+
+
+def test_metrics_target_and_window_take_values_with_units():
+    """Issue 16.7: ``[metrics] target = "70 mmHg"`` is taken like 70 (the output's unit);
+    another unit is converted and a unit of another kind is refused, naming the key."""
+    from mpc_dose.trial.build import metrics_target
+
+    path = Path(__file__).resolve().parents[1] / "scenarios" / "norepinephrine_nmpc.toml"
+    given = load_scenario(path, {"metrics.target": "70 mmHg",
+                                 "metrics.window": ["65 mmHg", 75]})
+    assert metrics_target(given) == (70.0, (65.0, 75.0))
+    with pytest.raises(ConfigError, match=r"metrics\.target"):
+        metrics_target(load_scenario(path, {"metrics.target": "70 mg/L"}))
+    with pytest.raises(ConfigError, match=r"metrics\.window: expected low < high"):
+        metrics_target(load_scenario(path, {"metrics.window": ["75 mmHg", "65 mmHg"]}))

@@ -736,9 +736,9 @@ class MetricsSpec(_Strict):
     #: the model output the metrics read
     output: str
     #: [output unit] the target of the performance terms (IAE, response, settling)
-    target: float | None = None
+    target: Quantity | None = None
     #: [output unit] [low, high]; +-5 % of target when not given
-    window: tuple[float, float] | None = None
+    window: tuple[Quantity, Quantity] | None = None
     #: tiva: DESIGN's TIVA set (needs target 50 on BIS); auc: daily AUC24 target attainment
     #: (vancomycin, 400-600 mg.h/L); neutropenia: nadir and grade 3-4 days of output "anc"
     clinical: Literal["tiva", "auc", "neutropenia"] | None = None

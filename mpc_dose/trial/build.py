@@ -525,6 +525,26 @@ def _scheduled_controller(scenario: Scenario, spec, c, lm: LibraryModel,
     return made
 
 
+def metrics_target(scenario: Scenario) -> tuple[float | None, tuple[float, float] | None]:
+    """``[metrics]`` target and window in the scored output's unit (a value may carry its
+    own: ``target = "70 mmHg"``); ``(None, None)`` without them."""
+    m = scenario.metrics
+    if m is None:
+        return None, None
+    model = scenario_model(scenario).model
+    if m.output not in model.output_names:
+        raise ConfigError(f"metrics.output: model {model.name!r} has no output {m.output!r}; "
+                          f"outputs: {', '.join(model.output_names)}")
+    unit = model.outputs[model.output_index(m.output)].unit
+    target = _quantity(m.target, unit, "metrics.target")
+    window = None if m.window is None else (
+        _quantity(m.window[0], unit, "metrics.window[0]"),
+        _quantity(m.window[1], unit, "metrics.window[1]"))
+    if window is not None and not window[0] < window[1]:
+        raise ConfigError(f"metrics.window: expected low < high, got {list(window)} {unit}")
+    return target, window
+
+
 def _controller_params(scenario: Scenario, own: LibraryModel,
                        patient: VirtualPatientSpec) -> dict[str, float]:
     """A controller's own model of the patient: its population's typical values for the

@@ -528,13 +528,16 @@ def _target_text(scenario, output_unit: str | None) -> list[str]:
     m = scenario.metrics
     unit = f" {unit_label(output_unit)}" if output_unit and output_unit != "1" else ""
     if m is not None:
+        from .build import metrics_target
+
         what = quantity_label(m.output)
-        if m.target is not None or m.window is not None:
+        target, window = metrics_target(scenario)
+        if target is not None or window is not None:
             parts = []
-            if m.target is not None:
-                parts.append(f"target {m.target:g}{unit}")
-            if m.window is not None:
-                parts.append(f"acceptable window {m.window[0]:g}-{m.window[1]:g}{unit}")
+            if target is not None:
+                parts.append(f"target {target:g}{unit}")
+            if window is not None:
+                parts.append(f"acceptable window {window[0]:g}-{window[1]:g}{unit}")
             out.append(f"{what}: {', '.join(parts)} (scored on the measured value)")
         if m.clinical == "auc":
             out.append(f"daily exposure: AUC24 within {_AUC_LOW:g}-{_AUC_HIGH:g} mg·h/L "
@@ -675,7 +678,9 @@ def _target_of(scenario, first: pd.DataFrame) -> _Target:
     n = scenario.controller.nmpc
     if n is not None and n.auc_soft_low is not None and n.auc_soft_high is not None:
         auc = (n.auc_soft_low, n.auc_soft_high)
-    return _Target(output, unit, m.target, m.window, auc)
+    from .build import metrics_target
+
+    return _Target(output, unit, *metrics_target(scenario), auc)
 
 
 def _shown_series(frame: pd.DataFrame, target: _Target) -> tuple[str, str] | None:

@@ -85,7 +85,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def run_patient(task: PatientTask) -> dict:
     """Run one patient and write its series and metrics; returns the metrics."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from .build import build_setup, covariate_changes, with_cohort
+    from .build import build_setup, covariate_changes, metrics_target, with_cohort
     from .closed_loop import _column as _column_name
     from .closed_loop import run_closed_loop
     from .metrics import (auc_attainment, drug_totals, neutropenia_metrics,
@@ -101,13 +101,14 @@ def run_patient(task: PatientTask) -> dict:
     weight = patient.covariates.get("weight")
     metrics: dict = {"patient": task.index + 1}
     spec = scenario.metrics
+    target, window = metrics_target(scenario)   # in the output's unit
     if spec is not None:
         # the patient's side: the true output at every record (names with _true)
         out_spec = model.outputs[model.output_index(spec.output)]
         true = frame[_column_name("true_", spec.output, out_spec.unit)]
         metrics.update(true_output_metrics(frame.time_s, true, output=spec.output,
-                                           unit=out_spec.unit, target=spec.target,
-                                           window=spec.window))
+                                           unit=out_spec.unit, target=target,
+                                           window=window))
         if spec.clinical == "auc":
             metrics.update(auc_attainment(frame.time_s, true))
         elif spec.clinical == "neutropenia":
@@ -115,9 +116,9 @@ def run_patient(task: PatientTask) -> dict:
         # the controller's side: the readings at their sample times (names with
         # _measured), never the last reading held over the records
         sensors = [s for s in setup.sensors if s.output == spec.output]
-        if spec.target is not None and not sensors:
+        if target is not None and not sensors:
             raise ConfigError(f"metrics.target: no sensor measures {spec.output!r}")
-        if sensors and (spec.target is not None or spec.window is not None):
+        if sensors and (target is not None or window is not None):
             samples = result.samples_frame()
             readings = samples[samples["var"].isin({s.var for s in sensors})
                                & (samples["quality"] == "valid")
@@ -127,15 +128,15 @@ def run_patient(task: PatientTask) -> dict:
                 [86400.0 / len(s.daily_times_s) if s.daily_times_s else s.period_s
                  for s in sensors], setup.record_step_s)
             metrics.update(performance_metrics(readings.t_meas_s, readings.value,
-                                               spec.target, spec.window, output=spec.output,
+                                               target, window, output=spec.output,
                                                unit=out_spec.unit, sparse=sparse))
-        if spec.clinical == "tiva" and spec.target is not None:
+        if spec.clinical == "tiva" and target is not None:
             # DESIGN: the measured BIS of every second, the last reading at each 1-s record
             column = _column_name("measured_", sensors[0].var, sensors[0].unit)
             metrics.update(tiva_metrics(frame.time_s, frame[column],
                                         frame.delivered_propofol_rate_mg_per_s,
                                         frame.delivered_remifentanil_rate_ug_per_s,
-                                        float(weight), target=spec.target))
+                                        float(weight), target=target))
     metrics.update(drug_totals(result.deliveries_frame(), setup.duration_s,
                                {i.name: i.amount_unit for i in model.inputs},
                                float(weight) if weight else None))
