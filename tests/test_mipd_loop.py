@@ -132,3 +132,18 @@ def test_the_accrued_exposure_goes_on_from_where_it_ended(runs):
     mpc.applied(75 * H, {"vancomycin": 0.0})
     revised = mpc._auc(theta, k, t0, t0 + 13.5 * H)
     assert revised > whole + 0.5 * 3600 / 100   # 1800 mg into ~ 100 L: tens of mg.h/L
+
+
+def test_the_nmpc_solves_only_when_a_dose_is_due():
+    """Between scheduled doses every rate is 0 whatever a plan says: the controller solves
+    at the dose times only (0, 12, ..., 96 h: 4 days of q12h and the decision at the end),
+    and the other decisions say why."""
+    setup, _ = build_setup(load_scenario(SCENARIO), 0, 0)
+    mpc = setup.controller
+    solved = []
+    plan = mpc.mpc.plan
+    mpc.mpc.plan = lambda t_s, *a, **k: solved.append(t_s) or plan(t_s, *a, **k)
+    result = run_closed_loop(setup)
+    assert [t / H for t in solved] == [12.0 * k for k in range(9)]   # 96 h: the last record
+    reasons = result.to_pandas().controller_reason
+    assert reasons.str.contains("between scheduled doses").sum() > 80

@@ -325,6 +325,13 @@ class MPCController:
             est_note = (f"; MHE {'ok' if estimate.success else estimate.status}: "
                         + ", ".join(f"{k}={v:.3g}" for k, v in estimate.values.items())
                         + f", d={disturbance:.2f}")
+        if self.mpc.between_doses(t_s, theta):
+            # no dose starts now and none runs: the rates are 0 whatever the plan; the next
+            # dose is planned at its time with everything known by then
+            self._rates = dict.fromkeys(self.inputs, 0.0)
+            return Decision(t_s, dict(self._rates), f"nmpc: between scheduled doses{est_note}",
+                            details={"solve_time_s": 0.0, "iterations": 0.0,
+                                     "disturbance": disturbance})
         reference = None
         if self._reference is not None:
             reference = [float(self._reference(t_s + (k + 1) * self.period_s))

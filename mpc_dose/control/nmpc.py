@@ -1226,6 +1226,16 @@ class NonlinearMPC:
         return _Schedule(starts, starts < N, first, round(phase) - K, remaining,
                          int(round(elapsed)))
 
+    def between_doses(self, t_s: float, theta: np.ndarray) -> bool:
+        """True when doses are scheduled, none starts at *t_s* and none is still running:
+        every input's rate now is 0 whatever a plan would say (the decisions are the doses'
+        amounts), so the controller need not solve."""
+        c = self.config
+        if c.dose_interval_s is None:
+            return False
+        schedule = self._schedule(t_s, theta, c)
+        return schedule.first_t_s > t_s + 1e-6 and schedule.remaining_s <= 0.0
+
     def plan(self, t_s: float, x0: np.ndarray, theta: np.ndarray, u_prev: Mapping[str, float],
              *, reference: float | Sequence[float] | None = None, disturbance: float = 0.0,
              delivered_in_window: Mapping[str, float] | None = None,
