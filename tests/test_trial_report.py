@@ -232,3 +232,20 @@ def test_nonmem_export_of_sparse_levels(tmp_path):
     sidecar = (tmp_path / "nm.txt").read_text()
     assert "DIALYSIS: no = 0, yes = 1" in sidecar and "TIME: h" in sidecar
     assert "AMT (CMT 1: vancomycin): mg" in sidecar and "[mg/L]" in sidecar
+
+
+def test_the_vancomycin_arms_are_described_with_the_published_figures():
+    """The trial's standard-practice and MIPD arms in words, and the published attainment
+    the reader sets the AUC24 figures against."""
+    from mpc_dose.scenario import load_scenario
+    from mpc_dose.trial.report import _controller_text, _target_text
+
+    scenarios = Path(__file__).resolve().parents[1] / "scenarios"
+    soc = load_scenario(scenarios / "vancomycin_trial_soc.toml")
+    assert _controller_text(soc) == (
+        "a dosing nomogram: 25 mg per kg loading, 15 mg per kg at an interval by crcl band, "
+        "a steady-state trough outside 15 mg/L-20 mg/L scales the dose to 17.5 mg/L")
+    mipd = load_scenario(scenarios / "vancomycin_trial_mipd.toml")
+    assert _controller_text(mipd).startswith("Bayesian MIPD: at each dose the MAP estimate "
+                                             "of vancomycin_cl1, vancomycin_v1")
+    assert any("Bayesian MIPD about 74-85 %" in line for line in _target_text(mipd, "mg/L"))
