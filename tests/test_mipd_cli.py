@@ -389,3 +389,25 @@ def test_nonmem_layout_errors(tmp_path):
     data.with_suffix(".txt").write_text(NONMEM_SIDECAR.replace("[mg/L]", "[mg]"))
     with pytest.raises(ConfigError, match=r"DV: unit 'mg' \(mass\) cannot be converted"):
         read_patient_history(data, lm, patient_id="1")
+
+
+def test_inter_occasion_variability_from_a_model_file(tmp_path):
+    """A model file declaring IOV on clearance (the Goti entry as a file plus ``[iov]``):
+    a second occasion whose level is lower than the first occasion's clearance predicts gets
+    a positive clearance kappa there; the first occasion's kappa is smaller; the plan uses
+    exp(eta) without the kappas."""
+    text = (Path(__file__).resolve().parents[1] / "scenarios" / "models" /
+            "vancomycin-goti.toml").read_text()
+    model = tmp_path / "goti_iov.toml"
+    model.write_text(text + '\n[iov]\nvancomycin_cl1 = { cv = 0.3 }\n')
+    rows = ["0,vancomycin,1000,1,1,,65,70,no,1", "11.5,,,,0,10.0,,,,1",
+            "48,vancomycin,1000,1,1,,,,,2", "59.5,,,,0,3.0,,,,2"]
+    data = _csv(tmp_path, rows, header=HEADER + ",occasion")
+    out = tmp_path / "iov"
+    assert main(["mipd", "--model", str(model), "--data", str(data), "--out", str(out),
+                 "--samples", "50"]) == 0
+    doc = json.loads((out / "estimate.json").read_text())
+    assert doc["success"]
+    kappas = [k.get("vancomycin_cl1", 0.0) for k in doc["kappa"]]
+    assert len(kappas) == 2 and kappas[1] > 0.05 and kappas[1] > kappas[0]
+    assert not any("inter-occasion" in n and "ignored" in n for n in doc["notes"])
