@@ -40,7 +40,7 @@ from ..errors import ConfigError, UnitError, closest
 from ..model.dosing import Dose
 from ..model.library import LibraryModel
 from ..model.population import parse_covariates
-from ..scenario.dosing_table import doses_from_rows
+from ..scenario.dosing_table import doses_from_rows, finite_number
 from ..units import conversion_factor, split_unit_suffix, token_to_unit
 
 __all__ = ["PatientHistory", "read_patient_history", "measured_output"]
@@ -124,14 +124,7 @@ def _blank(value: object) -> bool:
         (isinstance(value, float) and math.isnan(value))
 
 
-def _number(value: object, where: str, column: str) -> float:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {column} = {value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{where}: {column} = {value!r} is not a finite number")
-    return number
+_number = finite_number   # one reading of a numeric cell for both table layouts
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:

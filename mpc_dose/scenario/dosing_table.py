@@ -136,11 +136,9 @@ def doses_from_rows(rows: Sequence[dict[str, object]], columns: Sequence[str], m
     return sorted(doses, key=lambda d: d.time_s)
 
 
-def _number(row: dict[str, object], column: str, where: str, default):
-    raw = row.get(column)
-    if raw is None or (isinstance(raw, str) and raw.strip() == "") or \
-            (isinstance(raw, float) and math.isnan(raw)):
-        return default
+def finite_number(raw: object, where: str, column: str) -> float:
+    """A table cell as a finite number, or an error naming the row (*where*), the column and
+    the value."""
     try:
         value = float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -148,6 +146,14 @@ def _number(row: dict[str, object], column: str, where: str, default):
     if not math.isfinite(value):
         raise ConfigError(f"{where}: {column} = {raw!r} is not a finite number")
     return value
+
+
+def _number(row: dict[str, object], column: str, where: str, default):
+    raw = row.get(column)
+    if raw is None or (isinstance(raw, str) and raw.strip() == "") or \
+            (isinstance(raw, float) and math.isnan(raw)):
+        return default
+    return finite_number(raw, where, column)
 
 
 def read_dosing_table(path: str | Path, model: Model, *, weight_kg: float | None = None
