@@ -252,3 +252,70 @@ def test_exposure_thresholds_are_strict(auc24, above_600, above_800):
     t = np.arange(0.0, 25.0) * 3600.0
     m = auc_attainment(t, np.full(t.size, auc24 / 24.0))
     assert (m["auc24_above_600_days"], m["auc24_above_800_days"]) == (above_600, above_800)
+
+
+MEALS = """
+[meals]
+input = "vancomycin"
+
+[[meals.meal]]
+clock_h = 12.0
+amount_mg = 500
+time_sd_min = 20
+amount_cv = 0.1
+count_error_cv = 0.2
+
+[[meals.meal]]
+clock_h = 16.0
+amount_g = 0.1
+probability = 0.3
+announced = false
+"""
+
+
+def test_meals_are_drawn_per_patient_day_and_enter_the_patient(tmp_path):
+    """Issue 18.2 (the plant side): a daily meal at 12:00 (+-20 min, CV 10 %, counted with a
+    20 % error) and a snack at 16:00 on 30 % of days, given as boluses of a model input no
+    pump delivers; the draws are the patient's own, the same in every scenario of a cohort;
+    each meal reaches the patient whole (the bolus state jumps by its amount)."""
+    import numpy as np
+
+    from mpc_dose.trial.build import build_patient, meal_schedule
+
+    text = (REPO / "scenarios" / "vancomycin_nmpc.toml").read_text() + MEALS
+    (tmp_path / "m.toml").write_text(text.replace("duration_s = 345600", "duration_s = 3456000"))
+    scenario = load_scenario(tmp_path / "m.toml")
+    meals = meal_schedule(scenario, build_patient(scenario, 0, 0), 0)
+    lunches = [m for m in meals if m.announced is not None]
+    snacks = [m for m in meals if m.announced is None]
+    assert len(lunches) == 40 and 4 <= len(snacks) <= 20          # 40 days; 30 % of them
+    clock = np.array([(m.t_s / 3600.0 + 8.0) % 24.0 for m in lunches])  # start at 08:00
+    assert abs(clock.mean() - 12.0) < 0.15 and 0.2 < clock.std() < 0.5
+    sizes = np.array([m.amount for m in lunches])
+    assert abs(sizes.mean() / 500.0 - 1.0) < 0.06 and 0.06 < sizes.std() / 500.0 < 0.15
+    errors = np.array([m.announced / m.amount for m in lunches])
+    assert 0.1 < np.log(errors).std() < 0.3
+    assert all(m.amount == pytest.approx(100.0) for m in snacks)  # 0.1 g = 100 mg, no CV
+    again = meal_schedule(scenario, build_patient(scenario, 0, 0), 0)
+    assert [(m.t_s, m.amount) for m in again] == [(m.t_s, m.amount) for m in meals]
+    # the first meal enters the patient whole, without any pump
+    setup, _ = build_setup(load_scenario(tmp_path / "m.toml", {
+        "scenario.duration_s": 86400, "controller.safety.dose_before_first_reading": False}),
+        0, 0)
+    first = setup.meals[0]
+    from mpc_dose.plant.patient import VirtualPatient
+
+    patient = VirtualPatient(setup.model, setup.params)
+    before = patient.x.sum()
+    patient.give_bolus(first.t_s, setup.model.input_index("vancomycin"), first.amount)
+    # vancomycin's states are amounts [mg]: the body holds what it held plus the meal
+    assert float(patient.x.sum() - before) == pytest.approx(first.amount, rel=1e-9)
+    result = run_closed_loop(setup)
+    assert any(kind == "meal" for _, kind, _ in result.events)
+    with pytest.raises(ConfigError, match=r"meals\.meal\[0\]: 'amount_mL': 'mL' is not an "
+                                          r"amount"):
+        load_scenario(tmp_path / "m.toml", {"meals.meal": [{"clock_h": 12, "amount_mL": 5}]})
+    with pytest.raises(ConfigError, match=r"meals\.input: model 'vancomycin-goti' has no "
+                                          r"input 'carbs'"):
+        meal_schedule(load_scenario(tmp_path / "m.toml", {"meals.input": "carbs"}),
+                      build_patient(scenario, 0, 0), 0)

@@ -25,12 +25,13 @@ __all__ = ["VirtualPatientSpec", "streams", "patient_from_row", "patient_from_po
            "CovariateDistribution"]
 
 # appended streams leave the earlier ones as they were (SeedSequence children by position)
-_STREAMS = ("parameters", "noise", "disturbances", "occasions", "covariate_changes")
+_STREAMS = ("parameters", "noise", "disturbances", "occasions", "covariate_changes",
+            "meals")
 
 
 def streams(scenario: str, seed: int, index: int) -> dict[str, np.random.Generator]:
     """Independent generators for one patient: ``parameters``, ``noise``, ``disturbances``,
-    ``occasions``, ``covariate_changes`` (spawned from a SeedSequence keyed by scenario name, seed and index)."""
+    ``occasions``, ``covariate_changes``, ``meals`` (spawned from a SeedSequence keyed by scenario name, seed and index)."""
     if not isinstance(seed, int) or seed < 0 or not isinstance(index, int) or index < 0:
         raise ConfigError(f"seed and patient index must be whole numbers >= 0, got {seed!r} "
                           f"and {index!r}")

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import ConfigError, ModelError
 from ..model.propagate import Propagator
 from ..model.spec import Model
+from .clock import ACT, at
 
 __all__ = ["OutputDisturbance", "VirtualPatient", "parameter_schedule"]
 
@@ -68,6 +69,28 @@ class OutputDisturbance:
         else:
             out = vals[np.clip(np.searchsorted(knots, t, side="right") - 1, 0, None)]
         return np.where(t >= knots[0], out, 0.0)
+
+
+@dataclass(frozen=True)
+class Meal:
+    """A meal the patient eats at *t_s* [s]: *amount* of model input *input* (its amount
+    unit) given as a bolus no pump delivers; *announced*: the amount the patient says it
+    ate (a counting error makes it differ), None when it says nothing."""
+
+    t_s: float
+    input: str
+    amount: float
+    announced: float | None = None
+
+
+def meal_process(env, patient: "VirtualPatient", meals, events: list) -> object:
+    """simpy process: each meal enters its input's bolus state at its time (and the run's
+    events say so)."""
+    for meal in sorted(meals, key=lambda m: m.t_s):
+        yield at(env, meal.t_s, ACT)
+        patient.give_bolus(meal.t_s, patient.model.input_index(meal.input), meal.amount)
+        told = "unannounced" if meal.announced is None else f"announced {meal.announced:.4g}"
+        events.append((float(meal.t_s), "meal", f"{meal.input} {meal.amount:.4g} ({told})"))
 
 
 class VirtualPatient:

@@ -744,6 +744,37 @@ class MetricsSpec(_Strict):
     clinical: Literal["tiva", "auc", "neutropenia"] | None = None
 
 
+class MealSpec(_Quantities):
+    """One meal of every day: ``amount_<unit>`` (e.g. ``amount_g = 60`` of carbohydrate) at
+    ``clock_h``, varying from day to day; a snack eaten on some days has a *probability*."""
+
+    QUANTITIES = {"amount": "amount"}
+    #: [h] the clock time of day it is eaten (on the scenario's clock)
+    clock_h: float = Field(ge=0, lt=24)
+    #: [min] standard deviation of the time from day to day (normal, kept within +-3 SD)
+    time_sd_min: float = Field(0.0, ge=0)
+    #: [fraction] coefficient of variation of the amount from day to day (log-normal)
+    amount_cv: float = Field(0.0, ge=0)
+    #: [fraction] the chance it is eaten on a given day
+    probability: float = Field(1.0, ge=0, le=1)
+    #: the patient announces it (to a bolus calculator or the controller) when eating it
+    announced: bool = True
+    #: [fraction] carbohydrate-counting error of the announcement: announced = eaten x
+    #: exp(N(0, cv^2)) (log-normal, Brazeau et al. 2013 report errors of about 20 %)
+    count_error_cv: float = Field(0.0, ge=0)
+
+
+class MealsSpec(_Strict):
+    """Meals as scheduled disturbances: boluses of the model *input* (the gut's carbohydrate)
+    that no pump gives, drawn per patient and day from its own ``meals`` stream (the same in
+    every scenario of a cohort)."""
+
+    #: the model input the meals enter (e.g. the carbohydrate input of a glucose model)
+    input: str
+    #: the meals of a day
+    meal: list[MealSpec]
+
+
 class Scenario(_Strict):
     scenario: ScenarioInfo
     patient: PatientSpec
@@ -752,6 +783,7 @@ class Scenario(_Strict):
     controller: ControllerSpec
     disturbance: list[DisturbanceSpec] = []
     covariate_change: list[CovariateChangeSpec] = []
+    meals: MealsSpec | None = None
     metrics: MetricsSpec | None = None
     #: the folder the file was read from; relative paths in it are resolved against it
     base_dir: str = "."

@@ -11,6 +11,8 @@ import contextlib
 import math
 from pathlib import Path
 
+import numpy as np
+
 from ..control.base import Controller
 from ..control.baselines import (CallableController, FixedRegimen, PIDController, PIDSettings,
                                  load_user_controller)
@@ -20,7 +22,7 @@ from ..model.library import LibraryModel, load
 from ..model.spec import CLOCK_PARAM
 from ..plant.cohort import (CovariateDistribution, VirtualPatientSpec, patient_from_population,
                             patient_from_row, streams)
-from ..plant.patient import OutputDisturbance
+from ..plant.patient import Meal, OutputDisturbance
 from ..plant.pump import PumpConfig
 from ..plant.sensor import FilteredNoise, SensorConfig, bis_noise_filter
 from ..scenario.dosing_table import read_dosing_table
@@ -178,6 +180,47 @@ def covariate_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
         in_force.update(values)
         out.append((float(t), values))
     return out
+
+
+def meal_schedule(scenario: Scenario, patient: VirtualPatientSpec, seed: int) -> list[Meal]:
+    """The meals this patient eats over the run, from ``[meals]``: for each day and each
+    meal four draws from the patient's ``meals`` stream (taken whether it is eaten or not,
+    so one meal's draws never shift another's): eaten or not, its time, its amount, the
+    announced amount. Amounts in the input's amount unit."""
+    spec = scenario.meals
+    if spec is None:
+        return []
+    model = scenario_model(scenario).model
+    unit = _amount_unit(model, spec.input, "meals.input")
+    rng = streams(scenario.scenario.streams_name, seed, patient.index)["meals"]
+    start_h = scenario.scenario.start_clock_h or 0.0
+    days = int(math.ceil(scenario.scenario.duration_s / 86400.0)) + 1
+    meals = []
+    for day in range(days):
+        for k, meal in enumerate(spec.meal):
+            if "amount" not in meal.quantities:
+                raise ConfigError(f"meals.meal[{k}]: needs amount_<unit> (e.g. amount_g = 60)")
+            value, given_unit = meal.quantities["amount"]
+            try:
+                amount = value * conversion_factor(given_unit, unit,
+                                                   what=f"meals.meal[{k}].amount")
+            except UnitError as err:
+                raise ConfigError(str(err)) from None
+            eaten = rng.random()
+            shift, size, counted = rng.standard_normal(3)
+            shift = float(np.clip(shift, -3.0, 3.0)) * meal.time_sd_min * 60.0
+            t = day * 86400.0 + ((meal.clock_h - start_h) % 24.0) * 3600.0 + shift
+            if eaten >= meal.probability or not 0 <= t < scenario.scenario.duration_s:
+                continue
+            # log-normal with the given CV, its mean the declared amount
+            sigma = math.sqrt(math.log1p(meal.amount_cv ** 2))
+            eaten_amount = amount * math.exp(sigma * size - sigma ** 2 / 2)
+            announced = None
+            if meal.announced:
+                error = math.sqrt(math.log1p(meal.count_error_cv ** 2))
+                announced = eaten_amount * math.exp(error * counted - error ** 2 / 2)
+            meals.append(Meal(t, spec.input, eaten_amount, announced))
+    return sorted(meals, key=lambda m: m.t_s)
 
 
 def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
@@ -818,5 +861,5 @@ def build_setup(scenario: Scenario, index: int, seed: int, *,
                       info.record_step_s, disturbances, scenario.controller.lease_periods,
                       info.latency_s, rngs["noise"],
                       parameter_changes=parameter_changes(scenario, patient, seed),
-                      safety=safety)
+                      safety=safety, meals=meal_schedule(scenario, patient, seed))
     return setup, patient

@@ -20,7 +20,8 @@ from ..errors import ConfigError
 from ..model.spec import Model
 from ..node import ControllerNode, PlantNode, PumpRoute
 from ..plant.clock import ACT, RECORD, at
-from ..plant.patient import OutputDisturbance, VirtualPatient, parameter_schedule
+from ..plant.patient import (Meal, OutputDisturbance, VirtualPatient, meal_process,
+                             parameter_schedule)
 from ..plant.pump import InfusionPump, PumpAlarm, PumpConfig
 from ..plant.realtime import DeadlineEnvironment
 from ..plant.sensor import SensorConfig, SensorNoise, sensor_process
@@ -56,6 +57,8 @@ class LoopSetup:
     parameter_changes: Sequence[tuple[float, Mapping[str, float]]] = ()
     #: the safety supervisor's limits and data rules for the controller
     safety: SafetyConfig | None = None
+    #: meals the patient eats (boluses of a model input no pump gives)
+    meals: Sequence[Meal] = ()
 
 
 @dataclass
@@ -123,6 +126,8 @@ class PlantSide:
         self.setup, self.env, self._send = setup, env, send
         self.patient = VirtualPatient(model, setup.params, setup.disturbances)
         self.events: list[tuple[float, str, str]] = []
+        if setup.meals:
+            env.process(meal_process(env, self.patient, setup.meals, self.events))
         if setup.parameter_changes:
             env.process(parameter_schedule(env, self.patient, setup.parameter_changes))
             self.events += [(t, "patient", "parameters change")
