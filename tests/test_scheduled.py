@@ -312,6 +312,13 @@ def test_meals_are_drawn_per_patient_day_and_enter_the_patient(tmp_path):
     assert float(patient.x.sum() - before) == pytest.approx(first.amount, rel=1e-9)
     result = run_closed_loop(setup)
     assert any(kind == "meal" for _, kind, _ in result.events)
+    # an announced meal reaches the controller as a reading of what the patient entered [g]
+    told = result.samples_frame()
+    told = told[told["var"] == "vancomycin_announced"]
+    announced = [m for m in setup.meals if m.announced is not None]
+    assert list(told.t_meas_s) == [m.t_s for m in announced]
+    assert list(told.value) == pytest.approx([m.announced / 1000.0 for m in announced])
+    assert set(told.unit) == {"g"}
     with pytest.raises(ConfigError, match=r"meals\.meal\[0\]: 'amount_mL': 'mL' is not an "
                                           r"amount"):
         load_scenario(tmp_path / "m.toml", {"meals.meal": [{"clock_h": 12, "amount_mL": 5}]})

@@ -83,14 +83,22 @@ class Meal:
     announced: float | None = None
 
 
-def meal_process(env, patient: "VirtualPatient", meals, events: list) -> object:
+def meal_process(env, patient: "VirtualPatient", meals, events: list, announce=None,
+                 grams_per_amount: float = 1.0) -> object:
     """simpy process: each meal enters its input's bolus state at its time (and the run's
-    events say so)."""
+    events say so); an announced one is also reported through *announce* as a reading of
+    ``<input>_announced`` in g (what the patient enters in the pump or app;
+    *grams_per_amount* converts from the input's amount unit)."""
+    from .sensor import SensorReading
     for meal in sorted(meals, key=lambda m: m.t_s):
         yield at(env, meal.t_s, ACT)
         patient.give_bolus(meal.t_s, patient.model.input_index(meal.input), meal.amount)
         told = "unannounced" if meal.announced is None else f"announced {meal.announced:.4g}"
         events.append((float(meal.t_s), "meal", f"{meal.input} {meal.amount:.4g} ({told})"))
+        if meal.announced is not None and announce is not None:
+            announce(SensorReading(f"{meal.input}_announced",
+                                   float(meal.announced) * grams_per_amount, "g",
+                                   float(meal.t_s), "valid", "patient"))
 
 
 class VirtualPatient:

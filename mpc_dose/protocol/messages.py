@@ -68,7 +68,7 @@ WIRE_UNITS: dict[str, tuple[str, ...]] = {
     "dose_rate": tuple(f"{amount}/{time}" for amount in ("g", "mg", "ug", "ng", "mmol", "umol")
                        for time in ("s", "min", "h")),
     "measurement": ("1", "%", "mg/L", "ug/mL", "ng/mL", "ug/L", "mg/dL", "mmol/L", "umol/L",
-                    "mmHg", "kPa", "10^9/L"),
+                    "mmHg", "kPa", "10^9/L", "g"),
 }
 #: each wire unit's dimension and factor, parsed once from the fixed list (never from a frame)
 _WIRE_PARSED = {text: parse_unit(text) for texts in WIRE_UNITS.values() for text in texts}

@@ -27,7 +27,7 @@ from ..plant.realtime import DeadlineEnvironment
 from ..plant.sensor import SensorConfig, SensorNoise, sensor_process
 from ..protocol.messages import Alarm, Measurement, PumpStatus, SetRate, _Message, wire_factor
 from ..transport.inproc import InprocLink
-from ..units import unit_to_token
+from ..units import UnitError, conversion_factor, unit_to_token
 
 __all__ = ["LoopSetup", "LoopResult", "PlantSide", "run_closed_loop", "make_environment",
            "control_instants"]
@@ -127,7 +127,13 @@ class PlantSide:
         self.patient = VirtualPatient(model, setup.params, setup.disturbances)
         self.events: list[tuple[float, str, str]] = []
         if setup.meals:
-            env.process(meal_process(env, self.patient, setup.meals, self.events))
+            unit = model.inputs[model.input_index(setup.meals[0].input)].amount_unit
+            try:   # announcements go out in g, the unit patients count carbohydrate in
+                grams = conversion_factor(unit, "g", what="meals.input")
+            except UnitError as err:
+                raise ConfigError(f"{err}: meals are announced in g") from None
+            env.process(meal_process(env, self.patient, setup.meals, self.events,
+                                     self._reading, grams))
         if setup.parameter_changes:
             env.process(parameter_schedule(env, self.patient, setup.parameter_changes))
             self.events += [(t, "patient", "parameters change")
