@@ -1,0 +1,56 @@
+"""Insulin on board and the bolus calculator (issue 18): the exponential insulin curve's
+closed-form properties and the calculator's arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+from scipy.integrate import quad
+
+from mpc_dose.control.insulin import BolusCalculator, InsulinCurve
+from mpc_dose.errors import ConfigError
+
+H = 3600.0
+
+
+@pytest.mark.parametrize("peak_min, duration_h", [(75, 5), (55, 6), (65, 4)])
+def test_the_curve_starts_whole_ends_empty_and_its_activity_is_its_slope(peak_min, duration_h):
+    """IOB(0) = 1, IOB(duration) = 0, activity = -dIOB/dt, the activity integrates to 1 over
+    the action and peaks at the peak time."""
+    curve = InsulinCurve(peak_min * 60.0, duration_h * H)
+    assert curve.remaining(0.0) == 1.0
+    assert curve.remaining(curve.duration_s) == 0.0
+    assert curve.remaining(curve.duration_s - 1e-6) == pytest.approx(0.0, abs=1e-9)
+    for t in (600.0, 3000.0, 2 * H, 3.5 * H):
+        slope = (curve.remaining(t + 1.0) - curve.remaining(t - 1.0)) / 2.0
+        assert -slope == pytest.approx(curve.activity(t), rel=1e-5)
+    total, _ = quad(curve.activity, 0.0, curve.duration_s, limit=200)
+    assert total == pytest.approx(1.0, rel=1e-9)
+    grid = [k * 10.0 for k in range(int(curve.duration_s / 10.0))]
+    assert max(grid, key=curve.activity) == pytest.approx(curve.peak_s, abs=10.0)
+
+
+def test_insulin_on_board_adds_the_doses_still_acting():
+    curve = InsulinCurve()
+    doses = [(0.0, 4.0), (2 * H, 2.0), (10 * H, 1.0)]
+    expected = 4.0 * curve.remaining(3 * H) + 2.0 * curve.remaining(H)
+    assert curve.on_board(doses, 3 * H) == pytest.approx(expected)
+    assert curve.on_board(doses, 8 * H) == 0.0
+
+
+def test_the_bolus_calculator_closed_forms():
+    """CR 10 g/U, CF 40 mg/dL per U, target 110 mg/dL: 60 g at 190 mg/dL with 0.5 U on board
+    is 6 + (80/40 - 0.5) = 7.5 U; below target the meal part alone (no negative correction);
+    on board beyond the correction never takes from the meal part; no reading: meal only."""
+    calc = BolusCalculator(carb_ratio=10.0, correction_factor=40.0, target=110.0)
+    assert calc.bolus(60.0, 190.0, 0.5) == pytest.approx(7.5)
+    assert calc.bolus(60.0, 80.0, 0.0) == pytest.approx(6.0)
+    assert calc.bolus(60.0, 190.0, 5.0) == pytest.approx(6.0)
+    assert calc.bolus(0.0, 230.0, 1.0) == pytest.approx(2.0)
+    assert calc.bolus(30.0, None) == pytest.approx(3.0)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match=r"need 0 < peak \(9000.0 s\) < half the duration"):
+        InsulinCurve(150 * 60.0, 5 * H)
+    with pytest.raises(ConfigError, match=r"carb_ratio = 0; expected > 0"):
+        BolusCalculator(carb_ratio=0, correction_factor=40.0, target=110.0)
