@@ -54,3 +54,36 @@ def test_bad_settings_are_refused():
         InsulinCurve(150 * 60.0, 5 * H)
     with pytest.raises(ConfigError, match=r"carb_ratio = 0; expected > 0"):
         BolusCalculator(carb_ratio=0, correction_factor=40.0, target=110.0)
+
+
+def test_basal_bolus_follows_its_profile_and_doses_each_announced_meal():
+    """Basal 0.8 U/h from 00:00, 1.2 U/h from 04:00 (dawn), 0.9 U/h from 10:00; the clock at
+    t = 0 is 06:00. A 60-g meal announced at 07:00 with glucose 190 mg/dL gives 6 + 2 = 8 U
+    (CR 10, CF 40, target 110, nothing on board) over the next 5-min period; a second meal an
+    hour later counts the first bolus on board against its correction."""
+    from mpc_dose.control.base import Reading
+    from mpc_dose.control.basal_bolus import BasalBolusController
+
+    u_per_h = 1 / 3600.0
+    c = BasalBolusController(input="insulin", basal_profile=[(0, 0.8 * u_per_h),
+                                                             (4, 1.2 * u_per_h),
+                                                             (10, 0.9 * u_per_h)],
+                             calculator=BolusCalculator(10.0, 40.0, 110.0),
+                             glucose_var="cgm", announcement_var="carbs_announced",
+                             period_s=300.0, clock_at_t0_h=6.0)
+    assert c.decide(0.0, {}).rates["insulin"] == pytest.approx(1.2 * u_per_h)   # 06:00
+    assert c.basal_at(5 * H) == pytest.approx(0.9 * u_per_h)                    # 11:00
+    assert c.basal_at(19 * H) == pytest.approx(0.8 * u_per_h)                   # 01:00
+    c.observe(Reading("cgm", 190.0, "mg/dL", H - 60))
+    c.observe(Reading("carbs_announced", 60.0, "g", H))
+    first = c.decide(H, {})
+    assert first.rates["insulin"] == pytest.approx(1.2 * u_per_h + 8.0 / 300.0)
+    assert c.decide(H + 300.0, {}).rates["insulin"] == pytest.approx(1.2 * u_per_h)
+    c.observe(Reading("carbs_announced", 20.0, "g", 2 * H))
+    c.decide(2 * H, {})
+    on_board = InsulinCurve().remaining(H) * 8.0
+    assert c.boluses[-1] == (2 * H, pytest.approx(2.0 + max(2.0 - on_board, 0.0)))
+    with pytest.raises(ConfigError, match="basal_profile must start at 0 h"):
+        BasalBolusController(input="insulin", basal_profile=[(6, 0.001)],
+                             calculator=BolusCalculator(10.0, 40.0, 110.0), glucose_var="g",
+                             announcement_var="a", period_s=300.0)
