@@ -1184,7 +1184,9 @@ def headline_metrics(names: list[str], limit: int = 10) -> list[str]:
         for pattern in _HEADLINE_GLUCOSE:
             if pattern == "*_total_*" and per_kg:
                 continue
-            chosen += [n for n in names if fnmatch.fnmatch(n, pattern) and n not in chosen]
+            for name in names:
+                if fnmatch.fnmatch(name, pattern) and name not in chosen:
+                    chosen.append(name)
         return chosen[:limit]
     chosen: list[str] = []
     per_kg = any(fnmatch.fnmatch(n, "*_per_kg_*") for n in names)
