@@ -656,14 +656,15 @@ def _target_text(scenario, output_unit: str | None) -> list[str]:
         if m.clinical == "glucose":
             from .glucose import CONSENSUS_TARGETS_PCT as aims
 
+            def aim(stem: str) -> str:
+                side, value = aims[stem]
+                return f"{side} {value:g} %"
             out.append("glucose: the international consensus targets for most adults with "
                        "diabetes (Battelino 2019): time in range 70-180 mg/dL "
-                       f"{' '.join(map(str, aims['tir_70_180']))} %, below 70 "
-                       f"{' '.join(map(str, aims['tbr_70']))} %, below 54 "
-                       f"{' '.join(map(str, aims['tbr_54']))} %, above 180 "
-                       f"{' '.join(map(str, aims['tar_180']))} %, above 250 "
-                       f"{' '.join(map(str, aims['tar_250']))} %; scored on the CGM "
-                       "readings and on the true blood glucose")
+                       f"{aim('tir_70_180')}, below 70 {aim('tbr_70')}, below 54 "
+                       f"{aim('tbr_54')}, above 180 {aim('tar_180')}, above 250 "
+                       f"{aim('tar_250')}; scored on the CGM readings and on the true blood "
+                       "glucose")
     n = scenario.controller.nmpc
     if n is not None:
         aims = []
@@ -1026,7 +1027,8 @@ def _daily_profile_figure(series: dict[str, pd.DataFrame], column: str, unit: st
     for ax, (label, frame) in zip(axes[:, 0], series.items()):
         hours, q = daily_profile(frame.time_s, frame[column], start_clock_h)
         ax.axhspan(low, high, color="tab:green", alpha=0.13, lw=0, zorder=0,
-                   label=f"range {low:.3g}-{high:.3g} {unit_label(unit)} (70-180 mg/dL)")
+                   label="range 70-180 mg/dL" if unit == "mg/dL" else
+                   f"range {low:.3g}-{high:.3g} {unit_label(unit)} (70-180 mg/dL)")
         ax.fill_between(hours, q[0], q[4], color="tab:blue", alpha=0.15, lw=0,
                         label="5-95 %")
         ax.fill_between(hours, q[1], q[3], color="tab:blue", alpha=0.35, lw=0,
@@ -1073,7 +1075,8 @@ def cvga_figure(points: dict[str, tuple[np.ndarray, np.ndarray]]):
         counts = pd.Series([cvga_zone(a, b)[-1] for a, b in zip(x[ok], y[ok])]).value_counts()
         tally = ", ".join(f"{z} {int(counts.get(z, 0))}" for z in CVGA_ZONES)
         ax.plot(x[ok], y[ok], markers[k % len(markers)], color=colors[k % len(colors)],
-                mec="k", mew=0.5, ms=6, alpha=0.85, ls="none", label=f"{label} ({tally})")
+                mec="k", mew=0.5, ms=6, alpha=0.85, ls="none", label=f"{label} ({tally})",
+                clip_on=False)   # a clipped point sits on the grid's edge: draw it whole
     ax.set_xlim(xs[0], xs[-1])   # inverted: the lowest glucose falls to the right
     ax.set_ylim(ys[0], ys[-1])
     ax.set_xticks(xs, [f">{xs[0]:g}", f"{xs[1]:g}", f"{xs[2]:g}", f"<{xs[3]:g}"])
