@@ -349,8 +349,7 @@ def _describe_glucose_metric(name: str, match: re.Match) -> MetricInfo:
     group = GROUPS[1]
     signal = match["signal"] or match["vsignal"]
     true = signal == "true"
-    where = "the true blood glucose over time" if true else \
-        "the CGM's valid readings (share of readings)"
+    where = "the true blood glucose over time" if true else "the CGM's valid readings"
     tag = " (blood glucose)" if true else " (CGM)"
     term = match["term"] or match["vterm"]
     ranges = {"tir_70_180": ("Time in range 70-180 mg/dL", "within 70-180 mg/dL "
@@ -392,18 +391,18 @@ def _describe_glucose_metric(name: str, match: re.Match) -> MetricInfo:
         unit = None
     if term == "cv":
         return MetricInfo(name, "Glucose coefficient of variation" + tag, "%",
-                          "SD / mean of " + where.replace(" (share of readings)", "")
+                          "SD / mean of " + where
                           + "; consensus target <= 36 % (Battelino 2019)", group)
     if term in ("mean", "sd"):
         return MetricInfo(name, ("Mean glucose" if term == "mean" else
                                  "Glucose standard deviation") + tag, _unit_text(unit),
                           ("the mean of " if term == "mean" else "the standard deviation of ")
-                          + where.replace(" (share of readings)", ""), group)
+                          + where, group)
     lowest = term == "cvga_min"
     return MetricInfo(name, f"CVGA {'lowest' if lowest else 'highest'} glucose" + tag,
                       _unit_text(unit),
                       f"the {'lowest' if lowest else 'highest'} of " +
-                      where.replace(" (share of readings)", "") +
+                      where +
                       (" clipped to 50-110 mg/dL (the grid's x axis)" if lowest else
                        " clipped to 110-400 mg/dL (the grid's y axis)"), group)
 
