@@ -740,8 +740,10 @@ class MetricsSpec(_Strict):
     #: [output unit] [low, high]; +-5 % of target when not given
     window: tuple[Quantity, Quantity] | None = None
     #: tiva: DESIGN's TIVA set (needs target 50 on BIS); auc: daily AUC24 target attainment
-    #: (vancomycin, 400-600 mg.h/L); neutropenia: nadir and grade 3-4 days of output "anc"
-    clinical: Literal["tiva", "auc", "neutropenia"] | None = None
+    #: (vancomycin, 400-600 mg.h/L); neutropenia: nadir and grade 3-4 days of output "anc";
+    #: glucose: the consensus CGM metrics (Battelino 2019), LBGI/HBGI and the CVGA zone, on
+    #: the true glucose and on the sensor's readings (output in mg/dL or mmol/L)
+    clinical: Literal["tiva", "auc", "neutropenia", "glucose"] | None = None
 
 
 class MealSpec(_Quantities):

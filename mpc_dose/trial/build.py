@@ -134,17 +134,20 @@ def _clock_params(scenario: Scenario, model) -> dict[str, float]:
 
 def _check_clock(scenario: Scenario, models) -> None:
     """A start clock time that nothing of the scenario reads is a mistake, said at once:
-    readers are models with a body clock, sensors drawing at clock times and doses
-    scheduled at a clock time."""
+    readers are models with a body clock, sensors drawing at clock times, doses scheduled
+    at a clock time and the glucose set (its daily profile)."""
     nmpc = scenario.controller.nmpc if scenario.controller.kind == "nmpc" else None
     readers = any(CLOCK_PARAM in m.param_names for m in models) or \
         any(s.sample_clock_h is not None for s in scenario.sensor) or \
-        (nmpc is not None and nmpc.dose_clock_h is not None)
+        (nmpc is not None and nmpc.dose_clock_h is not None) or \
+        (scenario.metrics is not None and scenario.metrics.clinical == "glucose")
+    # the glucose set's daily profile (the report) places every value on the clock
     if scenario.scenario.start_clock_h is not None and not readers:
         raise ConfigError(f"scenario.start_clock_h = {scenario.scenario.start_clock_h}: "
                           f"nothing of this scenario reads the clock (no model with a body "
                           f"clock ({CLOCK_PARAM}), no sensor sample_clock_h, no "
-                          f"controller.nmpc.dose_clock_h)")
+                          f"controller.nmpc.dose_clock_h, no metrics.clinical = "
+                          f"'glucose')")
 
 
 def covariate_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int

@@ -36,6 +36,9 @@ The clinical sets keep their published names and have a fixed basis:
   - drug totals per kg in each phase (propofol mg/kg, remifentanil ug/kg);
 
 * ``auc`` (daily AUC24 attainment) and ``neutropenia`` (CTCAE grades) read the true output.
+* ``glucose`` (:mod:`~mpc_dose.trial.glucose`): the international consensus CGM metrics
+  (Battelino 2019), GMI, LBGI/HBGI and the CVGA zone, each on both signals
+  (``tir_70_180_true_pct``, ``tir_70_180_measured_pct``, ...).
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ from ..errors import ConfigError, MpcDoseError
 from ..plotting import auc24_consensus_window
 
 __all__ = ["load_series", "compare_table", "write_report", "nonmem_dataset",
-           "html_page", "image", "MetricInfo", "describe_metric", "format_value"]
+           "html_page", "image", "MetricInfo", "describe_metric", "format_value",
+           "daily_profile", "cvga_figure"]
 
 
 def _trial_folders(results: Path) -> dict[str, Path]:
@@ -96,8 +97,9 @@ class MetricInfo:
 _AUC_LOW, _AUC_HIGH = auc24_consensus_window()
 
 #: groups of the metrics table, in order
-GROUPS = ("Target and window", "Anaesthesia (TIVA benchmark)", "Exposure", "Toxicity",
-          "Drug given", "Safety supervisor", "Estimation")
+GROUPS = ("Target and window", "Glucose (consensus CGM metrics)",
+          "Anaesthesia (TIVA benchmark)", "Exposure", "Toxicity", "Drug given",
+          "Safety supervisor", "Estimation")
 
 #: the metrics of trial/metrics.py and trial/runner.py: name -> (group, label, explanation,
 #: unit when the name's suffix does not say it; "{out}" is the scored output's unit)
@@ -320,6 +322,91 @@ def _describe_signal_metric(name: str, signal: re.Match, output: str | None,
                       info.group, info.factor)
 
 
+#: the glucose set's names (trial/glucose.py): a term and the signal, or a term of the
+#: output with its unit
+_GLUCOSE_NAME = re.compile(r"(?P<term>tir_70_180|tbr_70|tbr_54|tar_180|tar_250|gmi|lbgi|hbgi|"
+                           r"cvga_zone_[a-e])_(?P<signal>true|measured)(?:_pct)?"
+                           r"|(?P<vterm>mean|sd|cv|cvga_min|cvga_max)_(?P<output>.+?)_"
+                           r"(?P<vsignal>true|measured)_(?P<unit>.+)")
+#: the CVGA zones in words (Magni 2008)
+_CVGA_MEANING = {"a": "accurate control", "b": "benign deviations",
+                 "c": "over-correction", "d": "failure to deal with a low or a high",
+                 "e": "erroneous control"}
+
+
+def _consensus_target(stem: str) -> str:
+    from .glucose import CONSENSUS_TARGETS_PCT
+
+    side, value = CONSENSUS_TARGETS_PCT[stem]
+    return f"; consensus target {side} {value:g} % (Battelino 2019)"
+
+
+def _describe_glucose_metric(name: str, match: re.Match) -> MetricInfo:
+    """A metric of the glucose set: its meaning, on the patient's blood glucose (``true``)
+    or on the CGM's readings (``measured``)."""
+    from ..units import token_to_unit
+
+    group = GROUPS[1]
+    signal = match["signal"] or match["vsignal"]
+    true = signal == "true"
+    where = "the true blood glucose over time" if true else "the CGM's valid readings"
+    tag = " (blood glucose)" if true else " (CGM)"
+    term = match["term"] or match["vterm"]
+    ranges = {"tir_70_180": ("Time in range 70-180 mg/dL", "within 70-180 mg/dL "
+                             "(3.9-10.0 mmol/L), ends included"),
+              "tbr_70": ("Time below 70 mg/dL", "below 70 mg/dL (3.9 mmol/L; includes the "
+                         "time below 54)"),
+              "tbr_54": ("Time below 54 mg/dL", "below 54 mg/dL (3.0 mmol/L): level 2 "
+                         "hypoglycaemia"),
+              "tar_180": ("Time above 180 mg/dL", "above 180 mg/dL (10.0 mmol/L; includes "
+                          "the time above 250)"),
+              "tar_250": ("Time above 250 mg/dL", "above 250 mg/dL (13.9 mmol/L): level 2 "
+                          "hyperglycaemia")}
+    if term in ranges:
+        label, what = ranges[term]
+        return MetricInfo(name, label + tag, "%", f"share of {where} {what}"
+                          + _consensus_target(term), group)
+    if term == "gmi":
+        return MetricInfo(name, "Glucose management indicator" + tag, "%",
+                          "HbA1c estimated from the mean glucose: 3.31 + 0.02392 x mean "
+                          "[mg/dL] (Bergenstal 2018), from " + where, group)
+    if term in ("lbgi", "hbgi"):
+        low = term == "lbgi"
+        return MetricInfo(name, ("Low" if low else "High") + " blood glucose index" + tag,
+                          "dimensionless",
+                          f"Kovatchev's risk of {'hypo' if low else 'hyper'}glycaemia: the "
+                          f"mean of 10 f(BG)² over all values, counting only those "
+                          f"{'below' if low else 'above'} 112.5 mg/dL (f "
+                          f"{'<' if low else '>'} 0), from " + where, group)
+    if term.startswith("cvga_zone_"):
+        zone = term[-1]
+        return MetricInfo(name, f"CVGA zone {zone.upper()}" + tag, "%",
+                          f"100 when the patient's lowest and highest glucose fall in zone "
+                          f"{zone.upper()} of the control-variability grid "
+                          f"({_CVGA_MEANING[zone]}; Magni 2008), else 0: the mean is the "
+                          f"share of patients", group)
+    try:
+        unit = token_to_unit(match["unit"])
+    except MpcDoseError:
+        unit = None
+    if term == "cv":
+        return MetricInfo(name, "Glucose coefficient of variation" + tag, "%",
+                          "SD / mean of " + where
+                          + "; consensus target <= 36 % (Battelino 2019)", group)
+    if term in ("mean", "sd"):
+        return MetricInfo(name, ("Mean glucose" if term == "mean" else
+                                 "Glucose standard deviation") + tag, _unit_text(unit),
+                          ("the mean of " if term == "mean" else "the standard deviation of ")
+                          + where, group)
+    lowest = term == "cvga_min"
+    return MetricInfo(name, f"CVGA {'lowest' if lowest else 'highest'} glucose" + tag,
+                      _unit_text(unit),
+                      f"the {'lowest' if lowest else 'highest'} of " +
+                      where +
+                      (" clipped to 50-110 mg/dL (the grid's x axis)" if lowest else
+                       " clipped to 110-400 mg/dL (the grid's y axis)"), group)
+
+
 def describe_metric(name: str, output: str | None = None,
                     output_unit: str | None = None) -> MetricInfo:
     """The label, unit and one-line explanation of the metric *name* (a column of
@@ -331,6 +418,9 @@ def describe_metric(name: str, output: str | None = None,
     if name == "valid_readings":
         return MetricInfo(name, "Valid readings", "count",
                           "readings of the scored output that were valid", GROUPS[0])
+    glucose = _GLUCOSE_NAME.fullmatch(name)
+    if glucose:
+        return _describe_glucose_metric(name, glucose)
     signal = _SIGNAL_NAME.fullmatch(name) or _SIGNAL_NAME_UNIT_LAST.fullmatch(name)
     if signal and signal["base"] in _SIGNAL_BASES:
         return _describe_signal_metric(name, signal, output, output_unit)
@@ -562,6 +652,18 @@ def _target_text(scenario, output_unit: str | None) -> list[str]:
             out.append(PUBLISHED_AUC_ATTAINMENT)
         if m.clinical == "tiva":
             out.append("TIVA benchmark phases: induction 0-10 min, maintenance 10-20 min")
+        if m.clinical == "glucose":
+            from .glucose import CONSENSUS_TARGETS_PCT as aims
+
+            def aim(stem: str) -> str:
+                side, value = aims[stem]
+                return f"{side} {value:g} %"
+            out.append("glucose: the international consensus targets for most adults with "
+                       "diabetes (Battelino 2019): time in range 70-180 mg/dL "
+                       f"{aim('tir_70_180')}, below 70 {aim('tbr_70')}, below 54 "
+                       f"{aim('tbr_54')}, above 180 {aim('tar_180')}, above 250 "
+                       f"{aim('tar_250')}; scored on the CGM readings and on the true blood "
+                       "glucose")
     n = scenario.controller.nmpc
     if n is not None:
         aims = []
@@ -885,6 +987,159 @@ def _daily_auc_figure(series: dict[str, pd.DataFrame], column: str, window, unit
     return fig
 
 
+#: [min] the clock bins of the daily glucose profile (the AGP draws percentiles over the
+#: 24-h clock; 15 min keeps a week of 5-min readings at 3 per bin, day and patient)
+DAILY_PROFILE_BIN_MIN = 15.0
+
+
+def daily_profile(time_s, glucose, start_clock_h: float | None,
+                  bin_min: float = DAILY_PROFILE_BIN_MIN) -> tuple[np.ndarray, np.ndarray]:
+    """(clock [h] at the middle of each *bin_min* bin of the 24-h clock, the 5, 25, 50, 75
+    and 95th percentiles of *glucose* in each bin, shape 5 x bins), pooled over every day
+    and patient in the values given; a bin without values is NaN."""
+    from .glucose import clock_hours
+
+    clock = clock_hours(time_s, start_clock_h)
+    values = np.asarray(glucose, dtype=float)
+    n_bins = int(round(24 * 60 / bin_min))
+    which = np.minimum((clock * 60 / bin_min).astype(int), n_bins - 1)
+    q = np.full((5, n_bins), np.nan)
+    for k in range(n_bins):
+        here = values[(which == k) & np.isfinite(values)]
+        if here.size:
+            q[:, k] = np.percentile(here, [5, 25, 50, 75, 95])
+    return (np.arange(n_bins) + 0.5) * bin_min / 60, q
+
+
+def _daily_profile_figure(series: dict[str, pd.DataFrame], column: str, unit: str,
+                          start_clock_h: float | None):
+    """The glucose of each trial over the 24-h clock, pooled over days and patients:
+    median, 25-75 % and 5-95 % bands, the range 70-180 mg/dL shaded; one panel per trial."""
+    from ..plotting import unit_label
+    from .glucose import glucose_in_mg_per_dL
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(series), 1, figsize=(11, 2.6 * len(series) + 0.6),
+                             sharex=True, sharey=True, squeeze=False, layout="constrained")
+    per_mg_per_dL = 1.0 / float(glucose_in_mg_per_dL(1.0, unit))
+    low, high = 70.0 * per_mg_per_dL, 180.0 * per_mg_per_dL
+    for ax, (label, frame) in zip(axes[:, 0], series.items()):
+        hours, q = daily_profile(frame.time_s, frame[column], start_clock_h)
+        ax.axhspan(low, high, color="tab:green", alpha=0.13, lw=0, zorder=0,
+                   label="range 70-180 mg/dL" if unit == "mg/dL" else
+                   f"range {low:.3g}-{high:.3g} {unit_label(unit)} (70-180 mg/dL)")
+        ax.fill_between(hours, q[0], q[4], color="tab:blue", alpha=0.15, lw=0,
+                        label="5-95 %")
+        ax.fill_between(hours, q[1], q[3], color="tab:blue", alpha=0.35, lw=0,
+                        label="25-75 %")
+        ax.plot(hours, q[2], color="tab:blue", lw=1.6, label="median")
+        ax.text(0.01, 0.95, label, transform=ax.transAxes, ha="left", va="top", fontsize=9,
+                bbox={"facecolor": "w", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+        ax.set_ylabel(f"glucose [{unit_label(unit)}]")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      frameon=False)
+    ax = axes[-1, 0]
+    ax.set_xlim(0, 24)
+    ax.set_xticks(range(0, 25, 3), [f"{h:02d}:00" for h in range(0, 25, 3)])
+    ax.set_xlabel("clock time" + ("" if start_clock_h is not None else
+                                  " (the scenario states no start time: t = 0 at 00:00)"))
+    return fig
+
+
+def cvga_figure(points: dict[str, tuple[np.ndarray, np.ndarray]]):
+    """The control-variability grid (Magni 2008): one dot per patient at (lowest, highest)
+    glucose [mg/dL], clipped to the grid, per trial (*points*: label -> (x, y)); the zones
+    shaded and named, the counts per zone letter in the legend."""
+    from .glucose import (CVGA_GRID, CVGA_MAX_AXIS_MG_PER_DL, CVGA_MIN_AXIS_MG_PER_DL,
+                          CVGA_ZONES, cvga_zone)
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.6), layout="constrained")
+    xs, ys = CVGA_MIN_AXIS_MG_PER_DL, CVGA_MAX_AXIS_MG_PER_DL
+    shade = {"A": "#2ca02c", "B": "#98df8a", "C": "#ffdd57", "D": "#ff9f4a", "E": "#e8493f"}
+    for row in range(3):
+        for col in range(3):
+            zone = CVGA_GRID[row][col]
+            ax.add_patch(plt.Rectangle((xs[col + 1], ys[row]), xs[col] - xs[col + 1],
+                                       ys[row + 1] - ys[row], color=shade[zone[-1]],
+                                       alpha=0.35, lw=0, zorder=0))
+            ax.text(xs[col] - 1.5, ys[row + 1] - 6, zone, ha="left", va="top", fontsize=9,
+                    color="0.25")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*X"
+    for k, (label, (x, y)) in enumerate(points.items()):
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        counts = pd.Series([cvga_zone(a, b)[-1] for a, b in zip(x[ok], y[ok])]).value_counts()
+        tally = ", ".join(f"{z} {int(counts.get(z, 0))}" for z in CVGA_ZONES)
+        ax.plot(x[ok], y[ok], markers[k % len(markers)], color=colors[k % len(colors)],
+                mec="k", mew=0.5, ms=6, alpha=0.85, ls="none", label=f"{label} ({tally})",
+                clip_on=False)   # a clipped point sits on the grid's edge: draw it whole
+    ax.set_xlim(xs[0], xs[-1])   # inverted: the lowest glucose falls to the right
+    ax.set_ylim(ys[0], ys[-1])
+    ax.set_xticks(xs, [f">{xs[0]:g}", f"{xs[1]:g}", f"{xs[2]:g}", f"<{xs[3]:g}"])
+    ax.set_yticks(ys, [f"<{ys[0]:g}", f"{ys[1]:g}", f"{ys[2]:g}", f">{ys[3]:g}"])
+    ax.set_xlabel("lowest glucose [mg/dL]")
+    ax.set_ylabel("highest glucose [mg/dL]")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False,
+              ncols=1)
+    return fig
+
+
+def _glucose_section(folders: dict[str, Path], metrics: dict[str, pd.DataFrame],
+                     series: dict[str, pd.DataFrame], target: "_Target",
+                     start_clock_h: float | None) -> list[str]:
+    """The glucose set's figures: the daily profile, the CVGA and its zone counts."""
+    from ..plotting import parse_column
+    from .glucose import CVGA_ZONES
+
+    parts = []
+    first = next(iter(series.values()))
+    true = next((c for c in first.columns if c.startswith("true_")
+                 and parse_column(c).name == target.output), None)
+    if true is not None:
+        unit = parse_column(true).unit or "mg/dL"
+        parts += ["<h2>Daily glucose profile</h2>",
+                  "<p>The patients' true blood glucose over the 24-h clock, pooled over every "
+                  "day and patient: median, 25-75 % and 5-95 % in "
+                  f"{DAILY_PROFILE_BIN_MIN:g}-min bins of the clock; green: the target range "
+                  "70-180 mg/dL.</p>",
+                  _img(_daily_profile_figure(series, true, unit, start_clock_h),
+                       "daily glucose profile")]
+    output = target.output
+    rows = []
+    points = {}
+    for label, m in metrics.items():
+        for signal, what in (("true", "blood glucose"), ("measured", "CGM")):
+            columns = [f"cvga_zone_{z.lower()}_{signal}_pct" for z in CVGA_ZONES]
+            if not all(c in m for c in columns):
+                continue
+            counts = [int((m[c] == 100.0).sum()) for c in columns]
+            cells = "".join(f'<td class="num">{n} ({n / max(len(m), 1):.0%})</td>'
+                            for n in counts)
+            rows.append(f"<tr><td>{html.escape(label)}</td><td>{what}</td>{cells}</tr>")
+        x, y = (f"cvga_{e}_{output}_true_mg_per_dL" for e in ("min", "max"))
+        if x in m and y in m:
+            points[label] = (m[x].to_numpy(), m[y].to_numpy())
+    if points:
+        parts += ["<h2>Control-variability grid (CVGA)</h2>",
+                  "<p>One dot per patient" + (" and controller" if len(points) > 1 else "")
+                  + ": the lowest (x, to the right) and highest (y) true blood glucose of "
+                  "the run, clipped to the grid (Magni et al. 2008). A: accurate control; "
+                  "B: benign deviations; C: over-correction; D: failure to deal with a low "
+                  "or a high; E: erroneous control. The counts per zone are in the legend.</p>",
+                  _img(cvga_figure(points), "control-variability grid")]
+    if rows:
+        head = "<tr><th>trial</th><th>from</th>" + "".join(
+            f"<th>zone {z}</th>" for z in CVGA_ZONES) + "</tr>"
+        parts += ["<p>Patients per CVGA zone (number and share), from the true blood glucose "
+                  "and from the CGM readings:</p>",
+                  f'<div class="scroll"><table class="metrics">{head}{"".join(rows)}'
+                  "</table></div>"]
+    return parts
+
+
 # ---------------------------------------------------------------------------------------
 # the page
 
@@ -911,11 +1166,30 @@ PUBLISHED_AUC_ATTAINMENT = (
     "Leroux 2019 57 %), Bayesian MIPD about 74-85 % (Neely 2018 74-82 %; Leroux 2019 85 %)")
 
 
+#: the summary of a glucose trial: the consensus metrics on the CGM (as clinical trials
+#: report them), time in range of the blood glucose, the insulin given
+_HEADLINE_GLUCOSE = ("tir_70_180_measured_pct", "tir_70_180_true_pct", "tbr_70_measured_pct",
+                     "tbr_54_measured_pct", "tar_180_measured_pct", "tar_250_measured_pct",
+                     "mean_*_measured_*", "gmi_measured_pct", "cv_*_measured_pct",
+                     "*_per_kg_*", "*_total_*", "fallback_time_s")
+
+
 def headline_metrics(names: list[str], limit: int = 10) -> list[str]:
-    """The few metrics the summary shows, in the order of :data:`_HEADLINE`: how well the
-    target was held, exposure, drug given, safety."""
+    """The few metrics the summary shows, in the order of :data:`_HEADLINE` (of
+    :data:`_HEADLINE_GLUCOSE` for a glucose trial): how well the target was held, exposure,
+    drug given, safety."""
     import fnmatch
 
+    if "tir_70_180_true_pct" in names:
+        chosen = []
+        per_kg = any(fnmatch.fnmatch(n, "*_per_kg_*") for n in names)
+        for pattern in _HEADLINE_GLUCOSE:
+            if pattern == "*_total_*" and per_kg:
+                continue
+            for name in names:
+                if fnmatch.fnmatch(name, pattern) and name not in chosen:
+                    chosen.append(name)
+        return chosen[:limit]
     chosen: list[str] = []
     per_kg = any(fnmatch.fnmatch(n, "*_per_kg_*") for n in names)
     daily = any(n in names for n in _HEADLINE_INSTEAD_OF_EXPOSURE)
@@ -1055,6 +1329,9 @@ def write_report(results: str | Path, out: str | Path | None = None) -> Path:
                       "green: the target window.</p>",
                       _img(_daily_auc_figure(series, true, target.auc_window,
                                              target.unit or "1"), "AUC24 by day")]
+    if "tir_70_180_true_pct" in names:
+        clock = scenario.scenario.start_clock_h if scenario is not None else None
+        parts += _glucose_section(folders, metrics, series, target, clock)
     for column in [c for c in first.columns if c.startswith("delivered_")]:
         parsed = parse_column(column)
         drug = quantity_label(parsed.name.removesuffix("_rate"))

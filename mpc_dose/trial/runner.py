@@ -35,7 +35,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 __all__ = ["PatientTask", "run_patient", "run_trial", "TrialResult", "override_pairs",
-           "claim_folder"]
+           "claim_folder", "glucose_set"]
 
 
 @dataclass(frozen=True)
@@ -118,12 +118,17 @@ def run_patient(task: PatientTask) -> dict:
         sensors = [s for s in setup.sensors if s.output == spec.output]
         if target is not None and not sensors:
             raise ConfigError(f"metrics.target: no sensor measures {spec.output!r}")
-        if sensors and (target is not None or window is not None):
+        readings = None
+        if sensors:
             samples = result.samples_frame()
             readings = samples[samples["var"].isin({s.var for s in sensors})
                                & (samples["quality"] == "valid")
                                & (samples["t_meas_s"] <= setup.duration_s)]
             readings = readings.sort_values("t_meas_s", kind="stable")
+        if spec.clinical == "glucose":
+            metrics.update(glucose_set(frame.time_s, true, out_spec.unit, readings,
+                                       output=spec.output))
+        if sensors and (target is not None or window is not None):
             sparse = readings_are_sparse(
                 [86400.0 / len(s.daily_times_s) if s.daily_times_s else s.period_s
                  for s in sensors], setup.record_step_s)
@@ -173,6 +178,31 @@ def run_patient(task: PatientTask) -> dict:
     _atomic_write(out / "metrics" / f"{name}.json",  # last: the completion mark
                   lambda p: p.write_text(json.dumps(metrics, allow_nan=True), "utf-8"))
     return metrics
+
+
+def glucose_set(time_s, true, true_unit: str, readings, *, output: str) -> dict[str, float]:
+    """The ``glucose`` clinical set of a run (:mod:`~mpc_dose.trial.glucose`): on the true
+    glucose at every record and on the sensor's valid *readings* (the rows of
+    ``samples_frame()`` of the scored output, in their own ``unit``; None when no sensor
+    reads it: then no ``measured`` terms).
+
+    Raises
+    ------
+    ConfigError
+        When the sensors read the output in more than one unit.
+    """
+    from .glucose import clinical_glucose_metrics
+
+    if readings is None:
+        return clinical_glucose_metrics(time_s, true, true_unit, [], [], None, output=output)
+    units = set(readings["unit"]) if len(readings) else set()
+    if len(units) > 1:
+        raise ConfigError(f"metrics.clinical = 'glucose': the sensors of {output!r} report in "
+                          f"{sorted(units)}; expected one unit")
+    # a sensor that never gave a valid reading still scores (NaN), in the output's unit
+    unit = units.pop() if units else true_unit
+    return clinical_glucose_metrics(time_s, true, true_unit, readings["t_meas_s"],
+                                    readings["value"], unit, output=output)
 
 
 #: estimate errors are reported after this many readings
