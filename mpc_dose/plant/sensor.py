@@ -161,7 +161,7 @@ class CGMModel:
     noise_pacf: float = 0.7
     #: [mg/dL] Johnson SU location xi (Breton & Kovatchev 2008)
     johnson_xi_mg_dl: float = -5.471
-    #: [mg/dL] Johnson SU scale lambda (Breton & Kovatchev 2008)
+    #: [mg/dL] Johnson SU scale lambda (Breton & Kovatchev 2008); 0 with xi 0: no noise
     johnson_lambda_mg_dl: float = 15.9574
     #: [1] Johnson SU shape delta (Breton & Kovatchev 2008)
     johnson_delta: float = 1.6898
@@ -210,12 +210,12 @@ class CGMModel:
 
         need(finite(self.mg_dl_per_unit) and self.mg_dl_per_unit > 0, "mg_dl_per_unit",
              "a number > 0")
-        for name in ("interstitial_tau_s", "calibration_gain_sd", "calibration_offset_sd_mg_dl",
+        for name in ("interstitial_tau_s", "johnson_lambda_mg_dl", "calibration_gain_sd",
+                     "calibration_offset_sd_mg_dl",
                      "compression_rate_per_h", "compression_ramp_s", "resolution_mg_dl"):
             need(finite(getattr(self, name)) and getattr(self, name) >= 0, name,
                  "a finite number >= 0")
-        for name in ("interstitial_step_s", "noise_step_s", "johnson_lambda_mg_dl",
-                     "johnson_delta", "gap_mean_s"):
+        for name in ("interstitial_step_s", "noise_step_s", "johnson_delta", "gap_mean_s"):
             need(finite(getattr(self, name)) and getattr(self, name) > 0, name,
                  "a finite number > 0")
         for name in ("johnson_xi_mg_dl", "johnson_gamma", "gain_drift_per_day",

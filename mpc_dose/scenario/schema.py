@@ -218,8 +218,8 @@ class CGMSpec(_Strict):
     noise_pacf: float | None = Field(None, gt=0, lt=1)
     #: [mg/dL] Johnson SU location xi of the noise (default -5.471)
     johnson_xi_mg_dl: float | None = None
-    #: [mg/dL] Johnson SU scale lambda (default 15.9574)
-    johnson_lambda_mg_dl: float | None = Field(None, gt=0)
+    #: [mg/dL] Johnson SU scale lambda (default 15.9574; 0, with xi 0: no noise)
+    johnson_lambda_mg_dl: float | None = Field(None, ge=0)
     #: [1] Johnson SU shape delta (default 1.6898)
     johnson_delta: float | None = Field(None, gt=0)
     #: [1] Johnson SU shape gamma (default -0.5444)
