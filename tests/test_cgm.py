@@ -93,7 +93,9 @@ def test_noise_statistics_match_breton_kovatchev():
     # time) effective samples
     n_eff = n * (1 - theory[1]) / (1 + theory[1])
     assert abs(error.mean() - marginal.mean()) < 4 * marginal.std() / math.sqrt(n_eff)
-    assert error.std() == pytest.approx(marginal.std(), rel=0.03)
+    # about 3 standard errors (0.6 % over seeds): tight enough to tell the stationary
+    # driver (sd 0.98) from a standard normal one (sd 2.8 % larger)
+    assert error.std() == pytest.approx(marginal.std(), rel=0.02)
     for k, expected in theory.items():
         assert autocorr(error, k) == pytest.approx(expected, abs=0.01)
     # the published 15-min statistics: lag 1 at 15 min is the driver's 0.7, a bit less
