@@ -201,6 +201,78 @@ class FilteredNoiseSpec(_Strict):
     denominator: list[float]
 
 
+class CGMSpec(_Strict):
+    """A continuous glucose monitor's error model (used with ``noise = "cgm"``): the
+    Breton & Kovatchev 2008 noise and interstitial lag, calibration drift, signal loss and
+    compression lows. A key left out keeps the model's default, declared once with its
+    source in ``mpc_dose.plant.sensor.CGMModel`` (glucose settings in mg/dL whatever the
+    output's unit; the output must be a mass or molar concentration)."""
+
+    #: blood-to-interstitial time constant (default 300 s, Breton & Kovatchev 2008)
+    interstitial_tau_s: float | None = Field(None, ge=0)
+    #: longest step between blood-glucose evaluations for the interstitial lag (default 60 s)
+    interstitial_step_s: float | None = Field(None, gt=0)
+    #: spacing of the published AR(1) noise driver (default 900 s, Breton 2008)
+    noise_step_s: float | None = Field(None, gt=0)
+    #: [1] lag-1 partial autocorrelation of the driver at noise_step_s (default 0.7)
+    noise_pacf: float | None = Field(None, gt=0, lt=1)
+    #: [mg/dL] Johnson SU location xi of the noise (default -5.471)
+    johnson_xi_mg_dl: float | None = None
+    #: [mg/dL] Johnson SU scale lambda (default 15.9574; 0, with xi 0: no noise)
+    johnson_lambda_mg_dl: float | None = Field(None, ge=0)
+    #: [1] Johnson SU shape delta (default 1.6898)
+    johnson_delta: float | None = Field(None, gt=0)
+    #: [1] Johnson SU shape gamma (default -0.5444)
+    johnson_gamma: float | None = None
+    #: time between calibrations (default: never, a factory-calibrated sensor)
+    calibration_period_s: float | None = Field(None, gt=0)
+    #: [1] sd of the relative gain error drawn at each calibration (default 0)
+    calibration_gain_sd: float | None = Field(None, ge=0)
+    #: [mg/dL] sd of the offset drawn at each calibration (default 0)
+    calibration_offset_sd_mg_dl: float | None = Field(None, ge=0)
+    #: [1/day] gain change per day since calibration (default 0)
+    gain_drift_per_day: float | None = None
+    #: [mg/dL/day] offset change per day since calibration (default 0)
+    offset_drift_mg_dl_per_day: float | None = None
+    #: [1/reading] chance that a signal-loss gap starts at a reading (default 0)
+    gap_probability: float | None = Field(None, ge=0, le=1)
+    #: mean duration of a signal-loss gap, exponential (default 1800 s)
+    gap_mean_s: float | None = Field(None, gt=0)
+    #: [1/h] rate of compression lows inside compression_clock_h (default 0: none)
+    compression_rate_per_h: float | None = Field(None, ge=0)
+    #: [h] [start, end] clock times of day when compression lows may start (e.g. [23, 7]:
+    #: over midnight), on the scenario's clock
+    compression_clock_h: list[float] | None = None
+    #: [1] [min, max] fraction of the signal lost at a compression low's depth (default
+    #: [0.2, 0.5], illustrative)
+    compression_depth: list[float] | None = None
+    #: [s] [min, max] duration of a compression low (default [900, 3600], illustrative)
+    compression_duration_s: list[float] | None = None
+    #: time to reach a compression low's depth and to recover (default 300 s)
+    compression_ramp_s: float | None = Field(None, ge=0)
+    #: [mg/dL] readings are multiples of it (default 1)
+    resolution_mg_dl: float | None = Field(None, ge=0)
+    #: [mg/dL] lowest reportable value, below it the reading is this with quality
+    #: "underflow" (default 40)
+    low_mg_dl: float | None = None
+    #: [mg/dL] highest reportable value, above it the reading is this with quality
+    #: "overflow" (default 400)
+    high_mg_dl: float | None = None
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        for name in ("compression_clock_h", "compression_depth", "compression_duration_s"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 2:
+                raise ValueError(f"{name}: expected two numbers [start/min, end/max], got "
+                                 f"{value}")
+        if self.compression_clock_h is not None and \
+                any(not 0 <= h <= 24 for h in self.compression_clock_h):
+            raise ValueError(f"compression_clock_h: expected clock times in [0, 24] h, got "
+                             f"{self.compression_clock_h}")
+        return self
+
+
 class SensorSpec(_Strict):
     #: the model output the sensor reads
     output: str
@@ -219,8 +291,10 @@ class SensorSpec(_Strict):
     #: the time of the first sample (with sample_clock_h: no draw before it)
     first_sample_s: float = Field(0.0, ge=0)
     #: bis: the BIS noise model of DESIGN (filtered white noise of sd 3, readings kept in
-    #: [0, 100])
-    noise: Literal["none", "bis"] = "none"
+    #: [0, 100]); cgm: a continuous glucose monitor (Breton & Kovatchev 2008 noise and
+    #: interstitial lag, settings in [sensor.cgm])
+    noise: Literal["none", "bis", "cgm"] = "none"
+    cgm: CGMSpec | None = None
     #: [fraction] proportional noise: the output times (1 + cv e)
     proportional_cv: float = Field(0.0, ge=0)
     #: [output unit] additive white noise sd
@@ -261,6 +335,9 @@ class SensorSpec(_Strict):
                 or len(set(self.sample_clock_h)) != len(self.sample_clock_h)):
             raise ValueError(f"sample_clock_h: expected distinct clock times in [0, 24) h, "
                              f"got {self.sample_clock_h}")
+        if self.cgm is not None and self.noise != "cgm":
+            raise ValueError(f"a [sensor.cgm] table needs noise = \"cgm\" (noise is "
+                             f"{self.noise!r})")
         return self
 
 

@@ -24,7 +24,8 @@ from ..plant.cohort import (CovariateDistribution, VirtualPatientSpec, patient_f
                             patient_from_row, streams)
 from ..plant.patient import Meal, OutputDisturbance
 from ..plant.pump import PumpConfig
-from ..plant.sensor import FilteredNoise, SensorConfig, bis_noise_filter
+from ..plant.sensor import (GLUCOSE_MG_DL_PER_MMOL_L, CGMModel, FilteredNoise, SensorConfig,
+                            bis_noise_filter)
 from ..scenario.dosing_table import read_dosing_table
 from ..scenario.schema import PIDSpec, Scenario
 from ..units import UnitError, conversion_factor, parse_quantity
@@ -134,20 +135,24 @@ def _clock_params(scenario: Scenario, model) -> dict[str, float]:
 
 def _check_clock(scenario: Scenario, models) -> None:
     """A start clock time that nothing of the scenario reads is a mistake, said at once:
-    readers are models with a body clock, sensors drawing at clock times, doses scheduled
-    at a clock time and the glucose set (its daily profile)."""
-    nmpc = scenario.controller.nmpc if scenario.controller.kind == "nmpc" else None
+    readers are models with a body clock, sensors drawing at clock times, CGMs with
+    compression lows at night, doses scheduled at a clock time, meals and the glucose set
+    (its daily profile)."""
+    c = scenario.controller
+    dosing = getattr(c, c.kind, None) if c.kind in ("nmpc", "nomogram", "mipd") else None
     readers = any(CLOCK_PARAM in m.param_names for m in models) or \
         any(s.sample_clock_h is not None for s in scenario.sensor) or \
-        (nmpc is not None and nmpc.dose_clock_h is not None) or \
+        any(s.cgm is not None and s.cgm.compression_clock_h is not None
+            for s in scenario.sensor) or \
+        (dosing is not None and dosing.dose_clock_h is not None) or \
+        scenario.meals is not None or \
         (scenario.metrics is not None and scenario.metrics.clinical == "glucose")
-    # the glucose set's daily profile (the report) places every value on the clock
     if scenario.scenario.start_clock_h is not None and not readers:
         raise ConfigError(f"scenario.start_clock_h = {scenario.scenario.start_clock_h}: "
                           f"nothing of this scenario reads the clock (no model with a body "
-                          f"clock ({CLOCK_PARAM}), no sensor sample_clock_h, no "
-                          f"controller.nmpc.dose_clock_h, no metrics.clinical = "
-                          f"'glucose')")
+                          f"clock ({CLOCK_PARAM}), no sensor sample_clock_h or "
+                          f"cgm.compression_clock_h, no dose_clock_h, no meals, no "
+                          f"metrics.clinical = 'glucose')")
 
 
 def covariate_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
@@ -299,12 +304,47 @@ def _sensor(scenario: Scenario, spec, lm: LibraryModel, where: str) -> SensorCon
         start_h = scenario.scenario.start_clock_h or 0.0
         daily = tuple(sorted(((h - start_h) % 24.0) * 3600.0 for h in spec.sample_clock_h))
     period_s = spec.period_s if spec.period_s is not None else 86400.0
+    cgm = _cgm_model(scenario, spec, unit, where) if spec.noise == "cgm" else None
     return SensorConfig(spec.output, spec.var or spec.output, unit, period_s, spec.delay_s,
                         spec.first_sample_s, spec.proportional_cv, additive_sd, spec.ar1_sd,
                         spec.ar1_tau_s, filtered, spec.drift_per_h, spec.outlier_probability,
                         spec.outlier_sd, low, high, spec.quantum, spec.dropout_probability,
                         spec.error_probability, spec.error_value, spec.var or spec.output,
-                        daily, lloq, spec.delay_max_s)
+                        daily, lloq, spec.delay_max_s, cgm)
+
+
+def _mg_dl_per_unit(unit: str, where: str) -> float:
+    """[mg/dL per *unit*] for a glucose concentration in *unit* (mass or molar)."""
+    try:
+        return conversion_factor(unit, "mg/dL", what=where)
+    except UnitError:
+        pass
+    try:   # a molar concentration: glucose's molar mass
+        return conversion_factor(unit, "mmol/L", what=where) * GLUCOSE_MG_DL_PER_MMOL_L
+    except UnitError:
+        raise ConfigError(f"{where}: noise = 'cgm' reads glucose, a mass or molar "
+                          f"concentration (mg/dL, mmol/L); the output's unit is {unit!r}"
+                          ) from None
+
+
+def _cgm_model(scenario: Scenario, spec, unit: str, where: str) -> CGMModel:
+    """The CGM of ``[sensor.cgm]``: only the keys given, so every other default is
+    CGMModel's own (declared once there, with its source)."""
+    given = {} if spec.cgm is None else spec.cgm.model_dump(exclude_none=True)
+    clock = given.pop("compression_clock_h", None)
+    if clock is not None:   # clock times -> offsets from t = 0 within each day
+        start_h = scenario.scenario.start_clock_h or 0.0
+        given["compression_window_s"] = tuple(((h - start_h) % 24.0) * 3600.0 for h in clock)
+    for name in ("compression_depth", "compression_duration_s"):
+        if name in given:
+            given[name] = tuple(given[name])
+    if given.get("compression_rate_per_h", 0) > 0 and clock is None:
+        raise ConfigError(f"{where}.cgm.compression_rate_per_h: compression lows need "
+                          f"compression_clock_h (the night, e.g. [23, 7])")
+    try:
+        return CGMModel(mg_dl_per_unit=_mg_dl_per_unit(unit, f"{where}.output"), **given)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("sensor.cgm.", f"{where}.cgm.")) from None
 
 
 #: built NMPC problems kept for the next patient of a trial (same model and structure):
