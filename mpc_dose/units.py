@@ -7,8 +7,15 @@ and a factor to the canonical unit of that dimension, and refuses anything it do
 an unknown or mismatched unit is an error, never a guess.
 
 Canonical base units (what model equations are written in): time ``s``, mass ``mg``, volume
-``L``, length ``cm``, amount of substance ``mmol``, pressure ``mmHg``. Derived canonical units
-follow (concentration ``mg/L``, clearance ``L/s``, rate ``mg/s``).
+``L``, length ``cm``, amount of substance ``mmol``, pressure ``mmHg``, insulin ``U``. Derived
+canonical units follow (concentration ``mg/L``, clearance ``L/s``, rate ``mg/s``).
+
+Insulin has its own dimension: the unit (U, mU, uU; IU is an alias) is a unit of biological
+activity defined by a reference preparation, not an amount of any substance, so ``U`` never
+converts to ``mmol`` by itself. Grams of carbohydrate are an ordinary mass (``g``). Moving
+between mass, moles and insulin units needs a named substance: :func:`convert_substance` with
+:data:`GLUCOSE` (mmol/L <-> mg/dL through 180.16 g/mol) or :data:`INSULIN` (U <-> pmol
+through 6.00 nmol/U).
 
 Column names spell units with ``_per_`` for ``/`` (``rate_mg_per_h``, ``conc_ug_per_mL``);
 :func:`unit_to_token` and :func:`token_to_unit` translate.
@@ -27,8 +34,8 @@ from functools import lru_cache
 from .errors import UnitError, closest
 
 __all__ = ["Unit", "parse_unit", "conversion_factor", "convert", "unit_to_token", "token_to_unit",
-           "split_unit_suffix", "parse_quantity",
-           "BASE_UNITS"]
+           "split_unit_suffix", "parse_quantity", "Substance", "GLUCOSE", "INSULIN",
+           "convert_substance", "BASE_UNITS"]
 
 # name -> (base dimension, factor to the canonical unit of that dimension).
 # A base dimension of None means dimensionless (a pure number or a count).
@@ -64,6 +71,11 @@ BASE_UNITS: dict[str, tuple[str | None, float]] = {
     "mmol": ("substance", 1.0),
     "umol": ("substance", 1e-3),
     "nmol": ("substance", 1e-6),
+    "pmol": ("substance", 1e-9),
+    # insulin activity (canonical: U, the international unit of insulin)
+    "U": ("insulin", 1.0),
+    "mU": ("insulin", 1e-3),
+    "uU": ("insulin", 1e-6),
     # pressure (canonical: mmHg)
     "mmHg": ("pressure", 1.0),
     "kPa": ("pressure", 7.500616827),
@@ -75,6 +87,7 @@ BASE_UNITS: dict[str, tuple[str | None, float]] = {
 
 # Spellings that are unambiguous in clinical data; mapped, not guessed.
 _ALIASES = {"l": "L", "ml": "mL", "dl": "dL", "ul": "uL", "µg": "ug", "mcg": "ug", "µL": "uL",
+            "µU": "uU", "IU": "U", "mIU": "mU",
             "sec": "s", "hr": "h", "days": "d", "year": "yr", "years": "yr", "weeks": "wk",
             "-": "1", "": "1"}
 
@@ -267,3 +280,71 @@ def parse_quantity(text: str, unit: str, *, what: str, require_unit: bool = Fals
         raise UnitError(f"{what} = {text!r}: give its unit, e.g. \"{match['num']} {unit}\"")
     value = float(match["num"])
     return value if not match["unit"] else convert(value, match["unit"], unit, what=what)
+
+
+@dataclass(frozen=True)
+class Substance:
+    """What it takes to move one substance's quantities between mass, moles and (for insulin)
+    activity units: its molar mass [g/mol] and, for an activity unit, nmol per U."""
+
+    name: str
+    molar_mass_g_per_mol: float
+    reference: str
+    nmol_per_unit: float | None = None
+
+
+#: D-glucose, C6H12O6: 180.16 g/mol, so 1 mmol/L = 18.016 mg/dL (the factor 18 of clinical
+#: practice rounds it).
+GLUCOSE = Substance("glucose", 180.16, "molar mass of D-glucose C6H12O6 (IUPAC standard atomic "
+                    "weights: 6 x 12.011 + 12 x 1.008 + 6 x 15.999 = 180.156 g/mol)")
+
+#: Human insulin: 5808 g/mol; 1 U = 6.00 nmol (6000 pmol), the factor Volund 1993 derives for
+#: human insulin from the specific activity of the international reference preparation, and the
+#: one the Cambridge (Hovorka 2004) and UVA/Padova models are written in. The factor 6.945 pmol/L
+#: per uU/mL also appears (assay and older literature); Knopp et al. 2019 review both and
+#: recommend 6.00: we follow it, so one insulin unit has one molar amount across the package.
+INSULIN = Substance("insulin", 5808.0, "Volund A. Conversion of insulin units to SI units. Am J "
+                    "Clin Nutr 1993;58(5):714-5; Knopp JL, Holder-Pearson L, Chase JG. Insulin "
+                    "units and conversion factors: a story of truth, boots, and faster "
+                    "half-truths. J Diabetes Sci Technol 2019;13(3):597-600", nmol_per_unit=6.0)
+
+
+def _as_moles(unit: Unit, substance: Substance, text: str, what: str
+              ) -> tuple[tuple[tuple[str, int], ...], float]:
+    """*unit*'s dimension and canonical factor with mass and insulin turned into mmol."""
+    dims: dict[str, int] = {}
+    factor = unit.factor
+    for base, power in unit.dimension:
+        if base == "mass":  # canonical mg: mg / (g/mol) = mmol
+            factor /= substance.molar_mass_g_per_mol ** power
+            base = "substance"
+        elif base == "insulin":
+            if substance.nmol_per_unit is None:
+                raise UnitError(f"{what}: unit {text!r} is an insulin unit; {substance.name} "
+                                f"has none")
+            factor *= (substance.nmol_per_unit * 1e-6) ** power  # U -> mmol
+            base = "substance"
+        dims[base] = dims.get(base, 0) + power
+    return tuple(sorted((b, p) for b, p in dims.items() if p != 0)), factor
+
+
+def convert_substance(value: float, from_unit: str, to_unit: str, substance: Substance, *,
+                      what: str = "value") -> float:
+    """Convert a quantity of *substance* between units that may differ in mass, moles and
+    (for insulin) U: ``convert_substance(5.5, "mmol/L", "mg/dL", GLUCOSE)`` is 99.09,
+    ``convert_substance(1, "U", "pmol", INSULIN)`` is 6000.
+
+    Raises
+    ------
+    UnitError
+        When the units still differ in dimension once mass, moles and U are made one (e.g.
+        mmol/L to mg), naming *what* and the substance.
+    """
+    a, b = parse_unit(from_unit), parse_unit(to_unit)
+    dim_a, factor_a = _as_moles(a, substance, from_unit, what)
+    dim_b, factor_b = _as_moles(b, substance, to_unit, what)
+    if dim_a != dim_b:
+        raise UnitError(f"{what}: unit {from_unit!r} ({a.describe_dimension()}) cannot be "
+                        f"converted to {to_unit!r} ({b.describe_dimension()}), not even as "
+                        f"{substance.name}")
+    return value * factor_a / factor_b

@@ -3,7 +3,8 @@
 import pytest
 
 from mpc_dose.errors import UnitError
-from mpc_dose.units import (convert, parse_quantity, parse_unit, split_unit_suffix,
+from mpc_dose.units import (GLUCOSE, INSULIN, convert, convert_substance, parse_quantity,
+                            parse_unit, split_unit_suffix,
                             token_to_unit, unit_to_token)
 
 
@@ -95,3 +96,57 @@ def test_the_largest_cell_counts_still_parse():
     assert parse_unit("10^30/L").factor == pytest.approx(1e30)
     assert parse_unit("m^2").dimension == (("length", 2),)
     assert parse_unit("mL/h/1").factor == parse_unit("mL/h").factor
+
+
+@pytest.mark.parametrize("value, src, dst, expected", [
+    (1.0, "U/h", "mU/min", 1000 / 60),
+    (1.0, "IU", "U", 1.0),
+    (10.0, "uU/mL", "mU/L", 10.0),
+    (1.0, "nmol", "pmol", 1000.0),
+    (45.0, "g", "mg", 45000.0),  # grams of carbohydrate are an ordinary mass
+])
+def test_insulin_and_carbohydrate_units(value, src, dst, expected):
+    """Insulin units convert among themselves; carbohydrate grams are a mass."""
+    assert convert(value, src, dst) == pytest.approx(expected, rel=1e-12)
+
+
+def test_insulin_units_are_not_an_amount_of_substance():
+    """U is an activity unit: it never converts to moles without naming insulin."""
+    with pytest.raises(UnitError, match=r"'U' \(insulin\) cannot be converted to 'pmol'"):
+        convert(1.0, "U", "pmol", what="bolus")
+
+
+@pytest.mark.parametrize("value, src, dst, expected", [
+    (1.0, "U", "pmol", 6000.0),           # 6.00 nmol/U (Volund 1993; Knopp 2019)
+    (1.0, "uU/mL", "pmol/L", 6.0),
+    (600.0, "pmol/L", "mU/L", 100.0),
+    (1.0, "U", "ug", 6e-9 * 5808 * 1e9 / 1e3),  # 6 nmol x 5808 g/mol = 34.85 ug
+])
+def test_insulin_units_to_moles(value, src, dst, expected):
+    """Insulin converts between U and moles (or mass) through 6.00 nmol/U and 5808 g/mol."""
+    assert convert_substance(value, src, dst, INSULIN) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("value, src, dst, expected", [
+    (1.0, "mmol/L", "mg/dL", 18.016),
+    (100.0, "mg/dL", "mmol/L", 100 / 18.016),
+    (70.0, "mg/dL", "mmol/L", 3.885435),
+    (1.0, "mmol/L", "mmol/L", 1.0),
+    (1.0, "g", "mmol", 1000 / 180.16),
+])
+def test_glucose_mass_and_molar_units(value, src, dst, expected):
+    """Glucose converts between mg/dL and mmol/L through 180.16 g/mol."""
+    assert convert_substance(value, src, dst, GLUCOSE) == pytest.approx(expected, rel=1e-6)
+
+
+def test_substance_conversion_keeps_other_dimensions_apart():
+    """Naming the substance bridges mass and moles only: concentration to amount fails."""
+    with pytest.raises(UnitError, match="'mmol/L'.*cannot be converted to 'mg'.*not even as "
+                                        "glucose"):
+        convert_substance(5.0, "mmol/L", "mg", GLUCOSE, what="glucose")
+
+
+def test_glucose_has_no_insulin_units():
+    """U is refused for a substance that has no activity unit, naming the field."""
+    with pytest.raises(UnitError, match="meal: unit 'U' is an insulin unit; glucose has none"):
+        convert_substance(1.0, "U", "mmol", GLUCOSE, what="meal")

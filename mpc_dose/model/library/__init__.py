@@ -16,13 +16,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from ...errors import ModelError, closest
-from . import anaesthesia, others
+from . import anaesthesia, diabetes, others
 from .base import LibraryEntry, LibraryModel, compose
 
 __all__ = ["ENTRIES", "entry", "load", "resolve", "relocate", "LibraryEntry", "LibraryModel"]
 
 #: Every entry by name.
-ENTRIES: dict[str, LibraryEntry] = {e.name: e for e in anaesthesia.ENTRIES + others.ENTRIES}
+ENTRIES: dict[str, LibraryEntry] = {e.name: e for e in anaesthesia.ENTRIES + others.ENTRIES
+                                   + diabetes.ENTRIES}
 
 
 def entry(name: str) -> LibraryEntry:
