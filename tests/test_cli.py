@@ -170,4 +170,6 @@ def test_a_real_time_run_reports_progress_and_keeps_what_it_recorded(tmp_path):
     assert lines[0].startswith("t = 10 s of ") and "bis" in lines[0]
     assert "interrupted at t = " in rest
     frame = pd.read_csv(out / "timeseries.csv")
-    assert 30 <= frame.time_s.iloc[-1] < 600
+    # the third progress line said t = 30 s; its record may be the one at 29 s (the recorder
+    # runs after the controller at an instant, and the signal can fall between them)
+    assert 29 <= frame.time_s.iloc[-1] < 600
