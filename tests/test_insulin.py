@@ -87,3 +87,35 @@ def test_basal_bolus_follows_its_profile_and_doses_each_announced_meal():
         BasalBolusController(input="insulin", basal_profile=[(6, 0.001)],
                              calculator=BolusCalculator(10.0, 40.0, 110.0), glucose_var="g",
                              announcement_var="a", period_s=300.0)
+
+
+def test_basal_bolus_from_a_scenario_doses_each_announced_meal_through_the_pump():
+    """kind = "basal_bolus" on the Cambridge model (tests/data/t1d_basal_bolus.toml, one day):
+    every announced meal reaches the controller as a reading in g and gets the calculator's
+    bolus; the pump delivers basal plus bolus in U (U-100 insulin, mL/h on the wire); the
+    unannounced snack gets none."""
+    from pathlib import Path
+
+    from mpc_dose.scenario import load_scenario
+    from mpc_dose.trial.build import build_setup
+    from mpc_dose.trial.closed_loop import run_closed_loop
+
+    path = Path(__file__).parent / "data" / "t1d_basal_bolus.toml"
+    setup, _ = build_setup(load_scenario(path, {"scenario.duration_s": 86400}), 0, 0)
+    result = run_closed_loop(setup)
+    controller = setup.controller
+    announced = [m for m in setup.meals if m.announced is not None]
+    assert len(announced) == 3 and len(setup.meals) in (3, 4)
+    # each bolus at the first decision after its announcement, one per announced meal
+    assert len(controller.boluses) == 3
+    for (t, amount), meal in zip(controller.boluses, announced):
+        assert 0 <= t - meal.t_s < 300.0
+        assert amount >= meal.announced / 15.0 - 1e-9          # the meal part at least
+    given = sum(rate * (t1 - t0) for (t0, _, rate, _), (t1, _, _, _) in
+                zip(result.deliveries, result.deliveries[1:] + [(86400.0, "", 0.0, "")]))
+    # what it asked for while in charge (in FALLBACK, e.g. a CGM stuck on LOW, the
+    # supervisor withholds insulin and the pump's lease runs out)
+    frame = result.to_pandas()
+    in_charge = frame.time_s[frame.controller_mode == "CLOSED_LOOP"]
+    basal = sum(controller.basal_at(t) * 300.0 for t in in_charge if t < 86400)
+    assert given == pytest.approx(basal + sum(a for _, a in controller.boluses), rel=0.02)

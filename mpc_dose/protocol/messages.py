@@ -65,7 +65,8 @@ ACK_CODES = ("applied", "duplicate", "out_of_range", "expired", "stale", "unit",
 WIRE_UNITS: dict[str, tuple[str, ...]] = {
     "volume_rate": ("mL/h", "mL/min", "uL/h", "uL/min"),
     "volume": ("mL", "uL"),
-    "dose_rate": tuple(f"{amount}/{time}" for amount in ("g", "mg", "ug", "ng", "mmol", "umol")
+    "dose_rate": tuple(f"{amount}/{time}"
+                       for amount in ("g", "mg", "ug", "ng", "mmol", "umol", "U", "mU")
                        for time in ("s", "min", "h")),
     "measurement": ("1", "%", "mg/L", "ug/mL", "ng/mL", "ug/L", "mg/dL", "mmol/L", "umol/L",
                     "mmHg", "kPa", "10^9/L", "g"),

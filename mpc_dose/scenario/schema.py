@@ -401,12 +401,16 @@ class PythonSpec(_Strict):
 
 
 #: the dimension a quantity key's unit must have, by kind ("rate": drug amount per time)
-_KINDS = {"rate": ("an amount per time, e.g. mg_per_h, ug_per_s, mmol_per_min",
-                   ({"mass": 1, "time": -1}, {"substance": 1, "time": -1})),
-          "amount": ("an amount, e.g. mg, g, umol", ({"mass": 1}, {"substance": 1})),
+_KINDS = {"rate": ("an amount per time, e.g. mg_per_h, ug_per_s, mmol_per_min, U_per_h",
+                   ({"mass": 1, "time": -1}, {"substance": 1, "time": -1},
+                    {"insulin": 1, "time": -1})),
+          "amount": ("an amount, e.g. mg, g, umol, U", ({"mass": 1}, {"substance": 1},
+                                                       {"insulin": 1})),
           "time": ("a time, e.g. s, min, h, d", ({"time": 1},)),
           "per_body_mass": ("an amount per kg of body weight, e.g. mg_per_kg, umol_per_kg",
-                            ({}, {"substance": 1, "mass": -1}))}
+                            ({}, {"substance": 1, "mass": -1})),
+          "per_amount": ("grams per unit of insulin, e.g. g_per_U",
+                         ({"mass": 1, "insulin": -1},))}
 
 
 def _unit_keys(data: dict, quantities: dict[str, str], plain: typing.Iterable[str]) -> dict:
@@ -787,9 +791,42 @@ class MIPDSpec(ScheduleSpec):
     estimator: EstimatorSpec = EstimatorSpec(kind="map")
 
 
+class BasalRowSpec(_Quantities):
+    """A basal rate ``rate_<unit>`` (e.g. ``rate_U_per_h = 0.8``) from ``clock_h`` on."""
+
+    QUANTITIES = {"rate": "rate"}
+    #: [h] the clock time of day the rate starts (the first row at 0)
+    clock_h: float = Field(ge=0, lt=24)
+
+
+class BasalBolusSpec(_Quantities):
+    """Open-loop basal-bolus therapy (control/basal_bolus.py): a daily basal profile and, at
+    each announced meal, the bolus calculator's dose (``carb_ratio_g_per_U``-style keys:
+    grams of carbohydrate per unit; the correction factor in the glucose output's unit per
+    unit); insulin on board by the exponential activity curve."""
+
+    QUANTITIES = {"carb_ratio": "per_amount"}
+    #: the insulin input
+    input: str
+    #: the glucose output the correction reads (its sensor: controller.safety.measured)
+    output: str
+    #: the model input whose announcements (``<input>_announced`` readings, g) are meals
+    meal_input: str
+    #: the daily basal profile
+    basal: list[BasalRowSpec]
+    #: [output unit] glucose lowered by one unit of insulin
+    correction_factor: Quantity
+    #: [output unit] the glucose the correction aims at
+    target: Quantity
+    #: [min] the insulin-activity curve's peak (default: control/insulin.py InsulinCurve)
+    insulin_peak_min: float | None = Field(None, gt=0)
+    #: [h] the duration of insulin action (default: control/insulin.py InsulinCurve)
+    insulin_duration_h: float | None = Field(None, gt=0)
+
+
 class ControllerSpec(_Strict):
     #: which controller runs; its table ([controller.pid], ...) holds its settings
-    kind: Literal["pid", "fixed", "tci", "python", "nmpc", "nomogram", "mipd"]
+    kind: Literal["pid", "fixed", "tci", "python", "nmpc", "nomogram", "mipd", "basal_bolus"]
     #: the control period: a decision every period_s
     period_s: float = Field(gt=0)
     #: each command's lease in control periods: the pump applies its fallback when no new
@@ -803,6 +840,7 @@ class ControllerSpec(_Strict):
     nmpc: NMPCSpec | None = None
     nomogram: NomogramSpec | None = None
     mipd: MIPDSpec | None = None
+    basal_bolus: BasalBolusSpec | None = None
 
 
 class MetricsSpec(_Strict):

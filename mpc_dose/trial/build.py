@@ -145,7 +145,7 @@ def _check_clock(scenario: Scenario, models) -> None:
         any(s.cgm is not None and s.cgm.compression_clock_h is not None
             for s in scenario.sensor) or \
         (dosing is not None and dosing.dose_clock_h is not None) or \
-        scenario.meals is not None or \
+        scenario.meals is not None or c.kind == "basal_bolus" or \
         (scenario.metrics is not None and scenario.metrics.clinical == "glucose")
     if scenario.scenario.start_clock_h is not None and not readers:
         raise ConfigError(f"scenario.start_clock_h = {scenario.scenario.start_clock_h}: "
@@ -413,7 +413,8 @@ def safety_config(scenario: Scenario, model) -> SafetyConfig:
     if c.kind == "pid":
         pid = c.pid or PIDSpec()
         defaults = {"measured": pid.measured, "max_rates": dict(pid.max_rates)}
-    elif c.kind in ("nmpc", "mipd", "nomogram") and getattr(c, c.kind) is not None:
+    elif c.kind in ("nmpc", "mipd", "nomogram", "basal_bolus") and \
+            getattr(c, c.kind) is not None:
         defaults = {}
         if c.kind == "nmpc":
             bounds = _nmpc_fields(c.nmpc, c, model)["rate_bounds"]
@@ -520,11 +521,61 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
                                 dict(patient.covariates), share, measured, changes)
     if c.kind in ("nomogram", "mipd"):
         return _scheduled_controller(scenario, chosen, c, lm, patient, measured, changes)
+    if c.kind == "basal_bolus":
+        return _basal_bolus_controller(scenario, chosen, c, lm, measured)
     factory = load_user_controller(chosen.target, scenario.base_dir)
     made = factory(inputs=tuple(chosen.inputs), period_s=c.period_s, **chosen.options)
     if hasattr(made, "decide"):
         return made
     return CallableController(made, chosen.inputs, period_s=c.period_s, name=chosen.target)
+
+
+def _basal_bolus_controller(scenario: Scenario, spec, c, lm: LibraryModel,
+                            measured: str | None) -> Controller:
+    """``kind = "basal_bolus"``: rates in the insulin input's amount unit per second, the
+    calculator's glucose values in the glucose output's unit."""
+    from ..control.basal_bolus import BasalBolusController
+    from ..control.insulin import BolusCalculator, InsulinCurve
+
+    where, model = "controller.basal_bolus", lm.model
+    amount_unit = _amount_unit(model, spec.input, f"{where}.input")
+    meal_unit = _amount_unit(model, spec.meal_input, f"{where}.meal_input")
+    if spec.output not in model.output_names:
+        raise ConfigError(f"{where}.output: model {model.name!r} has no output "
+                          f"{spec.output!r}; outputs: {', '.join(model.output_names)}")
+    glucose_unit = model.outputs[model.output_index(spec.output)].unit
+    profile = []
+    for k, row in enumerate(spec.basal):
+        if "rate" not in row.quantities:
+            raise ConfigError(f"{where}.basal[{k}]: needs rate_<unit> (e.g. rate_U_per_h)")
+        profile.append((row.clock_h, _rate(row.quantities["rate"], amount_unit,
+                                           f"{where}.basal[{k}].rate")))
+    if "carb_ratio" not in spec.quantities:
+        raise ConfigError(f"{where}: needs carb_ratio_<unit> (e.g. carb_ratio_g_per_U = 10)")
+    value, unit = spec.quantities["carb_ratio"]
+    try:   # announcements come in g; doses in the insulin input's amount unit
+        carb_ratio = value * conversion_factor(unit, f"g/{amount_unit}",
+                                               what=f"{where}.carb_ratio")
+        conversion_factor(meal_unit, "g", what=f"{where}.meal_input")
+    except UnitError as err:
+        raise ConfigError(str(err)) from None
+    curve = {k: v for k, v in (("peak_s", None if spec.insulin_peak_min is None
+                                else spec.insulin_peak_min * 60.0),
+                               ("duration_s", None if spec.insulin_duration_h is None
+                                else spec.insulin_duration_h * 3600.0)) if v is not None}
+    calculator = BolusCalculator(
+        carb_ratio, _quantity(spec.correction_factor, glucose_unit,
+                              f"{where}.correction_factor"),
+        _quantity(spec.target, glucose_unit, f"{where}.target"))
+    if measured is None:
+        raise ConfigError(f"{where}: needs the glucose readings' variable "
+                          f"(controller.safety.measured or a sensor of {spec.output!r})")
+    return BasalBolusController(input=spec.input, basal_profile=profile,
+                                calculator=calculator, glucose_var=measured,
+                                announcement_var=f"{spec.meal_input}_announced",
+                                period_s=c.period_s,
+                                clock_at_t0_h=scenario.scenario.start_clock_h or 0.0,
+                                curve=InsulinCurve(**curve))
 
 
 def _scheduled_controller(scenario: Scenario, spec, c, lm: LibraryModel,
