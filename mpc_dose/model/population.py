@@ -187,6 +187,10 @@ class PopulationModel:
     occasion_effects: tuple[RandomEffect, ...] = ()
     residual_errors: tuple[ResidualError, ...] = ()
     fixed: Mapping[str, float] = field(default_factory=dict)
+    #: which drawn individuals are physiologically possible (their parameter values -> bool);
+    #: :meth:`sample` draws again until one is, as a published virtual population keeps
+    #: only plausible subjects. None: every draw is.
+    plausible: Callable[[Mapping[str, float]], bool] | None = None
 
     def __post_init__(self) -> None:
         names = [r.param for r in self.random_effects]
@@ -243,12 +247,17 @@ class PopulationModel:
         """Draw one individual: ``eta ~ N(0, Omega)`` for the given covariates."""
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-        eta = {}
-        if self.random_effects:
-            draw = rng.multivariate_normal(np.zeros(len(self.random_effects)), self.omega,
-                                           method="cholesky")
-            eta = dict(zip(self.eta_names, draw))
-        return self.individual(covariates, eta)
+        for _ in range(_PLAUSIBLE_TRIES):
+            eta = {}
+            if self.random_effects:
+                draw = rng.multivariate_normal(np.zeros(len(self.random_effects)), self.omega,
+                                               method="cholesky")
+                eta = dict(zip(self.eta_names, draw))
+            individual = self.individual(covariates, eta)
+            if self.plausible is None or self.plausible(individual.params):
+                return individual
+        raise ModelError(f"no plausible individual in {_PLAUSIBLE_TRIES} draws for the "
+                         f"covariates {dict(covariates)}")
 
     def sample_occasion(self, rng: np.random.Generator) -> dict[str, float]:
         """Draw one occasion's kappas (inter-occasion variability), independent per param."""
@@ -285,4 +294,16 @@ class PopulationModel:
                                {**self.correlations, **other.correlations},
                                self.occasion_effects + other.occasion_effects,
                                self.residual_errors + other.residual_errors,
-                               {**self.fixed, **other.fixed})
+                               {**self.fixed, **other.fixed}, _both(self.plausible,
+                                                                   other.plausible))
+
+
+#: draws :meth:`PopulationModel.sample` makes before it gives up on plausibility
+_PLAUSIBLE_TRIES = 1000
+
+
+def _both(a, b):
+    """The plausibility of a composed population: both parts' checks (None: none)."""
+    if a is None or b is None:
+        return a or b
+    return lambda params: a(params) and b(params)

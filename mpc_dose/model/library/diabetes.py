@@ -202,6 +202,15 @@ def basal_insulin_rate(params: Mapping[str, float], glucose_mmol_per_L: float, *
     return convert(rate_mu_per_min, "mU/min", unit, what="basal insulin rate")
 
 
+def _has_basal_state(params: Mapping[str, float]) -> bool:
+    """A drawn patient is plausible when some basal insulin holds its basal glucose."""
+    try:
+        steady_state_insulin(params, params[P + "basal_glucose"])
+    except ModelError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------- the block
 def _cambridge_block() -> Block:
     def p(name, unit, doc, domain="positive"):
@@ -308,15 +317,16 @@ CAMBRIDGE_HOVORKA = LibraryEntry(
         tuple(RandomEffect(P + name, omega2_from_cv(cv), f"CV {cv:.0%}: {what} (Wilinska 2010)")
               for name, (cv, what) in WILINSKA_CV.items())
         + tuple(RandomEffect(P + name, sd * sd, f"SD(log) {sd:.3g}: {what} (Wilinska 2010)")
-                for name, (sd, what) in WILINSKA_LOG_SD.items())),
+                for name, (sd, what) in WILINSKA_LOG_SD.items()),
+        plausible=_has_basal_state),
     notes="Nominal values: Hovorka 2004 (Table 1). Variability: the means and SDs of Wilinska "
           "2010's population distributions turned into log-normal random effects with the "
           "same CV around the Hovorka 2004 nominal values (the package's populations are "
           "log-normal; Wilinska gives normal distributions for most, which can draw negative "
           "rates); no correlations, and AG (uniform 70-120 % in Wilinska) is kept at 0.8. "
-          "Independent draws give about 6 % of patients whose EGP0 does not exceed F01 at 6 "
-          "mmol/L (no basal rate exists; basal_insulin_rate raises): a cohort should redraw "
-          "them, as Wilinska kept only plausible subjects. "
+          "Independent draws give about 6 % of patients whose EGP0 does not exceed F01 at "
+          "their basal glucose (no basal insulin holds it): they are drawn again, as Wilinska "
+          "kept only plausible subjects. "
           "EGP = EGP0 max(0, 1 - x3): the clip at 0 is ours. Circadian rhythm: a 24-h cosinor "
           "on EGP0 (the dawn phenomenon is hepatic glucose production: Bolli 1984) peaking at "
           "06:40 with its amplitude set so the nominal patient's steady-state insulin need "
