@@ -101,7 +101,9 @@ def test_basal_bolus_from_a_scenario_doses_each_announced_meal_through_the_pump(
     from mpc_dose.trial.closed_loop import run_closed_loop
 
     path = Path(__file__).parent / "data" / "t1d_basal_bolus.toml"
-    setup, _ = build_setup(load_scenario(path, {"scenario.duration_s": 86400}), 0, 0)
+    # the mechanics without the low suspend (test_the_low_suspend_takes_insulin_away...)
+    setup, _ = build_setup(load_scenario(path, {"scenario.duration_s": 86400,
+                                                "controller.safety.suspend_below": None}), 0, 0)
     result = run_closed_loop(setup)
     controller = setup.controller
     announced = [m for m in setup.meals if m.announced is not None]
@@ -119,3 +121,33 @@ def test_basal_bolus_from_a_scenario_doses_each_announced_meal_through_the_pump(
     in_charge = frame.time_s[frame.controller_mode == "CLOSED_LOOP"]
     basal = sum(controller.basal_at(t) * 300.0 for t in in_charge if t < 86400)
     assert given == pytest.approx(basal + sum(a for _, a in controller.boluses), rel=0.02)
+
+
+def test_the_low_suspend_takes_insulin_away_before_lows():
+    """The same patient and day with and without the supervisor's predictive low suspend:
+    with it, less time below 3.9 mmol/L (70 mg/dL), the insulin held while the prediction
+    is low (alarm low.suspend), never more insulin in total."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from mpc_dose.scenario import load_scenario
+    from mpc_dose.trial.build import build_setup
+    from mpc_dose.trial.closed_loop import run_closed_loop
+
+    path = Path(__file__).parent / "data" / "t1d_basal_bolus.toml"
+    below, insulin, alarms = [], [], []
+    for suspend in ("4.4 mmol/L", None):
+        overrides = {"scenario.duration_s": 86400}
+        if suspend is None:
+            overrides["controller.safety.suspend_below"] = None
+        setup, _ = build_setup(load_scenario(path, overrides), 0, 0)
+        result = run_closed_loop(setup)
+        frame = result.to_pandas()
+        below.append(float(np.mean(frame["true_glucose_mmol_per_L"] < 3.9)))
+        insulin.append(sum(rate * (t1 - t0) for (t0, _, rate, _), (t1, _, _, _) in
+                           zip(result.deliveries,
+                               result.deliveries[1:] + [(86400.0, "", 0.0, "")])))
+        alarms.append(sum("low.suspend" in text for _, kind, text in result.events))
+    assert below[0] < below[1] and insulin[0] < insulin[1]
+    assert alarms[0] >= 1 and alarms[1] == 0

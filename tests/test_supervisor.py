@@ -14,6 +14,7 @@ from mpc_dose.control.mhe import MHEConfig
 from mpc_dose.control.mpc_controller import MPCController
 from mpc_dose.control.nmpc import DosePlan, NMPCConfig
 from mpc_dose.control.supervisor import SafetyConfig, SafetySupervisor, SupervisedController
+from mpc_dose.errors import ConfigError
 from mpc_dose.model.library import load
 from mpc_dose.model.propagate import Propagator
 
@@ -730,3 +731,35 @@ def test_solver_failure_beyond_plan_falls_back(reference_model, monkeypatch):
     monkeypatch.setattr(ctl.controller.mpc, "plan", spy)
     log = run(ctl, patient, patient.t + 3 * PERIOD, state=state)
     assert log[-1][3] == "CLOSED_LOOP" and log[-1][2].status == "ok"
+
+
+def test_predictive_low_suspend_holds_insulin_before_the_low_and_only_insulin():
+    """Glucose falling 0.1 mmol/L per min from 8 mmol/L, a reading every 5 min, suspend below
+    4.4 mmol/L predicted 30 min ahead on a 20-min trend: the insulin is held at 0 from the
+    reading at 7.0 mmol/L on (predicted 4.0 < 4.4; at 7.5 the prediction 4.5 was not yet
+    below), with one alarm; glucagon (another input) is untouched; a rise ends it."""
+    sup = SafetySupervisor(SafetyConfig(measured="cgm", stale_after_s=600.0,
+                                        suspend_below=4.4, suspend_inputs=("insulin",)))
+    held, alarms = [], []
+    for k in range(8):
+        t = k * 300.0
+        reading = Reading("cgm", 8.0 - 0.1 * t / 60.0, "mmol/L", t)
+        ok, why = sup.gate(t, reading)
+        sup.observe(reading)
+        verdict = sup.check(t, {"insulin": 0.001, "glucagon": 0.002},
+                            {"insulin": 0.001, "glucagon": 0.002}, usable=ok, data_reason=why,
+                            plan_ok=True, plan_reason="plan")
+        held.append(verdict.rates["insulin"] == 0.0)
+        assert verdict.rates["glucagon"] == 0.002
+        alarms.append(verdict.alarm)
+    assert held == [False, False, True, True, True, True, True, True]
+    assert alarms.count("low.suspend") == 1
+    for k, value in enumerate((6.0, 6.5, 7.0, 7.5, 8.0)):      # recovering
+        t = 2400.0 + k * 300.0
+        reading = Reading("cgm", value, "mmol/L", t)
+        sup.observe(reading)
+        verdict = sup.check(t, {"insulin": 0.001, "glucagon": 0.0}, {"insulin": 0.0},
+                            usable=True, data_reason="", plan_ok=True, plan_reason="plan")
+    assert verdict.rates["insulin"] == 0.001 and not sup.suspended
+    with pytest.raises(ConfigError, match=r"suspend_below: needs suspend_inputs"):
+        SafetyConfig(measured="cgm", suspend_below=4.4)

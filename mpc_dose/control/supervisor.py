@@ -101,6 +101,15 @@ class SafetyConfig:
     #: "< LLOQ") is usable data - it says "low" - and reaches the controller's estimator
     #: (which treats it as censored, M3). False: it is unusable like any flagged reading.
     below_lloq_usable: bool = False
+    #: predictive low suspend (a CGM-driven insulin pump's, e.g. SmartGuard's "suspend
+    #: before low"): the inputs in *suspend_inputs* (those that lower the measured value)
+    #: are held at 0 while the measured value, extrapolated *suspend_horizon_s* ahead along
+    #: its least-squares trend over the last *suspend_trend_s* of readings, or the latest
+    #: reading itself, is below *suspend_below* (measured unit); None: no suspend
+    suspend_below: float | None = None
+    suspend_horizon_s: float = 1800.0
+    suspend_trend_s: float = 1200.0
+    suspend_inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.measured is not None and (not isinstance(self.measured, str)
@@ -140,6 +149,13 @@ class SafetyConfig:
                 self.resume_after < 1:
             raise ConfigError(f"safety.resume_after = {self.resume_after!r}: expected a whole "
                               f"number >= 1")
+        if self.suspend_below is not None:
+            _number("suspend_below", self.suspend_below)
+            _number("suspend_horizon_s", self.suspend_horizon_s, minimum=0.0)
+            _number("suspend_trend_s", self.suspend_trend_s, minimum=0.0, strict=True)
+            if not self.suspend_inputs or self.measured is None:
+                raise ConfigError("safety.suspend_below: needs suspend_inputs (the inputs "
+                                  "that lower the measured value) and a measured variable")
 
 
 @dataclass(frozen=True)
@@ -165,6 +181,10 @@ class SafetySupervisor:
         self._longest_window = max((w for _, w, _ in config.dose_windows), default=0.0)
         self.transitions: list[tuple[float, str, str, str]] = []
         self.data_code = ""
+        #: (sample time, value) of the admitted readings the low suspend's trend reads
+        self._trend: deque[tuple[float, float]] = deque(maxlen=256)
+        #: the low suspend holds its inputs at 0
+        self.suspended = False
 
     def _to(self, t_s: float, mode: str, cause: str) -> None:
         if mode != self.mode:
@@ -212,10 +232,31 @@ class SafetySupervisor:
         return True, "ok", ""
 
     def observe(self, reading: Reading) -> bool:
-        """Track an admitted reading for flat-line detection; False when the signal is
-        flat."""
+        """Track an admitted reading for flat-line detection (and the low suspend's trend);
+        False when the signal is flat."""
         self._recent.append(reading.value)
+        if self.config.suspend_below is not None and math.isfinite(reading.value):
+            self._trend.append((float(reading.t_meas_s), float(reading.value)))
         return not self.flat
+
+    def predicted_low(self, t_s: float) -> tuple[bool, str]:
+        """Whether the low suspend holds at *t_s*, and the prediction it acted on."""
+        c = self.config
+        recent = [(t, v) for t, v in self._trend if t_s - c.suspend_trend_s <= t <= t_s]
+        if c.suspend_below is None or not recent:
+            return False, ""
+        latest_t, latest = recent[-1]
+        predicted = latest
+        if len(recent) >= 2:
+            ts = [t for t, _ in recent]
+            mean_t, mean_v = sum(ts) / len(ts), sum(v for _, v in recent) / len(recent)
+            spread = sum((t - mean_t) ** 2 for t in ts)
+            if spread > 0:
+                slope = sum((t - mean_t) * (v - mean_v) for t, v in recent) / spread
+                predicted = latest + slope * (t_s - latest_t + c.suspend_horizon_s)
+        low = min(latest, predicted) < c.suspend_below
+        return low, (f"{c.measured} {latest:.4g}, predicted {predicted:.4g} in "
+                     f"{c.suspend_horizon_s / 60:g} min, below {c.suspend_below:g}")
 
     @property
     def flat(self) -> bool:
@@ -284,6 +325,18 @@ class SafetySupervisor:
     def _clamp(self, t_s, rates, last, mode, reason, alarm) -> Verdict:
         c = self.config
         notes = []
+        low, why = self.predicted_low(t_s)
+        if low:
+            # it only takes insulin away: whatever the mode, before every other clamp
+            for name in c.suspend_inputs:
+                if name in rates:
+                    rates[name] = 0.0
+            notes.append(f"low suspend: {why}")
+            if not self.suspended:
+                alarm = alarm or "low.suspend"
+        elif self.suspended:
+            notes.append("low suspend ends")
+        self.suspended = low
         for name, value in rates.items():
             value = value if math.isfinite(value) else 0.0
             cap = c.max_rates.get(name, math.inf)

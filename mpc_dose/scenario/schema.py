@@ -698,6 +698,15 @@ class SafetySpec(_Strict):
     dose_before_first_reading: bool | None = None
     #: a reading below its limit of quantification is usable (censored) data
     below_lloq_usable: bool | None = None
+    #: [measured's unit] predictive low suspend: suspend_inputs are held at 0 while the
+    #: measured value, or its trend extrapolated suspend_horizon_s ahead, is below this
+    suspend_below: Quantity | None = None
+    #: how far ahead the low suspend extrapolates the trend (control/supervisor.py default)
+    suspend_horizon_s: float | None = Field(None, ge=0)
+    #: the readings the trend is fitted to go back this far (control/supervisor.py default)
+    suspend_trend_s: float | None = Field(None, gt=0)
+    #: the inputs that lower the measured value (e.g. insulin), held at 0 by the suspend
+    suspend_inputs: list[str] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -438,12 +438,20 @@ def safety_config(scenario: Scenario, model) -> SafetyConfig:
         value = getattr(given, name)
         if value is not None and name not in ("input", "dose_windows"):
             fields[name] = value
-    if given.valid_range is not None:  # in the unit of the measured variable's sensor
-        sensor = next((s for s in scenario.sensor
-                       if (s.var or s.output) == fields.get("measured")), None)
-        unit = model.outputs[model.output_index(sensor.output)].unit if sensor else "1"
+    # values of the measured variable are in the unit of its sensor's output
+    sensor = next((s for s in scenario.sensor
+                   if (s.var or s.output) == fields.get("measured")), None)
+    unit = model.outputs[model.output_index(sensor.output)].unit if sensor else "1"
+    if given.valid_range is not None:
         fields["valid_range"] = tuple(_quantity(v, unit, "controller.safety.valid_range")
                                       for v in given.valid_range)
+    if given.suspend_below is not None:
+        fields["suspend_below"] = _quantity(given.suspend_below, unit,
+                                            "controller.safety.suspend_below")
+    if given.suspend_inputs is not None:
+        for name in given.suspend_inputs:
+            _amount_unit(model, name, "controller.safety.suspend_inputs")
+        fields["suspend_inputs"] = tuple(given.suspend_inputs)
     for name, spec in (given.input or {}).items():
         where = f"controller.safety.input.{name}"
         amount_unit = _amount_unit(model, name, where)
