@@ -397,6 +397,15 @@ def auc24_consensus_window() -> tuple[float, float]:
     return float(parameters["low"].default), float(parameters["high"].default)
 
 
+def _target_marks(ax, window, target) -> None:
+    """The target window as a green band and the target as a dashed line (each if given)."""
+    if window is not None:
+        ax.axhspan(window[0], window[1], color="tab:green", alpha=0.13, lw=0,
+                   label=f"target window {window[0]:g}-{window[1]:g}", zorder=0)
+    if target is not None:
+        ax.axhline(target, color="tab:green", ls="--", lw=1.1, label=f"target {target:g}")
+
+
 def closed_loop_options(scenario, changes=None) -> dict:
     """What a scenario tells :func:`closed_loop_figure` beyond the series: which output
     each sensor measures, the scored output with its target and window (``[metrics]``), the
@@ -608,12 +617,7 @@ def closed_loop_figure(frame, *, title: str = "", samples=None, deliveries=None,
         for k, var in enumerate(links.get(name, [])):
             draw_measured(ax, var, _MEASURED_COLORS[k % len(_MEASURED_COLORS)])
         if name == output:
-            if window is not None:
-                ax.axhspan(window[0], window[1], color="tab:green", alpha=0.13, lw=0,
-                           label=f"target window {window[0]:g}-{window[1]:g}", zorder=0)
-            if target is not None:
-                ax.axhline(target, color="tab:green", ls="--", lw=1.1,
-                           label=f"target {target:g}")
+            _target_marks(ax, window, target)
             for k, bound in enumerate(soft_window or ()):
                 if bound is not None:
                     ax.axhline(bound, color="tab:purple", ls=":", lw=1.2,
@@ -652,12 +656,7 @@ def closed_loop_figure(frame, *, title: str = "", samples=None, deliveries=None,
         for c, v in zip(centres, aucs):  # each value inside the foot of its bar
             ax.annotate(f"{v:.0f}", (c / scale, 0.0), xytext=(0, 3), textcoords="offset points",
                         ha="center", va="bottom", fontsize=8, color="w", fontweight="bold")
-        if auc_window is not None:
-            ax.axhspan(auc_window[0], auc_window[1], color="tab:green", alpha=0.13, lw=0,
-                       label=f"target window {auc_window[0]:g}-{auc_window[1]:g}", zorder=0)
-        if auc_target is not None:
-            ax.axhline(auc_target, color="tab:green", ls="--", lw=1.1,
-                       label=f"target {auc_target:g}")
+        _target_marks(ax, auc_window, auc_target)
         ax.set_ylim(0, max(aucs + [auc_window[1] if auc_window else 0.0,
                                    auc_target or 0.0]) * 1.2)
         head, sep, tail = unit.partition("/")

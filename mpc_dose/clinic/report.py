@@ -109,7 +109,7 @@ def report_text(result: MipdResult) -> str:
     est, hist, s = result.estimate, result.history, result.settings
     cu = hist.output_unit
     lines = [f"mpc-dose mipd: {result.model}, {Path(hist.source).name} ({hist.layout} layout)",
-             f"patient: " + ", ".join(f"{k} {v}" for k, v in hist.covariates.items())
+             "patient: " + ", ".join(f"{k} {v}" for k, v in hist.covariates.items())
              + (f"; {len(hist.covariate_changes)} covariate change(s)"
                 if hist.covariate_changes else ""),
              f"record: {len(hist.doses)} dose(s), {len(hist.observations)} level(s) of "

@@ -414,7 +414,7 @@ def dose_for_target(model: Model, params: np.ndarray | Mapping[str, float], regi
                       f"without a dose the {target.kind} is already {at_zero:.4g} "
                       f"{target.unit} (target {target.value:g}): give no dose now", 0.0,
                       at_zero)
-    lo, f_lo = 0.0, at_zero
+    lo = 0.0
     hi = float(first_guess) if first_guess and first_guess > 0 else 1.0
     f_hi = achieved(hi)
     doublings = 0
@@ -423,7 +423,7 @@ def dose_for_target(model: Model, params: np.ndarray | Mapping[str, float], regi
             return result(False, "out_of_reach",
                           f"no dose up to {hi:.4g} {unit} reaches the target (reached "
                           f"{f_hi:.4g} {target.unit}, target {target.value:g})", hi, f_hi)
-        lo, f_lo = hi, f_hi
+        lo = hi
         # the secant through (0, at_zero) and (hi, f_hi) points at the target (exactly, for
         # an exposure linear in the dose): go a little beyond it, at least double
         grow = 2.0

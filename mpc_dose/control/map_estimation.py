@@ -16,7 +16,6 @@ import numpy as np
 from ..errors import ConfigError
 from ..model.dosing import Dose
 from ..model.library import LibraryModel
-from ..model.simulation import simulate
 from .base import Reading
 from .dose_targets import ExposureTarget, Regimen, dose_for_target
 from .estimation import BayesianEstimator, EstimationConfig, EstimationResult, map_fit
@@ -126,7 +125,6 @@ class MIPDController(ScheduledInfusions):
         self.estimator = estimator if estimator is not None else BayesianEstimator(
             library_model, covariates, config if config is not None else
             EstimationConfig(output))
-        self._delivered: list[tuple[float, float]] = []   # (from [s], rate) as reported
         self._levels = 0
         self.last_estimate: MapResult | None = None
 
@@ -141,10 +139,9 @@ class MIPDController(ScheduledInfusions):
 
     def applied(self, t_s: float, rates: Mapping[str, float]) -> None:
         """What the pumps delivered from *t_s* on (after the supervisor, rounding, refusals,
-        occlusions): the record both the estimate and the next dose are built on."""
-        rate = float(rates.get(self.input, 0.0))
-        self._delivered = [(t, r) for t, r in self._delivered if t < t_s] + [(t_s, rate)]
-        self.estimator.delivered(t_s, {self.input: rate})
+        occlusions): the estimator's record, which both the estimate and the state the next
+        dose is planned from are built on."""
+        self.estimator.delivered(t_s, {self.input: float(rates.get(self.input, 0.0))})
 
     def covariates_from(self, t_s: float, covariates: Mapping[str, object]) -> None:
         self.estimator.covariates_from(t_s, covariates)
@@ -158,29 +155,14 @@ class MIPDController(ScheduledInfusions):
             f"MAP of {self._levels} level(s){'' if self.last_estimate.success else ' (failed)'}"
         return amount, f"AUC {target:g} over the interval, {state}"
 
-    def _history(self, until_s: float) -> list[Dose]:
-        """The doses before *until_s*: what was delivered (rate segments), or the doses
-        decided when nothing was reported (a controller used on its own)."""
-        if not self._delivered:
-            return [Dose.from_record(t, self.input, amount=a, duration_s=self.infusion_s)
-                    for t, a, _ in self.doses if t < until_s]
-        doses = []
-        for k, (t, rate) in enumerate(self._delivered):
-            end = min(self._delivered[k + 1][0] if k + 1 < len(self._delivered) else until_s,
-                      until_s)
-            if rate > 0 and end > t:
-                doses.append(Dose.from_record(t, self.input, amount=rate * (end - t),
-                                              duration_s=end - t))
-        return doses
-
     def _dose_for(self, start: float, target: float) -> float:
         """Dose making the AUC over the next interval meet *target*, given earlier doses,
         with the planning parameters (covariates at *start*, estimated etas): the state at
-        *start* from what was delivered, then the search of control/dose_targets.py."""
+        *start* as the estimator propagates it through what was delivered, then the search
+        of control/dose_targets.py."""
         model = self.lm.model
         params = self.estimator.theta_at(start)
-        x_start = simulate(model, params, self._history(start), [0.0, start]).states[-1] \
-            if start > 0 else model.initial_state(params)
+        x_start = self.estimator.state(start)   # through the delivered record
         regimen = Regimen(self.input, self.interval_s, self.infusion_s, basis="next",
                           start_s=start)
         unit = model.outputs[model.output_index(self.output)].unit

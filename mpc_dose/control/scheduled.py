@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import Decision, Reading
+from .dose_targets import round_dose as round_to_step
 
 __all__ = ["round_dose", "ScheduledInfusions", "NomogramBand", "NomogramController"]
 
@@ -28,7 +29,7 @@ def round_dose(amount: float, rounding: Sequence[tuple[float, float]]) -> float:
     row applies or the step is 0. Ties round up (a half step more, as a pharmacy does)."""
     for below, step in rounding:
         if amount < below:
-            return math.floor(amount / step + 0.5) * step if step > 0 else amount
+            return round_to_step(amount, step if step > 0 else None)
     return amount
 
 

@@ -242,8 +242,10 @@ class SafetySupervisor:
     def predicted_low(self, t_s: float) -> tuple[bool, str]:
         """Whether the low suspend holds at *t_s*, and the prediction it acted on."""
         c = self.config
+        if c.suspend_below is None:
+            return False, ""
         recent = [(t, v) for t, v in self._trend if t_s - c.suspend_trend_s <= t <= t_s]
-        if c.suspend_below is None or not recent:
+        if not recent:
             return False, ""
         latest_t, latest = recent[-1]
         predicted = latest

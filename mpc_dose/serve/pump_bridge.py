@@ -53,7 +53,7 @@ from ..audit import AuditLog
 from ..errors import ConfigError
 from ..node.pump_bridge import BridgePump, PumpBridgeNode
 from ..protocol.codec import Envelope, refusal
-from ..protocol.messages import (MAX_TEXT_CHARS, Ack, Alarm, Heartbeat, Hello,
+from ..protocol.messages import (MAX_TEXT_CHARS, Ack, Heartbeat, Hello,
                                  RemoteProtocolError, _Message)
 from ..protocol.session import PeerBudget
 from ..transport.zmq_link import Authenticator, CommandServer, Keys, Telemetry

@@ -653,10 +653,10 @@ def _target_text(scenario, output_unit: str | None) -> list[str]:
         if m.clinical == "tiva":
             out.append("TIVA benchmark phases: induction 0-10 min, maintenance 10-20 min")
         if m.clinical == "glucose":
-            from .glucose import CONSENSUS_TARGETS_PCT as aims
+            from .glucose import CONSENSUS_TARGETS_PCT
 
             def aim(stem: str) -> str:
-                side, value = aims[stem]
+                side, value = CONSENSUS_TARGETS_PCT[stem]
                 return f"{side} {value:g} %"
             out.append("glucose: the international consensus targets for most adults with "
                        "diabetes (Battelino 2019): time in range 70-180 mg/dL "
