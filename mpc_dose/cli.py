@@ -248,11 +248,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .plotting import closed_loop_options, plot_closed_loop
 
         # the scenario's target, window and sensors, and every reading at its sample time
-        from .trial.build import covariate_changes
-
         plot_closed_loop(frame, out / "timeseries.png",
-                         **closed_loop_options(scenario,
-                                               covariate_changes(scenario, patient, seed)),
+                         **closed_loop_options(scenario, setup.covariate_changes),
                          samples=result.samples_frame(), deliveries=result.deliveries_frame(),
                          title=f"{scenario.scenario.name}, patient {args.patient}, seed {seed}")
         print(f"wrote {out / 'timeseries.png'}")

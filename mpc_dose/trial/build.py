@@ -231,8 +231,8 @@ def meal_schedule(scenario: Scenario, patient: VirtualPatientSpec, seed: int) ->
     return sorted(meals, key=lambda m: m.t_s)
 
 
-def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
-                      ) -> list[tuple[float, dict[str, float]]]:
+def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int,
+                      changes: list[tuple[float, dict]] | None = None) -> list[tuple[float, dict[str, float]]]:
     """Parameter values from each covariate change and each new occasion on.
 
     The patient keeps its random effects (eta) and directly given values; covariates change
@@ -241,7 +241,7 @@ def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
     """
     pop = scenario_model(scenario).population
     # with occasions, the first occasion's variability applies from t = 0
-    changes_drawn = covariate_changes(scenario, patient, seed)
+    changes_drawn = covariate_changes(scenario, patient, seed) if changes is None else changes
     times = sorted({t for t, _ in changes_drawn}
                    | set(scenario.patient.occasions_s)
                    | ({0.0} if scenario.patient.occasions_s else set()))
@@ -952,8 +952,8 @@ def build_setup(scenario: Scenario, index: int, seed: int, *,
         disturbances.append(OutputDisturbance(d.output, tuple(d.times_s), tuple(d.values),
                                               d.kind))
     safety = safety_config(scenario, lm.model)
-    controller = _controller(scenario, lm, patient, share_solvers, safety.measured,
-                             covariate_changes(scenario, patient, seed))
+    changes = covariate_changes(scenario, patient, seed)   # drawn once, used everywhere
+    controller = _controller(scenario, lm, patient, share_solvers, safety.measured, changes)
     _check_safety_inputs(scenario, controller)
     _check_clock(scenario, [lm.model] + [getattr(controller, "model", lm.model)])
     info = scenario.scenario
@@ -962,6 +962,7 @@ def build_setup(scenario: Scenario, index: int, seed: int, *,
     setup = LoopSetup(lm.model, patient.params, controller, pumps, sensors, info.duration_s,
                       info.record_step_s, disturbances, scenario.controller.lease_periods,
                       info.latency_s, rngs["noise"],
-                      parameter_changes=parameter_changes(scenario, patient, seed),
-                      safety=safety, meals=meal_schedule(scenario, patient, seed))
+                      parameter_changes=parameter_changes(scenario, patient, seed, changes),
+                      safety=safety, meals=meal_schedule(scenario, patient, seed),
+                      covariate_changes=tuple(changes))
     return setup, patient

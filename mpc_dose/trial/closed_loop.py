@@ -59,6 +59,9 @@ class LoopSetup:
     safety: SafetyConfig | None = None
     #: meals the patient eats (boluses of a model input no pump gives)
     meals: Sequence[Meal] = ()
+    #: (time [s], new covariate values) of the patient's covariate changes, for the records
+    #: (the parameter changes above are their effect)
+    covariate_changes: Sequence[tuple[float, Mapping[str, object]]] = ()
 
 
 @dataclass

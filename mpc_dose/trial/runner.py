@@ -85,7 +85,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def run_patient(task: PatientTask) -> dict:
     """Run one patient and write its series and metrics; returns the metrics."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from .build import build_setup, covariate_changes, metrics_target, with_cohort
+    from .build import build_setup, metrics_target, with_cohort
     from .closed_loop import _column as _column_name
     from .closed_loop import run_closed_loop
     from .metrics import (auc_attainment, drug_totals, neutropenia_metrics,
@@ -163,8 +163,8 @@ def run_patient(task: PatientTask) -> dict:
             "inputs": {i.name: {"amount_unit": i.amount_unit, "rate_unit": i.rate_unit}
                        for i in model.inputs},
             # covariates that change during the run, from each time [s] on
-            "covariate_changes": [[t, values] for t, values in
-                                  covariate_changes(scenario, patient, task.seed)]}
+            "covariate_changes": [[t, dict(values)] for t, values in
+                                  setup.covariate_changes]}
     _atomic_write(out / "patients" / f"{name}.json",
                   lambda p: p.write_text(json.dumps(info, default=str), "utf-8"))
     _atomic_write(out / "series" / f"{name}.parquet",
