@@ -90,7 +90,7 @@ def test_basal_bolus_follows_its_profile_and_doses_each_announced_meal():
 
 
 def test_basal_bolus_from_a_scenario_doses_each_announced_meal_through_the_pump():
-    """kind = "basal_bolus" on the Cambridge model (tests/data/t1d_basal_bolus.toml, one day):
+    """kind = "basal_bolus" on the Cambridge model (scenarios/t1d_basal_bolus.toml, one day):
     every announced meal reaches the controller as a reading in g and gets the calculator's
     bolus; the pump delivers basal plus bolus in U (U-100 insulin, mL/h on the wire); the
     unannounced snack gets none."""
@@ -100,7 +100,7 @@ def test_basal_bolus_from_a_scenario_doses_each_announced_meal_through_the_pump(
     from mpc_dose.trial.build import build_setup
     from mpc_dose.trial.closed_loop import run_closed_loop
 
-    path = Path(__file__).parent / "data" / "t1d_basal_bolus.toml"
+    path = Path(__file__).resolve().parents[1] / "scenarios" / "t1d_basal_bolus.toml"
     # the mechanics without the low suspend (test_the_low_suspend_takes_insulin_away...)
     setup, _ = build_setup(load_scenario(path, {"scenario.duration_s": 86400,
                                                 "controller.safety.suspend_below": None}), 0, 0)
@@ -135,7 +135,7 @@ def test_the_low_suspend_takes_insulin_away_before_lows():
     from mpc_dose.trial.build import build_setup
     from mpc_dose.trial.closed_loop import run_closed_loop
 
-    path = Path(__file__).parent / "data" / "t1d_basal_bolus.toml"
+    path = Path(__file__).resolve().parents[1] / "scenarios" / "t1d_basal_bolus.toml"
     below, insulin, alarms = [], [], []
     for suspend in ("4.4 mmol/L", None):
         overrides = {"scenario.duration_s": 86400}
