@@ -35,6 +35,10 @@ class LibraryEntry:
     requires: tuple[str, ...] = ()
     circadian: tuple[Cosinor, ...] = ()
     notes: str = ""
+    #: an insulin model's steady-state basal: ``basal_insulin(params, glucose [mmol/L])`` ->
+    #: the constant rate [U/h] that holds that glucose, rhythm off (model/therapy.py derives
+    #: a patient's pump settings from it); None: not an insulin model
+    basal_insulin: Callable[[Mapping[str, float], float], float] | None = None
 
 
 @dataclass(frozen=True)

@@ -312,6 +312,7 @@ CAMBRIDGE_HOVORKA = LibraryEntry(
     references=(HOVORKA_2004, WILINSKA_2010, PERRIELLO_1991, BOLLI_1984, HINSHAW_2013),
     blocks=lambda _: [_cambridge_block()],
     circadian=(Cosinor(P + "egp0"),),
+    basal_insulin=basal_insulin_rate,
     population=PopulationModel(
         (WEIGHT,), _CAMBRIDGE, _cambridge_typical,
         tuple(RandomEffect(P + name, omega2_from_cv(cv), f"CV {cv:.0%}: {what} (Wilinska 2010)")
