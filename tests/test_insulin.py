@@ -112,7 +112,8 @@ def test_basal_bolus_from_a_scenario_doses_each_announced_meal_through_the_pump(
     assert len(controller.boluses) == 3
     for (t, amount), meal in zip(controller.boluses, announced):
         assert 0 <= t - meal.t_s < 300.0
-        assert amount >= meal.announced / 15.0 - 1e-9          # the meal part at least
+        # the meal part at least, at the patient's own carbohydrate ratio
+        assert amount >= meal.announced / controller.calculator.carb_ratio - 1e-9
     given = sum(rate * (t1 - t0) for (t0, _, rate, _), (t1, _, _, _) in
                 zip(result.deliveries, result.deliveries[1:] + [(86400.0, "", 0.0, "")]))
     # what it asked for while in charge (in FALLBACK, e.g. a CGM stuck on LOW, the

@@ -223,3 +223,58 @@ def test_every_drawn_patient_has_a_basal_insulin(cambridge):
     for _ in range(1000):
         params = cambridge.population.sample({"weight": 70.0}, rng).params
         assert basal_insulin_rate(params, params["cambridge_basal_glucose"]) > 0
+
+
+def test_titrated_pump_settings_hold_the_target_and_pass_their_meal_test():
+    """model/therapy.py: with the rhythm off the hourly basal is the steady-state rate (24 h
+    at it hold the target), and the carbohydrate ratio's bolus brings the 50-g test meal
+    back to the target 5 h later with no glucose below 4.0 mmol/L for 8 h; the correction
+    factor is the 1800 rule of the total daily dose."""
+    import numpy as np
+
+    from mpc_dose.model.dosing import Dose
+    from mpc_dose.model.simulation import simulate
+    from mpc_dose.model.therapy import (CORRECTION_RULE_MG_DL, DAILY_CARBS_G, TEST_HOURS,
+                                        TEST_MEAL_G, TEST_NADIR_MMOL_L, at_clock,
+                                        patient_therapy)
+
+    lm = load("glucose-cambridge")
+    for index in range(3):
+        rng = streams("t1d-therapy", 3, index)["parameters"]
+        weight = {"weight": CovariateDistribution("weight", "normal", 50.0, 110.0, mean=75.0,
+                                                  sd=10.0)}
+        params = patient_from_population(lm, weight, index, rng).params
+        flat = at_clock(lm.entries, params, None)
+        settings = patient_therapy(lm, {**flat}, 6.0)
+        basal = settings.basal_at(3.0)
+        assert all(rate == pytest.approx(basal) for _, rate in settings.basal_U_per_h)
+        times = np.arange(0.0, 8 * 3600.0 + 1, 300.0)
+        held = simulate(lm.model, flat, [Dose.infusion(0.0, "insulin", basal / 3600.0, 9e4)],
+                        times).output("glucose")
+        assert np.max(np.abs(held - 6.0)) < 1e-3
+        bolus = TEST_MEAL_G / settings.carb_ratio_g_per_U
+        meal = simulate(lm.model, flat, [Dose.infusion(0.0, "insulin", basal / 3600.0, 9e4),
+                                         Dose.bolus(0.0, "carbohydrate", TEST_MEAL_G),
+                                         Dose.bolus(0.0, "insulin", bolus)],
+                        times).output("glucose")
+        at_test = meal[int(TEST_HOURS * 12)]
+        assert meal.min() >= TEST_NADIR_MMOL_L - 1e-3
+        assert at_test == pytest.approx(6.0, abs=1e-2) or meal.min() == \
+            pytest.approx(TEST_NADIR_MMOL_L, abs=1e-2)      # the nadir limited the bolus
+        total = 24 * basal + DAILY_CARBS_G / settings.carb_ratio_g_per_U
+        assert settings.total_daily_dose_U == pytest.approx(total)
+        assert settings.correction_mmol_per_L_per_U == pytest.approx(
+            CORRECTION_RULE_MG_DL / total / 18.016, rel=1e-3)
+
+
+def test_the_titrated_basal_leads_the_dawn_rise():
+    """With the EGP rhythm on, the basal profile peaks 1.5 h before the EGP acrophase
+    (06:40 -> 05:00-05:30) and its trough is 12 h away."""
+    from mpc_dose.model.therapy import patient_therapy
+
+    lm = load("glucose-cambridge")
+    params = lm.population.typical_parameters({"weight": 70.0})
+    rows = patient_therapy(lm, params, 6.0).basal_U_per_h
+    peak = max(rows, key=lambda row: row[1])[0]
+    trough = min(rows, key=lambda row: row[1])[0]
+    assert peak in (5.0, 6.0) and abs((trough - peak) % 24 - 12) <= 1

@@ -80,6 +80,8 @@ class SafetyConfig:
         Whether the controller may dose (within the clamps) before the first reading.
     below_lloq_usable : bool
         Whether a reading below its limit of quantification is usable (censored) data.
+    above_range_usable : bool
+        Whether a reading above the device's range (a CGM's HIGH) is usable (censored) data.
     """
 
     measured: str | None = None
@@ -101,6 +103,11 @@ class SafetyConfig:
     #: "< LLOQ") is usable data - it says "low" - and reaches the controller's estimator
     #: (which treats it as censored, M3). False: it is unusable like any flagged reading.
     below_lloq_usable: bool = False
+    #: a reading above the device's range (quality "overflow": a CGM's HIGH, above 400
+    #: mg/dL) is usable data - it says "high" - and drives the dose at the range's limit.
+    #: False: unusable like any flagged reading (a glucose that runs away above the range
+    #: would then leave the pump on its fallback while it most needs insulin)
+    above_range_usable: bool = False
     #: predictive low suspend (a CGM-driven insulin pump's, e.g. SmartGuard's "suspend
     #: before low"): the inputs in *suspend_inputs* (those that lower the measured value)
     #: are held at 0 while the measured value, extrapolated *suspend_horizon_s* ahead along
@@ -139,6 +146,9 @@ class SafetyConfig:
             raise ConfigError(f"safety.flatline_samples = {self.flatline_samples!r}: expected "
                               f"a whole number >= 2 (0: no flat-line check)")
         _number("flatline_tolerance", self.flatline_tolerance, minimum=0.0)
+        if not isinstance(self.above_range_usable, bool):
+            raise ConfigError(f"safety.above_range_usable = {self.above_range_usable!r}: "
+                              f"expected true or false")
         if not isinstance(self.below_lloq_usable, bool):
             raise ConfigError(f"safety.below_lloq_usable = {self.below_lloq_usable!r}: "
                               f"expected true or false")
@@ -198,8 +208,9 @@ class SafetySupervisor:
         c = self.config
         if not math.isfinite(reading.value):
             return f"{c.measured} is not a finite number ({reading.value!r})", "data.invalid"
-        if reading.quality != "valid" and not (reading.quality == "underflow"
-                                               and c.below_lloq_usable):
+        if reading.quality != "valid" and not (
+                (reading.quality == "underflow" and c.below_lloq_usable)
+                or (reading.quality == "overflow" and c.above_range_usable)):
             return f"{c.measured} flagged {reading.quality}", "data.invalid"
         low, high = c.valid_range
         if not low <= reading.value <= high:
@@ -233,8 +244,11 @@ class SafetySupervisor:
 
     def observe(self, reading: Reading) -> bool:
         """Track an admitted reading for flat-line detection (and the low suspend's trend);
-        False when the signal is flat."""
-        self._recent.append(reading.value)
+        False when the signal is flat. A reading at the device's range limit (underflow,
+        overflow) is the same value each time by nature: it neither counts towards a flat
+        line nor breaks one."""
+        if reading.quality == "valid":
+            self._recent.append(reading.value)
         if self.config.suspend_below is not None and math.isfinite(reading.value):
             self._trend.append((float(reading.t_meas_s), float(reading.value)))
         return not self.flat

@@ -14,7 +14,7 @@ they are derived from the patient's parameters by one procedure for every glucos
   its bolus): from steady state at the target on the basal, a meal of
   :data:`TEST_MEAL_G` with a bolus *B* at the meal; *B* is the bolus that brings glucose back
   to the target :data:`TEST_HOURS` after the meal, lowered if needed so the nadir stays at
-  or above :data:`TEST_NADIR_MMOL_L`; the ratio is meal / B;
+  or above :data:`TEST_NADIR_MMOL_L` for :data:`TEST_WATCH_HOURS`; the ratio is meal / B;
 * **correction factor**: the 1800 rule (Walsh 2006): 1800/TDD mg/dL per U, the total daily
   dose being the day's basal plus the insulin for :data:`DAILY_CARBS_G` of carbohydrate.
 
@@ -38,7 +38,7 @@ from .simulation import simulate
 from .spec import Model
 
 __all__ = ["TherapySettings", "patient_therapy", "titrated_therapy", "at_clock", "BASAL_LEAD_H", "TEST_MEAL_G", "TEST_HOURS",
-           "TEST_NADIR_MMOL_L", "DAILY_CARBS_G", "CORRECTION_RULE_MG_DL"]
+           "TEST_NADIR_MMOL_L", "TEST_WATCH_HOURS", "DAILY_CARBS_G", "CORRECTION_RULE_MG_DL"]
 
 WALSH_2006 = ("Walsh J, Roberts R. Pumping Insulin, 4th ed. San Diego: Torrey Pines Press, "
               "2006 (basal testing, carbohydrate-ratio meal tests, the 1800 rule)")
@@ -51,8 +51,10 @@ BASAL_LEAD_H = 1.5
 TEST_MEAL_G = 50.0
 #: [h] glucose is back at the target this long after the test meal (Walsh 2006: 4-5 h)
 TEST_HOURS = 5.0
-#: [mmol/L] the test's bolus never takes glucose below this (70 mg/dL + 2 mg/dL)
+#: [mmol/L] the test's bolus never takes glucose below this (70 mg/dL + 2 mg/dL) ...
 TEST_NADIR_MMOL_L = 4.0
+#: [h] ... within this long after the meal (a slow absorber's bolus acts for 6-8 h)
+TEST_WATCH_HOURS = 8.0
 #: [g/day] the diet the total daily dose counts (a typical adult's 180-200 g)
 DAILY_CARBS_G = 180.0
 #: the 1800 rule: correction factor = 1800 / TDD [mg/dL per U] (Walsh 2006)
@@ -154,8 +156,9 @@ def titrated_therapy(model: Model, params: Mapping[str, float], target_mmol_per_
     basal = basal_U_per_h(flat, target_mmol_per_L)
     p = model.parameter_vector(flat)
     step_s = 300.0
-    times = np.arange(0.0, TEST_HOURS * 3600.0 + step_s / 2, step_s)
-    base = [Dose.infusion(0.0, insulin, basal / 3600.0, TEST_HOURS * 3600.0 + step_s),
+    times = np.arange(0.0, TEST_WATCH_HOURS * 3600.0 + step_s / 2, step_s)
+    at_test = int(round(TEST_HOURS * 3600.0 / step_s))
+    base = [Dose.infusion(0.0, insulin, basal / 3600.0, TEST_WATCH_HOURS * 3600.0 + step_s),
             Dose.bolus(0.0, carbohydrate, TEST_MEAL_G)]
 
     def after(bolus_U: float) -> np.ndarray:
@@ -163,7 +166,7 @@ def titrated_therapy(model: Model, params: Mapping[str, float], target_mmol_per_
         return simulate(model, p, doses, times).output(glucose)
 
     def miss(bolus_U: float) -> float:
-        return after(bolus_U)[-1] - target_mmol_per_L
+        return after(bolus_U)[at_test] - target_mmol_per_L
 
     def nadir(bolus_U: float) -> float:
         return after(bolus_U).min() - TEST_NADIR_MMOL_L
@@ -192,5 +195,5 @@ def titrated_therapy(model: Model, params: Mapping[str, float], target_mmol_per_
         basis=f"basal: steady state at {target_mmol_per_L:g} mmol/L by the hour, "
               f"{BASAL_LEAD_H:g} h ahead of the rhythm; CR: a {TEST_MEAL_G:g}-g meal test, "
               f"glucose back at the target {TEST_HOURS:g} h later (nadir >= "
-              f"{TEST_NADIR_MMOL_L:g} mmol/L); CF: 1800/TDD with TDD = basal + "
+              f"{TEST_NADIR_MMOL_L:g} mmol/L for {TEST_WATCH_HOURS:g} h); CF: 1800/TDD with TDD = basal + "
               f"{DAILY_CARBS_G:g} g/CR (Walsh 2006)")

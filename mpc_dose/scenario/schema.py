@@ -698,6 +698,8 @@ class SafetySpec(_Strict):
     dose_before_first_reading: bool | None = None
     #: a reading below its limit of quantification is usable (censored) data
     below_lloq_usable: bool | None = None
+    #: a reading above the device's range (a CGM's HIGH) is usable (censored) data
+    above_range_usable: bool | None = None
     #: [measured's unit] predictive low suspend: suspend_inputs are held at 0 while the
     #: measured value, or its trend extrapolated suspend_horizon_s ahead, is below this
     suspend_below: Quantity | None = None
@@ -812,7 +814,9 @@ class BasalBolusSpec(_Quantities):
     """Open-loop basal-bolus therapy (control/basal_bolus.py): a daily basal profile and, at
     each announced meal, the bolus calculator's dose (``carb_ratio_g_per_U``-style keys:
     grams of carbohydrate per unit; the correction factor in the glucose output's unit per
-    unit); insulin on board by the exponential activity curve."""
+    unit); insulin on board by the exponential activity curve. A setting not given is the
+    patient's own, titrated from its model at *target* (model/therapy.py: hourly basal,
+    meal-test carb ratio, 1800-rule correction factor), as in-silico trials give them."""
 
     QUANTITIES = {"carb_ratio": "per_amount"}
     #: the insulin input
@@ -821,12 +825,13 @@ class BasalBolusSpec(_Quantities):
     output: str
     #: the model input whose announcements (``<input>_announced`` readings, g) are meals
     meal_input: str
-    #: the daily basal profile
-    basal: list[BasalRowSpec]
-    #: [output unit] glucose lowered by one unit of insulin
-    correction_factor: Quantity
-    #: [output unit] the glucose the correction aims at
+    #: [output unit] the glucose the correction aims at (and the patient's settings hold)
     target: Quantity
+    #: the daily basal profile (the patient's own when not given)
+    basal: list[BasalRowSpec] = []
+    #: [output unit] glucose lowered by one unit of insulin (the patient's own when not
+    #: given)
+    correction_factor: Quantity | None = None
     #: [min] the insulin-activity curve's peak (default: control/insulin.py InsulinCurve)
     insulin_peak_min: float | None = Field(None, gt=0)
     #: [h] the duration of insulin action (default: control/insulin.py InsulinCurve)

@@ -17,7 +17,7 @@ from ..control.base import Controller
 from ..control.baselines import (CallableController, FixedRegimen, PIDController, PIDSettings,
                                  load_user_controller)
 from ..control.supervisor import SafetyConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..model.library import LibraryModel, load
 from ..model.spec import CLOCK_PARAM
 from ..plant.cohort import (CovariateDistribution, VirtualPatientSpec, patient_from_population,
@@ -28,7 +28,7 @@ from ..plant.sensor import (GLUCOSE_MG_DL_PER_MMOL_L, CGMModel, FilteredNoise, S
                             bis_noise_filter)
 from ..scenario.dosing_table import read_dosing_table
 from ..scenario.schema import PIDSpec, Scenario
-from ..units import UnitError, conversion_factor, parse_quantity
+from ..units import GLUCOSE, UnitError, conversion_factor, convert_substance, parse_quantity
 from .closed_loop import LoopSetup
 
 __all__ = ["cohort_size", "build_patient", "build_setup", "read_cohort_table",
@@ -530,7 +530,7 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
     if c.kind in ("nomogram", "mipd"):
         return _scheduled_controller(scenario, chosen, c, lm, patient, measured, changes)
     if c.kind == "basal_bolus":
-        return _basal_bolus_controller(scenario, chosen, c, lm, measured)
+        return _basal_bolus_controller(scenario, chosen, c, lm, patient, measured)
     factory = load_user_controller(chosen.target, scenario.base_dir)
     made = factory(inputs=tuple(chosen.inputs), period_s=c.period_s, **chosen.options)
     if hasattr(made, "decide"):
@@ -538,10 +538,26 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
     return CallableController(made, chosen.inputs, period_s=c.period_s, name=chosen.target)
 
 
+def patient_therapy_settings(lm: LibraryModel, patient: VirtualPatientSpec,
+                             target: float, glucose_unit: str, where: str):
+    """The patient's own pump settings (model/therapy.py) at *target* [*glucose_unit*],
+    derived from its true parameters as a clinician titrates them."""
+    from ..model.therapy import patient_therapy
+
+    try:
+        target_mmol = convert_substance(target, glucose_unit, "mmol/L", GLUCOSE,
+                                        what=f"{where}.target")
+        return patient_therapy(lm, patient.params, target_mmol)
+    except (ModelError, UnitError) as err:
+        raise ConfigError(f"{where}: the patient's own settings (patient {patient.index}): "
+                          f"{err}") from None
+
+
 def _basal_bolus_controller(scenario: Scenario, spec, c, lm: LibraryModel,
-                            measured: str | None) -> Controller:
+                            patient: VirtualPatientSpec, measured: str | None) -> Controller:
     """``kind = "basal_bolus"``: rates in the insulin input's amount unit per second, the
-    calculator's glucose values in the glucose output's unit."""
+    calculator's glucose values in the glucose output's unit; settings not given are the
+    patient's own (:func:`patient_therapy_settings`)."""
     from ..control.basal_bolus import BasalBolusController
     from ..control.insulin import BolusCalculator, InsulinCurve
 
@@ -552,29 +568,36 @@ def _basal_bolus_controller(scenario: Scenario, spec, c, lm: LibraryModel,
         raise ConfigError(f"{where}.output: model {model.name!r} has no output "
                           f"{spec.output!r}; outputs: {', '.join(model.output_names)}")
     glucose_unit = model.outputs[model.output_index(spec.output)].unit
+    target = _quantity(spec.target, glucose_unit, f"{where}.target")
+    own = None
+    if not spec.basal or "carb_ratio" not in spec.quantities or spec.correction_factor is None:
+        own = patient_therapy_settings(lm, patient, target, glucose_unit, where)
+    rows = ([(row.clock_h, row.quantities.get("rate")) for row in spec.basal] if spec.basal
+            else [(hour, (rate, "U/h")) for hour, rate in own.basal_U_per_h])
     profile = []
-    for k, row in enumerate(spec.basal):
-        if "rate" not in row.quantities:
+    for k, (hour, rate) in enumerate(rows):
+        if rate is None:
             raise ConfigError(f"{where}.basal[{k}]: needs rate_<unit> (e.g. rate_U_per_h)")
-        profile.append((row.clock_h, _rate(row.quantities["rate"], amount_unit,
-                                           f"{where}.basal[{k}].rate")))
-    if "carb_ratio" not in spec.quantities:
-        raise ConfigError(f"{where}: needs carb_ratio_<unit> (e.g. carb_ratio_g_per_U = 10)")
-    value, unit = spec.quantities["carb_ratio"]
+        profile.append((hour, _rate(rate, amount_unit, f"{where}.basal[{k}].rate")))
+    value, unit = (spec.quantities["carb_ratio"] if "carb_ratio" in spec.quantities
+                   else (own.carb_ratio_g_per_U, "g/U"))
     try:   # announcements come in g; doses in the insulin input's amount unit
         carb_ratio = value * conversion_factor(unit, f"g/{amount_unit}",
                                                what=f"{where}.carb_ratio")
         conversion_factor(meal_unit, "g", what=f"{where}.meal_input")
+        correction = (_quantity(spec.correction_factor, glucose_unit,
+                                f"{where}.correction_factor")
+                      if spec.correction_factor is not None else
+                      convert_substance(own.correction_mmol_per_L_per_U, "mmol/L",
+                                        glucose_unit, GLUCOSE, what=f"{where}.correction_factor")
+                      / conversion_factor("U", amount_unit, what=f"{where}.input"))
     except UnitError as err:
         raise ConfigError(str(err)) from None
     curve = {k: v for k, v in (("peak_s", None if spec.insulin_peak_min is None
                                 else spec.insulin_peak_min * 60.0),
                                ("duration_s", None if spec.insulin_duration_h is None
                                 else spec.insulin_duration_h * 3600.0)) if v is not None}
-    calculator = BolusCalculator(
-        carb_ratio, _quantity(spec.correction_factor, glucose_unit,
-                              f"{where}.correction_factor"),
-        _quantity(spec.target, glucose_unit, f"{where}.target"))
+    calculator = BolusCalculator(carb_ratio, correction, target)
     if measured is None:
         raise ConfigError(f"{where}: needs the glucose readings' variable "
                           f"(controller.safety.measured or a sensor of {spec.output!r})")

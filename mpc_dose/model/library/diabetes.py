@@ -203,9 +203,12 @@ def basal_insulin_rate(params: Mapping[str, float], glucose_mmol_per_L: float, *
 
 
 def _has_basal_state(params: Mapping[str, float]) -> bool:
-    """A drawn patient is plausible when some basal insulin holds its basal glucose."""
+    """A drawn patient is plausible when some basal insulin holds its basal glucose at every
+    hour: at the trough of its EGP rhythm too (a person with type 1 diabetes needs insulin
+    around the clock)."""
+    trough = params[P + "egp0"] * (1 - abs(params.get(P + "egp0_amplitude_1", 0.0)))
     try:
-        steady_state_insulin(params, params[P + "basal_glucose"])
+        steady_state_insulin({**params, P + "egp0": trough}, params[P + "basal_glucose"])
     except ModelError:
         return False
     return True
