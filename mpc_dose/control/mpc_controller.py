@@ -21,6 +21,7 @@ import casadi as ca
 import numpy as np
 
 from ..errors import ConfigError
+from ..model.dosing import Dose, schedule
 from ..model.propagate import Propagator
 from ..model.spec import Model
 from .base import Decision, Reading
@@ -66,6 +67,12 @@ class MPCController:
         *mhe*): it is told every reading and every delivered rate; the NMPC plans from its
         state estimate and its parameters (the typical values at the decision's time, so a
         covariate change it was told of counts from its time on).
+    announcements : mapping, optional
+        Reading variable -> (model input, factor): a reading of the variable announces a
+        bolus of the input that no pump gives (a meal the patient eats: ``carbohydrate_
+        announced`` -> ``carbohydrate``), of the reading's value times the factor (to the
+        input's amount unit), at the reading's sample time. The states and the estimator
+        take it in, so the prediction sees the meal coming.
     """
 
     def __init__(self, model: Model, params: Mapping[str, float] | np.ndarray,
@@ -73,7 +80,8 @@ class MPCController:
                  measured: str | None = None, estimator: str = "mhe",
                  reference: Callable[[float], float] | None = None,
                  name: str = "nmpc", mpc: NonlinearMPC | None = None,
-                 bayes: BayesianEstimator | None = None) -> None:
+                 bayes: BayesianEstimator | None = None,
+                 announcements: Mapping[str, tuple[str, float]] | None = None) -> None:
         if bayes is not None and mhe is not None:
             raise ConfigError(f"{name}: give one estimator (mhe or bayes), not both")
         if bayes is not None and bayes.model is not model:
@@ -108,6 +116,10 @@ class MPCController:
                 raise ConfigError(f"estimator must be 'mhe' or 'ekf', got {estimator!r}")
             self.mhe = (OutputMapMHE if estimator == "mhe" else OutputMapEKF)(
                 model, self.theta, mhe)
+        self._announcements = {var: (model.input_index(name), float(factor))
+                               for var, (name, factor) in (announcements or {}).items()}
+        #: (time [s], state jump) of every announced bolus, in time order
+        self._jumps: list[tuple[float, np.ndarray]] = []
         self._propagator = Propagator(model, self.theta)
         self._t = 0.0
         self._rates = dict.fromkeys(self.inputs, 0.0)
@@ -143,6 +155,24 @@ class MPCController:
         of the measured variable enter the estimator at the next decision."""
         if reading.var == self.measured:
             self._pending.append(reading)
+        elif reading.var in self._announcements and reading.quality == "valid" and \
+                math.isfinite(reading.value) and reading.value > 0:
+            self._announced(reading)
+
+    def _announced(self, reading: Reading) -> None:
+        """A bolus the patient took (an announced meal) at the reading's sample time: into
+        the states from then (re-propagating what came after) and into the estimator."""
+        j, factor = self._announcements[reading.var]
+        t, amount = float(reading.t_meas_s), reading.value * factor
+        # the state increment of the bolus (its compartment, bioavailability, units)
+        jump = schedule(self.model, self.theta,
+                        [Dose.bolus(t, self.model.input_names[j], amount)]).jumps[0]
+        bisect.insort(self._jumps, (t, jump), key=lambda item: item[0])
+        while len(self._checkpoints) > 1 and self._checkpoints[-1][0] >= t:
+            self._checkpoints.pop()
+        self._delivery_changed_s = min(self._delivery_changed_s, t)
+        if self.bayes is not None:
+            self.bayes.bolus(t, self.model.input_names[j], amount)
 
     def applied(self, t_s: float, rates: Mapping[str, float]) -> None:
         """The rates in force from *t_s* on (the supervisor's verdict at a decision, then
@@ -178,13 +208,19 @@ class MPCController:
             return None
         t, x = self._checkpoints[k]
         u = self._rates_vector_at(t)
-        for t_change, u_next in self._deliveries:
-            if t_change <= t:
-                continue
-            if t_change >= t_s:
-                break
-            x = self._propagator.advance(x, t, t_change, u)
-            t, u = t_change, u_next
+        # rate changes (t, rates, None) and announced boluses (t, None, jump) after the
+        # checkpoint: a bolus at t_s itself counts (it was taken by then)
+        events = sorted([(tc, un, None) for tc, un in self._deliveries if t < tc < t_s]
+                        + [(tj, None, jump) for tj, jump in self._jumps if t < tj <= t_s],
+                        key=lambda e: e[0])
+        for t_event, u_next, jump in events:
+            if t_event > t:
+                x = self._propagator.advance(x, t, t_event, u)
+                t = t_event
+            if jump is not None:
+                x = x + jump
+            else:
+                u = u_next
         if t_s > t:
             x = self._propagator.advance(x, t, t_s, u)
         return x, self._rates_vector_at(t_s)

@@ -114,7 +114,9 @@ class NMPCConfig:
     max_change : mapping of input -> float
         Hard bound on the change of a rate between periods (inf: none).
     soft_window : (low, high)
-        Soft bounds on the output, penalised with *soft_weights* (linear, quadratic).
+        Soft bounds on the output, penalised with *soft_weights* (linear, quadratic); the
+        low side with *soft_low_weights* when given (an asymmetric cost: a low glucose
+        far costlier than a high one).
     hard_window : (low, high)
         Hard bounds on the output (-inf, inf: none).
     ratio : (input_a, input_b, r), optional
@@ -146,6 +148,8 @@ class NMPCConfig:
     #: therapeutic window on a concentration while tracking an effect
     window_output: str | None = None
     soft_weights: tuple[float, float] = (100.0, 100.0)
+    #: the soft window's low side's (linear, quadratic) weights; None: soft_weights
+    soft_low_weights: tuple[float, float] | None = None
     #: the soft window is checked at every *soft_every*-th stage (and the last): fewer slack
     #: variables, a smaller QP (the output moves slowly against the period)
     soft_every: int = 1
@@ -318,8 +322,11 @@ class NMPCConfig:
                     and value[0] <= value[1]):
                 raise ConfigError(f"nmpc.{name} = {value!r}: expected (low, high) with "
                                   f"low <= high (-inf, inf: none)")
-        for name in ("soft_weights", "auc_soft_weights", "time_above_weights"):
+        for name in ("soft_weights", "auc_soft_weights", "time_above_weights",
+                     "soft_low_weights"):
             value = getattr(self, name)
+            if name == "soft_low_weights" and value is None:
+                continue
             if not (len(value) == 2 and all(_is_number(v) and v >= 0 for v in value)):
                 raise ConfigError(f"nmpc.{name} = {value!r}: expected (linear, quadratic) "
                                   f"weights >= 0")
@@ -701,7 +708,7 @@ class NonlinearMPC:
         w_y = ca.SX.sym("w_y")
         w_du = ca.SX.sym("w_du", nf)
         w_use = ca.SX.sym("w_use", nf)
-        w_soft = ca.SX.sym("w_soft", 2)
+        w_soft = ca.SX.sym("w_soft", 4)  # (linear, quadratic) high side, then low side
         window = ca.SX.sym("window", 2)
         parts = [x0, u_prev, ref, theta, dist, t0, w_y, w_du, w_use, w_soft, window]
         if condensed:
@@ -907,8 +914,8 @@ class NonlinearMPC:
             if soft_low and j is not None:
                 g.append(y_win + SL[j] - window[0])
                 self._g_labels.append("soft_low")
-                residuals.append(ca.sqrt(w_soft[1]) * SL[j])
-                linear += w_soft[0] * SL[j]
+                residuals.append(ca.sqrt(w_soft[3]) * SL[j])
+                linear += w_soft[2] * SL[j]
             if soft_high and j is not None:
                 g.append(window[1] - y_win + SH[j])
                 self._g_labels.append("soft_high")
@@ -1401,6 +1408,7 @@ class NonlinearMPC:
             [c.change_weights.get(i, 0.0) for i in self._free],
             [c.use_weights.get(i, 0.0) for i in self._free],
             list(c.soft_weights),
+            list(c.soft_weights if c.soft_low_weights is None else c.soft_low_weights),
             [_finite_or(c.soft_window[0], -1e6), _finite_or(c.soft_window[1], 1e6)]])
         bounds = c.rate_bounds
         lbx = np.full(self._nw, -np.inf)
@@ -1810,6 +1818,7 @@ class NonlinearMPC:
 #: per-call weights and limits: names of NMPCConfig fields that plan() takes in *weights*
 #: and *limits*; with the reference they are the numbers of a built problem
 _WEIGHT_FIELDS = ("output_weight", "change_weights", "use_weights", "soft_weights",
+                  "soft_low_weights",
                   "auc_weight", "auc_soft_weights", "time_above_weights")
 _LIMIT_FIELDS = ("rate_bounds", "max_change", "soft_window", "hard_window", "terminal_window",
                  "dose_windows", "max_dose", "loading_dose_max", "dose_step", "dose_clock_h",

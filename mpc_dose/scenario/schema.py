@@ -541,6 +541,15 @@ class EstimatorSpec(_Strict):
     max_iter: int | None = Field(None, ge=1)
 
 
+class ClockValueSpec(_Strict):
+    """A value from a clock time of day on."""
+
+    #: [h] the clock time of day it starts (on the scenario's clock)
+    clock_h: float = Field(ge=0, lt=24)
+    #: the value [its quantity's unit, or a string with a unit: "5.5 mmol/L"]
+    value: Quantity
+
+
 class NMPCSpec(_Strict):
     """The NMPC (control/nmpc.py NMPCConfig). A key not given takes NMPCConfig's default,
     declared there once."""
@@ -568,6 +577,9 @@ class NMPCSpec(_Strict):
     soft_low: Quantity | None = None
     soft_high: Quantity | None = None
     soft_weights: tuple[float, float] | None = None
+    #: the soft window's low side's (linear, quadratic) weights when they differ from
+    #: soft_weights (an asymmetric cost: a low glucose far costlier than a high one)
+    soft_low_weights: tuple[float, float] | None = None
     #: the soft window is checked every soft_every-th stage and the last (a smaller problem)
     soft_every: int | None = Field(None, ge=1)
     #: hard window hard_low, hard_high on the window output [its unit]
@@ -626,6 +638,12 @@ class NMPCSpec(_Strict):
     time_above_target: float | None = Field(None, ge=0, le=1)
     time_above_weights: tuple[float, float] | None = None
     time_above_min: float | None = Field(None, ge=0, le=1)
+    #: a reference that follows the time of day (e.g. a lower glucose target at night):
+    #: rows {clock_h, value} each from its hour until the next (instead of reference)
+    reference_schedule: list[ClockValueSpec] = []
+    #: the model input whose announcements (``<input>_announced`` readings, g) the
+    #: prediction takes in (announced meals)
+    meal_input: str | None = None
     #: multiplies the controller model's parameters named in scaled (a cautious prior: e.g.
     #: 0.55 on the C50s)
     prior_scale: float = Field(1.0, gt=0)

@@ -790,6 +790,13 @@ def _nmpc_fields(spec, c, model, clock_h: float | None = None) -> dict:
                   (auc_unit, ("auc_target", "auc_soft_low", "auc_soft_high", "auc_hard_low",
                               "auc_hard_high")))
               for name in names}
+    if spec.reference_schedule:
+        if values["reference"] is not None:
+            raise ConfigError("controller.nmpc: give reference or reference_schedule, not both")
+        # the constant reference is the schedule's first row; the controller follows the
+        # schedule itself (_reference_schedule)
+        values["reference"] = _quantity(spec.reference_schedule[0].value, tracked,
+                                        "controller.nmpc.reference_schedule[0].value")
     if values["reference"] is None:
         fields["output_weight"] = 0.0 if spec.output_weight is None else spec.output_weight
         if fields["output_weight"]:
@@ -820,7 +827,7 @@ def _nmpc_fields(spec, c, model, clock_h: float | None = None) -> dict:
     for name in ("auc_target", "time_above_threshold", "time_above_width"):
         if values[name] is not None:
             fields[name] = values[name]
-    for name in ("soft_weights", "auc_soft_weights", "time_above_weights"):
+    for name in ("soft_weights", "soft_low_weights", "auc_soft_weights", "time_above_weights"):
         if getattr(spec, name) is not None:
             fields[name] = tuple(getattr(spec, name))
     infusion = spec.infusion_s
@@ -905,9 +912,44 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
             shared = _SHARED_NMPC[key] = NonlinearMPC(own.model, nmpc)
         shared.reset(nmpc)
     kind = {} if est.kind in (None, "none", "map") else {"estimator": est.kind}
+    announcements = None
+    if spec.meal_input is not None:
+        where = "controller.nmpc.meal_input"
+        try:   # announcements come in g
+            factor = conversion_factor("g", _amount_unit(own.model, spec.meal_input, where),
+                                       what=where)
+        except UnitError as err:
+            raise ConfigError(str(err)) from None
+        announcements = {f"{spec.meal_input}_announced": (spec.meal_input, factor)}
     with _scenario_names():
         return MPCController(own.model, params, nmpc, mhe, measured=measured, mpc=shared,
-                             bayes=bayes, **kind)
+                             bayes=bayes, announcements=announcements,
+                             reference=_reference_schedule(scenario, spec, own.model), **kind)
+
+
+def _reference_schedule(scenario: Scenario, spec, model):
+    """``reference_schedule``: the reference as a function of model time [s] (None when not
+    given), values in the tracked output's unit, on the scenario's clock."""
+    if not spec.reference_schedule:
+        return None
+    unit = model.outputs[model.output_index(spec.output)].unit
+    rows = sorted((row.clock_h, _quantity(row.value, unit,
+                                          f"controller.nmpc.reference_schedule[{k}].value"))
+                  for k, row in enumerate(spec.reference_schedule))
+    if rows[0][0] != 0.0:
+        raise ConfigError(f"controller.nmpc.reference_schedule: the first row must start at "
+                          f"clock_h = 0, got {rows[0][0]!r}")
+    start_h = scenario.scenario.start_clock_h or 0.0
+
+    def reference(t_s: float) -> float:
+        clock = (start_h + t_s / 3600.0) % 24.0
+        value = rows[0][1]
+        for hour, row_value in rows:
+            if clock + 1e-9 >= hour:
+                value = row_value
+        return value
+
+    return reference
 
 
 @contextlib.contextmanager

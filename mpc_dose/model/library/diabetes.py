@@ -32,7 +32,8 @@ import casadi as ca
 
 from ...errors import ModelError
 from ...units import GLUCOSE, convert
-from ..population import FixedEffect, PopulationModel, RandomEffect, omega2_from_cv
+from ..population import (FixedEffect, PopulationModel, RandomEffect, ResidualError,
+                          omega2_from_cv)
 from ..spec import Block, Cosinor, drug_input, output, param, state
 from .base import WEIGHT, LibraryEntry
 
@@ -151,6 +152,14 @@ def _cambridge_typical(c: Mapping, th: Mapping) -> dict[str, float]:
         P + "egp0_acrophase_1": th["perriello_egp_acrophase"],
         P + "basal_glucose": th["basal_glucose"],
     }
+
+
+#: what a CGM reading of plasma glucose is off by, for an estimator (not the sensor model,
+#: plant/sensor.py CGMModel): the stationary SD of the Breton & Kovatchev 2008 error model
+#: (11.7 mg/dL) and a proportional part for the calibration error a MARD of about 9-10 %
+#: implies (Dexcom G6: Shah VN et al. Diabetes Technol Ther 2018;20(6):428-33, MARD 9.0 %)
+CGM_ERROR_SD_MMOL_L = 0.65
+CGM_ERROR_CV = 0.09
 
 
 # ---------------------------------------------------------------- steady state
@@ -322,6 +331,8 @@ CAMBRIDGE_HOVORKA = LibraryEntry(
               for name, (cv, what) in WILINSKA_CV.items())
         + tuple(RandomEffect(P + name, sd * sd, f"SD(log) {sd:.3g}: {what} (Wilinska 2010)")
                 for name, (sd, what) in WILINSKA_LOG_SD.items()),
+        residual_errors=(ResidualError("glucose", additive=CGM_ERROR_SD_MMOL_L,
+                                       proportional=CGM_ERROR_CV),),
         plausible=_has_basal_state),
     notes="Nominal values: Hovorka 2004 (Table 1). Variability: the means and SDs of Wilinska "
           "2010's population distributions turned into log-normal random effects with the "
