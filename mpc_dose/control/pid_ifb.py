@@ -73,12 +73,14 @@ TARGET_MG_DL = 120.0
 SLOPE_WINDOW_S = 15 * 60.0
 
 
-def proportional_gain(total_daily_dose_U: float) -> float:
-    """KP [U/h per mg/dL] from the total daily dose [U/day]: ``TDD / KP_TDD_DIVISOR``."""
+def proportional_gain(total_daily_dose_U: float, divisor: float = KP_TDD_DIVISOR) -> float:
+    """KP [U/h per mg/dL] from the total daily dose [U/day]: ``TDD / divisor``."""
     if not (math.isfinite(total_daily_dose_U) and total_daily_dose_U > 0):
         raise ConfigError(f"pid_ifb: total daily dose = {total_daily_dose_U!r} U; expected "
-                          f"> 0 (KP = TDD / {KP_TDD_DIVISOR:g})")
-    return total_daily_dose_U / KP_TDD_DIVISOR
+                          f"> 0 (KP = TDD / {divisor:g})")
+    if not (math.isfinite(divisor) and divisor > 0):
+        raise ConfigError(f"pid_ifb: kp_tdd_divisor = {divisor!r}; expected a number > 0")
+    return total_daily_dose_U / divisor
 
 
 class PIDIFBController:

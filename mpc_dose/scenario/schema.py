@@ -857,8 +857,11 @@ class PIDIFBSpec(_InsulinTherapySpec):
     QUANTITIES = {"carb_ratio": "per_amount", "max_rate": "rate"}
     #: the model input whose announcements are meals (none: no meal boluses)
     meal_input: str | None = None
-    #: [U/h per mg/dL] proportional gain (default: TDD / 135, control/pid_ifb.py)
+    #: [U/h per mg/dL] proportional gain (default: the patient's TDD / kp_tdd_divisor)
     kp_U_per_h_per_mg_dL: float | None = Field(None, gt=0)
+    #: KP = TDD [U/day] / this when kp is not given (default: control/pid_ifb.py
+    #: KP_TDD_DIVISOR)
+    kp_tdd_divisor: float | None = Field(None, gt=0)
     #: [min] integral time (default: control/pid_ifb.py TI_MIN)
     ti_min: float | None = Field(None, gt=0)
     #: [min] derivative time (default: control/pid_ifb.py TD_MIN)

@@ -412,6 +412,8 @@ def safety_config(scenario: Scenario, model) -> SafetyConfig:
         sensor sends never doses), or no sensor (or several) measures the NMPC's output.
     """
     c = scenario.controller
+    if c.kind != "pid" and getattr(c, c.kind, None) is None:
+        raise ConfigError(f"controller.kind = {c.kind!r} needs a [controller.{c.kind}] table")
     given = c.safety
     sensor_vars = [s.var or s.output for s in scenario.sensor]
     defaults: dict = {}
@@ -738,7 +740,9 @@ def _pid_ifb_controller(scenario: Scenario, spec, c, lm: LibraryModel,
     max_rate = math.inf
     if "max_rate" in spec.quantities:
         max_rate = _rate(spec.quantities["max_rate"], "U", f"{where}.max_rate") * 3600.0
-    kp = spec.kp_U_per_h_per_mg_dL if spec.kp_U_per_h_per_mg_dL is not None else         pid_ifb.proportional_gain(own["total_daily_dose_U"])
+    kp = spec.kp_U_per_h_per_mg_dL if spec.kp_U_per_h_per_mg_dL is not None else         pid_ifb.proportional_gain(own["total_daily_dose_U"], spec.kp_tdd_divisor
+                                  if spec.kp_tdd_divisor is not None
+                                  else pid_ifb.KP_TDD_DIVISOR)
     optional = {name: value for name, value in (
         ("ti_min", spec.ti_min), ("td_min", spec.td_min), ("gamma", spec.insulin_feedback),
         ("ifb_time_constants_min", spec.ifb_time_constants_min)) if value is not None}
