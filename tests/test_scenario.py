@@ -35,7 +35,7 @@ def _write(tmp_path, text):
      r"sensor\[0\].periode_s: unknown key.*did you mean 'period_s'"),
     ("duration_s = 600", 'duration_s = "long"', r"scenario.duration_s: .*got 'long'"),
     ("duration_s = 600", "duration_s = -5", r"scenario.duration_s: .*greater than 0"),
-    ('kind = "pid"', 'kind = "mpc"', r"controller.kind: .*'pid', 'fixed', 'tci', 'python', 'nmpc', 'nomogram', 'mipd' or 'basal_bolus'"),
+    ('kind = "pid"', 'kind = "mpc"', r"controller.kind: .*'pid', 'fixed', 'tci', 'python', 'nmpc', 'nomogram', 'mipd', 'basal_bolus', 'pid_ifb' or 'openaps'"),
 ])
 def test_scenario_errors_name_the_dotted_path(tmp_path, old, new, match):
     """A misspelt key, a wrong type or value fails on load, naming the place and the fix."""

@@ -18,14 +18,15 @@ from collections.abc import Mapping, Sequence
 
 from ..errors import ConfigError
 from .base import Decision, Reading
-from .insulin import BolusCalculator, InsulinCurve
+from .insulin import BolusCalculator, InsulinCurve, MealBoluses, latest_valid, profile_rate
 
 __all__ = ["BasalBolusController"]
 
 
 class BasalBolusController:
     """Basal by *basal_profile* ``(clock hour, rate [amount/s])`` rows (each from its hour
-    until the next; the first row's hour must be 0), boluses by *calculator*.
+    until the next; the first row's hour must be 0), boluses by *calculator* (through
+    :class:`~mpc_dose.control.insulin.MealBoluses`, as the hybrid closed loops dose meals).
 
     *clock_at_t0_h* is the clock time at t = 0. Amounts (bolus, insulin on board) in the
     insulin input's amount unit, which must be the calculator's units.
@@ -48,42 +49,23 @@ class BasalBolusController:
         self.glucose_var, self.announcement_var = glucose_var, announcement_var
         self.clock_at_t0_h = float(clock_at_t0_h)
         self._glucose: Reading | None = None
-        self._meals: list[Reading] = []          # announced, not yet dosed
-        #: (time [s], amount) of every bolus given (insulin on board counts them)
-        self.boluses: list[tuple[float, float]] = []
-        self._bolus_end_s = -math.inf
-        self._bolus_rate = 0.0
+        self.meals = MealBoluses(calculator, announcement_var, period_s, curve)
+
+    @property
+    def boluses(self) -> list[tuple[float, float]]:
+        """(time [s], amount) of every bolus given."""
+        return self.meals.boluses
 
     def observe(self, reading: Reading) -> None:
-        if reading.var == self.announcement_var and reading.quality == "valid" and \
-                math.isfinite(reading.value):
-            self._meals.append(reading)
-        elif reading.var == self.glucose_var and reading.quality == "valid" and \
-                math.isfinite(reading.value):
-            if self._glucose is None or reading.t_meas_s >= self._glucose.t_meas_s:
-                self._glucose = reading
+        if not self.meals.observe(reading) and reading.var == self.glucose_var:
+            self._glucose = latest_valid(self._glucose, reading)
 
     def basal_at(self, t_s: float) -> float:
         """The profile's basal rate at model time *t_s* [amount/s]."""
-        clock = (self.clock_at_t0_h + t_s / 3600.0) % 24.0
-        rate = self.basal_profile[0][1]
-        for hour, value in self.basal_profile:
-            if clock + 1e-9 >= hour:
-                rate = value
-        return rate
+        return profile_rate(self.basal_profile, self.clock_at_t0_h + t_s / 3600.0)
 
     def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
-        reason = "basal"
-        if self._meals:
-            carbs = sum(m.value for m in self._meals)
-            self._meals.clear()
-            on_board = self.curve.on_board(self.boluses, t_s)
-            glucose = self._glucose.value if self._glucose is not None else None
-            amount = self.calculator.bolus(carbs, glucose, on_board)
-            self.boluses.append((t_s, amount))
-            self._bolus_end_s, self._bolus_rate = t_s + self.period_s, amount / self.period_s
-            reason = (f"bolus {amount:.3g} for {carbs:.3g} g at glucose "
-                      f"{'unknown' if glucose is None else f'{glucose:.4g}'} "
-                      f"({on_board:.3g} on board)")
-        bolus = self._bolus_rate if t_s < self._bolus_end_s - 1e-9 else 0.0
-        return Decision(t_s, {self.input: self.basal_at(t_s) + bolus}, reason)
+        glucose = self._glucose.value if self._glucose is not None else None
+        reason = self.meals.give_due(t_s, glucose) or "basal"
+        return Decision(t_s, {self.input: self.basal_at(t_s) + self.meals.rate_at(t_s)},
+                        reason)

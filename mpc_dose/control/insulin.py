@@ -27,12 +27,14 @@ This module knows nothing of simpy, sockets or files.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from .base import Reading
 
-__all__ = ["InsulinCurve", "BolusCalculator"]
+__all__ = ["InsulinCurve", "BolusCalculator", "MealBoluses", "DeliveryHistory",
+           "latest_valid", "profile_rate"]
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,25 @@ class InsulinCurve:
         tau, _, s = self._shape
         return s / tau ** 2 * age_s * (1 - age_s / self.duration_s) * math.exp(-age_s / tau)
 
+    def activity_array(self, age_s):
+        """:meth:`activity` of every age in the array *age_s* [1/s] (numpy)."""
+        import numpy as np
+
+        age = np.asarray(age_s, dtype=float)
+        tau, _, s = self._shape
+        inside = (age > 0) & (age < self.duration_s)
+        safe = np.where(inside, age, 0.0)
+        return np.where(inside, s / tau ** 2 * safe * (1 - safe / self.duration_s)
+                        * np.exp(-safe / tau), 0.0)
+
     def on_board(self, doses: Iterable[tuple[float, float]], t_s: float) -> float:
         """Insulin on board at *t_s* [s] from *doses* ``(time [s], amount)`` given before it
         (same unit as the amounts)."""
         return sum(amount * self.remaining(t_s - t) for t, amount in doses if t <= t_s)
+
+    def acting(self, doses: Iterable[tuple[float, float]], t_s: float) -> float:
+        """Insulin acting at *t_s* [amount/s]: the doses' activity summed."""
+        return sum(amount * self.activity(t_s - t) for t, amount in doses if t <= t_s)
 
 
 @dataclass(frozen=True)
@@ -105,3 +122,123 @@ class BolusCalculator:
             correction = max((glucose - self.target) / self.correction_factor
                              - insulin_on_board, 0.0)
         return meal + correction
+
+
+def profile_rate(rows: Iterable[tuple[float, float]], clock_h: float) -> float:
+    """The rate of a daily profile of ``(clock hour, rate)`` rows sorted by hour (each from
+    its hour until the next, the first at 0 h) at *clock_h* [h, any day]."""
+    clock = clock_h % 24.0
+    rows = tuple(rows)
+    rate = rows[0][1]
+    for hour, value in rows:
+        if clock + 1e-9 >= hour:
+            rate = value
+    return rate
+
+
+def latest_valid(kept: Reading | None, reading: Reading) -> Reading | None:
+    """*reading* when it is valid, finite and not older than *kept*, else *kept*."""
+    if reading.quality != "valid" or not math.isfinite(reading.value):
+        return kept
+    if kept is None or reading.t_meas_s >= kept.t_meas_s:
+        return reading
+    return kept
+
+
+class MealBoluses:
+    """Announced meals to boluses, as a pump wearer doses them: each announcement (a valid
+    reading of *announcement_var*, g) waits for the next decision, which gives the
+    *calculator*'s bolus for all the carbohydrate announced since, at the latest glucose and
+    with the insulin on board of the boluses given (plus *extra_on_board* a closed loop
+    adds), spread over one control period *period_s* (a pump's bolus takes about a minute;
+    a period of 5 min spreads it over 5). Amounts in the calculator's units."""
+
+    def __init__(self, calculator: BolusCalculator, announcement_var: str, period_s: float,
+                 curve: InsulinCurve = InsulinCurve()) -> None:
+        self.calculator, self.curve = calculator, curve
+        self.announcement_var, self.period_s = announcement_var, float(period_s)
+        self._waiting: list[Reading] = []
+        #: (time [s], amount) of every bolus given
+        self.boluses: list[tuple[float, float]] = []
+        self._end_s, self._rate = -math.inf, 0.0
+
+    def observe(self, reading: Reading) -> bool:
+        """Keep *reading* if it announces a meal; whether it was an announcement."""
+        if reading.var != self.announcement_var:
+            return False
+        if reading.quality == "valid" and math.isfinite(reading.value):
+            self._waiting.append(reading)
+        return True
+
+    def on_board(self, t_s: float) -> float:
+        """The boluses' insulin still to act at *t_s*."""
+        return self.curve.on_board(self.boluses, t_s)
+
+    def give_due(self, t_s: float, glucose: float | None, extra_on_board: float = 0.0
+                 ) -> str | None:
+        """At a decision: the bolus for the meals announced since the last one, if any
+        (its reason), else None. *glucose* in the calculator's unit (None: meal part
+        only)."""
+        if not self._waiting:
+            return None
+        carbs = sum(m.value for m in self._waiting)
+        self._waiting.clear()
+        on_board = self.on_board(t_s) + max(extra_on_board, 0.0)
+        amount = self.calculator.bolus(carbs, glucose, on_board)
+        self.boluses.append((t_s, amount))
+        self._end_s, self._rate = t_s + self.period_s, amount / self.period_s
+        return (f"bolus {amount:.3g} for {carbs:.3g} g at glucose "
+                f"{'unknown' if glucose is None else f'{glucose:.4g}'} "
+                f"({on_board:.3g} on board)")
+
+    def rate_at(self, t_s: float) -> float:
+        """The bolus being given at *t_s* [amount/s] (0 outside a bolus)."""
+        return self._rate if t_s < self._end_s - 1e-9 else 0.0
+
+
+class DeliveryHistory:
+    """The rates a pump delivered, ``record(t_s, rate)`` each from its time until the next
+    [amount/s], kept for *curve*'s duration of action; :meth:`doses` cuts them into
+    pseudo-boluses of at most *step_s* at each piece's midpoint (the OpenAPS documentation
+    counts basal and temporary basal insulin so, as a series of small boluses), net of a
+    *scheduled* rate when one is given (``scheduled(t_s)`` [amount/s]): net insulin on
+    board is negative while less than the schedule was given."""
+
+    def __init__(self, curve: InsulinCurve = InsulinCurve(), step_s: float = 300.0,
+                 start_s: float = 0.0) -> None:
+        if not step_s > 0:
+            raise ConfigError(f"delivery history: step_s = {step_s!r}; expected > 0")
+        self.curve, self.step_s = curve, float(step_s)
+        self._changes: list[tuple[float, float]] = []
+        self.start_s = float(start_s)
+
+    def record(self, t_s: float, rate: float) -> None:
+        """*rate* [amount/s] delivered from *t_s* on (a later record ends it)."""
+        while self._changes and self._changes[-1][0] >= t_s:
+            self._changes.pop()           # replaced from t_s on
+        self._changes.append((float(t_s), float(rate)))
+        horizon = t_s - self.curve.duration_s - self.step_s
+        while len(self._changes) > 1 and self._changes[1][0] <= horizon:
+            self._changes.pop(0)
+
+    def doses(self, t_s: float, scheduled: Callable[[float], float] | None = None
+              ) -> list[tuple[float, float]]:
+        """``(time [s], amount)`` pseudo-boluses delivered before *t_s* (net of
+        *scheduled*), within the duration of action."""
+        out = []
+        since = t_s - self.curve.duration_s
+        for k, (start, rate) in enumerate(self._changes):
+            end = self._changes[k + 1][0] if k + 1 < len(self._changes) else t_s
+            a, b = max(start, since), min(end, t_s)
+            while a < b - 1e-9:
+                piece_end = min(a + self.step_s, b)
+                mid = 0.5 * (a + piece_end)
+                net = rate - (scheduled(mid) if scheduled is not None else 0.0)
+                out.append((mid, net * (piece_end - a)))
+                a = piece_end
+        return out
+
+    def on_board(self, t_s: float, scheduled: Callable[[float], float] | None = None
+                 ) -> float:
+        """Insulin on board at *t_s* (net of *scheduled* when given)."""
+        return self.curve.on_board(self.doses(t_s, scheduled), t_s)

@@ -828,27 +828,24 @@ class BasalRowSpec(_Quantities):
     clock_h: float = Field(ge=0, lt=24)
 
 
-class BasalBolusSpec(_Quantities):
-    """Open-loop basal-bolus therapy (control/basal_bolus.py): a daily basal profile and, at
-    each announced meal, the bolus calculator's dose (``carb_ratio_g_per_U``-style keys:
-    grams of carbohydrate per unit; the correction factor in the glucose output's unit per
-    unit); insulin on board by the exponential activity curve. A setting not given is the
-    patient's own, titrated from its model at *target* (model/therapy.py: hourly basal,
-    meal-test carb ratio, 1800-rule correction factor), as in-silico trials give them."""
+class _InsulinTherapySpec(_Quantities):
+    """What every insulin controller reads of a patient's pump settings; a setting not
+    given is the patient's own, titrated from its model at *target* (model/therapy.py:
+    hourly basal, meal-test carb ratio, 1800-rule correction factor), as in-silico trials
+    give them."""
 
     QUANTITIES = {"carb_ratio": "per_amount"}
     #: the insulin input
     input: str
-    #: the glucose output the correction reads (its sensor: controller.safety.measured)
+    #: the glucose output the controller reads (its sensor: controller.safety.measured)
     output: str
-    #: the model input whose announcements (``<input>_announced`` readings, g) are meals
-    meal_input: str
-    #: [output unit] the glucose the correction aims at (and the patient's settings hold)
+    #: [output unit, or a string with mg/dL or mmol/L] the glucose aimed at (and the
+    #: patient's settings hold)
     target: Quantity
     #: the daily basal profile (the patient's own when not given)
     basal: list[BasalRowSpec] = []
-    #: [output unit] glucose lowered by one unit of insulin (the patient's own when not
-    #: given)
+    #: [output unit, or a string with mg/dL or mmol/L] glucose lowered by one unit of
+    #: insulin (the patient's own when not given)
     correction_factor: Quantity | None = None
     #: [min] the insulin-activity curve's peak (default: control/insulin.py InsulinCurve)
     insulin_peak_min: float | None = Field(None, gt=0)
@@ -856,9 +853,69 @@ class BasalBolusSpec(_Quantities):
     insulin_duration_h: float | None = Field(None, gt=0)
 
 
+class BasalBolusSpec(_InsulinTherapySpec):
+    """Open-loop basal-bolus therapy (control/basal_bolus.py): a daily basal profile and, at
+    each announced meal, the bolus calculator's dose (``carb_ratio_g_per_U``-style keys:
+    grams of carbohydrate per unit; the correction factor in the glucose output's unit per
+    unit); insulin on board by the exponential activity curve. A setting not given is the
+    patient's own, titrated from its model at *target* (model/therapy.py: hourly basal,
+    meal-test carb ratio, 1800-rule correction factor), as in-silico trials give them."""
+
+    #: the model input whose announcements (``<input>_announced`` readings, g) are meals
+    meal_input: str
+
+
+class PIDIFBSpec(_InsulinTherapySpec):
+    """The PID with insulin feedback of the Medtronic ePID line (control/pid_ifb.py, Steil
+    2006 and 2011): gains from the patient's total daily dose unless given, the integral
+    starting at the basal; with *meal_input*, announced meals get the bolus calculator's
+    bolus (hybrid closed loop), else none (fully closed loop). ``max_rate_<unit>`` clips
+    the output (default: none but the supervisor's and the pump's)."""
+
+    QUANTITIES = {"carb_ratio": "per_amount", "max_rate": "rate"}
+    #: the model input whose announcements are meals (none: no meal boluses)
+    meal_input: str | None = None
+    #: [U/h per mg/dL] proportional gain (default: the patient's TDD / kp_tdd_divisor)
+    kp_U_per_h_per_mg_dL: float | None = Field(None, gt=0)
+    #: KP = TDD [U/day] / this when kp is not given (default: control/pid_ifb.py
+    #: KP_TDD_DIVISOR)
+    kp_tdd_divisor: float | None = Field(None, gt=0)
+    #: [min] integral time (default: control/pid_ifb.py TI_MIN)
+    ti_min: float | None = Field(None, gt=0)
+    #: [min] derivative time (default: control/pid_ifb.py TD_MIN)
+    td_min: float | None = Field(None, ge=0)
+    #: the insulin-feedback fraction gamma (0: the PID alone; default control/pid_ifb.py)
+    insulin_feedback: float | None = Field(None, ge=0, lt=10)
+    #: [min] the insulin model's subcutaneous and plasma time constants (default:
+    #: control/pid_ifb.py)
+    ifb_time_constants_min: tuple[float, float] | None = None
+
+
+class OpenAPSSpec(_InsulinTherapySpec):
+    """A temp-basal algorithm of the OpenAPS kind (control/openaps.py, from the OpenAPS
+    documentation): eventualBG and the predictions from insulin on board, BGI and the
+    deviation; 30-min temps, a low-glucose suspend, ``max_iob_<unit>`` (the loop's own
+    basal insulin on board; default 3 h of the highest basal) and ``max_basal_<unit>``
+    (the pump's max basal) with the documented safety multipliers; with *meal_input*,
+    announced meals get the bolus calculator's bolus and count as carbs on board."""
+
+    QUANTITIES = {"carb_ratio": "per_amount", "max_iob": "amount", "max_basal": "rate"}
+    #: the model input whose announcements are meals (none: no meal boluses)
+    meal_input: str | None = None
+    #: a temp never above this x the highest scheduled basal (default 3, control/openaps.py)
+    max_daily_safety_multiplier: float | None = Field(None, gt=0)
+    #: ... nor above this x the current scheduled basal (default 4, control/openaps.py)
+    current_basal_safety_multiplier: float | None = Field(None, gt=0)
+    #: [output unit, or a string with mg/dL or mmol/L] temp 0 while glucose or its
+    #: predicted minimum is below it (default: the documented target - 0.5 (target - 40
+    #: mg/dL))
+    suspend_below: Quantity | None = None
+
+
 class ControllerSpec(_Strict):
     #: which controller runs; its table ([controller.pid], ...) holds its settings
-    kind: Literal["pid", "fixed", "tci", "python", "nmpc", "nomogram", "mipd", "basal_bolus"]
+    kind: Literal["pid", "fixed", "tci", "python", "nmpc", "nomogram", "mipd", "basal_bolus",
+                  "pid_ifb", "openaps"]
     #: the control period: a decision every period_s
     period_s: float = Field(gt=0)
     #: each command's lease in control periods: the pump applies its fallback when no new
@@ -873,6 +930,8 @@ class ControllerSpec(_Strict):
     nomogram: NomogramSpec | None = None
     mipd: MIPDSpec | None = None
     basal_bolus: BasalBolusSpec | None = None
+    pid_ifb: PIDIFBSpec | None = None
+    openaps: OpenAPSSpec | None = None
 
 
 class MetricsSpec(_Strict):

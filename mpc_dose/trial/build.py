@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,11 @@ from ..units import GLUCOSE, UnitError, conversion_factor, convert_substance, pa
 from .closed_loop import LoopSetup
 
 __all__ = ["cohort_size", "build_patient", "build_setup", "read_cohort_table",
-           "parameter_changes", "safety_config", "scenario_model"]
+           "parameter_changes", "safety_config", "scenario_model", "insulin_therapy",
+           "patient_therapy_settings", "INSULIN_KINDS"]
+
+#: the controller kinds that dose insulin from a patient's pump settings
+INSULIN_KINDS = ("basal_bolus", "pid_ifb", "openaps")
 
 
 def _resolve(scenario: Scenario, path: str) -> Path:
@@ -145,7 +150,7 @@ def _check_clock(scenario: Scenario, models) -> None:
         any(s.cgm is not None and s.cgm.compression_clock_h is not None
             for s in scenario.sensor) or \
         (dosing is not None and dosing.dose_clock_h is not None) or \
-        scenario.meals is not None or c.kind == "basal_bolus" or \
+        scenario.meals is not None or c.kind in INSULIN_KINDS or \
         (scenario.metrics is not None and scenario.metrics.clinical == "glucose")
     if scenario.scenario.start_clock_h is not None and not readers:
         raise ConfigError(f"scenario.start_clock_h = {scenario.scenario.start_clock_h}: "
@@ -407,13 +412,15 @@ def safety_config(scenario: Scenario, model) -> SafetyConfig:
         sensor sends never doses), or no sensor (or several) measures the NMPC's output.
     """
     c = scenario.controller
+    if c.kind != "pid" and getattr(c, c.kind, None) is None:
+        raise ConfigError(f"controller.kind = {c.kind!r} needs a [controller.{c.kind}] table")
     given = c.safety
     sensor_vars = [s.var or s.output for s in scenario.sensor]
     defaults: dict = {}
     if c.kind == "pid":
         pid = c.pid or PIDSpec()
         defaults = {"measured": pid.measured, "max_rates": dict(pid.max_rates)}
-    elif c.kind in ("nmpc", "mipd", "nomogram", "basal_bolus") and \
+    elif c.kind in ("nmpc", "mipd", "nomogram") + INSULIN_KINDS and \
             getattr(c, c.kind) is not None:
         defaults = {}
         if c.kind == "nmpc":
@@ -531,6 +538,10 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
         return _scheduled_controller(scenario, chosen, c, lm, patient, measured, changes)
     if c.kind == "basal_bolus":
         return _basal_bolus_controller(scenario, chosen, c, lm, patient, measured)
+    if c.kind == "pid_ifb":
+        return _pid_ifb_controller(scenario, chosen, c, lm, patient, measured)
+    if c.kind == "openaps":
+        return _openaps_controller(scenario, chosen, c, lm, patient, measured)
     factory = load_user_controller(chosen.target, scenario.base_dir)
     made = factory(inputs=tuple(chosen.inputs), period_s=c.period_s, **chosen.options)
     if hasattr(made, "decide"):
@@ -553,22 +564,88 @@ def patient_therapy_settings(lm: LibraryModel, patient: VirtualPatientSpec,
                           f"{err}") from None
 
 
-def _basal_bolus_controller(scenario: Scenario, spec, c, lm: LibraryModel,
-                            patient: VirtualPatientSpec, measured: str | None) -> Controller:
-    """``kind = "basal_bolus"``: rates in the insulin input's amount unit per second, the
-    calculator's glucose values in the glucose output's unit; settings not given are the
-    patient's own (:func:`patient_therapy_settings`)."""
-    from ..control.basal_bolus import BasalBolusController
-    from ..control.insulin import BolusCalculator, InsulinCurve
+@dataclass(frozen=True)
+class _InsulinTherapy:
+    """A patient's pump settings as an insulin controller of *where* uses them, in the
+    model's units: the insulin input's amount unit and the glucose output's unit."""
 
-    where, model = "controller.basal_bolus", lm.model
+    amount_unit: str
+    glucose_unit: str
+    #: [glucose unit] the glucose aimed at
+    target: float
+    #: (clock hour, rate [amount/s]) rows
+    basal_profile: tuple[tuple[float, float], ...]
+    #: [g per amount]
+    carb_ratio: float
+    #: [glucose unit per amount]
+    correction_factor: float
+    #: [amount/day] the day's basal plus the insulin for DAILY_CARBS_G (model/therapy.py)
+    total_daily_dose: float
+    curve: object
+    #: the meals' announcement variable (None: no meal input named)
+    announcement_var: str | None
+
+    def in_U_and_mg_dl(self) -> dict[str, float | tuple]:
+        """The settings in U, U/h and mg/dL (the glucose controllers' own units), with
+        *amount_per_U*: how much of the input's amount unit one U is."""
+        amount_per_U = conversion_factor("U", self.amount_unit, what="insulin input")
+        mg_dl = convert_substance(1.0, self.glucose_unit, "mg/dL", GLUCOSE,
+                                  what="glucose output")
+        return {"amount_per_U": amount_per_U,
+                "target_mg_dl": self.target * mg_dl,
+                "basal_U_per_h": tuple((h, r * 3600.0 / amount_per_U)
+                                       for h, r in self.basal_profile),
+                "carb_ratio_g_per_U": self.carb_ratio * amount_per_U,
+                "isf_mg_dl_per_U": self.correction_factor * mg_dl * amount_per_U,
+                "total_daily_dose_U": self.total_daily_dose / amount_per_U}
+
+
+def _glucose_quantity(value, unit: str, where: str) -> float | None:
+    """A glucose value in *unit*: a number as given, or a string with its unit, mg/dL and
+    mmol/L both accepted (converted by glucose's molar mass)."""
+    if value is None or not isinstance(value, str):
+        return value
+    try:
+        return parse_quantity(value, unit, what=where)
+    except UnitError:
+        pass
+    text = value.strip()
+    number = text.split()[0] if " " in text else text.rstrip("abcdefghijklmnopqrstuvwxyz"
+                                                            "ABCDEFGHIJKLMNOPQRSTUVWXYZ/")
+    given_unit = text[len(number):].strip()
+    try:
+        return convert_substance(float(number), given_unit, unit, GLUCOSE, what=where)
+    except (UnitError, ValueError) as err:
+        raise ConfigError(f"{where} = {value!r}: expected a glucose value in {unit} (a "
+                          f"number) or with its unit, e.g. '120 mg/dL' or '6.7 mmol/L' "
+                          f"({err})") from None
+
+
+def insulin_therapy(scenario: Scenario, spec, where: str, lm: LibraryModel,
+                    patient: VirtualPatientSpec) -> _InsulinTherapy:
+    """The pump settings of ``[controller.<insulin kind>]`` (*spec*, at *where*) for
+    *patient*: each of basal, carb ratio and correction factor as given, else the
+    patient's own (:func:`patient_therapy_settings`, titrated from its model at the
+    target). One place for every insulin kind (basal_bolus, pid_ifb, openaps)."""
+    from ..control.insulin import InsulinCurve
+    from ..model.therapy import DAILY_CARBS_G
+
+    model = lm.model
     amount_unit = _amount_unit(model, spec.input, f"{where}.input")
-    meal_unit = _amount_unit(model, spec.meal_input, f"{where}.meal_input")
+    meal_input = getattr(spec, "meal_input", None)
+    if meal_input is not None:
+        meal_unit = _amount_unit(model, meal_input, f"{where}.meal_input")
+        try:
+            conversion_factor(meal_unit, "g", what=f"{where}.meal_input")
+        except UnitError as err:
+            raise ConfigError(str(err)) from None
     if spec.output not in model.output_names:
         raise ConfigError(f"{where}.output: model {model.name!r} has no output "
                           f"{spec.output!r}; outputs: {', '.join(model.output_names)}")
     glucose_unit = model.outputs[model.output_index(spec.output)].unit
-    target = _quantity(spec.target, glucose_unit, f"{where}.target")
+    target = _glucose_quantity(spec.target, glucose_unit, f"{where}.target")
+    if not (isinstance(target, (int, float)) and target > 0):
+        raise ConfigError(f"{where}.target = {spec.target!r}; expected a glucose > 0")
     own = None
     if not spec.basal or "carb_ratio" not in spec.quantities or spec.correction_factor is None:
         own = patient_therapy_settings(lm, patient, target, glucose_unit, where)
@@ -579,34 +656,144 @@ def _basal_bolus_controller(scenario: Scenario, spec, c, lm: LibraryModel,
         if rate is None:
             raise ConfigError(f"{where}.basal[{k}]: needs rate_<unit> (e.g. rate_U_per_h)")
         profile.append((hour, _rate(rate, amount_unit, f"{where}.basal[{k}].rate")))
+    profile.sort()
+    if profile[0][0] != 0.0:
+        raise ConfigError(f"{where}.basal: the first row must start at clock_h = 0, got "
+                          f"{profile[0][0]:g}")
     value, unit = (spec.quantities["carb_ratio"] if "carb_ratio" in spec.quantities
                    else (own.carb_ratio_g_per_U, "g/U"))
     try:   # announcements come in g; doses in the insulin input's amount unit
         carb_ratio = value * conversion_factor(unit, f"g/{amount_unit}",
                                                what=f"{where}.carb_ratio")
-        conversion_factor(meal_unit, "g", what=f"{where}.meal_input")
-        correction = (_quantity(spec.correction_factor, glucose_unit,
-                                f"{where}.correction_factor")
+        correction = (_glucose_quantity(spec.correction_factor, glucose_unit,
+                                        f"{where}.correction_factor")
                       if spec.correction_factor is not None else
                       convert_substance(own.correction_mmol_per_L_per_U, "mmol/L",
                                         glucose_unit, GLUCOSE, what=f"{where}.correction_factor")
                       / conversion_factor("U", amount_unit, what=f"{where}.input"))
     except UnitError as err:
         raise ConfigError(str(err)) from None
+    if not (carb_ratio > 0 and correction > 0):
+        raise ConfigError(f"{where}: carb_ratio ({carb_ratio!r}) and correction_factor "
+                          f"({correction!r}) must be > 0")
+    bounds = [h for h, _ in profile] + [24.0]
+    daily_basal = sum(rate * (bounds[k + 1] - bounds[k]) * 3600.0
+                      for k, (_, rate) in enumerate(profile))
     curve = {k: v for k, v in (("peak_s", None if spec.insulin_peak_min is None
                                 else spec.insulin_peak_min * 60.0),
                                ("duration_s", None if spec.insulin_duration_h is None
                                 else spec.insulin_duration_h * 3600.0)) if v is not None}
-    calculator = BolusCalculator(carb_ratio, correction, target)
+    return _InsulinTherapy(amount_unit, glucose_unit, float(target), tuple(profile),
+                           carb_ratio, correction, daily_basal + DAILY_CARBS_G / carb_ratio,
+                           InsulinCurve(**curve),
+                           None if meal_input is None else f"{meal_input}_announced")
+
+
+def _glucose_var(measured: str | None, where: str, output: str) -> str:
     if measured is None:
         raise ConfigError(f"{where}: needs the glucose readings' variable "
-                          f"(controller.safety.measured or a sensor of {spec.output!r})")
-    return BasalBolusController(input=spec.input, basal_profile=profile,
-                                calculator=calculator, glucose_var=measured,
-                                announcement_var=f"{spec.meal_input}_announced",
+                          f"(controller.safety.measured or a sensor of {output!r})")
+    return measured
+
+
+def _basal_bolus_controller(scenario: Scenario, spec, c, lm: LibraryModel,
+                            patient: VirtualPatientSpec, measured: str | None) -> Controller:
+    """``kind = "basal_bolus"``: rates in the insulin input's amount unit per second, the
+    calculator's glucose values in the glucose output's unit; settings not given are the
+    patient's own (:func:`insulin_therapy`)."""
+    from ..control.basal_bolus import BasalBolusController
+    from ..control.insulin import BolusCalculator
+
+    where = "controller.basal_bolus"
+    therapy = insulin_therapy(scenario, spec, where, lm, patient)
+    calculator = BolusCalculator(therapy.carb_ratio, therapy.correction_factor,
+                                 therapy.target)
+    return BasalBolusController(input=spec.input, basal_profile=therapy.basal_profile,
+                                calculator=calculator,
+                                glucose_var=_glucose_var(measured, where, spec.output),
+                                announcement_var=therapy.announcement_var,
                                 period_s=c.period_s,
                                 clock_at_t0_h=scenario.scenario.start_clock_h or 0.0,
-                                curve=InsulinCurve(**curve))
+                                curve=therapy.curve)
+
+
+def _meal_boluses(therapy: _InsulinTherapy, own: dict, period_s: float):
+    """The meal boluses of a closed loop (mg/dL and U), or None without a meal input."""
+    from ..control.insulin import BolusCalculator, MealBoluses
+
+    if therapy.announcement_var is None:
+        return None
+    calculator = BolusCalculator(own["carb_ratio_g_per_U"], own["isf_mg_dl_per_U"],
+                                 own["target_mg_dl"])
+    return MealBoluses(calculator, therapy.announcement_var, period_s, therapy.curve)
+
+
+def _pid_ifb_controller(scenario: Scenario, spec, c, lm: LibraryModel,
+                        patient: VirtualPatientSpec, measured: str | None) -> Controller:
+    """``kind = "pid_ifb"`` (control/pid_ifb.py): the gains not given from the patient's
+    total daily dose, the integral starting at its basal."""
+    from ..control import pid_ifb
+
+    where = "controller.pid_ifb"
+    therapy = insulin_therapy(scenario, spec, where, lm, patient)
+    own = therapy.in_U_and_mg_dl()
+    max_rate = math.inf
+    if "max_rate" in spec.quantities:
+        max_rate = _rate(spec.quantities["max_rate"], "U", f"{where}.max_rate") * 3600.0
+    kp = spec.kp_U_per_h_per_mg_dL if spec.kp_U_per_h_per_mg_dL is not None else         pid_ifb.proportional_gain(own["total_daily_dose_U"], spec.kp_tdd_divisor
+                                  if spec.kp_tdd_divisor is not None
+                                  else pid_ifb.KP_TDD_DIVISOR)
+    optional = {name: value for name, value in (
+        ("ti_min", spec.ti_min), ("td_min", spec.td_min), ("gamma", spec.insulin_feedback),
+        ("ifb_time_constants_min", spec.ifb_time_constants_min)) if value is not None}
+    return pid_ifb.PIDIFBController(
+        input=spec.input, glucose_var=_glucose_var(measured, where, spec.output),
+        kp_U_per_h_per_mg_dl=kp, basal_profile_U_per_h=own["basal_U_per_h"],
+        target_mg_dl=own["target_mg_dl"], max_rate_U_per_h=max_rate, period_s=c.period_s,
+        clock_at_t0_h=scenario.scenario.start_clock_h or 0.0,
+        meals=_meal_boluses(therapy, own, c.period_s), amount_per_U=own["amount_per_U"],
+        **optional)
+
+
+def _openaps_controller(scenario: Scenario, spec, c, lm: LibraryModel,
+                        patient: VirtualPatientSpec, measured: str | None) -> Controller:
+    """``kind = "openaps"`` (control/openaps.py): the patient's settings, the documented
+    safety settings unless given."""
+    from ..control.openaps import OpenAPSController
+
+    where = "controller.openaps"
+    therapy = insulin_therapy(scenario, spec, where, lm, patient)
+    own = therapy.in_U_and_mg_dl()
+    optional = {}
+    if "max_iob" in spec.quantities:
+        value, unit = spec.quantities["max_iob"]
+        try:
+            optional["max_iob_U"] = value * conversion_factor(unit, "U",
+                                                              what=f"{where}.max_iob")
+        except UnitError as err:
+            raise ConfigError(str(err)) from None
+    if "max_basal" in spec.quantities:
+        optional["pump_max_basal_U_per_h"] = _rate(spec.quantities["max_basal"], "U",
+                                                   f"{where}.max_basal") * 3600.0
+    for name in ("max_daily_safety_multiplier", "current_basal_safety_multiplier"):
+        if getattr(spec, name) is not None:
+            optional[name] = getattr(spec, name)
+    if spec.suspend_below is not None:
+        below = _glucose_quantity(spec.suspend_below, therapy.glucose_unit,
+                                  f"{where}.suspend_below")
+        optional["suspend_below_mg_dl"] = convert_substance(
+            below, therapy.glucose_unit, "mg/dL", GLUCOSE, what=f"{where}.suspend_below")
+        if not optional["suspend_below_mg_dl"] < own["target_mg_dl"]:
+            raise ConfigError(f"{where}.suspend_below = {spec.suspend_below!r}: expected "
+                              f"below the target ({spec.target!r})")
+    return OpenAPSController(
+        input=spec.input, glucose_var=_glucose_var(measured, where, spec.output),
+        basal_profile_U_per_h=own["basal_U_per_h"], isf_mg_dl_per_U=own["isf_mg_dl_per_U"],
+        target_mg_dl=own["target_mg_dl"], period_s=c.period_s,
+        clock_at_t0_h=scenario.scenario.start_clock_h or 0.0, curve=therapy.curve,
+        meals=_meal_boluses(therapy, own, c.period_s),
+        carb_ratio_g_per_U=own["carb_ratio_g_per_U"], amount_per_U=own["amount_per_U"],
+        **optional)
 
 
 def _scheduled_controller(scenario: Scenario, spec, c, lm: LibraryModel,
