@@ -110,6 +110,11 @@ class MHEConfig:
 
     def __post_init__(self) -> None:
         omega = np.asarray(self.omega, dtype=float)
+        if not self.parameters:
+            if not self.disturbance:
+                raise ConfigError("mhe.parameters: empty and no disturbance: nothing to "
+                                  "estimate")
+            omega = omega.reshape(0, 0)  # only the output disturbance is estimated
         if omega.shape != (len(self.parameters),) * 2 or not np.all(np.isfinite(omega)) or \
                 not np.allclose(omega, omega.T) or np.any(np.linalg.eigvalsh(omega) <= 0):
             raise ConfigError(f"mhe.omega: expected a symmetric positive definite "

@@ -165,8 +165,9 @@ class MPCController:
         j, factor = self._announcements[reading.var]
         t, amount = float(reading.t_meas_s), reading.value * factor
         # the state increment of the bolus (its compartment, bioavailability, units)
+        # (a bolus at t = 0 of a schedule is its first break's jump)
         jump = schedule(self.model, self.theta,
-                        [Dose.bolus(t, self.model.input_names[j], amount)]).jumps[0]
+                        [Dose.bolus(0.0, self.model.input_names[j], amount)]).jumps[0]
         bisect.insort(self._jumps, (t, jump), key=lambda item: item[0])
         while len(self._checkpoints) > 1 and self._checkpoints[-1][0] >= t:
             self._checkpoints.pop()

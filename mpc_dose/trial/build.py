@@ -1053,10 +1053,11 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
         nmpc = NMPCConfig(**_nmpc_fields(spec, c, own.model, scenario.scenario.start_clock_h))
     est = spec.estimator
     mhe = bayes = None
-    if est.kind in ("mhe", "ekf", None) and not est.parameters:
+    if est.kind in ("mhe", "ekf", None) and not est.parameters and not est.disturbance:
         raise ConfigError(f"controller.nmpc.estimator.parameters: empty; name the parameters "
                           f"to estimate (with population variability in "
-                          f"{own.model.name!r}: {', '.join(own.population.eta_names)}), or "
+                          f"{own.model.name!r}: {', '.join(own.population.eta_names)}), "
+                          f"estimate only an output disturbance (disturbance = true), or "
                           f"set estimator.kind = \"none\"")
     if est.kind == "map":
         bayes = _bayes_estimator(scenario, spec, own, patient_covariates, changes)
