@@ -191,8 +191,9 @@ _UVA = (
     FixedEffect("gim_ka1", 0.0018, "1/min", "s.c. insulin: absorption from Isc1", GIM_2007),
     FixedEffect("gim_ka2", 0.0182, "1/min", "s.c. insulin: absorption from Isc2", GIM_2007),
     FixedEffect("sensor_ksc", 0.1, "1/min", "plasma -> interstitial glucose rate (time "
-                "constant 10 min)", "Rebrin 1999 (plasma-to-interstitial delay of about "
-                "10 min); the middle of the ksc of simglucose's 30 patients (0.050-0.152/min)"),
+                "constant 10 min)", "ours, a round value: the published lags of interstitial behind "
+                "plasma glucose are several minutes to about a quarter hour (Rebrin 1999), "
+                "and simglucose's 30 patients have ksc 0.050-0.152/min (mean 0.090)"),
     FixedEffect("circadian_vmx_amplitude", 0.0, "1", "relative amplitude of a 24-h cosinor of "
                 "Vmx (0: no population rhythm)", HINSHAW_2013),
     FixedEffect("circadian_vmx_acrophase", 0.0, "h", "clock time of maximal Vmx (used when "
@@ -549,8 +550,10 @@ UVA_PADOVA = LibraryEntry(
           "for the same physiological role in the Cambridge simulator's population (Vmx as "
           "SID, kp3 as SIE, kp1 as EGP0, m2 and m4 as ke, kd/ka1/ka2 as 1/tmaxI, VG, VI; "
           "kabs/kmax/kmin with tmaxG's log-SD 0.25): a documented stand-in, not the "
-          "UVA/Padova population; draws with no basal steady state at basal_glucose are "
-          "drawn again. "
+          "UVA/Padova population; independent draws give about 18 % of patients with no basal "
+          "steady state at basal_glucose (production does not exceed use there without "
+          "insulin): they are drawn again; the rest need 0.06-1.4 U/h at 6 mmol/L (5th-95th "
+          "percentile, 70 kg). "
           "Meal size D in kempt: the paper's D is the last meal; a state remembers it (rises "
           "to the stomach content at a meal, falls once the stomach is empty; ours, "
           "MEAL_MEMORY_PER_MIN), where simglucose resets D outside its ODE (to the stomach "
