@@ -98,19 +98,20 @@ def test_meal_mass_balance():
 
 
 def test_meal_response_with_constant_emptying_is_the_closed_form_chain():
-    """With kmin = kmax, kempt is constant and the gut is a linear chain Qsto1 -> Qsto2 ->
-    Qgut (rates kmax, kmax, kabs): Ra x BW = f kabs Qgut with Qgut in closed form
-    (Dalla Man 2006, eqs. 1-3)."""
+    """With kmin = kmax, kempt is constant and the gut is a linear chain Qeat -> Qsto1 ->
+    Qsto2 -> Qgut (rates keat, kmax, kmax, kabs; Dalla Man 2006 eqs. 1-3 after the swallowing
+    minute): Ra x BW = f kabs Qgut with Qgut(t) = [exp(A t) q0]_gut."""
+    from scipy.linalg import expm
+
+    from mpc_dose.model.library.uva_padova import INGESTION_PER_MIN
+
     lm, params = _nominal()
     params = {**params, P + "kmin": params[P + "kmax"]}
     times, result = _basal_day(lm, params, 6.0, step_s=60.0, hours=8.0,
                                extra=[Dose.bolus(0.0, "carbohydrate", 75.0)])
-    k, ka, f, dose = params[P + "kmax"], params[P + "kabs"], params[P + "f"], 75.0
-    t = times / 60.0
-    # Qgut(t) for the input dose at Qsto1(0): convolution of k t e^{-kt} with ka's decay
-    c = ka - k
-    qgut = dose * k * k * (np.exp(-ka * t) / c**2 - np.exp(-k * t) / c**2
-                           + t * np.exp(-k * t) / c)
+    keat, k, ka, f = INGESTION_PER_MIN, params[P + "kmax"], params[P + "kabs"], params[P + "f"]
+    chain = np.array([[-keat, 0, 0, 0], [keat, -k, 0, 0], [0, k, -k, 0], [0, 0, k, -ka]])
+    qgut = np.array([(expm(chain * m) @ [75.0, 0, 0, 0])[3] for m in times / 60.0])
     assert np.allclose(result.output("meal_glucose_appearance"), f * ka * qgut,
                        rtol=1e-4, atol=1e-6)
 
@@ -230,3 +231,19 @@ def test_unknown_layout_names_the_field_and_the_known_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"patient.table.layout = 't1dms'.*reads: "
                                           r"'simglucose'"):
         build_patient(scenario, 0, 0)
+
+
+def test_the_meal_size_of_gastric_emptying_is_remembered_and_reset():
+    """kempt's D (the paper's 'amount of the meal') is the meal while it is digested and
+    the next meal's own size once the stomach has emptied (not the larger earlier one)."""
+    lm, params = _nominal()
+    times, result = _basal_day(lm, params, 6.0, step_s=60.0, hours=14.0,
+                               extra=[Dose.bolus(0.0, "carbohydrate", 70.0),
+                                      Dose.bolus(10 * 3600.0, "carbohydrate", 20.0)])
+    meal = result.state(P + "meal")  # one row a minute
+    at = {h: meal[int(h * 60)] for h in (0.5, 3.0, 9.0, 9.9, 10.5)}
+    assert at[0.5] == pytest.approx(70.0, rel=0.02) and at[3.0] == pytest.approx(at[0.5])
+    # Table 1's stomach empties slowly (kmin 0.008/min until 1 % of the meal is left): D is
+    # held for 9 h, then falls as the last of the meal leaves
+    assert at[9.0] == pytest.approx(at[0.5]) and at[9.9] < at[9.0] / 2
+    assert at[10.5] == pytest.approx(20.0, rel=0.02)
