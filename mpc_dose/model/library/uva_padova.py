@@ -29,15 +29,17 @@ The meal size D of kempt is remembered by one state (ours): the paper's D is "th
 the last meal", which an ODE cannot hold without a state, and simglucose sets it outside its
 ODE at each meal's start (the stomach content then plus the food taken). Here a meal eaten at
 once (a bolus) enters Qeat, swallowed at :data:`INGESTION_PER_MIN` (food eaten at a rate
-enters Qsto1 directly, and counts as being eaten: e uses Qeat + rate x 1/keat); while food is being
-swallowed D follows the carbohydrate not yet absorbed, Qeat + Qsto + Qgut (simglucose's D,
+enters Qsto1 directly and counts as being eaten: E below); while food is being swallowed
+D follows the carbohydrate not yet absorbed, Qeat + Qsto + Qgut (simglucose's D,
 the stomach content at the meal's start plus the meal, up to what the intestine still holds
 and the little absorbed meanwhile), then it is held, and it falls once the stomach is empty
 (below :data:`EMPTY_FRACTION` of D)::
 
     dD/dt = e (rate + r (Qeat + Qsto + Qgut - D)) - r (1 - e) max(0, D - Qsto) s
-    e = E/(E + q0),  E = Qeat + rate/keat
-    s = (1 - tanh(5 (Qsto - eps D)/(2 eps D)))/2     (1 when the stomach is empty)
+    e = E/(E + q0),  E = Qeat + rate/keat                (1 while eating, 0 after)
+    s = (1 - tanh(5 (Qsto - eps D)/(2 eps D)))/2       (1 when the stomach is empty)
+
+with r = MEAL_MEMORY_PER_MIN, q0 = EATING_FLOOR_G and eps = EMPTY_FRACTION.
 
 simglucose's cohort table
 -------------------------
