@@ -223,7 +223,9 @@ _UVA = (
     FixedEffect("circadian_vmx_amplitude", 0.0, "1", "relative amplitude of a 24-h cosinor of "
                 "Vmx (0: no population rhythm)", HINSHAW_2013),
     FixedEffect("circadian_vmx_acrophase", 0.0, "h", "clock time of maximal Vmx (used when "
-                "the amplitude is set)", VISENTIN_2018),
+                "the amplitude is set)", "a placeholder, not a published value: with "
+                "amplitude 0 it has no effect; Visentin 2018 gives patients classes of "
+                "daily SI patterns, to be set per patient"),
     FixedEffect("basal_glucose", 6.0, "mmol/L", "glucose at t = 0 (the initial state is the "
                 "steady state there under basal_insulin_rate)",
                 "a scenario setting, not a published value (108 mg/dL, inside 70-180)"),
