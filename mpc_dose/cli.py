@@ -67,6 +67,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
         for r in pop.residual_errors:
             print(f"  residual error on {r.output}: additive {r.additive:g}, proportional "
                   f"{r.proportional:g} ({r.kind})")
+        for e in lm.entries:
+            for layout, read in e.table_layouts.items():
+                print(f"  cohort table layout: [patient.table] layout = \"{layout}\" "
+                      f"(its columns and units: the docstring of {read.__module__})")
         print("  references:")
         for ref in dict.fromkeys(lm.references):
             print(f"    - {ref}")

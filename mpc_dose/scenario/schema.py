@@ -103,10 +103,21 @@ class TableSpec(_Strict):
     #: cohort file is given (``mpc-dose trial --cohort FILE``)
     path: str
     #: a covariate or model parameter (optionally with its unit in the name: height_cm) ->
-    #: the table column holding it
-    columns: dict[str, str]
+    #: the table column holding it; with a layout, these add to or replace its mapping
+    columns: dict[str, str] = {}
     #: a categorical covariate -> {table code: category}, e.g. {sex = {"1" = "male"}}
     codes: dict[str, dict[str, str]] = {}
+    #: a table layout the patient's model reads itself (`mpc-dose models NAME` says which):
+    #: "simglucose" for glucose-uva-padova reads simglucose's vpatient_params.csv, its
+    #: columns mapped and converted by the model; empty: columns only
+    layout: str = ""
+
+    @model_validator(mode="after")
+    def _columns_or_layout(self):
+        if not self.columns and not self.layout:
+            raise ValueError("give columns (covariate or parameter -> table column) or a "
+                             "layout the model reads (e.g. layout = \"simglucose\")")
+        return self
 
 
 class PatientSpec(_Strict):

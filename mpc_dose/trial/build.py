@@ -57,13 +57,18 @@ def read_cohort_table(scenario: Scenario) -> list[dict]:
     """The rows of the scenario's cohort table (comment lines starting with '#')."""
     import pandas as pd
 
+    import io
+
     table = scenario.patient.table
     path = _resolve(scenario, table.path)
     try:
-        frame = pd.read_csv(path, comment="#")
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"patient.table.path: cannot read {str(path)!r} ({err})") from None
-    return frame.to_dict("records")
+    # whole comment lines only: a '#' inside a value is data (simglucose's patient names,
+    # "adult#001"), where pandas' comment="#" would cut the row there
+    kept = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    return pd.read_csv(io.StringIO(kept)).to_dict("records")
 
 
 def with_cohort(scenario: Scenario, path: str | None) -> Scenario:
@@ -102,7 +107,11 @@ def build_patient(scenario: Scenario, index: int, seed: int) -> VirtualPatientSp
     spec = scenario.patient
     if spec.table is not None and spec.table.path:
         row = read_cohort_table(scenario)[index]
-        patient = patient_from_row(lm, row, spec.table.columns, spec.table.codes, index, rng,
+        columns = dict(spec.table.columns)
+        if spec.table.layout:
+            row, columns = _read_layout(lm, spec.table.layout, row, columns,
+                                        f"patient.table row {index + 1}")
+        patient = patient_from_row(lm, row, columns, spec.table.codes, index, rng,
                                    random_effects=spec.random_effects,
                                    where=f"patient.table row {index + 1}")
     elif spec.population is not None:
@@ -127,6 +136,20 @@ def build_patient(scenario: Scenario, index: int, seed: int) -> VirtualPatientSp
         patient = VirtualPatientSpec(patient.index, patient.covariates, params, patient.eta,
                                      patient.source, {**patient.overrides, **spec.params})
     return patient
+
+
+def _read_layout(lm: LibraryModel, layout: str, row: dict, columns: dict[str, str],
+                 where: str) -> tuple[dict, dict[str, str]]:
+    """*row* read through the model's table layout *layout*: the row with the layout's
+    values (covariates and parameters, by name) added, and *columns* with those names
+    mapped to themselves (the scenario's own columns win)."""
+    layouts = {name: read for e in lm.entries for name, read in e.table_layouts.items()}
+    if layout not in layouts:
+        known = ", ".join(repr(k) for k in layouts) or "none"
+        raise ConfigError(f"patient.table.layout = {layout!r}: model {lm.name!r} reads no "
+                          f"such table layout (it reads: {known})")
+    values = layouts[layout](row, where=where)
+    return {**row, **values}, {**{name: name for name in values}, **columns}
 
 
 def _clock_params(scenario: Scenario, model) -> dict[str, float]:

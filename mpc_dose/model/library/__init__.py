@@ -16,14 +16,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from ...errors import ModelError, closest
-from . import anaesthesia, diabetes, others
+from . import anaesthesia, diabetes, others, uva_padova
 from .base import LibraryEntry, LibraryModel, compose
 
 __all__ = ["ENTRIES", "entry", "load", "resolve", "relocate", "LibraryEntry", "LibraryModel"]
 
 #: Every entry by name.
 ENTRIES: dict[str, LibraryEntry] = {e.name: e for e in anaesthesia.ENTRIES + others.ENTRIES
-                                   + diabetes.ENTRIES}
+                                   + diabetes.ENTRIES + uva_padova.ENTRIES}
 
 
 def entry(name: str) -> LibraryEntry:

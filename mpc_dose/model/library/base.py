@@ -4,7 +4,7 @@ entries into one model (``"propofol-schnider+remifentanil-minto+bis-bouillon"``)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...errors import ModelError, closest
 from ..population import Covariate, PopulationModel
@@ -39,6 +39,10 @@ class LibraryEntry:
     #: the constant rate [U/h] that holds that glucose, rhythm off (model/therapy.py derives
     #: a patient's pump settings from it); None: not an insulin model
     basal_insulin: Callable[[Mapping[str, float], float], float] | None = None
+    #: cohort-table layouts the entry reads besides plain columns (``[patient.table] layout``):
+    #: name -> ``read(row, where=...)``, one table row -> covariates and parameters by name
+    #: (declared units), e.g. ``"simglucose"`` for simglucose's vpatient_params.csv
+    table_layouts: Mapping[str, Callable[..., dict[str, float]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
