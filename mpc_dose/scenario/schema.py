@@ -660,6 +660,13 @@ class NMPCSpec(_Strict):
     prior_scale: float = Field(1.0, gt=0)
     #: the controller model's parameters that prior_scale multiplies
     scaled: list[str] = []
+    #: an insulin model individualised to the patient's own pump settings: these parameters
+    #: (e.g. the insulin sensitivities) are multiplied by one factor so that the controller
+    #: model's steady-state basal at basal_target equals the patient's titrated basal
+    #: (model/therapy.py), as an artificial pancreas starts from the wearer's basal
+    scaled_to_basal: list[str] = []
+    #: [output unit] the glucose the basal holds (the reference when not given)
+    basal_target: Quantity | None = None
     estimator: EstimatorSpec = EstimatorSpec()
     #: the optimiser (control/nmpc.py)
     solver: Literal["sqpmethod", "ipopt"] | None = None

@@ -554,8 +554,10 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
                                         period_s=c.period_s, max_rate=chosen.max_rate)
     if c.kind == "nmpc":
         own = scenario_model(scenario, chosen.model) if chosen.model else lm
-        return _nmpc_controller(scenario, chosen, c, own,
-                                _controller_params(scenario, own, patient),
+        params = _controller_params(scenario, own, patient)
+        if chosen.scaled_to_basal:
+            params = _scaled_to_basal(chosen, own, params, lm, patient)
+        return _nmpc_controller(scenario, chosen, c, own, params,
                                 dict(patient.covariates), share, measured, changes)
     if c.kind in ("nomogram", "mipd"):
         return _scheduled_controller(scenario, chosen, c, lm, patient, measured, changes)
@@ -1055,6 +1057,51 @@ def _nmpc_fields(spec, c, model, clock_h: float | None = None) -> dict:
         fields["dose_windows"] = _dose_windows(spec.dose_windows, model,
                                                "controller.nmpc.dose_windows")
     return fields
+
+
+def _scaled_to_basal(spec, own: LibraryModel, params: dict[str, float], lm: LibraryModel,
+                     patient: VirtualPatientSpec) -> dict[str, float]:
+    """``scaled_to_basal``: the controller model's *params* with the named parameters
+    multiplied by the one factor that makes its steady-state basal at ``basal_target`` (the
+    reference when not given) the patient's own (its titrated basal, rhythm off)."""
+    import math as _math
+
+    from scipy.optimize import brentq
+
+    from ..model.therapy import at_clock
+
+    where = "controller.nmpc.scaled_to_basal"
+    for name in spec.scaled_to_basal:
+        own.model.parameter(name)
+    mine = [e for e in own.entries if e.basal_insulin is not None]
+    theirs = [e for e in lm.entries if e.basal_insulin is not None]
+    if not mine or not theirs:
+        raise ConfigError(f"{where}: needs insulin models (a steady-state basal) for the "
+                          f"patient and the controller")
+    unit = own.model.outputs[own.model.output_index(spec.output)].unit
+    target_given = spec.basal_target if spec.basal_target is not None else (
+        spec.reference if spec.reference is not None else
+        (spec.reference_schedule[0].value if spec.reference_schedule else None))
+    if target_given is None:
+        raise ConfigError(f"{where}: needs controller.nmpc.basal_target (or a reference)")
+    target = convert_substance(_quantity(target_given, unit, f"{where}.basal_target"), unit,
+                               "mmol/L", GLUCOSE, what=f"{where}.basal_target")
+    try:
+        wanted = theirs[0].basal_insulin(at_clock(lm.entries, patient.params, None), target)
+
+        def basal(log_factor: float) -> float:
+            scaled = dict(params)
+            for name in spec.scaled_to_basal:
+                scaled[name] = params[name] * _math.exp(log_factor)
+            return mine[0].basal_insulin(at_clock(own.entries, scaled, None), target)
+
+        log_factor = brentq(lambda z: _math.log(basal(z)) - _math.log(wanted), -6.0, 6.0,
+                            xtol=1e-6)
+    except (ModelError, ValueError) as err:
+        raise ConfigError(f"{where}: no factor gives patient {patient.index}'s basal "
+                          f"({err})") from None
+    return {**params, **{name: params[name] * _math.exp(log_factor)
+                         for name in spec.scaled_to_basal}}
 
 
 def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str, float],
