@@ -93,6 +93,12 @@ class PumpSection(_Strict):
     max_volume_per_h_ml: float = Field(math.inf, gt=0)
     max_lease_s: float = Field(60.0, gt=0)
     syringe_diameter_mm: float = Field(26.59, gt=0)
+    # an insulin pump's boluses (amounts in amount_unit; left out: BridgePump's defaults)
+    max_bolus: float | None = Field(None, ge=0)
+    bolus_increment: float | None = Field(None, ge=0)
+    bolus_ml_per_h: float | None = Field(None, gt=0)
+    max_on_board: float | None = Field(None, gt=0)
+    programmed_basal_ml_per_h: float | None = Field(None, ge=0)
 
 
 class BridgeConfig(_Strict):
@@ -127,7 +133,8 @@ def load_bridge_config(path: str | Path | dict) -> BridgeConfig:
                           f"more than twice poll_s ({b.poll_s} s), or the pumps stop while "
                           f"the bridge is healthy")
     for p in config.pump:
-        BridgePump(**p.model_dump())  # the pump's own checks (its amount unit, its limits)
+        # the pump's own checks (its amount unit, its limits)
+        BridgePump(**p.model_dump(exclude_none=True))
         if b.safe_mode_s and p.max_lease_s < b.safe_mode_s:
             raise ConfigError(f"pump-bridge config pump {p.pump!r}: max_lease_s "
                               f"{p.max_lease_s} is shorter than safe_mode_s {b.safe_mode_s}")
@@ -238,7 +245,8 @@ class PumpBridgeProcess:
         self.driver = driver or NewEraDriver(b.serial, baudrate=b.baudrate,
                                              timeout_s=b.reply_timeout_s,
                                              safe_s=b.safe_mode_s)
-        node = PumpBridgeNode([BridgePump(**p.model_dump()) for p in config.pump],
+        node = PumpBridgeNode([BridgePump(**p.model_dump(exclude_none=True))
+                               for p in config.pump],
                               self.driver, max_cmd_age_s=b.max_cmd_age_s,
                               watchdog_s=config.watchdog_s)
         self.log = AuditLog(audit, "pump-bridge") if audit else None
