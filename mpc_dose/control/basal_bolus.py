@@ -4,8 +4,11 @@ bolus from the carbohydrate entered, the latest glucose reading and the insulin 
 
 A :class:`~mpc_dose.control.base.Controller`. Announcements arrive as readings of the
 announcement variable (``<carbohydrate input>_announced``, in g, sent by the plant when the
-patient eats); glucose readings of *glucose_var* only serve the correction. A bolus is
-given over the next control period (a pump's bolus takes about a minute; a period of 5 min
+patient eats); glucose readings of *glucose_var* only serve the correction. With *bolus_commands* (a pump
+that takes ``bolus`` commands, protocol 1.1) the bolus leaves as a bolus in the decision's
+``boluses`` and the pump gives it at its bolus speed, after rounding it down to its
+increment; insulin on board then counts what the pump says it gave (``given_bolus``).
+Without, the bolus is given as a rate over the next control period (a period of 5 min
 spreads it over 5). Rates in the insulin input's amount unit per second.
 
 This module knows model/ (nothing of plant/ nor transports).
@@ -28,13 +31,15 @@ class BasalBolusController:
     until the next; the first row's hour must be 0), boluses by *calculator*.
 
     *clock_at_t0_h* is the clock time at t = 0. Amounts (bolus, insulin on board) in the
-    insulin input's amount unit, which must be the calculator's units.
+    insulin input's amount unit, which must be the calculator's units. *bolus_commands*: the
+    pump takes bolus commands (else a bolus is a rate over one period).
     """
 
     def __init__(self, *, input: str, basal_profile: Sequence[tuple[float, float]],
                  calculator: BolusCalculator, glucose_var: str, announcement_var: str,
                  period_s: float, clock_at_t0_h: float = 0.0,
-                 curve: InsulinCurve = InsulinCurve(), name: str = "basal-bolus") -> None:
+                 curve: InsulinCurve = InsulinCurve(), name: str = "basal-bolus",
+                 bolus_commands: bool = False) -> None:
         rows = sorted((float(h), float(r)) for h, r in basal_profile)
         if not rows or rows[0][0] != 0.0 or any(not 0 <= h < 24 for h, _ in rows) or \
                 any(not (math.isfinite(r) and r >= 0) for _, r in rows):
@@ -47,6 +52,7 @@ class BasalBolusController:
         self.calculator, self.curve = calculator, curve
         self.glucose_var, self.announcement_var = glucose_var, announcement_var
         self.clock_at_t0_h = float(clock_at_t0_h)
+        self.bolus_commands = bool(bolus_commands)
         self._glucose: Reading | None = None
         self._meals: list[Reading] = []          # announced, not yet dosed
         #: (time [s], amount) of every bolus given (insulin on board counts them)
@@ -80,10 +86,18 @@ class BasalBolusController:
             on_board = self.curve.on_board(self.boluses, t_s)
             glucose = self._glucose.value if self._glucose is not None else None
             amount = self.calculator.bolus(carbs, glucose, on_board)
-            self.boluses.append((t_s, amount))
-            self._bolus_end_s, self._bolus_rate = t_s + self.period_s, amount / self.period_s
             reason = (f"bolus {amount:.3g} for {carbs:.3g} g at glucose "
                       f"{'unknown' if glucose is None else f'{glucose:.4g}'} "
                       f"({on_board:.3g} on board)")
+            if self.bolus_commands:  # the pump gives it; given_bolus says what it gave
+                return Decision(t_s, {self.input: self.basal_at(t_s)}, reason,
+                                boluses={self.input: amount})
+            self.boluses.append((t_s, amount))
+            self._bolus_end_s, self._bolus_rate = t_s + self.period_s, amount / self.period_s
         bolus = self._bolus_rate if t_s < self._bolus_end_s - 1e-9 else 0.0
         return Decision(t_s, {self.input: self.basal_at(t_s) + bolus}, reason)
+
+    def given_bolus(self, t_s: float, name: str, amount: float) -> None:
+        """A pump gave a bolus of *amount* from *t_s* (counted in insulin on board)."""
+        if name == self.input:
+            self.boluses.append((t_s, amount))

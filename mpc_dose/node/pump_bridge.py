@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..control.insulin import InsulinCurve
 from ..errors import ConfigError
@@ -250,9 +250,7 @@ class PumpBridgeNode:
         key = (envelope.src, envelope.epoch, cmd_id)
         cached = self._acks.get(key)
         if cached is not None:  # idempotent: the same answer, nothing applied twice (B9)
-            return [Ack(cmd_id=cmd_id, ok=cached.ok, code="duplicate" if cached.ok
-                        else cached.code, applied_rate=cached.applied_rate, unit=cached.unit,
-                        lease_remaining_s=cached.lease_remaining_s, text=cached.text)]
+            return [replace(cached, code="duplicate") if cached.ok else cached]
         self._key = key
         age = wall_now - envelope.t_sent
         if isinstance(message, Bolus) and not age <= message.lease_s:
