@@ -66,6 +66,8 @@ class BridgePump:
     *concentration* is drug amount per mL in *amount_unit* (for the dose cross-check).
     *max_step_ml_per_h* limits every rise of the rate, including a preset fallback above the
     commanded rate and a bolus's rise; a fall is always allowed (a stop is always safe).
+    *max_rate_ml_per_h* limits the commanded rates (for an insulin pump: its maximum basal);
+    a bolus runs on top of them at its own speed, bounded by *max_bolus*.
 
     Boluses (an insulin pump's; amounts in *amount_unit*): *max_bolus* the largest (0: the
     pump takes no ``bolus`` command), *bolus_increment* the step amounts are rounded down to
@@ -419,12 +421,6 @@ class PumpBridgeNode:
         its volume in the hour, the insulin on board after it) is beyond the pump's limits,
         or None. NaN fails every test."""
         c = state.config
-        # the lease may end into its fallback while the bolus runs
-        top = max(state.rate_ml_per_h, state.fallback_ml_per_h
-                  if state.mode == "COMMANDED" else 0.0) + ml_per_h
-        if not top <= c.max_rate_ml_per_h:
-            return (f"bolus at {ml_per_h:g} mL/h on top of the rate in force gives "
-                    f"{top:g} mL/h, above {c.max_rate_ml_per_h:g}")
         if not ml_per_h <= c.max_step_ml_per_h:
             return f"bolus rise {ml_per_h:g} mL/h beyond the step {c.max_step_ml_per_h:g}"
         volume = self._volume_last_hour(state, now) + \
@@ -471,11 +467,8 @@ class PumpBridgeNode:
         bolus goes on on top of both."""
         c = state.config
         bolus = state.bolus_ml_per_h
-        if not (0.0 <= rate + bolus <= c.max_rate_ml_per_h and
-                0.0 <= fallback + bolus <= c.max_rate_ml_per_h):
-            return (f"rate {rate:g} (fallback {fallback:g}) mL/h"
-                    + (f" with the bolus's {bolus:g}" if bolus else "")
-                    + f" above {c.max_rate_ml_per_h:g}")
+        if not (0.0 <= rate <= c.max_rate_ml_per_h and 0.0 <= fallback <= c.max_rate_ml_per_h):
+            return f"rate {rate:g} (fallback {fallback:g}) mL/h above {c.max_rate_ml_per_h:g}"
         step = rate + bolus - state.rate_ml_per_h
         if not step <= c.max_step_ml_per_h:
             return f"step {step:+g} mL/h beyond {c.max_step_ml_per_h:g}"
