@@ -112,9 +112,9 @@ class BridgePump:
                               f"{self.max_rate_ml_per_h:g}], got {basal!r}")
         if not 0 <= self.address <= 99:
             raise ConfigError(f"{where}: address must be in 0-99, got {self.address!r}")
-        if f"{self.amount_unit}/s" not in WIRE_UNITS["dose_rate"]:
+        if self.amount_unit not in WIRE_UNITS["amount"]:
             raise ConfigError(f"{where}: amount_unit {self.amount_unit!r} is not one of the "
-                              f"protocol's drug amounts (g, mg, ug, ng, mmol, umol)")
+                              f"protocol's drug amounts ({', '.join(WIRE_UNITS['amount'])})")
 
 
 @dataclass
@@ -147,7 +147,8 @@ class _PumpState:
     def log_rate(self, now: float, rate_ml_per_h: float) -> None:
         """The pump runs *rate_ml_per_h* (everything: basal and bolus) from *now*."""
         self.volume_log.append((now, rate_ml_per_h))
-        self.dose_log.append((now, rate_ml_per_h))
+        if self.config.max_bolus > 0 or math.isfinite(self.config.max_on_board):
+            self.dose_log.append((now, rate_ml_per_h))  # insulin on board needs them
 
 
 @dataclass(frozen=True)

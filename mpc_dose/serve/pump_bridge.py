@@ -35,6 +35,18 @@ The config file (TOML)::
     amount_unit = "mg"
     max_rate_ml_per_h = 2500
     syringe_diameter_mm = 26.59
+
+    [[pump]]                         # an insulin pump (protocol 1.1 boluses)
+    pump = "insulin"
+    address = 1
+    concentration = 100.0            # U-100
+    amount_unit = "U"
+    max_rate_ml_per_h = 0.05         # the maximum basal: 5 U/h
+    programmed_basal_ml_per_h = 0.004  # 0.4 U/h: where a temporary basal ends
+    max_bolus = 10.0                 # U
+    bolus_increment = 0.05           # U; boluses are rounded down to it
+    bolus_ml_per_h = 0.9             # the bolus speed: 1.5 U/min
+    max_on_board = 12.0              # U above the programmed basal, by the insulin curve
 """
 
 from __future__ import annotations
