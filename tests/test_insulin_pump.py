@@ -577,3 +577,27 @@ def test_scenario_keys_make_an_insulin_pump():
                              ({"pump.0.max_bolus": "15 mL"}, "max_bolus")):
         with pytest.raises(ConfigError, match=match):
             build_setup(load_scenario(path, overrides), 0, 0)
+
+
+def test_a_trial_day_gives_each_meal_bolus_through_the_protocol():
+    """scenarios/t1d_basal_bolus.toml for one day, in process with encoded frames: each
+    announced meal's bolus leaves as a bolus command, the simulated pump gives it at 1.5
+    U/min on top of the basal (in the delivered record) and says so (events, acks)."""
+    from pathlib import Path
+
+    from mpc_dose.scenario import load_scenario
+    from mpc_dose.trial.build import build_setup
+    from mpc_dose.trial.closed_loop import run_closed_loop
+
+    path = Path(__file__).resolve().parents[1] / "scenarios" / "t1d_basal_bolus.toml"
+    setup, _ = build_setup(load_scenario(path, {"scenario.duration_s": 86400,
+                                                "controller.safety.suspend_below": None}), 0, 0)
+    result = run_closed_loop(setup)
+    events = [text for _, kind, text in result.events if kind == "bolus"]
+    assert len(events) == 3 and all(text.startswith("insulin: ") for text in events)
+    speed = 1.5 / 60.0                                     # U/s
+    fast = [rate for _, name, rate, unit in result.deliveries
+            if name == "insulin" and rate > speed]
+    assert len(fast) == 3 and all(rate < speed + 1.0 / 3600.0 for rate in fast)
+    assert [a for _, a in setup.controller.boluses] == [
+        pytest.approx(float(text.split()[1])) for text in events]
