@@ -185,7 +185,8 @@ def fuzz_insulin(frames: int, seed: int) -> dict:
     """Fuzzed frames with bolus commands (protocol 1.1) to an insulin pump (100 U/mL): the
     driver's limits as for rates (a bolus runs on top of the maximum basal at its speed), and
     for every bolus given: at most max_bolus, a whole number of 0.05-U steps, a cmd_id given
-    once, the insulin on board within max_on_board when it starts; the pump never gives more
+    once (a repeated cmd_id of the same sender and epoch, while the bridge keeps its answer),
+    the insulin on board within max_on_board when it starts; the pump never gives more
     than the acknowledged boluses; every rate the driver runs was asked for (as a rate or a
     fallback), alone or with a running bolus on top."""
     rng = random.Random(seed)
@@ -200,7 +201,7 @@ def fuzz_insulin(frames: int, seed: int) -> dict:
     fuzzer = FrameFuzzer(rng, pumps=("insulin",), bolus=True)
     asked: set[float] = {0.0}
     bolus_rates: set[float] = set()
-    given_ids: set[str] = set()
+    cached_before = False       # the frame's (src, epoch, cmd_id) had an answer already
     figures = {"frames": 0, "boluses": 0, "bolus_refused": 0, "given_U": 0.0,
                "problems": []}
 
@@ -219,12 +220,11 @@ def fuzz_insulin(frames: int, seed: int) -> dict:
             amount = message.applied_amount * wire_factor(message.amount_unit, "U")
             steps = amount / 0.05
             on_board = node.insulin_on_board("insulin", clock.now)
-            if message.cmd_id in given_ids or not 0 < amount <= 10.0 + 1e-9 or \
+            if cached_before or not 0 < amount <= 10.0 + 1e-9 or \
                     abs(steps - round(steps)) > 1e-6 or \
                     not on_board + amount <= INSULIN["max_on_board"] + 1e-6 or \
                     running is None or running.cmd_id != message.cmd_id:
                 figures["problems"].append((message.cmd_id, amount, on_board))
-            given_ids.add(message.cmd_id)
             bolus_rates.add(running.ml_per_h)
             figures["boluses"] += 1
             figures["given_U"] += amount
@@ -233,14 +233,17 @@ def fuzz_insulin(frames: int, seed: int) -> dict:
     for k in range(frames):
         clock.now += rng.choice((0.001, 0.01, 0.05, 0.2, 1.0, 5.0, 60.0))
         item = decode_frame(fuzzer.frame(WALL0 + clock.now))
+        cached_before = False
         if isinstance(item, Envelope) and isinstance(item.message, Bolus):
             pending.add(item.message.cmd_id)
+            cached_before = (item.src, item.epoch, item.message.cmd_id) in node._acks
         if isinstance(item, Envelope) and isinstance(item.message, SetRate):
             command = item.message
             asked.add(command.rate * wire_factor(command.unit, "mL/h"))
             asked.add(command.fallback.rate * wire_factor(command.fallback.unit, "mL/h"))
         send(core.handle(rng.choice([b"\x00k1", b"\x00k2"]), item, clock.now,
                          WALL0 + clock.now))
+        cached_before = False
         send(core.expire(clock.now))
         if k % 50 == 0:
             send(core.poll(clock.now))
