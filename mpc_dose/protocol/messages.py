@@ -8,7 +8,8 @@ Units on the wire come from a short fixed list per role (:data:`WIRE_UNITS`), no
 unit grammar of :mod:`mpc_dose.units`: a peer cannot make a receiver divide by zero
 (``"mL/h/0"``) or reach infinity (``"1e400*mL/h"``) through a unit string. Infusion rates
 travel in volume per time with the dose rate alongside for an independent check, as real
-pumps are commanded in volume. Names (ids, pump, variable) and free texts have bounded
+pumps are commanded in volume; a bolus (revision 1.1) travels as a drug amount with its
+volume alongside. Names (ids, pump, variable) and free texts have bounded
 lengths, so every valid message encodes within the frame limit.
 
 This module uses the standard library only: no sockets, no clocks, no sleeps.
