@@ -26,6 +26,8 @@ UNITS = ["mL/h", "mL/min", "uL/h", "uL/min", "mL/h/0", "uL/min/0.001", "1e400*mL
 STRINGS = ["", "p", "propofol", "remifentanil", "pump", "x" * 129, "x" * 70000, "\\ud800",
            "\\udfff\\ud800", "é", "\\u0000", "\\n", "propofol\\u0000", "😀" * 40,
            "controller-1", "a" * 128]
+AMOUNT_UNITS = ["U", "mU", "mL", "U/h", "u", "IU", "mg", "", "U" * 50, "\\ud800", "1e400*U",
+                "U/0"]
 SEQS = ["0", "1", "7", str(2**53 - 1), str(2**53), str(2**64), "-1", "1.5", '"3"', "null",
         "true", str(-2**70)]
 
@@ -42,6 +44,8 @@ class FrameFuzzer:
     counter: int = 0
     #: this frame's chance of damage per field (0 for a clean frame)
     damage: float = 0.0
+    #: also bolus commands (protocol 1.1; for an insulin pump)
+    bolus: bool = False
 
     def _bad(self) -> bool:
         return self.rng.random() < self.damage
@@ -97,6 +101,18 @@ class FrameFuzzer:
             if self.rng.random() < 0.1:
                 pairs.append(("basis_seq", self._pick(SEQS)))
             return self._object(pairs)
+        if kind == "bolus":
+            unit = self._pick(AMOUNT_UNITS[:2]) if not self._bad() else \
+                self._pick(AMOUNT_UNITS)
+            amount = self._number(12.0) if unit != "mU" else self._number(12000.0)
+            pairs = [("cmd_id", cmd_id), ("pump", pump), ("amount", amount),
+                     ("unit", f'"{unit}"'), ("lease_s", self._number(12.0))]
+            if self.rng.random() < 0.3:  # an extended bolus
+                pairs.append(("duration_s", self._number(900.0)))
+            if self.rng.random() < 0.2:  # the volume alongside, rarely right
+                pairs += [("volume", self._number(0.12)),
+                          ("vol_unit", '"' + self._pick(["mL", "uL", "U"]) + '"')]
+            return self._object(pairs)
         if kind == "stop":
             return self._object([("cmd_id", cmd_id), ("pump", pump),
                                  ("reason", self._string())])
@@ -119,7 +135,8 @@ class FrameFuzzer:
         # half carry damage in about one field in five
         self.damage = 0.0 if self.rng.random() < 0.5 else 0.2
         kind = self._pick(["set_rate"] * 6 + ["stop", "get_status", "get_status", "hello"]
-                          + (["measurement", "bogus"] if self.damage else []))
+                          + (["measurement", "bogus"] if self.damage else [])
+                          + (["bolus"] * 4 if self.bolus else []))
         src = self._pick(self.sources) if not self._bad() else self._pick(STRINGS)
         if self.rng.random() < 0.001:  # a restart: a new epoch (the old one is retired)
             self.epochs[src] = f"e{self.rng.randrange(10**9)}"

@@ -18,7 +18,7 @@ import pytest
 from mpc_dose.audit import AuditLog
 from mpc_dose.node.pump_bridge import BridgePump, PumpBridgeNode
 from mpc_dose.protocol.codec import Envelope, decode, decode_frame, encode
-from mpc_dose.protocol.messages import Ack, SetRate, wire_factor
+from mpc_dose.protocol.messages import Ack, Bolus, SetRate, wire_factor
 from mpc_dose.protocol.session import PeerBudget
 from mpc_dose.serve.pump_bridge import BridgeCore
 from tests.fuzz_frames import CheckingDriver, FrameFuzzer
@@ -172,3 +172,101 @@ def test_a_peer_over_its_budget_is_dropped_and_reported_once_a_second():
     assert len([r for r in log.rows() if r["kind"] == "refused"]) == 5
     # another peer is not affected
     assert core.handle(b"other", frame, 0.1, WALL0) == [] and core.counts["rate_limited"] == 95
+
+
+# ---------------------------------------------------------------------------- boluses
+INSULIN = {"max_rate_ml_per_h": 100.0, "max_step_ml_per_h": 30.0,
+           "max_volume_per_h_ml": 20.0, "max_lease_s": 10.0, "max_bolus": 10.0,
+           "bolus_increment": 0.05, "bolus_ml_per_h": 0.9, "max_on_board": 8.0,
+           "programmed_basal_ml_per_h": 5.0}
+
+
+def fuzz_insulin(frames: int, seed: int) -> dict:
+    """Fuzzed frames with bolus commands (protocol 1.1) to an insulin pump (100 U/mL): the
+    driver's limits as for rates (a bolus runs on top of the maximum basal at its speed), and
+    for every bolus given: at most max_bolus, a whole number of 0.05-U steps, a cmd_id given
+    once (a repeated cmd_id of the same sender and epoch, while the bridge keeps its answer),
+    the insulin on board within max_on_board when it starts; the pump never gives more
+    than the acknowledged boluses; every rate the driver runs was asked for (as a rate or a
+    fallback), alone or with a running bolus on top."""
+    rng = random.Random(seed)
+    clock = Clock()
+    driver = CheckingDriver(max_rate=INSULIN["max_rate_ml_per_h"] + INSULIN["bolus_ml_per_h"],
+                            max_step=INSULIN["max_step_ml_per_h"],
+                            max_volume_per_h=INSULIN["max_volume_per_h_ml"], clock=clock)
+    node = PumpBridgeNode([BridgePump("insulin", 0, 100.0, "U", **INSULIN)], driver,
+                          watchdog_s=5.0)
+    node.initialise(0.0, driver.initialise)
+    core = BridgeCore(node, None, PeerBudget(rate_per_s=1e9, burst=1e9))
+    fuzzer = FrameFuzzer(rng, pumps=("insulin",), bolus=True)
+    asked: set[float] = {0.0}
+    bolus_rates: set[float] = set()
+    cached_before = False       # the frame's (src, epoch, cmd_id) had an answer already
+    figures = {"frames": 0, "boluses": 0, "bolus_refused": 0, "given_U": 0.0,
+               "problems": []}
+
+    def send(items) -> None:
+        for item in items:
+            message = item.message
+            assert decode(encode(Envelope(message, "b", "b1", 1, WALL0))).message == message
+            if not isinstance(message, Ack) or message.cmd_id not in pending:
+                continue
+            if not message.ok:
+                figures["bolus_refused"] += 1
+                continue
+            if message.code != "applied" or message.applied_amount is None:
+                continue   # a rate's ack (a damaged cmd_id may repeat a bolus's)
+            running = node.pumps["insulin"].bolus
+            amount = message.applied_amount * wire_factor(message.amount_unit, "U")
+            steps = amount / 0.05
+            on_board = node.insulin_on_board("insulin", clock.now)
+            if cached_before or not 0 < amount <= 10.0 + 1e-9 or \
+                    abs(steps - round(steps)) > 1e-6 or \
+                    not on_board + amount <= INSULIN["max_on_board"] + 1e-6 or \
+                    running is None or running.cmd_id != message.cmd_id:
+                figures["problems"].append((message.cmd_id, amount, on_board))
+            bolus_rates.add(running.ml_per_h)
+            figures["boluses"] += 1
+            figures["given_U"] += amount
+
+    pending: set[str] = set()
+    for k in range(frames):
+        clock.now += rng.choice((0.001, 0.01, 0.05, 0.2, 1.0, 5.0, 60.0))
+        item = decode_frame(fuzzer.frame(WALL0 + clock.now))
+        cached_before = False
+        if isinstance(item, Envelope) and isinstance(item.message, Bolus):
+            pending.add(item.message.cmd_id)
+            cached_before = (item.src, item.epoch, item.message.cmd_id) in node._acks
+        if isinstance(item, Envelope) and isinstance(item.message, SetRate):
+            command = item.message
+            asked.add(command.rate * wire_factor(command.unit, "mL/h"))
+            asked.add(command.fallback.rate * wire_factor(command.fallback.unit, "mL/h"))
+        send(core.handle(rng.choice([b"\x00k1", b"\x00k2"]), item, clock.now,
+                         WALL0 + clock.now))
+        cached_before = False
+        send(core.expire(clock.now))
+        if k % 50 == 0:
+            send(core.poll(clock.now))
+        figures["frames"] += 1
+    status = node.status("insulin", clock.now)
+    def near(rate: float) -> float:  # rates compared to 1e-9 mL/h (sums are not exact)
+        return round(rate, 9) + 0.0
+
+    keys = {near(a) for a in asked}
+    ran = {r for _, r in driver.history + driver.timeline}
+    figures.update(
+        delivered_U=status.bolus_delivered + status.bolus_remaining,
+        limit_violations=driver.violations[:5], internal_errors=core.counts["internal_error"],
+        unasked=sorted(r for r in ran if near(r) not in keys and
+                       not any(near(r - b) in keys for b in bolus_rates))[:5])
+    return figures
+
+
+def test_fuzzed_bolus_frames_never_give_a_bolus_beyond_the_limits():
+    figures = fuzz_insulin(30_000, seed=18)
+    print({k: v for k, v in figures.items() if k != "problems"})
+    assert figures["internal_errors"] == 0
+    assert figures["limit_violations"] == [] and figures["problems"] == []
+    assert figures["unasked"] == []
+    assert figures["delivered_U"] <= figures["given_U"] + 1e-9
+    assert figures["boluses"] > 50 and figures["bolus_refused"] > 1000

@@ -92,8 +92,9 @@ def test_basal_bolus_follows_its_profile_and_doses_each_announced_meal():
 def test_basal_bolus_from_a_scenario_doses_each_announced_meal_through_the_pump():
     """kind = "basal_bolus" on the Cambridge model (scenarios/t1d_basal_bolus.toml, one day):
     every announced meal reaches the controller as a reading in g and gets the calculator's
-    bolus; the pump delivers basal plus bolus in U (U-100 insulin, mL/h on the wire); the
-    unannounced snack gets none."""
+    bolus, sent as a bolus command; the pump delivers basal plus the bolus it acknowledged
+    (rounded down to 0.05 U) in U (U-100 insulin, mL/h on the wire); the unannounced snack
+    gets none."""
     from pathlib import Path
 
     from mpc_dose.scenario import load_scenario
@@ -112,8 +113,10 @@ def test_basal_bolus_from_a_scenario_doses_each_announced_meal_through_the_pump(
     assert len(controller.boluses) == 3
     for (t, amount), meal in zip(controller.boluses, announced):
         assert 0 <= t - meal.t_s < 300.0
-        # the meal part at least, at the patient's own carbohydrate ratio
-        assert amount >= meal.announced / controller.calculator.carb_ratio - 1e-9
+        # the meal part at least at the patient's own carbohydrate ratio, rounded down to
+        # the pump's 0.05 U bolus step
+        assert amount >= meal.announced / controller.calculator.carb_ratio - 0.05
+        assert amount / 0.05 == pytest.approx(round(amount / 0.05))
     given = sum(rate * (t1 - t0) for (t0, _, rate, _), (t1, _, _, _) in
                 zip(result.deliveries, result.deliveries[1:] + [(86400.0, "", 0.0, "")]))
     # what it asked for while in charge (in FALLBACK, e.g. a CGM stuck on LOW, the

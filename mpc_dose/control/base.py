@@ -2,7 +2,10 @@
 
 A controller is called once per control period with the latest reading of each measured
 variable and returns a :class:`Decision`: infusion rates per model input, in the input's
-amount unit per second (propofol mg/s, remifentanil ug/s), with a human-readable reason.
+amount unit per second (propofol mg/s, remifentanil ug/s), with a human-readable reason, and
+optionally boluses (amounts in the input's amount unit, e.g. insulin U) for pumps that take
+bolus commands. A controller that gives boluses may learn what the pump gave through an
+optional ``given_bolus(t_s, input, amount)``.
 It does not own the clock (time is an argument) and knows nothing of pumps, messages or
 simpy. It runs behind the safety supervisor (:class:`~mpc_dose.control.supervisor.
 SupervisedController`), which gates its readings and limits its rates; it may learn what
@@ -19,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigError
 
-__all__ = ["Reading", "Decision", "Controller", "check_rates"]
+__all__ = ["Reading", "Decision", "Controller", "check_rates", "check_boluses"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,9 @@ class Decision:
     *details* carries controller-specific figures (e.g. PID terms, solver statistics) for the
     record. *backup* are the rates the controller would fall back to for now when its
     decision failed (e.g. the NMPC's shifted previous plan); None when it has none. *alarm* is
-    the code of an alarm raised with this decision (set by the supervisor).
+    the code of an alarm raised with this decision (set by the supervisor). *boluses* are
+    amounts to give once, now, per model input [input amount unit] (empty: none), on top of
+    the rates; only pumps that take bolus commands give them.
     """
 
     t_s: float
@@ -52,6 +57,7 @@ class Decision:
     details: dict[str, float | str] = field(default_factory=dict)
     backup: dict[str, float] | None = None
     alarm: str | None = None
+    boluses: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -103,4 +109,27 @@ def check_rates(rates: Mapping[str, float], inputs: tuple[str, ...], who: str
     if extra:
         raise ConfigError(f"controller {who!r} returned rates for undeclared inputs "
                           f"{sorted(extra)}")
+    return out
+
+
+def check_boluses(boluses: Mapping[str, float], inputs: tuple[str, ...], who: str
+                  ) -> dict[str, float]:
+    """Check a controller's boluses: finite amounts >= 0 of inputs it declares (zeros are
+    left out).
+
+    Raises
+    ------
+    ConfigError
+        Naming the controller, the input and the value.
+    """
+    out = {}
+    for name, value in boluses.items():
+        if name not in inputs:
+            raise ConfigError(f"controller {who!r} gave a bolus of undeclared input {name!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+                not math.isfinite(value) or value < 0:
+            raise ConfigError(f"controller {who!r}: bolus of {name!r} = {value!r}; expected a "
+                              f"finite number >= 0 (amount)")
+        if value > 0:
+            out[name] = float(value)
     return out

@@ -151,12 +151,19 @@ class MealBoluses:
     *calculator*'s bolus for all the carbohydrate announced since, at the latest glucose and
     with the insulin on board of the boluses given (plus *extra_on_board* a closed loop
     adds), spread over one control period *period_s* (a pump's bolus takes about a minute;
-    a period of 5 min spreads it over 5). Amounts in the calculator's units."""
+    a period of 5 min spreads it over 5). Amounts in the calculator's units.
+
+    With *bolus_commands* the pump takes bolus commands: the bolus is not a rate but a
+    command (:meth:`take_command`), counted once the pump says it gave it (:meth:`given`).
+    """
 
     def __init__(self, calculator: BolusCalculator, announcement_var: str, period_s: float,
-                 curve: InsulinCurve = InsulinCurve()) -> None:
+                 curve: InsulinCurve = InsulinCurve(), *, bolus_commands: bool = False
+                 ) -> None:
         self.calculator, self.curve = calculator, curve
         self.announcement_var, self.period_s = announcement_var, float(period_s)
+        self.bolus_commands = bool(bolus_commands)
+        self._command: float | None = None
         self._waiting: list[Reading] = []
         #: (time [s], amount) of every bolus given
         self.boluses: list[tuple[float, float]] = []
@@ -185,11 +192,23 @@ class MealBoluses:
         self._waiting.clear()
         on_board = self.on_board(t_s) + max(extra_on_board, 0.0)
         amount = self.calculator.bolus(carbs, glucose, on_board)
-        self.boluses.append((t_s, amount))
-        self._end_s, self._rate = t_s + self.period_s, amount / self.period_s
+        if self.bolus_commands:  # the pump gives it; given() says what it gave
+            self._command = amount
+        else:
+            self.boluses.append((t_s, amount))
+            self._end_s, self._rate = t_s + self.period_s, amount / self.period_s
         return (f"bolus {amount:.3g} for {carbs:.3g} g at glucose "
                 f"{'unknown' if glucose is None else f'{glucose:.4g}'} "
                 f"({on_board:.3g} on board)")
+
+    def take_command(self) -> float | None:
+        """The bolus to command now (with bolus commands), once; None when there is none."""
+        amount, self._command = self._command, None
+        return amount
+
+    def given(self, t_s: float, amount: float) -> None:
+        """A pump gave a bolus of *amount* from *t_s*."""
+        self.boluses.append((float(t_s), float(amount)))
 
     def rate_at(self, t_s: float) -> float:
         """The bolus being given at *t_s* [amount/s] (0 outside a bolus)."""

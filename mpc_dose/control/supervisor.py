@@ -13,6 +13,10 @@ kind (fixed regimen, PID, TCI, a user's own, NMPC) runs behind it alike
   preset rate, never above the last rate).
 * Hard clamps: maximum rate, maximum change per decision, maximum dose per sliding window.
   They apply to open-loop controllers too (no measured variable: no data gate).
+* Boluses (a decision's ``boluses``, e.g. an insulin meal bolus) leave only with an ``ok``
+  decision in CLOSED_LOOP, and never for an input the low suspend holds at zero; the pump
+  side checks their amount (max bolus, increment, insulin on board). The dose windows count
+  rates only (not yet boluses).
 
 Every decision carries a human-readable reason, recorded with it. Modes:
 ``INIT -> CLOSED_LOOP <-> FALLBACK``, ``any -> STOPPED`` (by an operator),
@@ -29,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from .base import Controller, Decision, Reading, check_rates
+from .base import Controller, Decision, Reading, check_boluses, check_rates
 
 __all__ = ["SafetyConfig", "SafetySupervisor", "SupervisedController", "Verdict"]
 
@@ -448,6 +452,7 @@ class SupervisedController:
         self.data_usable = False
         self._observe = getattr(controller, "observe", None)
         self._applied = getattr(controller, "applied", None)
+        self._given_bolus = getattr(controller, "given_bolus", None)
 
     @property
     def mode(self) -> str:
@@ -478,12 +483,14 @@ class SupervisedController:
         given = dict(readings)
         if measured is not None and not self.data_usable:
             given.pop(measured, None)
-        decision, backup = None, None
+        decision, backup, boluses = None, None, {}
         try:
             decision = self.controller.decide(t_s, given)
             status, reason = decision.status, decision.reason
             if status == "ok":
                 proposed = check_rates(decision.rates, self.inputs, self.name)
+                boluses = check_boluses(getattr(decision, "boluses", {}), self.inputs,
+                                        self.name)
             else:
                 proposed = dict.fromkeys(self.inputs, 0.0)
                 backup = self._backup(decision.backup)
@@ -501,8 +508,20 @@ class SupervisedController:
             self.alarms.append((t_s, verdict.alarm, verdict.reason))
         details = dict(decision.details) if decision is not None else {}
         details["mode"] = verdict.mode
-        return Decision(t_s, dict(self.rates), f"{verdict.mode}: {verdict.reason}", status,
-                        details, alarm=verdict.alarm)
+        reason = f"{verdict.mode}: {verdict.reason}"
+        held = {name for name in boluses if verdict.mode != "CLOSED_LOOP" or status != "ok"
+                or (sup.suspended and name in sup.config.suspend_inputs)}
+        if held:
+            reason += f"; bolus of {', '.join(sorted(held))} not given ({verdict.mode}" + \
+                (", low suspend)" if sup.suspended else ")")
+        return Decision(t_s, dict(self.rates), reason, status, details, alarm=verdict.alarm,
+                        boluses={k: v for k, v in boluses.items() if k not in held})
+
+    def given_bolus(self, t_s: float, name: str, amount: float) -> None:
+        """A pump gave a bolus of *amount* of input *name* from *t_s* (as its ack says):
+        told to the controller (its optional ``given_bolus``)."""
+        if self._given_bolus is not None:
+            self._given_bolus(t_s, name, amount)
 
     def _backup(self, backup: Mapping[str, float] | None) -> dict[str, float] | None:
         if backup is None or any(name not in backup for name in self.inputs):

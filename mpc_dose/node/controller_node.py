@@ -18,6 +18,12 @@ node sends one command (a dose decrease takes effect at once) whose fallback pre
 higher than its rate; while the data stays unusable it then only asks for the pump's status
 (``get_status``), so that lease runs out and the pump side applies the fallback by itself
 (as OpenAPS lets a temporary basal expire). A further decrease is still sent at once.
+
+A decision's boluses (an insulin meal bolus) leave as ``bolus`` commands (protocol 1.1) to
+pumps whose route takes them, with the amount in the input's amount unit, the volume
+alongside for the pump side's check, and a lease of one control period to start. What the
+pump gives (its ack's amount, after its rounding) is recorded in :attr:`boluses` and told to
+the controller (``given_bolus``); a refused bolus is given by nobody.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from dataclasses import dataclass, replace
 from ..control.base import Controller, Decision, Reading, check_rates
 from ..control.supervisor import SafetyConfig, SafetySupervisor, SupervisedController
 from ..errors import ConfigError
-from ..protocol.messages import (Ack, Alarm, Fallback, GetStatus, Measurement, PumpStatus,
-                                 SetRate, _Message, wire_factor)
+from ..protocol.messages import (Ack, Alarm, Bolus, Fallback, GetStatus, Measurement,
+                                 PumpStatus, SetRate, _Message, wire_factor)
 
 __all__ = ["PumpRoute", "ControllerNode"]
 
@@ -49,13 +55,16 @@ class _Sent:
 @dataclass(frozen=True)
 class PumpRoute:
     """Where the rate of one model input goes: pump id, drug concentration (input amount
-    unit per mL), and the input's amount unit."""
+    unit per mL), and the input's amount unit; *bolus*: the pump takes ``bolus`` commands.
+    *fallback_ml_per_h* is every command's lease-end fallback (an insulin pump's programmed
+    basal: a set_rate is then a temporary basal)."""
 
     input: str
     pump: str
     concentration: float
     amount_unit: str
     fallback_ml_per_h: float = 0.0
+    bolus: bool = False
 
 
 class ControllerNode:
@@ -107,6 +116,10 @@ class ControllerNode:
         # what the pumps do, as they report it: cmd_id -> (input, command, what the pump ran
         # before it) of the commands not yet answered
         self._unanswered: dict[str, tuple[str, SetRate, _Sent | None]] = {}
+        # bolus cmd_id -> (input, time sent) of the boluses not yet answered
+        self._boluses_sent: dict[str, tuple[str, float]] = {}
+        #: (time [s], input, amount [input amount unit]) of every bolus a pump gave
+        self.boluses: list[tuple[float, str, float]] = []
 
     def _supervised(self, controller: Controller) -> SupervisedController:
         missing = [name for name in controller.inputs if name not in self.routes]
@@ -137,6 +150,7 @@ class ControllerNode:
         self._sent.clear()
         self._lapsing.clear()
         self._unanswered.clear()
+        self._boluses_sent.clear()
 
     # ------------------------------------------------------------------ in
     def receive(self, message: _Message, now: float, *,
@@ -162,7 +176,10 @@ class ControllerNode:
             self.controller.observe(reading)
         elif isinstance(message, Ack):
             self.acks[message.cmd_id] = message
-            self._answered(message, now)
+            if message.cmd_id in self._boluses_sent:
+                self._bolus_answered(message)
+            else:
+                self._answered(message, now)
         elif isinstance(message, PumpStatus):
             self.pump_status[message.pump] = message
             self._pump_reports(message, now)
@@ -195,6 +212,18 @@ class ControllerNode:
             self._sent[route.pump] = before
         self._delivering(name, now, self._in_force(route, now)
                          if route.pump in self._sent else 0.0)
+
+    def _bolus_answered(self, ack: Ack) -> None:
+        """The answer to a bolus: given (once, whatever the retries) or refused."""
+        if not ack.ok or ack.applied_amount is None:
+            if ack.code != "duplicate":
+                del self._boluses_sent[ack.cmd_id]
+            return
+        name, t_s = self._boluses_sent.pop(ack.cmd_id)
+        amount = ack.applied_amount * wire_factor(ack.amount_unit,
+                                                  self.routes[name].amount_unit)
+        self.boluses.append((t_s, name, amount))
+        self.controller.given_bolus(t_s, name, amount)
 
     def _pump_reports(self, status: PumpStatus, now: float) -> None:
         """A pump's status is what it does now (its rate while infusing, else nothing), and
@@ -252,6 +281,8 @@ class ControllerNode:
                     in_force[name] = current
                     continue
             out.append(self._set_rate(route, rate, now, lapse))
+        for name, amount in decision.boluses.items():
+            out.append(self._bolus(self.routes[name], amount, now))
         reason = decision.reason
         if in_force != rates:
             supervised.applied(now, in_force)  # the pumps do this, not the decision
@@ -271,6 +302,19 @@ class ControllerNode:
     def _next_id(self) -> str:
         self._commands += 1
         return f"{self.src}-{self._commands}"
+
+    def _bolus(self, route: PumpRoute, amount: float, now: float) -> Bolus:
+        if not route.bolus:
+            raise ConfigError(f"controller {self.controller.name!r} gave a bolus of "
+                              f"{route.input!r} but pump {route.pump!r} takes no bolus "
+                              f"command (give it a max_bolus)")
+        command = Bolus(cmd_id=self._next_id(), pump=route.pump, amount=amount,
+                        unit=route.amount_unit, lease_s=self.controller.period_s,
+                        volume=amount / route.concentration, vol_unit="mL")
+        self._boluses_sent[command.cmd_id] = (route.input, now)
+        while len(self._boluses_sent) > 256:  # never answered (lost): forget the oldest
+            self._boluses_sent.pop(next(iter(self._boluses_sent)))
+        return command
 
     def _set_rate(self, route: PumpRoute, rate: float, now: float, lapse: bool) -> SetRate:
         ml_per_h = rate * 3600.0 / route.concentration

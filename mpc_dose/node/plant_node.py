@@ -1,7 +1,8 @@
 """The plant node: the pump side and sensor side of the protocol, no I/O.
 
-Commands in (``set_rate``, ``stop``, ``get_status``) are checked and applied to the pumps;
-every command is answered with an ``ack``. Sensor readings and pump events become
+Commands in (``set_rate``, ``bolus``, ``stop``, ``get_status``) are checked and applied to
+the pumps; every command is answered with an ``ack`` (a bolus's says the amount given, after
+the pump's rounding, in the command's unit). Sensor readings and pump events become
 ``measurement``, ``alarm`` and ``pump_status`` messages.
 """
 
@@ -12,8 +13,9 @@ from collections.abc import Mapping
 
 from ..plant.pump import CommandResult, InfusionPump, PumpAlarm, PumpSnapshot
 from ..plant.sensor import SensorReading
-from ..protocol.messages import (Ack, Alarm, GetStatus, LocalProtocolError, Measurement,
-                                 PumpStatus, SetRate, Stop, _Message, wire_factor)
+from ..protocol.messages import (WIRE_UNITS, Ack, Alarm, Bolus, GetStatus, LocalProtocolError,
+                                 Measurement, PumpStatus, SetRate, Stop, _Message,
+                                 wire_factor)
 
 __all__ = ["PlantNode"]
 
@@ -27,7 +29,7 @@ class PlantNode:
 
     def receive(self, message: _Message, now: float) -> list[_Message]:
         """Apply one command and answer it (other message types are ignored)."""
-        if not isinstance(message, (SetRate, Stop, GetStatus)):
+        if not isinstance(message, (SetRate, Bolus, Stop, GetStatus)):
             return []
         pump = self.pumps.get(message.pump)
         if pump is None:
@@ -35,9 +37,11 @@ class PlantNode:
                         text=f"no pump {message.pump!r}")]
         if isinstance(message, GetStatus):
             return [Ack(cmd_id=message.cmd_id, ok=True, code="applied"),
-                    self.status_message(pump.status())]
+                    self.status_message(pump.status(), self._amount_unit(pump))]
         if isinstance(message, Stop):
             return [self._ack(message.cmd_id, pump.stop(cmd_id=message.cmd_id))]
+        if isinstance(message, Bolus):
+            return [self._bolus(pump, message)]
         rate = message.rate * wire_factor(message.unit, "mL/h")
         fallback = message.fallback.rate * wire_factor(message.fallback.unit, "mL/h")
         if message.dose_rate is not None:
@@ -57,6 +61,35 @@ class PlantNode:
         return [self._ack(message.cmd_id, result, message.lease_s)]
 
     @staticmethod
+    def _amount_unit(pump: InfusionPump) -> str:
+        model = pump.patient.model
+        return model.inputs[model.input_index(pump.config.input)].amount_unit
+
+    def _bolus(self, pump: InfusionPump, message: Bolus) -> Ack:
+        """A bolus in the command's amount unit, given in the input's; the ack says what
+        the pump gives, in the command's unit."""
+        amount_unit = self._amount_unit(pump)
+        try:
+            factor = wire_factor(message.unit, amount_unit)
+        except LocalProtocolError as err:
+            return Ack(cmd_id=message.cmd_id, ok=False, code="unit", text=f"amount: {err}")
+        amount = message.amount * factor
+        if message.volume is not None:
+            volume = message.volume * wire_factor(message.vol_unit, "mL")
+            if not math.isclose(volume * pump.config.concentration, amount, rel_tol=0.01,
+                                abs_tol=1e-9):
+                return Ack(cmd_id=message.cmd_id, ok=False, code="unit",
+                           text=f"volume {volume:g} mL holds "
+                                f"{volume * pump.config.concentration:g} {amount_unit}, "
+                                f"amount says {amount:g}")
+        result = pump.bolus(amount, cmd_id=message.cmd_id, duration_s=message.duration_s)
+        if not result.ok:
+            return Ack(cmd_id=message.cmd_id, ok=False, code=result.code, text=result.text)
+        return Ack(cmd_id=message.cmd_id, ok=True, code="applied",
+                   applied_amount=result.applied_amount / factor, amount_unit=message.unit,
+                   bolus_s=result.bolus_s, text=result.text)
+
+    @staticmethod
     def _ack(cmd_id: str, result: CommandResult, lease_s: float | None = None) -> Ack:
         return Ack(cmd_id=cmd_id, ok=result.ok, code=result.code,
                    applied_rate=result.applied_ml_per_h,
@@ -70,14 +103,22 @@ class PlantNode:
                            sensor=reading.sensor)
 
     @staticmethod
-    def status_message(snapshot: PumpSnapshot) -> PumpStatus:
+    def status_message(snapshot: PumpSnapshot, amount_unit: str | None = None) -> PumpStatus:
+        """A pump's status; a bolus pump's says its boluses in *amount_unit* (its input's,
+        when a wire amount unit)."""
+        bolus = {}
+        if snapshot.bolus_delivered is not None and amount_unit in WIRE_UNITS["amount"]:
+            bolus = dict(bolus_delivered=snapshot.bolus_delivered,
+                         bolus_remaining=snapshot.bolus_remaining, amount_unit=amount_unit)
         return PumpStatus(pump=snapshot.pump, state=snapshot.state,
                           rate=snapshot.rate_ml_per_h, delivered=snapshot.delivered_ml,
-                          lease_remaining_s=snapshot.lease_remaining_s, mode=snapshot.mode)
+                          lease_remaining_s=snapshot.lease_remaining_s, mode=snapshot.mode,
+                          **bolus)
 
     def event_message(self, event: PumpAlarm | PumpSnapshot) -> _Message:
         """A pump event as a message: alarms as ``alarm``, snapshots as ``pump_status``."""
         if isinstance(event, PumpAlarm):
             return Alarm(code=f"pump.{event.code}", priority=event.priority, kind="technical",
                          text=f"{event.pump}: {event.text}")
-        return self.status_message(event)
+        pump = self.pumps.get(event.pump)
+        return self.status_message(event, self._amount_unit(pump) if pump else None)

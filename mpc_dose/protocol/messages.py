@@ -8,7 +8,8 @@ Units on the wire come from a short fixed list per role (:data:`WIRE_UNITS`), no
 unit grammar of :mod:`mpc_dose.units`: a peer cannot make a receiver divide by zero
 (``"mL/h/0"``) or reach infinity (``"1e400*mL/h"``) through a unit string. Infusion rates
 travel in volume per time with the dose rate alongside for an independent check, as real
-pumps are commanded in volume. Names (ids, pump, variable) and free texts have bounded
+pumps are commanded in volume; a bolus (revision 1.1) travels as a drug amount with its
+volume alongside. Names (ids, pump, variable) and free texts have bounded
 lengths, so every valid message encodes within the frame limit.
 
 This module uses the standard library only: no sockets, no clocks, no sleeps.
@@ -23,7 +24,8 @@ from ..errors import MpcDoseError
 from ..units import parse_unit
 
 __all__ = ["ProtocolError", "LocalProtocolError", "RemoteProtocolError", "QUALITIES",
-           "PUMP_STATES", "Measurement", "SetRate", "Stop", "GetStatus", "Ack", "PumpStatus",
+           "PUMP_STATES", "Measurement", "SetRate", "Bolus", "Stop", "GetStatus", "Ack",
+           "PumpStatus",
            "Alarm", "Heartbeat", "Hello", "Fallback", "MESSAGE_TYPES", "ACK_CODES",
            "WIRE_UNITS", "wire_factor", "MAX_NAME_CHARS", "MAX_TEXT_CHARS", "MAX_SEQ"]
 
@@ -60,13 +62,15 @@ PUMP_STATES = ("infusing", "stopped", "paused", "alarm", "disconnected", "unknow
 ACK_CODES = ("applied", "duplicate", "out_of_range", "expired", "stale", "unit", "schema",
              "version", "too_large", "not_authorized", "pump_error", "busy", "internal")
 
+#: drug amounts on the wire (a bolus, the dose rates' numerators); U and mU are insulin units
+_AMOUNTS = ("g", "mg", "ug", "ng", "mmol", "umol", "U", "mU")
 #: The only unit strings a frame may carry, by role (docs/protocol.md section 3); exact
 #: spellings, compared as strings. Extending a list is a protocol change: say it there.
 WIRE_UNITS: dict[str, tuple[str, ...]] = {
     "volume_rate": ("mL/h", "mL/min", "uL/h", "uL/min"),
     "volume": ("mL", "uL"),
-    "dose_rate": tuple(f"{amount}/{time}"
-                       for amount in ("g", "mg", "ug", "ng", "mmol", "umol", "U", "mU")
+    "amount": _AMOUNTS,
+    "dose_rate": tuple(f"{amount}/{time}" for amount in _AMOUNTS
                        for time in ("s", "min", "h")),
     "measurement": ("1", "%", "mg/L", "ug/mL", "ng/mL", "ug/L", "mg/dL", "mmol/L", "umol/L",
                     "mmHg", "kPa", "10^9/L", "g"),
@@ -165,6 +169,9 @@ class _Message:
     type: str = ""
     #: commands are strict: a receiver rejects unknown fields in them
     is_command: bool = False
+    #: optional fields added in a minor revision: left out of the frame when None, so a
+    #: message that does not use them encodes as before
+    added_optional: tuple[str, ...] = ()
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -178,6 +185,8 @@ class _Message:
         out = {}
         for name in self.field_names():
             value = getattr(self, name)
+            if value is None and name in self.added_optional:
+                continue
             out[name] = value.body() if isinstance(value, _Message) else value
         return out
 
@@ -264,6 +273,49 @@ class SetRate(_Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Bolus(_Message):
+    """Command (protocol 1.1): give *amount* [*unit*, a drug amount] on *pump* once.
+
+    The bolus must start within *lease_s* of its receipt (a pump side that cannot start it
+    by then does not give it: it is refused, never queued). Once started it runs to its end
+    at the pump's bolus speed, or over *duration_s* when > 0 (an extended bolus), on top of
+    the rate in force; a ``stop`` cancels it. ``volume``/``vol_unit`` optionally repeat it
+    in volume for the pump side's own check against the drug concentration.
+    """
+
+    type = "bolus"
+    is_command = True
+    cmd_id: str
+    pump: str
+    amount: float
+    unit: str
+    lease_s: float
+    duration_s: float = 0.0
+    volume: float | None = None
+    vol_unit: str | None = None
+    basis_seq: int | None = None
+
+    def __post_init__(self) -> None:
+        _text("cmd_id", self.cmd_id)
+        _text("pump", self.pump)
+        object.__setattr__(self, "amount", _finite("amount", self.amount, minimum=0.0))
+        _unit("unit", self.unit, "amount")
+        lease = _finite("lease_s", self.lease_s)
+        if lease <= 0:
+            raise LocalProtocolError(f"lease_s: expected > 0, got {self.lease_s!r}")
+        object.__setattr__(self, "lease_s", lease)
+        object.__setattr__(self, "duration_s", _finite("duration_s", self.duration_s,
+                                                       minimum=0.0))
+        if (self.volume is None) != (self.vol_unit is None):
+            raise LocalProtocolError("volume and vol_unit go together")
+        if self.volume is not None:
+            object.__setattr__(self, "volume", _finite("volume", self.volume, minimum=0.0))
+            _unit("vol_unit", self.vol_unit, "volume")
+        if self.basis_seq is not None:
+            _whole("basis_seq", self.basis_seq)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Stop(_Message):
     """Command: stop *pump* now (always accepted)."""
 
@@ -298,6 +350,7 @@ class Ack(_Message):
     """Answer to a command: *ok* with a reason *code*; what was applied."""
 
     type = "ack"
+    added_optional = ("applied_amount", "amount_unit", "bolus_s")
     cmd_id: str
     ok: bool
     code: str
@@ -305,6 +358,11 @@ class Ack(_Message):
     unit: str | None = None
     lease_remaining_s: float | None = None
     text: str = ""
+    #: a bolus's answer (1.1): the amount the pump gives (after rounding down to its
+    #: increment) in *amount_unit*, and how long it takes [s]
+    applied_amount: float | None = None
+    amount_unit: str | None = None
+    bolus_s: float | None = None
 
     def __post_init__(self) -> None:
         _text("cmd_id", self.cmd_id)
@@ -316,6 +374,14 @@ class Ack(_Message):
         if self.applied_rate is not None:
             object.__setattr__(self, "applied_rate", _finite("applied_rate", self.applied_rate))
             _unit("unit", self.unit, "volume_rate")
+        if (self.applied_amount is None) != (self.amount_unit is None):
+            raise LocalProtocolError("applied_amount and amount_unit go together")
+        if self.applied_amount is not None:
+            object.__setattr__(self, "applied_amount", _finite(
+                "applied_amount", self.applied_amount, minimum=0.0))
+            _unit("amount_unit", self.amount_unit, "amount")
+        object.__setattr__(self, "bolus_s", _optional_finite("bolus_s", self.bolus_s,
+                                                             minimum=0.0))
         object.__setattr__(self, "lease_remaining_s", _optional_finite(
             "lease_remaining_s", self.lease_remaining_s, minimum=0.0))
         _string("text", self.text)
@@ -326,6 +392,7 @@ class PumpStatus(_Message):
     """Telemetry: a pump's state, rate and delivered volume."""
 
     type = "pump_status"
+    added_optional = ("bolus_delivered", "bolus_remaining", "amount_unit")
     pump: str
     state: str
     rate: float
@@ -334,10 +401,24 @@ class PumpStatus(_Message):
     vol_unit: str = "mL"
     lease_remaining_s: float | None = None
     mode: str = ""
+    #: (1.1) boluses: the amount given so far (every bolus, in *amount_unit*) and what is
+    #: left of the one running (0 when none)
+    bolus_delivered: float | None = None
+    bolus_remaining: float | None = None
+    amount_unit: str | None = None
 
     def __post_init__(self) -> None:
         _text("pump", self.pump)
         _text("state", self.state, PUMP_STATES)
+        given = (self.bolus_delivered, self.bolus_remaining, self.amount_unit)
+        if any(v is None for v in given) and any(v is not None for v in given):
+            raise LocalProtocolError("bolus_delivered, bolus_remaining and amount_unit go "
+                                     "together")
+        if self.amount_unit is not None:
+            for name in ("bolus_delivered", "bolus_remaining"):
+                object.__setattr__(self, name, _finite(name, getattr(self, name),
+                                                       minimum=0.0))
+            _unit("amount_unit", self.amount_unit, "amount")
         object.__setattr__(self, "rate", _finite("rate", self.rate, minimum=0.0))
         _unit("unit", self.unit, "volume_rate")
         object.__setattr__(self, "delivered", _finite("delivered", self.delivered, minimum=0.0))
@@ -399,5 +480,5 @@ class Hello(_Message):
 
 
 MESSAGE_TYPES: dict[str, type[_Message]] = {
-    cls.type: cls for cls in (Measurement, SetRate, Stop, GetStatus, Ack, PumpStatus, Alarm,
-                              Heartbeat, Hello)}
+    cls.type: cls for cls in (Measurement, SetRate, Bolus, Stop, GetStatus, Ack, PumpStatus,
+                              Alarm, Heartbeat, Hello)}

@@ -200,6 +200,24 @@ class PumpSpec(_Strict):
     occlusion_at_s: float | None = None
     #: from the occlusion to the pump's alarm
     occlusion_detection_s: float = Field(30.0, ge=0)
+    #: [drug amount, in the value: "10 U"] the largest bolus; set, the pump takes bolus
+    #: commands (protocol 1.1) and a basal_bolus controller sends its boluses as such
+    max_bolus: str | None = None
+    #: [drug amount: "0.05 U"] bolus step: a bolus is rounded DOWN to it; none: any amount
+    bolus_increment: str | None = None
+    #: [drug amount per time: "1.5 U/min"] the bolus speed; none: 0.9 mL/h (1.5 U/min of
+    #: U-100 insulin)
+    bolus_speed: str | None = None
+    #: [drug amount per time: "0.05 U/h"] the basal rate step (the rate's resolution; not
+    #: with resolution_ml_per_h)
+    basal_increment: str | None = None
+    #: [drug amount per time: "3 U/h"] the highest basal rate: faster rate commands are
+    #: refused (with max_rate_ml_per_h, the lower counts)
+    max_basal: str | None = None
+    #: [drug amount per time: "0.4 U/h"] the pump's programmed basal, which it returns to
+    #: when a command's lease (a temporary basal) runs out: its fallback (not with
+    #: fallback_ml_per_h)
+    programmed_basal: str | None = None
 
 
 class FilteredNoiseSpec(_Strict):

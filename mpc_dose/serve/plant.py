@@ -28,8 +28,8 @@ import zmq
 from ..audit import AuditLog
 from ..plant.clock import ACT, at
 from ..protocol.codec import Envelope, refusal
-from ..protocol.messages import (GetStatus, Heartbeat, Hello, PumpStatus, RemoteProtocolError,
-                                 SetRate, Stop)
+from ..protocol.messages import (Bolus, GetStatus, Heartbeat, Hello, PumpStatus,
+                                 RemoteProtocolError, SetRate, Stop)
 from ..scenario.schema import Scenario
 from ..trial.build import build_setup
 from ..trial.closed_loop import LoopResult, PlantSide, control_instants, make_environment
@@ -62,7 +62,7 @@ def answer_commands(plant: PlantSide, server: CommandServer, timeout_s: float = 
             server.reply(identity, Hello(role="plant"), float(plant.env.now))
         elif isinstance(message, SetRate) and message.pump in plant.external:
             plant.note_command(message)
-        elif isinstance(message, (SetRate, Stop, GetStatus)):
+        elif isinstance(message, (SetRate, Bolus, Stop, GetStatus)):
             for answer in plant.command(message, send=False):
                 server.reply(identity, answer, float(plant.env.now))
             handled.append(envelope)

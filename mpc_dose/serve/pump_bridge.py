@@ -35,6 +35,18 @@ The config file (TOML)::
     amount_unit = "mg"
     max_rate_ml_per_h = 2500
     syringe_diameter_mm = 26.59
+
+    [[pump]]                         # an insulin pump (protocol 1.1 boluses)
+    pump = "insulin"
+    address = 1
+    concentration = 100.0            # U-100
+    amount_unit = "U"
+    max_rate_ml_per_h = 0.05         # the maximum basal: 5 U/h
+    programmed_basal_ml_per_h = 0.004  # 0.4 U/h: where a temporary basal ends
+    max_bolus = 10.0                 # U
+    bolus_increment = 0.05           # U; boluses are rounded down to it
+    bolus_ml_per_h = 0.9             # the bolus speed: 1.5 U/min
+    max_on_board = 12.0              # U above the programmed basal, by the insulin curve
 """
 
 from __future__ import annotations
@@ -93,6 +105,12 @@ class PumpSection(_Strict):
     max_volume_per_h_ml: float = Field(math.inf, gt=0)
     max_lease_s: float = Field(60.0, gt=0)
     syringe_diameter_mm: float = Field(26.59, gt=0)
+    # an insulin pump's boluses (amounts in amount_unit; left out: BridgePump's defaults)
+    max_bolus: float | None = Field(None, ge=0)
+    bolus_increment: float | None = Field(None, ge=0)
+    bolus_ml_per_h: float | None = Field(None, gt=0)
+    max_on_board: float | None = Field(None, gt=0)
+    programmed_basal_ml_per_h: float | None = Field(None, ge=0)
 
 
 class BridgeConfig(_Strict):
@@ -127,7 +145,8 @@ def load_bridge_config(path: str | Path | dict) -> BridgeConfig:
                           f"more than twice poll_s ({b.poll_s} s), or the pumps stop while "
                           f"the bridge is healthy")
     for p in config.pump:
-        BridgePump(**p.model_dump())  # the pump's own checks (its amount unit, its limits)
+        # the pump's own checks (its amount unit, its limits)
+        BridgePump(**p.model_dump(exclude_none=True))
         if b.safe_mode_s and p.max_lease_s < b.safe_mode_s:
             raise ConfigError(f"pump-bridge config pump {p.pump!r}: max_lease_s "
                               f"{p.max_lease_s} is shorter than safe_mode_s {b.safe_mode_s}")
@@ -238,7 +257,8 @@ class PumpBridgeProcess:
         self.driver = driver or NewEraDriver(b.serial, baudrate=b.baudrate,
                                              timeout_s=b.reply_timeout_s,
                                              safe_s=b.safe_mode_s)
-        node = PumpBridgeNode([BridgePump(**p.model_dump()) for p in config.pump],
+        node = PumpBridgeNode([BridgePump(**p.model_dump(exclude_none=True))
+                               for p in config.pump],
                               self.driver, max_cmd_age_s=b.max_cmd_age_s,
                               watchdog_s=config.watchdog_s)
         self.log = AuditLog(audit, "pump-bridge") if audit else None

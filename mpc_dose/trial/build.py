@@ -305,9 +305,43 @@ def _pump(spec, lm: LibraryModel, where: str) -> PumpConfig:
                                        what=f"{where}.concentration", require_unit=True)
     except UnitError as err:
         raise ConfigError(str(err)) from None
-    return PumpConfig(spec.pump, spec.input, concentration, spec.max_rate_ml_per_h,
-                      spec.resolution_ml_per_h, spec.startup_lag_s, spec.syringe_volume_ml,
-                      spec.fallback_ml_per_h, spec.occlusion_at_s, spec.occlusion_detection_s)
+    def amount(key: str, per_time: bool) -> float | None:
+        """*key*'s value in the input's amount unit (per s when *per_time*), or None."""
+        text = getattr(spec, key)
+        if text is None:
+            return None
+        try:
+            return parse_quantity(text, f"{amount_unit}/s" if per_time else amount_unit,
+                                  what=f"{where}.{key}", require_unit=True)
+        except UnitError as err:
+            raise ConfigError(str(err)) from None
+
+    def ml_per_h(key: str) -> float | None:
+        value = amount(key, per_time=True)
+        return None if value is None else value * 3600.0 / concentration
+
+    resolution, fallback = spec.resolution_ml_per_h, spec.fallback_ml_per_h
+    basal_step, basal = ml_per_h("basal_increment"), ml_per_h("programmed_basal")
+    for key, value, other, given in (("basal_increment", basal_step, "resolution_ml_per_h",
+                                      resolution), ("programmed_basal", basal,
+                                                    "fallback_ml_per_h", fallback)):
+        if value is not None and given:
+            raise ConfigError(f"{where}: {key} and {other} say the same: give one")
+    max_basal = ml_per_h("max_basal")
+    bolus = {}
+    for key in ("max_bolus", "bolus_increment"):
+        if (value := amount(key, per_time=False)) is not None:
+            bolus[key] = value
+    if (speed := ml_per_h("bolus_speed")) is not None:
+        bolus["bolus_ml_per_h"] = speed
+    if bolus and "max_bolus" not in bolus:
+        raise ConfigError(f"{where}: {', '.join(sorted(bolus))} without max_bolus (a pump "
+                          f"takes bolus commands when max_bolus is set)")
+    return PumpConfig(spec.pump, spec.input, concentration,
+                      min(spec.max_rate_ml_per_h, max_basal or math.inf),
+                      resolution if basal_step is None else basal_step, spec.startup_lag_s,
+                      spec.syringe_volume_ml, fallback if basal is None else basal,
+                      spec.occlusion_at_s, spec.occlusion_detection_s, **bolus)
 
 
 def _sensor(scenario: Scenario, spec, lm: LibraryModel, where: str) -> SensorConfig:
@@ -739,7 +773,13 @@ def _basal_bolus_controller(scenario: Scenario, spec, c, lm: LibraryModel,
                                 announcement_var=therapy.announcement_var,
                                 period_s=c.period_s,
                                 clock_at_t0_h=scenario.scenario.start_clock_h or 0.0,
-                                curve=therapy.curve)
+                                curve=therapy.curve,
+                                bolus_commands=_pump_takes_boluses(scenario, spec.input))
+
+
+def _pump_takes_boluses(scenario: Scenario, input_name: str) -> bool:
+    """Whether the pump of *input_name* takes bolus commands (it has a max_bolus)."""
+    return any(p.input == input_name and p.max_bolus is not None for p in scenario.pump)
 
 
 def _meal_boluses(therapy: _InsulinTherapy, own: dict, period_s: float):

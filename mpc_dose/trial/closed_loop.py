@@ -25,7 +25,8 @@ from ..plant.patient import (Meal, OutputDisturbance, VirtualPatient, meal_proce
 from ..plant.pump import InfusionPump, PumpAlarm, PumpConfig
 from ..plant.realtime import DeadlineEnvironment
 from ..plant.sensor import SensorConfig, SensorNoise, sensor_process
-from ..protocol.messages import Alarm, Measurement, PumpStatus, SetRate, _Message, wire_factor
+from ..protocol.messages import (Ack, Alarm, Bolus, Measurement, PumpStatus, SetRate, _Message,
+                                 wire_factor)
 from ..transport.inproc import InprocLink
 from ..units import UnitError, conversion_factor, unit_to_token
 
@@ -181,7 +182,8 @@ class PlantSide:
         for config in setup.pumps:
             amount_unit = model.inputs[model.input_index(config.input)].amount_unit
             routes[config.input] = PumpRoute(config.input, config.pump, config.concentration,
-                                              amount_unit, config.fallback_ml_per_h)
+                                              amount_unit, config.fallback_ml_per_h,
+                                              bolus=config.max_bolus > 0)
         return routes
 
     def _reading(self, reading) -> None:
@@ -206,6 +208,13 @@ class PlantSide:
         if isinstance(message, SetRate):
             self.note_command(message)
         answers = self.node.receive(message, self.env.now)
+        if isinstance(message, Bolus):  # the record says what each bolus gave
+            for answer in answers:
+                if isinstance(answer, Ack) and answer.ok:
+                    self.events.append((float(self.env.now), "bolus",
+                                        f"{message.pump}: {answer.applied_amount:.4g} "
+                                        f"{answer.amount_unit} over {answer.bolus_s:.0f} s "
+                                        f"(asked {message.amount:.4g})"))
         for answer in answers if send else ():
             self._send(answer)
         return answers
