@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import casadi as ca
 import numpy as np
@@ -26,6 +26,7 @@ from ..model.propagate import Propagator
 from ..model.spec import Model
 from .base import Decision, Reading
 from .estimation import BayesianEstimator
+from .insulin import MealBoluses
 from .mhe import MHEConfig, OutputMapEKF, OutputMapMHE
 from .nmpc import DosePlan, NMPCConfig, NonlinearMPC
 
@@ -67,6 +68,20 @@ class MPCController:
         *mhe*): it is told every reading and every delivered rate; the NMPC plans from its
         state estimate and its parameters (the typical values at the decision's time, so a
         covariate change it was told of counts from its time on).
+    state_correction : (state names, gain), optional
+        Output injection for a model whose states the readings can correct: at each
+        decision the named states are multiplied by ``(measured / predicted) ** gain`` of
+        the latest valid reading of the measured variable against the tracked output at
+        that state (0 < gain <= 1: 1 moves the output onto the reading, less filters the
+        sensor's noise over several readings). For a glucose model the glucose masses: a
+        mismatch then acts through the model's dynamics (an offset added to the output
+        would not: insulin acts in proportion to the model's own glucose).
+    meal_boluses : MealBoluses, optional
+        The hybrid closed loop of the commercial systems: each announced meal gets the
+        patient's bolus-calculator bolus (its own carb ratio, correction factor and target,
+        in the model's units) as a bolus command to a pump that takes them; the bolus
+        enters the states at once (what the pump says it gave replaces it), so the plan
+        counts it, and the NMPC shapes the rates around it.
     announcements : mapping, optional
         Reading variable -> (model input, factor): a reading of the variable announces a
         bolus of the input that no pump gives (a meal the patient eats: ``carbohydrate_
@@ -81,7 +96,9 @@ class MPCController:
                  reference: Callable[[float], float] | None = None,
                  name: str = "nmpc", mpc: NonlinearMPC | None = None,
                  bayes: BayesianEstimator | None = None,
-                 announcements: Mapping[str, tuple[str, float]] | None = None) -> None:
+                 announcements: Mapping[str, tuple[str, float]] | None = None,
+                 state_correction: tuple[Sequence[str], float] | None = None,
+                 meal_boluses: MealBoluses | None = None) -> None:
         if bayes is not None and mhe is not None:
             raise ConfigError(f"{name}: give one estimator (mhe or bayes), not both")
         if bayes is not None and bayes.model is not model:
@@ -116,6 +133,24 @@ class MPCController:
                 raise ConfigError(f"estimator must be 'mhe' or 'ekf', got {estimator!r}")
             self.mhe = (OutputMapMHE if estimator == "mhe" else OutputMapEKF)(
                 model, self.theta, mhe)
+        self._correction = None
+        if state_correction is not None:
+            names, gain = state_correction
+            if not names or not (isinstance(gain, (int, float)) and 0 < gain <= 1):
+                raise ConfigError(f"{name}: state_correction = {state_correction!r}: expected "
+                                  f"state names and a gain in (0, 1]")
+            self._correction = ([model.state_index(n) for n in names], float(gain),
+                                model.output_index(nmpc.output))
+        if meal_boluses is not None and bayes is not None:
+            raise ConfigError(f"{name}: meal boluses with a Bayesian estimator are not "
+                              f"supported (it cannot take a counted bolus back)")
+        if meal_boluses is not None and not meal_boluses.bolus_commands:
+            raise ConfigError(f"{name}: meal boluses need a pump that takes bolus commands "
+                              f"(its max_bolus)")
+        self.meal_boluses = meal_boluses
+        #: the bolus jumps the controller put in itself, by time [s], until the pump says
+        #: what it gave
+        self._own_boluses: dict[float, np.ndarray] = {}
         self._announcements = {var: (model.input_index(name), float(factor))
                                for var, (name, factor) in (announcements or {}).items()}
         #: (time [s], state jump) of every announced bolus, in time order
@@ -153,6 +188,8 @@ class MPCController:
     def observe(self, reading: Reading) -> None:
         """Every reading as it arrives (the supervisor passes on the usable ones); readings
         of the measured variable enter the estimator at the next decision."""
+        if self.meal_boluses is not None:
+            self.meal_boluses.observe(reading)
         if reading.var == self.measured:
             self._pending.append(reading)
         elif reading.var in self._announcements and reading.quality == "valid" and \
@@ -163,17 +200,32 @@ class MPCController:
         """A bolus the patient took (an announced meal) at the reading's sample time: into
         the states from then (re-propagating what came after) and into the estimator."""
         j, factor = self._announcements[reading.var]
-        t, amount = float(reading.t_meas_s), reading.value * factor
+        self._bolus_into_states(float(reading.t_meas_s), self.model.input_names[j],
+                                reading.value * factor)
+
+    def _bolus_into_states(self, t: float, input_name: str, amount: float) -> np.ndarray:
+        """A bolus of *amount* of *input_name* at *t* into the states (re-propagating what
+        came after) and the estimator."""
         # the state increment of the bolus (its compartment, bioavailability, units)
         # (a bolus at t = 0 of a schedule is its first break's jump)
-        jump = schedule(self.model, self.theta,
-                        [Dose.bolus(0.0, self.model.input_names[j], amount)]).jumps[0]
+        jump = schedule(self.model, self.theta, [Dose.bolus(0.0, input_name, amount)]).jumps[0]
         bisect.insort(self._jumps, (t, jump), key=lambda item: item[0])
+        return jump
         while len(self._checkpoints) > 1 and self._checkpoints[-1][0] >= t:
             self._checkpoints.pop()
         self._delivery_changed_s = min(self._delivery_changed_s, t)
         if self.bayes is not None:
-            self.bayes.bolus(t, self.model.input_names[j], amount)
+            self.bayes.bolus(t, input_name, amount)
+
+    def given_bolus(self, t_s: float, name: str, amount: float) -> None:
+        """A pump gave a bolus of *amount* of *name* from *t_s*: it replaces the bolus this
+        controller counted at that time (the pump rounds to its increment)."""
+        if self.meal_boluses is not None:
+            self.meal_boluses.given(t_s, amount)
+        mine = self._own_boluses.pop(float(t_s), None)
+        if mine is not None:  # the counted bolus (this very jump) gives way to the given one
+            self._jumps = [(t, jump) for t, jump in self._jumps if jump is not mine]
+        self._bolus_into_states(float(t_s), name, amount)
 
     def applied(self, t_s: float, rates: Mapping[str, float]) -> None:
         """The rates in force from *t_s* on (the supervisor's verdict at a decision, then
@@ -315,6 +367,18 @@ class MPCController:
             while len(self._deliveries) > 1 and self._deliveries[1][0] <= first:
                 del self._deliveries[0]
 
+    def _corrected(self, t_s: float, x: np.ndarray, u: np.ndarray, measured: float
+                   ) -> np.ndarray:
+        """*x* with the state correction's states scaled towards *measured*."""
+        states, gain, k = self._correction
+        predicted = float(np.ravel(self.model.output_function(self.theta)(
+            np.concatenate([[t_s], x, u])))[k])
+        if not predicted > 0:
+            return x
+        x = x.copy()
+        x[states] *= (measured / predicted) ** gain
+        return x
+
     def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
         """The plan's first move (status ``ok``) or a failed solve (``solver_failed``, with
         the shifted previous plan's rates for now as *backup* while it covers the present).
@@ -338,8 +402,24 @@ class MPCController:
                         reading.quality in ("valid", "underflow"):
                     self.bayes.add_reading(reading.t_meas_s, reading.value,
                                            blq=reading.quality == "underflow")
+        latest = max((r for r in self._pending if r.var == measured and r.quality == "valid"
+                      and math.isfinite(r.value) and r.value > 0 and r.t_meas_s <= t_s),
+                     key=lambda r: r.t_meas_s, default=None)
         self._pending.clear()
-        x, _ = self._state_at(t_s)
+        boluses, bolus_note = {}, ""
+        if self.meal_boluses is not None:
+            glucose = latest.value if latest is not None else None
+            bolus_note = self.meal_boluses.give_due(t_s, glucose) or ""
+            amount = self.meal_boluses.take_command()
+            if amount:
+                name = self.inputs[0]
+                boluses = {name: amount}
+                self._own_boluses[float(t_s)] = self._bolus_into_states(float(t_s), name,
+                                                                        amount)
+            bolus_note = f"; {bolus_note}" if bolus_note else ""
+        x, u_now = self._state_at(t_s)
+        if self._correction is not None and latest is not None:
+            x = self._corrected(t_s, x, u_now, latest.value)
         self._checkpoint(t_s, x)
         self._t = t_s
         theta, disturbance, est_note = self.theta, 0.0, ""
@@ -388,7 +468,8 @@ class MPCController:
             self._rates = dict(backup)
         details = {"solve_time_s": plan.solve_time_s, "iterations": float(plan.iterations),
                    "disturbance": disturbance}
-        return Decision(t_s, dict(plan.rates), f"nmpc {plan.solver}: {plan.status}{est_note}",
+        return Decision(t_s, dict(plan.rates),
+                        f"nmpc {plan.solver}: {plan.status}{est_note}{bolus_note}",
                         status="ok" if plan.success else "solver_failed", details=details,
-                        backup=backup)
+                        backup=backup, boluses=boluses)
 

@@ -673,6 +673,16 @@ class NMPCSpec(_Strict):
     #: the model input whose announcements (``<input>_announced`` readings, g) the
     #: prediction takes in (announced meals)
     meal_input: str | None = None
+    #: the hybrid closed loop: each announced meal gets the bolus calculator's bolus (the
+    #: keys of [controller.basal_bolus]; the patient's own settings where not given; its
+    #: basal is not used: the NMPC sets the rates), through a pump that takes boluses
+    meal_bolus: BasalBolusSpec | None = None
+    #: output injection: these states are multiplied by (measured / predicted) ^
+    #: correction_gain at each decision (e.g. a glucose model's glucose masses), so a
+    #: mismatch acts through the dynamics instead of as an offset on the output
+    corrected_states: list[str] = []
+    #: (0, 1]: 1 moves the prediction onto the latest reading, less filters noise
+    correction_gain: float = Field(0.5, gt=0, le=1)
     #: multiplies the controller model's parameters named in scaled (a cautious prior: e.g.
     #: 0.55 on the C50s)
     prior_scale: float = Field(1.0, gt=0)

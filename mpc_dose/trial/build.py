@@ -592,7 +592,8 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
         if chosen.scaled_to_basal:
             params = _scaled_to_basal(chosen, own, params, lm, patient)
         return _nmpc_controller(scenario, chosen, c, own, params,
-                                dict(patient.covariates), share, measured, changes)
+                                dict(patient.covariates), share, measured, changes,
+                                patient=patient, patient_model=lm)
     if c.kind in ("nomogram", "mipd"):
         return _scheduled_controller(scenario, chosen, c, lm, patient, measured, changes)
     if c.kind == "basal_bolus":
@@ -1147,7 +1148,9 @@ def _scaled_to_basal(spec, own: LibraryModel, params: dict[str, float], lm: Libr
 def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str, float],
                      patient_covariates: dict, share: bool = False,
                      measured: str | None = None,
-                     changes: list[tuple[float, dict]] = ()) -> Controller:
+                     changes: list[tuple[float, dict]] = (), *,
+                     patient: VirtualPatientSpec | None = None,
+                     patient_model: LibraryModel | None = None) -> Controller:
     """NMPC + estimator on the controller's own model *own* with parameter values *params*
     (fed the readings of *measured*)."""
     import numpy as np
@@ -1222,7 +1225,35 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
     with _scenario_names():
         return MPCController(own.model, params, nmpc, mhe, measured=measured, mpc=shared,
                              bayes=bayes, announcements=announcements,
+                             meal_boluses=_nmpc_meal_boluses(scenario, spec, c,
+                                                             patient_model or own, patient),
+                             state_correction=(tuple(spec.corrected_states),
+                                               spec.correction_gain)
+                             if spec.corrected_states else None,
                              reference=_reference_schedule(scenario, spec, own.model), **kind)
+
+
+def _nmpc_meal_boluses(scenario: Scenario, spec, c, own: LibraryModel,
+                       patient: VirtualPatientSpec | None):
+    """``[controller.nmpc.meal_bolus]``: the patient's bolus calculator (model units), or
+    None."""
+    if spec.meal_bolus is None:
+        return None
+    from ..control.insulin import BolusCalculator, MealBoluses
+
+    where = "controller.nmpc.meal_bolus"
+    if patient is None:
+        raise ConfigError(f"{where}: needs the patient (its own settings)")
+    if spec.meal_bolus.input not in spec.input:
+        raise ConfigError(f"{where}.input = {spec.meal_bolus.input!r}: not an input the NMPC "
+                          f"sets ({', '.join(spec.input)})")
+    if not _pump_takes_boluses(scenario, spec.meal_bolus.input):
+        raise ConfigError(f"{where}: the pump of {spec.meal_bolus.input!r} must take bolus "
+                          f"commands (give it a max_bolus)")
+    therapy = insulin_therapy(scenario, spec.meal_bolus, where, own, patient)
+    return MealBoluses(BolusCalculator(therapy.carb_ratio, therapy.correction_factor,
+                                       therapy.target), therapy.announcement_var,
+                       c.period_s, therapy.curve, bolus_commands=True)
 
 
 def _reference_schedule(scenario: Scenario, spec, model):
