@@ -514,6 +514,15 @@ def test_the_controller_node_sends_a_bolus_and_learns_once_what_was_given():
     assert not [m for m in node.tick(300.0) if isinstance(m, Bolus)]
 
 
+def test_a_bolus_leaves_before_the_rate_command_that_closes_the_instant():
+    """A pump's set_rate closes its control instant (the simulated lock-step: the plant moves
+    on once every pump has it), so the instant's bolus for that pump goes before it; sent
+    after, it was given one period late across processes."""
+    node = ControllerNode(Boluser(), {"insulin": ROUTE})
+    out = [m for m in node.tick(0.0) if isinstance(m, (Bolus, SetRate))]
+    assert [type(m) for m in out] == [Bolus, SetRate]
+
+
 def test_a_refused_bolus_is_given_by_nobody():
     controller = Boluser(amount=50.0)
     node = ControllerNode(controller, {"insulin": ROUTE})

@@ -21,7 +21,9 @@ higher than its rate; while the data stays unusable it then only asks for the pu
 
 A decision's boluses (an insulin meal bolus) leave as ``bolus`` commands (protocol 1.1) to
 pumps whose route takes them, with the amount in the input's amount unit, the volume
-alongside for the pump side's check, and a lease of one control period to start. What the
+alongside for the pump side's check, and a lease of one control period to start; they go
+before the instant's rate commands, since a pump's ``set_rate`` (or ``get_status``) closes its
+control instant (the simulated lock-step, docs/protocol.md section 6). What the
 pump gives (its ack's amount, after its rounding) is recorded in :attr:`boluses` and told to
 the controller (``given_bolus``); a refused bolus is given by nobody.
 """
@@ -269,7 +271,11 @@ class ControllerNode:
         rates = check_rates(decision.rates, supervised.inputs, supervised.name)
         lapse = supervised.measured is not None and not supervised.data_usable and \
             supervised.mode == "FALLBACK"
-        out: list[_Message] = []
+        # a pump's boluses go before its rate command (set_rate, or get_status): that command
+        # closes the pump's control instant (in lock-step across processes the plant moves on
+        # once every pump has it), so a bolus sent after it would be given an instant late
+        out: list[_Message] = [self._bolus(self.routes[name], amount, now)
+                               for name, amount in decision.boluses.items()]
         in_force = dict(rates)
         for name, rate in rates.items():
             route = self.routes[name]
@@ -281,8 +287,6 @@ class ControllerNode:
                     in_force[name] = current
                     continue
             out.append(self._set_rate(route, rate, now, lapse))
-        for name, amount in decision.boluses.items():
-            out.append(self._bolus(self.routes[name], amount, now))
         reason = decision.reason
         if in_force != rates:
             supervised.applied(now, in_force)  # the pumps do this, not the decision

@@ -9,7 +9,9 @@ Simulated time (default) runs in lock-step, so a run across processes gives the 
 as :func:`~mpc_dose.trial.closed_loop.run_closed_loop`: at each control instant the plant
 publishes the readings, then a ``heartbeat`` with state ``tick`` and the instant as
 ``t_sim``, and waits (up to *tick_timeout_s* of wall time) until every pump has its command
-(``set_rate``, ``stop`` or ``get_status``) for that instant. In real time
+(``set_rate``, ``stop`` or ``get_status``) for that instant: that command closes the pump's
+instant, so the controller sends a bolus of the instant before it (one arriving after the
+plant moved on is applied late: the audit log notes it as ``late_command``). In real time
 (*realtime_factor*) nothing waits: messages are applied when they arrive, and the
 controller's own clock (the tick) keeps the period.
 
@@ -121,6 +123,11 @@ def serve_plant(scenario: Scenario, index: int, seed: int, *, telemetry: str, co
         def serve_commands(timeout_s: float) -> None:
             audit_refused_handshakes()
             for envelope in answer_commands(plant, server, timeout_s, log):
+                if realtime_factor is None and log is not None and \
+                        envelope.t_sim is not None and envelope.t_sim < float(env.now):
+                    # lock-step: a command of an instant the plant has already left
+                    log.note("late_command", float(env.now), cmd_id=envelope.message.cmd_id,
+                             type=envelope.message.type, instant=envelope.t_sim)
                 # a status request for the instant answers it too: a controller that lets a
                 # lease run out (unusable data) sends get_status instead of set_rate
                 if isinstance(envelope.message, (SetRate, Stop, GetStatus)):
