@@ -688,6 +688,9 @@ class NMPCSpec(_Strict):
     prior_scale: float = Field(1.0, gt=0)
     #: the controller model's parameters that prior_scale multiplies
     scaled: list[str] = []
+    #: the controller model's parameter values set outright (declared units), e.g.
+    #: ``{cambridge_egp0_amplitude_1 = 0}``: a controller that ignores the body clock
+    parameters: dict[str, float] = {}
     #: an insulin model individualised to the patient's own pump settings: these parameters
     #: (e.g. the insulin sensitivities) are multiplied by one factor so that the controller
     #: model's steady-state basal at basal_target equals the patient's titrated basal

@@ -589,6 +589,12 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
     if c.kind == "nmpc":
         own = scenario_model(scenario, chosen.model) if chosen.model else lm
         params = _controller_params(scenario, own, patient)
+        for name, value in chosen.parameters.items():
+            try:
+                own.model.parameter(name)
+            except ModelError as err:
+                raise ConfigError(f"controller.nmpc.parameters.{name}: {err}") from None
+            params[name] = float(value)
         if chosen.scaled_to_basal:
             params = _scaled_to_basal(chosen, own, params, lm, patient)
         return _nmpc_controller(scenario, chosen, c, own, params,
