@@ -170,6 +170,8 @@ class MPCController:
         self._delivery_changed_s = math.inf
         # (time, state) at recent decisions, in time order: the state of any later time is
         # propagated from the latest checkpoint before it through the deliveries
+        #: the first checkpoint is still the model's initial state (before any bolus at 0)
+        self._initial_kept = True
         self._checkpoints: list[tuple[float, np.ndarray]] = [
             (0.0, model.initial_state(self.theta))]
         self._last_plan: DosePlan | None = None
@@ -262,9 +264,12 @@ class MPCController:
         t, x = self._checkpoints[k]
         u = self._rates_vector_at(t)
         # rate changes (t, rates, None) and announced boluses (t, None, jump) after the
-        # checkpoint: a bolus at t_s itself counts (it was taken by then)
+        # checkpoint: a bolus at t_s itself counts (it was taken by then); a checkpoint
+        # holds the boluses at its own time, except the model's initial state
+        initial = k == 0 and self._initial_kept
         events = sorted([(tc, un, None) for tc, un in self._deliveries if t < tc < t_s]
-                        + [(tj, None, jump) for tj, jump in self._jumps if t < tj <= t_s],
+                        + [(tj, None, jump) for tj, jump in self._jumps
+                           if (t <= tj if initial else t < tj) and tj <= t_s],
                         key=lambda e: e[0])
         for t_event, u_next, jump in events:
             if t_event > t:
@@ -362,6 +367,7 @@ class MPCController:
         self._checkpoints.append((t_s, x))
         if len(self._checkpoints) > _CHECKPOINTS:
             del self._checkpoints[0]
+            self._initial_kept = False
             first = self._checkpoints[0][0]
             # the delivery in force at the first checkpoint stays
             while len(self._deliveries) > 1 and self._deliveries[1][0] <= first:

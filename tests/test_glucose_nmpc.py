@@ -1,0 +1,178 @@
+"""The NMPC as an artificial pancreas (issue 18): the pieces it needs and one patient-day of
+scenarios/t1d_nmpc.toml end to end.
+
+* a meal announcement enters the controller's states (the gut gets the announced amount
+  times the bioavailability) at its sample time, also when it arrives late;
+* output injection moves the model's glucose masses by (measured / predicted) ^ gain;
+* a reference schedule follows the clock; the controller model scaled to the patient's
+  basal holds the patient's own basal steady state;
+* the asymmetric soft window: a low-side weight far above the high side's makes the plan
+  give less insulin when the prediction dips;
+* the supervisor takes a CGM's HIGH as a reading when told to, and range-limit readings
+  never make a flat line.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpc_dose.control.base import Reading
+from mpc_dose.control.supervisor import SafetyConfig, SafetySupervisor
+from mpc_dose.errors import ConfigError
+from mpc_dose.scenario import load_scenario
+from mpc_dose.trial.build import build_setup
+from mpc_dose.trial.closed_loop import run_closed_loop
+
+SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "t1d_nmpc.toml"
+
+
+def _controller(overrides=None, index=0):
+    setup, patient = build_setup(load_scenario(SCENARIO, {"scenario.duration_s": 7200.0,
+                                                          **(overrides or {})}), index, 0)
+    controller = setup.controller
+    return getattr(controller, "controller", controller), setup, patient
+
+
+def test_an_announced_meal_enters_the_gut_at_its_time_even_when_told_late():
+    """The announcement of 40 g at t = 1000 s: the state at 1000 s has 40 x AG g more in
+    the first gut compartment than without it, whether the reading arrives before the
+    decision at 1200 s or after it (the later states are propagated again)."""
+    for late in (False, True):
+        mpc, _, _ = _controller({"controller.nmpc.meal_bolus": None,
+                                 "controller.nmpc.corrected_states": []})
+        model = mpc.model
+        gut = model.state_index("cambridge_gut1")
+        ag = mpc.theta[model.param_index("cambridge_ag")]
+        meal = Reading("carbohydrate_announced", 40.0, "g", 1000.0)
+        if not late:
+            mpc.observe(meal)
+        mpc.decide(0.0, {})
+        mpc.decide(1200.0, {})
+        if late:
+            mpc.observe(meal)
+        before, _ = mpc._state_at(999.999)
+        after, _ = mpc._state_at(1000.0)
+        assert after[gut] - before[gut] == pytest.approx(40.0 * ag, rel=1e-6)
+
+
+def test_output_injection_moves_the_glucose_masses_by_the_ratio_to_the_gain():
+    """A reading twice the model's glucose with gain 0.5: Q1 and Q2 grow by sqrt(2), the
+    other states stay."""
+    mpc, _, _ = _controller({"controller.nmpc.corrected_states":
+                             ["cambridge_q1", "cambridge_q2"],
+                             "controller.nmpc.correction_gain": 0.5,
+                             "controller.nmpc.meal_bolus": None})
+    model = mpc.model
+    x0 = model.initial_state(mpc.theta)
+    glucose = x0[model.state_index("cambridge_q1")] / mpc.theta[model.param_index(
+        "cambridge_vg")]
+    mpc.observe(Reading("cgm", 2 * glucose, "mmol/L", 0.0))
+    mpc.decide(0.0, {})
+    _, x = mpc._checkpoints[-1]
+    for name in ("cambridge_q1", "cambridge_q2"):
+        k = model.state_index(name)
+        assert x[k] == pytest.approx(x0[k] * math.sqrt(2.0), rel=1e-9)
+    k = model.state_index("cambridge_insulin")
+    assert x[k] == pytest.approx(x0[k])
+
+
+def test_the_reference_follows_the_clock_and_the_model_holds_the_patients_basal():
+    """reference_schedule: 6.0 mmol/L from 0 h, 6.5 from 7 h, 6.0 from 22 h (the scenario
+    starts at 06:00); scaled_to_basal: the controller model's steady-state basal is the
+    patient's own (its titrated basal with the rhythm off)."""
+    from mpc_dose.model.library import load
+    from mpc_dose.model.library.diabetes import basal_insulin_rate
+    from mpc_dose.model.therapy import at_clock
+
+    mpc, _, patient = _controller()
+    reference = mpc._reference
+    assert [reference(h * 3600.0) for h in (0.0, 0.999, 1.0, 15.999, 16.0, 18.0)] == \
+        [6.0, 6.0, 6.5, 6.5, 6.0, 6.0]
+    lm = load("glucose-cambridge")
+    mine = dict(zip(mpc.model.param_names, mpc.theta))
+    assert basal_insulin_rate(at_clock(lm.entries, mine, None), 6.0) == pytest.approx(
+        basal_insulin_rate(at_clock(lm.entries, patient.params, None), 6.0), rel=1e-5)
+
+
+def test_a_costlier_low_side_gives_less_insulin_when_the_prediction_dips():
+    """The same state and plan with the low side of the soft window weighted 100x the high
+    side, then equal: the asymmetric cost gives less insulin in the first hour."""
+    firsts = []
+    for low in ((100.0, 100.0), (1.0, 1.0)):
+        mpc, _, _ = _controller({"controller.nmpc.soft_low_weights": list(low),
+                                 "controller.nmpc.soft_low": "5.5 mmol/L",
+                                 "controller.nmpc.meal_bolus": None,
+                                 "controller.nmpc.corrected_states": []})
+        mpc.observe(Reading("carbohydrate_announced", 60.0, "g", 0.0))
+        decision = mpc.decide(0.0, {})
+        assert decision.status == "ok"
+        plan = mpc._last_plan.plan[:12, mpc.model.input_index("insulin")]
+        firsts.append(float(plan.sum()))
+    assert firsts[0] < firsts[1]
+
+
+def test_one_patient_day_of_the_hybrid_closed_loop():
+    """scenarios/t1d_nmpc.toml, one patient, one day: every announced meal gets one bolus
+    command (the patient's calculator, rounded down to 0.05 U); a solve that fails (at most
+    1 % of them) is a result that says so and uses the shifted previous plan; no rate above
+    the NMPC's 5 U/h; the glucose stays between 40 and 400 mg/dL."""
+    setup, _ = build_setup(load_scenario(SCENARIO, {"scenario.duration_s": 86400.0}), 1, 0)
+    result = run_closed_loop(setup)
+    frame = result.to_pandas()
+    boluses = [text for _, kind, text in result.events if kind == "bolus"]
+    announced = [m for m in setup.meals if m.announced is not None]
+    assert len(boluses) == len(announced) >= 3
+    reasons = frame.controller_reason.astype(str)
+    failed = frame.controller_status == "solver_failed"
+    assert failed.mean() <= 0.01
+    assert reasons[failed].str.contains("shifted previous plan").all()
+    assert reasons[~failed].str.contains("Solve_Succeeded").all()
+    assert (frame.commanded_insulin_rate_U_per_s * 3600.0 <= 5.0 + 1e-6).all()
+    glucose = frame.true_glucose_mmol_per_L * 18.016
+    assert glucose.min() > 40.0 and glucose.max() < 400.0
+
+
+def test_meal_boluses_need_a_bolus_pump():
+    with pytest.raises(ConfigError, match="max_bolus"):
+        _controller({"pump.0.max_bolus": None, "pump.0.bolus_increment": None,
+                     "pump.0.bolus_speed": None})
+
+
+def _cgm(value, t, quality="valid"):
+    return Reading("cgm", value, "mmol/L", t, quality)
+
+
+def test_a_cgm_high_is_a_reading_when_told_and_range_limits_make_no_flat_line():
+    """above_range_usable: a HIGH (overflow at 22.2 mmol/L) passes the screen, else it is
+    invalid data; 30 LOW readings in a row (underflow at its limit) are no flat line, and
+    they do not break one either."""
+    told = SafetySupervisor(SafetyConfig(measured="cgm", above_range_usable=True,
+                                         below_lloq_usable=True, flatline_samples=20))
+    plain = SafetySupervisor(SafetyConfig(measured="cgm"))
+    high = _cgm(22.2, 0.0, "overflow")
+    assert told.screen(high) == ("", "")
+    assert plain.screen(high)[1] == "data.invalid"
+    for k in range(30):
+        assert told.observe(_cgm(2.22, 300.0 * k, "underflow"))
+    assert not told.flat
+    for k in range(19):
+        told.observe(_cgm(5.0, 300.0 * (30 + k)))
+    told.observe(_cgm(2.22, 300.0 * 49, "underflow"))
+    told.observe(_cgm(5.0, 300.0 * 50))
+    assert told.flat                     # 20 equal valid readings, a LOW between them
+    with pytest.raises(ConfigError, match="above_range_usable"):
+        SafetyConfig(measured="cgm", above_range_usable="yes")
+
+
+def test_the_patients_own_settings_reach_every_glucose_reading_of_the_plan():
+    """The glucose the NMPC predicts at its first stage starts from the model's glucose at
+    the decision (the patient's basal steady state at t = 0: 6.0 mmol/L)."""
+    mpc, _, _ = _controller({"controller.nmpc.meal_bolus": None,
+                             "controller.nmpc.corrected_states": []})
+    mpc.decide(0.0, {})
+    predicted = np.asarray(mpc._last_plan.predicted_output)
+    assert abs(predicted[0] - 6.0) < 0.5
