@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..model.therapy import profile_rate
 from .base import Reading
 
 __all__ = ["InsulinCurve", "BolusCalculator", "MealBoluses", "DeliveryHistory",
@@ -122,18 +123,6 @@ class BolusCalculator:
             correction = max((glucose - self.target) / self.correction_factor
                              - insulin_on_board, 0.0)
         return meal + correction
-
-
-def profile_rate(rows: Iterable[tuple[float, float]], clock_h: float) -> float:
-    """The rate of a daily profile of ``(clock hour, rate)`` rows sorted by hour (each from
-    its hour until the next, the first at 0 h) at *clock_h* [h, any day]."""
-    clock = clock_h % 24.0
-    rows = tuple(rows)
-    rate = rows[0][1]
-    for hour, value in rows:
-        if clock + 1e-9 >= hour:
-            rate = value
-    return rate
 
 
 def latest_valid(kept: Reading | None, reading: Reading) -> Reading | None:

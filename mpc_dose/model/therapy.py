@@ -24,7 +24,7 @@ This module knows model/ only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +37,7 @@ from .library.base import LibraryEntry, LibraryModel
 from .simulation import simulate
 from .spec import Model
 
-__all__ = ["TherapySettings", "patient_therapy", "titrated_therapy", "at_clock", "BASAL_LEAD_H", "TEST_MEAL_G", "TEST_HOURS",
+__all__ = ["TherapySettings", "profile_rate", "patient_therapy", "titrated_therapy", "at_clock", "BASAL_LEAD_H", "TEST_MEAL_G", "TEST_HOURS",
            "TEST_NADIR_MMOL_L", "TEST_WATCH_HOURS", "DAILY_CARBS_G", "CORRECTION_RULE_MG_DL"]
 
 WALSH_2006 = ("Walsh J, Roberts R. Pumping Insulin, 4th ed. San Diego: Torrey Pines Press, "
@@ -61,6 +61,19 @@ DAILY_CARBS_G = 180.0
 CORRECTION_RULE_MG_DL = 1800.0
 
 
+def profile_rate(rows: Iterable[tuple[float, float]], clock_h: float) -> float:
+    """The value of a daily profile of ``(clock hour, value)`` rows sorted by hour (each from
+    its hour until the next, the first at 0 h) at *clock_h* [h, any day]: a basal profile,
+    a reference that follows the clock."""
+    clock = clock_h % 24.0
+    rows = tuple(rows)
+    rate = rows[0][1]
+    for hour, value in rows:
+        if clock + 1e-9 >= hour:
+            rate = value
+    return rate
+
+
 @dataclass(frozen=True)
 class TherapySettings:
     """A patient's own insulin-pump settings (amounts in U, glucose in mmol/L)."""
@@ -78,12 +91,7 @@ class TherapySettings:
 
     def basal_at(self, clock_h: float) -> float:
         """The profile's rate [U/h] at *clock_h* (hours after midnight)."""
-        clock = clock_h % 24.0
-        rate = self.basal_U_per_h[0][1]
-        for hour, value in self.basal_U_per_h:
-            if clock + 1e-9 >= hour:
-                rate = value
-        return rate
+        return profile_rate(self.basal_U_per_h, clock_h)
 
 
 def at_clock(entries: Sequence[LibraryEntry], params: Mapping[str, float],

@@ -1274,17 +1274,10 @@ def _reference_schedule(scenario: Scenario, spec, model):
     if rows[0][0] != 0.0:
         raise ConfigError(f"controller.nmpc.reference_schedule: the first row must start at "
                           f"clock_h = 0, got {rows[0][0]!r}")
+    from ..model.therapy import profile_rate
+
     start_h = scenario.scenario.start_clock_h or 0.0
-
-    def reference(t_s: float) -> float:
-        clock = (start_h + t_s / 3600.0) % 24.0
-        value = rows[0][1]
-        for hour, row_value in rows:
-            if clock + 1e-9 >= hour:
-                value = row_value
-        return value
-
-    return reference
+    return lambda t_s: profile_rate(rows, start_h + t_s / 3600.0)
 
 
 @contextlib.contextmanager
