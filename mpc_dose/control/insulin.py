@@ -27,15 +27,17 @@ This module knows nothing of simpy, sockets or files.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..model.therapy import profile_rate
+from ..units import GLUCOSE, convert_substance
 from .base import Reading
 
 __all__ = ["InsulinCurve", "BolusCalculator", "MealBoluses", "DeliveryHistory",
-           "latest_valid", "profile_rate"]
+           "latest_valid", "profile_rate", "GlucoseHistory"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,32 @@ class BolusCalculator:
             correction = max((glucose - self.target) / self.correction_factor
                              - insulin_on_board, 0.0)
         return meal + correction
+
+
+class GlucoseHistory(deque):
+    """The valid glucose readings of one variable over the last *span_s*, in mg/dL (the
+    glucose controllers' own unit; each reading's unit converted once per unit), in time
+    order: ``(t_meas [s], mg/dL)``. Readings older than the newest are left out."""
+
+    def __init__(self, var: str, span_s: float, owner: str) -> None:
+        super().__init__()
+        self.var, self.span_s, self.owner = var, float(span_s), owner
+        self._to_mg_dl: dict[str, float] = {}
+
+    def add(self, reading: Reading) -> None:
+        if reading.var != self.var or reading.quality != "valid" or \
+                not math.isfinite(reading.value):
+            return
+        if self and reading.t_meas_s <= self[-1][0]:
+            return
+        factor = self._to_mg_dl.get(reading.unit)
+        if factor is None:
+            factor = convert_substance(1.0, reading.unit, "mg/dL", GLUCOSE,
+                                       what=f"{self.owner}: reading of {reading.var!r}")
+            self._to_mg_dl[reading.unit] = factor
+        self.append((reading.t_meas_s, reading.value * factor))
+        while self[0][0] < reading.t_meas_s - self.span_s:
+            self.popleft()
 
 
 def latest_valid(kept: Reading | None, reading: Reading) -> Reading | None:

@@ -52,15 +52,14 @@ This module knows nothing of simpy, sockets or files.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError
-from ..units import GLUCOSE, convert_substance
 from .base import Decision, Reading
-from .insulin import DeliveryHistory, InsulinCurve, MealBoluses, profile_rate
+from .insulin import (DeliveryHistory, GlucoseHistory, InsulinCurve, MealBoluses,
+                      profile_rate)
 
 __all__ = ["OpenAPSController", "eventual_bg", "max_safe_basal", "safety_threshold",
            "MAX_DAILY_SAFETY_MULTIPLIER", "CURRENT_BASAL_SAFETY_MULTIPLIER",
@@ -191,7 +190,7 @@ class OpenAPSController:
         self.csf = self.isf / ratio if ratio else None
         self.amount_per_U, self.temp_duration_s = float(amount_per_U), float(temp_duration_s)
         self.delivery = DeliveryHistory(curve, step_s=300.0)
-        self._history: deque[tuple[float, float]] = deque()   # (t_meas [s], mg/dL)
+        self._history = GlucoseHistory(glucose_var, 3600.0, name)   # (t_meas [s], mg/dL)
         self._carbs: list[tuple[float, float]] = []          # (announced at [s], g)
         self._to_mg_dl: dict[str, float] = {}
         #: every decision's figures (for tests and records): dicts of the details
@@ -205,28 +204,13 @@ class OpenAPSController:
     def _scheduled_U_per_s(self, t_s: float) -> float:
         return self.basal_at(t_s) / 3600.0
 
-    def _mg_dl(self, reading: Reading) -> float:
-        factor = self._to_mg_dl.get(reading.unit)
-        if factor is None:
-            factor = convert_substance(1.0, reading.unit, "mg/dL", GLUCOSE,
-                                       what=f"{self.name}: reading of {reading.var!r}")
-            self._to_mg_dl[reading.unit] = factor
-        return reading.value * factor
-
     def observe(self, reading: Reading) -> None:
         if self.meals is not None and self.meals.observe(reading):
             if reading.quality == "valid" and math.isfinite(reading.value) and \
                     reading.value > 0:
                 self._carbs.append((reading.t_meas_s, reading.value))
             return
-        if reading.var != self.glucose_var or reading.quality != "valid" or \
-                not math.isfinite(reading.value):
-            return
-        if self._history and reading.t_meas_s <= self._history[-1][0]:
-            return
-        self._history.append((reading.t_meas_s, self._mg_dl(reading)))
-        while self._history and self._history[0][0] < reading.t_meas_s - 3600.0:
-            self._history.popleft()
+        self._history.add(reading)
 
     def applied(self, t_s: float, rates: Mapping[str, float]) -> None:
         """What the pump delivers from *t_s* on (after the supervisor): the IOB's history."""

@@ -46,13 +46,11 @@ This module knows nothing of simpy, sockets or files.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
 
 from ..errors import ConfigError
-from ..units import GLUCOSE, convert_substance
 from .base import Decision, Reading
-from .insulin import MealBoluses, profile_rate
+from .insulin import GlucoseHistory, MealBoluses, profile_rate
 
 __all__ = ["PIDIFBController", "proportional_gain", "KP_TDD_DIVISOR", "TI_MIN", "TD_MIN",
            "INSULIN_FEEDBACK_GAMMA", "IFB_TIME_CONSTANTS_MIN", "TARGET_MG_DL"]
@@ -132,27 +130,14 @@ class PIDIFBController:
         self.integral = min(start, self.max_rate)
         self.insulin_sc = self.insulin_plasma = start
         self._delivering, self._since_s = start, 0.0       # U/h, from when
-        self._history: deque[tuple[float, float]] = deque()
-        self._to_mg_dl: dict[str, float] = {}
+        self._history = GlucoseHistory(glucose_var, SLOPE_WINDOW_S + 1.0, name)
         self._last_decision_s: float | None = None
 
     # ------------------------------------------------------------------ in
     def observe(self, reading: Reading) -> None:
         if self.meals is not None and self.meals.observe(reading):
             return
-        if reading.var != self.glucose_var or reading.quality != "valid" or \
-                not math.isfinite(reading.value):
-            return
-        if self._history and reading.t_meas_s <= self._history[-1][0]:
-            return
-        factor = self._to_mg_dl.get(reading.unit)
-        if factor is None:
-            factor = convert_substance(1.0, reading.unit, "mg/dL", GLUCOSE,
-                                       what=f"{self.name}: reading of {reading.var!r}")
-            self._to_mg_dl[reading.unit] = factor
-        self._history.append((reading.t_meas_s, reading.value * factor))
-        while self._history[0][0] < reading.t_meas_s - SLOPE_WINDOW_S - 1.0:
-            self._history.popleft()
+        self._history.add(reading)
 
     def _advance(self, t_s: float) -> None:
         """Run the insulin model to *t_s* on the rate delivered since the last change."""

@@ -577,19 +577,28 @@ class PumpBridgeNode:
         """The bolus volume is in: the pump goes back to the rate under it."""
         c = state.config
         rate = max(0.0, state.rate_ml_per_h - state.bolus_ml_per_h)
-        try:
-            applied = self.driver.set_rate(c.address, rate)
-        except Exception as err:  # noqa: BLE001
-            return [self._fault(state, now, "pump.unreachable", str(err))]
-        if not _close(applied, rate):
-            return [self._fault(state, now, "pump.readback_mismatch",
-                                f"after the bolus read back {applied:g} mL/h for {rate:g} "
-                                f"mL/h")]
+        applied, faults = self._set_unasked(state, now, rate, "after the bolus")
+        if faults:
+            return faults
         self._end_bolus(state, now)
         state.rate_ml_per_h = applied
         state.state = "infusing" if applied > 0 else "stopped"
         state.log_rate(now, applied)
         return [self.status(c.pump, now)]
+
+    def _set_unasked(self, state: _PumpState, now: float, rate: float, what: str
+                     ) -> tuple[float, list[_Message]]:
+        """Set *rate* [mL/h] that no command asked for now (a fallback, the end of a bolus)
+        and read it back: the rate read back, or the fault (the pump left STOPPED)."""
+        try:
+            applied = self.driver.set_rate(state.config.address, rate)
+        except Exception as err:  # noqa: BLE001
+            return math.nan, [self._fault(state, now, "pump.unreachable", str(err))]
+        if not _close(applied, rate):
+            return applied, [self._fault(state, now, "pump.readback_mismatch",
+                                         f"{what} read back {applied:g} mL/h for {rate:g} "
+                                         f"mL/h")]
+        return applied, []
 
     def _end_bolus(self, state: _PumpState, now: float) -> None:
         """The running bolus ends (given, or cancelled by a stop or a fault): what went in
@@ -603,13 +612,9 @@ class PumpBridgeNode:
         rate = state.fallback_ml_per_h
         action = f"preset rate {rate:g} mL/h" if rate > 0 else "stop"
         rate += state.bolus_ml_per_h     # a running bolus goes on to its end
-        try:
-            applied = self.driver.set_rate(c.address, rate)
-        except Exception as err:  # noqa: BLE001
-            return [self._fault(state, now, "pump.unreachable", str(err))]
-        if not _close(applied, rate):
-            return [self._fault(state, now, "pump.readback_mismatch",
-                                f"fallback read back {applied:g} mL/h for {rate:g} mL/h")]
+        applied, faults = self._set_unasked(state, now, rate, "fallback")
+        if faults:
+            return faults
         state.rate_ml_per_h, state.lease = applied, None
         state.state = "infusing" if applied > 0 else "stopped"
         state.log_rate(now, applied)
