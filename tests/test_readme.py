@@ -25,6 +25,9 @@ SMALLER = [
 #: blocks not run here, by their first command, and why
 NOT_HERE = {
     "make demo": "`make demo` builds its own environment; its commands run in test_cli.py",
+    "mpc-dose compare scenarios/t1d_nmpc.toml": "a week of four insulin controllers; "
+                                               "tests/test_glucose_nmpc.py runs the NMPC's "
+                                               "patient-day end to end",
     "mpc-dose tune": "a sweep of 25 settings x 32 patients; tests/test_tune.py runs sweeps "
                      "end to end",
 }
