@@ -570,6 +570,51 @@ class EstimatorSpec(_Strict):
     max_iter: int | None = Field(None, ge=1)
 
 
+class BasalRowSpec(_Quantities):
+    """A basal rate ``rate_<unit>`` (e.g. ``rate_U_per_h = 0.8``) from ``clock_h`` on."""
+
+    QUANTITIES = {"rate": "rate"}
+    #: [h] the clock time of day the rate starts (the first row at 0)
+    clock_h: float = Field(ge=0, lt=24)
+
+
+class _InsulinTherapySpec(_Quantities):
+    """What every insulin controller reads of a patient's pump settings; a setting not
+    given is the patient's own, titrated from its model at *target* (model/therapy.py:
+    hourly basal, meal-test carb ratio, 1800-rule correction factor), as in-silico trials
+    give them."""
+
+    QUANTITIES = {"carb_ratio": "per_amount"}
+    #: the insulin input
+    input: str
+    #: the glucose output the controller reads (its sensor: controller.safety.measured)
+    output: str
+    #: [output unit, or a string with mg/dL or mmol/L] the glucose aimed at (and the
+    #: patient's settings hold)
+    target: Quantity
+    #: the daily basal profile (the patient's own when not given)
+    basal: list[BasalRowSpec] = []
+    #: [output unit, or a string with mg/dL or mmol/L] glucose lowered by one unit of
+    #: insulin (the patient's own when not given)
+    correction_factor: Quantity | None = None
+    #: [min] the insulin-activity curve's peak (default: control/insulin.py InsulinCurve)
+    insulin_peak_min: float | None = Field(None, gt=0)
+    #: [h] the duration of insulin action (default: control/insulin.py InsulinCurve)
+    insulin_duration_h: float | None = Field(None, gt=0)
+
+
+class BasalBolusSpec(_InsulinTherapySpec):
+    """Open-loop basal-bolus therapy (control/basal_bolus.py): a daily basal profile and, at
+    each announced meal, the bolus calculator's dose (``carb_ratio_g_per_U``-style keys:
+    grams of carbohydrate per unit; the correction factor in the glucose output's unit per
+    unit); insulin on board by the exponential activity curve. A setting not given is the
+    patient's own, titrated from its model at *target* (model/therapy.py: hourly basal,
+    meal-test carb ratio, 1800-rule correction factor), as in-silico trials give them."""
+
+    #: the model input whose announcements (``<input>_announced`` readings, g) are meals
+    meal_input: str
+
+
 class ClockValueSpec(_Strict):
     """A value from a clock time of day on."""
 
@@ -867,51 +912,6 @@ class MIPDSpec(ScheduleSpec):
     auc_target: Quantity
     #: the Bayesian estimator (kind "map"), keys as [controller.nmpc.estimator]
     estimator: EstimatorSpec = EstimatorSpec(kind="map")
-
-
-class BasalRowSpec(_Quantities):
-    """A basal rate ``rate_<unit>`` (e.g. ``rate_U_per_h = 0.8``) from ``clock_h`` on."""
-
-    QUANTITIES = {"rate": "rate"}
-    #: [h] the clock time of day the rate starts (the first row at 0)
-    clock_h: float = Field(ge=0, lt=24)
-
-
-class _InsulinTherapySpec(_Quantities):
-    """What every insulin controller reads of a patient's pump settings; a setting not
-    given is the patient's own, titrated from its model at *target* (model/therapy.py:
-    hourly basal, meal-test carb ratio, 1800-rule correction factor), as in-silico trials
-    give them."""
-
-    QUANTITIES = {"carb_ratio": "per_amount"}
-    #: the insulin input
-    input: str
-    #: the glucose output the controller reads (its sensor: controller.safety.measured)
-    output: str
-    #: [output unit, or a string with mg/dL or mmol/L] the glucose aimed at (and the
-    #: patient's settings hold)
-    target: Quantity
-    #: the daily basal profile (the patient's own when not given)
-    basal: list[BasalRowSpec] = []
-    #: [output unit, or a string with mg/dL or mmol/L] glucose lowered by one unit of
-    #: insulin (the patient's own when not given)
-    correction_factor: Quantity | None = None
-    #: [min] the insulin-activity curve's peak (default: control/insulin.py InsulinCurve)
-    insulin_peak_min: float | None = Field(None, gt=0)
-    #: [h] the duration of insulin action (default: control/insulin.py InsulinCurve)
-    insulin_duration_h: float | None = Field(None, gt=0)
-
-
-class BasalBolusSpec(_InsulinTherapySpec):
-    """Open-loop basal-bolus therapy (control/basal_bolus.py): a daily basal profile and, at
-    each announced meal, the bolus calculator's dose (``carb_ratio_g_per_U``-style keys:
-    grams of carbohydrate per unit; the correction factor in the glucose output's unit per
-    unit); insulin on board by the exponential activity curve. A setting not given is the
-    patient's own, titrated from its model at *target* (model/therapy.py: hourly basal,
-    meal-test carb ratio, 1800-rule correction factor), as in-silico trials give them."""
-
-    #: the model input whose announcements (``<input>_announced`` readings, g) are meals
-    meal_input: str
 
 
 class PIDIFBSpec(_InsulinTherapySpec):

@@ -319,6 +319,29 @@ def control_instants(setup: LoopSetup, period_s: float):
         k += 1
 
 
+def _run_until_ctrl_c(env, end_s: float, step_s: float) -> bool:
+    """Run a real-time *env* to *end_s* in steps of *step_s*; True when Ctrl-C stopped it.
+
+    A KeyboardInterrupt raised inside a simpy process becomes that process's failure, which
+    another process may catch (simpy's ``_resume`` takes any BaseException): the run then
+    went on, or ended as if complete. Here Ctrl-C only sets a flag (in the main thread),
+    read between steps, so the run stops where it is and says so."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        env.run(until=end_s)
+        return False
+    asked = []
+    previous = signal.signal(signal.SIGINT, lambda *_: asked.append(True))
+    try:
+        while env.now < end_s and not asked:
+            env.run(until=min(end_s, env.now + step_s))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return bool(asked)
+
+
 def run_closed_loop(setup: LoopSetup, *,
                     progress: Callable[[float, Mapping[str, list]], None] | None = None,
                     progress_step_s: float = 10.0) -> LoopResult:
@@ -380,11 +403,16 @@ def run_closed_loop(setup: LoopSetup, *,
         env.process(report())
     if isinstance(env, DeadlineEnvironment):
         env.sync()
+    end_s = setup.duration_s + min(setup.record_step_s, 1.0) / 2
     interrupted = False
     try:
-        env.run(until=setup.duration_s + min(setup.record_step_s, 1.0) / 2)
-    except KeyboardInterrupt:  # keep what was recorded: rows up to the last complete one
+        if isinstance(env, DeadlineEnvironment):
+            interrupted = _run_until_ctrl_c(env, end_s, min(setup.record_step_s, 1.0))
+        else:
+            env.run(until=end_s)
+    except KeyboardInterrupt:
         interrupted = True
+    if interrupted:  # keep what was recorded: rows up to the last complete one
         rows = min(len(values) for values in columns.values())
         for values in columns.values():
             del values[rows:]
