@@ -139,8 +139,10 @@ class MPCController:
             if not names or not (isinstance(gain, (int, float)) and 0 < gain <= 1):
                 raise ConfigError(f"{name}: state_correction = {state_correction!r}: expected "
                                   f"state names and a gain in (0, 1]")
+            # the output map with this patient's values, built once (not every cycle)
             self._correction = ([model.state_index(n) for n in names], float(gain),
-                                model.output_index(nmpc.output))
+                                model.output_index(nmpc.output),
+                                model.output_function(self.theta))
         if meal_boluses is not None and bayes is not None:
             raise ConfigError(f"{name}: meal boluses with a Bayesian estimator are not "
                               f"supported (it cannot take a counted bolus back)")
@@ -372,13 +374,14 @@ class MPCController:
             # the delivery in force at the first checkpoint stays
             while len(self._deliveries) > 1 and self._deliveries[1][0] <= first:
                 del self._deliveries[0]
+            # boluses before the first checkpoint are in its state: no reading needs them
+            self._jumps = [(t, jump) for t, jump in self._jumps if t > first]
 
     def _corrected(self, t_s: float, x: np.ndarray, u: np.ndarray, measured: float
                    ) -> np.ndarray:
         """*x* with the state correction's states scaled towards *measured*."""
-        states, gain, k = self._correction
-        predicted = float(np.ravel(self.model.output_function(self.theta)(
-            np.concatenate([[t_s], x, u])))[k])
+        states, gain, k, output = self._correction
+        predicted = float(np.ravel(output(np.concatenate([[t_s], x, u])))[k])
         if not predicted > 0:
             return x
         x = x.copy()
