@@ -1,8 +1,8 @@
 """Nonlinear model-predictive control built once from a CasADi model.
 
 Condensed, linearised or multiple shooting over ``horizon`` control periods, decisions
-blocked over ``move_block`` periods. The objective tracks a (possibly time-varying) reference on one output and
-penalises input changes, drug use (economic) and violations of a soft output window
+blocked over ``move_block`` periods. The objective tracks a (possibly time-varying)
+reference on one output and penalises input changes, drug use (economic) and violations of a soft output window
 (exact-penalty slack, linear plus quadratic). Constraints: per-input rate bounds, a hard
 limit on rate changes, cumulative dose over sliding windows, a hard output window,
 optionally a fixed ratio between two inputs.
