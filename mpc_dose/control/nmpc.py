@@ -2,10 +2,10 @@
 
 Condensed, linearised or multiple shooting over ``horizon`` control periods, decisions
 blocked over ``move_block`` periods. The objective tracks a (possibly time-varying)
-reference on one output and penalises input changes, drug use (economic) and violations of a soft output window
-(exact-penalty slack, linear plus quadratic). Constraints: per-input rate bounds, a hard
-limit on rate changes, cumulative dose over sliding windows, a hard output window,
-optionally a fixed ratio between two inputs.
+reference on one output and penalises input changes, drug use (economic) and violations of a
+soft output window (exact-penalty slack, linear plus quadratic). Constraints: per-input rate
+bounds, a hard limit on rate changes, cumulative dose over sliding windows, a hard output
+window, optionally a fixed ratio between two inputs.
 
 Exposure and dosing forms (issue 15):
 
