@@ -89,8 +89,9 @@ class SensorBridgeNode:
         self.notes: list[tuple[str, dict]] = []
         self._keys: OrderedDict[object, None] = OrderedDict()
         self._last_contact = now
-        #: the newest relayed reading's time [UTC s]; the start until there is one
-        self._fresh_t = wall
+        self._start_wall = wall
+        #: the newest sample time the device gave [UTC s], relayed or too old (None: none)
+        self._fresh_t: float | None = None
         self.active: dict[str, bool] = {code: False for code in ALARMS}
 
     # ------------------------------------------------------------------ alarms
@@ -147,6 +148,8 @@ class SensorBridgeNode:
             self.counts["future"] += 1
             return self.fault("future", f"reading stamped {t_meas - wall:.0f} s ahead")
         if wall - t_meas > self.stale_after_s:
+            # the source's newest sample is this old: stale at the next check
+            self._fresh_t = max(self._fresh_t or -math.inf, t_meas)
             self.counts["too_old"] += 1
             self.note("sensor_too_old", t_meas=t_meas, age_s=wall - t_meas)
             return []
@@ -155,7 +158,7 @@ class SensorBridgeNode:
             out.append(Measurement(var=var, value=value, unit=unit, t_meas=t_meas,
                                    quality=quality, sensor=self.sensor))
             self.counts[f"relayed.{quality}"] += 1
-        self._fresh_t = max(self._fresh_t, t_meas)
+        self._fresh_t = max(self._fresh_t or -math.inf, t_meas)
         qualities = {q for *_, q in reading.values}
         conditions = reading.conditions
         out += self._alarm("sensor.stale", False)
@@ -174,8 +177,9 @@ class SensorBridgeNode:
         """Link and staleness alarms (call between events, at least once a second)."""
         out = self._alarm("sensor.link_lost", now - self._last_contact > self.link_timeout_s,
                           f"nothing from the device for {now - self._last_contact:.0f} s")
-        out += self._alarm("sensor.stale", wall - self._fresh_t > self.stale_after_s,
-                           f"no fresh reading for {wall - self._fresh_t:.0f} s")
+        newest = self._start_wall if self._fresh_t is None else self._fresh_t
+        out += self._alarm("sensor.stale", wall - newest > self.stale_after_s,
+                           f"no fresh reading for {wall - newest:.0f} s")
         return out
 
 
