@@ -23,8 +23,8 @@ from hil.bis_emulator import BisEmulator
 from hil.nightscout_emulator import NightscoutEmulator
 from mpc_dose.audit import AuditLog
 from mpc_dose.errors import ConfigError
-from mpc_dose.node.sensor_bridge import (DeviceReading, SensorBridgeNode, TreatmentSink,
-                                         bis_reading)
+from mpc_dose.node.sensor_bridge import (BIS_KEYS_KEPT, DeviceReading, SensorBridgeNode,
+                                         TreatmentSink, bis_reading)
 from mpc_dose.protocol import bis_vista as bv
 from mpc_dose.protocol import nightscout as ns
 from mpc_dose.protocol.messages import Alarm, Measurement, PumpStatus
@@ -219,6 +219,16 @@ def test_a_reading_is_relayed_once_however_often_it_comes():
     assert node.counts["duplicate"] == 1
 
 
+def test_a_restarted_monitor_is_not_taken_for_a_repeating_one():
+    """BIS message numbers restart with the monitor: only a repeat of one of the last few
+    packets is a duplicate, so readings go on after a restart."""
+    node = SensorBridgeNode(sensor="bis", stale_after_s=5, link_timeout_s=3, now=0, wall=0,
+                            keys_kept=BIS_KEYS_KEPT)
+    relayed = [bool(node.reading(reading(("bis", seq), None), now=0, wall=0))
+               for seq in [*range(1, 21), 20, 19, 1, 2]]
+    assert relayed == [True] * 20 + [False, False, True, True]
+
+
 def test_old_and_future_readings_are_not_relayed_and_a_stale_source_alarms():
     node = SensorBridgeNode(sensor="cgm", stale_after_s=600, link_timeout_s=60, now=0,
                             wall=1e9)
@@ -303,6 +313,15 @@ def ns_config(**section):
 def test_bad_configs_are_refused_naming_the_field(data, match):
     with pytest.raises(ConfigError, match=match):
         load_sensor_bridge_config(data)
+
+
+def test_a_config_file_that_is_not_toml_is_a_config_error(tmp_path):
+    path = tmp_path / "bridge.toml"
+    path.write_text("[bridge\nkind = ", "utf-8")
+    with pytest.raises(ConfigError, match="bridge.toml.*cannot be read as TOML"):
+        load_sensor_bridge_config(path)
+    with pytest.raises(ConfigError, match="cannot be read as TOML"):
+        load_sensor_bridge_config(tmp_path / "missing.toml")
 
 
 # ---------------------------------------------------------------------------- end to end

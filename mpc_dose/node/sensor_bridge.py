@@ -31,7 +31,7 @@ from ..protocol import bis_vista, nightscout
 from ..protocol.messages import Alarm, Measurement, PumpStatus, _Message, wire_factor
 
 __all__ = ["DeviceReading", "SensorBridgeNode", "ALARMS", "bis_reading", "nightscout_reading",
-           "TreatmentSink", "BisVars"]
+           "TreatmentSink", "BisVars", "KEYS_KEPT", "BIS_KEYS_KEPT"]
 
 #: every alarm a sensor bridge raises: code -> (priority, what it means)
 ALARMS: dict[str, tuple[str, str]] = {
@@ -42,8 +42,8 @@ ALARMS: dict[str, tuple[str, str]] = {
     "sensor.bad_data": ("low", "bad frames or answers since the last good reading"),
     "sensor.auth_refused": ("high", "the server refused the credentials"),
 }
-#: how many device keys are remembered for deduplication
-_KEYS_KEPT = 1024
+#: how many device keys are remembered for deduplication (Nightscout: entry dates)
+KEYS_KEPT = 1024
 #: a reading stamped this far past the wall clock is from the future [s]
 FUTURE_TOLERANCE_S = 60.0
 
@@ -79,11 +79,15 @@ class SensorBridgeNode:
         [s] nothing from the device for this long raises ``sensor.link_lost``.
     now, wall : float
         The start: monotonic and UTC clocks [s].
+    keys_kept : int
+        How many recent device keys a reading is compared with. A device whose sequence
+        numbers restart when it does (the BIS monitor) keeps a few, so that its new
+        numbers are not taken for repeats; one keyed by time (Nightscout) keeps many.
     """
 
     def __init__(self, *, sensor: str, stale_after_s: float, link_timeout_s: float,
-                 now: float, wall: float) -> None:
-        self.sensor = sensor
+                 now: float, wall: float, keys_kept: int = KEYS_KEPT) -> None:
+        self.sensor, self.keys_kept = sensor, keys_kept
         self.stale_after_s, self.link_timeout_s = stale_after_s, link_timeout_s
         self.counts: Counter[str] = Counter()
         self.notes: list[tuple[str, dict]] = []
@@ -139,7 +143,7 @@ class SensorBridgeNode:
             self.note("sensor_duplicate", key=str(reading.key)[:100])
             return []
         self._keys[reading.key] = None
-        while len(self._keys) > _KEYS_KEPT:
+        while len(self._keys) > self.keys_kept:
             self._keys.popitem(last=False)
         t_meas = wall if reading.t_meas is None else reading.t_meas
         self.note("sensor_reading", t_meas=t_meas, conditions=sorted(reading.conditions),
@@ -184,6 +188,10 @@ class SensorBridgeNode:
 
 
 # ---------------------------------------------------------------------------- BIS Vista
+#: the BIS monitor's message numbers restart with it: only a repeat of one of the last few
+#: packets is a duplicate (a stale monitor re-sending), not an old number come round again
+BIS_KEYS_KEPT = 8
+
 @dataclass(frozen=True)
 class BisVars:
     """The variables a BIS bridge publishes ("" leaves one out)."""

@@ -66,8 +66,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..audit import AuditLog
 from ..errors import ConfigError
-from ..node.sensor_bridge import (BisVars, SensorBridgeNode, TreatmentSink, bis_reading,
-                                  nightscout_reading)
+from ..node.sensor_bridge import (BIS_KEYS_KEPT, KEYS_KEPT, BisVars, SensorBridgeNode,
+                                  TreatmentSink, bis_reading, nightscout_reading)
 from ..protocol import bis_vista, nightscout
 from ..protocol.messages import Heartbeat, PumpStatus, _Message
 from ..transport.sensor_links import LinkError, NightscoutClient, SerialBytes
@@ -148,7 +148,12 @@ class SensorBridgeConfig(_Strict):
 def load_sensor_bridge_config(path: str | Path | dict) -> SensorBridgeConfig:
     """Read and check a sensor-bridge config; errors name the field, the value and what
     was expected."""
-    data = path if isinstance(path, dict) else tomllib.loads(Path(path).read_text("utf-8"))
+    try:
+        data = path if isinstance(path, dict) else \
+            tomllib.loads(Path(path).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"sensor-bridge config {str(path)!r}: cannot be read as TOML "
+                          f"({err})") from None
     try:
         config = SensorBridgeConfig.model_validate(data)
     except ValidationError as err:
@@ -363,7 +368,10 @@ class SensorBridgeProcess:
         self.node = SensorBridgeNode(sensor=f"{b.kind}:{b.src}",
                                      stale_after_s=device.stale_after_s,
                                      link_timeout_s=device.link_timeout_s,
-                                     now=time.monotonic(), wall=time.time())
+                                     now=time.monotonic(), wall=time.time(),
+                                     keys_kept=BIS_KEYS_KEPT if b.kind == "bis_vista"
+                                     else KEYS_KEPT)
+        self.counts: Counter[str] = self.node.counts
         self.log = AuditLog(audit, "sensor-bridge") if audit else None
         self.context = zmq.Context()
         self.auth = self.device = None
@@ -380,7 +388,6 @@ class SensorBridgeProcess:
         except BaseException:
             self.close()
             raise
-        self.counts: Counter[str] = self.node.counts
         if self.log is not None:
             self.pub.on_send = lambda envelope: self.log.message("out", envelope)
             self.log.note("start", None, bridge_kind=b.kind, config=config.model_dump(
