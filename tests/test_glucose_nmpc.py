@@ -176,3 +176,32 @@ def test_the_patients_own_settings_reach_every_glucose_reading_of_the_plan():
     mpc.decide(0.0, {})
     predicted = np.asarray(mpc._last_plan.predicted_output)
     assert abs(predicted[0] - 6.0) < 0.5
+
+
+def test_the_nmpc_cuts_a_meal_bolus_its_plan_sees_driving_glucose_low():
+    """meal_bolus_fractions: the NMPC gives the fraction of the calculator's bolus whose
+    plan costs least over its 6-h horizon - all of it at a high glucose with nothing on
+    board; 40 % when 6 U were just given (the calculator takes insulin on board off its
+    correction only, so it asks for the whole meal part again)."""
+    chosen = {}
+    for glucose, on_board in ((10.0, 0.0), (6.0, 6.0)):
+        mpc, _, _ = _controller({"controller.nmpc.meal_bolus_fractions": [0.4, 0.7, 1.0],
+                                 "controller.nmpc.horizon": 72,
+                                 "controller.nmpc.move_block": 6})
+        if on_board:
+            mpc.given_bolus(0.0, "insulin", on_board)
+        mpc.observe(Reading("cgm", glucose, "mmol/L", 300.0))
+        mpc.observe(Reading("carbohydrate_announced", 60.0, "g", 300.0))
+        decision = mpc.decide(300.0, {})
+        calculator = mpc.meal_boluses.calculator.bolus(60.0, glucose, on_board)
+        chosen[on_board] = decision.boluses["insulin"] / calculator
+        assert f"NMPC chose {chosen[on_board]:.0%} of it" in decision.reason
+    assert chosen == {0.0: pytest.approx(1.0), 6.0: pytest.approx(0.4)}
+
+
+def test_bolus_fractions_need_meal_boluses():
+    with pytest.raises(ConfigError, match="meal_bolus_fractions.*need.*controller.nmpc.meal_bolus"):
+        _controller({"controller.nmpc.meal_bolus": None,
+                     "controller.nmpc.meal_bolus_fractions": [0.5, 1.0]})
+    with pytest.raises(ConfigError, match=r"meal_bolus_fractions"):
+        _controller({"controller.nmpc.meal_bolus_fractions": [0.0, 1.0]})

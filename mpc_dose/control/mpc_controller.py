@@ -82,6 +82,11 @@ class MPCController:
         in the model's units) as a bolus command to a pump that takes them; the bolus
         enters the states at once (what the pump says it gave replaces it), so the plan
         counts it, and the NMPC shapes the rates around it.
+    bolus_fractions : sequence of float, optional
+        With *meal_boluses*: the NMPC chooses each bolus among these fractions of the
+        calculator's, the one whose plan (from the state with that bolus in it) has the
+        least objective - a bolus the model sees driving glucose low hours after the meal
+        is cut (the calculator knows no time course; the horizon must reach that far).
     announcements : mapping, optional
         Reading variable -> (model input, factor): a reading of the variable announces a
         bolus of the input that no pump gives (a meal the patient eats: ``carbohydrate_
@@ -98,7 +103,8 @@ class MPCController:
                  bayes: BayesianEstimator | None = None,
                  announcements: Mapping[str, tuple[str, float]] | None = None,
                  state_correction: tuple[Sequence[str], float] | None = None,
-                 meal_boluses: MealBoluses | None = None) -> None:
+                 meal_boluses: MealBoluses | None = None,
+                 bolus_fractions: Sequence[float] = ()) -> None:
         if bayes is not None and mhe is not None:
             raise ConfigError(f"{name}: give one estimator (mhe or bayes), not both")
         if bayes is not None and bayes.model is not model:
@@ -150,6 +156,12 @@ class MPCController:
             raise ConfigError(f"{name}: meal boluses need a pump that takes bolus commands "
                               f"(its max_bolus)")
         self.meal_boluses = meal_boluses
+        if bolus_fractions and (meal_boluses is None or
+                                not all(0 < f <= 2 for f in bolus_fractions)):
+            raise ConfigError(f"{name}: bolus_fractions = {list(bolus_fractions)!r}: expected "
+                              f"fractions in (0, 2] of the meal boluses' calculator (and meal "
+                              f"boluses)")
+        self._bolus_fractions = tuple(float(f) for f in bolus_fractions)
         #: the bolus jumps the controller put in itself, by time [s], until the pump says
         #: what it gave
         self._own_boluses: dict[float, np.ndarray] = {}
@@ -388,6 +400,28 @@ class MPCController:
         x[states] *= (measured / predicted) ** gain
         return x
 
+    def _chosen_bolus(self, t_s: float, amount: float, latest: Reading | None,
+                      reference: list[float] | None) -> tuple[float, str]:
+        """The fraction of the calculator's bolus *amount* whose plan costs least (see
+        *bolus_fractions*), and a note; the calculator's when no plan succeeds."""
+        x, u_now = self._state_at(t_s)
+        if self._correction is not None and latest is not None:
+            x = self._corrected(t_s, x, u_now, latest.value)
+        jump = schedule(self.model, self.theta, [Dose.bolus(0.0, self.inputs[0],
+                                                            amount)]).jumps[0]
+        costs = []
+        for fraction in self._bolus_fractions:  # trial plans: the warm start stays
+            plan = self.mpc.plan(t_s, x + fraction * jump, self.theta, self._rates,
+                                 reference=reference, keep_warm=False,
+                                 **self._delivered_so_far(t_s, self.theta))
+            costs.append(plan.objective if plan.success else math.inf)
+        if not np.isfinite(costs).any():
+            return amount, "; no plan for a fraction of it succeeded: the calculator's"
+        best = int(np.argmin(costs))
+        fraction = self._bolus_fractions[best]
+        return fraction * amount, (f"; NMPC chose {fraction:.0%} of it "
+                                   f"(objective {costs[best]:.4g})")
+
     def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
         """The plan's first move (status ``ok``) or a failed solve (``solver_failed``, with
         the shifted previous plan's rates for now as *backup* while it covers the present).
@@ -415,11 +449,18 @@ class MPCController:
                       and math.isfinite(r.value) and r.value > 0 and r.t_meas_s <= t_s),
                      key=lambda r: r.t_meas_s, default=None)
         self._pending.clear()
+        reference = None
+        if self._reference is not None:
+            reference = [float(self._reference(t_s + (k + 1) * self.period_s))
+                         for k in range(self._horizon)]
         boluses, bolus_note = {}, ""
         if self.meal_boluses is not None:
             glucose = latest.value if latest is not None else None
             bolus_note = self.meal_boluses.give_due(t_s, glucose) or ""
             amount = self.meal_boluses.take_command()
+            if amount and self._bolus_fractions:
+                amount, chosen = self._chosen_bolus(t_s, amount, latest, reference)
+                bolus_note += chosen
             if amount:
                 name = self.inputs[0]
                 boluses = {name: amount}
@@ -458,10 +499,6 @@ class MPCController:
             return Decision(t_s, dict(self._rates), f"nmpc: between scheduled doses{est_note}",
                             details={"solve_time_s": 0.0, "iterations": 0.0,
                                      "disturbance": disturbance})
-        reference = None
-        if self._reference is not None:
-            reference = [float(self._reference(t_s + (k + 1) * self.period_s))
-                         for k in range(self._horizon)]
         plan = self.mpc.plan(t_s, x, theta, self._rates, disturbance=disturbance,
                              reference=reference, **self._delivered_so_far(t_s, theta))
         backup = None

@@ -1327,7 +1327,8 @@ class NonlinearMPC:
              delivered_in_window: Mapping[str, float] | None = None,
              auc_accrued: float = 0.0, doses_given: Mapping[str, int] | None = None,
              weights: Mapping[str, object] | None = None,
-             limits: Mapping[str, object] | None = None) -> DosePlan:
+             limits: Mapping[str, object] | None = None, keep_warm: bool = True
+             ) -> DosePlan:
         """Plan from *t_s* [s, model time] given the state estimate *x0*, parameter vector
         *theta* (the controller's current model of the patient), the rates in force
         (*u_prev*; with scheduled doses an infusion under way goes on at this rate to its
@@ -1358,6 +1359,9 @@ class NonlinearMPC:
             ``time_above_threshold``, ``time_above_width``, ``time_above_target``,
             ``time_above_min``. A window side, limit or term that was absent (infinite,
             None) when the problem was built cannot be set per call.
+        keep_warm
+            False: a trial plan (e.g. one of several candidate states); the next plan starts
+            from the previous one as if this one had not been made.
 
         Raises
         ------
@@ -1422,8 +1426,9 @@ class NonlinearMPC:
         rounding = None
         if raw["ok"] and self._dosing and eff.dose_step and schedule.starts[0] == 0:
             raw, rounding = self._round_first_dose(raw, p, lbx, ubx, lbg, ubg, eff)
-        self._warm = ({"x": raw["w"], "first": schedule.first_t_s if schedule else t_s,
-                       "duals": raw["duals"]} if raw["ok"] else None)
+        if keep_warm:
+            self._warm = ({"x": raw["w"], "first": schedule.first_t_s if schedule else t_s,
+                           "duals": raw["duals"]} if raw["ok"] else None)
         return self._result(t_s, raw, p, schedule, prev, layout, rounding)
 
     def _solve(self, p, w0, lbx, ubx, lbg, ubg, c: NMPCConfig) -> dict:

@@ -12,7 +12,7 @@ import math
 import tomllib
 import typing
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, \
     model_validator
@@ -722,6 +722,11 @@ class NMPCSpec(_Strict):
     #: keys of [controller.basal_bolus]; the patient's own settings where not given; its
     #: basal is not used: the NMPC sets the rates), through a pump that takes boluses
     meal_bolus: BasalBolusSpec | None = None
+    #: the NMPC chooses each meal bolus among these fractions of the calculator's (e.g.
+    #: [0.4, 0.55, 0.7, 0.85, 1.0]): the one whose plan, from the state with that bolus in
+    #: it, costs least (a bolus the model sees driving glucose low hours later is cut);
+    #: empty: the calculator's bolus as it is
+    meal_bolus_fractions: list[Annotated[float, Field(gt=0, le=2)]] = []
     #: output injection: these states are multiplied by (measured / predicted) ^
     #: correction_gain at each decision (e.g. a glucose model's glucose masses), so a
     #: mismatch acts through the dynamics instead of as an offset on the output

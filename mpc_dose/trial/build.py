@@ -1236,6 +1236,7 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
                              state_correction=(tuple(spec.corrected_states),
                                                spec.correction_gain)
                              if spec.corrected_states else None,
+                             bolus_fractions=tuple(spec.meal_bolus_fractions),
                              reference=_reference_schedule(scenario, spec, own.model), **kind)
 
 
@@ -1244,6 +1245,9 @@ def _nmpc_meal_boluses(scenario: Scenario, spec, c, own: LibraryModel,
     """``[controller.nmpc.meal_bolus]``: the patient's bolus calculator (model units), or
     None."""
     if spec.meal_bolus is None:
+        if spec.meal_bolus_fractions:
+            raise ConfigError("controller.nmpc.meal_bolus_fractions: fractions of the meal "
+                              "bolus need [controller.nmpc.meal_bolus]")
         return None
     from ..control.insulin import BolusCalculator, MealBoluses
 
