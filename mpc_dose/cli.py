@@ -393,8 +393,9 @@ def _serve(args) -> int:
     process = serve_controller(scenario, [(args.patient - 1, seed)], [args.telemetry],
                                [routes], plant_commands=[args.commands],
                                realtime=args.realtime is not None,
-                               audit=args.audit, keys=_keys(args, server=False),
-                               wait_s=args.wait)
+                               audit=args.audit,
+                               keys=_keys(args, server=args.publish is not None),
+                               wait_s=args.wait, publish=args.publish)
     link = process.links[0]
     print(f"controller: {len(link.cycle_s)} cycles, missed acks {link.missed_acks}")
     return 0
@@ -718,6 +719,9 @@ first-dose (a drug-naive patient)""")
                    help="controller: send this pump's commands to a bridge")
     p.add_argument("--external", action="append", metavar="NAME=ADDRESS",
                    help="plant: this pump is a bridge's; follow its telemetry at ADDRESS")
+    p.add_argument("--publish", default=None, metavar="ADDRESS",
+                   help="controller: publish each decision's plan, prediction, mode and "
+                        "alarms as telemetry (PUB) at ADDRESS, for `mpc-dose monitor`")
     p.add_argument("--realtime", type=float, default=None, metavar="FACTOR",
                    help="against the wall clock (default: simulated, lock-step)")
     p.add_argument("--duration", type=float, default=None, help="pump-bridge: stop after [s]")
@@ -727,8 +731,9 @@ first-dose (a drug-naive patient)""")
     p.add_argument("--out", default=None, help="plant: CSV of the recorded series")
     p.add_argument("--keys", default=None, help="own CURVE secret key file (NAME.key_secret)")
     p.add_argument("--allow-keys", action="append", metavar="DIR_OR_FILE",
-                   help="plant, pump-bridge with --keys: public key files (or folders of "
-                        "*.key files) of the clients let in; everyone else is refused")
+                   help="plant, pump-bridge, controller --publish with --keys: public key "
+                        "files (or folders of *.key files) of the clients let in; everyone "
+                        "else is refused")
     p.add_argument("--server-key", action="append", metavar="[ADDRESS=]FILE",
                    help="with --keys: a server's public key file (for every server, or for "
                         "the one at ADDRESS)")
