@@ -352,7 +352,7 @@ def test_loops_are_named_groups_of_addresses():
 
 
 def test_the_page_beyond_loopback_needs_a_token(capsys):
-    from mpc_dose.monitor.web import check_access, read_token
+    from mpc_dose.monitor.web import check_access
 
     with pytest.raises(ConfigError, match=r"--host '0.0.0.0' is not loopback.*--token"):
         check_access("0.0.0.0", None)
