@@ -140,7 +140,14 @@ function drawRates(L, view) {
     const pump = byPump.get(n.key);
     const factor = pump ? pump.series.factor : 1;
     delivered += d.length;
-    tables.push([d.map((p) => p[0]), d.map((p) => p[1] === null ? null : p[1] * factor)]);
+    const xs = d.map((p) => p[0]);
+    const ys = d.map((p) => p[1] === null ? null : p[1] * factor);
+    if (d.length && view.t_last > xs[xs.length - 1]) {
+      // a pump reports changes: its last rate holds until now
+      xs.push(view.t_last);
+      ys.push(ys[ys.length - 1]);
+    }
+    tables.push([xs, ys]);
     if (n.input) {
       const r = n.input.rates;
       planned += r.length;
