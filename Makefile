@@ -42,7 +42,7 @@ demo: $(STAMP)
 		--doses scenarios/doses/tiva_induction.csv --duration 40min --step 1 \
 		--out out/demo/open_loop/timeseries.csv --plot
 
-bench: $(STAMP)
+bench: $(STAMP) browser
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/simulate_speed.py
 	$(PY) benchmarks/validate_anaesthesia.py
@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/zmq_load.py
 	$(PY) benchmarks/trial_speed.py
 	$(PY) benchmarks/fuzz_bridge.py
+	$(PY) benchmarks/web_monitor.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -11,8 +11,11 @@
    0.25 s; the time from each send until the page shows it (the view is pushed twice a
    second: expect up to ~0.5 s).
 
-Printed: the run's wall time, plans heard, the latency figures. Last line:
-``run_s=… plans=… latency_p50_ms=… latency_max_ms=… screenshot=…``.
+3. Cost to the controller: ControllerNode.plan() (the plan message, with the NMPC's
+   prediction evaluated) per decision, in-process over 40 decisions of the scenario.
+
+Printed: the run's wall time, plans heard, the latency figures, the plan's cost. Last line:
+``run_s=… plans=… latency_p50_ms=… latency_max_ms=… plan_ms=… screenshot=…``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,29 @@ def wait_http(url: str, timeout_s: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def plan_cost_ms(scenario: str, decisions: int = 40) -> float:
+    """Median time of ControllerNode.plan() after a decision [ms]."""
+    from mpc_dose.node import ControllerNode
+    from mpc_dose.protocol.messages import Measurement
+    from mpc_dose.scenario import load_scenario
+    from mpc_dose.trial.build import build_setup
+    from mpc_dose.trial.closed_loop import PlantSide
+
+    setup, _ = build_setup(load_scenario(scenario), 0, 1)
+    node = ControllerNode(setup.controller, PlantSide.routes_for(setup), safety=setup.safety,
+                          lease_periods=setup.lease_periods)
+    period, var = setup.controller.period_s, setup.safety.measured
+    times = []
+    for k in range(decisions):
+        t = k * period
+        node.receive(Measurement(var=var, value=90.0 - k, unit="1", t_meas=t), t)
+        node.tick(t)
+        start = time.perf_counter()
+        node.plan(target=50.0, band=(40.0, 60.0))
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1000
 
 
 def main() -> None:
@@ -152,8 +178,10 @@ def main() -> None:
     p50 = latencies[len(latencies) // 2] * 1000
     print(f"reading shown on the page after its send: median {p50:.0f} ms, max {latencies[-1] * 1000:.0f} ms "
           f"({len(latencies)} readings)")
+    plan_ms = plan_cost_ms(args.scenario)
+    print(f"ControllerNode.plan() per decision: median {plan_ms:.2f} ms")
     print(f"run_s={run_s:.1f} plans={plans} latency_p50_ms={p50:.0f} "
-          f"latency_max_ms={latencies[-1] * 1000:.0f} screenshot={out}")
+          f"latency_max_ms={latencies[-1] * 1000:.0f} plan_ms={plan_ms:.2f} screenshot={out}")
 
 
 if __name__ == "__main__":

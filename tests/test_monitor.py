@@ -263,7 +263,8 @@ def test_a_restarted_plant_clock_restarts_the_history():
 
 def test_link_health_counts_lost_messages_restarts_and_silence():
     """A seq gap is lost messages, a new epoch a restart; a sender is 'late' after 1.5 and
-    'lost' after 3 of its heartbeat periods of silence (docs/protocol.md)."""
+    'lost' after 3 of its heartbeat periods of silence (docs/protocol.md), 'ended' after
+    saying it finished."""
     state = MonitorState()
     state.receive("loop", "tcp://a", env(Heartbeat(role="plant", period_s=2.0), 0), 100.0)
     state.receive("loop", "tcp://a", env(Heartbeat(role="plant", period_s=2.0), 4), 100.0)
@@ -274,6 +275,9 @@ def test_link_health_counts_lost_messages_restarts_and_silence():
     assert status == {102.0: "ok", 103.5: "late", 106.5: "lost"}
     (link,) = state.view(None, 102.0)[0]["links"]
     assert (link["lost"], link["restarts"], link["messages"]) == (3, 1, 3)
+    state.receive("loop", "tcp://a", env(Heartbeat(role="plant", state="finished",
+                                                   period_s=0.0), 1, epoch="e2"), 100.0)
+    assert state.view(None, 200.0)[0]["links"][0]["status"] == "ended"
 
 
 def test_pump_rates_are_shown_in_the_plan_unit():

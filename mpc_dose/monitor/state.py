@@ -19,8 +19,9 @@ on the receiver's monotonic clock, so clocks of other machines never enter them.
 
 Link health follows docs/protocol.md: any message counts as a heartbeat; a sender silent
 for more than 3 of its heartbeat periods (1 s until it has sent a heartbeat) is ``lost``,
-for more than 1.5 ``late``. Gaps in a sender's ``seq`` within one ``epoch`` are counted as
-lost messages; a new epoch is a restart.
+for more than 1.5 ``late``; one whose last heartbeat said ``finished`` has ``ended``. Gaps
+in a sender's ``seq`` within one ``epoch`` are counted as lost messages; a new epoch is a
+restart.
 """
 
 from __future__ import annotations
@@ -313,7 +314,8 @@ class MonitorState:
         for link in self.links.values():
             age = max(0.0, now - link.received)
             period = link.period_s or 1.0
-            status = "lost" if age > 3 * period else "late" if age > 1.5 * period else "ok"
+            status = "ended" if link.state == "finished" else "lost" if age > 3 * period \
+                else "late" if age > 1.5 * period else "ok"
             links.append({"loop": link.loop, "address": link.address, "src": link.src,
                           "role": link.role, "state": link.state, "age_s": age,
                           "period_s": link.period_s, "status": status,
