@@ -47,6 +47,7 @@ from starlette.responses import (FileResponse, JSONResponse, PlainTextResponse,
                                  RedirectResponse, Response)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocketClose
 
 from ..audit import AuditLog
 from ..errors import ConfigError
@@ -219,14 +220,17 @@ class WebMonitor:
     def acknowledge(self, alarm_id: int, operator: str, note: str) -> dict:
         """Log, publish, then show an alarm acknowledged (see the module docstring)."""
         ack = self.state.ack_message(alarm_id, operator, note)
+        published = False
         if self.ack_pub is not None:
+            dropped = self.ack_pub.dropped
             self.ack_pub.send(ack)  # its on_send writes the audit row first
+            published = self.ack_pub.dropped == dropped  # else its queue was full
         else:
             self.log.note("alarm_ack", None, **ack.body())
         t_wall = time.time()
         self.state.acknowledged(alarm_id, ack, t_wall)
         return {"id": alarm_id, "operator": ack.operator, "t_wall": t_wall,
-                "published": self.ack_pub is not None}
+                "published": published}
 
     def close(self) -> None:
         if self.reader is not None and self.reader.is_alive():
@@ -252,12 +256,17 @@ class _TokenGate:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":  # none is served; refuse any without the token
+            conn = HTTPConnection(scope)
+            if self._valid(conn.cookies.get(_COOKIE)):
+                return await self.app(scope, receive, send)
+            return await WebSocketClose(code=1008)(scope, receive, send)
         conn = HTTPConnection(scope)
         header = conn.headers.get("authorization", "")
         bearer = header[7:] if header.lower().startswith("bearer ") else None
         if self._valid(bearer) or self._valid(conn.cookies.get(_COOKIE)):
             return await self.app(scope, receive, send)
-        if self._valid(conn.query_params.get("token")) and scope["type"] == "http":
+        if self._valid(conn.query_params.get("token")):
             # keep it in a cookie the page's own requests carry, out of the address bar
             response = RedirectResponse(conn.url.path, status_code=303)
             response.set_cookie(_COOKIE, self.token.decode(), httponly=True,
