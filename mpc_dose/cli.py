@@ -575,6 +575,12 @@ def _cmd_monitor(args) -> int:
 
         token = read_token(args.token)
         check_access(args.host, token)  # before any socket opens
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"web monitor: http://{shown}:{args.port}/" + ("?token=..." if token else "")
+              + f" ({len(addresses)} telemetry address(es)"
+              + (f", acknowledgements on {args.ack}" if args.ack else "")
+              + ("" if args.audit else "; no --audit: alarms cannot be acknowledged") + ")",
+              flush=True)
         serve_web(addresses, host=args.host, port=args.port, token=token,
                   keys=_keys(args, server=args.ack is not None), ack=args.ack,
                   audit=args.audit, window_s=args.window, duration_s=args.duration)
@@ -861,8 +867,9 @@ first-dose (a drug-naive patient)""")
     p.add_argument("--audit", default=None,
                    help="--web: SQLite audit log for acknowledgements (without it the page "
                         "cannot acknowledge)")
-    p.add_argument("--window", type=float, default=1800.0,
-                   help="--web: history shown per loop [s of the loop's clock] (default 1800)")
+    p.add_argument("--window", type=float, default=None,
+                   help="--web: history shown per loop [s of the loop's clock] (default "
+                        "30 min)")
     p.add_argument("--allow-keys", action="append", metavar="DIR_OR_FILE",
                    help="--web --ack with --keys: public keys of the clients let in to the "
                         "acknowledgement socket")

@@ -382,3 +382,14 @@ def test_page_options_without_web_are_refused(capsys):
     assert main(["monitor", "tcp://127.0.0.1:5999", "--token", "x" * 20, "--audit",
                  "a.sqlite"]) == 2
     assert "--token, --audit: only with --web" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_a_clear_error(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["monitor", "--web", "tcp://127.0.0.1:5999", "--port", str(port)]) == 2
+    assert f"--port {port}: the web server could not start" in capsys.readouterr().err

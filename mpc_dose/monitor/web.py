@@ -353,15 +353,23 @@ def build_app(monitor: WebMonitor, *, host: str = "127.0.0.1", token: str | None
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
 
 
-def serve_web(addresses: Sequence[tuple[str, str]], *, host: str = "127.0.0.1",
-              port: int = 8080, token: str | None = None, keys: Keys | None = None,
-              ack: str | None = None, audit: str | Path | None = None,
-              window_s: float = DEFAULT_WINDOW_S, duration_s: float | None = None) -> None:
-    """Serve the page until Ctrl-C (or for *duration_s* seconds)."""
+def serve_web(addresses: Sequence[tuple[str, str]], *, host: str, port: int,
+              token: str | None = None, keys: Keys | None = None, ack: str | None = None,
+              audit: str | Path | None = None, window_s: float | None = None,
+              duration_s: float | None = None) -> None:
+    """Serve the page on *host*:*port* until Ctrl-C (or for *duration_s* seconds).
+
+    Raises
+    ------
+    ConfigError
+        For a host beyond loopback without a token, a weak token, a bad address, or a
+        server that could not start (the port in use).
+    """
     import uvicorn
 
     check_access(host, token)
-    monitor = WebMonitor(addresses, keys=keys, ack=ack, audit=audit, window_s=window_s)
+    monitor = WebMonitor(addresses, keys=keys, ack=ack, audit=audit,
+                         window_s=DEFAULT_WINDOW_S if window_s is None else window_s)
     try:
         app = build_app(monitor, host=host, token=token)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning",
@@ -374,13 +382,10 @@ def serve_web(addresses: Sequence[tuple[str, str]], *, host: str = "127.0.0.1",
                     duration_s, lambda: setattr(server, "should_exit", True))
             await server.serve()
 
-        shown = f"[{host}]" if ":" in host else host
-        print(f"web monitor: http://{shown}:{port}/" + ("?token=..." if token else "")
-              + f" ({len(addresses)} telemetry address(es)"
-              + (f", acknowledgements on {ack}" if ack else "")
-              + ("" if audit else "; no --audit: alarms cannot be acknowledged") + ")",
-              flush=True)
-        asyncio.run(main())
+        try:
+            asyncio.run(main())
+        except SystemExit:  # uvicorn's answer to a socket it cannot bind (logged)
+            pass
         if not server.started:
             raise ConfigError(f"--host {host!r} --port {port}: the web server could not "
                               f"start (is the port in use?)")
