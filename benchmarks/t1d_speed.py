@@ -103,7 +103,8 @@ def plant_day(model_name: str) -> float:
 def _run(args) -> tuple[int, np.ndarray, np.ndarray, float]:
     index, days, overrides = args
     scenario = load_scenario(NMPC, {"scenario.duration_s": days * DAY_S, **overrides})
-    setup, _ = build_setup(scenario, index, 0)
+    # as `mpc-dose trial` does: one built problem per worker serves its patients in turn
+    setup, _ = build_setup(scenario, index, 0, share_solvers=True)
     began = time.perf_counter()
     frame = run_closed_loop(setup).to_pandas()
     elapsed = time.perf_counter() - began
@@ -132,6 +133,8 @@ def main() -> int:
     parser.add_argument("--days", type=float, default=3.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--speed-patients", type=int, default=100,
+                        help="patient-days of the NMPC speed run (one day each)")
     parser.add_argument("--skip-clock", action="store_true")
     args = parser.parse_args()
     if not args.skip_speed:
@@ -141,7 +144,7 @@ def main() -> int:
         print(f"mpc_dose patient-day (t1d_basal_bolus loop):    {our_day():.2f} s")
         for name in ("glucose-uva-padova", "glucose-cambridge"):
             print(f"mpc_dose plant alone, {name}: {plant_day(name) * 1000:.1f} ms")
-        rows, wall = cohort(args.workers * 2, 1.0, {}, args.workers)
+        rows, wall = cohort(args.speed_patients, 1.0, {}, args.workers)
         per_minute = len(rows) / wall * 60.0
         print(f"NMPC closed loop: {len(rows)} patient-days in {wall:.1f} s on "
               f"{args.workers} workers = {per_minute:.1f} patient-days/min "

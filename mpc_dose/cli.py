@@ -350,6 +350,28 @@ def _cmd_serve(args) -> int:
         raise MpcDoseError(f"{err}; {_SILENT_PEER}") from None
 
 
+def _serve_sensor_bridge(args) -> int:
+    from .serve.sensor_bridge import SensorBridgeProcess, load_sensor_bridge_config
+
+    config = load_sensor_bridge_config(args.target)
+    b = config.bridge
+    # a CURVE server for its telemetry; with a Nightscout sink also a client of the
+    # telemetry it follows (give those servers' keys with --server-key)
+    bridge = SensorBridgeProcess(config, audit=args.audit, keys=_keys(args, server=True))
+    device = config.device
+    print(f"sensor bridge ({b.kind}): telemetry {b.telemetry}, stale after "
+          f"{device.stale_after_s:g} s, link lost after {device.link_timeout_s:g} s",
+          flush=True)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
+    try:
+        bridge.run(args.duration)
+    finally:
+        bridge.close()
+    return 0
+
+
 def _serve(args) -> int:
     from .scenario import load_scenario
 
@@ -370,6 +392,8 @@ def _serve(args) -> int:
         finally:
             bridge.close()
         return 0
+    if args.role == "sensor-bridge":
+        return _serve_sensor_bridge(args)
     scenario = load_scenario(args.target)
     seed = scenario.scenario.seed if args.seed is None else args.seed
     if args.role == "plant":
@@ -733,8 +757,9 @@ first-dose (a drug-naive patient)""")
     p.set_defaults(run=_cmd_run)
 
     p = sub.add_parser("serve", help="run one part of the loop as a process over ZeroMQ",
-                       description="plant SCENARIO | controller SCENARIO | pump-bridge CONFIG")
-    p.add_argument("role", choices=["plant", "controller", "pump-bridge"])
+                       description="plant SCENARIO | controller SCENARIO | pump-bridge CONFIG "
+                                   "| sensor-bridge CONFIG")
+    p.add_argument("role", choices=["plant", "controller", "pump-bridge", "sensor-bridge"])
     p.add_argument("target", help="scenario TOML (plant, controller) or bridge config TOML")
     p.add_argument("--patient", type=int, default=1, help="patient number, from 1")
     p.add_argument("--seed", type=int, default=None)
@@ -751,16 +776,17 @@ first-dose (a drug-naive patient)""")
                         "alarms as telemetry (PUB) at ADDRESS, for `mpc-dose monitor`")
     p.add_argument("--realtime", type=float, default=None, metavar="FACTOR",
                    help="against the wall clock (default: simulated, lock-step)")
-    p.add_argument("--duration", type=float, default=None, help="pump-bridge: stop after [s]")
+    p.add_argument("--duration", type=float, default=None,
+                   help="pump-bridge, sensor-bridge: stop after [s]")
     p.add_argument("--wait", type=float, default=30.0,
                    help="plant, controller: how long to wait for the other side at start [s]")
     p.add_argument("--audit", default=None, help="SQLite audit log to append to")
     p.add_argument("--out", default=None, help="plant: CSV of the recorded series")
     p.add_argument("--keys", default=None, help="own CURVE secret key file (NAME.key_secret)")
     p.add_argument("--allow-keys", action="append", metavar="DIR_OR_FILE",
-                   help="plant, pump-bridge, controller --publish with --keys: public key "
-                        "files (or folders of *.key files) of the clients let in; everyone "
-                        "else is refused")
+                   help="plant, pump-bridge, sensor-bridge, controller --publish with --keys: "
+                        "public key files (or folders of *.key files) of the clients let in; "
+                        "everyone else is refused")
     p.add_argument("--server-key", action="append", metavar="[ADDRESS=]FILE",
                    help="with --keys: a server's public key file (for every server, or for "
                         "the one at ADDRESS)")

@@ -1100,3 +1100,68 @@ def test_scheduled_doses_need_outputs_of_the_state_only(ref):
     with pytest.raises(ConfigError, match="depends on the infusion rate"):
         NonlinearMPC(m, NMPCConfig(output="drug_rate", inputs=("drug",), period_s=H,
                                    horizon=12, dose_interval_s=6 * H))
+
+
+@pytest.fixture(scope="module")
+def cambridge():
+    """(model, parameters, state 30 min into a 60-g meal) of the Cambridge glucose model: a
+    nonlinear model (insulin action multiplies the glucose masses)."""
+    lm = load("glucose-cambridge")
+    m = lm.model
+    p = m.parameter_vector(lm.population.typical_parameters({"weight": 74}))
+    x = m.initial_state(p)
+    x[m.state_names.index("cambridge_gut1")] = 60.0 * 0.8 * 1000 / 180.16  # mmol of glucose
+    return m, p, x
+
+
+GLUCOSE = dict(output="glucose", inputs=("insulin",), period_s=300.0, horizon=24,
+               move_block=3, reference=6.0, output_weight=1.0, soft_window=(4.4, 10.0),
+               soft_weights=(1.0, 1.0), soft_low_weights=(100.0, 100.0),
+               rate_bounds={"insulin": (0.0, 5.0 / 3600)}, rk4_steps=1, dual_tolerance=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["sqpmethod", "ipopt"])
+def test_linearised_transcription_converges_to_the_multiple_shooting_plan(cambridge, solver):
+    """On a nonlinear model the linearised transcription plans on the dynamics linearised
+    along a guess: one pass from no insulin (far from the plan: insulin's action multiplies
+    the glucose masses) mispredicts glucose by mmol/L, and a few passes reach the plan
+    multiple shooting finds on the nonlinear problem (the same RK4 steps: a fixed point of
+    the linearisation meets the nonlinear problem's first-order conditions), its predicted
+    glucose the nonlinear rollout of its rates."""
+    m, p, x = cambridge
+    u = {"insulin": 0.0}
+    exact = NonlinearMPC(m, NMPCConfig(**GLUCOSE, transcription="multiple_shooting",
+                                       solver=solver)).plan(0.0, x, p, u)
+    one = NonlinearMPC(m, NMPCConfig(**GLUCOSE, transcription="linearised", solver=solver))
+    assert "X" not in one._slices  # condensed: the rates and slacks only
+    first = one.plan(0.0, x, p, u)
+    converged = NonlinearMPC(m, NMPCConfig(**GLUCOSE, transcription="linearised",
+                                           linearisation_passes=3, solver=solver)).plan(
+        0.0, x, p, u)
+    assert exact.success and first.success and converged.success
+    assert np.abs(first.predicted_output - exact.predicted_output).max() > 1.0  # mmol/L
+    k = m.input_index("insulin")
+    per_hour = 3600.0
+    np.testing.assert_allclose(converged.plan[:, k] * per_hour, exact.plan[:, k] * per_hour,
+                               atol=1e-3)  # U/h: 1/50 of the pump's increment
+    np.testing.assert_allclose(converged.predicted_output, exact.predicted_output, atol=1e-3)
+    assert converged.objective == pytest.approx(exact.objective, rel=1e-3)
+
+
+def test_linearised_transcription_of_a_linear_model_is_the_condensed_one(ref, settled):
+    """A linear time-invariant model is condensed exactly: 'linearised' is the same."""
+    m, p = ref
+    x, u = settled
+    a = NonlinearMPC(m, config()).plan(300.0, x, p, {"propofol": u})
+    b = NonlinearMPC(m, config(transcription="linearised", linearisation_passes=3)).plan(
+        300.0, x, p, {"propofol": u})
+    assert b.rates["propofol"] == pytest.approx(a.rates["propofol"], rel=1e-9, abs=1e-12)
+
+
+def test_linearised_transcription_refuses_what_needs_the_states(cambridge):
+    m, _, _ = cambridge
+    with pytest.raises(ConfigError, match="linearised.*auc_window_s.*multiple_shooting"):
+        NonlinearMPC(m, NMPCConfig(**GLUCOSE, transcription="linearised",
+                                   auc_window_s=86400.0, auc_target=100.0))
+    with pytest.raises(ConfigError, match="linearisation_passes must be a whole number >= 1"):
+        NMPCConfig(**GLUCOSE, transcription="linearised", linearisation_passes=0)

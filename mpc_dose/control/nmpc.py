@@ -1,11 +1,11 @@
 """Nonlinear model-predictive control built once from a CasADi model.
 
-Condensed or multiple shooting over ``horizon`` control periods, decisions blocked over ``move_block``
-periods. The objective tracks a (possibly time-varying) reference on one output and
-penalises input changes, drug use (economic) and violations of a soft output window
-(exact-penalty slack, linear plus quadratic). Constraints: per-input rate bounds, a hard
-limit on rate changes, cumulative dose over sliding windows, a hard output window,
-optionally a fixed ratio between two inputs.
+Condensed, linearised or multiple shooting over ``horizon`` control periods, decisions
+blocked over ``move_block`` periods. The objective tracks a (possibly time-varying)
+reference on one output and penalises input changes, drug use (economic) and violations of a
+soft output window (exact-penalty slack, linear plus quadratic). Constraints: per-input rate
+bounds, a hard limit on rate changes, cumulative dose over sliding windows, a hard output
+window, optionally a fixed ratio between two inputs.
 
 Exposure and dosing forms (issue 15):
 
@@ -45,7 +45,14 @@ the problem then keeps only the states its outputs read (e.g. the two effect sit
 BIS model), as affine functions of the decisions whose coefficients (free response and
 impulse response of the exact discretisation) are computed per patient outside; multiple
 shooting keeps every state with the discretisation matrices as parameters. Other models use
-RK4 with the model's circadian parameters evaluated at each stage's clock time.
+RK4 with the model's circadian parameters evaluated at each stage's clock time: multiple
+shooting (the states as decisions), or **linearised** (a real-time iteration, Diehl et al.
+2005, J Process Control 15:703): each cycle the RK4 rollout and its Jacobian along the
+previous plan shifted by one period give the watched states as affine functions of the
+decisions, and the condensed problem is solved on them (``linearisation_passes`` times,
+each pass along the plan just found; converged, it meets multiple shooting's first-order
+conditions). On the Cambridge glucose model that is about a fifth of multiple shooting's
+time for the same plans.
 
 Default solver: ``sqpmethod`` with qpOASES (then ``qrqp``) and a Gauss-Newton Hessian (the
 objective is a sum of squares plus linear terms); IPOPT is the fallback for cold or failed
@@ -230,9 +237,14 @@ class NMPCConfig:
     #: QP solver inside sqpmethod, tried in this order before IPOPT. Measured on the DESIGN
     #: reference problem here: qpOASES (dense) 0.87 ms median per step, qrqp 5.8 ms.
     qp_solvers: tuple[str, ...] = ("qpoases", "qrqp")
-    #: "condensed" (states eliminated; linear time-invariant models only) or
-    #: "multiple_shooting" (states as decision variables, any model)
+    #: "condensed" (states eliminated; linear time-invariant models only: other models
+    #: take multiple shooting), "multiple_shooting" (states as decision variables, any
+    #: model) or "linearised" (condensed for any model: the dynamics linearised along the
+    #: previous plan every cycle, a real-time iteration; ``linearisation_passes`` times)
     transcription: str = "condensed"
+    #: linearise, solve, and linearise again along the new plan, this many times a cycle
+    #: (transcription "linearised" with a nonlinear or time-varying model)
+    linearisation_passes: int = 1
     max_iter: int = 30
     #: SQP stops when the Lagrangian's gradient is below this (and the constraints hold to
     #: 1e-6): on the 32 TIVA training patients 1e-4 gives the metrics of 1e-6 to four
@@ -251,9 +263,12 @@ class NMPCConfig:
         if not (isinstance(self.move_block, int) and 1 <= self.move_block <= self.horizon):
             raise ConfigError(f"nmpc.move_block must be in [1, horizon], "
                               f"got {self.move_block!r}")
-        if self.transcription not in ("condensed", "multiple_shooting"):
-            raise ConfigError(f"nmpc.transcription must be 'condensed' or "
-                              f"'multiple_shooting', got {self.transcription!r}")
+        if self.transcription not in ("condensed", "multiple_shooting", "linearised"):
+            raise ConfigError(f"nmpc.transcription must be 'condensed', 'multiple_shooting' "
+                              f"or 'linearised', got {self.transcription!r}")
+        if not (isinstance(self.linearisation_passes, int) and self.linearisation_passes >= 1):
+            raise ConfigError(f"nmpc.linearisation_passes must be a whole number >= 1, "
+                              f"got {self.linearisation_passes!r}")
         if self.dose_interval_s is not None:
             ratio = self.dose_interval_s / self.period_s
             if not (self.dose_interval_s > 0 and abs(ratio - round(ratio)) < 1e-9
@@ -658,8 +673,15 @@ class NonlinearMPC:
         self._n_doses = J
         # Structure from the config: rows and slacks exist only for limits that are finite
         # at build time (their values remain per-call numbers).
-        condensed = self._exact and c.transcription == "condensed"
+        # linearised: condensed for any model, on affine responses re-linearised per call
+        condensed = (self._exact and c.transcription in ("condensed", "linearised")
+                     or c.transcription == "linearised")
         self._condensed = condensed
+        self._linearised = condensed and not self._exact
+        if self._linearised and (dosing or c.auc_window_s is not None):
+            raise ConfigError("nmpc.transcription = 'linearised' with a nonlinear or "
+                              "time-varying model: scheduled doses (dose_interval_s) and AUC "
+                              "windows (auc_window_s) need 'multiple_shooting'")
         soft_low, soft_high = math.isfinite(c.soft_window[0]), math.isfinite(c.soft_window[1])
         hard = any(math.isfinite(v) for v in c.hard_window)
         change = any(math.isfinite(v) for v in c.max_change.values())
@@ -726,6 +748,8 @@ class NonlinearMPC:
             gains = ca.SX.sym("gain", len(gain_entries))
             parts += [ca.vec(free_resp), gains]
             self._lift_layout = (watched, gain_entries)
+            if self._linearised:
+                self._rollout = self._build_rollout(watched, n_blocks)
         elif self._exact and not condensed:
             pieces = [(ca.SX.sym(f"phi{s}", n, n), ca.SX.sym(f"gam{s}", n, nu),
                        ca.SX.sym(f"gc{s}", n)) for s in range(S)]
@@ -1097,6 +1121,61 @@ class NonlinearMPC:
                 return reach[watched]
             reach = grown
 
+    def _build_rollout(self, watched: list[int], n_blocks: int) -> ca.Function:
+        """``(x0, theta, t0, rates) -> (z, dz/drates)``: the watched states at the end of
+        each period under per-block rates of the inputs the decisions drive (``rates``:
+        block after block; the other inputs are 0 in a plan), by the RK4 steps multiple
+        shooting would take, and their Jacobian - the affine response the linearised
+        transcription plans on. Also keeps where each lifted gain sits in that Jacobian."""
+        c, m = self.config, self.model
+        driven = [j for j in range(m.n_inputs) if self._b_eff[j].any()]
+        x0, th = ca.SX.sym("x0", m.n_states), ca.SX.sym("th", len(m.params))
+        t0 = ca.SX.sym("t0")
+        rates = ca.SX.sym("rates", len(driven) * n_blocks)
+        x, z = x0, []
+        for k in range(c.horizon):
+            b = k // c.move_block
+            u = [ca.SX(0)] * m.n_inputs
+            for position, j in enumerate(driven):
+                u[j] = rates[b * len(driven) + position]
+            x = _rk4(m, th, t0 + k * c.period_s, x, ca.vertcat(*u), c.period_s / c.rk4_steps,
+                     c.rk4_steps)
+            z.append(x[watched])
+        z = ca.vertcat(*z)
+        # a gain of an input no decision drives multiplies a rate that is always 0
+        _, entries = self._lift_layout
+        kept = [q for q, (_, _, _, j) in enumerate(entries) if j in driven]
+        self._rollout_driven = driven
+        self._rollout_gains = (np.array(kept, dtype=int),
+                               np.array([entries[q][0] * len(watched) + entries[q][2]
+                                         for q in kept], dtype=int),
+                               np.array([entries[q][1] * len(driven)
+                                         + driven.index(entries[q][3]) for q in kept],
+                                        dtype=int))
+        return ca.Function("rollout", [x0, th, t0, rates], [z, ca.jacobian(z, rates)],
+                           {"cse": True})
+
+    def _rates_along(self, prev: np.ndarray, N: int) -> np.ndarray:
+        """The free rates per block to linearise along: the previous plan shifted by one
+        period (as the warm start), else the rates in force (a cold start)."""
+        if self._warm is not None:
+            blocks = self._warm["x"][self._slices["U"]].reshape(self._n_blocks, self._nf)
+            return self._shift @ blocks
+        return np.tile(np.where(prev > 0, prev, self._cold_rates), (self._n_blocks, 1))
+
+    def _linearisation(self, t_s: float, x0: np.ndarray, theta: np.ndarray,
+                       blocks: np.ndarray) -> list[np.ndarray]:
+        """The lifted problem's numbers (free response, gains) of the dynamics linearised
+        along the free rates *blocks* (n_blocks x free inputs): ``z ~ z(r) + G (r' - r)``,
+        so the free response is ``z(r) - G r`` and the gains are G's lifted entries."""
+        rates = (np.clip(blocks, 0.0, None) @ self._b_eff[self._rollout_driven].T).ravel()
+        z, jac = self._rollout(x0, theta, t_s, rates)
+        z, jac = z.full().ravel(), jac.full()
+        kept, rows, columns = self._rollout_gains
+        gains = np.zeros(len(self._lift_layout[1]))
+        gains[kept] = jac[rows, columns]
+        return [z - jac @ rates, gains]
+
     # ------------------------------------------------------------------ per cycle
     def _discretisation(self, theta: np.ndarray) -> dict:
         """Per-patient numbers of the exact discretisation, cached on the parameters the
@@ -1304,6 +1383,7 @@ class NonlinearMPC:
         x0 = np.asarray(x0, float)
         prev = np.array([u_prev.get(name, 0.0) for name in self._free], dtype=float)
         parts = [x0, prev, ref, theta, [disturbance], [t_s], weight_part]
+        lifted_at = None  # where the linearised parameters go in parts
         if self._exact:
             discrete = self._discretisation(theta)
             if "lift" in discrete:
@@ -1313,6 +1393,9 @@ class NonlinearMPC:
                 parts.append(discrete["ms"])
         else:
             discrete = {}
+            if self._linearised:
+                lifted_at = len(parts)
+                parts += self._linearisation(t_s, x0, theta, self._rates_along(prev, N))
         schedule = self._schedule(t_s, theta, eff) if self._dosing else None
         layout: dict = {}  # where troughs, peaks and AUC windows fall in this plan
         if self._extra:
@@ -1325,6 +1408,17 @@ class NonlinearMPC:
             self._dose_window_bounds(ubg, eff, delivered_in_window, schedule, prev)
         w0 = self._initial_guess(x0, prev, N, schedule, lbx, ubx)
         raw = self._solve(p, w0, lbx, ubx, lbg, ubg, eff)
+        for _ in range(eff.linearisation_passes - 1 if lifted_at is not None else 0):
+            if not raw["ok"]:
+                break
+            # linearise again along the plan just found, and solve from it
+            blocks = raw["w"][self._slices["U"]].reshape(self._n_blocks, self._nf)
+            parts[lifted_at:lifted_at + 2] = self._linearisation(t_s, x0, theta, blocks)
+            p = np.concatenate([np.ravel(q) for q in parts])
+            raw_next = self._solve(p, raw["w"], lbx, ubx, lbg, ubg, eff)
+            raw_next["seconds"] += raw["seconds"]
+            raw_next["iterations"] += raw["iterations"]
+            raw = raw_next
         rounding = None
         if raw["ok"] and self._dosing and eff.dose_step and schedule.starts[0] == 0:
             raw, rounding = self._round_first_dose(raw, p, lbx, ubx, lbg, ubg, eff)

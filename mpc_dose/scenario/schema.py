@@ -749,8 +749,11 @@ class NMPCSpec(_Strict):
     #: the QP solvers inside sqpmethod, tried in this order before IPOPT
     qp_solvers: list[str] | None = None
     #: condensed: states eliminated (linear time-invariant models only); multiple_shooting:
-    #: states as decision variables (any model)
-    transcription: Literal["condensed", "multiple_shooting"] | None = None
+    #: states as decision variables (any model); linearised: condensed for any model, the
+    #: dynamics linearised along the previous plan each cycle (a real-time iteration)
+    transcription: Literal["condensed", "multiple_shooting", "linearised"] | None = None
+    #: linearised: linearise and solve this many times a cycle
+    linearisation_passes: int | None = Field(None, ge=1)
     #: the optimiser's iteration limit
     max_iter: int | None = Field(None, ge=1)
     #: SQP stops when the Lagrangian's gradient is below it

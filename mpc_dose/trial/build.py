@@ -1078,8 +1078,8 @@ def _nmpc_fields(spec, c, model, clock_h: float | None = None) -> dict:
             fields[label] = (-math.inf if low is None else low,
                              math.inf if high is None else high)
     for name in ("move_block", "window_output", "soft_every", "dose_interval_s", "solver",
-                 "transcription", "max_iter", "dual_tolerance", "rk4_steps", "infusion_s",
-                 "dose_clock_h", "peak_offset_s", "exposure_output", "auc_window_s",
+                 "transcription", "linearisation_passes", "max_iter", "dual_tolerance",
+                 "rk4_steps", "infusion_s", "dose_clock_h", "peak_offset_s", "exposure_output", "auc_window_s",
                  "auc_window_start_s", "auc_weight", "time_above_target", "time_above_min"):
         if getattr(spec, name) is not None:
             fields[name] = getattr(spec, name)
