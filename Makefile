@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all demo bench clean
+.PHONY: test test-all demo bench clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,10 +12,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The web monitor's browser test (tests/test_web_monitor.py) drives Debian's chromium through
+# Playwright (Playwright's own browser download is not used). Installed here when missing (CI
+# runs as root on Debian); without it that test skips and says why.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		echo "installing Debian's chromium for tests/test_web_monitor.py"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+			|| echo "could not install chromium: tests/test_web_monitor.py will skip"; \
+	fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q
 
 # The main job: a small TIVA trial (NMPC + EKF against the PID on the same 4 patients) with
@@ -32,7 +42,7 @@ demo: $(STAMP)
 		--doses scenarios/doses/tiva_induction.csv --duration 40min --step 1 \
 		--out out/demo/open_loop/timeseries.csv --plot
 
-bench: $(STAMP)
+bench: $(STAMP) browser
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/simulate_speed.py
 	$(PY) benchmarks/validate_anaesthesia.py
@@ -42,6 +52,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/zmq_load.py
 	$(PY) benchmarks/trial_speed.py
 	$(PY) benchmarks/fuzz_bridge.py
+	$(PY) benchmarks/web_monitor.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -417,8 +417,9 @@ def _serve(args) -> int:
     process = serve_controller(scenario, [(args.patient - 1, seed)], [args.telemetry],
                                [routes], plant_commands=[args.commands],
                                realtime=args.realtime is not None,
-                               audit=args.audit, keys=_keys(args, server=False),
-                               wait_s=args.wait)
+                               audit=args.audit,
+                               keys=_keys(args, server=args.publish is not None),
+                               wait_s=args.wait, publish=args.publish)
     link = process.links[0]
     print(f"controller: {len(link.cycle_s)} cycles, missed acks {link.missed_acks}")
     return 0
@@ -590,6 +591,29 @@ def _cmd_log(args) -> int:
 
 
 def _cmd_monitor(args) -> int:
+    from .monitor.state import loops_of
+
+    addresses = loops_of(args.telemetry)
+    if args.web:
+        from .monitor.web import check_access, read_token, serve_web
+
+        token = read_token(args.token)
+        check_access(args.host, token)  # before any socket opens
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"web monitor: http://{shown}:{args.port}/" + ("?token=..." if token else "")
+              + f" ({len(addresses)} telemetry address(es)"
+              + (f", acknowledgements on {args.ack}" if args.ack else "")
+              + ("" if args.audit else "; no --audit: alarms cannot be acknowledged") + ")",
+              flush=True)
+        serve_web(addresses, host=args.host, port=args.port, token=token,
+                  keys=_keys(args, server=args.ack is not None), ack=args.ack,
+                  audit=args.audit, window_s=args.window, duration_s=args.duration)
+        return 0
+    given = [flag for flag, value in (("--token", args.token), ("--ack", args.ack),
+                                      ("--audit", args.audit), ("--allow-keys", args.allow_keys))
+             if value]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: only with --web (the page's options)")
     import zmq
 
     from .transport.zmq_link import TelemetryReader
@@ -598,7 +622,8 @@ def _cmd_monitor(args) -> int:
     end = None if args.duration is None else time.monotonic() + args.duration
     states: dict[str, str] = {}   # a heartbeat is shown when its sender's state changes
     try:
-        reader = TelemetryReader(context, args.telemetry, keys=_keys(args, server=False))
+        reader = TelemetryReader(context, [address for _, address in addresses],
+                                 keys=_keys(args, server=False))
         while end is None or time.monotonic() < end:
             for env in reader.drain(0.5):
                 m = env.message
@@ -615,6 +640,9 @@ def _cmd_monitor(args) -> int:
                         states.get(env.src) != m.state:
                     states[env.src] = m.state
                     print(f"{t}{env.src}: {m.role} {m.state}")
+                elif m.type == "alarm_ack":
+                    print(f"{t}{env.src}: ALARM ACKNOWLEDGED {m.code} of {m.alarm_src} by "
+                          f"{m.operator}" + (f": {m.text}" if m.text else ""))
     except KeyboardInterrupt:
         pass
     finally:
@@ -743,6 +771,9 @@ first-dose (a drug-naive patient)""")
                    help="controller: send this pump's commands to a bridge")
     p.add_argument("--external", action="append", metavar="NAME=ADDRESS",
                    help="plant: this pump is a bridge's; follow its telemetry at ADDRESS")
+    p.add_argument("--publish", default=None, metavar="ADDRESS",
+                   help="controller: publish each decision's plan, prediction, mode and "
+                        "alarms as telemetry (PUB) at ADDRESS, for `mpc-dose monitor`")
     p.add_argument("--realtime", type=float, default=None, metavar="FACTOR",
                    help="against the wall clock (default: simulated, lock-step)")
     p.add_argument("--duration", type=float, default=None,
@@ -753,8 +784,9 @@ first-dose (a drug-naive patient)""")
     p.add_argument("--out", default=None, help="plant: CSV of the recorded series")
     p.add_argument("--keys", default=None, help="own CURVE secret key file (NAME.key_secret)")
     p.add_argument("--allow-keys", action="append", metavar="DIR_OR_FILE",
-                   help="plant, pump-bridge, sensor-bridge with --keys: public key files (or "
-                        "folders of *.key files) of the clients let in; everyone else is refused")
+                   help="plant, pump-bridge, sensor-bridge, controller --publish with --keys: "
+                        "public key files (or folders of *.key files) of the clients let in; "
+                        "everyone else is refused")
     p.add_argument("--server-key", action="append", metavar="[ADDRESS=]FILE",
                    help="with --keys: a server's public key file (for every server, or for "
                         "the one at ADDRESS)")
@@ -836,9 +868,37 @@ first-dose (a drug-naive patient)""")
     p.add_argument("--process", default=None, help="only this process's rows")
     p.set_defaults(run=_cmd_log)
 
-    p = sub.add_parser("monitor", help="live values, modes and alarms from telemetry")
-    p.add_argument("telemetry", nargs="+", help="telemetry (PUB) addresses")
+    p = sub.add_parser("monitor", help="live values, modes and alarms from telemetry",
+                       description="Print the loops' telemetry, or with --web serve a page "
+                                   "that shows each loop live (measured and predicted output "
+                                   "with the target band, planned and delivered rates, mode, "
+                                   "alarms to acknowledge, link health, deadline misses).")
+    p.add_argument("telemetry", nargs="+", metavar="[LOOP=]ADDRESS",
+                   help="telemetry (PUB) addresses: plant, pump bridges, sensors, a "
+                        "controller's --publish; LOOP= groups addresses into one loop of "
+                        "the page (default: all in one)")
     p.add_argument("--duration", type=float, default=None, help="stop after [s]")
+    p.add_argument("--web", action="store_true", help="serve the live page instead of "
+                                                      "printing lines")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="--web: the address to serve on (default loopback; any other needs "
+                        "--token)")
+    p.add_argument("--port", type=int, default=8080, help="--web: the TCP port (default 8080)")
+    p.add_argument("--token", default=None, metavar="TOKEN|@FILE",
+                   help="--web: access token every request must carry (open "
+                        "/?token=TOKEN once); @FILE reads it from a file")
+    p.add_argument("--ack", default=None, metavar="ADDRESS",
+                   help="--web: publish alarm acknowledgements (alarm_ack) on this PUB "
+                        "address")
+    p.add_argument("--audit", default=None,
+                   help="--web: SQLite audit log for acknowledgements (without it the page "
+                        "cannot acknowledge)")
+    p.add_argument("--window", type=float, default=None,
+                   help="--web: history shown per loop [s of the loop's clock] (default "
+                        "30 min)")
+    p.add_argument("--allow-keys", action="append", metavar="DIR_OR_FILE",
+                   help="--web --ack with --keys: public keys of the clients let in to the "
+                        "acknowledgement socket")
     p.add_argument("--keys", default=None, help="own CURVE secret key file")
     p.add_argument("--server-key", action="append", metavar="[ADDRESS=]FILE",
                    help="a publisher's public key file (for all, or for the one at ADDRESS)")

@@ -56,3 +56,18 @@ def test_clinic_knows_model_and_control_not_plants_trials_or_transports():
     assert not loaded & {"simpy", "zmq"}
     assert not any(m.startswith(("mpc_dose.plant", "mpc_dose.trial", "mpc_dose.serve",
                                  "mpc_dose.transport", "mpc_dose.node")) for m in loaded)
+
+
+def test_monitor_state_is_sans_io_and_the_web_stack_stays_out_of_the_rest():
+    """monitor/state.py (the monitor's picture) needs no sockets or web stack; monitor/web.py
+    reads telemetry through transport/ only (no node, control, plant, model, trial or
+    serve); and nothing loads the web stack unless `monitor --web` asks for it."""
+    loaded = _imports_after("import mpc_dose.monitor.state")
+    assert not loaded & {"zmq", "starlette", "uvicorn", "socket", "numpy", "casadi"}
+    loaded = _imports_after("import mpc_dose.monitor.web")
+    assert not any(m.startswith(("mpc_dose.node", "mpc_dose.control", "mpc_dose.plant",
+                                 "mpc_dose.model", "mpc_dose.trial", "mpc_dose.serve"))
+                   for m in loaded)
+    loaded = _imports_after("import mpc_dose.cli, mpc_dose.serve.controller")
+    assert not loaded & {"starlette", "uvicorn", "sse_starlette"}
+    assert not any(m.startswith("mpc_dose.monitor") for m in loaded)

@@ -10,11 +10,12 @@ from hypothesis import strategies as st
 
 from mpc_dose.protocol.codec import (MAX_MESSAGE_BYTES, Envelope, decode, decode_frame, encode,
                                      refusal)
-from mpc_dose.protocol.messages import (MAX_NAME_CHARS, MAX_TEXT_CHARS, MESSAGE_TYPES,
-                                        QUALITIES, WIRE_UNITS, Ack, Alarm, Bolus, Fallback,
-                                        GetStatus, Heartbeat, Hello, LocalProtocolError,
-                                        Measurement, PumpStatus, RemoteProtocolError, SetRate,
-                                        Stop, wire_factor)
+from mpc_dose.protocol.messages import (MAX_NAME_CHARS, MAX_PLAN_INPUTS, MAX_PLAN_STAGES,
+                                        MAX_TEXT_CHARS, MESSAGE_TYPES, QUALITIES, WIRE_UNITS,
+                                        Ack, Alarm, AlarmAck, Bolus, Fallback, GetStatus,
+                                        Heartbeat, Hello, LocalProtocolError, Measurement,
+                                        Plan, PlanInput, PumpStatus, RemoteProtocolError,
+                                        SetRate, Stop, wire_factor)
 
 EXAMPLES = [
     Measurement(var="bis", value=47.25, unit="1", t_meas=12.0, quality="questionable",
@@ -46,6 +47,17 @@ EXAMPLES = [
           text="propofol: occlusion — 5 µg, ünïcödé"),
     Heartbeat(role="controller", state="CLOSED_LOOP", period_s=0.5),
     Hello(role="plant", versions=(1, 2)),
+    Plan(times_s=(0.0, 5.0, 10.0), var="bis", output="bis", unit="1", predicted=(80.5, 61.0),
+         target=50.0, band_low=40.0, band_high=60.0,
+         inputs=(PlanInput(input="propofol", pump="propofol", unit="mg/s", rates=(2.5, 1.0),
+                           conc=10.0),
+                 PlanInput(input="remifentanil", pump="remi", unit="ug/s", rates=(5.0, 2.0))),
+         mode="CLOSED_LOOP", status="ok", reason="nmpc sqp: ok", solve_s=0.018,
+         deadline_misses=0),
+    Plan(times_s=(3.0, 8.0), inputs=(PlanInput(input="insulin", pump="insulin", unit="U/h",
+                                               rates=(0.8,)),)),
+    AlarmAck(alarm_src="plant", alarm_epoch="e1", alarm_seq=17, code="data.stale",
+             priority="high", operator="Dr Ünïcödé", text="sensor reseated"),
 ]
 
 BASE_SET_RATE = {"cmd_id": "c1", "pump": "p1", "rate": 20.0, "unit": "mL/h", "lease_s": 15.0,
@@ -353,6 +365,14 @@ def test_oversize_frames_are_rejected_before_parsing():
     rejects(b"x" * (10 * MAX_MESSAGE_BYTES), code="too_large")
 
 
+def _rising(start: float, n: int) -> list[float]:
+    """*n* rising doubles one ulp apart from *start* (each spelt with 17 digits)."""
+    out = [start]
+    while len(out) < n:
+        out.append(math.nextafter(out[-1], math.inf))
+    return out
+
+
 def _largest(message_type):
     """The largest message of a type: every name at its length limit, every text at its,
     multi-byte characters where text is free (4 bytes each in UTF-8, 6 escaped)."""
@@ -382,7 +402,22 @@ def _largest(message_type):
            "alarm": lambda: Alarm(code=name, priority="medium", kind="physiological",
                                   active=False, text=text),
            "heartbeat": lambda: Heartbeat(role=name, state=text, period_s=1.7e308),
-           "hello": lambda: Hello(role=name, versions=(2**31 - 1,) * 16)}
+           "hello": lambda: Hello(role=name, versions=(2**31 - 1,) * 16),
+           # every number at the longest spelling a double has (24 characters)
+           "plan": lambda: Plan(
+               times_s=_rising(-1.2345678901234567e+300, MAX_PLAN_STAGES + 1),
+               var=name, output=name, unit="10^9/L",
+               predicted=[-2.2250738585072014e-308] * MAX_PLAN_STAGES,
+               target=-2.2250738585072014e-308, band_low=-1.7976931348623157e+308,
+               band_high=1.7976931348623157e+308,
+               inputs=[PlanInput(input=name, pump=name, unit="umol/min",
+                                 rates=[2.2250738585072014e-308] * MAX_PLAN_STAGES,
+                                 conc=2.2250738585072014e-308)] * MAX_PLAN_INPUTS,
+               mode=name, status=name, reason=text, solve_s=2.2250738585072014e-308,
+               deadline_misses=2**53 - 1),
+           "alarm_ack": lambda: AlarmAck(alarm_src=name, alarm_epoch=name,
+                                         alarm_seq=2**53 - 1, code=name, priority="medium",
+                                         operator=name, text=text)}
     return big[message_type]()
 
 

@@ -9,7 +9,9 @@ optional ``given_bolus(t_s, input, amount)``.
 It does not own the clock (time is an argument) and knows nothing of pumps, messages or
 simpy. It runs behind the safety supervisor (:class:`~mpc_dose.control.supervisor.
 SupervisedController`), which gates its readings and limits its rates; it may learn what
-was applied through an optional ``applied(t_s, rates)``.
+was applied through an optional ``applied(t_s, rates)``. A controller that plans over a
+horizon may say what it plans and predicts through an optional ``forecast(t_s)`` returning
+a :class:`Forecast` (shown live by ``mpc-dose monitor --web``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigError
 
-__all__ = ["Reading", "Decision", "Controller", "check_rates", "check_boluses"]
+__all__ = ["Reading", "Decision", "Forecast", "Controller", "check_rates", "check_boluses"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,20 @@ class Decision:
     boluses: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Forecast:
+    """What a controller plans from *t_s* on: stage k runs from ``t_s + k * period_s`` for
+    one period, with ``rates[input][k]`` [amount/s] over it and ``predicted[k]`` (output
+    *output*, in *unit*) at its end."""
+
+    t_s: float
+    period_s: float
+    rates: dict[str, list[float]]
+    output: str
+    unit: str
+    predicted: list[float]
+
+
 @runtime_checkable
 class Controller(Protocol):
     """What the controller node needs of a controller."""
@@ -84,6 +100,11 @@ class Controller(Protocol):
     #     """The rates actually applied from *t_s* on (after the supervisor's limits and
     #     fallbacks); a controller that propagates its own state uses these, not its own
     #     decision."""
+    #
+    # def forecast(self, t_s: float) -> Forecast | None:
+    #     """Its plan from *t_s* on (the latest one shifted to *t_s*), None when it has none
+    #     for that time. Called only by a node that publishes it: it may cost a model
+    #     evaluation."""
 
 
 def check_rates(rates: Mapping[str, float], inputs: tuple[str, ...], who: str

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..model.dosing import Dose, schedule
 from ..model.propagate import Propagator
 from ..model.spec import Model
-from .base import Decision, Reading
+from .base import Decision, Forecast, Reading
 from .estimation import BayesianEstimator
 from .insulin import MealBoluses
 from .mhe import MHEConfig, OutputMapEKF, OutputMapMHE
@@ -421,6 +421,26 @@ class MPCController:
         fraction = self._bolus_fractions[best]
         return fraction * amount, (f"; NMPC chose {fraction:.0%} of it "
                                    f"(objective {costs[best]:.4g})")
+
+    def forecast(self, t_s: float) -> Forecast | None:
+        """The latest successful plan from *t_s* on (its stages before *t_s* dropped: after
+        a failed solve, the shifted plan that serves as backup), with the tracked output
+        it predicts; None when no plan covers *t_s*."""
+        plan = self._last_plan
+        if plan is None:
+            return None
+        k = int(round((t_s - plan.t_s) / self.period_s))
+        if not 0 <= k < len(plan.plan):
+            return None
+        output = self.mpc.config.output
+        predicted = np.asarray(plan.predicted_output, dtype=float).ravel()[k:]
+        if len(predicted) != len(plan.plan) - k:
+            predicted = np.zeros(0)
+        return Forecast(plan.t_s + k * self.period_s, self.period_s,
+                        {name: plan.plan[k:, self.model.input_index(name)].tolist()
+                         for name in self.inputs},
+                        output, self.model.outputs[self.model.output_index(output)].unit,
+                        predicted.tolist())
 
     def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
         """The plan's first move (status ``ok``) or a failed solve (``solver_failed``, with

@@ -26,6 +26,9 @@ before the instant's rate commands, since a pump's ``set_rate`` (or ``get_status
 control instant (the simulated lock-step, docs/protocol.md section 6). What the
 pump gives (its ack's amount, after its rounding) is recorded in :attr:`boluses` and told to
 the controller (``given_bolus``); a refused bolus is given by nobody.
+
+:meth:`ControllerNode.plan` says, after a decision, what the controller plans and predicts as
+a ``plan`` message (protocol 1.2) for a process that publishes it to monitors.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from ..control.base import Controller, Decision, Reading, check_rates
+from ..control.base import Controller, Decision, Forecast, Reading, check_rates
 from ..control.supervisor import SafetyConfig, SafetySupervisor, SupervisedController
 from ..errors import ConfigError
-from ..protocol.messages import (Ack, Alarm, Bolus, Fallback, GetStatus, Measurement,
+from ..protocol.messages import (MAX_PLAN_STAGES, MAX_TEXT_CHARS, WIRE_UNITS, Ack, Alarm,
+                                 Bolus, Fallback, GetStatus, Measurement, Plan, PlanInput,
                                  PumpStatus, SetRate, _Message, wire_factor)
 
 __all__ = ["PumpRoute", "ControllerNode"]
@@ -302,6 +306,65 @@ class ControllerNode:
             out.append(alarm)
         self._alarms_seen = len(supervised.alarms)
         return out
+
+    def plan(self, *, target: float | None = None,
+             band: tuple[float, float] | None = None,
+             deadline_misses: int | None = None) -> Plan | None:
+        """The last decision as a ``plan`` message (None before the first): the controller's
+        own plan over its horizon when it gives one (:meth:`Controller.forecast`, cut to
+        :data:`MAX_PLAN_STAGES` stages), else the one stage it decided. *target* and *band*
+        (in the measured output's unit) are the monitor's reference lines.
+
+        Raises
+        ------
+        LocalProtocolError
+            When an input's rate unit or a value cannot travel (the caller skips the plan).
+        """
+        decision = self.last_decision
+        if decision is None:
+            return None
+        supervised = self.controller
+        forecast: Forecast | None = None
+        method = getattr(supervised.controller, "forecast", None)
+        if callable(method):
+            try:
+                forecast = method(decision.t_s)
+            except Exception:  # noqa: BLE001 - a display must never stop the dosing loop
+                forecast = None
+        measured = supervised.measured or ""
+        reading = self.readings.get(measured)
+        unit = reading.unit if reading is not None else None
+        if forecast is not None:
+            stages = min(MAX_PLAN_STAGES, *(len(r) for r in forecast.rates.values()))
+            times = [forecast.t_s + k * forecast.period_s for k in range(stages + 1)]
+            rates = {name: [max(0.0, float(r)) for r in forecast.rates[name][:stages]]
+                     for name in supervised.inputs}
+            predicted = [float(v) for v in forecast.predicted[:stages]]
+            if forecast.unit in WIRE_UNITS["measurement"]:
+                unit = forecast.unit
+            elif unit is None or len(predicted) != stages:
+                predicted = []  # a model unit no wire may carry: no prediction shown
+        else:
+            times = [decision.t_s, decision.t_s + supervised.period_s]
+            rates = {name: [decision.rates[name]] for name in supervised.inputs}
+            predicted = []
+        if unit is None:
+            target, band, predicted = None, None, []
+        solve_s = decision.details.get("solve_time_s")
+        return Plan(times_s=times, var=measured,
+                    output=forecast.output if forecast is not None else measured,
+                    unit=unit, predicted=predicted, target=target,
+                    band_low=None if band is None else band[0],
+                    band_high=None if band is None else band[1],
+                    inputs=[PlanInput(input=name, pump=self.routes[name].pump,
+                                      unit=f"{self.routes[name].amount_unit}/s",
+                                      rates=rates[name],
+                                      conc=self.routes[name].concentration)
+                            for name in supervised.inputs],
+                    mode=supervised.mode, status=decision.status,
+                    reason=decision.reason[:MAX_TEXT_CHARS],
+                    solve_s=float(solve_s) if isinstance(solve_s, (int, float)) else None,
+                    deadline_misses=deadline_misses)
 
     def _next_id(self) -> str:
         self._commands += 1

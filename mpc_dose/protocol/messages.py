@@ -26,7 +26,8 @@ from ..units import parse_unit
 __all__ = ["ProtocolError", "LocalProtocolError", "RemoteProtocolError", "QUALITIES",
            "PUMP_STATES", "Measurement", "SetRate", "Bolus", "Stop", "GetStatus", "Ack",
            "PumpStatus",
-           "Alarm", "Heartbeat", "Hello", "Fallback", "MESSAGE_TYPES", "ACK_CODES",
+           "Alarm", "Heartbeat", "Hello", "Fallback", "Plan", "PlanInput", "AlarmAck",
+           "MESSAGE_TYPES", "ACK_CODES", "MAX_PLAN_STAGES", "MAX_PLAN_INPUTS",
            "WIRE_UNITS", "wire_factor", "MAX_NAME_CHARS", "MAX_TEXT_CHARS", "MAX_SEQ"]
 
 
@@ -83,6 +84,11 @@ MAX_NAME_CHARS = 128
 MAX_TEXT_CHARS = 2000
 #: sequence numbers stay exact in every JSON implementation (IEEE doubles) and in SQLite
 MAX_SEQ = 2**53 - 1
+#: (1.2) a ``plan`` carries at most this many stages and inputs, so the largest one (every
+#: number at its longest spelling, every name and text at its limit) fits one frame; a
+#: longer horizon is cut to its first MAX_PLAN_STAGES stages by the sender
+MAX_PLAN_STAGES = 200
+MAX_PLAN_INPUTS = 4
 
 
 def wire_factor(from_unit: str, to_unit: str) -> float:
@@ -479,6 +485,164 @@ class Hello(_Message):
         object.__setattr__(self, "versions", versions)
 
 
+def _short(name: str, value: object) -> str:
+    """A name that may be empty (at most :data:`MAX_NAME_CHARS` characters)."""
+    if not isinstance(value, str):
+        raise LocalProtocolError(f"{name}: expected a string, got {_show(value)}")
+    if len(value) > MAX_NAME_CHARS:
+        raise LocalProtocolError(f"{name}: {len(value)} characters, at most {MAX_NAME_CHARS}")
+    return value
+
+
+def _numbers(name: str, value: object, most: int) -> tuple[float, ...]:
+    """A list of at most *most* finite numbers, as a tuple."""
+    if not isinstance(value, (list, tuple)):
+        raise LocalProtocolError(f"{name}: expected a list of numbers, got {_show(value)}")
+    if len(value) > most:
+        raise LocalProtocolError(f"{name}: {len(value)} numbers, at most {most}")
+    return tuple(_finite(f"{name}[{k}]", v) for k, v in enumerate(value))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanInput(_Message):
+    """(1.2) One input of a ``plan``: the planned *rates* [*unit*, a dose rate] of model
+    input *input*, given by *pump*, one per stage of the plan; *conc* is the drug in that
+    pump [the rate unit's amount per mL] (a monitor turns the pump's mL/h into the same
+    unit with it), None when unknown."""
+
+    type = "plan_input"
+    input: str
+    pump: str
+    unit: str
+    rates: tuple[float, ...]
+    conc: float | None = None
+
+    def __post_init__(self) -> None:
+        _text("inputs.input", self.input)
+        _text("inputs.pump", self.pump)
+        _unit("inputs.unit", self.unit, "dose_rate")
+        rates = _numbers("inputs.rates", self.rates, MAX_PLAN_STAGES)
+        if any(r < 0 for r in rates):
+            raise LocalProtocolError(f"inputs.rates: expected rates >= 0, got {min(rates)!r}")
+        object.__setattr__(self, "rates", rates)
+        if self.conc is not None:
+            conc = _finite("inputs.conc", self.conc)
+            if not conc > 0:
+                raise LocalProtocolError(f"inputs.conc: expected > 0, got {self.conc!r}")
+            object.__setattr__(self, "conc", conc)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan(_Message):
+    """(1.2) Telemetry from a controller, once per decision: what it plans and predicts.
+
+    Stage k runs from ``times_s[k]`` to ``times_s[k + 1]`` [s, the readings' clock]; each
+    input's ``rates[k]`` holds over it and ``predicted[k]`` is the output *output* predicted
+    at its end (empty for a controller that predicts nothing, e.g. a PID: its plan is the one
+    stage it decided). *var* is the measured variable the prediction is compared with;
+    *target* and the band [*band_low*, *band_high*] are in *unit*, as is *predicted*. *mode*
+    is the supervisor's (``CLOSED_LOOP``, ``FALLBACK``, ...), *status* the decision's
+    (``ok``, ``solver_failed``, ...), *solve_s* how long the decision took [s],
+    *deadline_misses* the controller process's missed control deadlines so far.
+    """
+
+    type = "plan"
+    times_s: tuple[float, ...]
+    inputs: tuple[PlanInput, ...]
+    var: str = ""
+    output: str = ""
+    unit: str | None = None
+    predicted: tuple[float, ...] = ()
+    target: float | None = None
+    band_low: float | None = None
+    band_high: float | None = None
+    mode: str = ""
+    status: str = ""
+    reason: str = ""
+    solve_s: float | None = None
+    deadline_misses: int | None = None
+
+    def __post_init__(self) -> None:
+        times = _numbers("times_s", self.times_s, MAX_PLAN_STAGES + 1)
+        if len(times) < 2 or any(b <= a for a, b in zip(times, times[1:])):
+            raise LocalProtocolError("times_s: expected 2 or more rising times (the stages' "
+                                     "bounds)")
+        object.__setattr__(self, "times_s", times)
+        stages = len(times) - 1
+        inputs = self.inputs
+        if not isinstance(inputs, (list, tuple)) or not 1 <= len(inputs) <= MAX_PLAN_INPUTS:
+            raise LocalProtocolError(f"inputs: expected 1-{MAX_PLAN_INPUTS} inputs, "
+                                     f"got {_show(inputs)}")
+        built = []
+        for item in inputs:
+            if isinstance(item, dict):  # from a frame: unknown fields ignored (telemetry)
+                known = PlanInput.field_names()
+                item = PlanInput(**{k: v for k, v in item.items() if k in known})
+            if not isinstance(item, PlanInput):
+                raise LocalProtocolError(f"inputs: expected an input, got {_show(item)}")
+            if len(item.rates) != stages:
+                raise LocalProtocolError(f"inputs.rates of {item.input!r}: {len(item.rates)} "
+                                         f"rates for {stages} stages")
+            built.append(item)
+        object.__setattr__(self, "inputs", tuple(built))
+        _short("var", self.var)
+        _short("output", self.output)
+        predicted = _numbers("predicted", self.predicted, MAX_PLAN_STAGES)
+        if len(predicted) not in (0, stages):
+            raise LocalProtocolError(f"predicted: {len(predicted)} values for {stages} stages "
+                                     f"(expected one per stage, or none)")
+        object.__setattr__(self, "predicted", predicted)
+        for name in ("target", "band_low", "band_high"):
+            object.__setattr__(self, name, _optional_finite(name, getattr(self, name)))
+        if self.unit is not None:
+            _unit("unit", self.unit, "measurement")
+        elif predicted or any(getattr(self, n) is not None
+                              for n in ("target", "band_low", "band_high")):
+            raise LocalProtocolError("unit: predicted, target and band need their unit")
+        if self.band_low is not None and self.band_high is not None and \
+                not self.band_low <= self.band_high:
+            raise LocalProtocolError(f"band_low {self.band_low!r} > band_high "
+                                     f"{self.band_high!r}")
+        _short("mode", self.mode)
+        _short("status", self.status)
+        _string("reason", self.reason)
+        object.__setattr__(self, "solve_s", _optional_finite("solve_s", self.solve_s,
+                                                             minimum=0.0))
+        if self.deadline_misses is not None:
+            _whole("deadline_misses", self.deadline_misses)
+
+    def body(self) -> dict:
+        out = super().body()
+        out["inputs"] = [item.body() for item in self.inputs]
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlarmAck(_Message):
+    """(1.2) Telemetry: *operator* acknowledged the alarm frame (*alarm_src*, *alarm_epoch*,
+    *alarm_seq*) with *code* and *priority* (IEC 60601-1-8: acknowledging silences the
+    alarm's signal and says someone has seen it; the condition and its alarm stay until it
+    ends - it resets nothing and no receiver changes a dose for it)."""
+
+    type = "alarm_ack"
+    alarm_src: str
+    alarm_epoch: str
+    alarm_seq: int
+    code: str
+    priority: str
+    operator: str
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        _text("alarm_src", self.alarm_src)
+        _text("alarm_epoch", self.alarm_epoch)
+        _whole("alarm_seq", self.alarm_seq)
+        _text("code", self.code)
+        _text("priority", self.priority, ("high", "medium", "low"))
+        _text("operator", self.operator)
+        _string("text", self.text)
+
+
 MESSAGE_TYPES: dict[str, type[_Message]] = {
     cls.type: cls for cls in (Measurement, SetRate, Bolus, Stop, GetStatus, Ack, PumpStatus,
-                              Alarm, Heartbeat, Hello)}
+                              Alarm, Heartbeat, Hello, Plan, AlarmAck)}

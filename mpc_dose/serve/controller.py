@@ -16,6 +16,13 @@ once a second until it answers (a restarted ``serve plant`` waits for it), takes
 plant's clock, drops the readings of the old epoch and, when the new clock is behind the old
 one (a restarted simulated plant starts at t = 0), rebuilds that patient's controller from
 the scenario (the command ids go on: they never repeat within this process's epoch).
+
+With *publish* (``serve controller --publish ADDRESS``) it is also a telemetry publisher
+for monitors: after each decision a ``plan`` (protocol 1.2: the plan over the horizon, the
+prediction, the target band from the scenario's ``[metrics]``, the mode, the deadline
+misses so far), the supervisor's alarms and a ``heartbeat`` whose state is the mode.
+Publishing never blocks and never stops the loop: a plan that cannot be encoded is
+skipped and noted once in the audit log (``plan_not_published``).
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ import zmq
 from ..audit import AuditLog
 from ..node import ControllerNode
 from ..protocol.codec import Envelope
-from ..protocol.messages import Alarm, Heartbeat, Hello
+from ..protocol.messages import Alarm, Heartbeat, Hello, ProtocolError
 from ..protocol.session import LinkSession
 from ..scenario.schema import Scenario
 from ..trial.build import build_setup
 from ..trial.closed_loop import PlantSide
-from ..transport.zmq_link import CommandClient, Keys, TelemetryReader, new_epoch
+from ..transport.zmq_link import (Authenticator, CommandClient, Keys, Telemetry,
+                                  TelemetryReader, new_epoch)
 
 __all__ = ["ControllerProcess", "PatientLink", "serve_controller"]
 
@@ -85,12 +93,17 @@ class ControllerProcess:
                  telemetry: list[str], pumps: list[dict[str, str]], *,
                  plant_commands: list[str] | None = None,
                  audit: str | Path | None = None, keys: Keys | None = None,
-                 ack_timeout_s: float = 1.0, retries: int = 2) -> None:
+                 ack_timeout_s: float = 1.0, retries: int = 2,
+                 publish: str | None = None) -> None:
         self.context = zmq.Context()
         self.log = None
+        self.publisher: Telemetry | None = None
+        self.auth: Authenticator | None = None
         try:
             self._open(scenario, patients, telemetry, pumps, plant_commands, audit, keys,
                        ack_timeout_s, retries)
+            if publish is not None:
+                self._publisher(publish, keys)
         except BaseException:
             # a bad address or scenario: nothing is left to the garbage collector, whose
             # collection of a context with open sockets hangs in zmq_ctx_term
@@ -130,6 +143,43 @@ class ControllerProcess:
             if plant_cmd and plant is None:
                 plant = self._client(plant_cmd, node.src, keys)
             self.links.append(PatientLink(node, reader, clients, plant, (index, seed)))
+
+    def _publisher(self, address: str, keys: Keys | None) -> None:
+        """The monitors' telemetry: a PUB (a CURVE server with *keys*: it needs the
+        monitors' public keys in ``keys.clients``)."""
+        if keys is not None:
+            self.auth = Authenticator(self.context, keys.clients)
+        src = self.links[0].node.src if len(self.links) == 1 else "controller"
+        self.publisher = Telemetry(self.context, address, src=src, epoch=self.epoch,
+                                   keys=keys)
+        metrics = self.scenario.metrics
+        self._target = self._band = None
+        if metrics is not None and metrics.target is not None:
+            self._target = float(metrics.target)
+            low, high = metrics.window if metrics.window is not None else \
+                (0.95 * self._target, 1.05 * self._target)  # the metrics' own default
+            self._band = (float(low), float(high))
+        self._plan_noted = False
+
+    def _publish(self, link: PatientLink, t: float, alarms: list[Alarm]) -> None:
+        """A decision's plan, alarms and heartbeat to the monitors (never blocks)."""
+        pub = self.publisher
+        if pub is None:
+            return
+        for alarm in alarms:
+            pub.send(alarm, t_sim=t)
+        try:
+            plan = link.node.plan(target=self._target, band=self._band,
+                                  deadline_misses=self.missed_deadlines)
+        except ProtocolError as err:
+            plan = None
+            if self.log is not None and not self._plan_noted:
+                self.log.note("plan_not_published", t, patient=link.node.src, error=str(err))
+            self._plan_noted = True
+        if plan is not None:
+            pub.send(plan, t_sim=t)
+        pub.send(Heartbeat(role="controller", state=link.node.controller.mode,
+                           period_s=self.period_s), t_sim=t)
 
     def _client(self, address: str, src: str, keys: Keys | None) -> CommandClient:
         client = CommandClient(self.context, address, src=src, epoch=self.epoch, keys=keys)
@@ -254,8 +304,10 @@ class ControllerProcess:
         """One control instant: decide, send each command and wait for its ack; the
         supervisor's alarms and mode changes go to the audit log."""
         start = time.perf_counter()
+        alarms = []
         for command in link.node.tick(t):
-            if isinstance(command, Alarm):  # not a command: recorded
+            if isinstance(command, Alarm):  # not a command: recorded (and published)
+                alarms.append(command)
                 if self.log is not None:
                     self.log.note("alarm", t, patient=link.node.src, alarm=command.body())
                 continue
@@ -286,6 +338,7 @@ class ControllerProcess:
                               target=target, cause=cause)
         link.modes_logged = len(transitions)
         link.cycle_s.append(time.perf_counter() - start)
+        self._publish(link, t, alarms)
 
     def run_simulated(self, idle_timeout_s: float = 30.0) -> None:
         """Lock-step: act on each plant tick until every plant has finished."""
@@ -352,6 +405,8 @@ class ControllerProcess:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.context.destroy(linger=0)
 
 
@@ -360,9 +415,10 @@ def serve_controller(scenario: Scenario, patients: list[tuple[int, int]],
                      plant_commands: list[str] | None = None, realtime: bool = False,
                      duration_s: float | None = None,
                      audit: str | Path | None = None, keys: Keys | None = None,
-                     wait_s: float = 30.0) -> ControllerProcess:
+                     wait_s: float = 30.0, publish: str | None = None) -> ControllerProcess:
     process = ControllerProcess(scenario, patients, telemetry, pumps,
-                                plant_commands=plant_commands, audit=audit, keys=keys)
+                                plant_commands=plant_commands, audit=audit, keys=keys,
+                                publish=publish)
     try:
         process.connect(wait_s)
         if realtime:
