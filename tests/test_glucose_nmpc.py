@@ -30,6 +30,10 @@ from mpc_dose.trial.closed_loop import run_closed_loop
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "t1d_nmpc.toml"
 
 
+NO_MEAL_BOLUS = {"controller.nmpc.meal_bolus": None,
+                 "controller.nmpc.meal_bolus_fractions": []}
+
+
 def _controller(overrides=None, index=0):
     setup, patient = build_setup(load_scenario(SCENARIO, {"scenario.duration_s": 7200.0,
                                                           **(overrides or {})}), index, 0)
@@ -42,7 +46,7 @@ def test_an_announced_meal_enters_the_gut_at_its_time_even_when_told_late():
     the first gut compartment than without it, whether the reading arrives before the
     decision at 1200 s or after it (the later states are propagated again)."""
     for late in (False, True):
-        mpc, _, _ = _controller({"controller.nmpc.meal_bolus": None,
+        mpc, _, _ = _controller({**NO_MEAL_BOLUS,
                                  "controller.nmpc.corrected_states": []})
         model = mpc.model
         gut = model.state_index("cambridge_gut1")
@@ -65,7 +69,7 @@ def test_output_injection_moves_the_glucose_masses_by_the_ratio_to_the_gain():
     mpc, _, _ = _controller({"controller.nmpc.corrected_states":
                              ["cambridge_q1", "cambridge_q2"],
                              "controller.nmpc.correction_gain": 0.5,
-                             "controller.nmpc.meal_bolus": None})
+                             **NO_MEAL_BOLUS})
     model = mpc.model
     x0 = model.initial_state(mpc.theta)
     glucose = x0[model.state_index("cambridge_q1")] / mpc.theta[model.param_index(
@@ -105,7 +109,7 @@ def test_a_costlier_low_side_gives_less_insulin_when_the_prediction_dips():
     for low in ((100.0, 100.0), (1.0, 1.0)):
         mpc, _, _ = _controller({"controller.nmpc.soft_low_weights": list(low),
                                  "controller.nmpc.soft_low": "5.5 mmol/L",
-                                 "controller.nmpc.meal_bolus": None,
+                                 **NO_MEAL_BOLUS,
                                  "controller.nmpc.corrected_states": []})
         mpc.observe(Reading("carbohydrate_announced", 60.0, "g", 0.0))
         decision = mpc.decide(0.0, {})
@@ -171,7 +175,7 @@ def test_a_cgm_high_is_a_reading_when_told_and_range_limits_make_no_flat_line():
 def test_the_patients_own_settings_reach_every_glucose_reading_of_the_plan():
     """The glucose the NMPC predicts at its first stage starts from the model's glucose at
     the decision (the patient's basal steady state at t = 0: 6.0 mmol/L)."""
-    mpc, _, _ = _controller({"controller.nmpc.meal_bolus": None,
+    mpc, _, _ = _controller({**NO_MEAL_BOLUS,
                              "controller.nmpc.corrected_states": []})
     mpc.decide(0.0, {})
     predicted = np.asarray(mpc._last_plan.predicted_output)
@@ -205,3 +209,28 @@ def test_bolus_fractions_need_meal_boluses():
                      "controller.nmpc.meal_bolus_fractions": [0.5, 1.0]})
     with pytest.raises(ConfigError, match=r"meal_bolus_fractions"):
         _controller({"controller.nmpc.meal_bolus_fractions": [0.0, 1.0]})
+
+
+def test_a_model_bank_estimates_online_in_the_scenario():
+    """estimator.kind = "bank" from the scenario file: every decision says which candidate
+    it planned with; the controller plans with the parameters of the bank's current
+    candidate, and the bank's candidates are the controller's own model and draws scaled
+    to the patient's basal (so every one holds the same basal)."""
+    from mpc_dose.model.library import load
+    from mpc_dose.model.library.diabetes import basal_insulin_rate
+    from mpc_dose.model.therapy import at_clock
+
+    overrides = {"scenario.duration_s": 8 * 3600.0, "controller.nmpc.estimator.kind": "bank",
+                 "controller.nmpc.estimator.candidates": 4,
+                 "controller.nmpc.estimator.warmup_s": 2 * 3600.0}
+    setup, _ = build_setup(load_scenario(SCENARIO, overrides), 2, 0)
+    frame = run_closed_loop(setup).to_pandas()
+    mpc = getattr(setup.controller, "controller", setup.controller)
+    assert frame.controller_reason.astype(str).str.contains("bank: candidate").all()
+    bank = mpc.bank
+    np.testing.assert_array_equal(mpc.theta, bank.thetas[bank.current])
+    lm = load("glucose-cambridge")
+    basals = [basal_insulin_rate(at_clock(lm.entries, dict(zip(mpc.model.param_names, th)),
+                                          None), 6.0) for th in bank.thetas]
+    assert basals == pytest.approx([basals[0]] * 4, rel=1e-5)
+    assert len({tuple(th) for th in bank.thetas}) == 4

@@ -27,6 +27,7 @@ from ..model.spec import Model
 from .base import Decision, Forecast, Reading
 from .estimation import BayesianEstimator
 from .insulin import MealBoluses
+from .model_bank import ModelBank
 from .mhe import MHEConfig, OutputMapEKF, OutputMapMHE
 from .nmpc import DosePlan, NMPCConfig, NonlinearMPC
 
@@ -87,6 +88,11 @@ class MPCController:
         calculator's, the one whose plan (from the state with that bolus in it) has the
         least objective - a bolus the model sees driving glucose low hours after the meal
         is cut (the calculator knows no time course; the horizon must reach that far).
+    bank : ModelBank, optional
+        Multiple-model estimation instead of one fixed model: every decision the bank's
+        candidates follow what the patient got, and the NMPC plans with the candidate whose
+        open-loop predictions met the readings best, from its state (the bank applies the
+        output injection to every candidate). Not with *mhe* or *bayes*.
     announcements : mapping, optional
         Reading variable -> (model input, factor): a reading of the variable announces a
         bolus of the input that no pump gives (a meal the patient eats: ``carbohydrate_
@@ -104,7 +110,8 @@ class MPCController:
                  announcements: Mapping[str, tuple[str, float]] | None = None,
                  state_correction: tuple[Sequence[str], float] | None = None,
                  meal_boluses: MealBoluses | None = None,
-                 bolus_fractions: Sequence[float] = ()) -> None:
+                 bolus_fractions: Sequence[float] = (),
+                 bank: ModelBank | None = None) -> None:
         if bayes is not None and mhe is not None:
             raise ConfigError(f"{name}: give one estimator (mhe or bayes), not both")
         if bayes is not None and bayes.model is not model:
@@ -162,6 +169,16 @@ class MPCController:
                               f"fractions in (0, 2] of the meal boluses' calculator (and meal "
                               f"boluses)")
         self._bolus_fractions = tuple(float(f) for f in bolus_fractions)
+        if bank is not None and (mhe is not None or bayes is not None):
+            raise ConfigError(f"{name}: a model bank is an estimator of its own; not with "
+                              f"the MHE, EKF or MAP estimator")
+        if bank is not None and bank.model is not model:
+            raise ConfigError(f"{name}: the bank's model {bank.model.name!r} is not the "
+                              f"controller's {model.name!r}")
+        self.bank = bank
+        #: the bank has taken in readings up to this sample time [s]
+        self._bank_read_s = -math.inf
+        self._bank_started = False
         #: the bolus jumps the controller put in itself, by time [s], until the pump says
         #: what it gave
         self._own_boluses: dict[float, np.ndarray] = {}
@@ -277,15 +294,7 @@ class MPCController:
             return None
         t, x = self._checkpoints[k]
         u = self._rates_vector_at(t)
-        # rate changes (t, rates, None) and announced boluses (t, None, jump) after the
-        # checkpoint: a bolus at t_s itself counts (it was taken by then); a checkpoint
-        # holds the boluses at its own time, except the model's initial state
-        initial = k == 0 and self._initial_kept
-        events = sorted([(tc, un, None) for tc, un in self._deliveries if t < tc < t_s]
-                        + [(tj, None, jump) for tj, jump in self._jumps
-                           if (t <= tj if initial else t < tj) and tj <= t_s],
-                        key=lambda e: e[0])
-        for t_event, u_next, jump in events:
+        for t_event, u_next, jump in self._events(t, t_s, k == 0 and self._initial_kept):
             if t_event > t:
                 x = self._propagator.advance(x, t, t_event, u)
                 t = t_event
@@ -296,6 +305,40 @@ class MPCController:
         if t_s > t:
             x = self._propagator.advance(x, t, t_s, u)
         return x, self._rates_vector_at(t_s)
+
+    def _events(self, t: float, t_s: float, initial: bool) -> list:
+        """What changed the patient's inputs in (t, t_s], in time order: rate changes
+        ``(time, rates, None)`` and announced boluses ``(time, None, jump)``. A bolus at
+        t_s itself counts (it was taken by then); a state at *t* holds the boluses at its
+        own time, except the model's initial state (*initial*)."""
+        return sorted([(tc, un, None) for tc, un in self._deliveries if t < tc < t_s]
+                      + [(tj, None, jump) for tj, jump in self._jumps
+                         if (t <= tj if initial else t < tj) and tj <= t_s],
+                      key=lambda e: e[0])
+
+    def _from_bank(self, t_s: float, latest: Reading | None) -> tuple[np.ndarray, str]:
+        """The bank's candidates moved to *t_s* and scored; the chosen one's state (and its
+        parameters, from now on the controller's), and a note."""
+        new = latest is not None and latest.t_meas_s > self._bank_read_s
+        if new:
+            self._bank_read_s = latest.t_meas_s
+        x, theta, changed = self.bank.update(
+            t_s, self._rates_vector_at(self._t),
+            self._events(self._t, t_s, not self._bank_started),
+            latest.value if new else None)
+        self._bank_started = True
+        if changed:
+            # the other candidate's model from now on: its state replaces the record
+            self.theta = theta
+            self._propagator = Propagator(self.model, theta)
+            if self._correction is not None:
+                states, gain, k, _ = self._correction
+                self._correction = (states, gain, k, self.model.output_function(theta))
+            self._checkpoints.clear()
+            self._initial_kept = False
+            self._jumps = [(t, jump) for t, jump in self._jumps if t > t_s]
+        return x, (f"; bank: candidate {self.bank.current}"
+                   + (" (changed)" if changed else ""))
 
     def _delivered_so_far(self, t_s: float, theta: np.ndarray) -> dict:
         """What the NMPC's windows need of the past, from what was delivered: the amount of
@@ -487,12 +530,16 @@ class MPCController:
                 self._own_boluses[float(t_s)] = self._bolus_into_states(float(t_s), name,
                                                                         amount)
             bolus_note = f"; {bolus_note}" if bolus_note else ""
-        x, u_now = self._state_at(t_s)
-        if self._correction is not None and latest is not None:
-            x = self._corrected(t_s, x, u_now, latest.value)
+        est_note = ""
+        if self.bank is not None:
+            x, est_note = self._from_bank(t_s, latest)
+        else:
+            x, u_now = self._state_at(t_s)
+            if self._correction is not None and latest is not None:
+                x = self._corrected(t_s, x, u_now, latest.value)
         self._checkpoint(t_s, x)
         self._t = t_s
-        theta, disturbance, est_note = self.theta, 0.0, ""
+        theta, disturbance = self.theta, 0.0
         if self.bayes is not None:
             estimate = self.bayes.update(t_s)
             if estimate is not self.last_estimate:

@@ -540,8 +540,9 @@ class EstimatorSpec(_Strict):
     (M3), inter-occasion variability and the scenario's covariate changes."""
 
     #: mhe: moving horizon; ekf: extended Kalman filter; map: Bayesian MAP over the record;
-    #: none: no estimation
-    kind: Literal["mhe", "ekf", "map", "none"] | None = None
+    #: bank: the best of candidate patients drawn from the model's population (multiple-
+    #: model estimation, control/model_bank.py); none: no estimation
+    kind: Literal["mhe", "ekf", "map", "bank", "none"] | None = None
     #: the model parameters estimated (log-normal around the controller model's values, the
     #: model's between-subject variability as prior)
     parameters: list[str] = []
@@ -568,6 +569,19 @@ class EstimatorSpec(_Strict):
     occasions: bool | None = None
     #: map: the solver's iteration limit
     max_iter: int | None = Field(None, ge=1)
+    #: bank: how many candidates (the controller's own model and draws from its
+    #: population, each scaled to the patient's basal when the NMPC's model is)
+    candidates: int | None = Field(None, ge=1)
+    #: bank: the draws' random seed
+    seed: int | None = None
+    #: bank: how far the scored open-loop predictions run [s]
+    lead_s: float | None = Field(None, gt=0)
+    #: bank: the scores' forgetting time constant [s]
+    forget_s: float | None = Field(None, gt=0)
+    #: bank: how long the controller's own model is kept first [s]
+    warmup_s: float | None = Field(None, ge=0)
+    #: bank: another candidate takes over when it scores better by this fraction
+    switch_margin: float | None = Field(None, ge=0, lt=1)
 
 
 class BasalRowSpec(_Quantities):

@@ -1180,7 +1180,7 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
                           f"set estimator.kind = \"none\"")
     if est.kind == "map":
         bayes = _bayes_estimator(scenario, spec, own, patient_covariates, changes)
-    elif est.kind != "none":
+    elif est.kind not in ("none", "bank"):
         names = own.population.eta_names
         missing = [p for p in est.parameters if p not in names]
         if missing:
@@ -1218,7 +1218,9 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
         if shared is None:
             shared = _SHARED_NMPC[key] = NonlinearMPC(own.model, nmpc)
         shared.reset(nmpc)
-    kind = {} if est.kind in (None, "none", "map") else {"estimator": est.kind}
+    kind = {} if est.kind in (None, "none", "map", "bank") else {"estimator": est.kind}
+    bank = (_model_bank(scenario, spec, c, own, params, patient, patient_model or own)
+            if est.kind == "bank" else None)
     announcements = None
     if spec.meal_input is not None:
         where = "controller.nmpc.meal_input"
@@ -1236,8 +1238,44 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
                              state_correction=(tuple(spec.corrected_states),
                                                spec.correction_gain)
                              if spec.corrected_states else None,
-                             bolus_fractions=tuple(spec.meal_bolus_fractions),
+                             bolus_fractions=tuple(spec.meal_bolus_fractions), bank=bank,
                              reference=_reference_schedule(scenario, spec, own.model), **kind)
+
+
+def _model_bank(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str, float],
+                patient: VirtualPatientSpec | None, lm: LibraryModel):
+    """``estimator.kind = "bank"``: the controller's own model (*params*) and draws from its
+    population for the patient's covariates, each with the scenario's clock and the NMPC's
+    ``parameters``, and scaled to the patient's basal like the own model
+    (``scaled_to_basal``)."""
+    import numpy as np
+
+    from ..control.model_bank import BankConfig, ModelBank
+
+    est = spec.estimator
+    where = "controller.nmpc.estimator"
+    given = {k: getattr(est, k) for k in ("candidates", "seed", "lead_s", "forget_s",
+                                          "warmup_s", "switch_margin")
+             if getattr(est, k) is not None}
+    with _scenario_names():
+        config = BankConfig(**given, rk4_steps=spec.rk4_steps or BankConfig.rk4_steps)
+    if spec.scaled_to_basal and patient is None:
+        raise ConfigError(f"{where}: a bank scaled to the patient's basal needs the patient")
+    covariates = {k: v for k, v in (patient.covariates if patient else {}).items()
+                  if k in {cov.name for cov in own.population.covariates}}
+    rng = np.random.default_rng(config.seed)
+    candidates = [params]
+    for _ in range(config.candidates - 1):
+        drawn = own.population.sample(covariates, rng).params
+        drawn.update(_clock_params(scenario, own.model))
+        drawn.update({name: float(value) for name, value in spec.parameters.items()})
+        if spec.scaled_to_basal:
+            drawn = _scaled_to_basal(spec, own, drawn, lm, patient)
+        candidates.append(drawn)
+    thetas = np.array([own.model.parameter_vector(p) for p in candidates])
+    return ModelBank(own.model, thetas, spec.output, period_s=c.period_s,
+                     corrected_states=tuple(spec.corrected_states),
+                     gain=spec.correction_gain, config=config)
 
 
 def _nmpc_meal_boluses(scenario: Scenario, spec, c, own: LibraryModel,
