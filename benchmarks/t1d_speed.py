@@ -13,11 +13,15 @@ Three measurements, printed:
 3. **The body clock in the controller**: the NMPC with its model's EGP rhythm and with the
    rhythm switched off (``controller.nmpc.parameters``), same patients and days; time in
    range and mean glucose over the night (00-06) and the early morning (06-10).
+4. **Online estimation** (``--bank``): the NMPC with its one fixed model and with the bank
+   of candidate models (``controller.nmpc.estimator.kind = "bank"``), same patients and
+   days; time in range, below 70 and below 54 over the whole day.
 
 Usage, from the repository root::
 
-    python benchmarks/t1d_speed.py                      # all three, 20 patients x 3 days
+    python benchmarks/t1d_speed.py                      # 1-3, 20 patients x 3 days
     python benchmarks/t1d_speed.py --patients 50 --days 7 --skip-speed
+    python benchmarks/t1d_speed.py --skip-speed --skip-clock --bank --days 7
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ NMPC = ROOT / "scenarios" / "t1d_nmpc.toml"
 BASAL_BOLUS = ROOT / "scenarios" / "t1d_basal_bolus.toml"
 DAY_S = 86400.0
 NO_CLOCK = {"controller.nmpc.parameters": {"cambridge_egp0_amplitude_1": 0.0}}
+BANK = {"controller.nmpc.estimator.kind": "bank", "controller.nmpc.estimator.warmup_s": DAY_S}
 
 
 def simglucose_day() -> float | None:
@@ -136,6 +141,8 @@ def main() -> int:
     parser.add_argument("--speed-patients", type=int, default=100,
                         help="patient-days of the NMPC speed run (one day each)")
     parser.add_argument("--skip-clock", action="store_true")
+    parser.add_argument("--bank", action="store_true",
+                        help="also the NMPC without and with the bank of candidate models")
     args = parser.parse_args()
     if not args.skip_speed:
         theirs = simglucose_day()
@@ -161,6 +168,15 @@ def main() -> int:
             for label, values in figures.items():
                 tir, low, mean = values[k]
                 print(f"{window:15s} {label:17s} {tir:12.1f} {low:7.2f} {mean:11.1f}")
+    if args.bank:
+        print("estimation        TIR 70-180 %   <70 %   <54 %   mean mg/dL")
+        for label, overrides in (("one fixed model", {}), ("bank of models", BANK)):
+            rows, wall = cohort(args.patients, args.days, overrides, args.workers)
+            glucose = np.concatenate([g for _, _, g, _ in rows])
+            print(f"{label:17s} {np.mean((glucose >= 70) & (glucose <= 180)) * 100:12.1f} "
+                  f"{np.mean(glucose < 70) * 100:7.2f} {np.mean(glucose < 54) * 100:7.2f} "
+                  f"{glucose.mean():11.1f}   ({args.patients} patients x {args.days:g} days, "
+                  f"{wall:.0f} s)")
     return 0
 
 

@@ -55,6 +55,10 @@ class BankConfig:
     switch_margin: float = 0.2
     #: RK4 steps per period of propagation
     rk4_steps: int = 1
+    #: caution: among the candidates scoring within this fraction of the best, the one
+    #: whose output the probe moves most over lead_s (for insulin: the most sensitive,
+    #: so the least insulin is planned) is chosen; 0: the best score alone
+    cautious_within: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("lead_s", "forget_s"):
@@ -66,6 +70,9 @@ class BankConfig:
         if not (isinstance(self.switch_margin, (int, float)) and 0 <= self.switch_margin < 1):
             raise ConfigError(f"bank.switch_margin must be in [0, 1), got "
                               f"{self.switch_margin!r}")
+        if not (isinstance(self.cautious_within, (int, float)) and self.cautious_within >= 0):
+            raise ConfigError(f"bank.cautious_within must be >= 0, got "
+                              f"{self.cautious_within!r}")
         if not (isinstance(self.candidates, int) and self.candidates >= 1):
             raise ConfigError(f"bank.candidates must be a whole number >= 1, got "
                               f"{self.candidates!r}")
@@ -78,11 +85,14 @@ class ModelBank:
     """The bank for *model*: candidate parameter vectors *thetas* (one per row; the first
     is the prior, used until the warm-up ends), the tracked *output* and the output
     injection (*corrected_states*, *gain*) applied to every candidate's state as the
-    controller applies it to its own; *period_s* is the control period (the RK4 step).
+    controller applies it to its own; *period_s* is the control period (the RK4 step);
+    *probe* (model input rates) the extra rates whose effect on the output over ``lead_s``
+    ranks the candidates for caution (``cautious_within``).
     """
 
     def __init__(self, model: Model, thetas: np.ndarray, output: str, *, period_s: float,
                  corrected_states: Sequence[str] = (), gain: float = 0.5,
+                 probe: np.ndarray | None = None,
                  config: BankConfig = BankConfig()) -> None:
         thetas = np.atleast_2d(np.asarray(thetas, dtype=float))
         if thetas.shape[1] != len(model.params) or thetas.shape[0] < 1:
@@ -93,6 +103,10 @@ class ModelBank:
         self.model, self.config = model, config
         self.thetas = thetas
         self.period_s = float(period_s)
+        self._probe = None if probe is None else np.asarray(probe, dtype=float).ravel()
+        if config.cautious_within > 0 and (self._probe is None or not self._probe.any()):
+            raise ConfigError("bank.cautious_within needs a probe (extra input rates whose "
+                              "effect ranks the candidates)")
         self._k = model.output_index(output)
         self._states = [model.state_index(name) for name in corrected_states]
         self._gain = float(gain)
@@ -140,6 +154,33 @@ class ModelBank:
                          np.full((1, K), t1 - t0))
         return np.asarray(out, dtype=float)
 
+    def _choice(self, t_s: float, u: np.ndarray) -> int:
+        """The candidate to use from *t_s*: the best-scoring one; with caution, of those
+        scoring within ``cautious_within`` of it the one whose output the probe moves most
+        (at the rates *u* now, over lead_s: the candidate that plans the least drug). The
+        one in use stays while it is within ``switch_margin`` of that choice: its score
+        (it is still among the near ones, the margin widening the set) and, with caution,
+        its probed effect."""
+        c, current = self.config, self.current
+        best = int(np.argmin(self.scores))
+        widened = (1.0 + c.cautious_within) / (1.0 - c.switch_margin)
+        keeps = self.scores[current] <= widened * self.scores[best]
+        if c.cautious_within <= 0:
+            return current if keeps else best
+        near = np.flatnonzero(self.scores <= (1.0 + c.cautious_within) * self.scores[best])
+        lead, K = c.lead_s, self.thetas.shape[0]
+        clock = np.full((1, K), t_s + lead)
+        base = np.asarray(self._output(self._advance(self.x, t_s, t_s + lead, u),
+                                       self.thetas.T, clock)).ravel()
+        probed = np.asarray(self._output(self._advance(self.x, t_s, t_s + lead,
+                                                       u + self._probe),
+                                         self.thetas.T, clock)).ravel()
+        effect = np.abs(probed - base)
+        choice = int(near[np.argmax(effect[near])])
+        if keeps and effect[choice] <= (1.0 + c.switch_margin) * effect[current]:
+            return current
+        return choice
+
     def update(self, t_s: float, u0: np.ndarray,
                events: Sequence[tuple[float, np.ndarray | None, np.ndarray | None]],
                measured: float | None) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -186,9 +227,8 @@ class ModelBank:
             self._open_from = t_s
         changed = False
         if t_s >= self.config.warmup_s:
-            best = int(np.argmin(self.scores))
-            if best != self.current and self.scores[best] < (
-                    1.0 - self.config.switch_margin) * self.scores[self.current]:
-                self.switches.append((t_s, self.current, best))
-                self.current, changed = best, True
+            choice = self._choice(t_s, u)
+            if choice != self.current:
+                self.switches.append((t_s, self.current, choice))
+                self.current, changed = choice, True
         return self.x[:, self.current].copy(), self.thetas[self.current].copy(), changed

@@ -582,6 +582,9 @@ class EstimatorSpec(_Strict):
     warmup_s: float | None = Field(None, ge=0)
     #: bank: another candidate takes over when it scores better by this fraction
     switch_margin: float | None = Field(None, ge=0, lt=1)
+    #: bank: of the candidates scoring within this fraction of the best, the one on which
+    #: the NMPC's first input acts most (the least drug planned) is used; 0: the best
+    cautious_within: float | None = Field(None, ge=0)
 
 
 class BasalRowSpec(_Quantities):

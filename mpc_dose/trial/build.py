@@ -1219,7 +1219,7 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
             shared = _SHARED_NMPC[key] = NonlinearMPC(own.model, nmpc)
         shared.reset(nmpc)
     kind = {} if est.kind in (None, "none", "map", "bank") else {"estimator": est.kind}
-    bank = (_model_bank(scenario, spec, c, own, params, patient, patient_model or own)
+    bank = (_model_bank(scenario, spec, c, own, params, patient, patient_model or own, nmpc)
             if est.kind == "bank" else None)
     announcements = None
     if spec.meal_input is not None:
@@ -1243,11 +1243,12 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
 
 
 def _model_bank(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str, float],
-                patient: VirtualPatientSpec | None, lm: LibraryModel):
+                patient: VirtualPatientSpec | None, lm: LibraryModel, nmpc):
     """``estimator.kind = "bank"``: the controller's own model (*params*) and draws from its
     population for the patient's covariates, each with the scenario's clock and the NMPC's
     ``parameters``, and scaled to the patient's basal like the own model
-    (``scaled_to_basal``)."""
+    (``scaled_to_basal``). Caution probes with a fifth of the first input's maximum rate
+    (*nmpc*: the NMPCConfig)."""
     import numpy as np
 
     from ..control.model_bank import BankConfig, ModelBank
@@ -1255,7 +1256,7 @@ def _model_bank(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str
     est = spec.estimator
     where = "controller.nmpc.estimator"
     given = {k: getattr(est, k) for k in ("candidates", "seed", "lead_s", "forget_s",
-                                          "warmup_s", "switch_margin")
+                                          "warmup_s", "switch_margin", "cautious_within")
              if getattr(est, k) is not None}
     with _scenario_names():
         config = BankConfig(**given, rk4_steps=spec.rk4_steps or BankConfig.rk4_steps)
@@ -1273,9 +1274,14 @@ def _model_bank(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str
             drawn = _scaled_to_basal(spec, own, drawn, lm, patient)
         candidates.append(drawn)
     thetas = np.array([own.model.parameter_vector(p) for p in candidates])
+    first = nmpc.inputs[0]
+    probe = np.zeros(own.model.n_inputs)
+    high = nmpc.rate_bounds.get(first, (0.0, math.inf))[1]
+    if math.isfinite(high):
+        probe[own.model.input_index(first)] = 0.2 * high
     return ModelBank(own.model, thetas, spec.output, period_s=c.period_s,
                      corrected_states=tuple(spec.corrected_states),
-                     gain=spec.correction_gain, config=config)
+                     gain=spec.correction_gain, probe=probe, config=config)
 
 
 def _nmpc_meal_boluses(scenario: Scenario, spec, c, own: LibraryModel,
