@@ -22,7 +22,8 @@ from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigError
 
-__all__ = ["Reading", "Decision", "Controller", "check_rates", "check_boluses"]
+__all__ = ["Reading", "Decision", "PlannedRates", "Controller", "check_rates",
+           "check_boluses"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,27 @@ class Decision:
     backup: dict[str, float] | None = None
     alarm: str | None = None
     boluses: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlannedRates:
+    """The rates a controller planned at *t_s* for the periods ahead: ``rates[k]`` from
+    ``t_s + k * period_s`` (per model input, amount/s). Plain numbers, so that a host can
+    keep a controller's last plan in another process. A controller that plans ahead (the
+    NMPC) offers its last successful plan as ``planned``.
+    """
+
+    t_s: float
+    period_s: float
+    rates: tuple[dict[str, float], ...]
+
+    def shifted(self, t_s: float) -> dict[str, float] | None:
+        """The plan shifted to *t_s*: its rates for the period that starts there, which
+        is what a failed (or abandoned) decision at *t_s* falls back on; None at the plan's
+        own time (the decision that replaces it failed) and once the plan no longer covers
+        *t_s*."""
+        k = int(round((t_s - self.t_s) / self.period_s))
+        return dict(self.rates[k]) if 0 < k < len(self.rates) else None
 
 
 @runtime_checkable

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..model.dosing import Dose, schedule
 from ..model.propagate import Propagator
 from ..model.spec import Model
-from .base import Decision, Reading
+from .base import Decision, PlannedRates, Reading
 from .estimation import BayesianEstimator
 from .insulin import MealBoluses
 from .mhe import MHEConfig, OutputMapEKF, OutputMapMHE
@@ -177,11 +177,29 @@ class MPCController:
         self._checkpoints: list[tuple[float, np.ndarray]] = [
             (0.0, model.initial_state(self.theta))]
         self._last_plan: DosePlan | None = None
+        #: (plan, its PlannedRates), built when asked
+        self._planned: tuple[DosePlan, PlannedRates] | None = None
         self.last_estimate = None
         self.bayes = bayes
         #: (decision time, readings the estimate used, estimated parameter values) after
         #: every refit of the Bayesian estimator: how the estimate converged
         self.estimates: list[tuple[float, int, dict[str, float]]] = []
+
+    @property
+    def planned(self) -> PlannedRates | None:
+        """The last successful plan's rates: a failed solve's backup is this plan shifted
+        to its time (:meth:`PlannedRates.shifted`), here and in a host that keeps it in
+        another process."""
+        plan = self._last_plan
+        if plan is None:
+            return None
+        if self._planned is None or self._planned[0] is not plan:
+            columns = [self.model.input_index(name) for name in self.inputs]
+            self._planned = (plan, PlannedRates(
+                plan.t_s, self.period_s,
+                tuple({name: float(row[j]) for name, j in zip(self.inputs, columns)}
+                      for row in plan.plan)))
+        return self._planned[1]
 
     def _u(self, rates: Mapping[str, float]) -> np.ndarray:
         u = np.zeros(self.model.n_inputs)
@@ -466,10 +484,7 @@ class MPCController:
                              reference=reference, **self._delivered_so_far(t_s, theta))
         backup = None
         if not plan.success and self._last_plan is not None:
-            k = int(round((t_s - self._last_plan.t_s) / self.period_s))
-            if 0 < k < len(self._last_plan.plan):
-                backup = {name: float(self._last_plan.plan[k, self.model.input_index(name)])
-                          for name in self.inputs}
+            backup = self.planned.shifted(t_s)
         if plan.success:
             self._last_plan = plan
             self._rates = dict(plan.rates)
