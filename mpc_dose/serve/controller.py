@@ -87,6 +87,9 @@ class ControllerProcess:
                  audit: str | Path | None = None, keys: Keys | None = None,
                  ack_timeout_s: float = 1.0, retries: int = 2) -> None:
         self.context = zmq.Context()
+        # every patient's sockets (a telemetry SUB, a DEALER per command endpoint) in one
+        # context: zmq's default of 1023 sockets stops a ward at a few hundred patients
+        self.context.set(zmq.MAX_SOCKETS, max(1024, 3 * len(patients) + 64))
         self.log = None
         try:
             self._open(scenario, patients, telemetry, pumps, plant_commands, audit, keys,

@@ -161,8 +161,6 @@ class ControllerHost(ControllerProcess):
 
     # ------------------------------------------------------------------ set-up
     def _controllers(self, scenario, patients):
-        # the context must hold every patient's sockets (zmq's default is 1023 in all)
-        self.context.set(zmq.MAX_SOCKETS, max(1024, 3 * len(patients) + 64))
         self.pool = WorkerPool(scenario, self.n_workers)
         controllers = self.pool.build(patients)
         return [(c, c.spec.routes, c.spec.safety, c.spec.lease_periods) for c in controllers]
@@ -410,7 +408,10 @@ class ControllerHost(ControllerProcess):
                 link = self.links[key]
                 self._note("controller_error", link.last_t, patient=link.node.src,
                            text=answer[2])
+            elif kind == "built":
+                worker.in_flight -= 1
             elif kind == "build_failed":
+                worker.in_flight -= 1
                 link = self.links[key]
                 self._note("controller_error", link.last_t, patient=link.node.src,
                            text=f"rebuilding the controller failed: {answer[2]}")

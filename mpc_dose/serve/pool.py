@@ -49,8 +49,9 @@ from ..scenario.schema import Scenario
 __all__ = ["ControllerSpec", "RemoteController", "Request", "Worker", "WorkerPool",
            "MAX_IN_FLIGHT"]
 
-#: requests to decide sent to one worker and not yet answered, at most (the rest wait in the
-#: host): one being solved and the next ready in the pipe keeps a worker busy
+#: requests to decide (and builds) sent to one worker and not yet answered, at most (the
+#: rest wait in the host): one being solved and the next ready in the pipe keeps a worker
+#: busy
 MAX_IN_FLIGHT = 4
 #: calls queued for a controller that is not asked to decide (no plant clock yet, a lost
 #: link) are sent on their own beyond this many, so the queue does not grow for hours
@@ -192,21 +193,23 @@ class Worker:
         self.pump()
 
     def pump(self) -> None:
-        """Send queued messages in order while fewer than :data:`MAX_IN_FLIGHT` requests
-        are unanswered."""
+        """Send queued messages in order while fewer than :data:`MAX_IN_FLIGHT` messages
+        that are answered (requests to decide, builds) are unanswered: the worker's answers
+        then always fit in its pipe, so it never blocks writing one while the host blocks
+        writing to it."""
         while self.alive and self.outbox:
             head = self.outbox[0]
-            if isinstance(head, Request) and not head.abandoned and \
-                    self.in_flight >= MAX_IN_FLIGHT:
+            answered = head[0] == "build" if isinstance(head, tuple) else not head.abandoned
+            if answered and self.in_flight >= MAX_IN_FLIGHT:
                 return
             self.outbox.popleft()
             if isinstance(head, Request):
                 wire = ("run", head.key, head.calls, None if head.abandoned else
                         (head.rid, head.t_s, head.given, head.expires))
-                head.sent = not head.abandoned
-                self.in_flight += head.sent
+                head.sent = answered
             else:
                 wire = head
+            self.in_flight += answered
             try:
                 self.conn.send(wire)
             except (OSError, ValueError):  # the worker is gone: its pipe is closed
@@ -324,6 +327,7 @@ class WorkerPool:
                 if worker.conn not in ready:
                     continue
                 for answer in worker.receive():
+                    worker.in_flight -= answer[0] in ("built", "build_failed")
                     if answer[0] == "build_failed":
                         raise ConfigError(f"patient {patients[answer[1]][0] + 1}: "
                                           f"{answer[2]}")
@@ -332,6 +336,7 @@ class WorkerPool:
                 if not worker.alive:
                     raise RuntimeError(f"controller workers: {worker.exit_text()} while "
                                        f"building the controllers")
+                worker.pump()
         return [RemoteController(specs[key], key, self.worker_for(key))
                 for key in range(len(patients))]
 
