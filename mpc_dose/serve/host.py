@@ -40,6 +40,7 @@ stops commanding that patient (B12): its leases run out into the pumps' fallback
 
 from __future__ import annotations
 
+import csv
 import heapq
 import itertools
 import math
@@ -61,7 +62,81 @@ from ..transport.zmq_link import CommandClient, Keys
 from .controller import ControllerProcess, PatientLink
 from .pool import RemoteController, Request, Worker, WorkerPool
 
-__all__ = ["ControllerHost", "HostedLink", "serve_host", "default_workers"]
+__all__ = ["ControllerHost", "HostedLink", "Ward", "read_ward", "serve_host",
+           "default_workers"]
+
+
+@dataclass(frozen=True)
+class Ward:
+    """The patients one host serves: for each, (patient index (0-based), seed), its plant's
+    telemetry and command addresses, and where each pump's commands go."""
+
+    patients: list[tuple[int, int]]
+    telemetry: list[str]
+    commands: list[str]
+    pumps: list[dict[str, str]]
+
+
+def read_ward(path: str | Path, scenario: Scenario, seed: int | None = None) -> Ward:
+    """A ward file: CSV with a header ``patient,seed,telemetry,commands`` and optionally a
+    ``pump:NAME`` column per pump behind a bridge (its command address; empty: the plant's).
+    *patient* counts from 1; an empty or missing *seed* is *seed* (the scenario's when
+    None).
+
+    Raises
+    ------
+    ConfigError
+        Naming the file, the row and the field.
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+            columns = rows and list(rows[0]) or []
+    except OSError as err:
+        raise ConfigError(f"--ward {str(path)!r}: cannot read it ({err.strerror})") from None
+    missing = [c for c in ("patient", "telemetry", "commands") if c not in columns]
+    if not rows or missing:
+        raise ConfigError(f"--ward {str(path)!r}: expected a CSV header with patient, "
+                          f"telemetry, commands (optional: seed, pump:NAME) and one row per "
+                          f"patient" + (f"; missing {', '.join(missing)}" if missing else ""))
+    names = {p.pump for p in scenario.pump}
+    unknown = [c for c in columns if c.startswith("pump:") and c[5:] not in names]
+    extra = [c for c in columns if c not in ("patient", "seed", "telemetry", "commands")
+             and not c.startswith("pump:")]
+    if unknown or extra:
+        raise ConfigError(f"--ward {str(path)!r}: unknown column(s) {unknown + extra}; "
+                          f"pumps of the scenario: {', '.join(sorted(names))}")
+    default_seed = scenario.scenario.seed if seed is None else seed
+    ward = Ward([], [], [], [])
+    for line, row in enumerate(rows, start=2):
+        where = f"--ward {str(path)!r} line {line}"
+
+        def whole(field: str, minimum: int) -> int:
+            text = (row.get(field) or "").strip()
+            try:
+                value = int(text)
+            except ValueError:
+                value = None
+            if value is None or value < minimum:
+                raise ConfigError(f"{where}: {field} = {text!r}: expected a whole number "
+                                  f">= {minimum}")
+            return value
+        patient = whole("patient", 1)
+        seed_k = whole("seed", 0) if (row.get("seed") or "").strip() else default_seed
+        for column in ("telemetry", "commands"):
+            if not (row.get(column) or "").strip():
+                raise ConfigError(f"{where}: {column} is empty: expected an address "
+                                  f"(tcp://HOST:PORT)")
+        commands = row["commands"].strip()
+        routes = {name: commands for name in names}
+        routes.update({c[5:]: row[c].strip() for c in columns
+                       if c.startswith("pump:") and (row.get(c) or "").strip()})
+        ward.patients.append((patient - 1, seed_k))
+        ward.telemetry.append(row["telemetry"].strip())
+        ward.commands.append(commands)
+        ward.pumps.append(routes)
+    return ward
 
 
 def default_workers(patients: int) -> int:
@@ -350,7 +425,7 @@ class ControllerHost(ControllerProcess):
     def _lost(self, link: HostedLink, t: float) -> Decision:
         worker = self._remote(link).worker
         return Decision(t, dict.fromkeys(self._remote(link).inputs, 0.0),
-                        f"{worker.exit_text()}; its plans are not used",
+                        f"{worker.exit_text()}, and the patient's controller with it",
                         status="controller_lost")
 
     def _on_budget(self, link: HostedLink, rid: int, budget_s: float | None) -> None:
@@ -426,6 +501,7 @@ class ControllerHost(ControllerProcess):
             return
         self.poller.unregister(worker.fileno())
         del self._by_socket[worker.fileno()]
+        worker.lost = True
         self._note("worker_lost", None, worker=worker.index + 1, text=worker.exit_text(),
                    patients=[self.links[k].node.src for k in worker.keys])
         for key in worker.keys:

@@ -182,6 +182,8 @@ class Worker:
     outbox: deque = field(default_factory=deque)
     in_flight: int = 0
     keys: list[int] = field(default_factory=list)
+    #: it died (or its pipe broke) while serving: its patients' controllers are gone
+    lost: bool = False
     _exit_text: str | None = None
 
     def fileno(self) -> int:
