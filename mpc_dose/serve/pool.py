@@ -105,13 +105,17 @@ def _call(controller, call: tuple) -> None:
 def serve_worker(conn: Connection, scenario: Scenario) -> None:
     """A worker's loop: build, take calls and decide for its patients until the host
     closes the pipe (or dies: the pipe closes with it)."""
+    try:
+        _serve(conn, scenario)
+    except (EOFError, OSError):  # the host is gone (BrokenPipeError is an OSError)
+        return
+
+
+def _serve(conn: Connection, scenario: Scenario) -> None:
     controllers: dict[int, object] = {}
     sent_plans: dict[int, float] = {}
     while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
+        message = conn.recv()
         kind, key = message[0], message[1]
         if kind == "build":
             index, seed = message[2]
