@@ -388,6 +388,10 @@ def _serve(args) -> int:
         return 0
     if args.workers != 0:
         return _serve_host(args, scenario, seed)
+    if args.solve_budget is not None or args.stagger is not None:
+        raise ConfigError("--solve-budget and --stagger need worker processes: with "
+                          "--workers 0 the controllers decide in the host's own process, "
+                          "which cannot abandon a decision")
     from .serve.controller import serve_controller
 
     if args.ward:  # every controller in this one process

@@ -7,6 +7,7 @@ staggered control instants start the patients' first solves in phase order."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -343,3 +344,17 @@ def test_a_ward_file_with_a_bridged_pump():
                            "remifentanil": "tcp://127.0.0.1:12"},
                           {"propofol": "tcp://127.0.0.1:15",
                            "remifentanil": "tcp://127.0.0.1:15"}]
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--workers", "0", "--solve-budget", "1"], "--solve-budget and --stagger need worker "
+                                                "processes"),
+    (["--workers", "-1"], r"--workers = -1: expected a whole number >= 1 \(0: every "
+                          r"controller in the host process\)"),
+    (["--ward", "missing.csv"], "--ward 'missing.csv': cannot read it"),
+])
+def test_the_cli_refuses_host_options_that_cannot_work(capsys, flags, match):
+    from mpc_dose.cli import main
+
+    assert main(["serve", "controller", str(HIL), *flags]) == 2
+    assert re.search(match, capsys.readouterr().err)

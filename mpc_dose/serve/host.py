@@ -225,7 +225,6 @@ class ControllerHost(ControllerProcess):
         super().__init__(scenario, patients, telemetry, pumps, **kwargs)
         for key, link in enumerate(self.links):
             link.key = key
-        self._check_options()
         #: every instant that missed its deadline (real time), all patients
         self.missed_deadlines = 0
         self._timers: list[tuple] = []
@@ -238,13 +237,13 @@ class ControllerHost(ControllerProcess):
     def _controllers(self, scenario, patients):
         self.pool = WorkerPool(scenario, self.n_workers)
         controllers = self.pool.build(patients)
+        self._check_options({c.period_s for c in controllers})
         return [(c, c.spec.routes, c.spec.safety, c.spec.lease_periods) for c in controllers]
 
     def _rebuilt(self, link: HostedLink):
         return self.pool.rebuild(self._remote(link), link.patient)
 
-    def _check_options(self) -> None:
-        periods = {link.node.controller.period_s for link in self.links}
+    def _check_options(self, periods: set[float]) -> None:
         budget = self.solve_budget_s
         if budget is not None and not (isinstance(budget, (int, float)) and
                                        0 < budget < min(periods)):
