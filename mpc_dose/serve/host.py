@@ -213,6 +213,8 @@ class ControllerHost(ControllerProcess):
     """
 
     link_class = HostedLink
+    #: deadlines missed in a row before the host stops commanding a patient (B12)
+    max_missed = 2
 
     def __init__(self, scenario: Scenario, patients: list[tuple[int, int]],
                  telemetry: list[str], pumps: list[dict[str, str]], *,
@@ -616,8 +618,6 @@ class ControllerHost(ControllerProcess):
             self._note("mode", link.last_t, patient=link.node.src, source="CLOSED_LOOP",
                        target="FALLBACK", cause=f"{link.misses_in_row} control deadlines "
                                                 f"missed in a row")
-
-    max_missed = 2
 
 
 def serve_host(scenario: Scenario, patients: list[tuple[int, int]], telemetry: list[str],
