@@ -1,15 +1,19 @@
-"""Load: one controller process serving N virtual patients at once over ZeroMQ in real time.
+"""Load: one controller host serving N virtual patients at once over ZeroMQ in real time.
 
     python benchmarks/zmq_load.py [--patients 100] [--duration 60] [--scenario FILE]
+                                  [--workers N] [--stagger S] [--solve-budget S]
 
 A second process hosts the N plants (one simpy real-time environment, a PUB and a ROUTER
-socket per patient, all on loopback). The controller process runs one controller node per
-patient and, every control period, decides and sends each patient's leased commands and
-waits for their acks. Printed: cycles, missed deadlines (a sweep over all patients that
-ends after the next due instant), and the latency from each due instant until a patient's
-acks were in (median, p99, max). Last line:
+socket per patient, all on loopback), every patient inducted at the same instant. The
+controller host (``mpc-dose serve controller``: its I/O and the patients' controller nodes in
+one process, the controllers in ``--workers`` worker processes, default the CPU count;
+``--workers 0``: every controller in the one process, the host before issue 19) decides and
+sends each patient's leased commands every control period and waits for their acks.
+Printed: cycles, missed deadlines, decisions abandoned past their solve budget, and the
+latency from each due instant until a patient's acks were in (median, p99, max). Last line:
 ``patients=… period_s=… cycles=… missed=… p50_ms=… p99_ms=… max_ms=…``.
-Default scenario: scenarios/hil_pid_newera.toml with a 5 s control period.
+Default scenario: scenarios/hil_pid_newera.toml with a 5 s control period; the NMPC:
+``--scenario scenarios/tiva_benchmark.toml``.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def host_plants(scenario_path: str, n: int, telemetry: list[str], commands: list
 
     scenario = load_scenario(scenario_path)
     context = zmq.Context()
+    context.set(zmq.MAX_SOCKETS, max(1024, 2 * n + 64))
     env = DeadlineEnvironment(factor=1.0, tolerance_s=0.5)
     plants, servers, pubs = [], [], []
     poller = zmq.Poller()
@@ -101,6 +106,14 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="wall seconds")
     parser.add_argument("--scenario", default=str(REPO / "scenarios" / "hil_pid_newera.toml"))
     parser.add_argument("--period", type=float, default=5.0, help="control period [s]")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="controller worker processes (default: the CPU count; 0: the "
+                             "controllers in the host process)")
+    parser.add_argument("--stagger", type=float, default=None,
+                        help="spread of the patients' control instants [s] (default: one "
+                             "period)")
+    parser.add_argument("--solve-budget", type=float, default=None,
+                        help="seconds a decision may take (default: half the period)")
     args = parser.parse_args()
 
     text = Path(args.scenario).read_text(encoding="utf-8")
@@ -114,6 +127,7 @@ def main() -> None:
 
     from mpc_dose.scenario import load_scenario
     from mpc_dose.serve.controller import ControllerProcess
+    from mpc_dose.serve.host import ControllerHost
 
     n = args.patients
     numbers = ports(2 * n)
@@ -126,9 +140,15 @@ def main() -> None:
     ready.wait(300)
     scenario = load_scenario(tmp)
     start = time.perf_counter()
-    process = ControllerProcess(scenario, [(k % 13, k) for k in range(n)], telemetry,
-                                [{p.pump: commands[k] for p in scenario.pump}
-                                 for k in range(n)], plant_commands=commands)
+    routes = [{p.pump: commands[k] for p in scenario.pump} for k in range(n)]
+    patients = [(k % 13, k) for k in range(n)]
+    if args.workers == 0:
+        process = ControllerProcess(scenario, patients, telemetry, routes,
+                                    plant_commands=commands)
+    else:
+        process = ControllerHost(scenario, patients, telemetry, routes,
+                                 plant_commands=commands, workers=args.workers,
+                                 stagger_s=args.stagger, solve_budget_s=args.solve_budget)
     build_s = time.perf_counter() - start
     try:
         process.connect(wait_s=120)
@@ -138,14 +158,21 @@ def main() -> None:
         host.terminate()
     modes = Counter(link.node.supervisor.mode for link in process.links)
     latency = np.array([x for link in process.links for x in link.latency_s]) * 1000
-    sweeps = np.array(process.sweeps_s) * 1000
     missed_acks = sum(link.missed_acks for link in process.links)
-    print(f"{n} patients, control period {process.period_s:g} s, {len(sweeps)} cycles "
+    if args.workers == 0:
+        sweeps = np.array(process.sweeps_s) * 1000
+        cycles = len(sweeps)
+        how = (f"one process; sweep over all patients: median {np.median(sweeps):.1f} ms, "
+               f"max {sweeps.max():.1f} ms")
+    else:
+        cycles = len(latency)
+        how = (f"{process.n_workers} worker processes; decisions abandoned past the "
+               f"{process.solve_budget_s or 0.5 * process.period_s:g}-s budget "
+               f"{process.abandoned}, late answers discarded {process.late_discarded}")
+    print(f"{n} patients, control period {process.period_s:g} s, {cycles} patient cycles "
           f"({args.duration:g} s), controllers built in {build_s:.1f} s")
-    print(f"sweep over all patients: median {np.median(sweeps):.1f} ms, max "
-          f"{sweeps.max():.1f} ms; missed acks {missed_acks}; supervisor modes at the end "
-          f"{dict(modes)}")
-    print(f"patients={n} period_s={process.period_s:g} cycles={len(sweeps)} "
+    print(f"{how}; missed acks {missed_acks}; supervisor modes at the end {dict(modes)}")
+    print(f"patients={n} period_s={process.period_s:g} cycles={cycles} "
           f"missed={process.missed_deadlines} p50_ms={np.median(latency):.2f} "
           f"p99_ms={np.percentile(latency, 99):.2f} max_ms={latency.max():.2f}")
 

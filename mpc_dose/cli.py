@@ -410,7 +410,27 @@ def _serve(args) -> int:
             result.to_pandas().to_csv(out, index=False, float_format="%.10g")
             print(f"wrote {out}")
         return 0
+    if args.workers != 0:
+        return _serve_host(args, scenario, seed)
+    if args.solve_budget is not None or args.stagger is not None:
+        raise ConfigError("--solve-budget and --stagger need worker processes: with "
+                          "--workers 0 the controllers decide in the host's own process, "
+                          "which cannot abandon a decision")
     from .serve.controller import serve_controller
+
+    if args.ward:  # every controller in this one process
+        from .serve.host import read_ward
+
+        ward = read_ward(args.ward, scenario, args.seed)
+        process = serve_controller(scenario, ward.patients, ward.telemetry, ward.pumps,
+                                   plant_commands=ward.commands,
+                                   realtime=args.realtime is not None, audit=args.audit,
+                                   keys=_keys(args, server=args.publish is not None),
+                                   wait_s=args.wait, publish=args.publish)
+        print(f"controller: {len(process.links)} patient(s) in one process, "
+              f"{sum(len(link.cycle_s) for link in process.links)} cycles, missed acks "
+              f"{sum(link.missed_acks for link in process.links)}")
+        return 0
 
     routes = {p.pump: args.commands for p in scenario.pump}
     routes.update(_pairs(args.pump, "--pump"))
@@ -422,6 +442,36 @@ def _serve(args) -> int:
                                wait_s=args.wait, publish=args.publish)
     link = process.links[0]
     print(f"controller: {len(link.cycle_s)} cycles, missed acks {link.missed_acks}")
+    return 0
+
+
+def _serve_host(args, scenario, seed) -> int:
+    """``serve controller`` with the controllers in worker processes (hil/README.md, "A
+    ward on one host")."""
+    from .serve.host import Ward, read_ward, serve_host
+
+    if args.ward:
+        if args.pump:
+            raise ConfigError("--pump with --ward: give each pump's address in the ward "
+                              "file's pump:NAME column")
+        ward = read_ward(args.ward, scenario, args.seed)
+    else:
+        routes = {p.pump: args.commands for p in scenario.pump}
+        routes.update(_pairs(args.pump, "--pump"))
+        ward = Ward([(args.patient - 1, seed)], [args.telemetry], [args.commands], [routes])
+    host = serve_host(scenario, ward.patients, ward.telemetry, ward.pumps,
+                      plant_commands=ward.commands, realtime=args.realtime is not None,
+                      audit=args.audit, keys=_keys(args, server=args.publish is not None),
+                      wait_s=args.wait, workers=args.workers,
+                      solve_budget_s=args.solve_budget, stagger_s=args.stagger,
+                      publish=args.publish)
+    cycles = sum(len(link.cycle_s) for link in host.links)
+    lost = sum(w.lost for w in host.pool.workers)
+    print(f"controller host: {len(host.links)} patient(s) on {host.n_workers} worker "
+          f"process(es), {cycles} cycles, missed acks "
+          f"{sum(link.missed_acks for link in host.links)}, missed deadlines "
+          f"{host.missed_deadlines}, decisions abandoned past the solve budget "
+          f"{host.abandoned}" + (f", worker processes lost {lost}" if lost else ""))
     return 0
 
 
@@ -757,8 +807,9 @@ first-dose (a drug-naive patient)""")
     p.set_defaults(run=_cmd_run)
 
     p = sub.add_parser("serve", help="run one part of the loop as a process over ZeroMQ",
-                       description="plant SCENARIO | controller SCENARIO | pump-bridge CONFIG "
-                                   "| sensor-bridge CONFIG")
+                       description="plant SCENARIO | controller SCENARIO (one patient, or a ward "
+                                   "of them with --ward: the controllers in --workers "
+                                   "processes) | pump-bridge CONFIG | sensor-bridge CONFIG")
     p.add_argument("role", choices=["plant", "controller", "pump-bridge", "sensor-bridge"])
     p.add_argument("target", help="scenario TOML (plant, controller) or bridge config TOML")
     p.add_argument("--patient", type=int, default=1, help="patient number, from 1")
@@ -782,6 +833,22 @@ first-dose (a drug-naive patient)""")
                    help="plant, controller: how long to wait for the other side at start [s]")
     p.add_argument("--audit", default=None, help="SQLite audit log to append to")
     p.add_argument("--out", default=None, help="plant: CSV of the recorded series")
+    p.add_argument("--ward", default=None, metavar="CSV",
+                   help="controller: serve many patients, one row each (columns patient, "
+                        "seed, telemetry, commands, optional pump:NAME); instead of "
+                        "--patient/--telemetry/--commands")
+    p.add_argument("--workers", type=int, default=None,
+                   help="controller: worker processes that run the patients' controllers "
+                        "(default: the CPU count, at most one per patient; 0: in this "
+                        "process, without solve budget or stagger)")
+    p.add_argument("--solve-budget", type=float, default=None, metavar="SECONDS",
+                   help="controller: a decision not back within this is abandoned for the "
+                        "shifted previous plan (else the supervisor's fallback); below the "
+                        "period (default: half of it in real time, none in lock-step)")
+    p.add_argument("--stagger", type=float, default=None, metavar="SECONDS",
+                   help="controller, real time: spread the patients' control instants over "
+                        "this (0 to the period; default: the period), so first solves do "
+                        "not all come at once")
     p.add_argument("--keys", default=None, help="own CURVE secret key file (NAME.key_secret)")
     p.add_argument("--allow-keys", action="append", metavar="DIR_OR_FILE",
                    help="plant, pump-bridge, sensor-bridge, controller --publish with --keys: "

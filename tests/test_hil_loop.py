@@ -329,9 +329,12 @@ def test_missed_deadlines_stop_commanding_and_the_leases_run_out(tmp_path):
     out = tmp_path / "plant.csv"
     plant = subprocess.Popen(cli("serve", "plant", str(scenario), "--telemetry", tel,
                                  "--commands", cmd, "--realtime", "1", "--out", str(out)))
+    # the controller in the host's own process (--workers 0): a host with worker processes
+    # settles an overrunning decision within its solve budget instead (its own fallback,
+    # tests/test_controller_host.py), so it misses no deadline here
     controller = subprocess.Popen(cli("serve", "controller", str(scenario), "--telemetry",
                                       tel, "--commands", cmd, "--realtime", "1", "--audit",
-                                      str(audit)))
+                                      str(audit), "--workers", "0"))
     try:
         plant.wait(60)
     finally:

@@ -66,7 +66,8 @@ class Decision:
 class Forecast:
     """What a controller plans from *t_s* on: stage k runs from ``t_s + k * period_s`` for
     one period, with ``rates[input][k]`` [amount/s] over it and ``predicted[k]`` (output
-    *output*, in *unit*) at its end."""
+    *output*, in *unit*) at its end. Plain numbers: a monitor draws it, and a host keeps a
+    controller's last plan in another process for its shifted backup (:meth:`shifted`)."""
 
     t_s: float
     period_s: float
@@ -74,6 +75,30 @@ class Forecast:
     output: str
     unit: str
     predicted: list[float]
+
+    def shifted(self, t_s: float) -> dict[str, float] | None:
+        """The plan shifted to *t_s*: its rates for the period that starts there, which
+        is what a failed (or abandoned) decision at *t_s* falls back on; None at the plan's
+        own time (the decision that replaces it failed) and once the plan no longer covers
+        *t_s*."""
+        k = int(round((t_s - self.t_s) / self.period_s))
+        return {name: float(r[k]) for name, r in self.rates.items()} \
+            if 0 < k < self.stages else None
+
+    @property
+    def stages(self) -> int:
+        return min((len(r) for r in self.rates.values()), default=0)
+
+    def since(self, t_s: float) -> Forecast | None:
+        """The plan from *t_s* on (its stages before dropped); None when it does not cover
+        *t_s*."""
+        k = int(round((t_s - self.t_s) / self.period_s))
+        if not 0 <= k < self.stages:
+            return None
+        predicted = list(self.predicted[k:]) if len(self.predicted) == self.stages else []
+        return Forecast(self.t_s + k * self.period_s, self.period_s,
+                        {name: list(r[k:]) for name, r in self.rates.items()}, self.output,
+                        self.unit, predicted)
 
 
 @runtime_checkable

@@ -206,11 +206,32 @@ class MPCController:
         self._checkpoints: list[tuple[float, np.ndarray]] = [
             (0.0, model.initial_state(self.theta))]
         self._last_plan: DosePlan | None = None
+        #: (plan, its Forecast from its own time), built when asked
+        self._planned: tuple[DosePlan, Forecast] | None = None
         self.last_estimate = None
         self.bayes = bayes
         #: (decision time, readings the estimate used, estimated parameter values) after
         #: every refit of the Bayesian estimator: how the estimate converged
         self.estimates: list[tuple[float, int, dict[str, float]]] = []
+
+    @property
+    def planned(self) -> Forecast | None:
+        """The last successful plan from its own time: a failed solve's backup is this plan
+        shifted to its time (:meth:`Forecast.shifted`), here and in a host that keeps it in
+        another process."""
+        plan = self._last_plan
+        if plan is None:
+            return None
+        if self._planned is None or self._planned[0] is not plan:
+            output = self.mpc.config.output
+            predicted = np.asarray(plan.predicted_output, dtype=float).ravel()
+            self._planned = (plan, Forecast(
+                plan.t_s, self.period_s,
+                {name: plan.plan[:, self.model.input_index(name)].tolist()
+                 for name in self.inputs},
+                output, self.model.outputs[self.model.output_index(output)].unit,
+                predicted.tolist() if len(predicted) == len(plan.plan) else []))
+        return self._planned[1]
 
     def _u(self, rates: Mapping[str, float]) -> np.ndarray:
         u = np.zeros(self.model.n_inputs)
@@ -469,21 +490,8 @@ class MPCController:
         """The latest successful plan from *t_s* on (its stages before *t_s* dropped: after
         a failed solve, the shifted plan that serves as backup), with the tracked output
         it predicts; None when no plan covers *t_s*."""
-        plan = self._last_plan
-        if plan is None:
-            return None
-        k = int(round((t_s - plan.t_s) / self.period_s))
-        if not 0 <= k < len(plan.plan):
-            return None
-        output = self.mpc.config.output
-        predicted = np.asarray(plan.predicted_output, dtype=float).ravel()[k:]
-        if len(predicted) != len(plan.plan) - k:
-            predicted = np.zeros(0)
-        return Forecast(plan.t_s + k * self.period_s, self.period_s,
-                        {name: plan.plan[k:, self.model.input_index(name)].tolist()
-                         for name in self.inputs},
-                        output, self.model.outputs[self.model.output_index(output)].unit,
-                        predicted.tolist())
+        planned = self.planned
+        return None if planned is None else planned.since(t_s)
 
     def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
         """The plan's first move (status ``ok``) or a failed solve (``solver_failed``, with
@@ -570,10 +578,7 @@ class MPCController:
                              reference=reference, **self._delivered_so_far(t_s, theta))
         backup = None
         if not plan.success and self._last_plan is not None:
-            k = int(round((t_s - self._last_plan.t_s) / self.period_s))
-            if 0 < k < len(self._last_plan.plan):
-                backup = {name: float(self._last_plan.plan[k, self.model.input_index(name)])
-                          for name in self.inputs}
+            backup = self.planned.shifted(t_s)
         if plan.success:
             self._last_plan = plan
             self._rates = dict(plan.rates)

@@ -8,9 +8,11 @@ kind (fixed regimen, PID, TCI, a user's own, NMPC) runs behind it alike
   FALLBACK and a technical alarm is raised. CLOSED_LOOP resumes only after *resume_after*
   good readings in a row (hysteresis). Rejected readings never reach the controller's
   estimator.
-* A failed decision (a failed solve, a controller error) uses the controller's backup (the
-  NMPC's shifted previous plan) while it has one, else the configured fallback (stop or a
-  preset rate, never above the last rate).
+* A failed decision (a failed solve, a controller error, a solve abandoned past its time
+  budget, a lost controller process) uses the controller's backup (the NMPC's shifted
+  previous plan) while it has one, else the configured fallback (stop or a preset rate,
+  never above the last rate). This rule lives here only (:meth:`SafetySupervisor.check`);
+  a host that runs the controller elsewhere hands it the failure and the backup it knows.
 * Hard clamps: maximum rate, maximum change per decision, maximum dose per sliding window.
   They apply to open-loop controllers too (no measured variable: no data gate).
 * Boluses (a decision's ``boluses``, e.g. an insulin meal bolus) leave only with an ``ok``
@@ -35,7 +37,8 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 from .base import Controller, Decision, Reading, check_boluses, check_rates
 
-__all__ = ["SafetyConfig", "SafetySupervisor", "SupervisedController", "Verdict"]
+__all__ = ["PendingDecision", "SafetyConfig", "SafetySupervisor", "SupervisedController",
+           "Verdict"]
 
 
 def _number(where: str, value: object, *, minimum: float = -math.inf,
@@ -180,6 +183,18 @@ class Verdict:
     mode: str
     reason: str
     alarm: str | None = None
+
+
+@dataclass(frozen=True)
+class PendingDecision:
+    """A supervised decision between its two halves (:meth:`SupervisedController.prepare`
+    and :meth:`~SupervisedController.settle`): its time, the readings the controller is
+    given (the measured variable left out when unusable), and the data gate's verdict."""
+
+    t_s: float
+    given: dict[str, Reading]
+    usable: bool
+    data_reason: str
 
 
 class SafetySupervisor:
@@ -474,6 +489,20 @@ class SupervisedController:
             self._observe(reading)
 
     def decide(self, t_s: float, readings: Mapping[str, Reading]) -> Decision:
+        """The supervised decision at *t_s*: :meth:`prepare`, the controller's own decide,
+        :meth:`settle`."""
+        pending = self.prepare(t_s, readings)
+        try:
+            outcome: Decision | Exception = self.controller.decide(t_s, pending.given)
+        except Exception as err:  # noqa: BLE001 - a controller's failure is a result
+            outcome = err
+        return self.settle(pending, outcome)
+
+    def prepare(self, t_s: float, readings: Mapping[str, Reading]) -> PendingDecision:
+        """The first half of :meth:`decide`: gate the latest reading of the measured
+        variable and say what the controller is given. A caller that asks the controller
+        elsewhere (another process, under a time budget) hands its answer to
+        :meth:`settle`; nothing else may reach this supervisor in between."""
         sup, measured = self.supervisor, self.measured
         if measured is None:
             usable, why = True, "open loop"
@@ -483,9 +512,20 @@ class SupervisedController:
         given = dict(readings)
         if measured is not None and not self.data_usable:
             given.pop(measured, None)
+        return PendingDecision(t_s, given, usable, why)
+
+    def settle(self, pending: PendingDecision, outcome: Decision | Exception) -> Decision:
+        """The second half of :meth:`decide`: the controller's *outcome* (its decision, or
+        the exception it raised: a failed decision, ``controller_error``) through
+        :meth:`SafetySupervisor.check`. A decision that did not come (``solver_timeout``, a
+        lost controller) is a failed decision with the backup its caller knows, and gets
+        the same treatment: the backup while there is one, else the fallback."""
+        sup, t_s = self.supervisor, pending.t_s
         decision, backup, boluses = None, None, {}
         try:
-            decision = self.controller.decide(t_s, given)
+            if isinstance(outcome, Exception):
+                raise outcome
+            decision = outcome
             status, reason = decision.status, decision.reason
             if status == "ok":
                 proposed = check_rates(decision.rates, self.inputs, self.name)
@@ -500,9 +540,9 @@ class SupervisedController:
         except Exception as err:  # noqa: BLE001 - a controller's failure is a result
             status, reason = "controller_error", f"{type(err).__name__}: {err}"
             proposed = dict.fromkeys(self.inputs, 0.0)
-        verdict = sup.check(t_s, proposed, self.rates, usable=usable, data_reason=why,
-                            plan_ok=status == "ok", plan_reason=reason, backup=backup,
-                            failure=status)
+        verdict = sup.check(t_s, proposed, self.rates, usable=pending.usable,
+                            data_reason=pending.data_reason, plan_ok=status == "ok",
+                            plan_reason=reason, backup=backup, failure=status)
         self.applied(t_s, verdict.rates)
         if verdict.alarm is not None:
             self.alarms.append((t_s, verdict.alarm, verdict.reason))

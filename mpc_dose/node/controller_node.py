@@ -270,8 +270,13 @@ class ControllerNode:
         """One control cycle: decide behind the supervisor and send one leased command per
         input (or, while the data is unusable, a status request that lets the lease run
         out); the supervisor's new alarms follow as ``alarm`` messages."""
+        return self.issue(now, self.controller.decide(now, dict(self.readings)))
+
+    def issue(self, now: float, decision: Decision) -> list[_Message]:
+        """The messages of a supervised *decision* taken at *now* (:meth:`tick`'s second
+        half: a host that asks the controller elsewhere settles the decision with
+        :meth:`SupervisedController.prepare` and ``settle``, then issues it here)."""
         supervised = self.controller
-        decision = supervised.decide(now, dict(self.readings))
         rates = check_rates(decision.rates, supervised.inputs, supervised.name)
         lapse = supervised.measured is not None and not supervised.data_usable and \
             supervised.mode == "FALLBACK"

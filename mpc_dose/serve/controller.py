@@ -96,6 +96,9 @@ class ControllerProcess:
                  ack_timeout_s: float = 1.0, retries: int = 2,
                  publish: str | None = None) -> None:
         self.context = zmq.Context()
+        # every patient's sockets (a telemetry SUB, a DEALER per command endpoint) in one
+        # context: zmq's default of 1023 sockets stops a ward at a few hundred patients
+        self.context.set(zmq.MAX_SOCKETS, max(1024, 3 * len(patients) + 64))
         self.log = None
         self.publisher: Telemetry | None = None
         self.auth: Authenticator | None = None
@@ -125,13 +128,12 @@ class ControllerProcess:
         self.epoch = new_epoch()
         self.links: list[PatientLink] = []
         plant_commands = plant_commands or [None] * len(patients)
-        for (index, seed), tel, routes, plant_cmd in zip(patients, telemetry, pumps,
-                                                          plant_commands):
-            setup, _ = build_setup(scenario, index, seed)
-            plant_routes = PlantSide.routes_for(setup)
-            node = ControllerNode(setup.controller, plant_routes, safety=setup.safety,
-                                  lease_periods=setup.lease_periods,
-                                  src=f"controller-{index + 1}")
+        parts = self._controllers(scenario, patients)
+        for (index, seed), tel, routes, plant_cmd, part in zip(patients, telemetry, pumps,
+                                                                plant_commands, parts):
+            controller, plant_routes, safety, lease_periods = part
+            node = ControllerNode(controller, plant_routes, safety=safety,
+                                  lease_periods=lease_periods, src=f"controller-{index + 1}")
             clients = {}
             by_address: dict[str, CommandClient] = {}
             for pump, address in routes.items():
@@ -142,7 +144,26 @@ class ControllerProcess:
             plant = by_address.get(plant_cmd) if plant_cmd else None
             if plant_cmd and plant is None:
                 plant = self._client(plant_cmd, node.src, keys)
-            self.links.append(PatientLink(node, reader, clients, plant, (index, seed)))
+            self.links.append(self.link_class(node, reader, clients, plant, (index, seed)))
+
+    #: the per-patient record a subclass may extend
+    link_class = PatientLink
+
+    def _controllers(self, scenario: Scenario, patients: list[tuple[int, int]]) -> list[tuple]:
+        """Each patient's (controller, pump routes, safety config, lease periods), built here
+        in this process (a host with worker processes builds them there)."""
+        parts = []
+        for index, seed in patients:
+            setup, _ = build_setup(scenario, index, seed)
+            parts.append((setup.controller, PlantSide.routes_for(setup), setup.safety,
+                          setup.lease_periods))
+        return parts
+
+    def _rebuilt(self, link: PatientLink):
+        """A fresh controller for *link*'s patient (its plant restarted from t = 0)."""
+        index, seed = link.patient
+        setup, _ = build_setup(self.scenario, index, seed)
+        return setup.controller
 
     def _publisher(self, address: str, keys: Keys | None) -> None:
         """The monitors' telemetry: a PUB (a CURVE server with *keys*: it needs the
@@ -265,9 +286,7 @@ class ControllerProcess:
             self.log.note("plant_restart", envelope.t_sim, patient=link.node.src,
                           epoch=envelope.epoch)
         if old_t is not None and envelope.t_sim is not None and envelope.t_sim < old_t:
-            index, seed = link.patient
-            setup, _ = build_setup(self.scenario, index, seed)
-            link.node.restart_controller(setup.controller)
+            link.node.restart_controller(self._rebuilt(link))
             if self.log is not None:
                 self.log.note("controller_restart", envelope.t_sim, patient=link.node.src,
                               cause=f"the plant's clock went back from {old_t:g} s to "
