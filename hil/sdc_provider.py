@@ -46,7 +46,8 @@ from sdc11073.mdib import ProviderMdib
 from sdc11073.provider import SdcProvider
 from sdc11073.provider.baseproduct import BaseProduct
 from sdc11073.provider.operations import ExecuteResult
-from sdc11073.provider.providerimpl import RoleProviderComponents
+from sdc11073.provider.providerimpl import (RoleProviderComponents,
+                                           provider_components_sync_factory)
 from sdc11073.wsdiscovery import WSDiscovery
 from sdc11073.xml_types.dpws_types import ThisDeviceType, ThisModelType
 from sdc11073.xml_types.msg_types import InvocationError, InvocationState
@@ -69,15 +70,22 @@ class BenchProvider:
         IPv4 address to serve and announce on.
     epr : str, optional
         Its endpoint reference (``urn:uuid:...``); a new one by default.
+    watchdog_s : float, optional
+        The pump's watchdog (the SetValue's ``InvocationEffectiveTimeout``) instead of the
+        MDIB's 5 s [s]; sdc11073 checks it about once a second.
     """
 
     def __init__(self, *, adapter: str = "127.0.0.1", epr: str | None = None,
-                 mdib_path: str | Path = MDIB) -> None:
+                 mdib_path: str | Path = MDIB, watchdog_s: float | None = None) -> None:
         self.adapter, self.mdib_path = adapter, Path(mdib_path)
         self.epr = epr or uuid.uuid4().urn
+        self.watchdog_s = watchdog_s
         self.validity = "Vld"
         self.frozen = False
+        #: (InvocationError, text) to refuse SetValue with; refuse_calls: how many more
+        #: calls to refuse (None: all, until refuse is cleared)
         self.refuse: tuple[str, str] | None = None
+        self.refuse_calls: int | None = None
         self.set_calls: list[Decimal] = []
         self.watchdog_stops = 0
         self._pending: tuple[str, str] | None = None
@@ -101,15 +109,25 @@ class BenchProvider:
             self._discovery = WSDiscovery(self.adapter)
             self._discovery.start()
         self.mdib = ProviderMdib.from_mdib_file(str(self.mdib_path))
+        if self.watchdog_s is not None:
+            with self.mdib.descriptor_transaction() as tr:
+                entity = self.mdib.entities.by_handle(OPERATION)
+                entity.descriptor.InvocationEffectiveTimeout = self.watchdog_s
+                tr.write_entity(entity)
         model = ThisModelType(manufacturer="mpc_dose", manufacturer_url="https://example.org",
                               model_name="sdc bench provider", model_number="1",
                               model_url="https://example.org", presentation_url="https://example.org")
         device = ThisDeviceType(friendly_name="mpc_dose SDC bench", firmware_version="1",
                                 serial_number="0001")
-        # validate=False: the provider sends what it is told, as a faulty device would
+        # validate=False: the provider sends what it is told, as a faulty device would.
+        # The synchronous subscription manager: sdc11073 3.0.0's default asynchronous one
+        # can deadlock when a subscription is closed while a report is being sent (its
+        # housekeeping thread holds the SOAP-client pool's lock and waits for the event
+        # loop, which waits for that lock), so the provider hangs in stop_all.
         self._provider = SdcProvider(self._discovery, model, device, self.mdib,
                                      epr=uuid.UUID(self.epr.removeprefix("urn:uuid:")),
                                      validate=False,
+                                     components=provider_components_sync_factory(),
                                      role_provider_components=RoleProviderComponents(
                                          role_provider_class=_product_class(self)))
         self._provider.start_all(start_rtsample_loop=False)
@@ -145,7 +163,9 @@ class BenchProvider:
         """Write one metric state: *value* as given (a number, a Decimal, None, or any
         garbage), *validity* (default :attr:`validity`), *activation*, *determination_s*
         (default now; seconds since 1970 UTC)."""
-        with self._lock, self.mdib.metric_state_transaction() as tr:
+        # sdc11073 stamps DeterminationTime itself unless told not to
+        with self._lock, self.mdib.metric_state_transaction(
+                set_determination_time=determination_s is None) as tr:
             state = tr.get_state(handle)
             if state.MetricValue is None:
                 state.mk_metric_value()
@@ -153,8 +173,8 @@ class BenchProvider:
                 else Decimal(str(value))
             state.MetricValue.MetricQuality.Validity = MeasurementValidity(
                 validity or self.validity)
-            state.MetricValue.DeterminationTime = time.time() if determination_s is None \
-                else determination_s
+            if determination_s is not None:
+                state.MetricValue.DeterminationTime = determination_s
             if activation is not None:
                 state.ActivationState = ComponentActivation(activation)
 
@@ -183,6 +203,10 @@ class BenchProvider:
         value = params.operation_request.argument
         self.set_calls.append(value)
         problem = self.refuse
+        if problem is not None and self.refuse_calls is not None:
+            self.refuse_calls -= 1
+            if self.refuse_calls <= 0:
+                self.refuse, self.refuse_calls = None, None
         if problem is None and not (value is not None and value.is_finite()
                                     and 0 <= value <= MAX_RATE_ML_PER_H):
             problem = ("Inv", f"rate {value} mL/h outside 0-{MAX_RATE_ML_PER_H:g}")

@@ -370,6 +370,8 @@ def _serve(args) -> int:
         finally:
             bridge.close()
         return 0
+    if args.role == "sdc-bridge":
+        return _serve_sdc_bridge(args)
     scenario = load_scenario(args.target)
     seed = scenario.scenario.seed if args.seed is None else args.seed
     if args.role == "plant":
@@ -397,6 +399,31 @@ def _serve(args) -> int:
                                wait_s=args.wait)
     link = process.links[0]
     print(f"controller: {len(link.cycle_s)} cycles, missed acks {link.missed_acks}")
+    return 0
+
+
+def _serve_sdc_bridge(args) -> int:
+    from .serve.sdc_bridge import SdcBridgeProcess, load_sdc_bridge_config
+    from .transport.sdc_link import require_sdc11073
+
+    config = load_sdc_bridge_config(args.target)
+    try:
+        require_sdc11073()
+    except ImportError as err:
+        raise MpcDoseError(str(err)) from None
+    b = config.bridge
+    bridge = SdcBridgeProcess(config, audit=args.audit,
+                              keys=_keys(args, server=True))
+    print(f"sdc bridge: provider {b.address or f'{b.epr} (WS-Discovery on {b.adapter})'}, "
+          f"telemetry {b.telemetry}, {len(config.metric)} metric(s), {len(config.pump)} "
+          f"pump(s)" + (f", commands {b.commands}" if config.pump else ""), flush=True)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
+    try:
+        bridge.run(args.duration)
+    finally:
+        bridge.close()
     return 0
 
 
@@ -705,8 +732,9 @@ first-dose (a drug-naive patient)""")
     p.set_defaults(run=_cmd_run)
 
     p = sub.add_parser("serve", help="run one part of the loop as a process over ZeroMQ",
-                       description="plant SCENARIO | controller SCENARIO | pump-bridge CONFIG")
-    p.add_argument("role", choices=["plant", "controller", "pump-bridge"])
+                       description="plant SCENARIO | controller SCENARIO | pump-bridge CONFIG"
+                                   " | sdc-bridge CONFIG")
+    p.add_argument("role", choices=["plant", "controller", "pump-bridge", "sdc-bridge"])
     p.add_argument("target", help="scenario TOML (plant, controller) or bridge config TOML")
     p.add_argument("--patient", type=int, default=1, help="patient number, from 1")
     p.add_argument("--seed", type=int, default=None)
@@ -720,7 +748,8 @@ first-dose (a drug-naive patient)""")
                    help="plant: this pump is a bridge's; follow its telemetry at ADDRESS")
     p.add_argument("--realtime", type=float, default=None, metavar="FACTOR",
                    help="against the wall clock (default: simulated, lock-step)")
-    p.add_argument("--duration", type=float, default=None, help="pump-bridge: stop after [s]")
+    p.add_argument("--duration", type=float, default=None,
+                   help="pump-bridge, sdc-bridge: stop after [s]")
     p.add_argument("--wait", type=float, default=30.0,
                    help="plant, controller: how long to wait for the other side at start [s]")
     p.add_argument("--audit", default=None, help="SQLite audit log to append to")

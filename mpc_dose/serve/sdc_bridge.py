@@ -220,8 +220,9 @@ class SdcBridgeProcess:
         self.context = zmq.Context()
         self.auth = self.server = None
         try:
-            self.auth = Authenticator(self.context, keys.clients) \
-                if keys is not None and config.pump else None
+            # the allow-list runs before any server socket exists (deny by default)
+            self.auth = Authenticator(self.context, keys.clients) if keys is not None \
+                else None
             if config.pump:
                 self.server = CommandServer(self.context, b.commands, src="sdc-bridge",
                                             keys=keys)
@@ -346,6 +347,14 @@ class SdcBridgeProcess:
             self.node.watchdog_s = self.driver.watchdog_s()
             self.core.note("pumps", watchdog_s=self.node.watchdog_s,
                            no_device_watchdog=b.no_device_watchdog)
+            self._record(time.monotonic())
+            if self.node.watchdog_s is not None and b.poll_s > self.node.watchdog_s / 4:
+                # the renewal comes at half the watchdog plus up to one poll: keep a margin
+                raise ConfigError(f"sdc-bridge config bridge.poll_s = {b.poll_s:g}: the "
+                                  f"device's watchdog (InvocationEffectiveTimeout) is "
+                                  f"{self.node.watchdog_s:g} s; poll at most every "
+                                  f"{self.node.watchdog_s / 4:g} s so that a healthy bridge "
+                                  f"renews it in time")
         self._record(time.monotonic())
 
     def run(self, duration_s: float | None = None) -> None:

@@ -186,17 +186,29 @@ class SdcLink:
 
     def close(self) -> None:
         """Drop the consumer (without waiting: its threads end in the background)."""
-        consumer, self._consumer, self._mdib = self._consumer, None, None
-        self.connected_to = None
+        consumer, mdib = self._consumer, self._mdib
+        self._consumer, self._mdib, self.connected_to = None, None, None
+        if mdib is not None:  # no late report of the old connection reaches the queue
+            self._unbind(mdib)
         if consumer is not None:
             threading.Thread(target=_close_quietly, args=(consumer,), daemon=True,
                              name="sdc-consumer-close").start()
 
+    def _unbind(self, mdib) -> None:
+        from sdc11073 import observableproperties
+
+        try:
+            observableproperties.unbind(mdib, metrics_by_handle=self._on_metrics)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
     def shutdown(self) -> None:
         """Close the link and the discovery (at program end)."""
-        consumer, self._consumer = self._consumer, None
+        if self._mdib is not None:
+            self._unbind(self._mdib)
+        consumer, self._consumer, self._mdib = self._consumer, None, None
         if consumer is not None:
-            _close_quietly(consumer)
+            _close_quietly(consumer, unsubscribe=True)
         if self._discovery is not None:
             try:
                 self._discovery.stop()
@@ -281,9 +293,11 @@ def _text(value) -> str | None:
     return None if value is None else str(getattr(value, "value", value))
 
 
-def _close_quietly(consumer) -> None:
+def _close_quietly(consumer, unsubscribe: bool = False) -> None:
+    """Stop an sdc11073 consumer; after a lost link, without the unsubscribe requests that
+    would wait out their time-outs."""
     try:
-        consumer.stop_all(unsubscribe=False)
+        consumer.stop_all(unsubscribe=unsubscribe)
     except Exception:  # noqa: BLE001 - a dead provider: nothing to tell
         pass
 
@@ -350,7 +364,17 @@ class SdcPumpDriver:
 
     def initialise(self, address: int, diameter_mm: float | None = None) -> None:
         """Check the pump's operation against the device and leave it stopped (read back)."""
-        pump = self._bound(address)
+        self._resolve(self._bound(address))
+        self.stop(address)
+        if self.read(address).rate_ml_per_h != 0:
+            raise SdcRefused(f"{self._bound(address).binding.operation}: the device does "
+                             f"not read back a stop", "pump_error")
+
+    def _resolve(self, pump: _Bound) -> None:
+        """Find the pump's rate setting, its unit and its watchdog in the device's MDIB
+        (once; a pump whose start-up failed is resolved when the link is back)."""
+        if pump.target:
+            return
         op = pump.binding.operation
         if not self.link.connected:
             raise SdcLinkError("the SDC provider is not connected")
@@ -366,7 +390,6 @@ class SdcPumpDriver:
             raise SdcRefused(f"operation {op!r} sets {found['operation_target']!r}, whose "
                              f"unit code {target and target.get('unit_code')!r} is not a "
                              f"volume rate (mL/h, mL/min, uL/h, uL/min)", "pump_error")
-        pump.target, pump.unit = found["operation_target"], unit
         if found.get("max_time_to_finish_s"):
             # the device's own bound, plus the round trip
             pump.timeout_s = float(found["max_time_to_finish_s"]) + self.link.socket_timeout_s
@@ -376,13 +399,12 @@ class SdcPumpDriver:
             raise SdcRefused(f"operation {op!r} has no InvocationEffectiveTimeout (the "
                              f"device would keep a rate forever if this bridge died); set "
                              f"no_device_watchdog = true to run it anyway", "pump_error")
-        self.stop(address)
-        if self.read(address).rate_ml_per_h != 0:
-            raise SdcRefused(f"{op}: the device does not read back a stop", "pump_error")
+        pump.target, pump.unit = found["operation_target"], unit
 
     def set_rate(self, address: int, rate_ml_per_h: float) -> float:
         """Set *rate_ml_per_h* and return the rate read back [mL/h]."""
         pump = self._bound(address)
+        self._resolve(pump)
         if not (math.isfinite(rate_ml_per_h) and rate_ml_per_h >= 0):
             raise ValueError(f"rate {rate_ml_per_h!r} mL/h is not a finite number >= 0")
         value = rate_ml_per_h * wire_factor("mL/h", pump.unit)
@@ -415,6 +437,7 @@ class SdcPumpDriver:
         """The pump's rate (and delivered volume) as the device reports it; renews a running
         rate before the device's watchdog reverts it."""
         pump = self._bound(address)
+        self._resolve(pump)
         handles = [pump.target] + ([pump.binding.delivered] if pump.binding.delivered else [])
         states = self.link.states(handles)
         sample = states.get(pump.target)
