@@ -288,7 +288,14 @@ def bench():
 
     provider = BenchProvider(watchdog_s=1.0).start()
     yield provider
+    for thread in CLOSING:               # bridges still closing in the background
+        thread.join(30)
     provider.close()
+
+
+#: threads of bridges closing in the background (each takes about a second; the next test
+#: need not wait for it)
+CLOSING: list[threading.Thread] = []
 
 
 @pytest.fixture(autouse=False)
@@ -304,7 +311,7 @@ def clean(bench):
 def bench_config(bench, *, by_epr: bool = False, **bridge) -> dict:
     """A bridge config for the bench provider: its four monitor metrics and its pump."""
     telemetry, commands = free_addresses(2)
-    provider = {"epr": bench.epr, "discovery_timeout_s": 3.0} if by_epr else \
+    provider = {"epr": bench.epr, "discovery_timeout_s": 1.0} if by_epr else \
         {"address": bench.address}
     return {"bridge": {**provider, "telemetry": telemetry, "commands": commands,
                        "stale_s": 1.0, "probe_s": 0.25, "reconnect_s": 0.5,
@@ -389,9 +396,10 @@ class Bridge:
         assert self._ran.wait(10)
 
     def close(self) -> None:
+        """Stop the bridge; it closes in its thread while the next test goes on."""
         self.process.stop()
         self._close.set()
-        self.thread.join(30)
+        CLOSING.append(self.thread)
         self.context.destroy(linger=0)
 
     def audit(self, kind: str | None = None, *, until=None) -> list[dict]:
@@ -649,3 +657,23 @@ def test_the_cli_names_a_bad_field(tmp_path, capsys):
                     '1"\n[[metric]]\nhandle = "bis"\nvar = "bis"\nunit = "percent"\n')
     assert main(["serve", "sdc-bridge", str(path)]) == 2
     assert "metric.0.unit 'percent': expected one of" in capsys.readouterr().err
+
+
+# ============================================================== layering
+def _imports_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "; import sys; print(' '.join("
+                          "sorted(sys.modules)))"], check=True, capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def test_the_sdc_mapping_is_sans_io_and_the_node_knows_no_transport():
+    """protocol/sdc.py needs the standard library only; the metrics node imports neither
+    sdc11073 nor zmq nor a transport; the link imports sdc11073 only when it connects."""
+    loaded = _imports_after("import mpc_dose.protocol.sdc")
+    assert not loaded & {"sdc11073", "zmq", "socket", "numpy", "lxml"}
+    loaded = _imports_after("import mpc_dose.node.sdc_bridge")
+    assert not loaded & {"sdc11073", "zmq"}
+    assert not any(m.startswith(("mpc_dose.transport", "mpc_dose.serve")) for m in loaded)
+    loaded = _imports_after("import mpc_dose.transport.sdc_link")
+    assert "sdc11073" not in loaded
+    assert not any(m.startswith(("mpc_dose.node", "mpc_dose.serve")) for m in loaded)

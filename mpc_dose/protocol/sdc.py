@@ -24,11 +24,12 @@ Sources (public documents):
 - IEEE 11073-10101 nomenclature, dimensions partition (4): a context-free unit code is
   ``4 << 16 | code``. The codes in :data:`MDC_UNIT_CODES` are the ones seen identically in
   public sources (sdc11073's own test MDIBs: 262656 dimensionless, 266016 mmHg, 265266
-  ``MDC_DIM_MILLI_L_PER_HR``; the IHE PCD-01 glucose example: 264274 ``MDC_DIM_MILLI_G_PER_DL``;
-  open-source 11073-20601 agents: 544 %, 3843 kPa, 3872 mmHg, 4722 mmol/L, 2112 g/dL).
-  **Assumed** (not seen spelled out, derived from the 10101 prefix rule milli = +18,
-  micro = +19 on the ``_X_`` base code): ``uL/h`` 265267 (3104 + 19) and ``uL/min`` 265235
-  (3072 + 19). Units without a code here (ug/mL, ng/mL, mg/L, ...) need the code given
+  ``MDC_DIM_MILLI_L_PER_HR``, 265234 ``MDC_DIM_MILLI_L_PER_MIN``, 265235
+  ``MDC_DIM_MICRO_L_PER_MIN``; the IHE PCD-01 glucose example: 264274
+  ``MDC_DIM_MILLI_G_PER_DL``; open-source 11073-20601 agents: 544 %, 3843 kPa, 3872 mmHg,
+  4722 mmol/L, 2112 g/dL). **Assumed** (not seen spelled out, derived from the 10101 prefix
+  rule micro = +19 on the ``_X_`` base code, as mL/h is milli = +18 on 3104): ``uL/h``
+  265267. Units without a code here (ug/mL, ng/mL, mg/L, ...) need the code given
   explicitly in the bridge's configuration (``mdc_unit_code``): never guessed.
 
 Choices where BICEPS leaves it to the consumer:
@@ -95,7 +96,7 @@ MDC_UNIT_CODES: dict[str, int] = {
     "mL/h": _DIM | 3122,      # MDC_DIM_MILLI_L_PER_HR
     "mL/min": _DIM | 3090,    # MDC_DIM_MILLI_L_PER_MIN
     "uL/h": _DIM | 3123,      # MDC_DIM_MICRO_L_PER_HR (assumed, see the module docstring)
-    "uL/min": _DIM | 3091,    # MDC_DIM_MICRO_L_PER_MIN (assumed, see the module docstring)
+    "uL/min": _DIM | 3091,    # MDC_DIM_MICRO_L_PER_MIN
 }
 
 #: volume-rate unit code -> wire unit, for a pump's rate setting
