@@ -279,6 +279,16 @@ class SdcBridgeProcess:
         """Check the link: the subscriptions, a GetMdState, and that reports keep up."""
         if not self.link.connected:
             return
+        try:
+            problem = self._probe_problem()
+        except Exception as err:  # noqa: BLE001 - a defect must not end the bridge
+            self.core.counts["internal_error"] += 1
+            self.core.note("internal_error", error=repr(err)[:500], where="probe")
+            problem = f"link check failed: {type(err).__name__}"
+        if problem is not None:
+            self.lost(now, problem)
+
+    def _probe_problem(self) -> str | None:
         problem = self.link.healthy()
         if problem is None and self.probe_handles:
             try:
@@ -294,8 +304,7 @@ class SdcBridgeProcess:
                     problem = (f"metric reports stopped arriving ({', '.join(sorted(behind))}"
                                f" moved on without a report): subscription lost")
                 self._behind = behind
-        if problem is not None:
-            self.lost(now, problem)
+        return problem
 
     def take_samples(self) -> None:
         """Every queued metric sample -> measurements and alarms."""

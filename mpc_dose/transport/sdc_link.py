@@ -125,31 +125,36 @@ class SdcLink:
         from sdc11073.definitions_sdc import SdcV1Definitions
         from sdc11073.mdib import ConsumerMdib
 
+        from sdc11073.xml_types.actions import periodic_actions
+
         self.close()
         address = self.address or self._discover()
         consumer = None
         try:
             consumer = SdcConsumer(address, SdcV1Definitions, None,
                                    socket_timeout=self.socket_timeout_s)
-            consumer.start_all()
+            # episodic reports only: every change arrives once, periodic copies add nothing
+            consumer.start_all(not_subscribed_actions=periodic_actions)
             mdib = ConsumerMdib(consumer)
             mdib.init_mdib()
+            self._consumer, self._mdib = consumer, mdib
+            descriptors = {h: self.describe(h) for h in self.handles}
+            observableproperties.bind(mdib, metrics_by_handle=self._on_metrics)
+            # what the MDIB holds now counts as reported (a reading determined too long ago
+            # is refused as stale downstream)
+            now, wall = time.monotonic(), time.time()
+            for handle in self.handles:
+                entity = mdib.entities.by_handle(handle)
+                if entity is not None and entity.state is not None:
+                    self._samples.put((now, wall, _sample(handle, entity.state)))
         except Exception as err:  # noqa: BLE001 - anything from the stack: not connected
+            self._consumer = self._mdib = None
             if consumer is not None:
                 _close_quietly(consumer)
             raise SdcLinkError(f"cannot connect to {address}: {type(err).__name__}: "
                                f"{err}"[:500]) from None
-        self._consumer, self._mdib = consumer, mdib
         self.connected_to, self.sequence_id = address, getattr(mdib, "sequence_id", None)
-        observableproperties.bind(mdib, metrics_by_handle=self._on_metrics)
-        # what the MDIB holds now counts as reported (a reading determined too long ago is
-        # refused as stale downstream)
-        now, wall = time.monotonic(), time.time()
-        for handle in self.handles:
-            entity = mdib.entities.by_handle(handle)
-            if entity is not None and entity.state is not None:
-                self._samples.put((now, wall, _sample(handle, entity.state)))
-        return {h: self.describe(h) for h in self.handles}
+        return descriptors
 
     def _discover(self) -> str:
         """The address of the provider with our EPR, by WS-Discovery on the adapter."""
