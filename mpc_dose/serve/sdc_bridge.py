@@ -241,6 +241,8 @@ class SdcBridgeProcess:
         self._wake = threading.Event()     # set by stop(): the loop's waits end at once
         self._running = True
         self._next_connect = 0.0
+        self._attempt: threading.Thread | None = None
+        self._attempt_result = None
         self._last_connect_error = ""
         self._seen_version: dict[str, int] = {}
         self._behind: set[str] = set()
@@ -249,36 +251,61 @@ class SdcBridgeProcess:
 
     # ------------------------------------------------------------------ the link
     def connect(self, now: float) -> bool:
-        """Try to connect once (when due); publish what the connection changes."""
+        """Connect when due, in a thread of its own (discovery and the first requests can
+        take seconds, during which leases are still checked and commands answered);
+        publish what the attempt changed once it is over."""
+        attempt = self._attempt
+        if attempt is not None:
+            if attempt.is_alive():
+                return False
+            self._attempt = None
+            self._connected(now, self._attempt_result)
+            return self.link.connected
         if self.link.connected or now < self._next_connect:
             return self.link.connected
         self._next_connect = now + self.config.bridge.reconnect_s
-        try:
-            descriptors = self.link.connect()
-        except SdcLinkError as err:
-            text = str(err)
+
+        def attempt_connect() -> None:
+            try:
+                self._attempt_result = self.link.connect()
+            except Exception as err:  # noqa: BLE001 - SdcLinkError, or a defect: not up
+                self._attempt_result = err
+
+        self._attempt = threading.Thread(target=attempt_connect, daemon=True,
+                                         name="sdc-connect")
+        self._attempt.start()
+        return False
+
+    def _connected(self, now: float, result) -> None:
+        """The end of a connection attempt: *result* is the descriptors, or the error."""
+        if isinstance(result, BaseException):
+            text = str(result) if isinstance(result, SdcLinkError) else \
+                f"connecting failed: {type(result).__name__}: {result}"[:500]
             if text != self._last_connect_error:  # each new reason once in the log
                 self._last_connect_error = text
                 self.core.note("sdc_connect_failed", error=text)
             self._publish(self.metrics.disconnected(now, text))
-            return False
+            return
         self._last_connect_error = ""
         self._seen_version, self._behind = {}, set()
         self.core.note("sdc_connected", provider=self.link.connected_to,
                        sequence_id=self.link.sequence_id)
-        self._publish(self.metrics.connected(now, descriptors, self.link.connected_to or ""))
-        return True
+        self._publish(self.metrics.connected(now, result, self.link.connected_to or ""))
 
     def lost(self, now: float, reason: str) -> None:
-        """The link is lost: drop it, alarm, reconnect from the next turn on."""
+        """The link is lost: drop it, alarm, read the pumps at once (unreadable: each is
+        stopped as unreachable and STOPPED until an operator restarts the bridge), and
+        reconnect from the next turn on."""
         self.link.close()
         self._next_connect = now
         self._publish(self.metrics.disconnected(now, reason))
+        if self.config.pump:
+            self._send(self.core.poll(now))
 
     def probe(self, now: float) -> None:
         """Check the link: the subscriptions, a GetMdState, and that reports keep up."""
-        if not self.link.connected:
-            return
+        if not self.link.connected or self._attempt is not None:
+            return                         # an attempt's outcome is taken first
         try:
             problem = self._probe_problem()
         except Exception as err:  # noqa: BLE001 - a defect must not end the bridge
@@ -348,8 +375,8 @@ class SdcBridgeProcess:
         b = self.config.bridge
         deadline = time.monotonic() + b.start_wait_s
         while self._running and not self.connect(time.monotonic()) and \
-                time.monotonic() < deadline:
-            self._wake.wait(min(b.reconnect_s, max(0.0, deadline - time.monotonic())))
+                (time.monotonic() < deadline or self._attempt is not None):
+            self._wake.wait(0.02)
         if self.config.pump:
             self._send([Outgoing(m) for m in self.node.initialise(
                 time.monotonic(), self.driver.initialise)])
@@ -404,6 +431,10 @@ class SdcBridgeProcess:
         self._wake.set()
 
     def close(self) -> None:
+        attempt = getattr(self, "_attempt", None)
+        if attempt is not None:            # a connection attempt ends within its time-outs
+            attempt.join(self.config.bridge.socket_timeout_s * 3
+                               + self.config.bridge.discovery_timeout_s)
         for state in self.node.pumps.values():  # leave the pumps stopped
             try:
                 self.driver.stop(state.config.address)

@@ -117,8 +117,10 @@ class SdcLink:
         return self._consumer is not None
 
     def connect(self) -> dict[str, dict | None]:
-        """Connect, subscribe and read the MDIB; the descriptors of every handle asked for
-        by :meth:`describe` callers are then available. Raises :class:`SdcLinkError`."""
+        """Connect, subscribe and read the MDIB; returns the descriptors of the metric
+        handles (:meth:`describe`). Raises :class:`SdcLinkError`. The link counts as
+        connected only once all of it is done, so another thread may call it (the bridge
+        does, to keep checking leases meanwhile)."""
         require_sdc11073()
         from sdc11073 import observableproperties
         from sdc11073.consumer.consumerimpl import SdcConsumer
@@ -137,8 +139,7 @@ class SdcLink:
             consumer.start_all(not_subscribed_actions=periodic_actions)
             mdib = ConsumerMdib(consumer)
             mdib.init_mdib()
-            self._consumer, self._mdib = consumer, mdib
-            descriptors = {h: self.describe(h) for h in self.handles}
+            descriptors = {h: _describe(mdib, h) for h in self.handles}
             observableproperties.bind(mdib, metrics_by_handle=self._on_metrics)
             # what the MDIB holds now counts as reported (a reading determined too long ago
             # is refused as stale downstream)
@@ -148,12 +149,12 @@ class SdcLink:
                 if entity is not None and entity.state is not None:
                     self._samples.put((now, wall, _sample(handle, entity.state)))
         except Exception as err:  # noqa: BLE001 - anything from the stack: not connected
-            self._consumer = self._mdib = None
             if consumer is not None:
                 _close_quietly(consumer)
             raise SdcLinkError(f"cannot connect to {address}: {type(err).__name__}: "
                                f"{err}"[:500]) from None
         self.connected_to, self.sequence_id = address, getattr(mdib, "sequence_id", None)
+        self._consumer, self._mdib = consumer, mdib
         return descriptors
 
     def _discover(self) -> str:
@@ -245,23 +246,7 @@ class SdcLink:
     def describe(self, handle: str) -> dict | None:
         """A descriptor of the connected MDIB as plain values, or None when absent."""
         mdib = self._mdib
-        entity = mdib.entities.by_handle(handle) if mdib is not None else None
-        if entity is None:
-            return None
-        d = entity.descriptor
-        unit = getattr(d, "Unit", None)
-        ranges = getattr(d, "TechnicalRange", None) or []
-        low = [float(r.Lower) for r in ranges if getattr(r, "Lower", None) is not None]
-        high = [float(r.Upper) for r in ranges if getattr(r, "Upper", None) is not None]
-        state = entity.state
-        return {"kind": d.NODETYPE.localname,
-                "unit_code": getattr(unit, "Code", None),
-                "technical_range": (min(low) if low else None, max(high) if high else None),
-                "operation_target": getattr(d, "OperationTarget", None),
-                "effective_timeout_s": getattr(d, "InvocationEffectiveTimeout", None),
-                "max_time_to_finish_s": getattr(d, "MaxTimeToFinish", None),
-                "operating_mode": None if state is None else
-                _text(getattr(state, "OperatingMode", None))}
+        return None if mdib is None else _describe(mdib, handle)
 
     def states(self, handles) -> dict[str, MetricSample]:
         """The current states of *handles* read from the provider (GetMdState)."""
@@ -292,6 +277,27 @@ class SdcLink:
         message = "; ".join(str(getattr(t, "text", t)) for t in
                             (getattr(info, "InvocationErrorMessage", None) or []))
         return invocation_outcome(info.InvocationState, info.InvocationError, message)
+
+
+def _describe(mdib, handle: str) -> dict | None:
+    """A descriptor of *mdib* (an sdc11073 ConsumerMdib) as plain values, or None."""
+    entity = mdib.entities.by_handle(handle)
+    if entity is None:
+        return None
+    d = entity.descriptor
+    unit = getattr(d, "Unit", None)
+    ranges = getattr(d, "TechnicalRange", None) or []
+    low = [float(r.Lower) for r in ranges if getattr(r, "Lower", None) is not None]
+    high = [float(r.Upper) for r in ranges if getattr(r, "Upper", None) is not None]
+    state = entity.state
+    return {"kind": d.NODETYPE.localname,
+            "unit_code": getattr(unit, "Code", None),
+            "technical_range": (min(low) if low else None, max(high) if high else None),
+            "operation_target": getattr(d, "OperationTarget", None),
+            "effective_timeout_s": getattr(d, "InvocationEffectiveTimeout", None),
+            "max_time_to_finish_s": getattr(d, "MaxTimeToFinish", None),
+            "operating_mode": None if state is None else
+            _text(getattr(state, "OperatingMode", None))}
 
 
 def _text(value) -> str | None:
