@@ -244,8 +244,8 @@ class SdcBridgeProcess:
         self._attempt: threading.Thread | None = None
         self._attempt_result = None
         self._last_connect_error = ""
-        self._seen_version: dict[str, int] = {}
-        self._behind: set[str] = set()
+        self._seen_version: dict[str, int] = {}   # the newest StateVersion reported
+        self._expected: dict[str, int] = {}       # StateVersions the last probe read
         self.probe_handles = [m.handle for m in config.metric] + [p.operation
                                                                   for p in config.pump]
 
@@ -287,7 +287,7 @@ class SdcBridgeProcess:
             self._publish(self.metrics.disconnected(now, text))
             return
         self._last_connect_error = ""
-        self._seen_version, self._behind = {}, set()
+        self._seen_version, self._expected = {}, {}
         self.core.note("sdc_connected", provider=self.link.connected_to,
                        sequence_id=self.link.sequence_id)
         self._publish(self.metrics.connected(now, result, self.link.connected_to or ""))
@@ -323,14 +323,17 @@ class SdcBridgeProcess:
             except SdcLinkError as err:
                 problem = str(err)
             else:
-                behind = {h for h, s in states.items() if h in self.metrics.streams
-                          and s.state_version is not None
-                          and s.state_version > self._seen_version.get(h, -1)}
-                # behind at two probes in a row: the reports stopped coming
-                if behind & self._behind:
-                    problem = (f"metric reports stopped arriving ({', '.join(sorted(behind))}"
-                               f" moved on without a report): subscription lost")
-                self._behind = behind
+                # a state the provider had at the last probe must have been reported by now
+                # (a probe period later): else the reports stopped coming
+                missing = sorted(h for h, version in self._expected.items()
+                                 if self._seen_version.get(h, -1) < version)
+                if missing:
+                    problem = (f"metric reports stopped arriving ({', '.join(missing)} moved "
+                               f"on without a report for {self.config.bridge.probe_s:g} s): "
+                               f"subscription lost")
+                self._expected = {h: s.state_version for h, s in states.items()
+                                  if h in self.metrics.streams
+                                  and isinstance(s.state_version, int)}
         return problem
 
     def take_samples(self) -> None:
