@@ -20,6 +20,7 @@ Fault knobs (attributes and methods of :class:`BenchProvider`, changeable while 
 - ``frozen`` (``stale``): no new readings (the metrics' states stop changing);
 - :meth:`stop` / :meth:`start` (``drop``): the provider goes away (its HTTP server and
   subscriptions end, a WS-Discovery Bye) and comes back with the same EPR and a new port;
+- :meth:`forget_subscribers`: reports stop without notice while requests still work;
 - ``refuse`` (``refuse``): every SetValue fails with this ``(InvocationError, text)``;
   ``Inv`` says the value is invalid, ``Oth`` anything else;
 - :meth:`publish` with any value (``garbage``: out of range, a 400-digit number, and a NaN
@@ -150,6 +151,14 @@ class BenchProvider:
         provider, self._provider = self._provider, None
         if provider is not None:
             provider.stop_all()
+
+    def forget_subscribers(self) -> None:
+        """Drop every subscription without a SubscriptionEnd (a provider that lost its
+        subscription table, e.g. after a restart of its software behind the same address):
+        reports stop, requests still work. Uses sdc11073's subscription managers from the
+        inside (there is no public call for it)."""
+        for manager in self._provider._subscriptions_managers.values():
+            manager._end_all_subscriptions(False)
 
     def close(self) -> None:
         self.stop()

@@ -504,6 +504,22 @@ def test_a_value_the_schema_refuses_costs_the_subscription_and_the_bridge_reconn
     assert m.quality == "valid" and bridge.thread.is_alive()
 
 
+def test_reports_that_stop_without_notice_are_a_lost_link_and_the_bridge_resubscribes(
+        bridge, clean):
+    """The provider forgets its subscribers (no SubscriptionEnd, requests still answered):
+    the probe sees a state it read a probe ago still unreported, alarms a lost link, and the
+    bridge subscribes again; readings resume."""
+    bridge.status("READY")
+    clean.forget_subscribers()
+    clean.publish("bis", 61)
+    assert "subscription lost" in bridge.alarm("sdc.link_lost").text
+    bridge.alarm("sdc.link_lost", active=False)
+    clean.publish("bis", 62)
+    m = bridge.wait_for(lambda m: isinstance(m, Measurement) and m.var == "bis"
+                        and m.value == 62, "bis after resubscribing")
+    assert m.quality == "valid"
+
+
 def test_a_leased_set_rate_is_a_setvalue_answered_by_its_invocation(bridge, clean):
     """set_rate -> SetValue on the pump's rate -> Fin -> read back -> ack applied; the
     device runs the rate; every step is in the audit log."""
