@@ -42,7 +42,11 @@ import uuid
 from decimal import Decimal
 from pathlib import Path
 
-from sdc11073.location import SdcLocation
+try:
+    from sdc11073.location import SdcLocation
+except ImportError as err:  # pragma: no cover - the optional extra is missing
+    raise ImportError("hil/sdc_provider.py needs the sdc11073 package: pip install "
+                      "'mpc-dose[sdc]'") from err
 from sdc11073.mdib import ProviderMdib
 from sdc11073.provider import SdcProvider
 from sdc11073.provider.baseproduct import BaseProduct
@@ -117,7 +121,8 @@ class BenchProvider:
                 tr.write_entity(entity)
         model = ThisModelType(manufacturer="mpc_dose", manufacturer_url="https://example.org",
                               model_name="sdc bench provider", model_number="1",
-                              model_url="https://example.org", presentation_url="https://example.org")
+                              model_url="https://example.org",
+                              presentation_url="https://example.org")
         device = ThisDeviceType(friendly_name="mpc_dose SDC bench", firmware_version="1",
                                 serial_number="0001")
         # validate=False: the provider sends what it is told, as a faulty device would.

@@ -756,8 +756,9 @@ first-dose (a drug-naive patient)""")
     p.add_argument("--out", default=None, help="plant: CSV of the recorded series")
     p.add_argument("--keys", default=None, help="own CURVE secret key file (NAME.key_secret)")
     p.add_argument("--allow-keys", action="append", metavar="DIR_OR_FILE",
-                   help="plant, pump-bridge with --keys: public key files (or folders of "
-                        "*.key files) of the clients let in; everyone else is refused")
+                   help="plant, pump-bridge, sdc-bridge with --keys: public key files (or "
+                        "folders of *.key files) of the clients let in; everyone else is "
+                        "refused")
     p.add_argument("--server-key", action="append", metavar="[ADDRESS=]FILE",
                    help="with --keys: a server's public key file (for every server, or for "
                         "the one at ADDRESS)")

@@ -50,7 +50,8 @@ class SdcLinkError(RuntimeError):
 
 class SdcRefused(RuntimeError):
     """The provider answered a set operation with a failure; *code* is the ack code
-    (``out_of_range`` or ``pump_error``, from :func:`~mpc_dose.protocol.sdc.invocation_outcome`)."""
+    (``out_of_range`` or ``pump_error``, from
+    :func:`~mpc_dose.protocol.sdc.invocation_outcome`)."""
 
     def __init__(self, text: str, code: str) -> None:
         super().__init__(text)
