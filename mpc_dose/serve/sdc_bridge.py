@@ -54,6 +54,7 @@ import math
 import threading
 import time
 import tomllib
+from collections import deque
 from pathlib import Path
 
 import zmq
@@ -245,7 +246,8 @@ class SdcBridgeProcess:
         self._attempt_result = None
         self._last_connect_error = ""
         self._seen_version: dict[str, int] = {}   # the newest StateVersion reported
-        self._expected: dict[str, int] = {}       # StateVersions the last probe read
+        #: the StateVersions the last two probes read
+        self._expected: deque[dict[str, int]] = deque(maxlen=2)
         self.probe_handles = [m.handle for m in config.metric] + [p.operation
                                                                   for p in config.pump]
 
@@ -287,7 +289,8 @@ class SdcBridgeProcess:
             self._publish(self.metrics.disconnected(now, text))
             return
         self._last_connect_error = ""
-        self._seen_version, self._expected = {}, {}
+        self._seen_version = {}
+        self._expected.clear()
         self.core.note("sdc_connected", provider=self.link.connected_to,
                        sequence_id=self.link.sequence_id)
         self._publish(self.metrics.connected(now, result, self.link.connected_to or ""))
@@ -323,17 +326,19 @@ class SdcBridgeProcess:
             except SdcLinkError as err:
                 problem = str(err)
             else:
-                # a state the provider had at the last probe must have been reported by now
-                # (a probe period later): else the reports stopped coming
-                missing = sorted(h for h, version in self._expected.items()
+                # a state the provider had two probes ago must have been reported by now
+                # (a report late by more than a probe period is not a lost link; one late
+                # by two is): else the reports stopped coming
+                older = self._expected[0] if len(self._expected) == 2 else {}
+                missing = sorted(h for h, version in older.items()
                                  if self._seen_version.get(h, -1) < version)
                 if missing:
                     problem = (f"metric reports stopped arriving ({', '.join(missing)} moved "
-                               f"on without a report for {self.config.bridge.probe_s:g} s): "
-                               f"subscription lost")
-                self._expected = {h: s.state_version for h, s in states.items()
-                                  if h in self.metrics.streams
-                                  and isinstance(s.state_version, int)}
+                               f"on without a report for {2 * self.config.bridge.probe_s:g} "
+                               f"s): subscription lost")
+                self._expected.append({h: s.state_version for h, s in states.items()
+                                       if h in self.metrics.streams
+                                       and isinstance(s.state_version, int)})
         return problem
 
     def take_samples(self) -> None:
