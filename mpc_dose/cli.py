@@ -394,6 +394,8 @@ def _serve(args) -> int:
         return 0
     if args.role == "sensor-bridge":
         return _serve_sensor_bridge(args)
+    if args.role == "sdc-bridge":
+        return _serve_sdc_bridge(args)
     scenario = load_scenario(args.target)
     seed = scenario.scenario.seed if args.seed is None else args.seed
     if args.role == "plant":
@@ -472,6 +474,31 @@ def _serve_host(args, scenario, seed) -> int:
           f"{sum(link.missed_acks for link in host.links)}, missed deadlines "
           f"{host.missed_deadlines}, decisions abandoned past the solve budget "
           f"{host.abandoned}" + (f", worker processes lost {lost}" if lost else ""))
+    return 0
+
+
+def _serve_sdc_bridge(args) -> int:
+    from .serve.sdc_bridge import SdcBridgeProcess, load_sdc_bridge_config
+    from .transport.sdc_link import require_sdc11073
+
+    config = load_sdc_bridge_config(args.target)
+    try:
+        require_sdc11073()
+    except ImportError as err:
+        raise MpcDoseError(str(err)) from None
+    b = config.bridge
+    bridge = SdcBridgeProcess(config, audit=args.audit,
+                              keys=_keys(args, server=True))
+    print(f"sdc bridge: provider {b.address or f'{b.epr} (WS-Discovery on {b.adapter})'}, "
+          f"telemetry {b.telemetry}, {len(config.metric)} metric(s), {len(config.pump)} "
+          f"pump(s)" + (f", commands {b.commands}" if config.pump else ""), flush=True)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
+    try:
+        bridge.run(args.duration)
+    finally:
+        bridge.close()
     return 0
 
 
@@ -809,8 +836,10 @@ first-dose (a drug-naive patient)""")
     p = sub.add_parser("serve", help="run one part of the loop as a process over ZeroMQ",
                        description="plant SCENARIO | controller SCENARIO (one patient, or a ward "
                                    "of them with --ward: the controllers in --workers "
-                                   "processes) | pump-bridge CONFIG | sensor-bridge CONFIG")
-    p.add_argument("role", choices=["plant", "controller", "pump-bridge", "sensor-bridge"])
+                                   "processes) | pump-bridge CONFIG | sensor-bridge CONFIG | "
+                                   "sdc-bridge CONFIG")
+    p.add_argument("role", choices=["plant", "controller", "pump-bridge", "sensor-bridge",
+                                    "sdc-bridge"])
     p.add_argument("target", help="scenario TOML (plant, controller) or bridge config TOML")
     p.add_argument("--patient", type=int, default=1, help="patient number, from 1")
     p.add_argument("--seed", type=int, default=None)
@@ -828,7 +857,7 @@ first-dose (a drug-naive patient)""")
     p.add_argument("--realtime", type=float, default=None, metavar="FACTOR",
                    help="against the wall clock (default: simulated, lock-step)")
     p.add_argument("--duration", type=float, default=None,
-                   help="pump-bridge, sensor-bridge: stop after [s]")
+                   help="pump-bridge, sensor-bridge, sdc-bridge: stop after [s]")
     p.add_argument("--wait", type=float, default=30.0,
                    help="plant, controller: how long to wait for the other side at start [s]")
     p.add_argument("--audit", default=None, help="SQLite audit log to append to")
@@ -851,9 +880,9 @@ first-dose (a drug-naive patient)""")
                         "not all come at once")
     p.add_argument("--keys", default=None, help="own CURVE secret key file (NAME.key_secret)")
     p.add_argument("--allow-keys", action="append", metavar="DIR_OR_FILE",
-                   help="plant, pump-bridge, sensor-bridge, controller --publish with --keys: "
-                        "public key files (or folders of *.key files) of the clients let in; "
-                        "everyone else is refused")
+                   help="plant, pump-bridge, sensor-bridge, sdc-bridge, controller --publish "
+                        "with --keys: public key files (or folders of *.key files) of the "
+                        "clients let in; everyone else is refused")
     p.add_argument("--server-key", action="append", metavar="[ADDRESS=]FILE",
                    help="with --keys: a server's public key file (for every server, or for "
                         "the one at ADDRESS)")
