@@ -44,7 +44,9 @@ def _controller(overrides=None, index=0):
 def test_an_announced_meal_enters_the_gut_at_its_time_even_when_told_late():
     """The announcement of 40 g at t = 1000 s: the state at 1000 s has 40 x AG g more in
     the first gut compartment than without it, whether the reading arrives before the
-    decision at 1200 s or after it (the later states are propagated again)."""
+    decision at 1200 s or after it (the later states are propagated again: the state at
+    1500 s is the same either way)."""
+    later = {}
     for late in (False, True):
         mpc, _, _ = _controller({**NO_MEAL_BOLUS,
                                  "controller.nmpc.corrected_states": []})
@@ -61,6 +63,26 @@ def test_an_announced_meal_enters_the_gut_at_its_time_even_when_told_late():
         before, _ = mpc._state_at(999.999)
         after, _ = mpc._state_at(1000.0)
         assert after[gut] - before[gut] == pytest.approx(40.0 * ag, rel=1e-6)
+        later[late], _ = mpc._state_at(1500.0)
+    np.testing.assert_allclose(later[True], later[False], rtol=1e-6)
+
+
+def test_the_pumps_own_bolus_amount_replaces_the_counted_one_at_its_time():
+    """A meal bolus is counted in the states when commanded; the amount the pump says it
+    gave (its rounding) replaces it in the state at that decision, whose output injection
+    stays (the checkpoint is corrected, not dropped)."""
+    mpc, _, _ = _controller()
+    depot = mpc.model.state_index("cambridge_s1")
+    mpc.observe(Reading("cgm", 7.0, "mmol/L", 300.0))
+    mpc.observe(Reading("carbohydrate_announced", 60.0, "g", 300.0))
+    decision = mpc.decide(300.0, {})
+    counted = decision.boluses["insulin"]
+    t, before = mpc._checkpoints[-1]
+    mpc.given_bolus(300.0, "insulin", counted - 0.5)  # the pump gave 0.5 U less
+    t_after, after = mpc._checkpoints[-1]
+    assert t_after == t == 300.0
+    assert before[depot] - after[depot] == pytest.approx(0.5, rel=1e-9)  # U
+    np.testing.assert_array_equal(np.delete(after, depot), np.delete(before, depot))
 
 
 def test_output_injection_moves_the_glucose_masses_by_the_ratio_to_the_gain():

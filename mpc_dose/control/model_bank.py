@@ -154,6 +154,13 @@ class ModelBank:
                          np.full((1, K), t1 - t0))
         return np.asarray(out, dtype=float)
 
+    def add_jump(self, jump: np.ndarray) -> None:
+        """A state jump told of after its time (a late announcement, a pump's own amount
+        for a bolus counted before): every candidate takes it now."""
+        column = np.asarray(jump, float).reshape(-1, 1)
+        self.x = self.x + column
+        self._open = self._open + column
+
     def _choice(self, t_s: float, u: np.ndarray) -> int:
         """The candidate to use from *t_s*: the best-scoring one; with caution, of those
         scoring within ``cautious_within`` of it the one whose output the probe moves most

@@ -264,12 +264,25 @@ class MPCController:
         # (a bolus at t = 0 of a schedule is its first break's jump)
         jump = schedule(self.model, self.theta, [Dose.bolus(0.0, input_name, amount)]).jumps[0]
         bisect.insort(self._jumps, (t, jump), key=lambda item: item[0])
-        return jump
-        while len(self._checkpoints) > 1 and self._checkpoints[-1][0] >= t:
-            self._checkpoints.pop()
+        self._jump_into_records(t, jump)
         self._delivery_changed_s = min(self._delivery_changed_s, t)
         if self.bayes is not None:
             self.bayes.bolus(t, input_name, amount)
+        return jump
+
+    def _jump_into_records(self, t: float, jump: np.ndarray) -> None:
+        """A state jump at *t* (a bolus, or minus one taken back) into what is recorded:
+        the checkpoints after *t* were propagated without it and go (the states are
+        propagated again from the one before when needed); a checkpoint at *t* itself
+        holds the boluses at its time, so the jump is added to it (keeping the output
+        injection done there); the bank's candidates, already past *t*, take it now."""
+        while len(self._checkpoints) > 1 and self._checkpoints[-1][0] > t:
+            self._checkpoints.pop()
+        last_t, last_x = self._checkpoints[-1]
+        if last_t == t and not (len(self._checkpoints) == 1 and self._initial_kept):
+            self._checkpoints[-1] = (last_t, last_x + jump)
+        if self.bank is not None and self._bank_started and t <= self._t:
+            self.bank.add_jump(jump)
 
     def given_bolus(self, t_s: float, name: str, amount: float) -> None:
         """A pump gave a bolus of *amount* of *name* from *t_s*: it replaces the bolus this
@@ -279,6 +292,7 @@ class MPCController:
         mine = self._own_boluses.pop(float(t_s), None)
         if mine is not None:  # the counted bolus (this very jump) gives way to the given one
             self._jumps = [(t, jump) for t, jump in self._jumps if jump is not mine]
+            self._jump_into_records(float(t_s), -mine)
         self._bolus_into_states(float(t_s), name, amount)
 
     def applied(self, t_s: float, rates: Mapping[str, float]) -> None:
