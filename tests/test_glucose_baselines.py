@@ -262,3 +262,19 @@ def test_scenario_errors_name_the_field(name, overrides, match):
 
     with pytest.raises(ConfigError, match=match):
         build_setup(load_scenario(SCENARIOS / name, overrides), 0, 0)
+
+
+def test_a_meal_bolus_above_the_pumps_maximum_is_cut_to_it():
+    """The pump would refuse a bolus above its max_bolus whole; the calculator cuts it to
+    the maximum (as a pump's own calculator does) and says so."""
+    from mpc_dose.control.base import Reading
+    from mpc_dose.control.insulin import BolusCalculator, MealBoluses
+
+    meals = MealBoluses(BolusCalculator(5.0, 50.0, 110.0), "carbohydrate_announced", 300.0,
+                        bolus_commands=True, max_bolus=15.0)
+    meals.observe(Reading("carbohydrate_announced", 100.0, "g", 0.0))
+    note = meals.give_due(0.0, 110.0)
+    assert meals.take_command() == 15.0
+    assert "cut from 20 to the pump's max bolus" in note
+    with pytest.raises(ConfigError, match=r"max_bolus = 0.0; expected > 0"):
+        MealBoluses(BolusCalculator(5.0, 50.0, 110.0), "x", 300.0, max_bolus=0.0)

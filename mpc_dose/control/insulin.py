@@ -172,14 +172,19 @@ class MealBoluses:
 
     With *bolus_commands* the pump takes bolus commands: the bolus is not a rate but a
     command (:meth:`take_command`), counted once the pump says it gave it (:meth:`given`).
+    A bolus above *max_bolus* (the pump's, which would refuse it whole) is cut to it, as a
+    pump's own calculator does, and the reason says so.
     """
 
     def __init__(self, calculator: BolusCalculator, announcement_var: str, period_s: float,
-                 curve: InsulinCurve = InsulinCurve(), *, bolus_commands: bool = False
-                 ) -> None:
+                 curve: InsulinCurve = InsulinCurve(), *, bolus_commands: bool = False,
+                 max_bolus: float = math.inf) -> None:
+        if not max_bolus > 0:
+            raise ConfigError(f"meal boluses: max_bolus = {max_bolus!r}; expected > 0")
         self.calculator, self.curve = calculator, curve
         self.announcement_var, self.period_s = announcement_var, float(period_s)
         self.bolus_commands = bool(bolus_commands)
+        self.max_bolus = float(max_bolus)
         self._command: float | None = None
         self._waiting: list[Reading] = []
         #: (time [s], amount) of every bolus given
@@ -208,7 +213,9 @@ class MealBoluses:
         carbs = sum(m.value for m in self._waiting)
         self._waiting.clear()
         on_board = self.on_board(t_s) + max(extra_on_board, 0.0)
-        amount = self.calculator.bolus(carbs, glucose, on_board)
+        asked = self.calculator.bolus(carbs, glucose, on_board)
+        amount = min(asked, self.max_bolus)
+        capped = f", cut from {asked:.3g} to the pump's max bolus" if amount < asked else ""
         if self.bolus_commands:  # the pump gives it; given() says what it gave
             self._command = amount
         else:
@@ -216,7 +223,7 @@ class MealBoluses:
             self._end_s, self._rate = t_s + self.period_s, amount / self.period_s
         return (f"bolus {amount:.3g} for {carbs:.3g} g at glucose "
                 f"{'unknown' if glucose is None else f'{glucose:.4g}'} "
-                f"({on_board:.3g} on board)")
+                f"({on_board:.3g} on board{capped})")
 
     def take_command(self) -> float | None:
         """The bolus to command now (with bolus commands), once; None when there is none."""

@@ -25,7 +25,8 @@ alongside for the pump side's check, and a lease of one control period to start;
 before the instant's rate commands, since a pump's ``set_rate`` (or ``get_status``) closes its
 control instant (the simulated lock-step, docs/protocol.md section 6). What the
 pump gives (its ack's amount, after its rounding) is recorded in :attr:`boluses` and told to
-the controller (``given_bolus``); a refused bolus is given by nobody.
+the controller (``given_bolus``); a refused bolus is given by nobody, and the controller is
+told so (``given_bolus`` of 0).
 
 :meth:`ControllerNode.plan` says, after a decision, what the controller plans and predicts as
 a ``plan`` message (protocol 1.2) for a process that publishes it to monitors.
@@ -220,10 +221,13 @@ class ControllerNode:
                          if route.pump in self._sent else 0.0)
 
     def _bolus_answered(self, ack: Ack) -> None:
-        """The answer to a bolus: given (once, whatever the retries) or refused."""
+        """The answer to a bolus: given (once, whatever the retries) or refused - then the
+        controller is told that nothing was given (it may have counted the bolus when it
+        decided it)."""
         if not ack.ok or ack.applied_amount is None:
             if ack.code != "duplicate":
-                del self._boluses_sent[ack.cmd_id]
+                name, t_s = self._boluses_sent.pop(ack.cmd_id)
+                self.controller.given_bolus(t_s, name, 0.0)
             return
         name, t_s = self._boluses_sent.pop(ack.cmd_id)
         amount = ack.applied_amount * wire_factor(ack.amount_unit,

@@ -1305,9 +1305,12 @@ def _nmpc_meal_boluses(scenario: Scenario, spec, c, own: LibraryModel,
         raise ConfigError(f"{where}: the pump of {spec.meal_bolus.input!r} must take bolus "
                           f"commands (give it a max_bolus)")
     therapy = insulin_therapy(scenario, spec.meal_bolus, where, own, patient)
+    pump = next(_pump(p, own, f"pump[{k}]") for k, p in enumerate(scenario.pump)
+                if p.input == spec.meal_bolus.input and p.max_bolus is not None)
     return MealBoluses(BolusCalculator(therapy.carb_ratio, therapy.correction_factor,
                                        therapy.target), therapy.announcement_var,
-                       c.period_s, therapy.curve, bolus_commands=True)
+                       c.period_s, therapy.curve, bolus_commands=True,
+                       max_bolus=pump.max_bolus)
 
 
 def _reference_schedule(scenario: Scenario, spec, model):
