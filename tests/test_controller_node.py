@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from mpc_dose.protocol.messages import Alarm, GetStatus, Measurement, PumpStatus, SetRate
-from mpc_dose.control.base import Decision
 from mpc_dose.node import ControllerNode
 from mpc_dose.scenario import load_scenario
 from mpc_dose.trial.build import build_setup
@@ -356,37 +355,3 @@ def test_the_nmpc_propagates_what_was_delivered_not_what_it_decided():
     amounts = [mpc._state_at(t)[0][central] for t in (35.0, 60.0, 90.0, 119.0)]
     assert amounts[0] > amounts[1] > amounts[2] > amounts[3]
 
-
-class _Boluser:
-    """A controller that asks for a 2-U bolus at every decision and records what it is
-    told was given."""
-
-    name, period_s, inputs = "boluser", 300.0, ("insulin",)
-
-    def __init__(self):
-        self.given = []
-
-    def decide(self, t_s, readings):
-        return Decision(t_s, {"insulin": 0.0}, "bolus", boluses={"insulin": 2.0})
-
-    def given_bolus(self, t_s, name, amount):
-        self.given.append((t_s, name, amount))
-
-
-@pytest.mark.parametrize("ok, code, told", [(True, "applied", 1.95), (False, "out_of_range", 0.0),
-                                            (False, "busy", 0.0)])
-def test_what_the_pump_did_with_a_bolus_reaches_the_controller(ok, code, told):
-    """A bolus the pump gave is told with its amount; one it refused (too large, busy) is
-    told as nothing given - the controller may have counted it when it decided it."""
-    from mpc_dose.node.controller_node import ControllerNode, PumpRoute
-    from mpc_dose.protocol.messages import Ack, Bolus
-
-    controller = _Boluser()
-    node = ControllerNode(controller, {"insulin": PumpRoute("insulin", "pump-1", 100.0, "U",
-                                                            bolus=True)})
-    sent = [m for m in node.tick(0.0) if isinstance(m, Bolus)]
-    assert len(sent) == 1
-    node.receive(Ack(cmd_id=sent[0].cmd_id, ok=ok, code=code,
-                     applied_amount=1.95 if ok else None, amount_unit="U" if ok else None,
-                     bolus_s=80.0 if ok else None), 1.0)
-    assert controller.given == [(0.0, "insulin", told)]

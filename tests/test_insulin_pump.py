@@ -523,12 +523,15 @@ def test_a_bolus_leaves_before_the_rate_command_that_closes_the_instant():
     assert [type(m) for m in out] == [Bolus, SetRate]
 
 
-def test_a_refused_bolus_is_given_by_nobody():
+@pytest.mark.parametrize("code", ["out_of_range", "busy", "expired"])
+def test_a_refused_bolus_is_given_by_nobody_and_the_controller_is_told(code):
+    """The controller may have counted the bolus when it decided it: a refusal tells it
+    that nothing was given."""
     controller = Boluser(amount=50.0)
     node = ControllerNode(controller, {"insulin": ROUTE})
     [command] = [m for m in node.tick(0.0) if isinstance(m, Bolus)]
-    node.receive(Ack(cmd_id=command.cmd_id, ok=False, code="out_of_range"), 1.0)
-    assert node.boluses == [] and controller.given == []
+    node.receive(Ack(cmd_id=command.cmd_id, ok=False, code=code), 1.0)
+    assert node.boluses == [] and controller.given == [(0.0, "insulin", 0.0)]
 
 
 def test_a_bolus_for_a_pump_without_boluses_is_a_configuration_error():
