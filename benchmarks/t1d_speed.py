@@ -15,7 +15,8 @@ Three measurements, printed:
    range and mean glucose over the night (00-06) and the early morning (06-10).
 4. **Online estimation** (``--bank``): the NMPC with its one fixed model and with the bank
    of candidate models (``controller.nmpc.estimator.kind = "bank"``), same patients and
-   days; time in range, below 70 and below 54 over the whole day.
+   days; time in range, below 70 and below 54 over the whole day; with ``--perfect`` also
+   with each patient's own parameters in its model (``perfect_model``: the upper bound).
 
 Usage, from the repository root::
 
@@ -143,6 +144,8 @@ def main() -> int:
     parser.add_argument("--skip-clock", action="store_true")
     parser.add_argument("--bank", action="store_true",
                         help="also the NMPC without and with the bank of candidate models")
+    parser.add_argument("--perfect", action="store_true",
+                        help="with --bank: also the NMPC that knows each patient's values")
     args = parser.parse_args()
     if not args.skip_speed:
         theirs = simglucose_day()
@@ -170,7 +173,10 @@ def main() -> int:
                 print(f"{window:15s} {label:17s} {tir:12.1f} {low:7.2f} {mean:11.1f}")
     if args.bank:
         print("estimation        TIR 70-180 %   <70 %   <54 %   mean mg/dL")
-        for label, overrides in (("one fixed model", {}), ("bank of models", BANK)):
+        arms = [("one fixed model", {}), ("bank of models", BANK)]
+        if args.perfect:
+            arms.append(("the patient's own", {"controller.nmpc.perfect_model": True}))
+        for label, overrides in arms:
             rows, wall = cohort(args.patients, args.days, overrides, args.workers)
             glucose = np.concatenate([g for _, _, g, _ in rows])
             print(f"{label:17s} {np.mean((glucose >= 70) & (glucose <= 180)) * 100:12.1f} "

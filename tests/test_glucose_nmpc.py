@@ -256,3 +256,14 @@ def test_a_model_bank_estimates_online_in_the_scenario():
                                           None), 6.0) for th in bank.thetas]
     assert basals == pytest.approx([basals[0]] * 4, rel=1e-5)
     assert len({tuple(th) for th in bank.thetas}) == 4
+
+
+def test_a_perfect_model_is_the_virtual_patients_own():
+    """perfect_model (in silico only): the controller's model takes the patient's values,
+    clock included, not the population's scaled to the basal."""
+    mpc, _, patient = _controller({"controller.nmpc.perfect_model": True})
+    mine = dict(zip(mpc.model.param_names, mpc.theta))
+    assert {k: mine[k] for k in patient.params} == pytest.approx(patient.params, rel=1e-12)
+    typical, _, _ = _controller()
+    assert typical.theta[typical.model.param_index("cambridge_sit")] != pytest.approx(
+        patient.params["cambridge_sit"], rel=1e-3)

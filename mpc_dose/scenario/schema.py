@@ -739,6 +739,10 @@ class NMPCSpec(_Strict):
     #: keys of [controller.basal_bolus]; the patient's own settings where not given; its
     #: basal is not used: the NMPC sets the rates), through a pump that takes boluses
     meal_bolus: BasalBolusSpec | None = None
+    #: in silico only: the controller's model takes the virtual patient's own parameter
+    #: values (no real controller knows them: an upper bound on what estimation can give;
+    #: scaled_to_basal is then not applied)
+    perfect_model: bool = False
     #: the NMPC chooses each meal bolus among these fractions of the calculator's (e.g.
     #: [0.4, 0.55, 0.7, 0.85, 1.0]): the one whose plan, from the state with that bolus in
     #: it, costs least (a bolus the model sees driving glucose low hours later is cut);

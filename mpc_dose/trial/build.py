@@ -595,7 +595,9 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
             except ModelError as err:
                 raise ConfigError(f"controller.nmpc.parameters.{name}: {err}") from None
             params[name] = float(value)
-        if chosen.scaled_to_basal:
+        if chosen.perfect_model:  # in silico: the patient's own values (an upper bound)
+            params.update({k: v for k, v in patient.params.items() if k in params})
+        elif chosen.scaled_to_basal:
             params = _scaled_to_basal(chosen, own, params, lm, patient)
         return _nmpc_controller(scenario, chosen, c, own, params,
                                 dict(patient.covariates), share, measured, changes,
