@@ -209,3 +209,95 @@ def test_controller_options_without_a_plant_are_checked(args, match, capsys):
     code = main(["serve", "controller", str(SCENARIO), "--workers", "0", *args])
     assert code == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+class _FakeDevices:
+    """On loopback, in a thread: a pump bridge (acks every command; its telemetry only
+    heartbeats: the patient's primary telemetry), a BIS bridge publishing readings stamped
+    UTC (valid, then invalid from *invalid_after_s*) and a second publisher that calls
+    itself by the BIS bridge's name."""
+
+    def __init__(self, invalid_after_s: float) -> None:
+        self.primary, self.bis, self.twin, self.commands = free_addresses(4)
+        self.invalid_from = time.time() + invalid_after_s
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        import zmq
+
+        from mpc_dose.protocol.messages import (Ack, GetStatus, Heartbeat, Hello, Measurement,
+                                                SetRate)
+        from mpc_dose.transport.zmq_link import CommandServer, Telemetry
+
+        context = zmq.Context()
+        try:
+            server = CommandServer(context, self.commands, src="pump-bridge")
+            pump_tel = Telemetry(context, self.primary, src="pump-bridge")
+            bis = Telemetry(context, self.bis, src="bis-bridge")
+            twin = Telemetry(context, self.twin, src="bis-bridge")
+            self.ready.set()
+            k = 0
+            while not self._stop.is_set():
+                for identity, envelope in server.receive(0.1):
+                    m = envelope.message
+                    if isinstance(m, Hello):
+                        server.reply(identity, Hello(role="pump-bridge"))
+                    elif isinstance(m, SetRate):
+                        server.reply(identity, Ack(cmd_id=m.cmd_id, ok=True, code="applied",
+                                                   applied_rate=m.rate, unit=m.unit,
+                                                   lease_remaining_s=m.lease_s))
+                    elif isinstance(m, GetStatus):
+                        server.reply(identity, Ack(cmd_id=m.cmd_id, ok=True, code="applied"))
+                k += 1
+                now = time.time()
+                pump_tel.send(Heartbeat(role="pump-bridge", state="running", period_s=0.25))
+                twin.send(Heartbeat(role="sensor-bridge", state="running", period_s=0.25))
+                bis.send(Measurement(var="bis", value=round(65 + 5 * math.sin(k / 4), 1),
+                                     unit="1", t_meas=now, sensor="bis_vista:bis-bridge",
+                                     quality="valid" if now < self.invalid_from
+                                     else "invalid"))
+        finally:
+            context.destroy(linger=0)
+
+
+def test_the_in_process_controller_decides_on_a_further_source_and_falls_back(tmp_path):
+    """``--workers 0`` (ControllerProcess), no plant: the primary telemetry is a pump
+    bridge's (heartbeats only), the BIS comes from a ``--sensor`` address. Its UTC readings
+    drive the decisions; the further sources' epochs never count as the primary's restarts;
+    invalid readings bring FALLBACK; two publishers under one src are noted."""
+    from mpc_dose.serve.controller import ControllerProcess
+
+    audit = tmp_path / "audit.sqlite"
+    with _FakeDevices(invalid_after_s=6.0) as devices:
+        process = ControllerProcess(
+            load_scenario(SCENARIO), [(2, 2)], [devices.primary],
+            [{"propofol": devices.commands, "remifentanil": devices.commands}],
+            sensors=[[devices.bis, devices.twin]], audit=audit)
+        try:
+            process.connect(10)
+            process.run_realtime(10)
+        finally:
+            process.close()
+    link = process.links[0]
+    assert link.clock_offset_s is None  # no plant: UTC
+    rows = _controller_rows(audit)
+    kinds = [r["kind"] for r in rows]
+    assert "plant_restart" not in kinds and "controller_restart" not in kinds
+    modes = [r["body"] for r in rows if r["kind"] == "mode"]
+    assert [m["target"] for m in modes[:2]] == ["CLOSED_LOOP", "FALLBACK"]
+    assert "bis flagged invalid" in modes[1]["cause"]
+    sets = [r for r in rows if r["kind"] == "set_rate" and r["direction"] == "out"]
+    assert sets and any(r["body"]["rate"] > 0 for r in sets)
+    clash = [r["body"] for r in rows if r["kind"] == "sensor_src_clash"]
+    assert len(clash) == 1 and clash[0]["src"] == "bis-bridge"
