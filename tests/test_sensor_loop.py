@@ -17,7 +17,6 @@ import math
 import re
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
