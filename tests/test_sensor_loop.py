@@ -110,9 +110,11 @@ def test_bis_bridge_drives_the_controller_and_lead_off_means_fallback(tmp_path):
                 "--audit", str(audit)), stdout=subprocess.PIPE, text=True)
             procs.append(controller)
 
-            def closed_loop_commands() -> bool:  # acked commands on valid BIS
+            def closed_loop_commands() -> bool:  # a dose on valid BIS, applied by a pump
                 modes = [r["body"]["target"] for r in _controller_rows(audit, "mode")]
-                return "CLOSED_LOOP" in modes and len(_controller_rows(audit, "ack")) >= 4
+                return "CLOSED_LOOP" in modes and any(
+                    (r["body"].get("applied_rate") or 0) > 0
+                    for r in _controller_rows(audit, "ack"))
             _wait_for(closed_loop_commands, procs, 40, "closed loop on the bridge's BIS")
             monitor.lead_off = True  # an electrode off: the monitor's impedance check fails
 
