@@ -412,6 +412,7 @@ def _serve(args) -> int:
             result.to_pandas().to_csv(out, index=False, float_format="%.10g")
             print(f"wrote {out}")
         return 0
+    _check_controller_options(args)
     if args.workers != 0:
         return _serve_host(args, scenario, seed)
     if args.solve_budget is not None or args.stagger is not None:
@@ -421,12 +422,11 @@ def _serve(args) -> int:
     from .serve.controller import serve_controller
 
     if args.ward:  # every controller in this one process
-        from .serve.host import read_ward
-
-        ward = read_ward(args.ward, scenario, args.seed)
+        ward = _ward(args, scenario)
         process = serve_controller(scenario, ward.patients, ward.telemetry, ward.pumps,
-                                   plant_commands=ward.commands,
-                                   realtime=args.realtime is not None, audit=args.audit,
+                                   plant_commands=ward.commands, sensors=ward.sensors,
+                                   realtime=args.realtime is not None,
+                                   duration_s=args.duration, audit=args.audit,
                                    keys=_keys(args, server=args.publish is not None),
                                    wait_s=args.wait, publish=args.publish)
         print(f"controller: {len(process.links)} patient(s) in one process, "
@@ -434,12 +434,11 @@ def _serve(args) -> int:
               f"{sum(link.missed_acks for link in process.links)}")
         return 0
 
-    routes = {p.pump: args.commands for p in scenario.pump}
-    routes.update(_pairs(args.pump, "--pump"))
-    process = serve_controller(scenario, [(args.patient - 1, seed)], [args.telemetry],
-                               [routes], plant_commands=[args.commands],
+    ward = _one_patient(args, scenario, seed)
+    process = serve_controller(scenario, ward.patients, ward.telemetry, ward.pumps,
+                               plant_commands=ward.commands, sensors=ward.sensors,
                                realtime=args.realtime is not None,
-                               audit=args.audit,
+                               duration_s=args.duration, audit=args.audit,
                                keys=_keys(args, server=args.publish is not None),
                                wait_s=args.wait, publish=args.publish)
     link = process.links[0]
@@ -447,22 +446,66 @@ def _serve(args) -> int:
     return 0
 
 
+def _check_controller_options(args) -> None:
+    """The options of a controller without a plant, and of its run's length."""
+    if args.realtime is None and args.no_plant:
+        raise ConfigError("--no-plant needs --realtime 1: without a simulated plant nobody "
+                          "sends the lock-step's ticks; the controller's own clock (UTC) "
+                          "sets the instants")
+    if args.realtime is None and args.duration is not None:
+        raise ConfigError(f"--duration {args.duration:g} with serve controller needs "
+                          f"--realtime (in lock-step the plant's end ends the run)")
+    if args.ward and (args.no_plant or args.sensor):
+        raise ConfigError("--no-plant and --sensor with --ward: give them in the ward file "
+                          "(an empty commands cell, a sensors column)")
+
+
+def _one_patient(args, scenario, seed):
+    """``--patient`` with its addresses as a one-row ward."""
+    from .serve.host import Ward
+
+    pumps = _pairs(args.pump, "--pump")
+    if args.no_plant:
+        missing = sorted(p.pump for p in scenario.pump if p.pump not in pumps)
+        if missing:
+            raise ConfigError(f"--no-plant: pump(s) {', '.join(missing)} of the scenario "
+                              f"have no --pump NAME=ADDRESS (without a plant every pump is "
+                              f"behind a bridge)")
+        routes, commands = pumps, None
+    else:
+        routes = {p.pump: args.commands for p in scenario.pump}
+        routes.update(pumps)
+        commands = args.commands
+    return Ward([(args.patient - 1, seed)], [args.telemetry], [commands], [routes],
+                [list(args.sensor or [])])
+
+
+def _ward(args, scenario):
+    from .serve.host import read_ward
+
+    ward = read_ward(args.ward, scenario, args.seed)
+    if args.realtime is None and None in ward.commands:
+        raise ConfigError(f"--ward {args.ward!r}: a row without commands (no simulated "
+                          f"plant) needs --realtime 1: nobody would send the lock-step's "
+                          f"ticks")
+    return ward
+
+
 def _serve_host(args, scenario, seed) -> int:
     """``serve controller`` with the controllers in worker processes (hil/README.md, "A
     ward on one host")."""
-    from .serve.host import Ward, read_ward, serve_host
+    from .serve.host import serve_host
 
     if args.ward:
         if args.pump:
             raise ConfigError("--pump with --ward: give each pump's address in the ward "
                               "file's pump:NAME column")
-        ward = read_ward(args.ward, scenario, args.seed)
+        ward = _ward(args, scenario)
     else:
-        routes = {p.pump: args.commands for p in scenario.pump}
-        routes.update(_pairs(args.pump, "--pump"))
-        ward = Ward([(args.patient - 1, seed)], [args.telemetry], [args.commands], [routes])
+        ward = _one_patient(args, scenario, seed)
     host = serve_host(scenario, ward.patients, ward.telemetry, ward.pumps,
-                      plant_commands=ward.commands, realtime=args.realtime is not None,
+                      plant_commands=ward.commands, sensors=ward.sensors,
+                      realtime=args.realtime is not None, duration_s=args.duration,
                       audit=args.audit, keys=_keys(args, server=args.publish is not None),
                       wait_s=args.wait, workers=args.workers,
                       solve_budget_s=args.solve_budget, stagger_s=args.stagger,
@@ -851,13 +894,21 @@ first-dose (a drug-naive patient)""")
                    help="controller: send this pump's commands to a bridge")
     p.add_argument("--external", action="append", metavar="NAME=ADDRESS",
                    help="plant: this pump is a bridge's; follow its telemetry at ADDRESS")
+    p.add_argument("--sensor", action="append", metavar="ADDRESS",
+                   help="controller: also follow this telemetry (a sensor bridge, an SDC "
+                        "bridge, a pump bridge's telemetry): its readings, alarms and pump "
+                        "status reach the patient's controller (repeatable)")
+    p.add_argument("--no-plant", action="store_true",
+                   help="controller: a real patient, no simulated plant: --telemetry is a "
+                        "device bridge's, every pump behind --pump, with --realtime 1")
     p.add_argument("--publish", default=None, metavar="ADDRESS",
                    help="controller: publish each decision's plan, prediction, mode and "
                         "alarms as telemetry (PUB) at ADDRESS, for `mpc-dose monitor`")
     p.add_argument("--realtime", type=float, default=None, metavar="FACTOR",
                    help="against the wall clock (default: simulated, lock-step)")
     p.add_argument("--duration", type=float, default=None,
-                   help="pump-bridge, sensor-bridge, sdc-bridge: stop after [s]")
+                   help="pump-bridge, sensor-bridge, sdc-bridge, controller --realtime: "
+                        "stop after [s] (controller default: the scenario's duration)")
     p.add_argument("--wait", type=float, default=30.0,
                    help="plant, controller: how long to wait for the other side at start [s]")
     p.add_argument("--audit", default=None, help="SQLite audit log to append to")

@@ -6,6 +6,16 @@ instant sends one leased ``set_rate`` per pump over a DEALER socket, waiting for
 ``tick`` heartbeat is the instant; in real time the controller's own clock is, and the plant
 heartbeats only prove liveness.
 
+With *sensors* (``serve controller --sensor ADDRESS``, repeatable) a patient's readings may
+also come from further telemetry publishers: a sensor bridge, an SDC bridge, a pump bridge's
+telemetry (its pump status and alarms). They are read by a second subscriber, apart from the
+plant's: their messages go to the node (ordered per sender and epoch, as every source's) and
+to the audit log, but never set the patient's clock, count as the plant's restarts or keep
+its link alive. A real patient has no simulated plant (``plant_commands`` None, real time):
+the primary telemetry is then a device bridge's, the clock is UTC (what the bridges stamp
+``t_meas`` with) and known from that bridge's first message; no ``tick`` is needed, since in
+real time the instants are the controller's own.
+
 Several patients share one process (the load case: one controller for 100 virtual patients):
 each has its own node, sockets and epoch.
 
@@ -34,6 +44,7 @@ from pathlib import Path
 import zmq
 
 from ..audit import AuditLog
+from ..errors import ConfigError
 from ..node import ControllerNode
 from ..protocol.codec import Envelope
 from ..protocol.messages import Alarm, Heartbeat, Hello, ProtocolError
@@ -77,6 +88,12 @@ class PatientLink:
     hello_s: float | None = None
     #: how many of the node's mode transitions are in the audit log
     modes_logged: int = 0
+    #: further telemetry (``--sensor``: sensor, SDC and pump bridges); never the clock
+    sensors: TelemetryReader | None = None
+    #: per further source (src): the epochs it has had; a src whose earlier epoch speaks
+    #: again is two publishers under one name (noted once: the node keeps only one)
+    sensor_epochs: dict[str, list[str]] = field(default_factory=dict)
+    sensor_clash_noted: set[str] = field(default_factory=set)
 
     def now(self) -> float:
         """This patient's time: the plant's clock, or UTC for real devices."""
@@ -87,24 +104,28 @@ class PatientLink:
 
 class ControllerProcess:
     """Controller nodes for patients of *scenario*, each talking to its plant at
-    ``telemetry[k]`` and to its pumps at ``pumps[k][pump]``."""
+    ``telemetry[k]`` and to its pumps at ``pumps[k][pump]``; ``sensors[k]``: the further
+    telemetry addresses of patient *k* (module docstring); ``plant_commands[k]`` None: no
+    simulated plant to greet (a real patient, or pumps all behind bridges)."""
 
     def __init__(self, scenario: Scenario, patients: list[tuple[int, int]],
                  telemetry: list[str], pumps: list[dict[str, str]], *,
-                 plant_commands: list[str] | None = None,
+                 plant_commands: list[str | None] | None = None,
+                 sensors: list[list[str]] | None = None,
                  audit: str | Path | None = None, keys: Keys | None = None,
                  ack_timeout_s: float = 1.0, retries: int = 2,
                  publish: str | None = None) -> None:
         self.context = zmq.Context()
         # every patient's sockets (a telemetry SUB, a DEALER per command endpoint) in one
         # context: zmq's default of 1023 sockets stops a ward at a few hundred patients
-        self.context.set(zmq.MAX_SOCKETS, max(1024, 3 * len(patients) + 64))
+        self.context.set(zmq.MAX_SOCKETS, max(1024, 4 * len(patients) + 64))
         self.log = None
         self.publisher: Telemetry | None = None
         self.auth: Authenticator | None = None
+        self.links: list[PatientLink] = []
         try:
-            self._open(scenario, patients, telemetry, pumps, plant_commands, audit, keys,
-                       ack_timeout_s, retries)
+            self._open(scenario, patients, telemetry, pumps, plant_commands, sensors, audit,
+                       keys, ack_timeout_s, retries)
             if publish is not None:
                 self._publisher(publish, keys)
         except BaseException:
@@ -118,19 +139,24 @@ class ControllerProcess:
         #: True once the process has stopped commanding (deadline misses)
         self.fallback = False
 
-    def _open(self, scenario, patients, telemetry, pumps, plant_commands, audit, keys,
-              ack_timeout_s, retries) -> None:
+    def _open(self, scenario, patients, telemetry, pumps, plant_commands, sensors, audit,
+              keys, ack_timeout_s, retries) -> None:
         """The patients' nodes, their telemetry readers and pump clients (__init__'s work,
         apart so that a failure can close what was opened)."""
         self.scenario = scenario
-        self.log = AuditLog(audit, "controller") if audit else None
         self.ack_timeout_s, self.retries = ack_timeout_s, retries
         self.epoch = new_epoch()
-        self.links: list[PatientLink] = []
         plant_commands = plant_commands or [None] * len(patients)
+        sensors = sensors or [[] for _ in patients]
+        if len(sensors) != len(patients):
+            raise ConfigError(f"sensors: {len(sensors)} list(s) of further telemetry "
+                              f"addresses for {len(patients)} patient(s); expected one each")
+        for tel, further in zip(telemetry, sensors):
+            _check_sensors(tel, further)
+        self.log = AuditLog(audit, "controller") if audit else None
         parts = self._controllers(scenario, patients)
-        for (index, seed), tel, routes, plant_cmd, part in zip(patients, telemetry, pumps,
-                                                                plant_commands, parts):
+        for (index, seed), tel, routes, plant_cmd, further, part in zip(
+                patients, telemetry, pumps, plant_commands, sensors, parts):
             controller, plant_routes, safety, lease_periods = part
             node = ControllerNode(controller, plant_routes, safety=safety,
                                   lease_periods=lease_periods, src=f"controller-{index + 1}")
@@ -144,7 +170,10 @@ class ControllerProcess:
             plant = by_address.get(plant_cmd) if plant_cmd else None
             if plant_cmd and plant is None:
                 plant = self._client(plant_cmd, node.src, keys)
-            self.links.append(self.link_class(node, reader, clients, plant, (index, seed)))
+            link = self.link_class(node, reader, clients, plant, (index, seed))
+            if further:
+                link.sensors = TelemetryReader(self.context, list(further), keys=keys)
+            self.links.append(link)
 
     #: the per-patient record a subclass may extend
     link_class = PatientLink
@@ -272,9 +301,47 @@ class ControllerProcess:
                     link.finished = True
                 continue
             self._record("in", envelope)
+            # a message without the plant's time (a device bridge's) is taken at the
+            # patient's own clock: UTC without a plant, as the bridges' t_meas
             link.node.receive(message, envelope.t_sim if envelope.t_sim is not None
-                              else time.monotonic(), origin=(envelope.src, envelope.epoch))
+                              else link.now(), origin=(envelope.src, envelope.epoch))
+        self.handle_sensors(link)
         return ticks
+
+    def handle_sensors(self, link: PatientLink, timeout_s: float = 0.0) -> None:
+        """Take in the further telemetry (``--sensor``): readings, alarms and pump status
+        for the node and the audit log; heartbeats only prove the bridge alive (a silent
+        bridge's readings go stale, and the supervisor's staleness rule acts)."""
+        if link.sensors is None:
+            return
+        for envelope in link.sensors.drain(timeout_s):
+            self._sensor_epoch(link, envelope)
+            message = envelope.message
+            if isinstance(message, Heartbeat):
+                continue
+            self._record("in", envelope)
+            # a pump bridge's status after a command carries that command's time (ours);
+            # everything else is taken at the patient's clock
+            link.node.receive(message, envelope.t_sim if envelope.t_sim is not None
+                              else link.now(), origin=(envelope.src, envelope.epoch))
+
+    def _sensor_epoch(self, link: PatientLink, envelope: Envelope) -> None:
+        """Note once when two live publishers share one src (the node would keep only the
+        newer epoch's messages: each source needs its own ``src``)."""
+        epochs = link.sensor_epochs.setdefault(envelope.src, [])
+        if not epochs or epochs[-1] != envelope.epoch:
+            if envelope.epoch in epochs and envelope.src not in link.sensor_clash_noted:
+                link.sensor_clash_noted.add(envelope.src)
+                if self.log is not None:
+                    self.log.note("sensor_src_clash", None, patient=link.node.src,
+                                  src=envelope.src, epochs=sorted(set(epochs)),
+                                  cause="two publishers send as one src; give each bridge "
+                                        "its own ([bridge] src)")
+            if envelope.epoch not in epochs:
+                epochs.append(envelope.epoch)
+            else:
+                epochs.remove(envelope.epoch)
+                epochs.append(envelope.epoch)
 
     def _plant_restarted(self, link: PatientLink, envelope: Envelope) -> None:
         """A new plant epoch: its clock from now on; a fresh controller when that clock is
@@ -365,6 +432,8 @@ class ControllerProcess:
         poller = zmq.Poller()
         for link in self.links:
             poller.register(link.telemetry.sock, zmq.POLLIN)
+            if link.sensors is not None:
+                poller.register(link.sensors.sock, zmq.POLLIN)
         while not all(link.finished for link in self.links):
             for link in self.links:
                 self.rejoin(link)
@@ -429,15 +498,30 @@ class ControllerProcess:
         self.context.destroy(linger=0)
 
 
+def _check_sensors(telemetry: str, sensors: list[str]) -> None:
+    """Further telemetry addresses: each once, and not the primary one (a publisher
+    subscribed twice would deliver every message twice)."""
+    seen = {telemetry}
+    for address in sensors:
+        if not isinstance(address, str) or not address:
+            raise ConfigError(f"--sensor {address!r}: expected a telemetry address "
+                              f"(tcp://HOST:PORT)")
+        if address in seen:
+            raise ConfigError(f"--sensor {address!r}: given twice (or it is the patient's "
+                              f"--telemetry {telemetry!r}); each address once")
+        seen.add(address)
+
+
 def serve_controller(scenario: Scenario, patients: list[tuple[int, int]],
                      telemetry: list[str], pumps: list[dict[str, str]], *,
-                     plant_commands: list[str] | None = None, realtime: bool = False,
+                     plant_commands: list[str | None] | None = None,
+                     sensors: list[list[str]] | None = None, realtime: bool = False,
                      duration_s: float | None = None,
                      audit: str | Path | None = None, keys: Keys | None = None,
                      wait_s: float = 30.0, publish: str | None = None) -> ControllerProcess:
     process = ControllerProcess(scenario, patients, telemetry, pumps,
-                                plant_commands=plant_commands, audit=audit, keys=keys,
-                                publish=publish)
+                                plant_commands=plant_commands, sensors=sensors, audit=audit,
+                                keys=keys, publish=publish)
     try:
         process.connect(wait_s)
         if realtime:

@@ -69,19 +69,23 @@ __all__ = ["ControllerHost", "HostedLink", "Ward", "read_ward", "serve_host",
 @dataclass(frozen=True)
 class Ward:
     """The patients one host serves: for each, (patient index (0-based), seed), its plant's
-    telemetry and command addresses, and where each pump's commands go."""
+    telemetry and command addresses (None: no simulated plant), where each pump's commands
+    go, and the further telemetry addresses it follows (sensor and pump bridges)."""
 
     patients: list[tuple[int, int]]
     telemetry: list[str]
-    commands: list[str]
+    commands: list[str | None]
     pumps: list[dict[str, str]]
+    sensors: list[list[str]] = field(default_factory=list)
 
 
 def read_ward(path: str | Path, scenario: Scenario, seed: int | None = None) -> Ward:
     """A ward file: CSV with a header ``patient,seed,telemetry,commands`` and optionally a
-    ``pump:NAME`` column per pump behind a bridge (its command address; empty: the plant's).
-    *patient* counts from 1; an empty or missing *seed* is *seed* (the scenario's when
-    None).
+    ``pump:NAME`` column per pump behind a bridge (its command address; empty: the plant's)
+    and a ``sensors`` column (further telemetry addresses, separated by spaces: sensor
+    bridges, a pump bridge's telemetry). *patient* counts from 1; an empty or missing *seed*
+    is *seed* (the scenario's when None). An empty *commands* is a patient without a
+    simulated plant (a real one): then every pump needs its ``pump:NAME`` address.
 
     Raises
     ------
@@ -102,8 +106,8 @@ def read_ward(path: str | Path, scenario: Scenario, seed: int | None = None) -> 
                           f"patient" + (f"; missing {', '.join(missing)}" if missing else ""))
     names = {p.pump for p in scenario.pump}
     unknown = [c for c in columns if c.startswith("pump:") and c[5:] not in names]
-    extra = [c for c in columns if c not in ("patient", "seed", "telemetry", "commands")
-             and not c.startswith("pump:")]
+    extra = [c for c in columns if c not in ("patient", "seed", "telemetry", "commands",
+                                             "sensors") and not c.startswith("pump:")]
     if unknown or extra:
         raise ConfigError(f"--ward {str(path)!r}: unknown column(s) {unknown + extra}; "
                           f"pumps of the scenario: {', '.join(sorted(names))}")
@@ -124,18 +128,23 @@ def read_ward(path: str | Path, scenario: Scenario, seed: int | None = None) -> 
             return value
         patient = whole("patient", 1)
         seed_k = whole("seed", 0) if (row.get("seed") or "").strip() else default_seed
-        for column in ("telemetry", "commands"):
-            if not (row.get(column) or "").strip():
-                raise ConfigError(f"{where}: {column} is empty: expected an address "
-                                  f"(tcp://HOST:PORT)")
-        commands = row["commands"].strip()
-        routes = {name: commands for name in names}
+        if not (row.get("telemetry") or "").strip():
+            raise ConfigError(f"{where}: telemetry is empty: expected an address "
+                              f"(tcp://HOST:PORT)")
+        commands = (row.get("commands") or "").strip() or None
+        routes = {name: commands for name in names} if commands else {}
         routes.update({c[5:]: row[c].strip() for c in columns
                        if c.startswith("pump:") and (row.get(c) or "").strip()})
+        unrouted = sorted(names - set(routes))
+        if unrouted:
+            raise ConfigError(f"{where}: commands is empty (no simulated plant) but pump(s) "
+                              f"{', '.join(unrouted)} have no pump:NAME address; expected "
+                              f"the plant's commands address or each pump's bridge")
         ward.patients.append((patient - 1, seed_k))
         ward.telemetry.append(row["telemetry"].strip())
         ward.commands.append(commands)
         ward.pumps.append(routes)
+        ward.sensors.append((row.get("sensors") or "").split())
     return ward
 
 
@@ -289,8 +298,9 @@ class ControllerHost(ControllerProcess):
     # ------------------------------------------------------------------ the loop
     def _register(self) -> None:
         for link in self.links:
-            self._by_socket[link.telemetry.sock] = ("telemetry", link)
-            self.poller.register(link.telemetry.sock, zmq.POLLIN)
+            for reader in self._readers(link):
+                self._by_socket[reader.sock] = ("telemetry", link)
+                self.poller.register(reader.sock, zmq.POLLIN)
             endpoints = list(link.clients.values()) + ([link.plant] if link.plant else [])
             for client in {id(c): c for c in endpoints}.values():
                 if client.sock not in self._by_socket:
@@ -303,10 +313,16 @@ class ControllerHost(ControllerProcess):
     def _hold(self, link: HostedLink, hold: bool) -> None:
         """Leave *link*'s telemetry unread while its cycle runs (its node then sees no
         message between asking the controller and issuing the decision, as in-process)."""
-        if hold:
-            self.poller.unregister(link.telemetry.sock)
-        else:
-            self.poller.register(link.telemetry.sock, zmq.POLLIN)
+        for reader in self._readers(link):
+            if hold:
+                self.poller.unregister(reader.sock)
+            else:
+                self.poller.register(reader.sock, zmq.POLLIN)
+
+    @staticmethod
+    def _readers(link: HostedLink) -> list:
+        """The patient's telemetry subscribers: its plant's, and the further sources'."""
+        return [link.telemetry] + ([link.sensors] if link.sensors is not None else [])
 
     def _loop(self, until, budget_s: float | None, realtime: bool,
               idle_timeout_s: float = 30.0) -> None:
@@ -624,8 +640,9 @@ class ControllerHost(ControllerProcess):
 
 
 def serve_host(scenario: Scenario, patients: list[tuple[int, int]], telemetry: list[str],
-               pumps: list[dict[str, str]], *, plant_commands: list[str] | None = None,
-               realtime: bool = False, duration_s: float | None = None,
+               pumps: list[dict[str, str]], *,
+               plant_commands: list[str | None] | None = None,
+               sensors: list[list[str]] | None = None, realtime: bool = False, duration_s: float | None = None,
                audit: str | Path | None = None, keys: Keys | None = None,
                wait_s: float = 30.0, workers: int | None = None,
                solve_budget_s: float | None = None,
@@ -633,7 +650,7 @@ def serve_host(scenario: Scenario, patients: list[tuple[int, int]], telemetry: l
     """Connect, run (lock-step, or real time for *duration_s*) and close a host; with
     *publish*, every decision's plan, alarms and a heartbeat go to monitors there."""
     host = ControllerHost(scenario, patients, telemetry, pumps, plant_commands=plant_commands,
-                          audit=audit, keys=keys, workers=workers,
+                          sensors=sensors, audit=audit, keys=keys, workers=workers,
                           solve_budget_s=solve_budget_s, stagger_s=stagger_s,
                           publish=publish)
     try:
