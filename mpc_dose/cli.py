@@ -220,16 +220,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         setup = replace(setup, realtime_factor=args.realtime)
-    progress = None
-    if args.realtime is not None:  # minutes of wall time: say how it goes
-        def progress(t_s, columns):
-            measured = [f"{name.removeprefix('measured_')} {values[-1]:.4g}"
-                        for name, values in columns.items()
-                        if name.startswith("measured_") and values]
-            mode = columns.get("controller_mode", [""])[-1:] or [""]
-            print(f"t = {t_s:g} s of {setup.duration_s:g} s: " + ", ".join(measured)
-                  + f" [{mode[0]}]", flush=True)
-    result = run_closed_loop(setup, progress=progress)
+    def show(t_s, columns):  # minutes of wall time in real time: say how it goes
+        measured = [f"{name.removeprefix('measured_')} {values[-1]:.4g}"
+                    for name, values in columns.items()
+                    if name.startswith("measured_") and values]
+        mode = columns.get("controller_mode", [""])[-1:] or [""]
+        print(f"t = {t_s:g} s of {setup.duration_s:g} s: " + ", ".join(measured)
+              + f" [{mode[0]}]", flush=True)
+
+    result = run_closed_loop(setup, progress=show if args.realtime is not None else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     frame = result.to_pandas()

@@ -578,7 +578,7 @@ def test_the_cli_runs_a_bis_bridge_whose_measurements_decode(tmp_path):
                 isinstance(e.message, Measurement) for e in got) < 3:
             got += list(reader.drain(0.2))
         bis = [e for e in got if isinstance(e.message, Measurement) and e.message.var == "bis"]
-        assert bis and bis[0].message.value == 45.0 and bis[0].src == "sensor-bridge"
+        assert bis and bis[0].message.value == 45.0 and bis[0].src == "bis-vista-bridge"
         assert reader.rejected == {}
     finally:
         process.terminate()

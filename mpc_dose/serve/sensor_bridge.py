@@ -62,7 +62,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import zmq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..audit import AuditLog
 from ..errors import ConfigError
@@ -87,8 +87,16 @@ class _Strict(BaseModel):
 class BridgeSection(_Strict):
     kind: Literal["bis_vista", "nightscout"]
     telemetry: str
-    src: str = Field("sensor-bridge", min_length=1, max_length=128)
+    #: the sender id of its messages: by default its kind's (``bis-vista-bridge``,
+    #: ``nightscout-bridge``), so two kinds feeding one controller never share one
+    src: str | None = Field(None, min_length=1, max_length=128)
     heartbeat_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _kind_src(self):
+        if self.src is None:
+            self.src = f"{self.kind.replace('_', '-')}-bridge"
+        return self
 
 
 class BisSection(_Strict):
