@@ -22,26 +22,22 @@ from __future__ import annotations
 import argparse
 import os
 import select
-import threading
 import time
-import tty
 
 from mpc_dose.protocol.bis_vista import (NEED_DATA, REQUEST_PROCESSED_VARS, STOP_PROCESSED_VARS,
                                          BisVistaParser, OtherMessage, encode_processed_vars)
 
+from .pty_device import PtyDevice
+
 __all__ = ["BisEmulator"]
 
 
-class BisEmulator:
+class BisEmulator(PtyDevice):
     """A monitor behind one pseudo-terminal; :attr:`device` is the path to open."""
 
     def __init__(self, *, period_s: float = 1.0, bis: float | None = 45.0,
                  sqi: float | None = 95.0, autostart: bool = False) -> None:
-        self.master, slave = os.openpty()
-        tty.setraw(self.master)
-        tty.setraw(slave)
-        self.device = os.ttyname(slave)
-        self._slave = slave
+        super().__init__("bis-emulator")
         self.period_s = period_s
         self.bis, self.sqi, self.emg_db, self.sr = bis, sqi, 30.0, 0.0
         self.artifact = 0
@@ -58,23 +54,6 @@ class BisEmulator:
         self._seq = 0
         self._last = b""
         self._parser = BisVistaParser()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bis-emulator", daemon=True)
-
-    def start(self) -> BisEmulator:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Drop the line (a pulled cable): nothing more is sent or read."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2)
-        for fd in (self.master, self._slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def packet(self) -> bytes:
         """The next packet as the knobs say (a new message sequence number)."""

@@ -23,11 +23,12 @@ import os
 import select
 import threading
 import time
-import tty
 from dataclasses import dataclass, field
 
 from mpc_dose.protocol.newera import (ETX, RATE_UNITS, STX, NewEraError, encode_reply,
                                       format_number)
+
+from .pty_device import PtyDevice
 
 __all__ = ["NewEraEmulator", "EmulatedPump"]
 
@@ -53,16 +54,12 @@ class EmulatedPump:
         self._since = now
 
 
-class NewEraEmulator:
+class NewEraEmulator(PtyDevice):
     """The pumps at *addresses* behind one pseudo-terminal; :attr:`device` is its path."""
 
     def __init__(self, addresses=(0,), *, max_rate_ml_per_h: float = 1500.0,
                  power_reset: bool = False) -> None:
-        self.master, slave = os.openpty()
-        tty.setraw(self.master)
-        tty.setraw(slave)
-        self.device = os.ttyname(slave)
-        self._slave = slave
+        super().__init__("ne1000-emulator")
         self.pumps = {a: EmulatedPump(a, max_rate_ml_per_h) for a in addresses}
         if not power_reset:
             for pump in self.pumps.values():
@@ -74,25 +71,9 @@ class NewEraEmulator:
         self.corrupt_crc = False
         self.log: list[str] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ne1000-emulator", daemon=True)
         self._buffer = b""
 
     # ------------------------------------------------------------------ control
-    def start(self) -> NewEraEmulator:
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Drop the link (as a pulled cable): the emulator stops answering for good."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(2)
-        for fd in (self.master, self._slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def alarm(self, address: int, code: str) -> None:
         """Raise alarm *code* (``S`` stall, ``R`` power reset) on a pump: it stops."""

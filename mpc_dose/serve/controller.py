@@ -519,14 +519,21 @@ def serve_controller(scenario: Scenario, patients: list[tuple[int, int]],
                      duration_s: float | None = None,
                      audit: str | Path | None = None, keys: Keys | None = None,
                      wait_s: float = 30.0, publish: str | None = None) -> ControllerProcess:
-    process = ControllerProcess(scenario, patients, telemetry, pumps,
-                                plant_commands=plant_commands, sensors=sensors, audit=audit,
-                                keys=keys, publish=publish)
+    return run_to_end(ControllerProcess(scenario, patients, telemetry, pumps,
+                                        plant_commands=plant_commands, sensors=sensors,
+                                        audit=audit, keys=keys, publish=publish),
+                      wait_s, realtime, duration_s)
+
+
+def run_to_end(process: ControllerProcess, wait_s: float, realtime: bool,
+               duration_s: float | None) -> ControllerProcess:
+    """Connect *process* (or its subclass), run it (lock-step, or real time for
+    *duration_s*, the scenario's duration when None) and close it."""
     try:
         process.connect(wait_s)
         if realtime:
             process.run_realtime(duration_s if duration_s is not None
-                                 else scenario.scenario.duration_s)
+                                 else process.scenario.scenario.duration_s)
         else:
             process.run_simulated()
     finally:

@@ -59,7 +59,7 @@ from ..protocol.codec import Envelope
 from ..protocol.messages import Ack, Alarm, Hello
 from ..scenario.schema import Scenario
 from ..transport.zmq_link import CommandClient, Keys
-from .controller import ControllerProcess, PatientLink
+from .controller import ControllerProcess, PatientLink, run_to_end
 from .pool import RemoteController, Request, Worker, WorkerPool
 
 __all__ = ["ControllerHost", "HostedLink", "Ward", "read_ward", "serve_host",
@@ -649,17 +649,8 @@ def serve_host(scenario: Scenario, patients: list[tuple[int, int]], telemetry: l
                stagger_s: float | None = None, publish: str | None = None) -> ControllerHost:
     """Connect, run (lock-step, or real time for *duration_s*) and close a host; with
     *publish*, every decision's plan, alarms and a heartbeat go to monitors there."""
-    host = ControllerHost(scenario, patients, telemetry, pumps, plant_commands=plant_commands,
-                          sensors=sensors, audit=audit, keys=keys, workers=workers,
-                          solve_budget_s=solve_budget_s, stagger_s=stagger_s,
-                          publish=publish)
-    try:
-        host.connect(wait_s)
-        if realtime:
-            host.run_realtime(duration_s if duration_s is not None
-                              else scenario.scenario.duration_s)
-        else:
-            host.run_simulated()
-    finally:
-        host.close()
-    return host
+    return run_to_end(ControllerHost(scenario, patients, telemetry, pumps,
+                                     plant_commands=plant_commands, sensors=sensors,
+                                     audit=audit, keys=keys, workers=workers,
+                                     solve_budget_s=solve_budget_s, stagger_s=stagger_s,
+                                     publish=publish), wait_s, realtime, duration_s)

@@ -53,13 +53,12 @@ from __future__ import annotations
 
 import math
 import time
-import tomllib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..audit import AuditLog
 from ..errors import ConfigError
@@ -69,6 +68,7 @@ from ..protocol.messages import (MAX_TEXT_CHARS, Ack, Heartbeat, Hello,
                                  RemoteProtocolError, _Message)
 from ..protocol.session import PeerBudget
 from ..transport.zmq_link import Authenticator, CommandServer, Keys, Telemetry
+from .config_file import read_config
 
 __all__ = ["BridgeConfig", "load_bridge_config", "BridgeCore", "Outgoing",
            "PumpBridgeProcess"]
@@ -124,14 +124,7 @@ class BridgeConfig(_Strict):
 
 def load_bridge_config(path: str | Path | dict) -> BridgeConfig:
     """Read and check a bridge config; errors name the field and the value (T38)."""
-    data = path if isinstance(path, dict) else tomllib.loads(Path(path).read_text("utf-8"))
-    try:
-        config = BridgeConfig.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"pump-bridge config {where}: {first['msg']} "
-                          f"(got {first.get('input')!r})") from None
+    config = read_config(path, BridgeConfig, "pump-bridge config")
     b = config.bridge
     if b.safe_mode_s == 0 and not b.no_hardware_watchdog:
         raise ConfigError("pump-bridge config bridge.safe_mode_s = 0 runs the pumps without "

@@ -53,12 +53,11 @@ from __future__ import annotations
 import math
 import threading
 import time
-import tomllib
 from collections import deque
 from pathlib import Path
 
 import zmq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..audit import AuditLog
 from ..errors import ConfigError
@@ -69,6 +68,7 @@ from ..protocol.sdc import MetricMapping
 from ..protocol.session import PeerBudget
 from ..transport.sdc_link import SdcLink, SdcLinkError, SdcPumpBinding, SdcPumpDriver
 from ..transport.zmq_link import Authenticator, CommandServer, Keys, Telemetry
+from .config_file import read_config
 from .pump_bridge import BridgeCore, Outgoing
 
 __all__ = ["SdcBridgeConfig", "load_sdc_bridge_config", "SdcBridgeProcess"]
@@ -145,14 +145,7 @@ class SdcBridgeConfig(_Strict):
 
 def load_sdc_bridge_config(path: str | Path | dict) -> SdcBridgeConfig:
     """Read and check an SDC bridge config; errors name the field and the value."""
-    data = path if isinstance(path, dict) else tomllib.loads(Path(path).read_text("utf-8"))
-    try:
-        config = SdcBridgeConfig.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"sdc-bridge config {where}: {first['msg']} "
-                          f"(got {first.get('input')!r})") from None
+    config = read_config(path, SdcBridgeConfig, "sdc-bridge config")
     b = config.bridge
     if (b.address is None) == (b.epr is None):
         raise ConfigError(f"sdc-bridge config bridge: give the provider's address (its "

@@ -55,14 +55,13 @@ from __future__ import annotations
 import math
 import os
 import time
-import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 import zmq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..audit import AuditLog
 from ..errors import ConfigError
@@ -72,6 +71,7 @@ from ..protocol import bis_vista, nightscout
 from ..protocol.messages import Heartbeat, PumpStatus, _Message
 from ..transport.sensor_links import LinkError, NightscoutClient, SerialBytes
 from ..transport.zmq_link import Authenticator, Keys, Telemetry, TelemetryReader
+from .config_file import read_config
 
 __all__ = ["SensorBridgeConfig", "load_sensor_bridge_config", "SensorBridgeProcess"]
 
@@ -156,19 +156,7 @@ class SensorBridgeConfig(_Strict):
 def load_sensor_bridge_config(path: str | Path | dict) -> SensorBridgeConfig:
     """Read and check a sensor-bridge config; errors name the field, the value and what
     was expected."""
-    try:
-        data = path if isinstance(path, dict) else \
-            tomllib.loads(Path(path).read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"sensor-bridge config {str(path)!r}: cannot be read as TOML "
-                          f"({err})") from None
-    try:
-        config = SensorBridgeConfig.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"sensor-bridge config {where}: {first['msg']} "
-                          f"(got {first.get('input')!r})") from None
+    config = read_config(path, SensorBridgeConfig, "sensor-bridge config")
     kind = config.bridge.kind
     other = "nightscout" if kind == "bis_vista" else "bis_vista"
     if getattr(config, kind) is None:
