@@ -34,6 +34,7 @@ provider rewrites the failure it reports (see :meth:`BenchProvider._report`).
 from __future__ import annotations
 
 import argparse
+import http.client
 import math
 import random
 import threading
@@ -87,6 +88,8 @@ class BenchProvider:
         self.watchdog_s = watchdog_s
         self.validity = "Vld"
         self.frozen = False
+        #: metric reports a gone subscriber did not take (its send raised)
+        self.dropped_sends = 0
         #: (InvocationError, text) to refuse SetValue with; refuse_calls: how many more
         #: calls to refuse (None: all, until refuse is cleared)
         self.refuse: tuple[str, str] | None = None
@@ -177,7 +180,16 @@ class BenchProvider:
         """Write one metric state: *value* as given (a number, a Decimal, None, or any
         garbage), *validity* (default :attr:`validity`), *activation*, *determination_s*
         (default now; seconds since 1970 UTC)."""
-        # sdc11073 stamps DeterminationTime itself unless told not to
+        # sdc11073 stamps DeterminationTime itself unless told not to; the state is written
+        # when the transaction ends, then the reports go out: a subscriber that has gone
+        # (a bridge closed without unsubscribing) makes the synchronous send raise, which is
+        # the subscriber's loss, not the device's - the state stands and the device goes on
+        try:
+            self._write(handle, value, validity, activation, determination_s)
+        except (ConnectionError, OSError, http.client.HTTPException):
+            self.dropped_sends += 1
+
+    def _write(self, handle, value, validity, activation, determination_s) -> None:
         with self._lock, self.mdib.metric_state_transaction(
                 set_determination_time=determination_s is None) as tr:
             state = tr.get_state(handle)
