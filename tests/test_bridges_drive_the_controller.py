@@ -158,7 +158,7 @@ def test_nightscout_glucose_drives_the_controller_and_a_stale_site_means_fallbac
                 "serve", "controller", str(scenario), "--patient", "1", "--no-plant",
                 "--telemetry", pumps.telemetry, "--sensor", ns_tel,
                 "--pump", f"insulin={pumps.commands}", "--realtime", "1",
-                "--duration", "20", "--workers", "0", "--audit", str(audit)),
+                "--duration", "15", "--workers", "0", "--audit", str(audit)),
                 stdout=subprocess.PIPE, text=True)
             procs.append(controller)
             _wait_for(lambda: _closed_loop_commands(audit), procs, 30,
@@ -254,7 +254,7 @@ def test_sdc_bis_drives_the_controller_and_invalid_metrics_mean_fallback(tmp_pat
                 "--telemetry", pumps.telemetry, "--sensor", sdc_tel,
                 "--pump", f"propofol={pumps.commands}",
                 "--pump", f"remifentanil={pumps.commands}", "--realtime", "1",
-                "--duration", "20", "--workers", "0", "--audit", str(audit)),
+                "--duration", "15", "--workers", "0", "--audit", str(audit)),
                 stdout=subprocess.PIPE, text=True)
             procs.append(controller)
             _wait_for(lambda: _closed_loop_commands(audit), procs, 30,
