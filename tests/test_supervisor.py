@@ -763,3 +763,44 @@ def test_predictive_low_suspend_holds_insulin_before_the_low_and_only_insulin():
     assert verdict.rates["insulin"] == 0.001 and not sup.suspended
     with pytest.raises(ConfigError, match=r"suspend_below: needs suspend_inputs"):
         SafetyConfig(measured="cgm", suspend_below=4.4)
+
+
+class _Insulin(Recorder):
+    """The Recorder for an insulin controller."""
+
+    def __init__(self):
+        super().__init__(rate=0.001)
+        self.inputs = ("insulin",)
+
+    def decide(self, t_s, readings):
+        from mpc_dose.control.base import Decision
+
+        self.seen.append(dict(readings))
+        return Decision(t_s, {"insulin": self.rate}, "rec says so")
+
+
+def test_readings_in_another_unit_are_converted_before_any_rule_and_the_controller():
+    """A Nightscout site's mg/dL for limits and a model in mmol/L: the supervisor converts
+    each reading (by glucose's molar mass) before its rules and the controller see it, so
+    the low suspend at 4.4 mmol/L acts on 72 mg/dL (4.0 mmol/L); a reading in a unit that
+    cannot be glucose is refused (data.unit) and the loop falls back."""
+    config = SafetyConfig(measured="cgm", stale_after_s=600.0, suspend_below=4.4,
+                          suspend_inputs=("insulin",), measured_unit="mmol/L",
+                          measured_substance="glucose", valid_range=(1.0, 30.0))
+    controller = _Insulin()
+    ctl = SupervisedController(controller, config)
+    for k, mg_dl in enumerate((140.0, 120.0, 100.0, 80.0, 72.0)):
+        reading = Reading("cgm", mg_dl, "mg/dL", k * 300.0)
+        ctl.observe(reading)
+        decision = ctl.decide(k * 300.0, {"cgm": reading})
+    seen = controller.seen[-1]["cgm"]
+    assert seen.unit == "mmol/L" and seen.value == pytest.approx(72.0 / 18.016, rel=1e-3)
+    assert decision.rates["insulin"] == 0.0 and "low" in decision.reason
+    assert controller.observed[-1].unit == "mmol/L"
+    wrong = Reading("cgm", 90.0, "mmHg", 1500.0)
+    ctl.observe(wrong)
+    decision = ctl.decide(1500.0, {"cgm": wrong})
+    assert ctl.rejected["data.unit"] == 1 and "cgm" not in controller.seen[-1]
+    assert ctl.supervisor.data_code == "data.unit" and "not convertible" in decision.reason
+    with pytest.raises(ConfigError, match=r"measured_substance = 'insulin': expected"):
+        SafetyConfig(measured="cgm", measured_substance="insulin")

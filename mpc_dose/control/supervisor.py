@@ -32,9 +32,10 @@ import math
 import numbers
 from collections import Counter, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import ConfigError
+from ..units import GLUCOSE, UnitError, convert, convert_substance
 from .base import Controller, Decision, Reading, check_boluses, check_rates
 
 __all__ = ["PendingDecision", "SafetyConfig", "SafetySupervisor", "SupervisedController",
@@ -124,8 +125,18 @@ class SafetyConfig:
     suspend_horizon_s: float = 1800.0
     suspend_trend_s: float = 1200.0
     suspend_inputs: tuple[str, ...] = ()
+    #: the unit the limits above and the controller take the measured variable in; a
+    #: reading in another unit (a Nightscout site's mg/dL for a model in mmol/L) is
+    #: converted into it on the way in - a glucose reading between mass and molar
+    #: concentration by glucose's molar mass when *measured_substance* is "glucose" - and
+    #: one that cannot be is refused (``data.unit``); None: readings are taken as they come
+    measured_unit: str | None = None
+    measured_substance: str | None = None
 
     def __post_init__(self) -> None:
+        if self.measured_substance not in (None, "glucose"):
+            raise ConfigError(f"safety.measured_substance = {self.measured_substance!r}: "
+                              f"expected 'glucose' or None")
         if self.measured is not None and (not isinstance(self.measured, str)
                                           or not self.measured):
             raise ConfigError(f"safety.measured = {self.measured!r}: expected a reading "
@@ -219,6 +230,25 @@ class SafetySupervisor:
         if mode != self.mode:
             self.transitions.append((t_s, self.mode, mode, cause))
             self.mode = mode
+
+    def in_unit(self, reading: Reading) -> tuple[Reading | None, str]:
+        """*reading* of the measured variable in :attr:`SafetyConfig.measured_unit` (the
+        same reading when it already is, or no unit is set), or ``(None, why)`` when its
+        unit cannot be converted."""
+        c = self.config
+        if c.measured_unit is None or reading.unit == c.measured_unit:
+            return reading, ""
+        try:
+            if c.measured_substance == "glucose":
+                value = convert_substance(reading.value, reading.unit, c.measured_unit,
+                                          GLUCOSE, what=c.measured or "reading")
+            else:
+                value = convert(reading.value, reading.unit, c.measured_unit,
+                                what=c.measured or "reading")
+        except UnitError as err:
+            return None, f"{c.measured} in {reading.unit!r}, not convertible to " \
+                f"{c.measured_unit!r} ({err})"
+        return replace(reading, value=value, unit=c.measured_unit), ""
 
     def screen(self, reading: Reading) -> tuple[str, str]:
         """Why a reading of the measured variable may not be used whatever its time: (reason,
@@ -480,6 +510,10 @@ class SupervisedController:
     def observe(self, reading: Reading) -> None:
         """Every reading as it arrives; see the class docstring."""
         if reading.var == self.measured:
+            reading, _ = self.supervisor.in_unit(reading)
+            if reading is None:
+                self.rejected["data.unit"] += 1
+                return
             _, code = self.supervisor.screen(reading)
             if code:
                 self.rejected[code] += 1
@@ -504,12 +538,19 @@ class SupervisedController:
         elsewhere (another process, under a time budget) hands its answer to
         :meth:`settle`; nothing else may reach this supervisor in between."""
         sup, measured = self.supervisor, self.measured
+        given = dict(readings)
         if measured is None:
             usable, why = True, "open loop"
+        elif measured in given:
+            latest, why = sup.in_unit(given[measured])
+            if latest is None:
+                usable, sup.data_code = False, "data.unit"
+            else:
+                given[measured] = latest
+                usable, why = sup.gate(t_s, latest)
         else:
-            usable, why = sup.gate(t_s, readings.get(measured))
+            usable, why = sup.gate(t_s, None)
         self.data_usable = usable and not sup.flat
-        given = dict(readings)
         if measured is not None and not self.data_usable:
             given.pop(measured, None)
         return PendingDecision(t_s, given, usable, why)

@@ -506,6 +506,9 @@ def safety_config(scenario: Scenario, model) -> SafetyConfig:
     sensor = next((s for s in scenario.sensor
                    if (s.var or s.output) == fields.get("measured")), None)
     unit = model.outputs[model.output_index(sensor.output)].unit if sensor else "1"
+    if sensor is not None:  # readings from devices in other units are converted into it
+        fields["measured_unit"] = unit
+        fields["measured_substance"] = "glucose" if "glucose" in sensor.output else None
     if given.valid_range is not None:
         fields["valid_range"] = tuple(_quantity(v, unit, "controller.safety.valid_range")
                                       for v in given.valid_range)
