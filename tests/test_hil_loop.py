@@ -260,11 +260,14 @@ def test_a_killed_process_leaves_the_pumps_in_fallback(tmp_path, victim):
             "--commands", cmd, "--pump", f"propofol={b_cmd}", "--pump",
             f"remifentanil={b_cmd}", "--realtime", "1", "--audit", str(audit)))
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # wait until the pump infuses under command
-            if emulator.state(0).prompt == "I" and emulator.state(0).rate_ml_per_h > 0:
+        first = None  # the kill comes at least 3 s into infusing, at an instant it infuses
+        while time.monotonic() < deadline:  # (the PID may command 0 for a while meanwhile)
+            infusing = emulator.state(0).prompt == "I" and emulator.state(0).rate_ml_per_h > 0
+            if infusing and first is None:
+                first = time.monotonic()
+            if infusing and time.monotonic() - first >= 3.0:
                 break
-            time.sleep(0.1)
-        time.sleep(3)
+            time.sleep(0.05)
         assert emulator.state(0).prompt == "I", "propofol should be infusing before the kill"
         (controller if victim == "controller" else plant).kill()
         killed_at = time.time()
