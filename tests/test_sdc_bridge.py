@@ -249,6 +249,7 @@ def config(**changes) -> dict:
     ({"bridge__address": "https://h:1/x"}, "bridge.address 'https://h:1/x'.*TLS"),
     ({"bridge__commands": None}, "bridge.commands: needed with"),
     ({"bridge__stale_s": 0}, "bridge.stale_s"),
+    ({"bridge__src": ""}, "bridge.src"),
     ({"bridge__probe": 1}, "bridge.probe"),
     ({"metric__unit": "mg/dl"}, "metric.0.unit 'mg/dl': expected one of"),
     ({"metric__unit": "ug/mL"}, "metric.0: .*mdc_unit_code"),
@@ -260,6 +261,12 @@ def config(**changes) -> dict:
 def test_bad_sdc_bridge_configs_are_refused_naming_the_field(changes, match):
     with pytest.raises(ConfigError, match=match):
         load_sdc_bridge_config(config(**changes))
+
+
+def test_the_sender_id_is_configurable():
+    """Two SDC bridges feeding one controller each need their own sender id."""
+    assert load_sdc_bridge_config(config()).bridge.src == "sdc-bridge"
+    assert load_sdc_bridge_config(config(bridge__src="sdc-or-2")).bridge.src == "sdc-or-2"
 
 
 def test_repeated_handles_are_refused():

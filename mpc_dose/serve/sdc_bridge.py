@@ -85,6 +85,9 @@ class SdcBridgeSection(_Strict):
     telemetry: str
     commands: str | None = None
     sensor: str = Field("sdc", min_length=1, max_length=128)
+    #: the sender id of its messages (two SDC bridges feeding one controller each need
+    #: their own: readings under one name hide each other's)
+    src: str = Field("sdc-bridge", min_length=1, max_length=128)
     stale_s: float = Field(5.0, gt=0)
     max_future_s: float = Field(2.0, ge=0)
     probe_s: float = Field(1.0, gt=0)
@@ -218,9 +221,9 @@ class SdcBridgeProcess:
             self.auth = Authenticator(self.context, keys.clients) if keys is not None \
                 else None
             if config.pump:
-                self.server = CommandServer(self.context, b.commands, src="sdc-bridge",
+                self.server = CommandServer(self.context, b.commands, src=b.src,
                                             keys=keys)
-            self.pub = Telemetry(self.context, b.telemetry, src="sdc-bridge", keys=keys)
+            self.pub = Telemetry(self.context, b.telemetry, src=b.src, keys=keys)
         except BaseException:
             self.close()
             raise
