@@ -110,16 +110,7 @@ def main() -> None:
     parser.add_argument("--period", type=float, default=1.0, help="[s] between packets")
     args = parser.parse_args()
     emulator = BisEmulator(period_s=args.period, bis=args.bis, sqi=args.sqi).start()
-    if args.link:
-        if os.path.lexists(args.link):
-            os.remove(args.link)
-        os.symlink(emulator.device, args.link)
-    print(emulator.device, flush=True)
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        emulator.close()
+    emulator.serve_forever(args.link)
 
 
 if __name__ == "__main__":

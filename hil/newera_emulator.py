@@ -243,16 +243,7 @@ def main() -> None:
     args = parser.parse_args()
     emulator = NewEraEmulator([int(a) for a in args.pumps.split(",")],
                               max_rate_ml_per_h=args.max_rate).start()
-    if args.link:
-        if os.path.lexists(args.link):
-            os.remove(args.link)
-        os.symlink(emulator.device, args.link)
-    print(emulator.device, flush=True)
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        emulator.close()
+    emulator.serve_forever(args.link)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import tty
 
 __all__ = ["PtyDevice"]
@@ -28,6 +29,20 @@ class PtyDevice:
     def start(self):
         self._thread.start()
         return self
+
+    def serve_forever(self, link: str | None = None) -> None:
+        """Run from the command line: optionally a symlink *link* to the device, its path
+        printed, until Ctrl-C."""
+        if link:
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(self.device, link)
+        print(self.device, flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            self.close()
 
     def close(self) -> None:
         """Drop the line (a pulled cable): nothing more is sent or read."""

@@ -361,11 +361,17 @@ def _serve_sensor_bridge(args) -> int:
     print(f"sensor bridge ({b.kind}): telemetry {b.telemetry}, stale after "
           f"{device.stale_after_s:g} s, link lost after {device.link_timeout_s:g} s",
           flush=True)
+    return _run_bridge(bridge, args.duration)
+
+
+def _run_bridge(bridge, duration_s: float | None) -> int:
+    """Run a bridge process (pump, sensor, SDC) until *duration_s* or SIGTERM, then close
+    it (its pumps stopped, its sockets closed)."""
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
     try:
-        bridge.run(args.duration)
+        bridge.run(duration_s)
     finally:
         bridge.close()
     return 0
@@ -383,14 +389,7 @@ def _serve(args) -> int:
               f"{config.bridge.telemetry}, {len(config.pump)} pump(s), " + (
                   f"hardware watchdog {config.watchdog_s:g} s" if config.watchdog_s else
                   "NO hardware watchdog (no_hardware_watchdog = true)"), flush=True)
-        import signal
-
-        signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
-        try:
-            bridge.run(args.duration)
-        finally:
-            bridge.close()
-        return 0
+        return _run_bridge(bridge, args.duration)
     if args.role == "sensor-bridge":
         return _serve_sensor_bridge(args)
     if args.role == "sdc-bridge":
@@ -534,14 +533,7 @@ def _serve_sdc_bridge(args) -> int:
     print(f"sdc bridge: provider {b.address or f'{b.epr} (WS-Discovery on {b.adapter})'}, "
           f"telemetry {b.telemetry}, {len(config.metric)} metric(s), {len(config.pump)} "
           f"pump(s)" + (f", commands {b.commands}" if config.pump else ""), flush=True)
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: bridge.stop())
-    try:
-        bridge.run(args.duration)
-    finally:
-        bridge.close()
-    return 0
+    return _run_bridge(bridge, args.duration)
 
 
 def _cmd_trial(args) -> int:

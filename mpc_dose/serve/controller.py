@@ -447,6 +447,17 @@ class ControllerProcess:
                 for t in self.handle_telemetry(link):
                     self.cycle(link, t)
 
+    def commandable(self, link: PatientLink, fallback: bool) -> bool:
+        """At a real-time instant: the patient's telemetry taken in, a restarted plant
+        greeted, its link checked (and logged); whether it may be commanded now - not with
+        the link LOST (B10), the process in *fallback* (B12) or its clock unknown."""
+        self.handle_telemetry(link)
+        self.rejoin(link)
+        before = link.session.state
+        state = link.session.check(time.monotonic())
+        self._log_link(link, before)
+        return not (state == "LOST" or fallback or not link.clock_known)
+
     def run_realtime(self, duration_s: float, *, max_missed: int = 2) -> None:
         """Own clock: a cycle every period for *duration_s* (wall seconds).
 
@@ -467,12 +478,7 @@ class ControllerProcess:
                 for link in self.links:
                     self.handle_telemetry(link, min(left, 0.01) / len(self.links))
             for link in self.links:
-                self.handle_telemetry(link)
-                self.rejoin(link)
-                before = link.session.state
-                state = link.session.check(time.monotonic())
-                self._log_link(link, before)
-                if state == "LOST" or self.fallback or not link.clock_known:
+                if not self.commandable(link, self.fallback):
                     continue  # no command: the pump side's lease and fallback act
                 self.cycle(link, link.now())
                 link.latency_s.append(time.monotonic() - due)

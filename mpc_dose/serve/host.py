@@ -410,12 +410,7 @@ class ControllerHost(ControllerProcess):
             self._finish(link)  # acks still outstanding: counted missed in _finish
         if link.finished:
             return
-        self.handle_telemetry(link)
-        self.rejoin(link)
-        before = link.session.state
-        state = link.session.check(time.monotonic())
-        self._log_link(link, before)
-        if state == "LOST" or link.fallback or not link.clock_known:
+        if not self.commandable(link, link.fallback):
             return  # no command: the pump side's lease and fallback act
         due = self._start + link.phase_s + k * period
         self._begin(link, link.now(), due, budget_s)
