@@ -267,3 +267,49 @@ def test_a_perfect_model_is_the_virtual_patients_own():
     typical, _, _ = _controller()
     assert typical.theta[typical.model.param_index("cambridge_sit")] != pytest.approx(
         patient.params["cambridge_sit"], rel=1e-3)
+
+
+def test_max_insulin_on_board_from_the_scenario_guards_the_nmpc(monkeypatch):
+    """``[controller.safety.input.insulin] max_on_board_U = 2`` on scenarios/t1d_nmpc.toml:
+    the supervisor gets the limit in U, the pump's programmed basal (0.4 U/h) as what it
+    does not count and the insulin curve of the NMPC's meal-bolus settings; over 8 h with
+    breakfast (a pump-acked bolus above 2 U) no rate the supervisor passes takes the insulin
+    on board above the limit over 30 min, and after the bolus the loop is held at the basal
+    (cuts noted in the reasons)."""
+    overrides = {"scenario.duration_s": 8 * 3600.0,
+                 "controller.safety.input": {"insulin": {"max_on_board_U": 2}}}
+    setup, _ = build_setup(load_scenario(SCENARIO, overrides), 1, 0)
+    config = setup.safety
+    assert config.max_on_board == {"insulin": 2.0}
+    assert config.on_board_basal["insulin"] == pytest.approx(0.4 / 3600)
+    assert config.on_board_curve.duration_s == 5 * 3600.0
+    seen, check = [], SafetySupervisor.check
+
+    def watched(sup, t_s, proposed, last, **kw):
+        on_board = sup.on_board(t_s, "insulin")
+        verdict = check(sup, t_s, proposed, last, **kw)
+        seen.append((t_s, on_board, verdict.rates["insulin"]))
+        return verdict
+
+    monkeypatch.setattr(SafetySupervisor, "check", watched)
+    result = run_closed_loop(setup)
+    basal = 0.4 / 3600
+    for t, on_board, rate in seen:
+        assert rate <= max(basal, basal + (2.0 - on_board) / 1800.0) + 1e-12, t
+    assert max(on_board for _, on_board, _ in seen) > 2.0          # the meal bolus counted
+    assert any(on_board > 2.0 and rate <= basal + 1e-12 for _, on_board, rate in seen)
+    reasons = result.to_pandas().controller_reason.astype(str)
+    assert reasons.str.contains("insulin on board").any()
+
+
+def test_max_insulin_on_board_needs_an_amount_and_a_programmed_basal():
+    overrides = {"controller.safety.input": {"insulin": {"max_on_board_mg": 2}}}
+    with pytest.raises(ConfigError, match=r"max_on_board"):
+        build_setup(load_scenario(SCENARIO, overrides), 0, 0)
+    scenario = load_scenario(SCENARIO, {"controller.safety.input":
+                                        {"insulin": {"max_on_board_U": 2}}})
+    scenario = scenario.model_copy(update={"pump": [scenario.pump[0].model_copy(
+        update={"programmed_basal": None})]})
+    with pytest.raises(ConfigError, match=r"input.insulin.max_on_board: needs one \[\[pump\]\] "
+                                          r"of input 'insulin' with a programmed_basal"):
+        build_setup(scenario, 0, 0)

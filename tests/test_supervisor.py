@@ -804,3 +804,84 @@ def test_readings_in_another_unit_are_converted_before_any_rule_and_the_controll
     assert ctl.supervisor.data_code == "data.unit" and "not convertible" in decision.reason
     with pytest.raises(ConfigError, match=r"measured_substance = 'insulin': expected"):
         SafetyConfig(measured="cgm", measured_substance="insulin")
+
+
+def _iob_supervisor(limit=3.0, basal_u_per_h=0.6):
+    return SafetySupervisor(SafetyConfig(measured="cgm", stale_after_s=600.0,
+                                         max_on_board={"insulin": limit},
+                                         on_board_basal={"insulin": basal_u_per_h / 3600}))
+
+
+def _ask(sup, t, u_per_h, last_u_per_h=0.6):
+    return sup.check(t, {"insulin": u_per_h / 3600}, {"insulin": last_u_per_h / 3600},
+                     usable=True, data_reason="", plan_ok=True, plan_reason="plan")
+
+
+def test_max_on_board_counts_a_bolus_by_the_insulin_curve_and_cuts_rates_above_the_basal():
+    """A 4-U bolus with max_on_board 3 U: while more than 3 U of it is on board nothing above
+    the basal (0.6 U/h) gets through; later the rate above the basal is cut to what takes
+    the insulin on board to the limit in 30 min: basal + (3 - 4 r(t)) / 1800 s, with r the
+    curve's remaining fraction (its closed form); a rate at or below the basal is never
+    touched; the reason says so."""
+    sup = _iob_supervisor()
+    curve = sup.config.on_board_curve
+    sup.record(0.0, {"insulin": 0.6 / 3600})
+    sup.record_bolus(0.0, "insulin", 4.0)
+    verdict = _ask(sup, 300.0, 3.0)
+    assert verdict.rates["insulin"] == pytest.approx(0.6 / 3600)
+    assert "insulin on board 3.9" in verdict.reason and "max 3" in verdict.reason
+    assert _ask(sup, 300.0, 0.2).rates["insulin"] == pytest.approx(0.2 / 3600)
+    t = 3 * 3600.0
+    on_board = 4.0 * curve.remaining(t)
+    assert 0.5 < on_board < 3.0
+    assert sup.on_board(t, "insulin") == pytest.approx(on_board, rel=1e-12)
+    allowed = 0.6 / 3600 + (3.0 - on_board) / 1800.0
+    assert _ask(sup, t, 20.0).rates["insulin"] == pytest.approx(allowed, rel=1e-12)
+    assert _ask(sup, t, 0.7).rates["insulin"] == pytest.approx(0.7 / 3600)  # within it
+
+
+def test_max_on_board_counts_what_ran_above_the_basal_within_the_curves_action():
+    """Two hours at 2.6 U/h (2 U/h above a 0.6-U/h basal), then the basal: the insulin on
+    board is 2 U/h times the integral of the curve's remaining fraction over the doses'
+    ages, or up to 5 min of decay more (steps counted from their ends: a limit errs on the
+    safe side); nothing counts after the duration of action; rates below the basal never
+    count negative."""
+    sup = _iob_supervisor(limit=10.0)
+    curve = sup.config.on_board_curve
+    sup.record(0.0, {"insulin": 2.6 / 3600})
+    sup.record(7200.0, {"insulin": 0.6 / 3600})
+    sup.record(9000.0, {"insulin": 0.0})      # a suspend: below the basal, not negative
+    t = 10800.0
+    ages = np.linspace(t - 7200.0, t, 20001)
+    exact = 2.0 / 3600 * np.trapezoid([curve.remaining(a) for a in ages], ages)
+    younger = 2.0 / 3600 * np.trapezoid([curve.remaining(a - 300.0) for a in ages], ages)
+    got = sup.on_board(t, "insulin")
+    assert exact <= got <= younger < 1.1 * exact
+    sup.record(7200.0 + curve.duration_s, {"insulin": 0.6 / 3600})
+    assert sup.on_board(7200.0 + curve.duration_s, "insulin") == 0.0
+
+
+def test_max_on_board_settings_are_checked_with_their_names():
+    with pytest.raises(ConfigError, match=r"max_on_board\['insulin'\] = -1"):
+        SafetyConfig(max_on_board={"insulin": -1.0})
+    with pytest.raises(ConfigError, match=r"on_board_basal\['insulin'\]: no max_on_board"):
+        SafetyConfig(on_board_basal={"insulin": 0.0001})
+    with pytest.raises(ConfigError, match=r"on_board_horizon_s = 0"):
+        SafetyConfig(max_on_board={"insulin": 3.0}, on_board_horizon_s=0.0)
+
+
+def test_a_bolus_the_pump_gave_reaches_the_limit_through_the_supervised_controller():
+    """SupervisedController.given_bolus (the pump's ack) counts in the supervisor's insulin
+    on board before it reaches the controller."""
+    config = SafetyConfig(measured="cgm", stale_after_s=600.0, max_on_board={"insulin": 1.0},
+                          on_board_basal={"insulin": 0.0})
+    controller = _Insulin()
+    controller.rate = 2.0 / 3600
+    ctl = SupervisedController(controller, config)
+    reading = Reading("cgm", 9.0, "mmol/L", 0.0)
+    ctl.observe(reading)
+    assert ctl.decide(0.0, {"cgm": reading}).rates["insulin"] == pytest.approx(2.0 / 3600)
+    ctl.given_bolus(0.0, "insulin", 5.0)
+    reading = Reading("cgm", 9.0, "mmol/L", 300.0)
+    decision = ctl.decide(300.0, {"cgm": reading})
+    assert decision.rates["insulin"] == 0.0 and "insulin on board" in decision.reason

@@ -94,6 +94,26 @@ class InsulinCurve:
         (same unit as the amounts)."""
         return sum(amount * self.remaining(t_s - t) for t, amount in doses if t <= t_s)
 
+    def on_board_above(self, rates: Iterable[tuple[float, float]], basal: float,
+                       t_s: float, step_s: float = 300.0) -> float:
+        """Insulin on board at *t_s* from what ran above *basal* [amount/s]: *rates* are
+        ``(time [s], rate [amount/s])`` changes in time order, each in force until the next
+        (the last until *t_s*); the part above the basal, taken in steps of at most
+        *step_s*, each counted from its end (at least the exact figure, by at most *step_s*
+        of decay: a limit errs on the safe side). Rates older than the duration of action
+        no longer count."""
+        changes = list(rates)
+        horizon = t_s - self.duration_s
+        total = 0.0
+        for (t, rate), t_next in zip(changes, [t for t, _ in changes[1:]] + [t_s]):
+            t = max(t, horizon)
+            above = max(0.0, rate - basal)
+            while above > 0 and t < t_next:
+                end = min(t + step_s, t_next)
+                total += above * (end - t) * self.remaining(t_s - end)
+                t = end
+        return total
+
     def acting(self, doses: Iterable[tuple[float, float]], t_s: float) -> float:
         """Insulin acting at *t_s* [amount/s]: the doses' activity summed."""
         return sum(amount * self.activity(t_s - t) for t, amount in doses if t <= t_s)

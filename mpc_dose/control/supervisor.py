@@ -15,6 +15,11 @@ kind (fixed regimen, PID, TCI, a user's own, NMPC) runs behind it alike
   a host that runs the controller elsewhere hands it the failure and the backup it knows.
 * Hard clamps: maximum rate, maximum change per decision, maximum dose per sliding window.
   They apply to open-loop controllers too (no measured variable: no data gate).
+* Maximum insulin on board (``max_on_board``, OpenAPS's max_iob): a rate above the basal
+  is cut so that the insulin on board above the basal - boluses included, by the insulin
+  curve - plus what the rate adds over the next ``on_board_horizon_s`` stays within the
+  limit. Boluses themselves are not cut by it (a meal bolus is the patient's), but they
+  count: after one the loop adds nothing above the basal until it has acted.
 * Boluses (a decision's ``boluses``, e.g. an insulin meal bolus) leave only with an ``ok``
   decision in CLOSED_LOOP, and never for an input the low suspend holds at zero; the pump
   side checks their amount (max bolus, increment, insulin on board). The dose windows count
@@ -37,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import ConfigError
 from ..units import GLUCOSE, UnitError, convert, convert_substance
 from .base import Controller, Decision, Reading, check_boluses, check_rates
+from .insulin import InsulinCurve
 
 __all__ = ["PendingDecision", "SafetyConfig", "SafetySupervisor", "SupervisedController",
            "Verdict"]
@@ -132,6 +138,16 @@ class SafetyConfig:
     #: one that cannot be is refused (``data.unit``); None: readings are taken as they come
     measured_unit: str | None = None
     measured_substance: str | None = None
+    #: maximum insulin on board (OpenAPS's max_iob, the pump bridge's max_on_board): per
+    #: input, the most [amount] it may have on board above *on_board_basal* [amount/s, the
+    #: pump's programmed basal] by *on_board_curve*, counting every rate and bolus given;
+    #: a rate above the basal is cut to ``basal + (max - on board) / on_board_horizon_s``
+    max_on_board: Mapping[str, float] = field(default_factory=dict)
+    on_board_basal: Mapping[str, float] = field(default_factory=dict)
+    on_board_curve: InsulinCurve = InsulinCurve()
+    #: [s] the extra insulin a rate adds over this long counts against the limit (the
+    #: 30-min temporary basal of the OpenAPS documentation's max_iob rule)
+    on_board_horizon_s: float = 1800.0
 
     def __post_init__(self) -> None:
         if self.measured_substance not in (None, "glucose"):
@@ -145,6 +161,17 @@ class SafetyConfig:
             for name, value in dict(getattr(self, label)).items():
                 _number(f"{label}[{name!r}]", value, minimum=0.0,
                         allow_inf=label != "fallback_rates")
+        for name, value in dict(self.max_on_board).items():
+            _number(f"max_on_board[{name!r}]", value, minimum=0.0)
+        for name, value in dict(self.on_board_basal).items():
+            _number(f"on_board_basal[{name!r}]", value, minimum=0.0)
+            if name not in self.max_on_board:
+                raise ConfigError(f"safety.on_board_basal[{name!r}]: no max_on_board for "
+                                  f"{name!r} (the basal is what its limit does not count)")
+        if not isinstance(self.on_board_curve, InsulinCurve):
+            raise ConfigError(f"safety.on_board_curve = {self.on_board_curve!r}: expected "
+                              f"an InsulinCurve")
+        _number("on_board_horizon_s", self.on_board_horizon_s, minimum=0.0, strict=True)
         for k, window in enumerate(self.dose_windows):
             if len(window) != 3 or not isinstance(window[0], str):
                 raise ConfigError(f"safety.dose_windows[{k}] = {window!r}: expected "
@@ -218,7 +245,10 @@ class SafetySupervisor:
         self._recent: deque[float] = deque(maxlen=max(2, config.flatline_samples))
         self._good_in_row = 0
         self._delivered: deque[tuple[float, dict[str, float]]] = deque()
-        self._longest_window = max((w for _, w, _ in config.dose_windows), default=0.0)
+        self._longest_window = max([w for _, w, _ in config.dose_windows] + (
+            [config.on_board_curve.duration_s] if config.max_on_board else []), default=0.0)
+        #: (time, input, amount) of the boluses given, for the insulin on board
+        self._boluses: deque[tuple[float, str, float]] = deque()
         self.transitions: list[tuple[float, str, str, str]] = []
         self.data_code = ""
         #: (sample time, value) of the admitted readings the low suspend's trend reads
@@ -418,11 +448,41 @@ class SafetySupervisor:
             if name in rates and used >= max_amount:
                 notes.append(f"{name} dose limit {max_amount:g} per {window_s:g} s reached")
                 rates[name] = 0.0
+        for name, limit in c.max_on_board.items():
+            basal = c.on_board_basal.get(name, 0.0)
+            if name not in rates or rates[name] <= basal:
+                continue
+            on_board = self.on_board(t_s, name)
+            allowed = basal + max(0.0, limit - on_board) / c.on_board_horizon_s
+            if rates[name] > allowed:
+                notes.append(f"{name} on board {on_board:.3g} of max {limit:g}: "
+                             f"{rates[name]:.4g} -> {allowed:.4g}")
+                rates[name] = allowed
         return Verdict(rates, mode, reason + ("; " + "; ".join(notes) if notes else ""), alarm)
 
+    def on_board(self, t_s: float, name: str) -> float:
+        """Insulin on board of input *name* at *t_s* above its ``on_board_basal`` by the
+        ``on_board_curve``: the rates recorded and the boluses given."""
+        c = self.config
+        curve = c.on_board_curve
+        rates = [(t, r.get(name, 0.0)) for t, r in self._delivered if t <= t_s]
+        boluses = [(t, amount) for t, n, amount in self._boluses if n == name]
+        return curve.on_board_above(rates, c.on_board_basal.get(name, 0.0), t_s) + \
+            curve.on_board(boluses, t_s)
+
+    def record_bolus(self, t_s: float, name: str, amount: float) -> None:
+        """A pump gave a bolus of *amount* of *name* from *t_s* (its ack): counted in the
+        insulin on board while it acts."""
+        if name in self.config.max_on_board and amount > 0:
+            self._boluses.append((t_s, name, float(amount)))
+        while self._boluses and \
+                self._boluses[0][0] <= t_s - self.config.on_board_curve.duration_s:
+            self._boluses.popleft()
+
     def record(self, t_s: float, rates: Mapping[str, float]) -> None:
-        """Record the rates applied from *t_s* (for the dose windows); a second record at
-        the same time replaces the first (the rates in force were corrected)."""
+        """Record the rates applied from *t_s* (for the dose windows and the insulin on
+        board); a second record at the same time replaces the first (the rates in force
+        were corrected)."""
         if self._delivered and self._delivered[-1][0] == t_s:
             self._delivered.pop()
         self._delivered.append((t_s, dict(rates)))
@@ -600,7 +660,9 @@ class SupervisedController:
 
     def given_bolus(self, t_s: float, name: str, amount: float) -> None:
         """A pump gave a bolus of *amount* of input *name* from *t_s* (as its ack says):
-        told to the controller (its optional ``given_bolus``)."""
+        counted in the supervisor's insulin on board and told to the controller (its
+        optional ``given_bolus``)."""
+        self.supervisor.record_bolus(t_s, name, amount)
         if self._given_bolus is not None:
             self._given_bolus(t_s, name, amount)
 

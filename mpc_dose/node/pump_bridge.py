@@ -442,24 +442,16 @@ class PumpBridgeNode:
     def insulin_on_board(self, pump: str, now: float) -> float:
         """What the pump ran above its programmed basal (every bolus, temporary basal
         above it) and still acts at *now* by the pump's insulin curve [amount unit];
-        taken in steps of at most 5 min, each counted from its end (never less than the
-        exact figure by more than 5 min of decay)."""
+        taken in steps of at most 5 min, each counted from its end
+        (InsulinCurve.on_board_above)."""
         state = self.pumps[pump]
         c = state.config
-        basal = c.programmed_basal_ml_per_h or 0.0
-        horizon = now - c.curve.duration_s
         log = state.dose_log
-        while len(log) > 1 and log[1][0] <= horizon:
+        while len(log) > 1 and log[1][0] <= now - c.curve.duration_s:
             log.pop(0)
-        total = 0.0
-        for (t, rate), t_next in zip(log, [t for t, _ in log[1:]] + [now]):
-            t = max(t, horizon)
-            while t < t_next:
-                end = min(t + 300.0, t_next)
-                total += max(0.0, rate - basal) * (end - t) / 3600.0 * c.concentration \
-                    * c.curve.remaining(now - end)
-                t = end
-        return total
+        per_s = c.concentration / 3600.0   # mL/h -> amount/s
+        return c.curve.on_board_above([(t, rate * per_s) for t, rate in log],
+                                      (c.programmed_basal_ml_per_h or 0.0) * per_s, now)
 
     def _beyond_limits(self, state: _PumpState, now: float, rate: float, fallback: float,
                        lease_s: float) -> str | None:

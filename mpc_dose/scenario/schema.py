@@ -514,9 +514,13 @@ class NMPCInputSpec(_Quantities):
 
 class SafetyInputSpec(_Quantities):
     """The supervisor's limits for one input: ``max_rate_<unit>``, ``max_step_<unit>`` (the
-    largest change per decision), ``fallback_rate_<unit>`` (never above the last rate)."""
+    largest change per decision), ``fallback_rate_<unit>`` (never above the last rate),
+    ``max_on_board_<unit>`` (the most insulin on board above the pump's programmed basal,
+    boluses included, by the controller's insulin curve: a rate above the basal is cut so
+    that it stays within it over 30 min, control/supervisor.py)."""
 
-    QUANTITIES = {"max_rate": "rate", "max_step": "rate", "fallback_rate": "rate"}
+    QUANTITIES = {"max_rate": "rate", "max_step": "rate", "fallback_rate": "rate",
+                  "max_on_board": "amount"}
 
 
 class DoseWindowSpec(_Quantities):

@@ -17,6 +17,7 @@ import numpy as np
 from ..control.base import Controller
 from ..control.baselines import (CallableController, FixedRegimen, PIDController, PIDSettings,
                                  load_user_controller)
+from ..control.insulin import InsulinCurve
 from ..control.supervisor import SafetyConfig
 from ..errors import ConfigError, ModelError
 from ..model.library import LibraryModel, load
@@ -528,6 +529,8 @@ def safety_config(scenario: Scenario, model) -> SafetyConfig:
                 fields.setdefault(label, {})
                 fields[label] = {**fields[label], name: _rate(
                     spec.quantities[quantity], amount_unit, f"{where}.{quantity}")}
+        if "max_on_board" in spec.quantities:
+            _on_board_limit(scenario, fields, name, spec, amount_unit, where)
     if given.dose_windows is not None:
         fields["dose_windows"] = _dose_windows(given.dose_windows, model,
                                                "controller.safety.dose_windows")
@@ -542,6 +545,35 @@ def safety_config(scenario: Scenario, model) -> SafetyConfig:
         return SafetyConfig(**fields)
     except ConfigError as err:  # its messages name "safety.<key>"
         raise ConfigError(f"controller.{err}") from None
+
+
+def _on_board_limit(scenario: Scenario, fields: dict, name: str, spec, amount_unit: str,
+                    where: str) -> None:
+    """``max_on_board_<unit>`` of input *name* into the SafetyConfig *fields*: the limit, the
+    basal it does not count (the programmed basal of the input's pump) and the insulin
+    curve of the controller's own settings (its kind's table, or the NMPC's meal_bolus)."""
+    value, unit = spec.quantities["max_on_board"]
+    try:
+        limit = value * conversion_factor(unit, amount_unit, what=f"{where}.max_on_board")
+    except UnitError as err:
+        raise ConfigError(str(err)) from None
+    pumps = [p for p in scenario.pump if p.input == name]
+    if len(pumps) != 1 or pumps[0].programmed_basal is None:
+        raise ConfigError(f"{where}.max_on_board: needs one [[pump]] of input {name!r} with "
+                          f"a programmed_basal (the rate its limit does not count)")
+    try:
+        basal = parse_quantity(pumps[0].programmed_basal, f"{amount_unit}/s",
+                               what=f"pump {pumps[0].pump!r}.programmed_basal",
+                               require_unit=True)
+    except UnitError as err:
+        raise ConfigError(str(err)) from None
+    c = scenario.controller
+    settings = getattr(c, c.kind, None)
+    if c.kind == "nmpc" and settings is not None:
+        settings = settings.meal_bolus
+    fields["max_on_board"] = {**fields.get("max_on_board", {}), name: limit}
+    fields["on_board_basal"] = {**fields.get("on_board_basal", {}), name: basal}
+    fields["on_board_curve"] = _insulin_curve(settings)
 
 
 def _check_safety_inputs(scenario: Scenario, controller: Controller) -> None:
@@ -698,7 +730,6 @@ def insulin_therapy(scenario: Scenario, spec, where: str, lm: LibraryModel,
     *patient*: each of basal, carb ratio and correction factor as given, else the
     patient's own (:func:`patient_therapy_settings`, titrated from its model at the
     target). One place for every insulin kind (basal_bolus, pid_ifb, openaps)."""
-    from ..control.insulin import InsulinCurve
     from ..model.therapy import DAILY_CARBS_G
 
     model = lm.model
@@ -750,14 +781,22 @@ def insulin_therapy(scenario: Scenario, spec, where: str, lm: LibraryModel,
     bounds = [h for h, _ in profile] + [24.0]
     daily_basal = sum(rate * (bounds[k + 1] - bounds[k]) * 3600.0
                       for k, (_, rate) in enumerate(profile))
-    curve = {k: v for k, v in (("peak_s", None if spec.insulin_peak_min is None
-                                else spec.insulin_peak_min * 60.0),
-                               ("duration_s", None if spec.insulin_duration_h is None
-                                else spec.insulin_duration_h * 3600.0)) if v is not None}
     return _InsulinTherapy(amount_unit, glucose_unit, float(target), tuple(profile),
                            carb_ratio, correction, daily_basal + DAILY_CARBS_G / carb_ratio,
-                           InsulinCurve(**curve),
+                           _insulin_curve(spec),
                            None if meal_input is None else f"{meal_input}_announced")
+
+
+def _insulin_curve(spec) -> InsulinCurve:
+    """The insulin-activity curve of an insulin kind's *spec* (``insulin_peak_min``,
+    ``insulin_duration_h``; InsulinCurve's own defaults for those not given, or for no
+    spec)."""
+    peak = getattr(spec, "insulin_peak_min", None)
+    duration = getattr(spec, "insulin_duration_h", None)
+    curve = {k: v for k, v in (("peak_s", None if peak is None else peak * 60.0),
+                               ("duration_s", None if duration is None else duration * 3600.0))
+             if v is not None}
+    return InsulinCurve(**curve)
 
 
 def _glucose_var(measured: str | None, where: str, output: str) -> str:
