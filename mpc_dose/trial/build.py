@@ -295,8 +295,7 @@ def parameter_changes(scenario: Scenario, patient: VirtualPatientSpec, seed: int
     return changes
 
 
-def _pump(spec, lm: LibraryModel, where: str) -> PumpConfig:
-    model = lm.model
+def _pump(spec, model, where: str) -> PumpConfig:
     if spec.input not in model.input_names:
         raise ConfigError(f"{where}.input: model {model.name!r} has no input {spec.input!r}; "
                           f"inputs: {', '.join(model.input_names)}")
@@ -530,7 +529,7 @@ def safety_config(scenario: Scenario, model) -> SafetyConfig:
                 fields[label] = {**fields[label], name: _rate(
                     spec.quantities[quantity], amount_unit, f"{where}.{quantity}")}
         if "max_on_board" in spec.quantities:
-            _on_board_limit(scenario, fields, name, spec, amount_unit, where)
+            _on_board_limit(scenario, model, fields, name, spec, amount_unit, where)
     if given.dose_windows is not None:
         fields["dose_windows"] = _dose_windows(given.dose_windows, model,
                                                "controller.safety.dose_windows")
@@ -547,8 +546,8 @@ def safety_config(scenario: Scenario, model) -> SafetyConfig:
         raise ConfigError(f"controller.{err}") from None
 
 
-def _on_board_limit(scenario: Scenario, fields: dict, name: str, spec, amount_unit: str,
-                    where: str) -> None:
+def _on_board_limit(scenario: Scenario, model, fields: dict, name: str, spec,
+                    amount_unit: str, where: str) -> None:
     """``max_on_board_<unit>`` of input *name* into the SafetyConfig *fields*: the limit, the
     basal it does not count (the programmed basal of the input's pump) and the insulin
     curve of the controller's own settings (its kind's table, or the NMPC's meal_bolus)."""
@@ -561,12 +560,8 @@ def _on_board_limit(scenario: Scenario, fields: dict, name: str, spec, amount_un
     if len(pumps) != 1 or pumps[0].programmed_basal is None:
         raise ConfigError(f"{where}.max_on_board: needs one [[pump]] of input {name!r} with "
                           f"a programmed_basal (the rate its limit does not count)")
-    try:
-        basal = parse_quantity(pumps[0].programmed_basal, f"{amount_unit}/s",
-                               what=f"pump {pumps[0].pump!r}.programmed_basal",
-                               require_unit=True)
-    except UnitError as err:
-        raise ConfigError(str(err)) from None
+    pump = _pump(pumps[0], model, f"pump {pumps[0].pump!r}")
+    basal = pump.fallback_ml_per_h * pump.concentration / 3600.0   # the programmed basal
     c = scenario.controller
     settings = getattr(c, c.kind, None)
     if c.kind == "nmpc" and settings is not None:
@@ -1349,7 +1344,7 @@ def _nmpc_meal_boluses(scenario: Scenario, spec, c, own: LibraryModel,
         raise ConfigError(f"{where}: the pump of {spec.meal_bolus.input!r} must take bolus "
                           f"commands (give it a max_bolus)")
     therapy = insulin_therapy(scenario, spec.meal_bolus, where, own, patient)
-    pump = next(_pump(p, own, f"pump[{k}]") for k, p in enumerate(scenario.pump)
+    pump = next(_pump(p, own.model, f"pump[{k}]") for k, p in enumerate(scenario.pump)
                 if p.input == spec.meal_bolus.input and p.max_bolus is not None)
     return MealBoluses(BolusCalculator(therapy.carb_ratio, therapy.correction_factor,
                                        therapy.target), therapy.announcement_var,
@@ -1430,7 +1425,7 @@ def build_setup(scenario: Scenario, index: int, seed: int, *,
     lm = scenario_model(scenario)
     patient = build_patient(scenario, index, seed)
     rngs = streams(scenario.scenario.streams_name, seed, index)
-    pumps = [_pump(p, lm, f"pump[{k}]") for k, p in enumerate(scenario.pump)]
+    pumps = [_pump(p, lm.model, f"pump[{k}]") for k, p in enumerate(scenario.pump)]
     sensors = [_sensor(scenario, s, lm, f"sensor[{k}]") for k, s in enumerate(scenario.sensor)]
     disturbances = []
     for k, d in enumerate(scenario.disturbance):
