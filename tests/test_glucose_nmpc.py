@@ -124,6 +124,58 @@ def test_the_reference_follows_the_clock_and_the_model_holds_the_patients_basal(
         basal_insulin_rate(at_clock(lm.entries, patient.params, None), 6.0), rel=1e-5)
 
 
+def test_the_model_holds_the_patients_carb_ratio_by_one_factor_on_production_and_uptake():
+    """scaled_to_carb_ratio: EGP0 and F01 multiplied by one factor, the sensitivities
+    re-scaled to the basal, so the controller model's meal-test carbohydrate ratio is the
+    patient's own and its basal still is; without the key the ratio is the population's."""
+    from mpc_dose.model.library import load
+    from mpc_dose.model.library.diabetes import basal_insulin_rate
+    from mpc_dose.model.therapy import at_clock, meal_test_carb_ratio, patient_therapy
+
+    lm = load("glucose-cambridge")
+    mpc, _, patient = _controller()
+    mine = dict(zip(mpc.model.param_names, mpc.theta))
+    basal = basal_insulin_rate(at_clock(lm.entries, patient.params, None), 6.0)
+    assert basal_insulin_rate(at_clock(lm.entries, mine, None), 6.0) == pytest.approx(
+        basal, rel=1e-5)
+    theirs = patient_therapy(lm, patient.params, 6.0).carb_ratio_g_per_U
+
+    def ratio(params):
+        return meal_test_carb_ratio(mpc.model, at_clock(lm.entries, params, None), basal, 6.0)
+
+    assert ratio(mine) == pytest.approx(theirs, rel=2e-3)
+    basal_only, _, _ = _controller({"controller.nmpc.scaled_to_carb_ratio": []})
+    before = dict(zip(basal_only.model.param_names, basal_only.theta))
+    assert abs(math.log(ratio(before) / theirs)) > 0.05  # the key changed something
+    factors = [mine[k] / before[k] for k in ("cambridge_egp0", "cambridge_f01")]
+    assert factors[0] == pytest.approx(factors[1], rel=1e-9)
+    assert 0.37 < factors[0] < 2.7
+
+
+def test_the_carb_ratio_factor_stops_at_the_nearer_end_of_its_range():
+    """No factor within carb_ratio_factor_range gives the patient's ratio: the end nearer
+    it is taken (the basal still matched)."""
+    wide, _, _ = _controller()
+    narrow, _, _ = _controller({"controller.nmpc.carb_ratio_factor_range": [0.999, 1.001]})
+    basal_only, _, _ = _controller({"controller.nmpc.scaled_to_carb_ratio": []})
+    k = basal_only.model.param_index("cambridge_egp0")
+    wanted = wide.theta[k] / basal_only.theta[k]
+    got = narrow.theta[k] / basal_only.theta[k]
+    assert got == pytest.approx(0.999 if wanted < 1 else 1.001, rel=1e-9)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"controller.nmpc.scaled_to_basal": []}, "scaled_to_carb_ratio needs scaled_to_basal"),
+    ({"controller.nmpc.carb_ratio_factor_range": [1.5, 3.0]},
+     r"carb_ratio_factor_range = \[1.5, 3.0\]: expected \[low, high\] with low < 1 < high"),
+    ({"controller.nmpc.scaled_to_carb_ratio": ["cambridge_nope"]},
+     "controller.nmpc.scaled_to_carb_ratio: .* no parameter .cambridge_nope."),
+])
+def test_carb_ratio_scaling_config_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        _controller(overrides)
+
+
 def test_a_costlier_low_side_gives_less_insulin_when_the_prediction_dips():
     """The same state and plan with the low side of the soft window weighted 100x the high
     side, then equal: the asymmetric cost gives less insulin in the first hour."""

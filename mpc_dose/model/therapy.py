@@ -37,7 +37,7 @@ from .library.base import LibraryEntry, LibraryModel
 from .simulation import simulate
 from .spec import Model
 
-__all__ = ["TherapySettings", "profile_rate", "patient_therapy", "titrated_therapy", "at_clock", "BASAL_LEAD_H", "TEST_MEAL_G", "TEST_HOURS",
+__all__ = ["TherapySettings", "profile_rate", "patient_therapy", "titrated_therapy", "meal_test_carb_ratio", "at_clock", "BASAL_LEAD_H", "TEST_MEAL_G", "TEST_HOURS",
            "TEST_NADIR_MMOL_L", "TEST_WATCH_HOURS", "DAILY_CARBS_G", "CORRECTION_RULE_MG_DL"]
 
 WALSH_2006 = ("Walsh J, Roberts R. Pumping Insulin, 4th ed. San Diego: Torrey Pines Press, "
@@ -161,12 +161,44 @@ def titrated_therapy(model: Model, params: Mapping[str, float], target_mmol_per_
     rows = tuple((float(h), basal_U_per_h(rhythm(params, h + BASAL_LEAD_H), target_mmol_per_L))
                  for h in range(24))
     flat = dict(rhythm(params, None))
-    basal = basal_U_per_h(flat, target_mmol_per_L)
-    p = model.parameter_vector(flat)
+    carb_ratio = meal_test_carb_ratio(model, flat, basal_U_per_h(flat, target_mmol_per_L),
+                                      target_mmol_per_L, insulin=insulin,
+                                      carbohydrate=carbohydrate, glucose=glucose)
+    total = sum(rate for _, rate in rows) + DAILY_CARBS_G / carb_ratio
+    correction = convert_substance(CORRECTION_RULE_MG_DL / total, "mg/dL", "mmol/L", GLUCOSE)
+    if not (math.isfinite(carb_ratio) and math.isfinite(correction)):
+        raise ModelError(f"titrated_therapy: non-finite settings (CR {carb_ratio!r}, "
+                         f"CF {correction!r})")
+    return TherapySettings(
+        basal_U_per_h=rows, carb_ratio_g_per_U=carb_ratio,
+        correction_mmol_per_L_per_U=correction, total_daily_dose_U=total,
+        basis=f"basal: steady state at {target_mmol_per_L:g} mmol/L by the hour, "
+              f"{BASAL_LEAD_H:g} h ahead of the rhythm; CR: a {TEST_MEAL_G:g}-g meal test, "
+              f"glucose back at the target {TEST_HOURS:g} h later (nadir >= "
+              f"{TEST_NADIR_MMOL_L:g} mmol/L for {TEST_WATCH_HOURS:g} h); CF: 1800/TDD with TDD = basal + "
+              f"{DAILY_CARBS_G:g} g/CR (Walsh 2006)")
+
+
+def meal_test_carb_ratio(model: Model, params: Mapping[str, float], basal_U_per_h: float,
+                         target_mmol_per_L: float, *, insulin: str = "insulin",
+                         carbohydrate: str = "carbohydrate",
+                         glucose: str = "glucose") -> float:
+    """The carbohydrate ratio [g/U] of the meal test (module docstring) on *model* with
+    *params* (declared units, the rhythm off), from steady state on *basal_U_per_h*: the
+    :data:`TEST_MEAL_G` meal over the bolus that brings glucose back to *target_mmol_per_L*
+    :data:`TEST_HOURS` later, nadir kept at or above :data:`TEST_NADIR_MMOL_L`.
+
+    Raises
+    ------
+    ModelError
+        When no bolus up to 1000 U brings the meal back, or the meal needs none.
+    """
+    p = model.parameter_vector(params)
     step_s = 300.0
     times = np.arange(0.0, TEST_WATCH_HOURS * 3600.0 + step_s / 2, step_s)
     at_test = int(round(TEST_HOURS * 3600.0 / step_s))
-    base = [Dose.infusion(0.0, insulin, basal / 3600.0, TEST_WATCH_HOURS * 3600.0 + step_s),
+    base = [Dose.infusion(0.0, insulin, basal_U_per_h / 3600.0,
+                          TEST_WATCH_HOURS * 3600.0 + step_s),
             Dose.bolus(0.0, carbohydrate, TEST_MEAL_G)]
 
     def after(bolus_U: float) -> np.ndarray:
@@ -191,17 +223,4 @@ def titrated_therapy(model: Model, params: Mapping[str, float], target_mmol_per_
     if not bolus > 0:
         raise ModelError(f"titrated_therapy: a {TEST_MEAL_G:g}-g meal needs no bolus in this "
                          f"patient (glucose back at {target_mmol_per_L:g} mmol/L without one)")
-    carb_ratio = TEST_MEAL_G / bolus
-    total = sum(rate for _, rate in rows) + DAILY_CARBS_G / carb_ratio
-    correction = convert_substance(CORRECTION_RULE_MG_DL / total, "mg/dL", "mmol/L", GLUCOSE)
-    if not (math.isfinite(carb_ratio) and math.isfinite(correction)):
-        raise ModelError(f"titrated_therapy: non-finite settings (CR {carb_ratio!r}, "
-                         f"CF {correction!r})")
-    return TherapySettings(
-        basal_U_per_h=rows, carb_ratio_g_per_U=carb_ratio,
-        correction_mmol_per_L_per_U=correction, total_daily_dose_U=total,
-        basis=f"basal: steady state at {target_mmol_per_L:g} mmol/L by the hour, "
-              f"{BASAL_LEAD_H:g} h ahead of the rhythm; CR: a {TEST_MEAL_G:g}-g meal test, "
-              f"glucose back at the target {TEST_HOURS:g} h later (nadir >= "
-              f"{TEST_NADIR_MMOL_L:g} mmol/L for {TEST_WATCH_HOURS:g} h); CF: 1800/TDD with TDD = basal + "
-              f"{DAILY_CARBS_G:g} g/CR (Walsh 2006)")
+    return TEST_MEAL_G / bolus

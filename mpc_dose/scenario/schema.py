@@ -771,6 +771,15 @@ class NMPCSpec(_Strict):
     #: model's steady-state basal at basal_target equals the patient's titrated basal
     #: (model/therapy.py), as an artificial pancreas starts from the wearer's basal
     scaled_to_basal: list[str] = []
+    #: with scaled_to_basal: these parameters (e.g. glucose production and insulin-
+    #: independent uptake) multiplied by one factor, the basal matched again at each, so
+    #: that the controller model's meal-test carbohydrate ratio equals the patient's own
+    #: (model/therapy.py), as the basal matches the patient's basal
+    scaled_to_carb_ratio: list[str] = []
+    #: the factor scaled_to_carb_ratio searches within (the nearer end when no factor in it
+    #: matches: a model far from the patient's is not pushed to extremes)
+    carb_ratio_factor_range: tuple[Annotated[float, Field(gt=0)],
+                                   Annotated[float, Field(gt=0)]] = (0.37, 2.7)
     #: [output unit] the glucose the basal holds (the reference when not given)
     basal_target: Quantity | None = None
     estimator: EstimatorSpec = EstimatorSpec()
@@ -813,6 +822,17 @@ class NMPCSpec(_Strict):
         if not value:
             raise ValueError("needs at least one input table [controller.nmpc.input.NAME]")
         return value
+
+    @model_validator(mode="after")
+    def _carb_ratio_with_basal(self):
+        if self.scaled_to_carb_ratio and not self.scaled_to_basal:
+            raise ValueError("scaled_to_carb_ratio needs scaled_to_basal (the basal is "
+                             "matched again at each factor it tries)")
+        low, high = self.carb_ratio_factor_range
+        if not low < 1.0 < high:
+            raise ValueError(f"carb_ratio_factor_range = {[low, high]}: expected "
+                             f"[low, high] with low < 1 < high")
+        return self
 
 
 class SafetySpec(_Strict):

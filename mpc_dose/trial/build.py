@@ -1149,16 +1149,24 @@ def _scaled_to_basal(spec, own: LibraryModel, params: dict[str, float], lm: Libr
                      patient: VirtualPatientSpec) -> dict[str, float]:
     """``scaled_to_basal``: the controller model's *params* with the named parameters
     multiplied by the one factor that makes its steady-state basal at ``basal_target`` (the
-    reference when not given) the patient's own (its titrated basal, rhythm off)."""
+    reference when not given) the patient's own (its titrated basal, rhythm off); with
+    ``scaled_to_carb_ratio`` too, those parameters multiplied by the one factor (within
+    ``carb_ratio_factor_range``, the nearer end when none in it does) that makes the
+    controller model's meal-test carbohydrate ratio the patient's, the basal matched again
+    at each trial factor (model/therapy.py: the same meal test for both)."""
     import math as _math
 
     from scipy.optimize import brentq
 
-    from ..model.therapy import at_clock
+    from ..model.therapy import at_clock, meal_test_carb_ratio, patient_therapy
 
     where = "controller.nmpc.scaled_to_basal"
-    for name in spec.scaled_to_basal:
-        own.model.parameter(name)
+    for key in ("scaled_to_basal", "scaled_to_carb_ratio"):
+        for name in getattr(spec, key):
+            try:
+                own.model.parameter(name)
+            except ModelError as err:
+                raise ConfigError(f"controller.nmpc.{key}: {err}") from None
     mine = [e for e in own.entries if e.basal_insulin is not None]
     theirs = [e for e in lm.entries if e.basal_insulin is not None]
     if not mine or not theirs:
@@ -1172,22 +1180,47 @@ def _scaled_to_basal(spec, own: LibraryModel, params: dict[str, float], lm: Libr
         raise ConfigError(f"{where}: needs controller.nmpc.basal_target (or a reference)")
     target = convert_substance(_quantity(target_given, unit, f"{where}.basal_target"), unit,
                                "mmol/L", GLUCOSE, what=f"{where}.basal_target")
+
+    def scaled(base: dict[str, float], names, log_factor: float) -> dict[str, float]:
+        return {**base, **{name: base[name] * _math.exp(log_factor) for name in names}}
+
     try:
         wanted = theirs[0].basal_insulin(at_clock(lm.entries, patient.params, None), target)
 
-        def basal(log_factor: float) -> float:
-            scaled = dict(params)
-            for name in spec.scaled_to_basal:
-                scaled[name] = params[name] * _math.exp(log_factor)
-            return mine[0].basal_insulin(at_clock(own.entries, scaled, None), target)
+        def to_basal(base: dict[str, float]) -> dict[str, float]:
+            def miss(log_factor: float) -> float:
+                flat = at_clock(own.entries, scaled(base, spec.scaled_to_basal, log_factor),
+                                None)
+                return _math.log(mine[0].basal_insulin(flat, target)) - _math.log(wanted)
 
-        log_factor = brentq(lambda z: _math.log(basal(z)) - _math.log(wanted), -6.0, 6.0,
-                            xtol=1e-6)
+            return scaled(base, spec.scaled_to_basal, brentq(miss, -6.0, 6.0, xtol=1e-6))
+
+        out = to_basal(params)
     except (ModelError, ValueError) as err:
         raise ConfigError(f"{where}: no factor gives patient {patient.index}'s basal "
                           f"({err})") from None
-    return {**params, **{name: params[name] * _math.exp(log_factor)
-                         for name in spec.scaled_to_basal}}
+    if not spec.scaled_to_carb_ratio:
+        return out
+    where = "controller.nmpc.scaled_to_carb_ratio"
+    try:
+        ratio = patient_therapy(lm, patient.params, target).carb_ratio_g_per_U
+
+        def at(log_factor: float) -> dict[str, float]:
+            return to_basal(scaled(params, spec.scaled_to_carb_ratio, log_factor))
+
+        def miss(log_factor: float) -> float:
+            flat = at_clock(own.entries, at(log_factor), None)
+            return _math.log(meal_test_carb_ratio(own.model, flat, wanted, target)) - \
+                _math.log(ratio)
+
+        low, high = (_math.log(f) for f in spec.carb_ratio_factor_range)
+        at_low, at_high = miss(low), miss(high)
+        if at_low * at_high <= 0:
+            return at(brentq(miss, low, high, xtol=1e-3))
+        return at(low if abs(at_low) < abs(at_high) else high)
+    except (ModelError, ValueError) as err:
+        raise ConfigError(f"{where}: no factor gives patient {patient.index}'s carbohydrate "
+                          f"ratio ({err})") from None
 
 
 def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str, float],
