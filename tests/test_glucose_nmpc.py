@@ -107,17 +107,18 @@ def test_output_injection_moves_the_glucose_masses_by_the_ratio_to_the_gain():
 
 
 def test_the_reference_follows_the_clock_and_the_model_holds_the_patients_basal():
-    """reference_schedule: 6.0 mmol/L from 0 h, 6.5 from 7 h, 6.0 from 22 h (the scenario
-    starts at 06:00); scaled_to_basal: the controller model's steady-state basal is the
-    patient's own (its titrated basal with the rhythm off)."""
+    """reference_schedule: 7.0 mmol/L from 0 h, 6.0 from 3 h, 6.5 from 7 h, 7.0 from 18 h
+    (the scenario starts at 06:00); scaled_to_basal: the controller model's steady-state
+    basal at basal_target (6.0) is the patient's own (its titrated basal with the rhythm
+    off)."""
     from mpc_dose.model.library import load
     from mpc_dose.model.library.diabetes import basal_insulin_rate
     from mpc_dose.model.therapy import at_clock
 
     mpc, _, patient = _controller()
     reference = mpc._reference
-    assert [reference(h * 3600.0) for h in (0.0, 0.999, 1.0, 15.999, 16.0, 18.0)] == \
-        [6.0, 6.0, 6.5, 6.5, 6.0, 6.0]
+    assert [reference(h * 3600.0) for h in (0.0, 0.999, 1.0, 11.999, 12.0, 20.999, 21.0)] == \
+        [6.0, 6.0, 6.5, 6.5, 7.0, 7.0, 6.0]
     lm = load("glucose-cambridge")
     mine = dict(zip(mpc.model.param_names, mpc.theta))
     assert basal_insulin_rate(at_clock(lm.entries, mine, None), 6.0) == pytest.approx(

@@ -565,6 +565,51 @@ def test_the_supervisor_holds_boluses_in_fallback_and_in_a_low_suspend():
     assert bad.decide(0.0, {}).status == "controller_error"
 
 
+def _low_then(values, held_bolus_s=3600.0):
+    """A supervised Boluser whose CGM reads 5.5, 4.9, 4.3 mmol/L before t = 0 (a predicted
+    low: the suspend holds at t = 0), then *values* at 5-min decisions; its decisions."""
+    from mpc_dose.control.base import Reading
+
+    safety = SafetyConfig(measured="cgm", stale_after_s=900.0, suspend_below=4.4,
+                          suspend_inputs=("insulin",), held_bolus_s=held_bolus_s)
+    boluser = Boluser()
+    supervised = SupervisedController(boluser, safety)
+    for t, v in ((-600.0, 5.5), (-300.0, 4.9)):
+        supervised.observe(Reading("cgm", v, "mmol/L", t))
+    decisions = []
+    for k, v in enumerate((4.3, *values)):
+        reading = Reading("cgm", v, "mmol/L", 300.0 * k)
+        supervised.observe(reading)
+        decisions.append(supervised.decide(300.0 * k, {"cgm": reading}))
+    return decisions, boluser
+
+
+def test_a_bolus_the_low_suspend_holds_is_given_when_it_ends():
+    """The meal bolus asked for into a predicted low waits; the controller hears at once
+    that nothing was given (0, as for a refusal); the whole bolus leaves at the first
+    decision out of the suspend (glucose rising with the meal), once."""
+    decisions, boluser = _low_then((4.6, 5.4, 6.5, 7.5, 8.0))
+    assert boluser.given == [(0.0, "insulin", 0.0)]
+    assert [d.boluses for d in decisions] == [{}, {}, {"insulin": 2.37}, {}, {}, {}]
+    assert "held (low suspend)" in decisions[0].reason
+    assert "low suspend" in decisions[1].reason            # still predicted low at 4.6
+    assert "held bolus of insulin 2.37 given now (asked 10 min ago" in decisions[2].reason
+
+
+def test_a_held_bolus_is_dropped_when_the_suspend_outlasts_its_wait():
+    """held_bolus_s = 10 min: the suspend lasts 15 min, the bolus is dropped and said so;
+    held_bolus_s = 0: dropped at once."""
+    decisions, _ = _low_then((4.2, 4.1, 5.5, 6.5, 7.5), held_bolus_s=600.0)
+    assert all(d.boluses == {} for d in decisions)
+    assert any("held bolus of insulin 2.37 dropped (the low suspend outlasted 10 min)"
+               in d.reason for d in decisions)
+    at_once, _ = _low_then((5.5, 6.5, 7.5), held_bolus_s=0.0)
+    assert all(d.boluses == {} for d in at_once)
+    assert "not given" in at_once[0].reason
+    with pytest.raises(ConfigError, match="held_bolus_s"):
+        SafetyConfig(held_bolus_s=-1.0)
+
+
 # ---------------------------------------------------------------------------- scenario
 def test_scenario_keys_make_an_insulin_pump():
     """[[pump]] max_bolus, bolus_increment, bolus_speed, basal_increment, max_basal and

@@ -21,8 +21,10 @@ kind (fixed regimen, PID, TCI, a user's own, NMPC) runs behind it alike
   limit. Boluses themselves are not cut by it (a meal bolus is the patient's), but they
   count: after one the loop adds nothing above the basal until it has acted.
 * Boluses (a decision's ``boluses``, e.g. an insulin meal bolus) leave only with an ``ok``
-  decision in CLOSED_LOOP, and never for an input the low suspend holds at zero; the pump
-  side checks their amount (max bolus, increment, insulin on board). The dose windows count
+  decision in CLOSED_LOOP, and never for an input the low suspend holds at zero: such a
+  bolus waits for the suspend to end (``held_bolus_s``), others are dropped, and the
+  controller is told at once that it was not given; the pump side checks their amount
+  (max bolus, increment, insulin on board). The dose windows count
   rates only (not yet boluses).
 
 Every decision carries a human-readable reason, recorded with it. Modes:
@@ -131,6 +133,11 @@ class SafetyConfig:
     suspend_horizon_s: float = 1800.0
     suspend_trend_s: float = 1200.0
     suspend_inputs: tuple[str, ...] = ()
+    #: [s] a bolus the low suspend holds (a meal bolus asked for while glucose is predicted
+    #: low) is given when the suspend ends, if that is within this long of the request, as
+    #: a pump wearer low before a meal boluses after eating (Walsh 2006); later, it is
+    #: dropped. 0: dropped at once. Boluses held for any other reason are dropped.
+    held_bolus_s: float = 3600.0
     #: the unit the limits above and the controller take the measured variable in; a
     #: reading in another unit (a Nightscout site's mg/dL for a model in mmol/L) is
     #: converted into it on the way in - a glucose reading between mass and molar
@@ -211,6 +218,7 @@ class SafetyConfig:
             if not self.suspend_inputs or self.measured is None:
                 raise ConfigError("safety.suspend_below: needs suspend_inputs (the inputs "
                                   "that lower the measured value) and a measured variable")
+        _number("held_bolus_s", self.held_bolus_s, minimum=0.0)
 
 
 @dataclass(frozen=True)
@@ -558,6 +566,8 @@ class SupervisedController:
         self._observe = getattr(controller, "observe", None)
         self._applied = getattr(controller, "applied", None)
         self._given_bolus = getattr(controller, "given_bolus", None)
+        #: input -> (time asked [s], amount) of a bolus the low suspend holds
+        self._deferred: dict[str, tuple[float, float]] = {}
 
     @property
     def mode(self) -> str:
@@ -650,13 +660,53 @@ class SupervisedController:
         details = dict(decision.details) if decision is not None else {}
         details["mode"] = verdict.mode
         reason = f"{verdict.mode}: {verdict.reason}"
-        held = {name for name in boluses if verdict.mode != "CLOSED_LOOP" or status != "ok"
-                or (sup.suspended and name in sup.config.suspend_inputs)}
-        if held:
-            reason += f"; bolus of {', '.join(sorted(held))} not given ({verdict.mode}" + \
-                (", low suspend)" if sup.suspended else ")")
-        return Decision(t_s, dict(self.rates), reason, status, details, alarm=verdict.alarm,
-                        boluses={k: v for k, v in boluses.items() if k not in held})
+        boluses, notes = self._hold_boluses(t_s, boluses, verdict.mode, status)
+        return Decision(t_s, dict(self.rates), reason + notes, status, details,
+                        alarm=verdict.alarm, boluses=boluses)
+
+    def _hold_boluses(self, t_s: float, boluses: dict[str, float], mode: str,
+                      status: str) -> tuple[dict[str, float], str]:
+        """The boluses that leave now, and the reason's notes: none but in CLOSED_LOOP on an
+        ``ok`` decision, none into the low suspend. One the suspend holds waits for it to
+        end (``held_bolus_s``), added to what is asked then; the controller hears at once
+        that it was not given (``given_bolus`` 0, as for a refusal), and of the later one
+        from the pump's ack like any bolus."""
+        sup, c = self.supervisor, self.supervisor.config
+        out, notes = {}, ""
+        for name in sorted(set(boluses) | set(self._deferred)):
+            asked = boluses.get(name, 0.0)
+            held_by_suspend = sup.suspended and name in c.suspend_inputs
+            if mode != "CLOSED_LOOP" or status != "ok":
+                if asked:
+                    notes += f"; bolus of {name} not given ({mode})"
+                    self._tell_not_given(t_s, name)
+                continue
+            since, waiting = self._deferred.pop(name, (t_s, 0.0))
+            if waiting and t_s - since > c.held_bolus_s:
+                notes += (f"; held bolus of {name} {waiting:.3g} dropped (the low suspend "
+                          f"outlasted {c.held_bolus_s / 60:g} min)")
+                since, waiting = t_s, 0.0
+            if held_by_suspend:
+                if asked:
+                    self._tell_not_given(t_s, name)
+                    notes += f"; bolus of {name} {asked:.3g} held (low suspend)"
+                    if c.held_bolus_s > 0:
+                        self._deferred[name] = (since if waiting else t_s, waiting + asked)
+                    else:
+                        notes += ": not given"
+                elif waiting:
+                    self._deferred[name] = (since, waiting)
+                continue
+            if waiting:
+                notes += (f"; held bolus of {name} {waiting:.3g} given now (asked "
+                          f"{(t_s - since) / 60:.0f} min ago, the low suspend over)")
+            if asked + waiting > 0:
+                out[name] = asked + waiting
+        return out, notes
+
+    def _tell_not_given(self, t_s: float, name: str) -> None:
+        if self._given_bolus is not None:
+            self._given_bolus(t_s, name, 0.0)
 
     def given_bolus(self, t_s: float, name: str, amount: float) -> None:
         """A pump gave a bolus of *amount* of input *name* from *t_s* (as its ack says):
