@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from mpc_dose.control.base import Reading
-from mpc_dose.control.supervisor import SafetyConfig, SafetySupervisor
+from mpc_dose.control.supervisor import SafetyConfig, SafetySupervisor, SupervisedController
 from mpc_dose.errors import ConfigError
 from mpc_dose.scenario import load_scenario
 from mpc_dose.trial.build import build_setup
@@ -83,6 +83,33 @@ def test_the_pumps_own_bolus_amount_replaces_the_counted_one_at_its_time():
     assert t_after == t == 300.0
     assert before[depot] - after[depot] == pytest.approx(0.5, rel=1e-9)  # U
     np.testing.assert_array_equal(np.delete(after, depot), np.delete(before, depot))
+
+
+def test_a_meal_bolus_the_low_suspend_holds_leaves_the_nmpcs_states_until_given():
+    """Announced into a predicted low, the NMPC's meal bolus is held by the supervisor: the
+    NMPC hears it was not given, so its insulin depot is that of a twin told of no meal
+    (a bolus that never left is not in its states); the suspend over, the bolus leaves."""
+    twins = []
+    for meal in (True, False):
+        mpc, setup, _ = _controller()
+        supervised = SupervisedController(mpc, setup.safety)
+        decisions = []
+        for k, value in enumerate((5.5, 4.9, 4.3, 5.2, 6.4)):
+            t = 300.0 * k
+            reading = Reading("cgm", value, "mmol/L", t)
+            supervised.observe(reading)
+            if meal and k == 2:
+                supervised.observe(Reading("carbohydrate_announced", 60.0, "g", t))
+            decisions.append(supervised.decide(t, {"cgm": reading}))
+            if k == 2:
+                depot = mpc._checkpoints[-1][1][mpc.model.state_index("cambridge_s1")]
+        twins.append((decisions, depot))
+    (held, depot_held), (none, depot_none) = twins
+    assert "held (low suspend)" in held[2].reason and held[2].boluses == {}
+    assert depot_held == pytest.approx(depot_none, rel=1e-12, abs=1e-12)
+    given = [d.boluses.get("insulin", 0.0) for d in held[3:]]
+    assert max(given) > 1.0 and sum(g > 0 for g in given) == 1
+    assert all(not d.boluses for d in none)
 
 
 def test_output_injection_moves_the_glucose_masses_by_the_ratio_to_the_gain():
