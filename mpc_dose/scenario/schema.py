@@ -869,7 +869,7 @@ class SafetySpec(_Strict):
     #: measured value, or its trend extrapolated suspend_horizon_s ahead, is below this
     suspend_below: Quantity | None = None
     #: [s] a bolus the low suspend holds is given when it ends, if within this long of the
-    #: request, else dropped; 0: dropped at once
+    #: request, else dropped; 0: dropped at once (control/supervisor.py default)
     held_bolus_s: float | None = Field(None, ge=0)
     #: how far ahead the low suspend extrapolates the trend (control/supervisor.py default)
     suspend_horizon_s: float | None = Field(None, ge=0)
