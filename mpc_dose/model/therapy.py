@@ -37,7 +37,7 @@ from .library.base import LibraryEntry, LibraryModel
 from .simulation import simulate
 from .spec import Model
 
-__all__ = ["TherapySettings", "profile_rate", "patient_therapy", "titrated_therapy", "meal_test_carb_ratio", "at_clock", "BASAL_LEAD_H", "TEST_MEAL_G", "TEST_HOURS",
+__all__ = ["TherapySettings", "profile_rate", "patient_therapy", "titrated_therapy", "meal_test_carb_ratio", "meal_test_excess", "at_clock", "BASAL_LEAD_H", "TEST_MEAL_G", "TEST_HOURS",
            "TEST_NADIR_MMOL_L", "TEST_WATCH_HOURS", "DAILY_CARBS_G", "CORRECTION_RULE_MG_DL"]
 
 WALSH_2006 = ("Walsh J, Roberts R. Pumping Insulin, 4th ed. San Diego: Torrey Pines Press, "
@@ -179,6 +179,47 @@ def titrated_therapy(model: Model, params: Mapping[str, float], target_mmol_per_
               f"{DAILY_CARBS_G:g} g/CR (Walsh 2006)")
 
 
+def _meal_test(model: Model, params: Mapping[str, float], basal_U_per_h: float, *,
+               insulin: str, carbohydrate: str,
+               glucose: str) -> Callable[[float], np.ndarray]:
+    """The meal test's glucose [mmol/L] every 5 min for :data:`TEST_WATCH_HOURS`, as a
+    function of the bolus [U] given with the meal, from steady state on the basal."""
+    p = model.parameter_vector(params)
+    step_s = 300.0
+    times = np.arange(0.0, TEST_WATCH_HOURS * 3600.0 + step_s / 2, step_s)
+    base = [Dose.infusion(0.0, insulin, basal_U_per_h / 3600.0,
+                          TEST_WATCH_HOURS * 3600.0 + step_s),
+            Dose.bolus(0.0, carbohydrate, TEST_MEAL_G)]
+
+    def after(bolus_U: float) -> np.ndarray:
+        doses = base + ([Dose.bolus(0.0, insulin, bolus_U)] if bolus_U > 0 else [])
+        return simulate(model, p, doses, times).output(glucose)
+
+    return after
+
+
+def _misses(glucose: np.ndarray, target_mmol_per_L: float) -> tuple[float, float]:
+    """(glucose :data:`TEST_HOURS` after the meal - target, nadir - :data:`TEST_NADIR_MMOL_L`)
+    [mmol/L] of one meal test's 5-min *glucose*."""
+    at_test = int(round(TEST_HOURS * 3600.0 / 300.0))
+    return (float(glucose[at_test]) - target_mmol_per_L,
+            float(glucose.min()) - TEST_NADIR_MMOL_L)
+
+
+def meal_test_excess(model: Model, params: Mapping[str, float], basal_U_per_h: float,
+                     target_mmol_per_L: float, bolus_U: float, *, insulin: str = "insulin",
+                     carbohydrate: str = "carbohydrate", glucose: str = "glucose") -> float:
+    """How far *bolus_U* falls short of the meal test's bolus, in glucose [mmol/L]: the
+    smaller of (glucose :data:`TEST_HOURS` after the meal - target) and (nadir -
+    :data:`TEST_NADIR_MMOL_L`) with that bolus. Both fall as the bolus grows, so it is > 0
+    when the test's bolus is larger than *bolus_U* (the carb ratio smaller than
+    ``TEST_MEAL_G / bolus_U``), < 0 when smaller, 0 when *bolus_U* is the test's bolus: one
+    simulation where :func:`meal_test_carb_ratio` takes a dozen."""
+    after = _meal_test(model, params, basal_U_per_h, insulin=insulin,
+                       carbohydrate=carbohydrate, glucose=glucose)
+    return min(_misses(after(bolus_U), target_mmol_per_L))
+
+
 def meal_test_carb_ratio(model: Model, params: Mapping[str, float], basal_U_per_h: float,
                          target_mmol_per_L: float, *, insulin: str = "insulin",
                          carbohydrate: str = "carbohydrate",
@@ -193,23 +234,14 @@ def meal_test_carb_ratio(model: Model, params: Mapping[str, float], basal_U_per_
     ModelError
         When no bolus up to 1000 U brings the meal back, or the meal needs none.
     """
-    p = model.parameter_vector(params)
-    step_s = 300.0
-    times = np.arange(0.0, TEST_WATCH_HOURS * 3600.0 + step_s / 2, step_s)
-    at_test = int(round(TEST_HOURS * 3600.0 / step_s))
-    base = [Dose.infusion(0.0, insulin, basal_U_per_h / 3600.0,
-                          TEST_WATCH_HOURS * 3600.0 + step_s),
-            Dose.bolus(0.0, carbohydrate, TEST_MEAL_G)]
-
-    def after(bolus_U: float) -> np.ndarray:
-        doses = base + ([Dose.bolus(0.0, insulin, bolus_U)] if bolus_U > 0 else [])
-        return simulate(model, p, doses, times).output(glucose)
+    after = _meal_test(model, params, basal_U_per_h, insulin=insulin,
+                       carbohydrate=carbohydrate, glucose=glucose)
 
     def miss(bolus_U: float) -> float:
-        return after(bolus_U)[at_test] - target_mmol_per_L
+        return _misses(after(bolus_U), target_mmol_per_L)[0]
 
     def nadir(bolus_U: float) -> float:
-        return after(bolus_U).min() - TEST_NADIR_MMOL_L
+        return _misses(after(bolus_U), target_mmol_per_L)[1]
 
     high = 1.0
     while miss(high) > 0:

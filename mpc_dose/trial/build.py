@@ -1158,7 +1158,8 @@ def _scaled_to_basal(spec, own: LibraryModel, params: dict[str, float], lm: Libr
 
     from scipy.optimize import brentq
 
-    from ..model.therapy import at_clock, meal_test_carb_ratio, patient_therapy
+    from ..model.therapy import (TEST_MEAL_G, at_clock, meal_test_carb_ratio,
+                                 meal_test_excess, patient_therapy)
 
     where = "controller.nmpc.scaled_to_basal"
     for key in ("scaled_to_basal", "scaled_to_carb_ratio"):
@@ -1208,16 +1209,22 @@ def _scaled_to_basal(spec, own: LibraryModel, params: dict[str, float], lm: Libr
         def at(log_factor: float) -> dict[str, float]:
             return to_basal(scaled(params, spec.scaled_to_carb_ratio, log_factor))
 
-        def miss(log_factor: float) -> float:
-            flat = at_clock(own.entries, at(log_factor), None)
-            return _math.log(meal_test_carb_ratio(own.model, flat, wanted, target)) - \
-                _math.log(ratio)
+        def excess(log_factor: float) -> float:
+            """> 0 while the model's meal-test bolus is above the patient's (one
+            simulation a factor: model/therapy.py meal_test_excess)."""
+            return meal_test_excess(own.model, at_clock(own.entries, at(log_factor), None),
+                                    wanted, target, TEST_MEAL_G / ratio)
 
         low, high = (_math.log(f) for f in spec.carb_ratio_factor_range)
-        at_low, at_high = miss(low), miss(high)
-        if at_low * at_high <= 0:
-            return at(brentq(miss, low, high, xtol=1e-3))
-        return at(low if abs(at_low) < abs(at_high) else high)
+        if excess(low) * excess(high) <= 0:
+            return at(brentq(excess, low, high, xtol=1e-3))
+
+        def off(log_factor: float) -> float:   # how far the model's ratio is from theirs
+            flat = at_clock(own.entries, at(log_factor), None)
+            return abs(_math.log(meal_test_carb_ratio(own.model, flat, wanted, target)
+                                 / ratio))
+
+        return at(low if off(low) < off(high) else high)
     except (ModelError, ValueError) as err:
         raise ConfigError(f"{where}: no factor gives patient {patient.index}'s carbohydrate "
                           f"ratio ({err})") from None
