@@ -236,7 +236,7 @@ def test_titrated_pump_settings_hold_the_target_and_pass_their_meal_test():
     from mpc_dose.model.simulation import simulate
     from mpc_dose.model.therapy import (CORRECTION_RULE_MG_DL, DAILY_CARBS_G, TEST_HOURS,
                                         TEST_MEAL_G, TEST_NADIR_MMOL_L, at_clock,
-                                        patient_therapy)
+                                        meal_test_excess, patient_therapy)
 
     lm = load("glucose-cambridge")
     for index in range(3):
@@ -265,6 +265,10 @@ def test_titrated_pump_settings_hold_the_target_and_pass_their_meal_test():
         assert settings.total_daily_dose_U == pytest.approx(total)
         assert settings.correction_mmol_per_L_per_U == pytest.approx(
             CORRECTION_RULE_MG_DL / total / 18.016, rel=1e-3)
+        # meal_test_excess: 0 at the test's own bolus, > 0 below it, < 0 above it
+        excess = [meal_test_excess(lm.model, flat, basal, 6.0, bolus * f)
+                  for f in (0.8, 1.0, 1.25)]
+        assert excess[0] > 0.05 and abs(excess[1]) < 0.02 and excess[2] < -0.05
 
 
 def test_the_titrated_basal_leads_the_dawn_rise():
