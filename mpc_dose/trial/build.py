@@ -628,7 +628,7 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
         if chosen.perfect_model:  # in silico: the patient's own values (an upper bound)
             params.update({k: v for k, v in patient.params.items() if k in params})
         elif chosen.scaled_to_basal:
-            params = _scaled_to_basal(chosen, own, params, lm, patient)
+            params = _matched_to_settings(chosen, own, params, lm, patient)
         return _nmpc_controller(scenario, chosen, c, own, params,
                                 dict(patient.covariates), share, measured, changes,
                                 patient=patient, patient_model=lm)
@@ -647,16 +647,34 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
     return CallableController(made, chosen.inputs, period_s=c.period_s, name=chosen.target)
 
 
+#: (id of the patient model, its parameters, target) -> (the model, its settings)
+_TITRATED: dict[tuple, tuple[LibraryModel, object]] = {}
+
+
+def _titrated(lm: LibraryModel, params: dict[str, float], target_mmol_per_L: float):
+    """``patient_therapy(lm, params, target)``, titrated once per patient: the meal-bolus
+    calculator, the controller model's match to the settings and each bank candidate's
+    ask for the same settings of the same patient in one build (about 25 simulations
+    each)."""
+    from ..model.therapy import patient_therapy
+
+    key = (id(lm), tuple(sorted(params.items())), float(target_mmol_per_L))
+    hit = _TITRATED.get(key)
+    if hit is None or hit[0] is not lm:  # an id reused by another model is not a hit
+        if len(_TITRATED) >= 256:
+            _TITRATED.clear()
+        hit = _TITRATED[key] = (lm, patient_therapy(lm, params, target_mmol_per_L))
+    return hit[1]
+
+
 def patient_therapy_settings(lm: LibraryModel, patient: VirtualPatientSpec,
                              target: float, glucose_unit: str, where: str):
     """The patient's own pump settings (model/therapy.py) at *target* [*glucose_unit*],
     derived from its true parameters as a clinician titrates them."""
-    from ..model.therapy import patient_therapy
-
     try:
         target_mmol = convert_substance(target, glucose_unit, "mmol/L", GLUCOSE,
                                         what=f"{where}.target")
-        return patient_therapy(lm, patient.params, target_mmol)
+        return _titrated(lm, patient.params, target_mmol)
     except (ModelError, UnitError) as err:
         raise ConfigError(f"{where}: the patient's own settings (patient {patient.index}): "
                           f"{err}") from None
@@ -1145,8 +1163,8 @@ def _nmpc_fields(spec, c, model, clock_h: float | None = None) -> dict:
     return fields
 
 
-def _scaled_to_basal(spec, own: LibraryModel, params: dict[str, float], lm: LibraryModel,
-                     patient: VirtualPatientSpec) -> dict[str, float]:
+def _matched_to_settings(spec, own: LibraryModel, params: dict[str, float],
+                         lm: LibraryModel, patient: VirtualPatientSpec) -> dict[str, float]:
     """``scaled_to_basal``: the controller model's *params* with the named parameters
     multiplied by the one factor that makes its steady-state basal at ``basal_target`` (the
     reference when not given) the patient's own (its titrated basal, rhythm off); with
@@ -1158,8 +1176,7 @@ def _scaled_to_basal(spec, own: LibraryModel, params: dict[str, float], lm: Libr
 
     from scipy.optimize import brentq
 
-    from ..model.therapy import (TEST_MEAL_G, at_clock, meal_test_carb_ratio,
-                                 meal_test_excess, patient_therapy)
+    from ..model.therapy import TEST_MEAL_G, at_clock, meal_test_carb_ratio, meal_test_excess
 
     where = "controller.nmpc.scaled_to_basal"
     for key in ("scaled_to_basal", "scaled_to_carb_ratio"):
@@ -1204,7 +1221,7 @@ def _scaled_to_basal(spec, own: LibraryModel, params: dict[str, float], lm: Libr
         return out
     where = "controller.nmpc.scaled_to_carb_ratio"
     try:
-        ratio = patient_therapy(lm, patient.params, target).carb_ratio_g_per_U
+        ratio = _titrated(lm, patient.params, target).carb_ratio_g_per_U
 
         def at(log_factor: float) -> dict[str, float]:
             return to_basal(scaled(params, spec.scaled_to_carb_ratio, log_factor))
@@ -1350,7 +1367,7 @@ def _model_bank(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str
         drawn.update(_clock_params(scenario, own.model))
         drawn.update({name: float(value) for name, value in spec.parameters.items()})
         if spec.scaled_to_basal:
-            drawn = _scaled_to_basal(spec, own, drawn, lm, patient)
+            drawn = _matched_to_settings(spec, own, drawn, lm, patient)
         candidates.append(drawn)
     thetas = np.array([own.model.parameter_vector(p) for p in candidates])
     first = nmpc.inputs[0]
