@@ -338,6 +338,48 @@ def test_a_model_bank_estimates_online_in_the_scenario():
     assert len({tuple(th) for th in bank.thetas}) == 4
 
 
+BANK_ALONG_TMAX_I = {"controller.nmpc.estimator.kind": "bank",
+                     "controller.nmpc.estimator.varied": ["cambridge_tmax_i"],
+                     "controller.nmpc.estimator.candidates": 4}
+
+
+def test_a_bank_varied_along_one_parameter_differs_in_it_and_the_match_alone():
+    """estimator.varied = ["cambridge_tmax_i"]: the candidates are the controller's own model
+    with other insulin absorption times, each matched to the patient's basal and carb
+    ratio again; every parameter neither varied nor matched is the controller model's."""
+    from mpc_dose.model.library import load
+    from mpc_dose.model.library.diabetes import basal_insulin_rate
+    from mpc_dose.model.therapy import at_clock
+
+    mpc, _, _ = _controller(BANK_ALONG_TMAX_I)
+    names = mpc.model.param_names
+    thetas = mpc.bank.thetas
+    tmax_i = thetas[:, names.index("cambridge_tmax_i")]
+    assert len(set(tmax_i)) == 4
+    matched = {"cambridge_sit", "cambridge_sid", "cambridge_sie", "cambridge_egp0",
+               "cambridge_f01", "cambridge_tmax_i"}
+    kept = [k for k, name in enumerate(names) if name not in matched]
+    np.testing.assert_array_equal(thetas[1:, kept], np.tile(thetas[0, kept], (3, 1)))
+    # a slower insulin needs other sensitivities for the same basal: the match ran again
+    assert len(set(thetas[:, names.index("cambridge_sit")])) == 4
+    lm = load("glucose-cambridge")
+    basals = [basal_insulin_rate(at_clock(lm.entries, dict(zip(names, th)), None), 6.0)
+              for th in thetas]
+    assert basals == pytest.approx([basals[0]] * 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({**BANK_ALONG_TMAX_I, "controller.nmpc.estimator.varied": ["cambridge_ag"]},
+     r"estimator.varied: 'cambridge_ag' has no population variability"),
+    ({**BANK_ALONG_TMAX_I, "controller.nmpc.estimator.varied": ["cambridge_sit"]},
+     r"estimator.varied: 'cambridge_sit' is also matched to the settings"),
+    ({"controller.nmpc.estimator.varied": ["cambridge_tmax_i"]},
+     r"estimator: varied: keys of kind = \"bank\", but kind is 'none'")])
+def test_a_varied_bank_errors_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        _controller(overrides)
+
+
 def test_a_perfect_model_is_the_virtual_patients_own():
     """perfect_model (in silico only): the controller's model takes the patient's values,
     clock included, not the population's scaled to the basal."""
@@ -347,6 +389,38 @@ def test_a_perfect_model_is_the_virtual_patients_own():
     typical, _, _ = _controller()
     assert typical.theta[typical.model.param_index("cambridge_sit")] != pytest.approx(
         patient.params["cambridge_sit"], rel=1e-3)
+
+
+def test_perfect_parameters_take_the_patients_values_of_those_alone():
+    """perfect_parameters = ["cambridge_tmax_i"] (in silico only): the controller's model
+    has the patient's insulin absorption time, the other parameters stay as the match to
+    the settings makes them (the sensitivities still give the patient's basal: they differ
+    from both the patient's and the model's without the key)."""
+    mpc, _, patient = _controller({"controller.nmpc.perfect_parameters": ["cambridge_tmax_i"]})
+    plain, _, _ = _controller()
+    index = mpc.model.param_index
+    assert mpc.theta[index("cambridge_tmax_i")] == pytest.approx(
+        patient.params["cambridge_tmax_i"], rel=1e-12)
+    assert plain.theta[index("cambridge_tmax_i")] != pytest.approx(
+        patient.params["cambridge_tmax_i"], rel=1e-3)
+    for name in ("cambridge_sit", "cambridge_egp0"):
+        assert mpc.theta[index(name)] != pytest.approx(patient.params[name], rel=1e-3)
+        assert mpc.theta[index(name)] != pytest.approx(plain.theta[index(name)], rel=1e-6)
+    assert mpc.theta[index("cambridge_vg")] == pytest.approx(
+        plain.theta[index("cambridge_vg")], rel=1e-12)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"controller.nmpc.perfect_parameters": ["cambridge_sit"]},
+     r"perfect_parameters: 'cambridge_sit' is also matched to the settings"),
+    ({"controller.nmpc.perfect_parameters": ["cambridge_nope"]},
+     r"perfect_parameters: .*cambridge_nope"),
+    ({"controller.nmpc.perfect_parameters": ["cambridge_tmax_i"],
+      "controller.nmpc.perfect_model": True},
+     r"perfect_parameters: with perfect_model = true .* give one of the two")])
+def test_perfect_parameters_errors_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        _controller(overrides)
 
 
 def test_max_insulin_on_board_from_the_scenario_guards_the_nmpc(monkeypatch):

@@ -578,6 +578,11 @@ class EstimatorSpec(_Strict):
     candidates: int | None = Field(None, ge=1)
     #: bank: the draws' random seed
     seed: int | None = None
+    #: bank: the parameters the candidates differ in (each candidate's drawn from the
+    #: population, the others the controller model's own before its match to the
+    #: settings), e.g. ``["cambridge_tmax_i"]``: the insulin absorption time, which the
+    #: basal and carb ratio do not identify; empty: whole draws from the population
+    varied: list[str] = []
     #: bank: how far the scored open-loop predictions run [s]
     lead_s: float | None = Field(None, gt=0)
     #: bank: the scores' forgetting time constant [s]
@@ -589,6 +594,17 @@ class EstimatorSpec(_Strict):
     #: bank: of the candidates scoring within this fraction of the best, the one on which
     #: the NMPC's first input acts most (the least drug planned) is used; 0: the best
     cautious_within: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _bank_keys_with_a_bank(self):
+        # a bank's key under another estimator would be silently ignored
+        given = [name for name in ("candidates", "seed", "varied", "lead_s", "forget_s",
+                                   "warmup_s", "switch_margin", "cautious_within")
+                 if getattr(self, name) not in (None, [])]
+        if given and self.kind != "bank":
+            raise ValueError(f"{', '.join(given)}: keys of kind = \"bank\", but kind is "
+                             f"{self.kind!r}")
+        return self
 
 
 class BasalRowSpec(_Quantities):
@@ -747,6 +763,11 @@ class NMPCSpec(_Strict):
     #: values (no real controller knows them: an upper bound on what estimation can give;
     #: scaled_to_basal is then not applied)
     perfect_model: bool = False
+    #: in silico only: the controller's model takes the virtual patient's own values of
+    #: these parameters alone (e.g. ``["cambridge_tmax_i"]``), the others as without it
+    #: (matched to the settings by scaled_to_basal and scaled_to_carb_ratio, which must
+    #: not name them): how much of the gap to perfect_model estimating them would close
+    perfect_parameters: list[str] = []
     #: the NMPC chooses each meal bolus among these fractions of the calculator's (e.g.
     #: [0.4, 0.55, 0.7, 0.85, 1.0]): the one whose plan, from the state with that bolus in
     #: it, costs least (a bolus the model sees driving glucose low hours later is cut);

@@ -618,13 +618,7 @@ def _controller(scenario: Scenario, lm: LibraryModel, patient: VirtualPatientSpe
                                         period_s=c.period_s, max_rate=chosen.max_rate)
     if c.kind == "nmpc":
         own = scenario_model(scenario, chosen.model) if chosen.model else lm
-        params = _controller_params(scenario, own, patient)
-        for name, value in chosen.parameters.items():
-            try:
-                own.model.parameter(name)
-            except ModelError as err:
-                raise ConfigError(f"controller.nmpc.parameters.{name}: {err}") from None
-            params[name] = float(value)
+        params = _nmpc_prior_params(scenario, chosen, own, patient)
         if chosen.perfect_model:  # in silico: the patient's own values (an upper bound)
             params.update({k: v for k, v in patient.params.items() if k in params})
         elif chosen.scaled_to_basal:
@@ -1163,6 +1157,52 @@ def _nmpc_fields(spec, c, model, clock_h: float | None = None) -> dict:
     return fields
 
 
+def _nmpc_prior_params(scenario: Scenario, spec, own: LibraryModel,
+                       patient: VirtualPatientSpec) -> dict[str, float]:
+    """The NMPC's model for *patient* before its match to the settings: typical values
+    for the covariates, the scenario's clock, ``parameters`` set outright and
+    ``perfect_parameters`` (the controller's model and each of a bank's ``varied``
+    candidates start from it)."""
+    params = _controller_params(scenario, own, patient)
+    for name, value in spec.parameters.items():
+        try:
+            own.model.parameter(name)
+        except ModelError as err:
+            raise ConfigError(f"controller.nmpc.parameters.{name}: {err}") from None
+        params[name] = float(value)
+    params.update(_perfect_parameters(spec, own, patient))
+    return params
+
+
+def _perfect_parameters(spec, own: LibraryModel,
+                        patient: VirtualPatientSpec) -> dict[str, float]:
+    """``perfect_parameters`` (in silico only): the virtual patient's own values of the
+    named parameters of the controller's model."""
+    names = list(spec.perfect_parameters)
+    where = "controller.nmpc.perfect_parameters"
+    if not names:
+        return {}
+    if spec.perfect_model:
+        raise ConfigError(f"{where}: with perfect_model = true every parameter is the "
+                          f"patient's already; give one of the two")
+    matched = set(spec.scaled_to_basal) | set(spec.scaled_to_carb_ratio)
+    values = {}
+    for name in names:
+        if name in matched:
+            raise ConfigError(f"{where}: {name!r} is also matched to the settings "
+                              f"(scaled_to_basal or scaled_to_carb_ratio); the match "
+                              f"would overwrite the patient's value")
+        try:
+            own.model.parameter(name)
+        except ModelError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if name not in patient.params:
+            raise ConfigError(f"{where}: the virtual patient has no value of {name!r} "
+                              f"(its model is not the controller's?)")
+        values[name] = float(patient.params[name])
+    return values
+
+
 def _matched_to_settings(spec, own: LibraryModel, params: dict[str, float],
                          lm: LibraryModel, patient: VirtualPatientSpec) -> dict[str, float]:
     """``scaled_to_basal``: the controller model's *params* with the named parameters
@@ -1360,12 +1400,30 @@ def _model_bank(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str
         raise ConfigError(f"{where}: a bank scaled to the patient's basal needs the patient")
     covariates = {k: v for k, v in (patient.covariates if patient else {}).items()
                   if k in {cov.name for cov in own.population.covariates}}
+    varied = list(est.varied)
+    matched = set(spec.scaled_to_basal) | set(spec.scaled_to_carb_ratio)
+    for name in varied:
+        if name not in own.population.eta_names:
+            raise ConfigError(f"{where}.varied: {name!r} has no population variability in "
+                              f"{own.model.name!r} (all candidates would be one); varied "
+                              f"may name: {', '.join(own.population.eta_names)}")
+        if name in matched:
+            raise ConfigError(f"{where}.varied: {name!r} is also matched to the settings "
+                              f"(scaled_to_basal or scaled_to_carb_ratio), which would undo "
+                              f"the variation")
+    if varied and patient is None:
+        raise ConfigError(f"{where}.varied: needs the patient (the controller model's "
+                          f"values for its covariates)")
+    base = _nmpc_prior_params(scenario, spec, own, patient) if varied else None
     rng = np.random.default_rng(config.seed)
     candidates = [params]
     for _ in range(config.candidates - 1):
         drawn = own.population.sample(covariates, rng).params
-        drawn.update(_clock_params(scenario, own.model))
-        drawn.update({name: float(value) for name, value in spec.parameters.items()})
+        if varied:  # the controller model's values but for the varied ones
+            drawn = {**base, **{name: drawn[name] for name in varied}}
+        else:
+            drawn.update(_clock_params(scenario, own.model))
+            drawn.update({name: float(value) for name, value in spec.parameters.items()})
         if spec.scaled_to_basal:
             drawn = _matched_to_settings(spec, own, drawn, lm, patient)
         candidates.append(drawn)
