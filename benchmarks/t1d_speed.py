@@ -13,10 +13,13 @@ Three measurements, printed:
 3. **The body clock in the controller**: the NMPC with its model's EGP rhythm and with the
    rhythm switched off (``controller.nmpc.parameters``), same patients and days; time in
    range and mean glucose over the night (00-06) and the early morning (06-10).
-4. **Online estimation** (``--bank``): the NMPC with its one fixed model and with the bank
-   of candidate models (``controller.nmpc.estimator.kind = "bank"``), same patients and
-   days; time in range, below 70 and below 54 over the whole day; with ``--perfect`` also
-   with each patient's own parameters in its model (``perfect_model``: the upper bound).
+4. **Online estimation** (``--bank``): the NMPC with one fixed model (no estimator), with
+   the scenario's bank of candidate models along the insulin absorption time
+   (``estimator.varied``) and with a bank of whole draws from the population, same
+   patients and days; time in range, below 70 and below 54 over the whole day; with
+   ``--perfect`` also with the patient's own insulin absorption time alone in its model
+   (``perfect_parameters``) and with all its parameters (``perfect_model``: the upper
+   bound).
 
 Usage, from the repository root::
 
@@ -47,7 +50,12 @@ NMPC = ROOT / "scenarios" / "t1d_nmpc.toml"
 BASAL_BOLUS = ROOT / "scenarios" / "t1d_basal_bolus.toml"
 DAY_S = 86400.0
 NO_CLOCK = {"controller.nmpc.parameters": {"cambridge_egp0_amplitude_1": 0.0}}
-BANK = {"controller.nmpc.estimator.kind": "bank", "controller.nmpc.estimator.warmup_s": DAY_S}
+#: the estimation arms of --bank: the scenario's own estimator is the bank along the insulin
+#: absorption time; the others replace [controller.nmpc.estimator] whole
+FIXED_MODEL = {"controller.nmpc.estimator": {"kind": "none"}}
+WHOLE_DRAWS = {"controller.nmpc.estimator": {"kind": "bank", "warmup_s": DAY_S}}
+OWN_TMAX_I = {**FIXED_MODEL, "controller.nmpc.perfect_parameters": ["cambridge_tmax_i"]}
+PERFECT = {**FIXED_MODEL, "controller.nmpc.perfect_model": True}
 
 
 def simglucose_day() -> float | None:
@@ -173,9 +181,10 @@ def main() -> int:
                 print(f"{window:15s} {label:17s} {tir:12.1f} {low:7.2f} {mean:11.1f}")
     if args.bank:
         print("estimation        TIR 70-180 %   <70 %   <54 %   mean mg/dL")
-        arms = [("one fixed model", {}), ("bank of models", BANK)]
+        arms = [("one fixed model", FIXED_MODEL), ("bank along tmax_i", {}),
+                ("bank, whole draws", WHOLE_DRAWS)]
         if args.perfect:
-            arms.append(("the patient's own", {"controller.nmpc.perfect_model": True}))
+            arms += [("the own tmax_i", OWN_TMAX_I), ("the patient's own", PERFECT)]
         for label, overrides in arms:
             rows, wall = cohort(args.patients, args.days, overrides, args.workers)
             glucose = np.concatenate([g for _, _, g, _ in rows])

@@ -34,9 +34,17 @@ NO_MEAL_BOLUS = {"controller.nmpc.meal_bolus": None,
                  "controller.nmpc.meal_bolus_fractions": []}
 
 
-def _controller(overrides=None, index=0):
+#: the scenario's controller with one fixed model: its bank of candidate models (built in
+#: about 1 s) serves the tests that name it
+NO_BANK = {"controller.nmpc.estimator": {"kind": "none"}}
+
+
+def _controller(overrides=None, index=0, bank=False):
+    overrides = dict(overrides or {})
+    if not bank and not any(k.startswith("controller.nmpc.estimator") for k in overrides):
+        overrides.update(NO_BANK)
     setup, patient = build_setup(load_scenario(SCENARIO, {"scenario.duration_s": 7200.0,
-                                                          **(overrides or {})}), index, 0)
+                                                          **overrides}), index, 0)
     controller = setup.controller
     return getattr(controller, "controller", controller), setup, patient
 
@@ -222,10 +230,11 @@ def test_a_costlier_low_side_gives_less_insulin_when_the_prediction_dips():
 
 
 def test_one_patient_day_of_the_hybrid_closed_loop():
-    """scenarios/t1d_nmpc.toml, one patient, one day: every announced meal gets one bolus
-    command (the patient's calculator, rounded down to 0.05 U); a solve that fails (at most
-    1 % of them) is a result that says so and uses the shifted previous plan; no rate above
-    the NMPC's 5 U/h; the glucose stays between 40 and 400 mg/dL."""
+    """scenarios/t1d_nmpc.toml as shipped (its bank included), one patient, one day: every
+    announced meal gets one bolus command (the patient's calculator, rounded down to 0.05
+    U); a solve that fails (at most 1 % of them) is a result that says so and uses the
+    shifted previous plan; every plan names the bank's candidate; no rate above the NMPC's
+    5 U/h; the glucose stays between 40 and 400 mg/dL."""
     setup, _ = build_setup(load_scenario(SCENARIO, {"scenario.duration_s": 86400.0}), 1, 0)
     result = run_closed_loop(setup)
     frame = result.to_pandas()
@@ -237,6 +246,8 @@ def test_one_patient_day_of_the_hybrid_closed_loop():
     assert failed.mean() <= 0.01
     assert reasons[failed].str.contains("shifted previous plan").all()
     assert reasons[~failed].str.contains("Solve_Succeeded").all()
+    # the scenario's online estimation: every plan says which candidate model it used
+    assert reasons.str.contains("bank: candidate").all()
     assert (frame.commanded_insulin_rate_U_per_s * 3600.0 <= 5.0 + 1e-6).all()
     glucose = frame.true_glucose_mmol_per_L * 18.016
     assert glucose.min() > 40.0 and glucose.max() < 400.0
@@ -338,42 +349,39 @@ def test_a_model_bank_estimates_online_in_the_scenario():
     assert len({tuple(th) for th in bank.thetas}) == 4
 
 
-BANK_ALONG_TMAX_I = {"controller.nmpc.estimator.kind": "bank",
-                     "controller.nmpc.estimator.varied": ["cambridge_tmax_i"],
-                     "controller.nmpc.estimator.candidates": 4}
-
-
-def test_a_bank_varied_along_one_parameter_differs_in_it_and_the_match_alone():
-    """estimator.varied = ["cambridge_tmax_i"]: the candidates are the controller's own model
-    with other insulin absorption times, each matched to the patient's basal and carb
-    ratio again; every parameter neither varied nor matched is the controller model's."""
+def test_the_scenarios_bank_varies_tmax_i_alone_and_matches_each_candidate():
+    """scenarios/t1d_nmpc.toml's estimator, ``varied = ["cambridge_tmax_i"]``: its 12
+    candidates are the controller's own model with other insulin absorption times, each
+    matched to the patient's basal and carb ratio again; every parameter neither varied
+    nor matched is the controller model's."""
     from mpc_dose.model.library import load
     from mpc_dose.model.library.diabetes import basal_insulin_rate
     from mpc_dose.model.therapy import at_clock
 
-    mpc, _, _ = _controller(BANK_ALONG_TMAX_I)
+    mpc, _, _ = _controller(bank=True)
     names = mpc.model.param_names
     thetas = mpc.bank.thetas
-    tmax_i = thetas[:, names.index("cambridge_tmax_i")]
-    assert len(set(tmax_i)) == 4
+    count = len(thetas)
+    assert count == 12
+    assert len(set(thetas[:, names.index("cambridge_tmax_i")])) == count
     matched = {"cambridge_sit", "cambridge_sid", "cambridge_sie", "cambridge_egp0",
                "cambridge_f01", "cambridge_tmax_i"}
     kept = [k for k, name in enumerate(names) if name not in matched]
-    np.testing.assert_array_equal(thetas[1:, kept], np.tile(thetas[0, kept], (3, 1)))
+    np.testing.assert_array_equal(thetas[1:, kept], np.tile(thetas[0, kept], (count - 1, 1)))
     # a slower insulin needs other sensitivities for the same basal: the match ran again
-    assert len(set(thetas[:, names.index("cambridge_sit")])) == 4
+    assert len(set(thetas[:, names.index("cambridge_sit")])) == count
     lm = load("glucose-cambridge")
     basals = [basal_insulin_rate(at_clock(lm.entries, dict(zip(names, th)), None), 6.0)
               for th in thetas]
-    assert basals == pytest.approx([basals[0]] * 4, rel=1e-5)
+    assert basals == pytest.approx([basals[0]] * count, rel=1e-5)
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({**BANK_ALONG_TMAX_I, "controller.nmpc.estimator.varied": ["cambridge_ag"]},
+    ({"controller.nmpc.estimator.varied": ["cambridge_ag"]},
      r"estimator.varied: 'cambridge_ag' has no population variability"),
-    ({**BANK_ALONG_TMAX_I, "controller.nmpc.estimator.varied": ["cambridge_sit"]},
+    ({"controller.nmpc.estimator.varied": ["cambridge_sit"]},
      r"estimator.varied: 'cambridge_sit' is also matched to the settings"),
-    ({"controller.nmpc.estimator.varied": ["cambridge_tmax_i"]},
+    ({"controller.nmpc.estimator": {"kind": "none", "varied": ["cambridge_tmax_i"]}},
      r"estimator: varied: keys of kind = \"bank\", but kind is 'none'")])
 def test_a_varied_bank_errors_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
