@@ -352,13 +352,13 @@ def test_a_model_bank_estimates_online_in_the_scenario():
 def test_the_scenarios_bank_varies_tmax_i_alone_and_matches_each_candidate():
     """scenarios/t1d_nmpc.toml's estimator, ``varied = ["cambridge_tmax_i"]``: its 12
     candidates are the controller's own model with other insulin absorption times, each
-    matched to the patient's basal and carb ratio again; every parameter neither varied
-    nor matched is the controller model's."""
+    matched to the patient's basal and carb ratio again (to 0.2 %); every parameter
+    neither varied nor matched is the controller model's."""
     from mpc_dose.model.library import load
     from mpc_dose.model.library.diabetes import basal_insulin_rate
-    from mpc_dose.model.therapy import at_clock
+    from mpc_dose.model.therapy import at_clock, meal_test_carb_ratio, patient_therapy
 
-    mpc, _, _ = _controller(bank=True)
+    mpc, _, patient = _controller(bank=True)
     names = mpc.model.param_names
     thetas = mpc.bank.thetas
     count = len(thetas)
@@ -374,6 +374,14 @@ def test_the_scenarios_bank_varies_tmax_i_alone_and_matches_each_candidate():
     basals = [basal_insulin_rate(at_clock(lm.entries, dict(zip(names, th)), None), 6.0)
               for th in thetas]
     assert basals == pytest.approx([basals[0]] * count, rel=1e-5)
+    # and the patient's carb ratio (found by secant steps from the controller model's
+    # factor), for the slowest and the fastest candidate
+    theirs = patient_therapy(lm, patient.params, 6.0).carb_ratio_g_per_U
+    tmax_i = thetas[:, names.index("cambridge_tmax_i")]
+    for k in (int(np.argmin(tmax_i)), int(np.argmax(tmax_i))):
+        flat = at_clock(lm.entries, dict(zip(names, thetas[k])), None)
+        assert meal_test_carb_ratio(mpc.model, flat, basals[0], 6.0) == pytest.approx(
+            theirs, rel=2e-3)
 
 
 @pytest.mark.parametrize("overrides, match", [
