@@ -1220,7 +1220,7 @@ def _matched_to_settings(spec, own: LibraryModel, params: dict[str, float],
 
     from scipy.optimize import brentq, newton
 
-    from ..model.therapy import TEST_MEAL_G, at_clock, meal_test_carb_ratio, meal_test_excess
+    from ..model.therapy import TEST_MEAL_G, at_clock, meal_test_excess
 
     where = "controller.nmpc.scaled_to_basal"
     for key in ("scaled_to_basal", "scaled_to_carb_ratio"):
@@ -1292,12 +1292,9 @@ def _matched_to_settings(spec, own: LibraryModel, params: dict[str, float],
         if excess(low) * excess(high) <= 0:
             return at(brentq(excess, low, high, xtol=1e-3))
 
-        def off(log_factor: float) -> float:   # how far the model's ratio is from theirs
-            flat = at_clock(own.entries, at(log_factor), None)
-            return abs(_math.log(meal_test_carb_ratio(own.model, flat, wanted, target)
-                                 / ratio))
-
-        return at(low if off(low) < off(high) else high)
+        # no root within: it lies beyond the end where the test misses least (the excess
+        # moves one way with the factor), the end whose carb ratio is the nearer to theirs
+        return at(low if abs(excess(low)) < abs(excess(high)) else high)
     except (ModelError, ValueError) as err:
         raise ConfigError(f"{where}: no factor gives patient {patient.index}'s carbohydrate "
                           f"ratio ({err})") from None
