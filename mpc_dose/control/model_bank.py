@@ -111,7 +111,7 @@ class ModelBank:
         self._states = [model.state_index(name) for name in corrected_states]
         self._gain = float(gain)
         K = thetas.shape[0]
-        self._step = self._build_step(K)
+        self._step, self._step_both = self._build_step(K)
         x, th, t = (ca.SX.sym("x", model.n_states), ca.SX.sym("th", len(model.params)),
                     ca.SX.sym("t"))
         self._output = ca.Function("bank_output", [x, th, t], [
@@ -127,8 +127,10 @@ class ModelBank:
         #: (time [s], from, to) of every change of candidate
         self.switches: list[tuple[float, int, int]] = []
 
-    def _build_step(self, K: int) -> ca.Function:
-        """Every candidate's state after *h* seconds at rates *u* from time *t*: RK4."""
+    def _build_step(self, K: int) -> tuple[ca.Function, ca.Function]:
+        """Every candidate's state after *h* seconds at rates *u* from time *t*: RK4, mapped
+        over the K candidates and over 2K (the corrected states and the open-loop ones,
+        moved in one call)."""
         m, steps = self.model, self.config.rk4_steps
         x, th = ca.SX.sym("x", m.n_states), ca.SX.sym("th", len(m.params))
         t, u, h = ca.SX.sym("t"), ca.SX.sym("u", m.n_inputs), ca.SX.sym("h")
@@ -142,7 +144,7 @@ class ModelBank:
             k4 = m.f(ts + dt, z + dt * k3, u, th)
             z = z + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
         one = ca.Function("bank_step", [x, th, t, u, h], [z])
-        return one.map(K)
+        return one.map(K), one.map(2 * K)
 
     def _advance(self, states: np.ndarray, t0: float, t1: float, u: np.ndarray
                  ) -> np.ndarray:
@@ -153,6 +155,17 @@ class ModelBank:
                          np.tile(np.asarray(u, float).reshape(-1, 1), (1, K)),
                          np.full((1, K), t1 - t0))
         return np.asarray(out, dtype=float)
+
+    def _advance_both(self, t0: float, t1: float, u: np.ndarray) -> None:
+        """The corrected and the open-loop states of every candidate moved to *t1*."""
+        if t1 <= t0:
+            return
+        K = self.x.shape[1]
+        both = np.asarray(self._step_both(
+            np.hstack([self.x, self._open]), np.hstack([self.thetas.T, self.thetas.T]),
+            np.full((1, 2 * K), t0), np.tile(np.asarray(u, float).reshape(-1, 1), (1, 2 * K)),
+            np.full((1, 2 * K), t1 - t0)), dtype=float)
+        self.x, self._open = both[:, :K], both[:, K:]
 
     def add_jump(self, jump: np.ndarray) -> None:
         """A state jump told of after its time (a late announcement, a pump's own amount
@@ -201,16 +214,14 @@ class ModelBank:
         t, u = self._t, np.asarray(u0, float)
         for t_event, u_next, jump in events:
             if t_event > t:
-                self.x = self._advance(self.x, t, t_event, u)
-                self._open = self._advance(self._open, t, t_event, u)
+                self._advance_both(t, t_event, u)
                 t = t_event
             if jump is not None:  # boluses and meals enter alike (the same units)
                 self.x = self.x + np.asarray(jump, float).reshape(-1, 1)
                 self._open = self._open + np.asarray(jump, float).reshape(-1, 1)
             else:
                 u = np.asarray(u_next, float)
-        self.x = self._advance(self.x, t, t_s, u)
-        self._open = self._advance(self._open, t, t_s, u)
+        self._advance_both(t, t_s, u)
         decay = math.exp(-(t_s - self._t) / self.config.forget_s)
         self._t = t_s
         if measured is not None and math.isfinite(measured) and measured > 0:

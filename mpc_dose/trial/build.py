@@ -1285,8 +1285,8 @@ def _matched_to_settings(spec, own: LibraryModel, params: dict[str, float],
         if near is not None and low < near < high:
             try:   # about 4 simulations instead of about 10
                 root = newton(excess, near, x1=near + 0.05, tol=1e-3, maxiter=8)
-            except (RuntimeError, ArithmeticError):
-                root = None
+            except (RuntimeError, ArithmeticError, ValueError, ModelError):
+                root = None   # the steps left the factors any basal matches, or stalled
             if root is not None and low <= root <= high:
                 return at(float(root))
         if excess(low) * excess(high) <= 0:
