@@ -1395,9 +1395,10 @@ def _model_bank(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str
                 patient: VirtualPatientSpec | None, lm: LibraryModel, nmpc):
     """``estimator.kind = "bank"``: the controller's own model (*params*) and draws from its
     population for the patient's covariates, each with the scenario's clock and the NMPC's
-    ``parameters``, and scaled to the patient's basal like the own model
-    (``scaled_to_basal``). Caution probes with a fifth of the first input's maximum rate
-    (*nmpc*: the NMPCConfig)."""
+    ``parameters`` - with ``varied``, draws of those parameters alone in the controller's
+    model before its match - and matched to the patient's settings like the own model
+    (``scaled_to_basal``, ``scaled_to_carb_ratio``). Caution probes with a fifth of the
+    first input's maximum rate (*nmpc*: the NMPCConfig)."""
     import numpy as np
 
     from ..control.model_bank import BankConfig, ModelBank
