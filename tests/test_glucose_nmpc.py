@@ -333,9 +333,11 @@ def test_a_model_bank_estimates_online_in_the_scenario():
     from mpc_dose.model.library.diabetes import basal_insulin_rate
     from mpc_dose.model.therapy import at_clock
 
-    overrides = {"scenario.duration_s": 8 * 3600.0, "controller.nmpc.estimator.kind": "bank",
-                 "controller.nmpc.estimator.candidates": 4,
-                 "controller.nmpc.estimator.warmup_s": 2 * 3600.0}
+    # the estimator table replaced whole: a bank of whole draws (the scenario's own bank
+    # varies tmax_i alone)
+    overrides = {"scenario.duration_s": 8 * 3600.0,
+                 "controller.nmpc.estimator": {"kind": "bank", "candidates": 4,
+                                               "warmup_s": 2 * 3600.0}}
     setup, _ = build_setup(load_scenario(SCENARIO, overrides), 2, 0)
     frame = run_closed_loop(setup).to_pandas()
     mpc = getattr(setup.controller, "controller", setup.controller)

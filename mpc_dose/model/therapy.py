@@ -179,13 +179,17 @@ def titrated_therapy(model: Model, params: Mapping[str, float], target_mmol_per_
               f"{DAILY_CARBS_G:g} g/CR (Walsh 2006)")
 
 
+#: [s] the meal test's glucose is read every 5 min (a CGM's period)
+_TEST_STEP_S = 300.0
+
+
 def _meal_test(model: Model, params: Mapping[str, float], basal_U_per_h: float, *,
                insulin: str, carbohydrate: str,
                glucose: str) -> Callable[[float], np.ndarray]:
     """The meal test's glucose [mmol/L] every 5 min for :data:`TEST_WATCH_HOURS`, as a
     function of the bolus [U] given with the meal, from steady state on the basal."""
     p = model.parameter_vector(params)
-    step_s = 300.0
+    step_s = _TEST_STEP_S
     times = np.arange(0.0, TEST_WATCH_HOURS * 3600.0 + step_s / 2, step_s)
     base = [Dose.infusion(0.0, insulin, basal_U_per_h / 3600.0,
                           TEST_WATCH_HOURS * 3600.0 + step_s),
@@ -201,7 +205,7 @@ def _meal_test(model: Model, params: Mapping[str, float], basal_U_per_h: float, 
 def _misses(glucose: np.ndarray, target_mmol_per_L: float) -> tuple[float, float]:
     """(glucose :data:`TEST_HOURS` after the meal - target, nadir - :data:`TEST_NADIR_MMOL_L`)
     [mmol/L] of one meal test's 5-min *glucose*."""
-    at_test = int(round(TEST_HOURS * 3600.0 / 300.0))
+    at_test = int(round(TEST_HOURS * 3600.0 / _TEST_STEP_S))
     return (float(glucose[at_test]) - target_mmol_per_L,
             float(glucose.min()) - TEST_NADIR_MMOL_L)
 

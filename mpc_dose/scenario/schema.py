@@ -531,6 +531,12 @@ class DoseWindowSpec(_Quantities):
     input: str
 
 
+#: the keys of [controller.nmpc.estimator] that only a bank (kind = "bank") reads: all but
+#: varied are control/model_bank.py BankConfig's
+BANK_KEYS = ("candidates", "seed", "varied", "lead_s", "forget_s", "warmup_s",
+             "switch_margin", "cautious_within")
+
+
 class EstimatorSpec(_Strict):
     """What the NMPC's estimator learns. A key not given takes the estimator's own default
     (control/mhe.py MHEConfig, control/estimation.py EstimationConfig,
@@ -598,9 +604,7 @@ class EstimatorSpec(_Strict):
     @model_validator(mode="after")
     def _bank_keys_with_a_bank(self):
         # a bank's key under another estimator would be silently ignored
-        given = [name for name in ("candidates", "seed", "varied", "lead_s", "forget_s",
-                                   "warmup_s", "switch_margin", "cautious_within")
-                 if getattr(self, name) not in (None, [])]
+        given = [name for name in BANK_KEYS if getattr(self, name) not in (None, [])]
         if given and self.kind != "bank":
             raise ValueError(f"{', '.join(given)}: keys of kind = \"bank\", but kind is "
                              f"{self.kind!r}")

@@ -29,7 +29,7 @@ from ..plant.pump import PumpConfig
 from ..plant.sensor import (GLUCOSE_MG_DL_PER_MMOL_L, CGMModel, FilteredNoise, SensorConfig,
                             bis_noise_filter)
 from ..scenario.dosing_table import read_dosing_table
-from ..scenario.schema import PIDSpec, Scenario
+from ..scenario.schema import BANK_KEYS, PIDSpec, Scenario
 from ..units import GLUCOSE, UnitError, conversion_factor, convert_substance, parse_quantity
 from .closed_loop import LoopSetup
 
@@ -1174,6 +1174,11 @@ def _nmpc_prior_params(scenario: Scenario, spec, own: LibraryModel,
     return params
 
 
+def _matched_names(spec) -> set[str]:
+    """The NMPC model's parameters its match to the patient's settings rescales."""
+    return set(spec.scaled_to_basal) | set(spec.scaled_to_carb_ratio)
+
+
 def _perfect_parameters(spec, own: LibraryModel,
                         patient: VirtualPatientSpec) -> dict[str, float]:
     """``perfect_parameters`` (in silico only): the virtual patient's own values of the
@@ -1185,10 +1190,9 @@ def _perfect_parameters(spec, own: LibraryModel,
     if spec.perfect_model:
         raise ConfigError(f"{where}: with perfect_model = true every parameter is the "
                           f"patient's already; give one of the two")
-    matched = set(spec.scaled_to_basal) | set(spec.scaled_to_carb_ratio)
     values = {}
     for name in names:
-        if name in matched:
+        if name in _matched_names(spec):
             raise ConfigError(f"{where}: {name!r} is also matched to the settings "
                               f"(scaled_to_basal or scaled_to_carb_ratio); the match "
                               f"would overwrite the patient's value")
@@ -1392,7 +1396,7 @@ def _nmpc_controller(scenario: Scenario, spec, c, own: LibraryModel, params: dic
 
 
 def _model_bank(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str, float],
-                patient: VirtualPatientSpec | None, lm: LibraryModel, nmpc):
+                patient: VirtualPatientSpec, lm: LibraryModel, nmpc):
     """``estimator.kind = "bank"``: the controller's own model (*params*) and draws from its
     population for the patient's covariates, each with the scenario's clock and the NMPC's
     ``parameters`` - with ``varied``, draws of those parameters alone in the controller's
@@ -1405,30 +1409,29 @@ def _model_bank(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str
 
     est = spec.estimator
     where = "controller.nmpc.estimator"
-    given = {k: getattr(est, k) for k in ("candidates", "seed", "lead_s", "forget_s",
-                                          "warmup_s", "switch_margin", "cautious_within")
-             if getattr(est, k) is not None}
+    given = {k: getattr(est, k) for k in BANK_KEYS if k != "varied"
+             and getattr(est, k) is not None}
     with _scenario_names():
         config = BankConfig(**given, rk4_steps=spec.rk4_steps or BankConfig.rk4_steps)
-    if spec.scaled_to_basal and patient is None:
-        raise ConfigError(f"{where}: a bank scaled to the patient's basal needs the patient")
-    covariates = {k: v for k, v in (patient.covariates if patient else {}).items()
+    covariates = {k: v for k, v in patient.covariates.items()
                   if k in {cov.name for cov in own.population.covariates}}
     varied = list(est.varied)
-    matched = set(spec.scaled_to_basal) | set(spec.scaled_to_carb_ratio)
     for name in varied:
         if name not in own.population.eta_names:
             raise ConfigError(f"{where}.varied: {name!r} has no population variability in "
                               f"{own.model.name!r} (all candidates would be one); varied "
                               f"may name: {', '.join(own.population.eta_names)}")
-        if name in matched:
+        if name in _matched_names(spec):
             raise ConfigError(f"{where}.varied: {name!r} is also matched to the settings "
                               f"(scaled_to_basal or scaled_to_carb_ratio), which would undo "
                               f"the variation")
-    if varied and patient is None:
-        raise ConfigError(f"{where}.varied: needs the patient (the controller model's "
-                          f"values for its covariates)")
-    base = _nmpc_prior_params(scenario, spec, own, patient) if varied else None
+    # every candidate is the controller's model before its match with the drawn values of
+    # the varied parameters - without varied, of every parameter with variability but
+    # those the scenario sets outright (parameters, perfect_parameters)
+    base = _nmpc_prior_params(scenario, spec, own, patient)
+    drawn_names = varied or [name for name in own.population.eta_names
+                             if name not in spec.parameters
+                             and name not in spec.perfect_parameters]
     # the controller model's own carb-ratio factor: a varied candidate's lies near it
     near = (math.log(params[spec.scaled_to_carb_ratio[0]] / base[spec.scaled_to_carb_ratio[0]])
             if varied and spec.scaled_to_carb_ratio else None)
@@ -1436,11 +1439,7 @@ def _model_bank(scenario: Scenario, spec, c, own: LibraryModel, params: dict[str
     candidates = [params]
     for _ in range(config.candidates - 1):
         drawn = own.population.sample(covariates, rng).params
-        if varied:  # the controller model's values but for the varied ones
-            drawn = {**base, **{name: drawn[name] for name in varied}}
-        else:
-            drawn.update(_clock_params(scenario, own.model))
-            drawn.update({name: float(value) for name, value in spec.parameters.items()})
+        drawn = {**base, **{name: drawn[name] for name in drawn_names}}
         if spec.scaled_to_basal:
             drawn = _matched_to_settings(spec, own, drawn, lm, patient, near=near)
         candidates.append(drawn)
